@@ -1,0 +1,527 @@
+//! The committer: the one thread that writes the journal.
+//!
+//! It takes whatever appends are waiting, encodes them into one buffer, makes
+//! one write and one `fdatasync`, publishes the batch to readers, and only then
+//! answers the appenders. Offsets are assigned here, so they are dense per
+//! shard without any locking.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+use super::format;
+use super::fs::FsFile;
+use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
+use super::{
+    AppendRequest, Appended, Command, FsyncMode, LogError, RetentionReport, Shared, recovery,
+    retention,
+};
+use crate::entry::{Durable, ShardRef, now_ms};
+
+/// How often age-based retention is checked when nothing else wakes us.
+const RETENTION_TICK: Duration = Duration::from_secs(1);
+
+/// What the committer needs to continue writing where the log left off.
+pub(crate) struct WriterState {
+    pub next_offsets: HashMap<ShardRef, u64>,
+    pub segment: u64,
+    pub file: Arc<dyn FsFile>,
+    /// End of the active segment: where the next write goes.
+    pub pos: u64,
+    pub last_ts: u64,
+}
+
+/// An append that is written but not yet answered.
+struct Pending {
+    reply: oneshot::Sender<Result<Appended, LogError>>,
+    shard: ShardRef,
+    offset: u64,
+    pos: u64,
+    ts: u64,
+}
+
+pub(crate) struct Committer {
+    shared: Arc<Shared>,
+    rx: Receiver<Command>,
+    w: WriterState,
+    buf: Vec<u8>,
+    /// Written to the file, waiting for the fsync that covers them.
+    pending: Vec<Pending>,
+    /// Interval mode: when the next fsync is due.
+    next_sync: Instant,
+    next_retention: Instant,
+}
+
+impl Committer {
+    pub fn new(shared: Arc<Shared>, rx: Receiver<Command>, w: WriterState) -> Self {
+        let now = Instant::now();
+        Self {
+            shared,
+            rx,
+            w,
+            buf: Vec::with_capacity(1 << 20),
+            pending: Vec::new(),
+            next_sync: now,
+            next_retention: now + RETENTION_TICK,
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let cmd = match self.deadline() {
+                Some(at) => match self.rx.recv_deadline(at) {
+                    Ok(cmd) => Some(cmd),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => Some(Command::Shutdown),
+                },
+                None => Some(self.rx.recv().unwrap_or(Command::Shutdown)),
+            };
+            let Some(cmd) = cmd else {
+                self.on_timer();
+                continue;
+            };
+            let mut next = Some(cmd);
+            while let Some(cmd) = next.take() {
+                next = match cmd {
+                    Command::Append(first) => self.append_batch(first),
+                    Command::Flush(reply) => {
+                        let _ = reply.send(self.flush());
+                        None
+                    }
+                    Command::Retention(reply) => {
+                        let _ = reply.send(self.retention());
+                        None
+                    }
+                    Command::Shutdown => {
+                        self.shutdown();
+                        return;
+                    }
+                };
+            }
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let sync = match self.shared.config.fsync {
+            FsyncMode::Interval(_) if !self.pending.is_empty() => Some(self.next_sync),
+            _ => None,
+        };
+        let retention = self
+            .shared
+            .config
+            .retention
+            .max_age
+            .map(|_| self.next_retention);
+        sync.into_iter().chain(retention).min()
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if !self.pending.is_empty() && now >= self.next_sync {
+            self.sync_point();
+        }
+        if now >= self.next_retention {
+            self.next_retention = now + RETENTION_TICK;
+            if let Err(error) = self.retention() {
+                warn!(%error, "Retention failed.");
+            }
+        }
+    }
+
+    /// Take `first` and whatever else is waiting, write it as one batch, and
+    /// make it durable as the mode asks. Returns a control command met while
+    /// draining, to be handled next.
+    fn append_batch(&mut self, first: AppendRequest) -> Option<Command> {
+        let max_bytes = self.shared.config.max_batch_bytes;
+        let mut batch = vec![first];
+        let mut bytes = 0;
+        let mut deferred = None;
+        while bytes < max_bytes {
+            match self.rx.try_recv() {
+                Ok(Command::Append(req)) => {
+                    bytes += req.entry.payload.len() + 64;
+                    batch.push(req);
+                }
+                Ok(other) => {
+                    deferred = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.write_batch(batch);
+        match self.shared.config.fsync {
+            FsyncMode::Always => self.sync_point(),
+            FsyncMode::Interval(_) => {
+                if Instant::now() >= self.next_sync {
+                    self.sync_point();
+                }
+            }
+            FsyncMode::Never => self.publish(Durable::Unknown),
+        }
+        deferred
+    }
+
+    fn write_batch(&mut self, batch: Vec<AppendRequest>) {
+        if self.is_poisoned() {
+            for req in batch {
+                let _ = req.reply.send(Err(self.shared.poisoned_error()));
+            }
+            return;
+        }
+        let segment_bytes = self.shared.config.segment_bytes;
+        let mut staged = Vec::with_capacity(batch.len());
+        self.buf.clear();
+        for AppendRequest {
+            shard,
+            mut entry,
+            reply,
+        } in batch
+        {
+            let len = format::encoded_len(&shard.namespace, &entry) as u64;
+            let end = self.w.pos + self.buf.len() as u64;
+            if end + len > segment_bytes
+                && end > self.header_len()
+                && (!self.write_buf(&mut staged) || !self.roll())
+            {
+                // Poisoned, or the write was rolled back: refuse this one.
+                let _ = reply.send(Err(self.refusal()));
+                continue;
+            }
+            if self.is_poisoned() {
+                let _ = reply.send(Err(self.shared.poisoned_error()));
+                continue;
+            }
+            let ts = now_ms().max(self.w.last_ts);
+            entry.timestamp_ms = ts;
+            let next = self.w.next_offsets.entry(shard.clone()).or_insert(0);
+            let offset = *next;
+            let pos = self.w.pos + self.buf.len() as u64;
+            if let Err(e) =
+                format::encode_record(&mut self.buf, &shard.namespace, shard.shard, offset, &entry)
+            {
+                let _ = reply.send(Err(e.into()));
+                continue;
+            }
+            *next += 1;
+            self.w.last_ts = ts;
+            staged.push(Pending {
+                reply,
+                shard,
+                offset,
+                pos,
+                ts,
+            });
+        }
+        self.write_buf(&mut staged);
+    }
+
+    fn refusal(&self) -> LogError {
+        if self.is_poisoned() {
+            self.shared.poisoned_error()
+        } else {
+            LogError::WriteFailed {
+                path: self.shared.segment_path(self.w.segment),
+                rolled_back: true,
+                source: io::Error::other("an earlier write in this batch failed"),
+            }
+        }
+    }
+
+    /// Write the encoded buffer. On success the staged appends become
+    /// pending; on failure the write is rolled back and they are refused.
+    fn write_buf(&mut self, staged: &mut Vec<Pending>) -> bool {
+        if self.buf.is_empty() {
+            return true;
+        }
+        let start = self.w.pos;
+        let result = self.w.file.write_all_at(&self.buf, start);
+        let written = self.buf.len() as u64;
+        self.buf.clear();
+        match result {
+            Ok(()) => {
+                self.w.pos += written;
+                self.shared.stats.batches.inc();
+                self.shared.stats.appends.add(staged.len() as u64);
+                self.shared.stats.bytes.add(written);
+                self.pending.append(staged);
+                true
+            }
+            Err(source) => {
+                let path = self.shared.segment_path(self.w.segment);
+                // Give the offsets back: nothing of this batch is visible.
+                for p in staged.iter().rev() {
+                    self.w.next_offsets.insert(p.shard.clone(), p.offset);
+                }
+                let rolled_back = self.w.file.set_len(start).is_ok();
+                if !rolled_back {
+                    self.shared.poison(format!(
+                        "write to {} failed ({source}) and could not be rolled back",
+                        path.display()
+                    ));
+                }
+                error!(path = %path.display(), %source, rolled_back, "Log write failed.");
+                for p in staged.drain(..) {
+                    let _ = p.reply.send(Err(LogError::WriteFailed {
+                        path: path.clone(),
+                        rolled_back,
+                        source: copy_io_error(&source),
+                    }));
+                }
+                false
+            }
+        }
+    }
+
+    /// fsync the active segment, then publish and answer everything pending.
+    /// A failed fsync poisons the log and answers "unknown".
+    fn sync_point(&mut self) {
+        if let FsyncMode::Interval(every) = self.shared.config.fsync {
+            self.next_sync = Instant::now() + every;
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.w.file.sync_data() {
+            Ok(()) => {
+                self.shared.stats.fsyncs.inc();
+                self.publish(Durable::True);
+            }
+            Err(source) => self.sync_failed(source),
+        }
+    }
+
+    fn sync_failed(&mut self, source: io::Error) {
+        let path = self.shared.segment_path(self.w.segment);
+        self.shared
+            .poison(format!("fsync of {} failed: {source}", path.display()));
+        error!(path = %path.display(), %source, "fsync failed; the log is poisoned.");
+        for p in self.pending.drain(..) {
+            let _ = p.reply.send(Err(LogError::SyncFailed {
+                path: path.clone(),
+                source: copy_io_error(&source),
+            }));
+        }
+    }
+
+    /// Make the pending appends visible to readers, then answer them.
+    fn publish(&mut self, durable: Durable) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let segment = self.w.segment;
+        let mark = DurableMark {
+            segment,
+            end: self.w.pos,
+        };
+        {
+            let mut idx = self.shared.index.write().unwrap();
+            for p in &self.pending {
+                let point = SparsePoint {
+                    offset: p.offset,
+                    pos: p.pos,
+                    ts: p.ts,
+                };
+                idx.add(segment, &p.shard, point);
+            }
+            if let Some(info) = idx.segments.get_mut(&segment) {
+                info.len = mark.end;
+            }
+            idx.mark = mark;
+        }
+        self.shared.durable_tx.send_replace(mark);
+        for p in self.pending.drain(..) {
+            let _ = p.reply.send(Ok(Appended {
+                offset: p.offset,
+                timestamp_ms: p.ts,
+                durable,
+            }));
+        }
+    }
+
+    fn header_len(&self) -> u64 {
+        let idx = self.shared.index.read().unwrap();
+        idx.segments
+            .get(&self.w.segment)
+            .map_or(0, |s| s.header_len)
+    }
+
+    fn syncs(&self) -> bool {
+        self.shared.config.fsync != FsyncMode::Never
+    }
+
+    /// Seal the active segment and start the next one. Returns false if the
+    /// log is poisoned afterwards.
+    fn roll(&mut self) -> bool {
+        if self.syncs() {
+            self.sync_point();
+        } else {
+            self.publish(Durable::Unknown);
+        }
+        if self.is_poisoned() {
+            return false;
+        }
+        let old = self.w.segment;
+        if let Err(error) = self.write_idx(old) {
+            // The index can be rebuilt from the segment; losing it costs a
+            // scan at the next open, not data.
+            warn!(segment = old, %error, "Could not write a segment index.");
+        }
+        match self.create_segment(old + 1) {
+            Ok((file, header_len)) => {
+                {
+                    let mut idx = self.shared.index.write().unwrap();
+                    if let Some(info) = idx.segments.get_mut(&old) {
+                        info.sealed = true;
+                        info.len = self.w.pos;
+                    }
+                    idx.segments.insert(
+                        old + 1,
+                        SegmentInfo {
+                            header_len,
+                            len: header_len,
+                            sealed: false,
+                            max_ts: 0,
+                        },
+                    );
+                    idx.mark = DurableMark {
+                        segment: old + 1,
+                        end: header_len,
+                    };
+                    self.shared.durable_tx.send_replace(idx.mark);
+                }
+                self.w.segment = old + 1;
+                self.w.file = file;
+                self.w.pos = header_len;
+                self.shared.stats.segments_rolled.inc();
+            }
+            Err(e) => {
+                self.shared
+                    .poison(format!("could not start a new segment: {e}"));
+                error!(error = %e, "Could not start a new segment; the log is poisoned.");
+                return false;
+            }
+        }
+        if let Err(error) = self.retention() {
+            warn!(%error, "Retention failed.");
+        }
+        true
+    }
+
+    fn write_idx(&self, segment: u64) -> Result<(), LogError> {
+        let bytes = {
+            let idx = self.shared.index.read().unwrap();
+            let info = &idx.segments[&segment];
+            index::encode_idx(self.w.pos, info.max_ts, &idx.segment_part(segment))
+        };
+        let path = super::index_path(&self.shared.log_dir, segment);
+        write_atomic(
+            self.shared.fs.as_ref(),
+            &self.shared.log_dir,
+            &path,
+            &bytes,
+            self.syncs(),
+        )
+    }
+
+    fn create_segment(&self, id: u64) -> Result<(Arc<dyn FsFile>, u64), LogError> {
+        recovery::create_segment(
+            self.shared.fs.as_ref(),
+            &self.shared.log_dir,
+            id,
+            &self.w.next_offsets,
+            self.syncs(),
+        )
+    }
+
+    fn retention(&mut self) -> Result<RetentionReport, LogError> {
+        retention::apply(&self.shared, self.w.segment)
+    }
+
+    fn flush(&mut self) -> Result<(), LogError> {
+        if self.is_poisoned() {
+            return Err(self.shared.poisoned_error());
+        }
+        if !self.syncs() {
+            self.publish(Durable::Unknown);
+        }
+        match self.w.file.sync_data() {
+            Ok(()) => {
+                self.shared.stats.fsyncs.inc();
+                self.publish(Durable::True);
+                Ok(())
+            }
+            Err(source) => {
+                let path = self.shared.segment_path(self.w.segment);
+                self.sync_failed(copy_io_error(&source));
+                Err(LogError::SyncFailed { path, source })
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if !self.is_poisoned() {
+            let _ = self.flush();
+        }
+        // Anything still queued was never written.
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Append(req) => {
+                    let _ = req.reply.send(Err(LogError::Closed));
+                }
+                Command::Flush(reply) => {
+                    let _ = reply.send(Err(LogError::Closed));
+                }
+                Command::Retention(reply) => {
+                    let _ = reply.send(Err(LogError::Closed));
+                }
+                Command::Shutdown => {}
+            }
+        }
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.shared
+            .poisoned
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// `io::Error` is not `Clone`; keep its kind and text.
+pub(crate) fn copy_io_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// Replace `path` with `bytes` atomically: write a temp file, fsync it,
+/// rename it over `path`, fsync the directory.
+pub(crate) fn write_atomic(
+    fs: &dyn super::fs::Fs,
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    sync: bool,
+) -> Result<(), LogError> {
+    let tmp = path.with_extension("tmp");
+    let file = fs.create(&tmp).map_err(LogError::io("create", &tmp))?;
+    file.write_all_at(bytes, 0)
+        .map_err(LogError::io("write", &tmp))?;
+    if sync {
+        file.sync_data().map_err(LogError::io("fsync", &tmp))?;
+    }
+    fs.rename(&tmp, path)
+        .map_err(LogError::io("rename", &tmp))?;
+    if sync {
+        fs.sync_dir(dir)
+            .map_err(LogError::io("fsync directory", dir))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! The embedded durable log: Walden's default backend.
+//!
+//! One journal per data directory holds the records of every shard of every
+//! embedded namespace. A single committer thread group-commits appends from all
+//! of them, so one `fdatasync` covers many writers; readers follow one shard
+//! each through per-shard sparse indexes.
+//!
+//! # On-disk layout
+//! ```text
+//! <dir>/log/00000000000000000001.seg    segments, numbered without gaps
+//! <dir>/log/00000000000000000001.idx    sparse index of a sealed segment
+//! <dir>/checkpoints/<group>.ckpt        committed offsets of a consumer group
+//! ```
+//!
+//! A segment starts with a header:
+//! ```text
+//! magic "WALDENLG" | u32 version | u32 header length | u64 segment id
+//! | u64 created ms | u32 n | n × (u16 len, namespace, u32 shard, u64 next offset)
+//! | u32 crc32c of everything before it
+//! ```
+//! The shard table holds each shard's next offset when the segment was
+//! created, so offsets stay monotonic after retention deletes old segments.
+//!
+//! Then records, back to back, little-endian:
+//! ```text
+//! u32 len | u32 crc32c(body) | body:
+//!   u8 kind (1 = entry) | u32 shard | u64 offset | u64 timestamp ms | u64 due ms
+//!   | u16 len, namespace | u16 len, id | u32 len (u32::MAX = no key), key
+//!   | u16 n headers, n × (u16 len, name, u32 len, value) | payload (the rest)
+//! ```
+//!
+//! # Invariants
+//! 1. **An append resolves only after the fsync that covers it** (`always` and
+//!    `interval` modes). The committer writes a batch, calls `fdatasync`, and
+//!    only then publishes the batch to readers and answers its appenders.
+//! 2. **Readers see only durable records.** They read up to the published
+//!    durable mark, never up to the end of the file. (In `never` mode the mark
+//!    follows the writes; that mode promises nothing.)
+//! 3. **Offsets are dense and strictly increasing per shard**, assigned by the
+//!    single committer, and never reused for a record that a reader could have
+//!    seen: only a torn tail, which no fsync covered, is ever truncated. A
+//!    reader that meets a gap knows records were lost, and says so.
+//! 4. **A new segment is durable before anything is written to it**: the old
+//!    segment is fsynced, the new one's header is fsynced, then the directory.
+//!    Deleting a segment also fsyncs the directory.
+//! 5. **A failed fsync poisons the log.** The appends it covered are answered
+//!    "unknown"; every later append fails at once and is never acknowledged,
+//!    because the kernel may already have dropped the dirty pages.
+//! 6. **Recovery truncates only a torn tail**: a bad frame on the last segment
+//!    with no valid frame after it. A bad frame with valid frames after it is
+//!    corruption: it stays on disk, readers never deliver it, and
+//!    [`OnCorruption`] decides whether its shard stops or skips it.
+//! 7. **Checkpoints are atomic**: write a temp file, fsync, rename, fsync the
+//!    directory.
+//!
+//! # Durability modes ([`FsyncMode`])
+//! - `always` (default): every acknowledgement follows the fsync that covers
+//!   it. Acknowledged records survive a power cut.
+//! - `interval`: writes are batched and fsynced every `fsync_interval_ms`; an
+//!   acknowledgement still waits for the fsync that covers it, so it is as
+//!   safe as `always`, with higher latency and fewer fsyncs.
+//! - `never`: no fsync at all. Appends answer `durable: "unknown"`. A power cut
+//!   can lose records that were already delivered, and their offsets can then
+//!   be reused. **Unsafe; for benchmarks only.**
+
+mod checkpoint;
+mod committer;
+pub mod format;
+pub mod fs;
+mod index;
+mod reader;
+mod recovery;
+mod retention;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use tokio::sync::{oneshot, watch};
+
+use crate::entry::{Durable, Entry, ShardRef};
+pub use format::Record;
+use fs::{Fs, StdFs};
+use index::{DurableMark, Index};
+pub use reader::ShardReader;
+pub use recovery::RecoveryReport;
+pub use retention::RetentionReport;
+
+/// When the committer calls `fdatasync`. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FsyncMode {
+    #[default]
+    Always,
+    Interval(Duration),
+    Never,
+}
+
+/// What a reader does with a record whose checksum does not match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnCorruption {
+    /// The shard stops at the bad record and reports where it is.
+    #[default]
+    Stop,
+    /// The bad record is skipped and counted.
+    Skip,
+}
+
+/// Retention limits. Unset limits never delete anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Delete sealed segments whose newest record is older than this.
+    pub max_age: Option<Duration>,
+    /// Delete the oldest sealed segments while the log is larger than this.
+    pub max_bytes: Option<u64>,
+    /// Like `max_bytes`, but deletes even segments that a consumer group has
+    /// not committed. Each such deletion is logged and counted.
+    pub hard_max_bytes: Option<u64>,
+}
+
+/// Settings of one embedded log.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub fsync: FsyncMode,
+    /// Roll to a new segment once the current one reaches this size.
+    pub segment_bytes: u64,
+    pub on_corruption: OnCorruption,
+    pub retention: Retention,
+    /// Appends waiting for the committer; past it, appends fail with `Busy`.
+    pub queue_capacity: usize,
+    /// The most bytes written by one `write` call.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncMode::Always,
+            segment_bytes: 64 << 20,
+            on_corruption: OnCorruption::Stop,
+            retention: Retention::default(),
+            queue_capacity: 65_536,
+            max_batch_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Errors of the embedded log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fsync of {path} failed; the outcome of these appends is unknown: {source}")]
+    SyncFailed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("write to {path} failed (rolled back: {rolled_back}): {source}")]
+    WriteFailed {
+        path: PathBuf,
+        /// The partial write was removed, so the append certainly failed.
+        rolled_back: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the log is poisoned after an earlier failure ({cause}); it accepts no appends until reopened"
+    )]
+    Poisoned { cause: String },
+    #[error("the log's append queue is full")]
+    Busy,
+    #[error("the log is closed")]
+    Closed,
+    #[error("the committer stopped before answering; the outcome of this append is unknown")]
+    CommitterGone,
+    #[error("record refused: {0}")]
+    InvalidRecord(#[from] format::FormatError),
+    #[error("segment {path} has a bad header: {source}")]
+    BadSegmentHeader {
+        path: PathBuf,
+        #[source]
+        source: format::HeaderError,
+    },
+    #[error("segment {id} is missing ({path}); segments must be numbered without gaps")]
+    MissingSegment { id: u64, path: PathBuf },
+    #[error(
+        "shard {shard}: corrupt record in segment {segment} at byte {position} (offset {offset}): {reason}"
+    )]
+    Corrupt {
+        shard: ShardRef,
+        segment: u64,
+        position: u64,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "shard {shard}: offset {requested} is not in the log (earliest retained {earliest}, next {next})"
+    )]
+    OffsetOutOfRange {
+        shard: ShardRef,
+        requested: u64,
+        earliest: u64,
+        next: u64,
+    },
+    #[error("checkpoint {path} is damaged: {reason}")]
+    BadCheckpoint { path: PathBuf, reason: String },
+    #[error("invalid consumer group name {0:?}: use letters, digits, '-', '_' and '.'")]
+    BadGroupName(String),
+}
+
+impl LogError {
+    /// What a client should be told about an append that failed this way.
+    pub fn durable(&self) -> Durable {
+        match self {
+            LogError::SyncFailed { .. }
+            | LogError::CommitterGone
+            | LogError::WriteFailed {
+                rolled_back: false, ..
+            } => Durable::Unknown,
+            _ => Durable::False,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
+        let path = path.to_path_buf();
+        move |source| LogError::Io { op, path, source }
+    }
+}
+
+/// A successful append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    /// `True`, or `Unknown` in `never` mode.
+    pub durable: Durable,
+}
+
+/// A monotonic counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters since the log was opened.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    pub appends: Counter,
+    pub bytes: Counter,
+    pub fsyncs: Counter,
+    pub batches: Counter,
+    pub segments_rolled: Counter,
+    /// Records a reader skipped as damaged (`on_corruption = "skip"`).
+    pub corrupt_skipped: Counter,
+    pub retention_deleted: Counter,
+    /// Segments deleted by the hard size cap before every group committed them.
+    pub retention_forced: Counter,
+}
+
+/// State shared by the committer, readers and the handle.
+pub(crate) struct Shared {
+    pub fs: Arc<dyn Fs>,
+    pub log_dir: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    pub config: LogConfig,
+    pub index: RwLock<Index>,
+    pub durable_tx: watch::Sender<DurableMark>,
+    pub poisoned: AtomicBool,
+    pub poison_cause: Mutex<Option<String>>,
+    pub stats: LogStats,
+    /// Committed offsets of every consumer group, as last written.
+    pub checkpoints: Mutex<BTreeMap<String, BTreeMap<ShardRef, u64>>>,
+    /// Serialises checkpoint writers.
+    pub checkpoint_write: Mutex<()>,
+}
+
+impl Shared {
+    pub fn poison(&self, cause: String) {
+        *self.poison_cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    pub fn poisoned_error(&self) -> LogError {
+        let cause = self
+            .poison_cause
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        LogError::Poisoned { cause }
+    }
+
+    pub fn segment_path(&self, id: u64) -> PathBuf {
+        segment_path(&self.log_dir, id)
+    }
+}
+
+pub(crate) fn segment_path(log_dir: &Path, id: u64) -> PathBuf {
+    log_dir.join(format!("{id:020}.seg"))
+}
+
+pub(crate) fn index_path(log_dir: &Path, id: u64) -> PathBuf {
+    log_dir.join(format!("{id:020}.idx"))
+}
+
+/// Requests to the committer thread.
+pub(crate) enum Command {
+    Append(AppendRequest),
+    /// fsync everything written so far, then answer.
+    Flush(oneshot::Sender<Result<(), LogError>>),
+    /// Apply retention now.
+    Retention(oneshot::Sender<Result<RetentionReport, LogError>>),
+    /// Flush, then stop.
+    Shutdown,
+}
+
+pub(crate) struct AppendRequest {
+    pub shard: ShardRef,
+    pub entry: Entry,
+    pub reply: oneshot::Sender<Result<Appended, LogError>>,
+}
+
+/// One durable log in a data directory.
+pub struct EmbeddedLog {
+    shared: Arc<Shared>,
+    tx: Sender<Command>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+}
+
+impl EmbeddedLog {
+    /// Open (or create) the log under `dir` on the real filesystem.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
+        Self::open_with_fs(Arc::new(StdFs), dir, config)
+    }
+
+    /// Open the log through a filesystem seam.
+    pub fn open_with_fs(
+        fs: Arc<dyn Fs>,
+        dir: impl AsRef<Path>,
+        config: LogConfig,
+    ) -> Result<Self, LogError> {
+        let dir = dir.as_ref();
+        let log_dir = dir.join("log");
+        let checkpoint_dir = dir.join("checkpoints");
+        for d in [dir, &log_dir, &checkpoint_dir] {
+            fs.create_dir_all(d)
+                .map_err(LogError::io("create directory", d))?;
+        }
+        let recovered = recovery::recover(fs.as_ref(), &log_dir, &config)?;
+        let checkpoints = checkpoint::load_all(fs.as_ref(), &checkpoint_dir)?;
+        let (durable_tx, _) = watch::channel(recovered.index.mark);
+        let shared = Arc::new(Shared {
+            fs,
+            log_dir,
+            checkpoint_dir,
+            config,
+            index: RwLock::new(recovered.index),
+            durable_tx,
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            stats: LogStats::default(),
+            checkpoints: Mutex::new(checkpoints),
+            checkpoint_write: Mutex::new(()),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(shared.config.queue_capacity);
+        let committer = committer::Committer::new(shared.clone(), rx, recovered.writer);
+        let handle = std::thread::Builder::new()
+            .name("walden-log-committer".into())
+            .spawn(move || committer.run())
+            .map_err(LogError::io("spawn committer", dir))?;
+        Ok(Self {
+            shared,
+            tx,
+            committer: Mutex::new(Some(handle)),
+            recovery: recovered.report,
+        })
+    }
+
+    /// Append an entry to a shard. The returned future resolves once the entry
+    /// is durable (or the append failed); it can also be waited on from a
+    /// plain thread with [`Appending::wait`].
+    pub fn append(&self, shard: &ShardRef, entry: Entry) -> Appending {
+        let (reply, rx) = oneshot::channel();
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return Appending::failed(self.shared.poisoned_error());
+        }
+        let req = AppendRequest {
+            shard: shard.clone(),
+            entry,
+            reply,
+        };
+        match self.tx.try_send(Command::Append(req)) {
+            Ok(()) => Appending(AppendingInner::Waiting(rx)),
+            Err(TrySendError::Full(_)) => Appending::failed(LogError::Busy),
+            Err(TrySendError::Disconnected(_)) => Appending::failed(LogError::Closed),
+        }
+    }
+
+    /// A reader of one shard that starts at `offset`.
+    pub fn reader(&self, shard: &ShardRef, offset: u64) -> Result<ShardReader, LogError> {
+        ShardReader::open(self.shared.clone(), shard.clone(), offset)
+    }
+
+    /// The first offset of `shard` whose timestamp is at or after
+    /// `timestamp_ms`, or the shard's next offset if there is none.
+    pub fn offset_for_time(&self, shard: &ShardRef, timestamp_ms: u64) -> Result<u64, LogError> {
+        reader::offset_for_time(&self.shared, shard, timestamp_ms)
+    }
+
+    /// The offset the next durable record of `shard` will have.
+    pub fn next_offset(&self, shard: &ShardRef) -> u64 {
+        self.shared.index.read().unwrap().next_offset(shard)
+    }
+
+    /// The earliest offset of `shard` still in the log.
+    pub fn earliest_offset(&self, shard: &ShardRef) -> u64 {
+        self.shared.index.read().unwrap().earliest_offset(shard)
+    }
+
+    /// Every shard that has ever had a record, with its next offset.
+    pub fn shards(&self) -> Vec<(ShardRef, u64)> {
+        self.shared.index.read().unwrap().shards()
+    }
+
+    /// Atomically record a consumer group's committed offsets (the next offset
+    /// to read, per shard). Shards not named keep their previous value.
+    pub fn commit(&self, group: &str, offsets: &BTreeMap<ShardRef, u64>) -> Result<(), LogError> {
+        checkpoint::commit(&self.shared, group, offsets)
+    }
+
+    /// A consumer group's committed offsets.
+    pub fn committed(&self, group: &str) -> BTreeMap<ShardRef, u64> {
+        let all = self.shared.checkpoints.lock().unwrap();
+        all.get(group).cloned().unwrap_or_default()
+    }
+
+    /// fsync everything appended so far.
+    pub async fn flush(&self) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush(tx))
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Delete the segments that retention allows, now. The committer also
+    /// does this after every segment roll.
+    pub async fn enforce_retention(&self) -> Result<RetentionReport, LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Retention(tx))
+            .map_err(|_| LogError::Closed)?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// What recovery found when the log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn stats(&self) -> &LogStats {
+        &self.shared.stats
+    }
+
+    /// Total bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.index.read().unwrap().total_bytes()
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Finish the appends already queued, fsync, and stop the committer.
+    pub fn close(self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&self) {
+        let handle = self.committer.lock().unwrap().take();
+        if let Some(handle) = handle {
+            let _ = self.tx.send(Command::Shutdown);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// An append in flight. Await it, or call [`Appending::wait`] on a thread
+/// that is not running async code.
+pub struct Appending(AppendingInner);
+
+enum AppendingInner {
+    Waiting(oneshot::Receiver<Result<Appended, LogError>>),
+    Failed(Option<LogError>),
+}
+
+impl Appending {
+    fn failed(e: LogError) -> Self {
+        Appending(AppendingInner::Failed(Some(e)))
+    }
+
+    /// Block the current thread until the append resolves.
+    pub fn wait(self) -> Result<Appended, LogError> {
+        match self.0 {
+            AppendingInner::Waiting(rx) => {
+                rx.blocking_recv().unwrap_or(Err(LogError::CommitterGone))
+            }
+            AppendingInner::Failed(e) => Err(e.unwrap_or(LogError::Closed)),
+        }
+    }
+}
+
+impl Future for Appending {
+    type Output = Result<Appended, LogError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            AppendingInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(LogError::CommitterGone))),
+            AppendingInner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(LogError::Closed))),
+        }
+    }
+}

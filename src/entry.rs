@@ -1,0 +1,79 @@
+//! The entry that every layer shares.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// One mutation written to the log.
+///
+/// `timestamp_ms` is assigned by the backend when the entry is appended (the
+/// embedded log uses it for its time index, so it must not go backwards); a
+/// value set by the caller is overwritten.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// Client-supplied or generated id; the idempotency key.
+    pub id: String,
+    /// Routes the entry to a shard and orders entries that share it.
+    pub key: Option<String>,
+    /// Free-form string headers (`traceparent`, original write time, ...).
+    pub headers: Vec<(String, String)>,
+    /// Opaque bytes delivered to the target.
+    pub payload: Bytes,
+    /// Append time in milliseconds since the Unix epoch, set by the backend.
+    pub timestamp_ms: u64,
+    /// When the entry may be delivered, in milliseconds since the Unix epoch;
+    /// 0 means "now".
+    pub due_ms: u64,
+}
+
+/// Where an entry lives: a namespace and one of its shards.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardRef {
+    pub namespace: Arc<str>,
+    pub shard: u32,
+}
+
+impl ShardRef {
+    pub fn new(namespace: impl Into<Arc<str>>, shard: u32) -> Self {
+        Self {
+            namespace: namespace.into(),
+            shard,
+        }
+    }
+}
+
+impl fmt::Display for ShardRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.shard)
+    }
+}
+
+/// Netflix's three-valued answer to "is this write durable?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durable {
+    /// The backend has made the entry durable.
+    True,
+    /// The entry was not written; retrying is safe.
+    False,
+    /// The entry was submitted, and whether it survives is not known.
+    Unknown,
+}
+
+impl Durable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durable::True => "true",
+            Durable::False => "false",
+            Durable::Unknown => "unknown",
+        }
+    }
+}
+
+/// The current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,37 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use walden::backends::embedded::{EmbeddedLog, Record};
+use walden::entry::{Entry, ShardRef};
+
+pub fn entry(id: impl Into<String>, payload: impl AsRef<[u8]>) -> Entry {
+    Entry {
+        id: id.into(),
+        key: Some("k".into()),
+        headers: vec![("h".into(), "v".into())],
+        payload: Bytes::copy_from_slice(payload.as_ref()),
+        timestamp_ms: 0,
+        due_ms: 0,
+    }
+}
+
+/// Everything readable in `shard` from `from`, read without waiting.
+pub fn read_all(log: &EmbeddedLog, shard: &ShardRef, from: u64) -> Vec<Record> {
+    let mut r = log.reader(shard, from).expect("open reader");
+    let mut out = Vec::new();
+    loop {
+        let batch = r.read_batch(1000).expect("read");
+        if batch.is_empty() {
+            return out;
+        }
+        out.extend(batch);
+    }
+}
+
+pub fn payloads(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.entry.payload).into_owned())
+        .collect()
+}
