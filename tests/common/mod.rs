@@ -35,3 +35,27 @@ pub fn payloads(records: &[Record]) -> Vec<String> {
         .map(|r| String::from_utf8_lossy(&r.entry.payload).into_owned())
         .collect()
 }
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use walden::backends::embedded::LogConfig;
+use walden::backends::embedded::fs::SimFs;
+
+pub const DIR: &str = "/data";
+
+/// Open a log on a simulated filesystem.
+pub fn open_sim(fs: &SimFs, config: LogConfig) -> EmbeddedLog {
+    EmbeddedLog::open_with_fs(Arc::new(fs.clone()), DIR, config).expect("open on SimFs")
+}
+
+pub fn segment(dir: &Path, id: u64) -> PathBuf {
+    dir.join("log").join(format!("{id:020}.seg"))
+}
+
+/// Small segments, so tests roll often.
+pub fn small_segments() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        ..LogConfig::default()
+    }
+}

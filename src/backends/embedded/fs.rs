@@ -137,8 +137,13 @@ struct SimState {
     durable_names: BTreeMap<PathBuf, u64>,
     dirs: Vec<PathBuf>,
     faults: Faults,
-    /// Bytes held by all files; compared against `faults.capacity`.
-    used: u64,
+}
+
+impl SimState {
+    /// Bytes held by all files, compared against `faults.capacity`.
+    fn used(&self) -> u64 {
+        self.files.values().map(|f| f.data.len() as u64).sum()
+    }
 }
 
 #[derive(Clone, Default)]
@@ -185,7 +190,6 @@ impl SimFs {
                 },
             );
         }
-        let used = files.values().map(|f| f.data.len() as u64).sum();
         let state = SimState {
             next_id: old.next_id,
             files,
@@ -193,7 +197,6 @@ impl SimFs {
             durable_names: old.durable_names.clone(),
             dirs: old.dirs.clone(),
             faults: Faults::default(),
-            used,
         };
         SimFs {
             state: Arc::new(Mutex::new(state)),
@@ -275,7 +278,7 @@ impl FsFile for SimHandle {
         let end = pos + buf.len() as u64;
         let growth = end.saturating_sub(old_len);
         let room = match s.faults.capacity {
-            Some(cap) => cap.saturating_sub(s.used),
+            Some(cap) => cap.saturating_sub(s.used()),
             None => u64::MAX,
         };
         // A write that needs more room than is left is short: it writes what
@@ -290,8 +293,6 @@ impl FsFile for SimHandle {
             file.data.resize(pos as usize + n, 0);
         }
         file.data[pos as usize..pos as usize + n].copy_from_slice(&buf[..n]);
-        let new_len = file.data.len() as u64;
-        s.used += new_len - old_len;
         if full {
             return Err(io::Error::from_raw_os_error(28)); // ENOSPC
         }
@@ -312,9 +313,7 @@ impl FsFile for SimHandle {
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.fs.lock();
         let file = s.files.get_mut(&self.id).unwrap();
-        let old = file.data.len() as u64;
         file.data.resize(len as usize, 0);
-        s.used = s.used - old + len;
         Ok(())
     }
 
@@ -344,10 +343,7 @@ impl Fs for SimFs {
         let mut s = self.lock();
         let id = match s.names.get(path) {
             Some(&id) => {
-                let f = s.files.get_mut(&id).unwrap();
-                let freed = f.data.len() as u64;
-                f.data.clear();
-                s.used -= freed;
+                s.files.get_mut(&id).unwrap().data.clear();
                 id
             }
             None => {
@@ -379,11 +375,9 @@ impl Fs for SimFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut s = self.lock();
-        let id = s.names.remove(path).ok_or_else(|| enoent(path))?;
-        if !s.names.values().any(|&v| v == id) && !s.durable_names.values().any(|&v| v == id) {
-            let freed = s.files.remove(&id).map_or(0, |f| f.data.len() as u64);
-            s.used -= freed;
-        }
+        // Like an unlinked file on Linux, open handles can still read it, and
+        // until a directory fsync a power cut brings the name back.
+        s.names.remove(path).ok_or_else(|| enoent(path))?;
         Ok(())
     }
 

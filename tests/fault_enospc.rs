@@ -1,0 +1,56 @@
+//! Fault case: the disk fills up (ENOSPC, with a short write). The failed
+//! batch is rolled back and answered "false"; nothing acknowledged is lost,
+//! and the log works again once there is room.
+
+mod common;
+
+use common::{entry, open_sim, payloads, read_all};
+use walden::backends::embedded::LogConfig;
+use walden::backends::embedded::LogError;
+use walden::backends::embedded::fs::SimFs;
+use walden::entry::{Durable, ShardRef};
+
+#[test]
+fn a_full_disk_refuses_cleanly_and_recovers() {
+    let fs = SimFs::new();
+    let shard = ShardRef::new("ns", 0);
+    let log = open_sim(&fs, LogConfig::default());
+    log.append(&shard, entry("0", "fits")).wait().unwrap();
+    // Leave room for a few bytes only: the next write is short.
+    let used = fs
+        .read_file(&common::segment(std::path::Path::new(common::DIR), 1))
+        .unwrap()
+        .len();
+    fs.set_capacity(Some(used as u64 + 10));
+
+    let err = log
+        .append(&shard, entry("1", [b'z'; 500]))
+        .wait()
+        .unwrap_err();
+    match &err {
+        LogError::WriteFailed {
+            rolled_back,
+            source,
+            ..
+        } => {
+            assert!(rolled_back);
+            assert_eq!(source.raw_os_error(), Some(28));
+        }
+        other => panic!("expected WriteFailed, got {other}"),
+    }
+    assert_eq!(err.durable(), Durable::False);
+    assert!(
+        !log.is_poisoned(),
+        "a rolled-back write does not poison the log"
+    );
+
+    fs.set_capacity(None);
+    let ack = log.append(&shard, entry("2", "after")).wait().unwrap();
+    assert_eq!(ack.offset, 1, "the refused record gave its offset back");
+    assert_eq!(payloads(&read_all(&log, &shard, 0)), vec!["fits", "after"]);
+
+    let after = fs.power_cut();
+    drop(log);
+    let log = open_sim(&after, LogConfig::default());
+    assert_eq!(payloads(&read_all(&log, &shard, 0)), vec!["fits", "after"]);
+}
