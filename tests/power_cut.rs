@@ -36,7 +36,7 @@ fn config(round: u64) -> LogConfig {
     LogConfig {
         // Small segments, so cuts land during rolls too.
         segment_bytes: 2048,
-        fsync: if round % 2 == 0 {
+        fsync: if round.is_multiple_of(2) {
             FsyncMode::Always
         } else {
             FsyncMode::Interval(Duration::from_millis(2))
