@@ -1,4 +1,79 @@
-//! Queue backends. Each backend lives in its own folder and only sets itself
-//! up; what does not depend on a backend stays here.
+//! Queue backends, split by capability in the style of omniqueue: a
+//! [`Producer`] appends, a [`Consumer`] delivers entries in order, and every
+//! [`Delivery`] carries its own ack and nack. A failed ack or nack hands the
+//! delivery back, so the caller can retry without losing it.
+//!
+//! Each backend lives in its own folder and only sets itself up; what does
+//! not depend on a backend stays here. The conformance suite in
+//! `tests/conformance/` is written once against these traits and runs on
+//! every backend.
 
 pub mod embedded;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::entry::{Durable, Entry, ShardRef};
+
+/// Errors of any backend, each keeping its backend's own typed error.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Embedded(#[from] embedded::LogError),
+}
+
+impl BackendError {
+    /// What a client should be told about a send that failed this way.
+    pub fn durable(&self) -> Durable {
+        match self {
+            BackendError::Embedded(e) => e.durable(),
+        }
+    }
+}
+
+/// A send that the backend has made durable (or, in an unsafe mode, written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// The entry's position in its shard; it only grows, so targets can use
+    /// it as a version.
+    pub sequence: u64,
+    pub durable: Durable,
+}
+
+/// Appends entries to a backend.
+pub trait Producer: Send + Sync {
+    /// Append `entry` to `shard`; resolves once the backend says it is durable.
+    fn send(
+        &self,
+        shard: &ShardRef,
+        entry: Entry,
+    ) -> impl Future<Output = Result<Sent, BackendError>> + Send;
+}
+
+/// Reads one shard's entries in order for a consumer group.
+pub trait Consumer: Send {
+    type Delivery: Delivery;
+
+    /// Wait up to `timeout` for entries; returns at most `max`, possibly none.
+    /// Nacked entries come first.
+    fn receive(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Self::Delivery>, BackendError>> + Send;
+
+    /// Persist progress: the low watermark, before which every delivery has
+    /// been acked. Entries after it are delivered again after a restart.
+    fn commit(&mut self) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// One delivered entry and its ack handle.
+pub trait Delivery: Send + Sized {
+    fn entry(&self) -> &Entry;
+    fn shard(&self) -> &ShardRef;
+    fn sequence(&self) -> u64;
+    /// The entry is done with (applied, parked or dead-lettered).
+    fn ack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
+    /// The entry must be delivered again.
+    fn nack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
+}

@@ -1,0 +1,166 @@
+//! The embedded log behind the backend traits: a producer that appends, and
+//! a per-shard consumer that tracks acks and commits its low watermark as the
+//! group's checkpoint.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{EmbeddedLog, LogError, Record, ShardReader};
+use crate::backends::{BackendError, Consumer, Delivery, Producer, Sent};
+use crate::entry::{Entry, ShardRef};
+
+/// Appends to the embedded log.
+#[derive(Clone)]
+pub struct EmbeddedProducer {
+    log: Arc<EmbeddedLog>,
+}
+
+impl EmbeddedProducer {
+    pub fn new(log: Arc<EmbeddedLog>) -> Self {
+        Self { log }
+    }
+}
+
+impl Producer for EmbeddedProducer {
+    async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
+        let ack = self.log.append(shard, entry).await?;
+        Ok(Sent {
+            sequence: ack.offset,
+            durable: ack.durable,
+        })
+    }
+}
+
+/// Which deliveries are still out, and what was nacked.
+#[derive(Default)]
+struct Tracker {
+    /// Delivered and not yet acked; a nacked entry stays here until acked.
+    outstanding: BTreeSet<u64>,
+    redeliver: VecDeque<Record>,
+}
+
+/// Consumes one shard of the embedded log for a consumer group.
+pub struct EmbeddedConsumer {
+    log: Arc<EmbeddedLog>,
+    group: String,
+    reader: ShardReader,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl EmbeddedConsumer {
+    /// Start at the group's committed offset (or the start of the shard).
+    pub fn new(log: Arc<EmbeddedLog>, group: &str, shard: &ShardRef) -> Result<Self, LogError> {
+        let from = log
+            .committed(group)
+            .get(shard)
+            .copied()
+            .unwrap_or_else(|| log.earliest_offset(shard));
+        let reader = log.reader(shard, from)?;
+        Ok(Self {
+            log,
+            group: group.to_string(),
+            reader,
+            tracker: Arc::default(),
+        })
+    }
+
+    /// Everything before this offset has been acked.
+    pub fn low_watermark(&self) -> u64 {
+        let t = self.tracker.lock().unwrap();
+        t.outstanding
+            .first()
+            .copied()
+            .unwrap_or(self.reader.next_offset())
+    }
+
+    fn delivery(&self, record: Record) -> EmbeddedDelivery {
+        EmbeddedDelivery {
+            shard: self.reader.shard().clone(),
+            record,
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl Consumer for EmbeddedConsumer {
+    type Delivery = EmbeddedDelivery;
+
+    async fn receive(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<EmbeddedDelivery>, BackendError> {
+        let redelivered: Vec<Record> = {
+            let mut t = self.tracker.lock().unwrap();
+            let n = t.redeliver.len().min(max);
+            t.redeliver.drain(..n).collect()
+        };
+        if !redelivered.is_empty() {
+            return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
+        }
+        let records = match tokio::time::timeout(timeout, self.reader.next_batch(max)).await {
+            Ok(batch) => batch?,
+            Err(_) => Vec::new(),
+        };
+        {
+            let mut t = self.tracker.lock().unwrap();
+            t.outstanding.extend(records.iter().map(|r| r.offset));
+        }
+        Ok(records.into_iter().map(|r| self.delivery(r)).collect())
+    }
+
+    async fn commit(&mut self) -> Result<(), BackendError> {
+        let offsets = BTreeMap::from([(self.reader.shard().clone(), self.low_watermark())]);
+        let log = self.log.clone();
+        let group = self.group.clone();
+        // The checkpoint write fsyncs: keep it off the async threads.
+        tokio::task::spawn_blocking(move || log.commit(&group, &offsets))
+            .await
+            .map_err(|_| LogError::Closed)??;
+        Ok(())
+    }
+}
+
+/// One record delivered by an [`EmbeddedConsumer`].
+pub struct EmbeddedDelivery {
+    shard: ShardRef,
+    record: Record,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl EmbeddedDelivery {
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
+impl Delivery for EmbeddedDelivery {
+    fn entry(&self) -> &Entry {
+        &self.record.entry
+    }
+
+    fn shard(&self) -> &ShardRef {
+        &self.shard
+    }
+
+    fn sequence(&self) -> u64 {
+        self.record.offset
+    }
+
+    async fn ack(self) -> Result<(), (BackendError, Self)> {
+        self.tracker
+            .lock()
+            .unwrap()
+            .outstanding
+            .remove(&self.record.offset);
+        Ok(())
+    }
+
+    async fn nack(self) -> Result<(), (BackendError, Self)> {
+        // Still outstanding: the watermark stays behind it until it is acked.
+        let tracker = self.tracker.clone();
+        tracker.lock().unwrap().redeliver.push_back(self.record);
+        Ok(())
+    }
+}

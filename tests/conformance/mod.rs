@@ -1,0 +1,202 @@
+//! The backend conformance suite: written once against the backend traits,
+//! run on every backend. A backend's test file implements [`Harness`] and
+//! calls [`conformance_suite!`].
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use walden::backends::{Consumer, Delivery, Producer};
+use walden::entry::{Durable, Entry, ShardRef};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Sets up one backend for a test. Each harness uses its own fresh names.
+pub trait Harness: Sized {
+    type P: Producer;
+    type C: Consumer;
+    fn new() -> impl Future<Output = Self>;
+    fn shard(&self) -> ShardRef;
+    fn producer(&self) -> Self::P;
+    fn consumer(&self, group: &str) -> impl Future<Output = Self::C>;
+    /// Stop and start the backend's local state (the process restarts).
+    fn restart(&mut self) -> impl Future<Output = ()>;
+}
+
+fn entry(i: usize, key: &str) -> Entry {
+    Entry {
+        id: format!("id-{i}"),
+        key: Some(key.to_string()),
+        headers: vec![("n".into(), i.to_string())],
+        payload: Bytes::from(format!("payload-{i}")),
+        ..Entry::default()
+    }
+}
+
+async fn send_n<H: Harness>(h: &H, n: usize, key: impl Fn(usize) -> String) -> Vec<u64> {
+    let p = h.producer();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let sent = p.send(&h.shard(), entry(i, &key(i))).await.expect("send");
+        assert_eq!(sent.durable, Durable::True);
+        seqs.push(sent.sequence);
+    }
+    seqs
+}
+
+/// Receive until `n` deliveries arrived (or the wait runs out).
+async fn receive_n<C: Consumer>(c: &mut C, n: usize) -> Vec<C::Delivery> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while out.len() < n && tokio::time::Instant::now() < deadline {
+        out.extend(
+            c.receive(n - out.len(), Duration::from_millis(200))
+                .await
+                .expect("receive"),
+        );
+    }
+    out
+}
+
+fn ids<D: Delivery>(ds: &[D]) -> Vec<String> {
+    ds.iter().map(|d| d.entry().id.clone()).collect()
+}
+
+pub async fn send_and_receive<H: Harness>() {
+    let h = H::new().await;
+    let seqs = send_n(&h, 10, |_| "k".into()).await;
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequences grow: {seqs:?}"
+    );
+    let mut c = h.consumer("g").await;
+    let got = receive_n(&mut c, 10).await;
+    assert_eq!(
+        ids(&got),
+        (0..10).map(|i| format!("id-{i}")).collect::<Vec<_>>()
+    );
+    let d = &got[3];
+    assert_eq!(&d.entry().payload[..], b"payload-3");
+    assert_eq!(d.entry().key.as_deref(), Some("k"));
+    assert_eq!(d.entry().headers, vec![("n".to_string(), "3".to_string())]);
+    assert_eq!(d.sequence(), seqs[3]);
+    assert_eq!(d.shard(), &h.shard());
+    assert!(
+        c.receive(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn ack_and_nack<H: Harness>() {
+    let h = H::new().await;
+    send_n(&h, 3, |_| "k".into()).await;
+    let mut c = h.consumer("g").await;
+    let mut got = receive_n(&mut c, 3).await.into_iter();
+    let (a, b, d) = (
+        got.next().unwrap(),
+        got.next().unwrap(),
+        got.next().unwrap(),
+    );
+    a.ack().await.map_err(|(e, _)| e).unwrap();
+    b.nack().await.map_err(|(e, _)| e).unwrap();
+    d.ack().await.map_err(|(e, _)| e).unwrap();
+    let again = receive_n(&mut c, 1).await;
+    assert_eq!(ids(&again), vec!["id-1"], "the nacked entry comes back");
+    for d in again {
+        d.ack().await.map_err(|(e, _)| e).unwrap();
+    }
+    assert!(
+        c.receive(10, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn order_per_key<H: Harness>() {
+    let h = H::new().await;
+    let keys = ["a", "b", "c"];
+    send_n(&h, 30, |i| keys[i % 3].to_string()).await;
+    let mut c = h.consumer("g").await;
+    let got = receive_n(&mut c, 30).await;
+    assert_eq!(got.len(), 30);
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for d in &got {
+        let key = d.entry().key.clone().unwrap();
+        let n: u64 = d.entry().headers[0].1.parse().unwrap();
+        if let Some(prev) = last.insert(key.clone(), n) {
+            assert!(prev < n, "key {key}: {n} after {prev}");
+        }
+    }
+}
+
+pub async fn commit_and_resume<H: Harness>() {
+    let mut h = H::new().await;
+    send_n(&h, 10, |_| "k".into()).await;
+    {
+        let mut c = h.consumer("g").await;
+        let got = receive_n(&mut c, 10).await;
+        // Ack 0..5 and 7: the low watermark is 5.
+        for d in got {
+            let n: usize = d.entry().headers[0].1.parse().unwrap();
+            if n < 5 || n == 7 {
+                d.ack().await.map_err(|(e, _)| e).unwrap();
+            }
+        }
+        c.commit().await.unwrap();
+    }
+    h.restart().await;
+    let mut c = h.consumer("g").await;
+    let got = receive_n(&mut c, 5).await;
+    // At least once: everything from the watermark on comes again, 7 included.
+    assert_eq!(ids(&got), vec!["id-5", "id-6", "id-7", "id-8", "id-9"]);
+    // Another group starts from the beginning.
+    let mut other = h.consumer("other").await;
+    assert_eq!(receive_n(&mut other, 10).await.len(), 10);
+}
+
+pub async fn uncommitted_work_is_delivered_again<H: Harness>() {
+    let mut h = H::new().await;
+    send_n(&h, 4, |_| "k".into()).await;
+    {
+        let mut c = h.consumer("g").await;
+        for d in receive_n(&mut c, 4).await {
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+        }
+        // No commit: a crash here loses the progress, not the entries.
+    }
+    h.restart().await;
+    let mut c = h.consumer("g").await;
+    assert_eq!(receive_n(&mut c, 4).await.len(), 4);
+}
+
+/// One `#[tokio::test]` per suite case, for harness `$h`.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($h:ty) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn send_and_receive() {
+            conformance::send_and_receive::<$h>().await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn ack_and_nack() {
+            conformance::ack_and_nack::<$h>().await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn order_per_key() {
+            conformance::order_per_key::<$h>().await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn commit_and_resume() {
+            conformance::commit_and_resume::<$h>().await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn uncommitted_work_is_delivered_again() {
+            conformance::uncommitted_work_is_delivered_again::<$h>().await;
+        }
+    };
+}
