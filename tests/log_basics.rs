@@ -302,3 +302,39 @@ fn an_oversized_id_is_refused_and_the_log_goes_on() {
         0
     );
 }
+
+#[test]
+fn age_retention_runs_on_its_own_and_only_past_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = ShardRef::new("ns", 0);
+    let config = LogConfig {
+        retention: Retention {
+            max_age: Some(Duration::from_millis(100)),
+            ..Retention::default()
+        },
+        ..small_segments()
+    };
+    let log = EmbeddedLog::open(dir.path(), config).unwrap();
+    for i in 0..100 {
+        log.append(&shard, entry(i.to_string(), [b'x'; 100]))
+            .wait()
+            .unwrap();
+    }
+    log.commit("g", &BTreeMap::from([(shard.clone(), 100)]))
+        .unwrap();
+    // The committer checks age once a second with nothing else to do.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.stats().retention_deleted.get() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        log.stats().retention_deleted.get() > 0,
+        "old segments were deleted"
+    );
+    assert_eq!(log.stats().retention_forced.get(), 0);
+    // The active segment stays, and so do the offsets.
+    assert_eq!(
+        log.append(&shard, entry("n", "n")).wait().unwrap().offset,
+        100
+    );
+}
