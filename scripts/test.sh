@@ -28,10 +28,12 @@ cargo build --all-targets --locked
 
 # --- Tests ------------------------------------------------------------------
 if cargo nextest --version >/dev/null 2>&1; then
-  log "cargo nextest run"
-  cargo nextest run --locked --no-fail-fast
+  # Doc tests first: nextest doesn't run them, and its summary should close
+  # the output.
   log "cargo test --doc"
   cargo test --doc --locked
+  log "cargo nextest run"
+  cargo nextest run --locked --no-fail-fast
 else
   log "cargo test (cargo-nextest not installed)"
   cargo test --locked --no-fail-fast

@@ -197,6 +197,16 @@ pub fn claimed_header(buf: &[u8]) -> Option<Claimed> {
     })
 }
 
+/// The namespace bytes and shard of the frame at the start of `buf`, read
+/// without copying or checking; callers check the CRC first.
+pub fn frame_owner(buf: &[u8]) -> Option<(&[u8], u32)> {
+    let body = buf.get(FRAME_PREFIX..)?;
+    let shard = u32::from_le_bytes(body.get(1..5)?.try_into().ok()?);
+    let ns_at = BODY_FIXED;
+    let ns_len = u16::from_le_bytes(body.get(ns_at..ns_at + 2)?.try_into().ok()?) as usize;
+    Some((body.get(ns_at + 2..ns_at + 2 + ns_len)?, shard))
+}
+
 /// Find the first position after `from` where a valid frame starts, or
 /// `None` if there is none. Used to tell a torn tail (nothing valid follows)
 /// from corruption (valid frames follow), and to step over a damaged frame.

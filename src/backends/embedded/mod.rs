@@ -371,6 +371,16 @@ impl EmbeddedLog {
             fs.create_dir_all(d)
                 .map_err(LogError::io("create directory", d))?;
         }
+        if config.fsync != FsyncMode::Never {
+            // A new directory's own entry must be durable too, or a power cut
+            // can take the whole log with it.
+            for d in [Some(dir), dir.parent()].into_iter().flatten() {
+                if d.as_os_str().is_empty() {
+                    continue;
+                }
+                fs.sync_dir(d).map_err(LogError::io("fsync directory", d))?;
+            }
+        }
         let recovered = recovery::recover(fs.as_ref(), &log_dir, &config)?;
         let checkpoints = checkpoint::load_all(fs.as_ref(), &checkpoint_dir)?;
         let (durable_tx, _) = watch::channel(recovered.index.mark);

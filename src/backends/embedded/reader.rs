@@ -186,10 +186,9 @@ impl ShardReader {
             None => return self.damaged(end),
         };
         let frame = self.window(self.pos, frame_len);
-        let claimed = format::claimed_header(frame);
-        let ours = claimed
-            .as_ref()
-            .is_some_and(|c| c.shard == self.shard.shard && *c.namespace == *self.shard.namespace);
+        let ours = format::frame_owner(frame).is_some_and(|(ns, shard)| {
+            shard == self.shard.shard && ns == self.shard.namespace.as_bytes()
+        });
         if !ours {
             self.pos += frame_len as u64;
             return Ok(());
