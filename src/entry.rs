@@ -27,6 +27,30 @@ pub struct Entry {
     pub due_ms: u64,
 }
 
+/// The entry header that says how the payload was written: `json` when the
+/// client sent `payload`, absent when it sent `payload_base64`. Headers under
+/// `walden.` are reserved.
+pub const PAYLOAD_ENCODING_HEADER: &str = "walden.payload";
+
+impl Entry {
+    /// The first header with this name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An entry read back from a backend, on its way to a sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    pub shard: ShardRef,
+    /// The entry's position in its shard: its version at the target.
+    pub sequence: u64,
+    pub entry: Entry,
+}
+
 /// Where an entry lives: a namespace and one of its shards.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardRef {

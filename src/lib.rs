@@ -2,8 +2,26 @@
 //!
 //! # Layout
 //! - [`entry`]: the `Entry` every layer shares, and the three-valued `Durable`.
-//! - [`backends`]: queue backends; [`backends::embedded`] is the durable log
-//!   on local disk that Walden uses by default.
+//! - [`config`]: typed configuration and its pure validation.
+//! - [`api`]: the HTTP API (actix-web) and its JSON error type.
+//! - [`actors`]: per-shard actors (ingest, consumer, delay scheduler,
+//!   applier) under a per-namespace supervisor.
+//! - [`backends`]: queue backends behind capability traits;
+//!   [`backends::embedded`] is the durable log on local disk, the default.
+//! - [`sinks`]: targets that entries are delivered to.
+//! - [`service`]: wiring: config → log → actors → HTTP server, and shutdown.
+//! - [`telemetry`]: logging, tracing and OTLP export.
+//! - [`stats`]: counters and gauges; [`failpoints`]: test-only panics.
+//!
+//! The arrows point one way: api → actors → backends and sinks → entry.
 
+pub mod actors;
+pub mod api;
 pub mod backends;
+pub mod config;
 pub mod entry;
+pub mod failpoints;
+pub mod service;
+pub mod sinks;
+pub mod stats;
+pub mod telemetry;

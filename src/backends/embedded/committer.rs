@@ -12,15 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use super::format;
 use super::fs::FsFile;
 use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
 use super::{
-    AppendRequest, Appended, Command, FsyncMode, LogError, RetentionReport, Shared, recovery,
-    retention,
+    AppendReply, AppendRequest, Appended, Command, FsyncMode, LogError, RetentionReport, Shared,
+    recovery, retention,
 };
 use crate::entry::{Durable, ShardRef, now_ms};
 
@@ -39,7 +38,7 @@ pub(crate) struct WriterState {
 
 /// An append that is written but not yet answered.
 struct Pending {
-    reply: oneshot::Sender<Result<Appended, LogError>>,
+    reply: AppendReply,
     shard: ShardRef,
     offset: u64,
     pos: u64,

@@ -77,7 +77,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -87,10 +87,11 @@ use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::{oneshot, watch};
 
 use crate::entry::{Durable, Entry, ShardRef};
+pub use crate::stats::Counter;
 pub use format::Record;
 use fs::{Fs, StdFs};
 use index::{DurableMark, Index};
-pub use queue::{EmbeddedConsumer, EmbeddedDelivery, EmbeddedProducer};
+pub use queue::{EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedProducer};
 pub use reader::ShardReader;
 pub use recovery::RecoveryReport;
 pub use retention::RetentionReport;
@@ -250,22 +251,6 @@ pub struct Appended {
     pub durable: Durable,
 }
 
-/// A monotonic counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Counters since the log was opened.
 #[derive(Debug, Default)]
 pub struct LogStats {
@@ -341,8 +326,11 @@ pub(crate) enum Command {
 pub(crate) struct AppendRequest {
     pub shard: ShardRef,
     pub entry: Entry,
-    pub reply: oneshot::Sender<Result<Appended, LogError>>,
+    pub reply: AppendReply,
 }
+
+/// Where the answer to an append goes.
+pub type AppendReply = oneshot::Sender<Result<Appended, LogError>>;
 
 /// One durable log in a data directory.
 pub struct EmbeddedLog {
@@ -416,18 +404,31 @@ impl EmbeddedLog {
     /// plain thread with [`Appending::wait`].
     pub fn append(&self, shard: &ShardRef, entry: Entry) -> Appending {
         let (reply, rx) = oneshot::channel();
+        self.append_to(shard, entry, reply);
+        Appending(rx)
+    }
+
+    /// Append, and answer on `reply` once the entry is durable (or the
+    /// append failed). Lets a caller hand its own channel to the committer,
+    /// so the answer takes no extra hop.
+    pub fn append_to(&self, shard: &ShardRef, entry: Entry, reply: AppendReply) {
         if self.shared.poisoned.load(Ordering::Acquire) {
-            return Appending::failed(self.shared.poisoned_error());
+            let _ = reply.send(Err(self.shared.poisoned_error()));
+            return;
         }
         let req = AppendRequest {
             shard: shard.clone(),
             entry,
             reply,
         };
-        match self.tx.try_send(Command::Append(req)) {
-            Ok(()) => Appending(AppendingInner::Waiting(rx)),
-            Err(TrySendError::Full(_)) => Appending::failed(LogError::Busy),
-            Err(TrySendError::Disconnected(_)) => Appending::failed(LogError::Closed),
+        if let Err(e) = self.tx.try_send(Command::Append(req)) {
+            let (err, req) = match e {
+                TrySendError::Full(c) => (LogError::Busy, c),
+                TrySendError::Disconnected(c) => (LogError::Closed, c),
+            };
+            if let Command::Append(req) = req {
+                let _ = req.reply.send(Err(err));
+            }
         }
     }
 
@@ -507,11 +508,8 @@ impl EmbeddedLog {
     }
 
     /// Finish the appends already queued, fsync, and stop the committer.
-    pub fn close(self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&self) {
+    /// Later appends fail with `Closed`.
+    pub fn close(&self) {
         let handle = self.committer.lock().unwrap().take();
         if let Some(handle) = handle {
             let _ = self.tx.send(Command::Shutdown);
@@ -522,32 +520,20 @@ impl EmbeddedLog {
 
 impl Drop for EmbeddedLog {
     fn drop(&mut self) {
-        self.shutdown();
+        self.close();
     }
 }
 
 /// An append in flight. Await it, or call [`Appending::wait`] on a thread
 /// that is not running async code.
-pub struct Appending(AppendingInner);
-
-enum AppendingInner {
-    Waiting(oneshot::Receiver<Result<Appended, LogError>>),
-    Failed(Option<LogError>),
-}
+pub struct Appending(oneshot::Receiver<Result<Appended, LogError>>);
 
 impl Appending {
-    fn failed(e: LogError) -> Self {
-        Appending(AppendingInner::Failed(Some(e)))
-    }
-
     /// Block the current thread until the append resolves.
     pub fn wait(self) -> Result<Appended, LogError> {
-        match self.0 {
-            AppendingInner::Waiting(rx) => {
-                rx.blocking_recv().unwrap_or(Err(LogError::CommitterGone))
-            }
-            AppendingInner::Failed(e) => Err(e.unwrap_or(LogError::Closed)),
-        }
+        self.0
+            .blocking_recv()
+            .unwrap_or(Err(LogError::CommitterGone))
     }
 }
 
@@ -555,11 +541,8 @@ impl Future for Appending {
     type Output = Result<Appended, LogError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
-            AppendingInner::Waiting(rx) => Pin::new(rx)
-                .poll(cx)
-                .map(|r| r.unwrap_or(Err(LogError::CommitterGone))),
-            AppendingInner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(LogError::Closed))),
-        }
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(LogError::CommitterGone)))
     }
 }

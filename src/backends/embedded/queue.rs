@@ -2,7 +2,7 @@
 //! a per-shard consumer that tracks acks and commits its low watermark as the
 //! group's checkpoint.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,9 +35,67 @@ impl Producer for EmbeddedProducer {
 /// Which deliveries are still out, and what was nacked.
 #[derive(Default)]
 struct Tracker {
-    /// Delivered and not yet acked; a nacked entry stays here until acked.
-    outstanding: BTreeSet<u64>,
+    /// Delivered and not yet acked (offset → timestamp); a nacked entry stays
+    /// here until acked.
+    outstanding: BTreeMap<u64, u64>,
     redeliver: VecDeque<Record>,
+    /// One past the last offset delivered.
+    delivered_end: u64,
+}
+
+impl Tracker {
+    fn low_watermark(&self) -> u64 {
+        self.outstanding
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.delivered_end)
+    }
+}
+
+/// Commits a consumer's progress without holding the consumer, so a commit
+/// can run while a read is waiting for new records.
+#[derive(Clone)]
+pub struct EmbeddedCheckpointer {
+    log: Arc<EmbeddedLog>,
+    group: String,
+    shard: ShardRef,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl EmbeddedCheckpointer {
+    /// Everything before this offset has been acked.
+    pub fn low_watermark(&self) -> u64 {
+        self.tracker.lock().unwrap().low_watermark()
+    }
+
+    /// Deliveries not yet acked.
+    pub fn outstanding(&self) -> usize {
+        self.tracker.lock().unwrap().outstanding.len()
+    }
+
+    /// Timestamp of the oldest delivery not yet acked.
+    pub fn oldest_outstanding_ms(&self) -> Option<u64> {
+        let t = self.tracker.lock().unwrap();
+        t.outstanding.values().next().copied()
+    }
+
+    /// The group's committed offset for this shard.
+    pub fn committed(&self) -> Option<u64> {
+        self.log.committed(&self.group).get(&self.shard).copied()
+    }
+
+    /// Write the low watermark as the group's checkpoint; returns it. The
+    /// checkpoint fsyncs, so it runs on a blocking thread.
+    pub async fn commit(&self) -> Result<u64, LogError> {
+        let offset = self.low_watermark();
+        let offsets = BTreeMap::from([(self.shard.clone(), offset)]);
+        let (log, group) = (self.log.clone(), self.group.clone());
+        tokio::task::spawn_blocking(move || log.commit(&group, &offsets))
+            .await
+            .map_err(|_| LogError::Closed)??;
+        Ok(offset)
+    }
 }
 
 /// Consumes one shard of the embedded log for a consumer group.
@@ -57,21 +115,31 @@ impl EmbeddedConsumer {
             .copied()
             .unwrap_or_else(|| log.earliest_offset(shard));
         let reader = log.reader(shard, from)?;
+        let tracker = Tracker {
+            delivered_end: from,
+            ..Tracker::default()
+        };
         Ok(Self {
             log,
             group: group.to_string(),
             reader,
-            tracker: Arc::default(),
+            tracker: Arc::new(Mutex::new(tracker)),
         })
     }
 
     /// Everything before this offset has been acked.
     pub fn low_watermark(&self) -> u64 {
-        let t = self.tracker.lock().unwrap();
-        t.outstanding
-            .first()
-            .copied()
-            .unwrap_or(self.reader.next_offset())
+        self.tracker.lock().unwrap().low_watermark()
+    }
+
+    /// A handle that commits this consumer's progress.
+    pub fn checkpointer(&self) -> EmbeddedCheckpointer {
+        EmbeddedCheckpointer {
+            log: self.log.clone(),
+            group: self.group.clone(),
+            shard: self.reader.shard().clone(),
+            tracker: self.tracker.clone(),
+        }
     }
 
     fn delivery(&self, record: Record) -> EmbeddedDelivery {
@@ -105,19 +173,15 @@ impl Consumer for EmbeddedConsumer {
         };
         {
             let mut t = self.tracker.lock().unwrap();
-            t.outstanding.extend(records.iter().map(|r| r.offset));
+            t.outstanding
+                .extend(records.iter().map(|r| (r.offset, r.entry.timestamp_ms)));
+            t.delivered_end = self.reader.next_offset();
         }
         Ok(records.into_iter().map(|r| self.delivery(r)).collect())
     }
 
     async fn commit(&mut self) -> Result<(), BackendError> {
-        let offsets = BTreeMap::from([(self.reader.shard().clone(), self.low_watermark())]);
-        let log = self.log.clone();
-        let group = self.group.clone();
-        // The checkpoint write fsyncs: keep it off the async threads.
-        tokio::task::spawn_blocking(move || log.commit(&group, &offsets))
-            .await
-            .map_err(|_| LogError::Closed)??;
+        self.checkpointer().commit().await?;
         Ok(())
     }
 }

@@ -1,0 +1,303 @@
+//! ShardConsumer: reads one shard in order and routes each entry to the
+//! Applier (due now) or the DelayScheduler (due later). Commits the low
+//! watermark every 100 ms when it moved, and bounds how far it reads ahead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, Supervised,
+    WrapFuture,
+};
+use tracing::{error, info, warn};
+
+use super::applier::{Applier, Apply, Reset};
+use super::delay::{Delay, DelayScheduler};
+use super::{ShardStats, Work, guarded};
+use crate::backends::embedded::{EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedLog};
+use crate::backends::{Consumer, Delivery};
+use crate::entry::{ShardRef, now_ms};
+
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+const READ_BATCH: usize = 256;
+const READ_WAIT: Duration = Duration::from_millis(500);
+
+/// The actors a consumer feeds.
+#[derive(Clone)]
+pub struct Peers {
+    pub delay: actix::Addr<DelayScheduler>,
+    pub applier: actix::Addr<Applier>,
+}
+
+pub struct ShardConsumer {
+    log: Arc<EmbeddedLog>,
+    group: String,
+    shard: ShardRef,
+    stats: Arc<ShardStats>,
+    /// Deliveries not yet acked, at most; reading pauses past it.
+    max_outstanding: usize,
+    peers: Option<Peers>,
+    /// `None` while a read is in flight (the read owns it).
+    consumer: Option<EmbeddedConsumer>,
+    checkpointer: Option<EmbeddedCheckpointer>,
+    /// Bumped on every rewind; work from older generations is dropped.
+    generation: u64,
+    reading: bool,
+    committing: bool,
+    last_committed: Option<u64>,
+    stopped: bool,
+}
+
+impl ShardConsumer {
+    pub fn new(
+        log: Arc<EmbeddedLog>,
+        group: String,
+        shard: ShardRef,
+        stats: Arc<ShardStats>,
+        max_outstanding: usize,
+    ) -> Self {
+        Self {
+            log,
+            group,
+            shard,
+            stats,
+            max_outstanding,
+            peers: None,
+            consumer: None,
+            checkpointer: None,
+            generation: 0,
+            reading: false,
+            committing: false,
+            last_committed: None,
+            stopped: false,
+        }
+    }
+
+    /// (Re)open the consumer at the committed offset, under a new generation,
+    /// and tell the peers to drop older work.
+    fn reopen(&mut self) {
+        self.generation += 1;
+        self.consumer = None;
+        self.checkpointer = None;
+        match EmbeddedConsumer::new(self.log.clone(), &self.group, &self.shard) {
+            Ok(c) => {
+                self.checkpointer = Some(c.checkpointer());
+                self.consumer = Some(c);
+            }
+            Err(error) => {
+                error!(shard = %self.shard, %error, "Cannot open the shard for reading.");
+            }
+        }
+        if let Some(p) = &self.peers {
+            let reset = Reset(self.generation);
+            p.delay.do_send(reset);
+            p.applier.do_send(reset);
+        }
+    }
+
+    fn schedule_read(&mut self, ctx: &mut Context<Self>) {
+        if self.reading || self.stopped || self.peers.is_none() {
+            return;
+        }
+        let Some(mut consumer) = self.consumer.take() else {
+            // Could not open; try again shortly.
+            ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                act.reopen();
+                act.schedule_read(ctx);
+            });
+            return;
+        };
+        let outstanding = self.checkpointer.as_ref().map_or(0, |c| c.outstanding());
+        if outstanding >= self.max_outstanding {
+            self.consumer = Some(consumer);
+            ctx.run_later(Duration::from_millis(10), |act, ctx| act.schedule_read(ctx));
+            return;
+        }
+        self.reading = true;
+        let generation = self.generation;
+        let read = async move {
+            let result = consumer.receive(READ_BATCH, READ_WAIT).await;
+            (consumer, result)
+        };
+        ctx.spawn(
+            read.into_actor(self)
+                .map(move |(consumer, result), act, ctx| {
+                    act.reading = false;
+                    if act.generation != generation {
+                        // Rewound while reading: this consumer and its batch
+                        // are stale.
+                        act.schedule_read(ctx);
+                        return;
+                    }
+                    act.consumer = Some(consumer);
+                    match result {
+                        Ok(deliveries) => {
+                            guarded(act, ctx, |act, _| act.route(deliveries));
+                            act.schedule_read(ctx);
+                        }
+                        Err(error) => {
+                            // For example a corrupt record with
+                            // on_corruption = "stop": the shard stops here.
+                            error!(shard = %act.shard, %error, "Reading the shard failed; retrying in 5 s.");
+                            ctx.run_later(Duration::from_secs(5), |act, ctx| act.schedule_read(ctx));
+                        }
+                    }
+                }),
+        );
+    }
+
+    fn route(&mut self, deliveries: Vec<crate::backends::embedded::EmbeddedDelivery>) {
+        crate::failpoint!("consumer.route");
+        let Some(peers) = &self.peers else { return };
+        let now = now_ms();
+        let (mut due, mut later) = (Vec::new(), Vec::new());
+        for d in deliveries {
+            let work = Work {
+                generation: self.generation,
+                delivery: d,
+            };
+            if work.delivery.entry().due_ms > now {
+                later.push(work);
+            } else {
+                due.push(work);
+            }
+        }
+        if !due.is_empty() {
+            peers.applier.do_send(Apply(due));
+        }
+        if !later.is_empty() {
+            peers.delay.do_send(Delay(later));
+        }
+    }
+
+    fn commit(&mut self, ctx: &mut Context<Self>) {
+        if self.committing {
+            return;
+        }
+        let Some(cp) = self.checkpointer.clone() else {
+            return;
+        };
+        if Some(cp.low_watermark()) == self.last_committed {
+            return;
+        }
+        self.committing = true;
+        let shard = self.shard.clone();
+        ctx.spawn(
+            async move { cp.commit().await }
+                .into_actor(self)
+                .map(move |result, act, _| {
+                    act.committing = false;
+                    match result {
+                        Ok(offset) => act.last_committed = Some(offset),
+                        Err(error) => warn!(%shard, %error, "Commit failed; will retry."),
+                    }
+                }),
+        );
+    }
+}
+
+impl Actor for ShardConsumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(COMMIT_EVERY, |act, ctx| act.commit(ctx));
+        if self.peers.is_some() {
+            self.reopen();
+            self.schedule_read(ctx);
+        }
+    }
+}
+
+impl Supervised for ShardConsumer {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!(shard = %self.shard, "Restarting the shard consumer.");
+        self.stats.restarts.inc();
+        self.reading = false;
+        self.committing = false;
+        self.last_committed = None;
+    }
+}
+
+/// Connect the consumer to its peers and start reading.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Wire(pub Peers);
+
+impl Handler<Wire> for ShardConsumer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wire, ctx: &mut Context<Self>) {
+        self.peers = Some(msg.0);
+        self.reopen();
+        self.schedule_read(ctx);
+    }
+}
+
+/// A peer lost its work (it restarted): read again from the committed offset.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Rewind;
+
+impl Handler<Rewind> for ShardConsumer {
+    type Result = ();
+
+    fn handle(&mut self, _: Rewind, ctx: &mut Context<Self>) {
+        info!(shard = %self.shard, "Rewinding to the committed offset.");
+        self.reopen();
+        self.schedule_read(ctx);
+    }
+}
+
+/// Stop reading and commit what is done. Answers with the committed offset.
+#[derive(Message)]
+#[rtype(result = "Option<u64>")]
+pub struct Drain;
+
+impl Handler<Drain> for ShardConsumer {
+    type Result = ResponseActFuture<Self, Option<u64>>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.stopped = true;
+        let cp = self.checkpointer.clone();
+        Box::pin(
+            async move {
+                match cp {
+                    Some(cp) => cp.commit().await.ok(),
+                    None => None,
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+/// Stats the API reads: the committed offset and the oldest unacked entry.
+#[derive(Message)]
+#[rtype(result = "ConsumerState")]
+pub struct GetState;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConsumerState {
+    pub committed: u64,
+    pub low_watermark: u64,
+    pub outstanding: usize,
+    pub oldest_outstanding_ms: Option<u64>,
+}
+
+impl Handler<GetState> for ShardConsumer {
+    type Result = actix::MessageResult<GetState>;
+
+    fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> Self::Result {
+        let state = self
+            .checkpointer
+            .as_ref()
+            .map(|c| ConsumerState {
+                committed: c.committed().unwrap_or(0),
+                low_watermark: c.low_watermark(),
+                outstanding: c.outstanding(),
+                oldest_outstanding_ms: c.oldest_outstanding_ms(),
+            })
+            .unwrap_or_default();
+        actix::MessageResult(state)
+    }
+}

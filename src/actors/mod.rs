@@ -1,0 +1,91 @@
+//! The actor pipeline. Each namespace shard runs four actors on one arbiter:
+//!
+//! ```text
+//! HTTP handler --try_send--> Ingest --append--> log   (the handler awaits the
+//!                                                      committer's answer)
+//! log --> ShardConsumer --due--> Applier --> Sink
+//!                      \-later-> DelayScheduler --due--> Applier
+//! ```
+//!
+//! Every actor is `Supervised`: a panic in a handler is caught and turned
+//! into a stop, and the supervisor restarts the actor. Actors keep no state
+//! that can't be rebuilt: a restarted DelayScheduler or Applier asks the
+//! consumer to rewind to the last committed offset, and every message carries
+//! the consumer's generation, so work from before the rewind is dropped.
+//! Entries are then delivered again (at least once).
+//!
+//! The consumer's committed offset is a low watermark: every entry before it
+//! has been applied. Delayed entries are held in memory until they fire, and
+//! the watermark never passes one that hasn't.
+
+pub mod applier;
+pub mod consumer;
+pub mod delay;
+pub mod ingest;
+pub mod supervisor;
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+
+use actix::{Actor, ActorContext, Context};
+use tracing::error;
+
+use crate::backends::embedded::EmbeddedDelivery;
+use crate::stats::{Counter, Gauge};
+
+/// Counters of one shard, shared with the API.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Entries answered `durable: "true"` since start.
+    pub written: Counter,
+    /// Entries the sink accepted since start.
+    pub applied: Counter,
+    /// Failed delivery attempts since start.
+    pub apply_errors: Counter,
+    /// Entries waiting to be retried now.
+    pub in_retry: Gauge,
+    /// Entries waiting for their due time.
+    pub delayed: Gauge,
+    /// When the next delayed entry is due (ms since epoch; 0: none).
+    pub next_due_ms: Gauge,
+    /// Actor restarts since start.
+    pub restarts: Counter,
+}
+
+/// A delivery, tagged with the consumer generation that read it.
+pub struct Work {
+    pub generation: u64,
+    pub delivery: EmbeddedDelivery,
+}
+
+/// Run a handler body. A panic is logged and stops the actor, so its
+/// supervisor restarts it; actix would otherwise lose the arbiter.
+pub(crate) fn guarded<A, R>(
+    act: &mut A,
+    ctx: &mut Context<A>,
+    f: impl FnOnce(&mut A, &mut Context<A>) -> R,
+) -> Option<R>
+where
+    A: Actor<Context = Context<A>>,
+{
+    match std::panic::catch_unwind(AssertUnwindSafe(|| f(act, ctx))) {
+        Ok(r) => Some(r),
+        Err(panic) => {
+            error!(
+                actor = std::any::type_name::<A>(),
+                panic = panic_message(&panic),
+                "Actor panicked; stopping it for a restart."
+            );
+            ctx.stop();
+            None
+        }
+    }
+}
+
+pub(crate) fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic)")
+}

@@ -1,0 +1,172 @@
+//! The per-namespace supervisor: starts each shard's actors under actix
+//! `Supervisor`s (which restart an actor that stops), wires them together,
+//! and watches the target's health. A target that is down never takes Walden
+//! out of service: it shows in stats and metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Actor, Addr, ArbiterHandle, AsyncContext, Context, Supervisor, WrapFuture};
+use tracing::{info, warn};
+
+use super::ShardStats;
+use super::applier::Applier;
+use super::consumer::{Drain, Peers, ShardConsumer, Wire};
+use super::delay::DelayScheduler;
+use super::ingest::Ingest;
+use crate::backends::embedded::EmbeddedLog;
+use crate::config::{NamespaceConfig, ServerConfig};
+use crate::entry::ShardRef;
+use crate::sinks::{self, Sink, SinkError};
+
+/// The consumer group the service reads with.
+pub const CONSUMER_GROUP: &str = "walden";
+/// Deliveries a shard holds unacked, at most (its read-ahead bound).
+const MAX_OUTSTANDING: usize = 4096;
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+
+/// The target's last known health.
+#[derive(Debug, Default)]
+pub struct SinkHealth {
+    state: Mutex<(bool, Option<String>)>,
+}
+
+impl SinkHealth {
+    pub fn healthy(&self) -> (bool, Option<String>) {
+        self.state.lock().unwrap().clone()
+    }
+
+    fn set(&self, result: Result<(), SinkError>) {
+        *self.state.lock().unwrap() = match result {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+    }
+}
+
+/// One shard's actors, as the API sees them.
+pub struct ShardHandle {
+    pub shard: ShardRef,
+    pub ingest: Addr<Ingest>,
+    pub consumer: Addr<ShardConsumer>,
+    pub stats: Arc<ShardStats>,
+}
+
+/// A running namespace.
+pub struct NamespaceRuntime {
+    pub name: String,
+    pub config: NamespaceConfig,
+    pub shards: Vec<ShardHandle>,
+    pub sink_health: Arc<SinkHealth>,
+    _supervisor: Addr<NamespaceSupervisor>,
+}
+
+impl NamespaceRuntime {
+    /// Build the sink and start every shard's actors, spread over `arbiters`.
+    pub fn start(
+        name: &str,
+        config: &NamespaceConfig,
+        server: &ServerConfig,
+        log: &Arc<EmbeddedLog>,
+        arbiters: &[ArbiterHandle],
+    ) -> Result<Self, SinkError> {
+        let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
+        let mut shards = Vec::with_capacity(config.shards as usize);
+        for i in 0..config.shards {
+            let arbiter = &arbiters[i as usize % arbiters.len()];
+            let shard = ShardRef::new(name, i);
+            let stats = Arc::new(ShardStats::default());
+            let consumer = {
+                let (log, shard, stats) = (log.clone(), shard.clone(), stats.clone());
+                Supervisor::start_in_arbiter(arbiter, move |_| {
+                    ShardConsumer::new(log, CONSUMER_GROUP.into(), shard, stats, MAX_OUTSTANDING)
+                })
+            };
+            let applier = {
+                let (sink, consumer, stats) = (sink.clone(), consumer.clone(), stats.clone());
+                let (retry, ordering) = (config.retry.clone(), config.ordering);
+                Supervisor::start_in_arbiter(arbiter, move |_| {
+                    Applier::new(sink, consumer, retry, ordering, stats)
+                })
+            };
+            let delay = {
+                let (applier, consumer, stats) = (applier.clone(), consumer.clone(), stats.clone());
+                Supervisor::start_in_arbiter(arbiter, move |_| {
+                    DelayScheduler::new(applier, consumer, stats)
+                })
+            };
+            consumer.do_send(Wire(Peers { delay, applier }));
+            let ingest = {
+                let (log, shard, cap) = (log.clone(), shard.clone(), server.mailbox_capacity);
+                Supervisor::start_in_arbiter(arbiter, move |_| Ingest::new(log, shard, cap))
+            };
+            shards.push(ShardHandle {
+                shard,
+                ingest,
+                consumer,
+                stats,
+            });
+        }
+        let sink_health = Arc::new(SinkHealth::default());
+        let supervisor = NamespaceSupervisor {
+            name: name.into(),
+            sink,
+            health: sink_health.clone(),
+        }
+        .start();
+        info!(
+            namespace = name,
+            shards = config.shards,
+            target = config.target.kind(),
+            "Namespace started."
+        );
+        Ok(Self {
+            name: name.into(),
+            config: config.clone(),
+            shards,
+            sink_health,
+            _supervisor: supervisor,
+        })
+    }
+
+    /// Stop reading and commit what each shard has applied.
+    pub async fn drain(&self) {
+        for s in &self.shards {
+            if let Err(error) = s.consumer.send(Drain).await {
+                warn!(shard = %s.shard, %error, "Could not drain a shard.");
+            }
+        }
+    }
+}
+
+/// Watches the target's health for one namespace.
+struct NamespaceSupervisor {
+    name: String,
+    sink: Arc<dyn Sink>,
+    health: Arc<SinkHealth>,
+}
+
+impl NamespaceSupervisor {
+    fn check(&mut self, ctx: &mut Context<Self>) {
+        let (sink, health, name) = (self.sink.clone(), self.health.clone(), self.name.clone());
+        ctx.spawn(
+            async move {
+                let result = sink.healthcheck().await;
+                if let Err(error) = &result {
+                    warn!(namespace = %name, %error, "Target is unhealthy; entries wait in the log.");
+                }
+                health.set(result);
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Actor for NamespaceSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.check(ctx);
+        ctx.run_interval(HEALTH_EVERY, |act, ctx| act.check(ctx));
+    }
+}

@@ -1,0 +1,320 @@
+//! Stats, health and metrics.
+//!
+//! `readyz` means writes can be accepted: the backend is healthy. A target
+//! that is down does not make Walden unready (absorbing that outage is its
+//! job); it shows in stats and metrics instead.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+
+use super::{ApiError, AppState};
+use crate::actors::consumer::{ConsumerState, GetState};
+use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::embedded::EmbeddedLog;
+use crate::entry::now_ms;
+
+const STATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Serialize)]
+pub struct ShardView {
+    pub shard: u32,
+    /// The sequence the next entry will get.
+    pub next_sequence: u64,
+    /// Every entry before this has been applied.
+    pub applied_through: u64,
+    pub committed: u64,
+    pub consumer_lag: u64,
+    pub written: u64,
+    pub applied: u64,
+    pub in_retry: i64,
+    pub delayed: i64,
+    pub restarts: u64,
+}
+
+#[derive(Serialize)]
+pub struct TargetView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub healthy: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct NamespaceView {
+    pub namespace: String,
+    pub backend: &'static str,
+    pub shards: u32,
+    pub target: TargetView,
+    /// Entries answered `durable: "true"` since this process started.
+    pub written: u64,
+    /// Entries applied since this process started.
+    pub applied: u64,
+    /// Entries written and not yet applied (all shards).
+    pub pending: u64,
+    pub in_retry: i64,
+    /// Dead-lettered entries (the DLQ is not built yet: always 0).
+    pub dead_lettered: u64,
+    pub delayed: i64,
+    /// Earliest due time of a delayed entry, ms since epoch.
+    pub next_due_ms: Option<i64>,
+    /// Entries not yet applied, counted from the committed offsets.
+    pub consumer_lag: u64,
+    pub oldest_pending_age_ms: Option<u64>,
+    pub failed_deliveries: u64,
+    pub per_shard: Vec<ShardView>,
+}
+
+async fn view(ns: &NamespaceRuntime, log: &EmbeddedLog) -> NamespaceView {
+    let mut per_shard = Vec::new();
+    let mut oldest: Option<u64> = None;
+    let mut failed = 0;
+    let mut next_due: Option<i64> = None;
+    for h in &ns.shards {
+        let state = tokio::time::timeout(STATE_TIMEOUT, h.consumer.send(GetState))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(ConsumerState::default());
+        let next = log.next_offset(&h.shard);
+        // Before the consumer has read anything, the committed offset is the
+        // best lower bound.
+        let applied_through = state.low_watermark.max(state.committed);
+        if let Some(ts) = state.oldest_outstanding_ms {
+            oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
+        }
+        failed += h.stats.apply_errors.get();
+        let due = h.stats.next_due_ms.get();
+        if due > 0 {
+            next_due = Some(next_due.map_or(due, |d| d.min(due)));
+        }
+        per_shard.push(ShardView {
+            shard: h.shard.shard,
+            next_sequence: next,
+            applied_through,
+            committed: state.committed,
+            consumer_lag: next.saturating_sub(state.committed),
+            written: h.stats.written.get(),
+            applied: h.stats.applied.get(),
+            in_retry: h.stats.in_retry.get(),
+            delayed: h.stats.delayed.get(),
+            restarts: h.stats.restarts.get(),
+        });
+    }
+    let (healthy, last_error) = ns.sink_health.healthy();
+    let sum = |f: fn(&ShardView) -> u64| per_shard.iter().map(f).sum::<u64>();
+    NamespaceView {
+        namespace: ns.name.clone(),
+        backend: "embedded",
+        shards: ns.config.shards,
+        target: TargetView {
+            name: ns.config.target.name().to_string(),
+            kind: ns.config.target.kind(),
+            healthy,
+            last_error,
+        },
+        written: sum(|s| s.written),
+        applied: sum(|s| s.applied),
+        pending: sum(|s| s.next_sequence.saturating_sub(s.applied_through)),
+        in_retry: per_shard.iter().map(|s| s.in_retry).sum(),
+        dead_lettered: 0,
+        delayed: per_shard.iter().map(|s| s.delayed).sum(),
+        next_due_ms: next_due,
+        consumer_lag: sum(|s| s.consumer_lag),
+        oldest_pending_age_ms: oldest.map(|ts| now_ms().saturating_sub(ts)),
+        failed_deliveries: failed,
+        per_shard,
+    }
+}
+
+/// `GET /v1/namespaces`
+pub async fn list_namespaces(state: web::Data<AppState>) -> HttpResponse {
+    let mut out = Vec::new();
+    for ns in state.namespaces.values() {
+        out.push(view(ns, &state.log).await);
+    }
+    HttpResponse::Ok().json(serde_json::json!({ "namespaces": out }))
+}
+
+/// `GET /v1/namespaces/{ns}`
+pub async fn namespace_stats(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?;
+    Ok(HttpResponse::Ok().json(view(ns, &state.log).await))
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: writes can be accepted.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.log.is_poisoned() {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "ready": false,
+            "reason": "the embedded log is poisoned after a failed fsync; restart Walden after checking the disk",
+        }));
+    }
+    HttpResponse::Ok().json(serde_json::json!({ "ready": true }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let mut out = String::new();
+    let log = state.log.stats();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v as f64)];
+    metric(
+        "walden_log_appends_total",
+        "counter",
+        "Records appended to the embedded log.",
+        one(log.appends.get()),
+    );
+    metric(
+        "walden_log_bytes_total",
+        "counter",
+        "Bytes appended to the embedded log.",
+        one(log.bytes.get()),
+    );
+    metric(
+        "walden_log_fsyncs_total",
+        "counter",
+        "fdatasync calls of the embedded log.",
+        one(log.fsyncs.get()),
+    );
+    metric(
+        "walden_log_segments_rolled_total",
+        "counter",
+        "Segments rolled.",
+        one(log.segments_rolled.get()),
+    );
+    metric(
+        "walden_log_corrupt_skipped_total",
+        "counter",
+        "Damaged records skipped.",
+        one(log.corrupt_skipped.get()),
+    );
+    metric(
+        "walden_log_retention_deleted_total",
+        "counter",
+        "Segments deleted by retention.",
+        one(log.retention_deleted.get()),
+    );
+    metric(
+        "walden_log_retention_forced_total",
+        "counter",
+        "Uncommitted segments deleted by the hard size cap.",
+        one(log.retention_forced.get()),
+    );
+    metric(
+        "walden_log_size_bytes",
+        "gauge",
+        "Size of the embedded log.",
+        one(state.log.size_bytes()),
+    );
+    metric(
+        "walden_log_poisoned",
+        "gauge",
+        "1 if the log refuses appends after a failed fsync.",
+        one(state.log.is_poisoned() as u64),
+    );
+
+    let shard_metric = |f: &dyn Fn(&crate::actors::ShardStats) -> f64| {
+        let mut v = Vec::new();
+        for ns in state.namespaces.values() {
+            for h in &ns.shards {
+                v.push((
+                    format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
+                    f(&h.stats),
+                ));
+            }
+        }
+        v
+    };
+    metric(
+        "walden_written_total",
+        "counter",
+        "Entries answered durable.",
+        shard_metric(&|s| s.written.get() as f64),
+    );
+    metric(
+        "walden_applied_total",
+        "counter",
+        "Entries applied to their target.",
+        shard_metric(&|s| s.applied.get() as f64),
+    );
+    metric(
+        "walden_apply_errors_total",
+        "counter",
+        "Failed delivery attempts.",
+        shard_metric(&|s| s.apply_errors.get() as f64),
+    );
+    metric(
+        "walden_in_retry",
+        "gauge",
+        "Entries waiting to be retried.",
+        shard_metric(&|s| s.in_retry.get() as f64),
+    );
+    metric(
+        "walden_delayed",
+        "gauge",
+        "Entries waiting for their due time.",
+        shard_metric(&|s| s.delayed.get() as f64),
+    );
+    metric(
+        "walden_actor_restarts_total",
+        "counter",
+        "Actor restarts.",
+        shard_metric(&|s| s.restarts.get() as f64),
+    );
+    let mut lag = Vec::new();
+    let mut health = Vec::new();
+    for ns in state.namespaces.values() {
+        for h in &ns.shards {
+            let committed = state
+                .log
+                .committed(crate::actors::supervisor::CONSUMER_GROUP);
+            let c = committed.get(&h.shard).copied().unwrap_or(0);
+            let next = state.log.next_offset(&h.shard);
+            lag.push((
+                format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
+                next.saturating_sub(c) as f64,
+            ));
+        }
+        let (healthy, _) = ns.sink_health.healthy();
+        health.push((
+            format!(
+                "{{namespace=\"{}\",target=\"{}\"}}",
+                ns.name,
+                ns.config.target.name()
+            ),
+            healthy as u64 as f64,
+        ));
+    }
+    metric(
+        "walden_consumer_lag",
+        "gauge",
+        "Entries after the committed offset.",
+        lag,
+    );
+    metric(
+        "walden_target_healthy",
+        "gauge",
+        "1 if the target's last healthcheck passed.",
+        health,
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out)
+}

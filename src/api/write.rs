@@ -1,0 +1,414 @@
+//! WriteToLog: `POST /v1/namespaces/{ns}/log` and `.../log/batch`.
+//!
+//! A write is answered 200 `durable: "true"` only after the backend has made
+//! it durable. The handler hands the entry to its shard's Ingest actor with
+//! `try_send` (a full mailbox is 429) and awaits the log committer's answer
+//! for at most `server.ack_timeout_ms` (then 504 `"unknown"`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
+use bytes::Bytes;
+use rand::RngExt;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+use tracing::{Instrument, Span, field, info_span};
+
+use super::{ApiError, AppState, read_json_body};
+use crate::actors::ingest::Write;
+use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::embedded::{Appended, LogError};
+use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
+use crate::telemetry;
+
+/// Header names under this prefix are Walden's own.
+const RESERVED_PREFIX: &str = "walden.";
+const MAX_HEADER_NAME: usize = 256;
+const MAX_HEADER_VALUE: usize = 8192;
+
+/// The body of one write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteRequest {
+    /// Any JSON value, delivered as written.
+    #[serde(default, deserialize_with = "present")]
+    pub payload: Option<Box<RawValue>>,
+    /// Opaque bytes, base64-encoded.
+    pub payload_base64: Option<String>,
+    /// Routes the entry to a shard and orders entries that share it.
+    pub key: Option<String>,
+    /// Client id; a UUIDv7 is generated if absent.
+    pub id: Option<String>,
+    pub lifecycle: Option<Lifecycle>,
+    /// The name of one of the namespace's targets.
+    pub target: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// When the entry may be delivered, and when it was first written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    pub delay_ms: Option<u64>,
+    /// A uniform random extra delay in `[0, jitter_ms]`.
+    pub jitter_ms: Option<u64>,
+    pub original_write_time_ms: Option<u64>,
+}
+
+/// `"payload": null` is a payload (JSON null), not a missing one.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    entries: Vec<Box<RawValue>>,
+}
+
+/// A successful write.
+#[derive(Debug, Serialize)]
+pub struct Written {
+    pub durable: &'static str,
+    pub id: String,
+    pub namespace: String,
+    pub shard: u32,
+    pub sequence: u64,
+}
+
+impl Written {
+    fn status(&self) -> StatusCode {
+        // `fsync = "never"` answers "unknown": accepted, durability not known.
+        if self.durable == Durable::True.as_str() {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        }
+    }
+}
+
+/// An entry ready to append.
+struct Prepared {
+    shard: u32,
+    entry: Entry,
+}
+
+/// Parse JSON into `T`, naming the field of any error.
+fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if matches!(path.as_str(), "." | "?" | "") {
+            ApiError::bad_request(format!("invalid {what}: {}", e.inner()))
+        } else {
+            ApiError::bad_request(format!("invalid {what} at `{path}`: {}", e.inner()))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))?;
+    Ok(value)
+}
+
+/// Check a request against the namespace's limits and build its entry.
+fn prepare(ns: &NamespaceRuntime, req: WriteRequest, span: &Span) -> Result<Prepared, ApiError> {
+    let limits = &ns.config.limits;
+    let (payload, json) = match (req.payload, req.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `payload` and `payload_base64`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `payload` (any JSON value) and `payload_base64`",
+            ));
+        }
+        (Some(raw), None) => (Bytes::copy_from_slice(raw.get().as_bytes()), true),
+        (None, Some(b64)) => {
+            if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
+                return Err(payload_too_large(limits.max_payload_bytes));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request(format!("`payload_base64` is not valid base64: {e}"))
+                })?;
+            (Bytes::from(bytes), false)
+        }
+    };
+    if payload.len() > limits.max_payload_bytes {
+        return Err(payload_too_large(limits.max_payload_bytes));
+    }
+    if let Some(key) = &req.key {
+        check_len("key", key.len(), limits.max_key_bytes)?;
+    }
+    let id = match req.id {
+        Some(id) if id.is_empty() => return Err(ApiError::bad_request("`id` must not be empty")),
+        Some(id) => {
+            check_len("id", id.len(), limits.max_id_bytes)?;
+            id
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    if let Some(target) = &req.target {
+        let ours = ns.config.target.name();
+        if target != ours {
+            return Err(ApiError::bad_request(format!(
+                "`target`: namespace {:?} has no target {target:?} (its target is {ours:?})",
+                ns.name
+            )));
+        }
+    }
+    let user_headers = req.headers.unwrap_or_default();
+    if user_headers.len() > limits.max_headers {
+        return Err(ApiError::bad_request(format!(
+            "`headers`: {} headers; the limit is {}",
+            user_headers.len(),
+            limits.max_headers
+        )));
+    }
+    let mut headers = Vec::with_capacity(user_headers.len() + 3);
+    for (name, value) in user_headers {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME || value.len() > MAX_HEADER_VALUE {
+            return Err(ApiError::bad_request(format!(
+                "`headers`: names must be 1 to {MAX_HEADER_NAME} bytes and values at most {MAX_HEADER_VALUE}"
+            )));
+        }
+        if name.starts_with(RESERVED_PREFIX) || name == "traceparent" {
+            return Err(ApiError::bad_request(format!(
+                "`headers.{name}`: headers named traceparent or starting with {RESERVED_PREFIX:?} are reserved"
+            )));
+        }
+        headers.push((name, value));
+    }
+    let lifecycle = req.lifecycle.unwrap_or_default();
+    let delay = lifecycle.delay_ms.unwrap_or(0);
+    let jitter = lifecycle.jitter_ms.unwrap_or(0);
+    if delay.saturating_add(jitter) > limits.max_delay_ms {
+        return Err(ApiError::bad_request(format!(
+            "`lifecycle`: delay_ms + jitter_ms is {}; the limit is {}",
+            delay.saturating_add(jitter),
+            limits.max_delay_ms
+        )));
+    }
+    // Computed once, here, and stored: a replay fires at a known time.
+    let due_ms = if delay == 0 && jitter == 0 {
+        0
+    } else {
+        now_ms() + delay + rand::rng().random_range(0..=jitter)
+    };
+    if json {
+        headers.push((PAYLOAD_ENCODING_HEADER.into(), "json".into()));
+    }
+    if let Some(t) = lifecycle.original_write_time_ms {
+        headers.push(("walden.original_write_time_ms".into(), t.to_string()));
+    }
+    if let Some(tp) = telemetry::traceparent(span) {
+        headers.push(("traceparent".into(), tp));
+    }
+    let route = req.key.as_deref().unwrap_or(&id);
+    let shard = crc32c::crc32c(route.as_bytes()) % ns.config.shards;
+    Ok(Prepared {
+        shard,
+        entry: Entry {
+            id,
+            key: req.key,
+            headers,
+            payload,
+            timestamp_ms: 0,
+            due_ms,
+        },
+    })
+}
+
+fn check_len(field: &str, len: usize, max: usize) -> Result<(), ApiError> {
+    if len > max {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` is {len} bytes; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn payload_too_large(max: usize) -> ApiError {
+    ApiError::too_large(format!(
+        "the payload is larger than limits.max_payload_bytes ({max})"
+    ))
+}
+
+/// What the client is told about a failed append.
+fn append_error(e: LogError) -> ApiError {
+    match e {
+        LogError::Busy => ApiError::shed("the log's append queue is full; retry later"),
+        LogError::InvalidRecord(e) => ApiError::bad_request(e.to_string()),
+        e => ApiError::unavailable(e.durable(), e.to_string()),
+    }
+}
+
+/// Append prepared entries; one answer per entry, in order.
+async fn submit(
+    state: &AppState,
+    ns: &Arc<NamespaceRuntime>,
+    items: Vec<Prepared>,
+) -> Vec<Result<Written, ApiError>> {
+    let n = items.len();
+    let Ok(_permits) = state.in_flight.clone().try_acquire_many_owned(n as u32) else {
+        let e = ApiError::shed("too many writes in flight (server.max_in_flight); retry later");
+        return (0..n).map(|_| Err(e.clone())).collect();
+    };
+    let mut answers: Vec<Option<Result<Written, ApiError>>> = (0..n).map(|_| None).collect();
+    let mut waiting = Vec::with_capacity(n);
+    let mut by_shard: BTreeMap<u32, Vec<(usize, Entry)>> = BTreeMap::new();
+    for (i, p) in items.into_iter().enumerate() {
+        by_shard.entry(p.shard).or_default().push((i, p.entry));
+    }
+    for (shard, entries) in by_shard {
+        let handle = &ns.shards[shard as usize];
+        let mut msg = Vec::with_capacity(entries.len());
+        let mut rxs = Vec::with_capacity(entries.len());
+        for (i, entry) in entries {
+            let (tx, rx) = oneshot::channel();
+            rxs.push((i, entry.id.clone(), rx));
+            msg.push((entry, tx));
+        }
+        match handle.ingest.try_send(Write(msg)) {
+            Ok(()) => waiting.extend(rxs.into_iter().map(|(i, id, rx)| (i, id, shard, rx))),
+            Err(e) => {
+                let err = match e {
+                    actix::prelude::SendError::Full(_) => ApiError::shed(format!(
+                        "shard {shard} of {:?} is overloaded; retry later",
+                        ns.name
+                    )),
+                    actix::prelude::SendError::Closed(_) => ApiError::unavailable(
+                        Durable::False,
+                        format!("shard {shard} of {:?} is restarting; retry", ns.name),
+                    ),
+                };
+                for (i, _, _) in rxs {
+                    answers[i] = Some(Err(err.clone()));
+                }
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + state.server.ack_timeout();
+    for (i, id, shard, rx) in waiting {
+        let answer = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(Appended {
+                offset, durable, ..
+            }))) => {
+                ns.shards[shard as usize].stats.written.inc();
+                Ok(Written {
+                    durable: durable.as_str(),
+                    id,
+                    namespace: ns.name.clone(),
+                    shard,
+                    sequence: offset,
+                })
+            }
+            Ok(Ok(Err(e))) => Err(append_error(e)),
+            Ok(Err(_)) => Err(ApiError::unavailable(
+                Durable::Unknown,
+                "the write was lost in flight (an actor restarted); its outcome is unknown",
+            )),
+            Err(_) => Err(ApiError::timeout(format!(
+                "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
+                state.server.ack_timeout_ms
+            ))),
+        };
+        answers[i] = Some(answer);
+    }
+    answers
+        .into_iter()
+        .map(|a| a.expect("every entry is answered"))
+        .collect()
+}
+
+fn traceparent_of(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+}
+
+/// `POST /v1/namespaces/{ns}/log`
+pub async fn write_one(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?.clone();
+    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
+    let parsed: WriteRequest = parse(&bytes, "request body")?;
+    let span =
+        info_span!("write_to_log", namespace = %ns.name, shard = field::Empty, id = field::Empty);
+    telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
+    let prepared = prepare(&ns, parsed, &span)?;
+    span.record("shard", prepared.shard);
+    span.record("id", prepared.entry.id.as_str());
+    let answer = submit(&state, &ns, vec![prepared])
+        .instrument(span)
+        .await
+        .pop()
+        .expect("one answer");
+    let written = answer?;
+    Ok(HttpResponse::build(written.status()).json(written))
+}
+
+/// `POST /v1/namespaces/{ns}/log/batch`: one result per entry, in order, each
+/// with its own status.
+pub async fn write_batch(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?.clone();
+    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
+    let batch: BatchRequest = parse(&bytes, "batch body")?;
+    let max = ns.config.limits.max_batch_entries;
+    if batch.entries.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} entries; limits.max_batch_entries is {max}",
+            batch.entries.len()
+        )));
+    }
+    let span = info_span!("write_batch", namespace = %ns.name, entries = batch.entries.len());
+    telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
+    let mut results: Vec<Option<serde_json::Value>> = vec![None; batch.entries.len()];
+    let mut ready = Vec::new();
+    let mut slots = Vec::new();
+    for (i, raw) in batch.entries.iter().enumerate() {
+        let prepared = parse::<WriteRequest>(raw.get().as_bytes(), &format!("entries[{i}]"))
+            .and_then(|r| prepare(&ns, r, &span));
+        match prepared {
+            Ok(p) => {
+                slots.push(i);
+                ready.push(p);
+            }
+            Err(e) => results[i] = Some(error_result(&e)),
+        }
+    }
+    let answers = submit(&state, &ns, ready).instrument(span).await;
+    for (i, answer) in slots.into_iter().zip(answers) {
+        results[i] = Some(match answer {
+            Ok(w) => {
+                let mut v = serde_json::to_value(&w).expect("plain struct");
+                v["status"] = w.status().as_u16().into();
+                v
+            }
+            Err(e) => error_result(&e),
+        });
+    }
+    let results: Vec<_> = results.into_iter().map(|r| r.expect("answered")).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "results": results })))
+}
+
+fn error_result(e: &ApiError) -> serde_json::Value {
+    let mut v = e.json();
+    v["status"] = e.status.as_u16().into();
+    v
+}

@@ -1,0 +1,400 @@
+//! Typed configuration. Loaded from TOML or YAML with the `config` crate,
+//! then overridden by `WALDEN__SECTION__KEY` environment variables, then
+//! validated purely ([`validate`]) before anything connects.
+//!
+//! Every field is documented where it is declared: these docs are the
+//! reference for `config/walden.toml`.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use validate::{ConfigError, ConfigErrors, validate};
+
+use crate::backends::embedded::{FsyncMode, LogConfig, OnCorruption, Retention};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub otel: OtelConfig,
+    /// Namespaces by name. Each has its own backend, target, retry policy,
+    /// DLQ and limits.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// `[server]`: the process itself.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP API listens on. Port 0 picks a free port.
+    pub listen: String,
+    /// Directory of the embedded log and Walden's own state.
+    pub data_dir: PathBuf,
+    /// How long a write waits for its backend. Past it the answer is 504
+    /// with `durable: "unknown"`, never `"true"`.
+    pub ack_timeout_ms: u64,
+    /// Writes in flight across the whole server; past it, writes get 429.
+    pub max_in_flight: usize,
+    /// Capacity of each actor mailbox. A write whose shard's mailbox is full
+    /// gets 429 rather than growing memory.
+    pub mailbox_capacity: usize,
+    /// Largest request body, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long a graceful shutdown waits for in-flight work.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".into(),
+            data_dir: PathBuf::from("./data"),
+            ack_timeout_ms: 5000,
+            max_in_flight: 10_000,
+            mailbox_capacity: 1024,
+            max_body_bytes: 16 << 20,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+}
+
+/// `[otel]`: tracing export.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    /// Empty: no export (logs still go to stderr).
+    pub endpoint: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            service_name: "walden".into(),
+        }
+    }
+}
+
+/// `[namespaces.NAME]`. Only `backend` and `target` are required.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Number of shards. A key always maps to the same shard. Fixed once the
+    /// namespace holds data.
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// `"per_key"`: entries with the same key are applied in order.
+    /// `"none"`: no ordering.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Where entries are stored until applied.
+    pub backend: BackendConfig,
+    /// Where entries are delivered.
+    pub target: TargetConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub dlq: DlqConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+fn default_shards() -> u32 {
+    4
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Ordering {
+    #[default]
+    PerKey,
+    None,
+}
+
+/// `[namespaces.NAME.backend]`, chosen by `type`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// The durable log on local disk, under `server.data_dir`. All embedded
+    /// namespaces share one log, so their durability settings must agree.
+    Embedded(EmbeddedConfig),
+}
+
+/// The embedded backend's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// `"always"`: acknowledge after the fsync that covers the entry.
+    /// `"interval"`: fsync every `fsync_interval_ms`; acknowledge after it.
+    /// `"never"`: no fsync; writes answer `durable: "unknown"`. Unsafe: for
+    /// benchmarks only.
+    pub fsync: FsyncSetting,
+    /// The fsync period in `"interval"` mode.
+    pub fsync_interval_ms: u64,
+    /// Roll to a new segment at this size.
+    pub segment_bytes: u64,
+    /// A record whose checksum fails is never delivered. `"stop"`: its shard
+    /// stops there and says why. `"skip"`: it is skipped and counted.
+    pub on_corruption: CorruptionSetting,
+    /// Delete sealed segments older than this, once every consumer has
+    /// committed them. 0: keep.
+    pub retention_max_age_ms: u64,
+    /// Delete the oldest committed segments while the log is larger. 0: no
+    /// limit.
+    pub retention_max_bytes: u64,
+    /// Delete the oldest segments while the log is larger, even uncommitted
+    /// ones (logged and counted). 0: no limit.
+    pub retention_hard_max_bytes: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncSetting::Always,
+            fsync_interval_ms: 10,
+            segment_bytes: 64 << 20,
+            on_corruption: CorruptionSetting::Stop,
+            retention_max_age_ms: 0,
+            retention_max_bytes: 0,
+            retention_hard_max_bytes: 0,
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    /// The log settings this backend asks for.
+    pub fn log_config(&self) -> LogConfig {
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        LogConfig {
+            fsync: match self.fsync {
+                FsyncSetting::Always => FsyncMode::Always,
+                FsyncSetting::Interval => {
+                    FsyncMode::Interval(Duration::from_millis(self.fsync_interval_ms))
+                }
+                FsyncSetting::Never => FsyncMode::Never,
+            },
+            segment_bytes: self.segment_bytes,
+            on_corruption: match self.on_corruption {
+                CorruptionSetting::Stop => OnCorruption::Stop,
+                CorruptionSetting::Skip => OnCorruption::Skip,
+            },
+            retention: Retention {
+                max_age: nonzero(self.retention_max_age_ms).map(Duration::from_millis),
+                max_bytes: nonzero(self.retention_max_bytes),
+                hard_max_bytes: nonzero(self.retention_hard_max_bytes),
+            },
+            ..LogConfig::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncSetting {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CorruptionSetting {
+    Stop,
+    Skip,
+}
+
+/// `[namespaces.NAME.target]`, chosen by `type`. Every target has a `name`
+/// (`"default"` if left out); a write may name it in its `target` field.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetConfig {
+    /// JSON lines of the delivered entries on standard output.
+    Stdout {
+        #[serde(default = "default_target_name")]
+        name: String,
+    },
+    /// JSON lines of the delivered entries, appended to `path` and fsynced
+    /// before an entry counts as applied.
+    File {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// The file to append to; created if missing.
+        path: PathBuf,
+    },
+    /// POST each entry as JSON to `url`, with `Idempotency-Key` (the entry
+    /// id) and `traceparent` headers. A 2xx answer is success.
+    Http {
+        #[serde(default = "default_target_name")]
+        name: String,
+        url: String,
+        /// Per-request timeout.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_target_name() -> String {
+    "default".into()
+}
+
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+
+impl TargetConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            TargetConfig::Stdout { name } => name,
+            TargetConfig::File { name, .. } => name,
+            TargetConfig::Http { name, .. } => name,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TargetConfig::Stdout { .. } => "stdout",
+            TargetConfig::File { .. } => "file",
+            TargetConfig::Http { .. } => "http",
+        }
+    }
+}
+
+/// `[namespaces.NAME.retry]`: backoff between delivery attempts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// The first backoff.
+    pub initial_backoff_ms: u64,
+    /// Each backoff is the previous one times this.
+    pub backoff_multiplier: f64,
+    /// Backoffs never grow past this.
+    pub max_backoff_ms: u64,
+    /// Attempts before an entry goes to the DLQ. Until the DLQ lands, a
+    /// failing entry is retried without end.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 100,
+            backoff_multiplier: 2.0,
+            max_backoff_ms: 60_000,
+            max_attempts: 8,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The backoff before attempt `attempt + 1` (attempt counts from 1),
+    /// before jitter.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .backoff_multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let ms = (self.initial_backoff_ms as f64 * exp).min(self.max_backoff_ms as f64);
+        Duration::from_millis(ms as u64)
+    }
+}
+
+/// `[namespaces.NAME.dlq]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqConfig {
+    /// Every namespace has a dead-letter queue unless this is false.
+    pub enabled: bool,
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// `[namespaces.NAME.limits]`: what a write may carry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest payload, in bytes (after base64 decoding); larger gets 413.
+    pub max_payload_bytes: usize,
+    /// Longest key, in bytes.
+    pub max_key_bytes: usize,
+    /// Longest client id, in bytes.
+    pub max_id_bytes: usize,
+    /// Most headers per entry.
+    pub max_headers: usize,
+    /// Most entries in one batch request.
+    pub max_batch_entries: usize,
+    /// Longest delay a write may ask for.
+    pub max_delay_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1 << 20,
+            max_key_bytes: 1024,
+            max_id_bytes: 256,
+            max_headers: 64,
+            max_batch_entries: 1000,
+            max_delay_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("config file {path} is invalid:\n{errors}")]
+    Invalid { path: PathBuf, errors: ConfigErrors },
+}
+
+/// Load `path` (TOML or YAML, by extension) with `WALDEN__…` overrides, and
+/// validate it.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let read = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let config: Config = config::Config::builder()
+        .add_source(config::File::from(path))
+        .add_source(
+            config::Environment::with_prefix("WALDEN")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .map_err(read)?
+        .try_deserialize()
+        .map_err(read)?;
+    validate(&config).map_err(|errors| LoadError::Invalid {
+        path: path.to_path_buf(),
+        errors,
+    })?;
+    Ok(config)
+}

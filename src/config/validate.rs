@@ -1,0 +1,249 @@
+//! Pure validation: no I/O, and every error names its namespace and field.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use super::{BackendConfig, Config, FsyncSetting, TargetConfig};
+use crate::backends::embedded::format::MAX_BODY;
+
+/// One problem in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `None` for the `[server]` and `[otel]` sections.
+    pub namespace: Option<String>,
+    /// The field's path inside its section, e.g. `retry.max_attempts`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "namespace `{ns}`: `{}`: {}", self.field, self.message),
+            None => write!(f, "`{}`: {}", self.field, self.message),
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn server(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            namespace: None,
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn ns(&mut self, ns: &str, field: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            namespace: Some(ns.into()),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// A valid namespace name: it appears in URLs, file names and metrics.
+pub fn valid_namespace_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
+/// Check everything that can be checked without touching the outside world.
+pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
+    let mut e = Errors(Vec::new());
+    let s = &config.server;
+    if s.listen.parse::<SocketAddr>().is_err() {
+        e.server(
+            "server.listen",
+            format!("{:?} is not an address like 127.0.0.1:7070", s.listen),
+        );
+    }
+    if s.data_dir.as_os_str().is_empty() {
+        e.server("server.data_dir", "must not be empty");
+    }
+    for (field, value) in [
+        ("server.ack_timeout_ms", s.ack_timeout_ms as usize),
+        ("server.max_in_flight", s.max_in_flight),
+        ("server.mailbox_capacity", s.mailbox_capacity),
+        ("server.max_body_bytes", s.max_body_bytes),
+    ] {
+        if value == 0 {
+            e.server(field, "must be greater than 0");
+        }
+    }
+    let endpoint = &config.otel.endpoint;
+    let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+    if !endpoint.is_empty() && !is_url {
+        e.server(
+            "otel.endpoint",
+            format!("{endpoint:?} must be empty or an http(s) URL"),
+        );
+    }
+    if config.namespaces.is_empty() {
+        e.server("namespaces", "no namespace is configured");
+    }
+
+    // All embedded namespaces share one log, so one durability setting.
+    let mut embedded_fsync: Option<(&str, FsyncSetting, u64)> = None;
+
+    for (name, ns) in &config.namespaces {
+        if !valid_namespace_name(name) {
+            e.ns(
+                name,
+                "name",
+                "use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+            );
+        }
+        if !(1..=1024).contains(&ns.shards) {
+            e.ns(
+                name,
+                "shards",
+                format!("must be between 1 and 1024 (got {})", ns.shards),
+            );
+        }
+        match &ns.backend {
+            BackendConfig::Embedded(b) => {
+                if b.fsync == FsyncSetting::Interval && b.fsync_interval_ms == 0 {
+                    e.ns(
+                        name,
+                        "backend.fsync_interval_ms",
+                        "must be greater than 0 with fsync = \"interval\"",
+                    );
+                }
+                if b.segment_bytes < 64 << 10 {
+                    e.ns(
+                        name,
+                        "backend.segment_bytes",
+                        format!("must be at least 65536 (got {})", b.segment_bytes),
+                    );
+                }
+                if b.retention_hard_max_bytes > 0 && b.retention_hard_max_bytes < b.segment_bytes {
+                    e.ns(
+                        name,
+                        "backend.retention_hard_max_bytes",
+                        "must be 0 or at least backend.segment_bytes",
+                    );
+                }
+                match embedded_fsync {
+                    None => embedded_fsync = Some((name, b.fsync, b.fsync_interval_ms)),
+                    Some((other, fsync, interval))
+                        if fsync != b.fsync || interval != b.fsync_interval_ms =>
+                    {
+                        e.ns(
+                            name,
+                            "backend.fsync",
+                            format!(
+                                "embedded namespaces share one log, and namespace `{other}` sets \
+                                 fsync = {fsync:?} / fsync_interval_ms = {interval}; these must match"
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        validate_target(&mut e, name, &ns.target);
+        let r = &ns.retry;
+        if r.initial_backoff_ms == 0 {
+            e.ns(name, "retry.initial_backoff_ms", "must be greater than 0");
+        }
+        if !(r.backoff_multiplier.is_finite() && r.backoff_multiplier >= 1.0) {
+            e.ns(
+                name,
+                "retry.backoff_multiplier",
+                format!("must be at least 1.0 (got {})", r.backoff_multiplier),
+            );
+        }
+        if r.max_backoff_ms < r.initial_backoff_ms {
+            e.ns(
+                name,
+                "retry.max_backoff_ms",
+                "must be at least retry.initial_backoff_ms",
+            );
+        }
+        if r.max_attempts == 0 {
+            e.ns(name, "retry.max_attempts", "must be at least 1");
+        }
+        let l = &ns.limits;
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_BODY / 2 {
+            e.ns(
+                name,
+                "limits.max_payload_bytes",
+                format!(
+                    "must be between 1 and {} (got {})",
+                    MAX_BODY / 2,
+                    l.max_payload_bytes
+                ),
+            );
+        }
+        for (field, value, max) in [
+            ("limits.max_key_bytes", l.max_key_bytes, 60_000),
+            ("limits.max_id_bytes", l.max_id_bytes, 60_000),
+            ("limits.max_headers", l.max_headers, 60_000),
+            ("limits.max_batch_entries", l.max_batch_entries, 100_000),
+        ] {
+            if value == 0 || value > max {
+                e.ns(
+                    name,
+                    field,
+                    format!("must be between 1 and {max} (got {value})"),
+                );
+            }
+        }
+    }
+    if e.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(e.0))
+    }
+}
+
+fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
+    if target.name().is_empty() {
+        e.ns(ns, "target.name", "must not be empty");
+    }
+    match target {
+        TargetConfig::Stdout { .. } => {}
+        TargetConfig::File { path, .. } => {
+            if path.as_os_str().is_empty() {
+                e.ns(ns, "target.path", "must not be empty");
+            }
+        }
+        TargetConfig::Http {
+            url, timeout_ms, ..
+        } => {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(_) => e.ns(ns, "target.url", format!("{url:?} must be an http(s) URL")),
+                Err(err) => e.ns(ns, "target.url", format!("{url:?} is not a URL: {err}")),
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+            }
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Wiring: config → embedded log → per-namespace actors → HTTP server, and
+//! the graceful shutdown on SIGTERM or SIGINT: stop accepting, finish the
+//! writes in flight, commit what was applied, close the log, exit 0.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use actix::{Arbiter, ArbiterHandle};
+use actix_web::{App, HttpServer, web};
+use tokio::sync::{Semaphore, oneshot};
+use tracing::{info, warn};
+
+use crate::actors::supervisor::NamespaceRuntime;
+use crate::api::{self, AppState};
+use crate::backends::embedded::{EmbeddedLog, LogError};
+use crate::config::{BackendConfig, Config};
+use crate::sinks::SinkError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("opening the embedded log in {path}: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: LogError,
+    },
+    #[error("namespace `{namespace}`: `shards`: {message}")]
+    ShardsChanged { namespace: String, message: String },
+    #[error("namespace `{namespace}`: `target`: {source}")]
+    Target {
+        namespace: String,
+        #[source]
+        source: SinkError,
+    },
+    #[error("listening on {listen}: {source}")]
+    Bind {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started service: its address, and what shutdown needs.
+pub struct Service {
+    pub addr: SocketAddr,
+    server: actix_web::dev::ServerHandle,
+    state: Arc<AppState>,
+    arbiters: Vec<Arbiter>,
+}
+
+/// Start everything. Must run inside an actix `System`.
+pub async fn start(config: Config) -> Result<Service, ServiceError> {
+    let data_dir = config.server.data_dir.clone();
+    let log_config = config
+        .namespaces
+        .values()
+        .map(|ns| match &ns.backend {
+            BackendConfig::Embedded(e) => e.log_config(),
+        })
+        .next()
+        .unwrap_or_default();
+    let log = {
+        let dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || EmbeddedLog::open(&dir, log_config))
+            .await
+            .expect("log open does not panic")
+            .map_err(|source| ServiceError::Log {
+                path: data_dir.clone(),
+                source,
+            })?
+    };
+    let log = Arc::new(log);
+    check_shard_counts(&data_dir, &config, &log)?;
+
+    let n = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let arbiters: Vec<Arbiter> = (0..n).map(|_| Arbiter::new()).collect();
+    let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+    let mut namespaces = BTreeMap::new();
+    for (name, ns) in &config.namespaces {
+        let runtime = NamespaceRuntime::start(name, ns, &config.server, &log, &handles).map_err(
+            |source| ServiceError::Target {
+                namespace: name.clone(),
+                source,
+            },
+        )?;
+        namespaces.insert(name.clone(), Arc::new(runtime));
+    }
+    let state = Arc::new(AppState {
+        namespaces,
+        log,
+        server: config.server.clone(),
+        in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+    });
+
+    let app_state = web::Data::from(state.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .configure(api::routes)
+    })
+    .disable_signals()
+    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
+    .bind(&config.server.listen)
+    .map_err(|source| ServiceError::Bind {
+        listen: config.server.listen.clone(),
+        source,
+    })?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(server);
+    info!(%addr, data_dir = %data_dir.display(), "Walden is serving.");
+    Ok(Service {
+        addr,
+        server: handle,
+        state,
+        arbiters,
+    })
+}
+
+impl Service {
+    /// Stop accepting, finish in-flight writes, commit progress, close the log.
+    pub async fn shutdown(self) {
+        info!("Shutting down: no new requests; finishing the writes in flight.");
+        self.server.stop(true).await;
+        for ns in self.state.namespaces.values() {
+            ns.drain().await;
+        }
+        let log = self.state.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        for a in &self.arbiters {
+            a.stop();
+        }
+        info!("Shutdown complete.");
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then shut down gracefully.
+pub fn run(config: Config) -> Result<(), ServiceError> {
+    let system = actix::System::new();
+    system.block_on(async move {
+        let service = start(config).await?;
+        wait_for_signal().await;
+        service.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received."),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT received."),
+            }
+        }
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGTERM; only SIGINT stops the service.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// A service running on its own thread, for tests and embedding.
+pub struct Spawned {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spawned {
+    /// Start a service on a new thread with its own actix `System`.
+    pub fn start(config: Config) -> Result<Self, ServiceError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let system = actix::System::new();
+            system.block_on(async move {
+                match start(config).await {
+                    Ok(service) => {
+                        let _ = ready_tx.send(Ok(service.addr));
+                        let _ = stop_rx.await;
+                        service.shutdown().await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        });
+        let addr = ready_rx.recv().expect("the service thread answers")?;
+        Ok(Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Shut down gracefully and wait for it.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// A namespace's shard count is fixed once it holds data: a key's shard is
+/// its hash modulo the count, so changing it would reorder keys.
+fn check_shard_counts(
+    data_dir: &Path,
+    config: &Config,
+    log: &EmbeddedLog,
+) -> Result<(), ServiceError> {
+    let path = data_dir.join("namespaces.json");
+    let mut known: BTreeMap<String, u32> = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ServiceError::Io {
+            what: "reading",
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(source) => {
+            return Err(ServiceError::Io {
+                what: "reading",
+                path,
+                source,
+            });
+        }
+    };
+    // Shards the log holds data for, in case the record was lost.
+    let mut in_log: BTreeMap<String, u32> = BTreeMap::new();
+    for (shard, _) in log.shards() {
+        let n = in_log.entry(shard.namespace.to_string()).or_default();
+        *n = (*n).max(shard.shard + 1);
+    }
+    let mut changed = false;
+    for (name, ns) in &config.namespaces {
+        match known.get(name) {
+            Some(&n) if n != ns.shards => {
+                return Err(ServiceError::ShardsChanged {
+                    namespace: name.clone(),
+                    message: format!(
+                        "the namespace holds data in {n} shards and cannot change to {}: keys would move \
+                         between shards and lose their order. Keep shards = {n}, or write to a new namespace.",
+                        ns.shards
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => {
+                if let Some(&used) = in_log.get(name).filter(|&&u| u > ns.shards) {
+                    return Err(ServiceError::ShardsChanged {
+                        namespace: name.clone(),
+                        message: format!(
+                            "the log holds data in shard {} of this namespace, so shards must be at least {used}",
+                            used - 1
+                        ),
+                    });
+                }
+                known.insert(name.clone(), ns.shards);
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        write_file_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&known).expect("a map of numbers"),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ServiceError> {
+    let io = |what, source| ServiceError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(|e| io("writing", e))?;
+    f.sync_data().map_err(|e| io("syncing", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("syncing the directory of", e))?;
+    }
+    Ok(())
+}

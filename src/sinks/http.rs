@@ -1,0 +1,106 @@
+//! `type = "http"`: POST each entry as JSON, with `Idempotency-Key` (the
+//! entry id) and `traceparent`. 2xx is success; 5xx, 408, 429, timeouts and
+//! connection errors are transient; other 4xx are permanent.
+
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, join_all};
+use reqwest::StatusCode;
+
+use super::{DeliveredJson, Sink, SinkError};
+use crate::entry::Delivered;
+
+pub struct HttpSink {
+    name: String,
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl HttpSink {
+    pub fn new(name: &str, url: &str, timeout: Duration) -> Result<Self, SinkError> {
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| SinkError::permanent(name, format!("bad url {url:?}: {e}")))?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))?;
+        Ok(Self {
+            name: name.into(),
+            url,
+            client,
+        })
+    }
+
+    async fn post(&self, d: &Delivered) -> Result<(), SinkError> {
+        let mut req = self
+            .client
+            .post(self.url.clone())
+            .header("content-type", "application/json")
+            .header("idempotency-key", &d.entry.id)
+            .body(serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data"));
+        if let Some(tp) = d.entry.header("traceparent") {
+            req = req.header("traceparent", tp);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SinkError::transient(&self.name, format!("POST {}: {e}", self.url)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp.text().await.unwrap_or_default();
+        let message = format!(
+            "POST {} answered {status}: {}",
+            self.url,
+            truncate(&body, 200)
+        );
+        let transient = status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        let mut err = if transient {
+            SinkError::transient(&self.name, message)
+        } else {
+            SinkError::permanent(&self.name, message)
+        };
+        err.retry_after = retry_after;
+        Err(err)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        // At most one entry per key in a batch, so these may run at once.
+        Box::pin(join_all(batch.iter().map(|d| self.post(d))))
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            // Any answer at all means the target is reachable.
+            self.client
+                .head(self.url.clone())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| SinkError::transient(&self.name, format!("HEAD {}: {e}", self.url)))
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! Sinks deliver entries to a namespace's target.
+//!
+//! Every sink has the same shape: a struct built from its `TargetConfig` by
+//! `new` (which checks the config but does not connect), and an impl of
+//! [`Sink`]: apply a batch, answering each entry with success or a classified
+//! [`SinkError`], plus a `healthcheck`. A target being down never takes Walden
+//! out of service; it shows in stats and metrics instead.
+
+mod file;
+mod http;
+mod stdout;
+
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+pub use file::FileSink;
+pub use http::HttpSink;
+pub use stdout::StdoutSink;
+
+use crate::config::TargetConfig;
+use crate::entry::{Delivered, PAYLOAD_ENCODING_HEADER};
+
+/// Whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry with backoff: the target is down, slow or overloaded.
+    Transient,
+    /// Retrying the same entry will fail the same way.
+    Permanent,
+}
+
+/// A failed delivery, classified.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{target} ({class:?}): {message}")]
+pub struct SinkError {
+    pub target: String,
+    pub class: ErrorClass,
+    pub message: String,
+    /// The target asked to wait this long (e.g. HTTP `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl SinkError {
+    pub fn transient(target: &str, message: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            class: ErrorClass::Transient,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn permanent(target: &str, message: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            class: ErrorClass::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.class == ErrorClass::Transient
+    }
+}
+
+/// A target that entries are delivered to.
+pub trait Sink: Send + Sync {
+    /// The target's name, as configured.
+    fn name(&self) -> &str;
+
+    /// Deliver a batch. The answer has one result per entry, in order. A
+    /// batch holds at most one entry per key, so entries may be applied
+    /// concurrently.
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+
+    /// Whether the target can take deliveries now.
+    fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+}
+
+/// Build the sink a target config names. Checks, does not connect.
+pub fn build(target: &TargetConfig) -> Result<Box<dyn Sink>, SinkError> {
+    Ok(match target {
+        TargetConfig::Stdout { name } => Box::new(StdoutSink::new(name)),
+        TargetConfig::File { name, path } => Box::new(FileSink::new(name, path)?),
+        TargetConfig::Http {
+            name,
+            url,
+            timeout_ms,
+        } => Box::new(HttpSink::new(
+            name,
+            url,
+            Duration::from_millis(*timeout_ms),
+        )?),
+    })
+}
+
+/// The JSON form of a delivered entry, shared by every JSON-speaking sink.
+#[derive(Serialize)]
+pub struct DeliveredJson<'a> {
+    pub namespace: &'a str,
+    pub shard: u32,
+    pub sequence: u64,
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a str>,
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    pub timestamp_ms: u64,
+    pub due_ms: u64,
+    /// The payload as written, when it was written as JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a serde_json::value::RawValue>,
+    /// The payload's bytes, when it was written as base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+}
+
+impl<'a> DeliveredJson<'a> {
+    pub fn new(d: &'a Delivered) -> Self {
+        let e = &d.entry;
+        let json_payload = e
+            .header(PAYLOAD_ENCODING_HEADER)
+            .is_some_and(|v| v == "json")
+            .then(|| std::str::from_utf8(&e.payload).ok())
+            .flatten()
+            .and_then(|s| serde_json::from_str::<&serde_json::value::RawValue>(s).ok());
+        let payload_base64 = json_payload
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&e.payload));
+        let headers = e
+            .headers
+            .iter()
+            .filter(|(k, _)| k != PAYLOAD_ENCODING_HEADER)
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        Self {
+            namespace: &d.shard.namespace,
+            shard: d.shard.shard,
+            sequence: d.sequence,
+            id: &e.id,
+            key: e.key.as_deref(),
+            headers,
+            timestamp_ms: e.timestamp_ms,
+            due_ms: e.due_ms,
+            payload: json_payload,
+            payload_base64,
+        }
+    }
+
+    /// One JSON line, newline included.
+    pub fn line(d: &Delivered) -> Vec<u8> {
+        let mut line = serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data");
+        line.push(b'\n');
+        line
+    }
+}

@@ -1,0 +1,43 @@
+//! `type = "stdout"`: JSON lines on standard output.
+
+use std::io::Write;
+
+use futures_util::future::BoxFuture;
+
+use super::{DeliveredJson, Sink, SinkError};
+use crate::entry::Delivered;
+
+pub struct StdoutSink {
+    name: String,
+}
+
+impl StdoutSink {
+    pub fn new(name: &str) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+impl Sink for StdoutSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for d in batch {
+                out.extend(DeliveredJson::line(d));
+            }
+            let mut stdout = std::io::stdout().lock();
+            let result = stdout
+                .write_all(&out)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| SinkError::transient(&self.name, format!("stdout: {e}")));
+            vec![result; batch.len()]
+        })
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
