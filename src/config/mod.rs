@@ -373,6 +373,15 @@ pub enum LoadError {
     Invalid { path: PathBuf, errors: ConfigErrors },
 }
 
+/// Parse a TOML document (no environment overrides, no validation). For
+/// tests and tools that build a config in memory.
+pub fn from_toml(text: &str) -> Result<Config, config::ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()?
+        .try_deserialize()
+}
+
 /// Load `path` (TOML or YAML, by extension) with `WALDEN__…` overrides, and
 /// validate it.
 pub fn load(path: &Path) -> Result<Config, LoadError> {

@@ -14,6 +14,7 @@ pub struct HttpSink {
     name: String,
     url: reqwest::Url,
     client: reqwest::Client,
+    timeout: Duration,
 }
 
 impl HttpSink {
@@ -29,6 +30,7 @@ impl HttpSink {
             name: name.into(),
             url,
             client,
+            timeout,
         })
     }
 
@@ -93,14 +95,23 @@ impl Sink for HttpSink {
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        // Reachability only: a request would hit the user's endpoint with a
+        // method or body it does not expect.
         Box::pin(async move {
-            // Any answer at all means the target is reachable.
-            self.client
-                .head(self.url.clone())
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| SinkError::transient(&self.name, format!("HEAD {}: {e}", self.url)))
+            let host = self.url.host_str().unwrap_or_default().to_string();
+            let port = self.url.port_or_known_default().unwrap_or(80);
+            let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+            match tokio::time::timeout(self.timeout, connect).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(SinkError::transient(
+                    &self.name,
+                    format!("connect {host}:{port}: {e}"),
+                )),
+                Err(_) => Err(SinkError::transient(
+                    &self.name,
+                    format!("connect {host}:{port}: timed out"),
+                )),
+            }
         })
     }
 }

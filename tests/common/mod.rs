@@ -59,3 +59,41 @@ pub fn small_segments() -> LogConfig {
         ..LogConfig::default()
     }
 }
+
+pub mod target;
+
+/// A config with one namespace `ns` (embedded, `shards` shards) delivering to
+/// `target_url`; `extra` is appended to the namespace's table.
+pub fn service_config(
+    data_dir: &Path,
+    target_url: &str,
+    shards: u32,
+    extra: &str,
+) -> walden::config::Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+
+[namespaces.ns]
+shards = {shards}
+{extra}
+
+[namespaces.ns.backend]
+type = "embedded"
+
+[namespaces.ns.target]
+type = "http"
+url = "{target_url}"
+
+[namespaces.ns.retry]
+initial_backoff_ms = 20
+max_backoff_ms = 200
+"#,
+        data_dir.display()
+    );
+    let config = walden::config::from_toml(&text).expect("test config parses");
+    walden::config::validate(&config).expect("test config is valid");
+    config
+}

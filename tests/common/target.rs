@@ -1,0 +1,132 @@
+//! A real HTTP target for tests: an actix-web server on 127.0.0.1:0 that
+//! records what it receives and can be told to fail.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub body: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl Received {
+    pub fn key(&self) -> Option<&str> {
+        self.body["key"].as_str()
+    }
+    pub fn sequence(&self) -> u64 {
+        self.body["sequence"].as_u64().unwrap()
+    }
+    pub fn id(&self) -> &str {
+        self.body["id"].as_str().unwrap()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    received: Mutex<Vec<Received>>,
+    /// 0: answer 200; otherwise answer this status.
+    fail_status: AtomicU16,
+}
+
+pub struct HttpTarget {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    let status = shared.fail_status.load(Ordering::SeqCst);
+    if status != 0 {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+            .body("failing on purpose");
+    }
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    shared.received.lock().unwrap().push(Received {
+        body,
+        idempotency_key: header("idempotency-key"),
+        traceparent: header("traceparent"),
+    });
+    HttpResponse::Ok().finish()
+}
+
+impl HttpTarget {
+    pub fn start() -> Self {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let data = web::Data::from(shared.clone());
+        let thread = std::thread::spawn(move || {
+            actix::System::new().block_on(async move {
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(data.clone())
+                        .default_service(web::post().to(receive))
+                })
+                .workers(1)
+                .disable_signals()
+                .bind("127.0.0.1:0")
+                .unwrap();
+                let addr = server.addrs()[0];
+                let server = server.run();
+                tx.send((addr, server.handle())).unwrap();
+                let _ = server.await;
+            })
+        });
+        let (addr, server) = rx.recv().unwrap();
+        Self {
+            addr,
+            shared,
+            server,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/apply", self.addr)
+    }
+
+    /// Answer every request with `status` (0: succeed again).
+    pub fn fail_with(&self, status: u16) {
+        self.shared.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    /// Wait until at least `n` deliveries arrived; returns them all.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HttpTarget {
+    fn drop(&mut self) {
+        let server = self.server.clone();
+        std::thread::spawn(move || actix::System::new().block_on(server.stop(false)))
+            .join()
+            .ok();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

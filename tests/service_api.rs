@@ -1,0 +1,480 @@
+//! The service as a user meets it: the real server on 127.0.0.1:0, a
+//! temporary data dir, and a real HTTP target.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::service_config;
+use common::target::HttpTarget;
+use serde_json::{Value, json};
+use walden::service::Spawned;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn base(s: &Spawned) -> String {
+    format!("http://{}", s.addr)
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let resp = client.post(url).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn stats(client: &reqwest::Client, s: &Spawned) -> Value {
+    let url = format!("{}/v1/namespaces/ns", base(s));
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// The sum of every shard's next sequence: how many entries the log holds.
+async fn entries_in_log(client: &reqwest::Client, s: &Spawned) -> u64 {
+    stats(client, s).await["per_shard"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sh| sh["next_sequence"].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_acknowledged_and_delivered_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 4, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let key = ["a", "b", "c"][i % 3];
+        let (status, body) = post(
+            &client,
+            &url,
+            json!({"payload": {"op": "put", "key": key, "value": i}, "key": key, "headers": {"x-n": i.to_string()}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["durable"], "true");
+        assert_eq!(body["namespace"], "ns");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let got = target.wait_for(40, WAIT);
+    assert_eq!(got.len(), 40);
+    // Per key, values arrive in the order they were written.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for r in &got {
+        let v = r.body["payload"]["value"].as_i64().unwrap();
+        let k = r.key().unwrap().to_string();
+        if let Some(prev) = last.insert(k.clone(), v) {
+            assert!(prev < v, "key {k}: {v} after {prev}");
+        }
+        assert_eq!(r.idempotency_key.as_deref(), Some(r.id()));
+        assert_eq!(r.body["headers"]["x-n"], v.to_string());
+    }
+    let delivered: std::collections::HashSet<_> = got.iter().map(|r| r.id().to_string()).collect();
+    assert!(ids.iter().all(|id| delivered.contains(id)));
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = stats(&client, &svc).await;
+        if st["applied"] == 40 && st["pending"] == 0 {
+            assert_eq!(st["written"], 40);
+            assert_eq!(st["target"]["healthy"], true);
+            break;
+        }
+        assert!(Instant::now() < deadline, "stats never settled: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = client
+        .get(format!("{}/metrics", base(&svc)))
+        .send()
+        .await
+        .unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("walden_applied_total{namespace=\"ns\""),
+        "{text}"
+    );
+    let ready = client
+        .get(format!("{}/readyz", base(&svc)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_endpoint_answers_each_entry_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log/batch", base(&svc));
+    let (status, body) = post(
+        &client,
+        &url,
+        json!({"entries": [
+            {"payload": 1, "key": "k", "id": "first"},
+            {"payload_base64": "not base64!"},
+            {"payload_base64": "aGVsbG8=", "key": "k", "id": "third"},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        (results[0]["status"].as_u64(), results[0]["id"].as_str()),
+        (Some(200), Some("first"))
+    );
+    assert_eq!(results[1]["status"], 400);
+    assert_eq!(results[1]["durable"], "false");
+    assert!(
+        results[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("entries[1]")
+            || results[1]["message"].as_str().unwrap().contains("base64")
+    );
+    assert_eq!(results[2]["status"], 200);
+    assert!(results[2]["sequence"].as_u64() > results[0]["sequence"].as_u64());
+    let got = target.wait_for(2, WAIT);
+    let third = got.iter().find(|r| r.id() == "third").unwrap();
+    assert_eq!(third.body["payload_base64"], "aGVsbG8=");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let extra = "[namespaces.ns.limits]\nmax_payload_bytes = 1024\nmax_delay_ms = 60000\n";
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, extra)).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let big = "x".repeat(100_000);
+    let json_cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "both payloads",
+            json!({"payload": 1, "payload_base64": "AA=="}),
+            400,
+            "exactly one",
+        ),
+        ("no payload", json!({"key": "k"}), 400, "exactly one"),
+        (
+            "bad base64",
+            json!({"payload_base64": "%%%"}),
+            400,
+            "base64",
+        ),
+        (
+            "oversized payload",
+            json!({"payload": "y".repeat(2000)}),
+            413,
+            "max_payload_bytes",
+        ),
+        (
+            "oversized base64",
+            json!({"payload_base64": "A".repeat(4000)}),
+            413,
+            "max_payload_bytes",
+        ),
+        (
+            "unknown field",
+            json!({"payload": 1, "colour": "red"}),
+            400,
+            "colour",
+        ),
+        (
+            "100 KB key",
+            json!({"payload": 1, "key": big}),
+            400,
+            "`key`",
+        ),
+        ("100 KB id", json!({"payload": 1, "id": big}), 400, "`id`"),
+        ("empty id", json!({"payload": 1, "id": ""}), 400, "`id`"),
+        (
+            "negative delay",
+            json!({"payload": 1, "lifecycle": {"delay_ms": -1}}),
+            400,
+            "lifecycle.delay_ms",
+        ),
+        (
+            "text delay",
+            json!({"payload": 1, "lifecycle": {"delay_ms": "soon"}}),
+            400,
+            "lifecycle.delay_ms",
+        ),
+        (
+            "delay too long",
+            json!({"payload": 1, "lifecycle": {"delay_ms": 3_600_000}}),
+            400,
+            "limit",
+        ),
+        (
+            "reserved header",
+            json!({"payload": 1, "headers": {"walden.x": "1"}}),
+            400,
+            "reserved",
+        ),
+        (
+            "unknown target",
+            json!({"payload": 1, "target": "elsewhere"}),
+            400,
+            "target",
+        ),
+    ];
+    for (name, body, want, needle) in json_cases {
+        let (status, answer) = post(&client, &url, body).await;
+        assert_eq!(status, want, "{name}: {answer}");
+        assert_eq!(answer["durable"], "false", "{name}");
+        let msg = answer["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains(needle),
+            "{name}: {msg:?} should mention {needle:?}"
+        );
+    }
+    let raw_cases: Vec<(&str, &str, &str, u16)> = vec![
+        ("malformed JSON", "application/json", "{\"payload\": ", 400),
+        ("not an object", "application/json", "[1,2]", 400),
+        ("wrong content type", "text/plain", "{\"payload\":1}", 415),
+        ("no content type", "", "{\"payload\":1}", 415),
+    ];
+    for (name, ct, body, want) in raw_cases {
+        let mut req = client.post(&url).body(body.to_string());
+        if !ct.is_empty() {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), want, "{name}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["durable"], "false", "{name}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+    }
+    let (status, answer) = post(
+        &client,
+        &format!("{}/v1/namespaces/nope/log", base(&svc)),
+        json!({"payload": 1}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(answer["message"].as_str().unwrap().contains("nope"));
+
+    assert_eq!(
+        entries_in_log(&client, &svc).await,
+        0,
+        "nothing was written"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(target.received().is_empty(), "nothing was delivered");
+    // And the service is fine afterwards.
+    let (status, _) = post(&client, &url, json!({"payload": "ok"})).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_in_flight_limit_sheds_with_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    // Interval fsync holds each write until the timed fsync, so writes overlap.
+    let mut config = service_config(dir.path(), &target.url(), 2, "");
+    config.server.max_in_flight = 1;
+    if let walden::config::BackendConfig::Embedded(e) =
+        &mut config.namespaces.get_mut("ns").unwrap().backend
+    {
+        e.fsync = walden::config::FsyncSetting::Interval;
+        e.fsync_interval_ms = 300;
+    }
+    let svc = Spawned::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let writes: Vec<_> = (0..64)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let resp = client
+                    .post(&url)
+                    .json(&json!({"payload": i}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = resp.headers().get("retry-after").is_some();
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut shed = 0;
+    for w in writes {
+        let (status, retry_after, body) = w.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                shed += 1;
+                assert!(retry_after, "429 carries Retry-After");
+                assert_eq!(body["durable"], "false");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok > 0 && shed > 0, "ok {ok}, shed {shed}");
+    assert_eq!(target.wait_for(ok, WAIT).len(), ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_entry_fires_no_sooner_than_its_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 1, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let start = Instant::now();
+    let (status, _) = post(
+        &client,
+        &url,
+        json!({"payload": "later", "lifecycle": {"delay_ms": 600}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(&client, &url, json!({"payload": "now"})).await;
+    assert_eq!(status, 200);
+    let first = target.wait_for(1, WAIT);
+    assert_eq!(
+        first[0].body["payload"], "now",
+        "the undelayed entry does not wait behind the delayed one"
+    );
+    let both = target.wait_for(2, WAIT);
+    assert_eq!(both.len(), 2);
+    assert!(start.elapsed() >= Duration::from_millis(600));
+    let due = both[1].body["due_ms"].as_u64().unwrap();
+    let ts = both[1].body["timestamp_ms"].as_u64().unwrap();
+    assert!(
+        due >= ts + 590,
+        "due {due} is the write time plus the delay ({ts})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_is_retried_until_it_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.fail_with(503);
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, "")).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    for i in 0..10 {
+        let (status, _) = post(
+            &client,
+            &url,
+            json!({"payload": i, "key": format!("k{}", i % 2)}),
+        )
+        .await;
+        assert_eq!(status, 200, "a target outage does not stop writes");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = stats(&client, &svc).await;
+    assert!(st["failed_deliveries"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["pending"].as_u64().unwrap() > 0, "{st}");
+    let ready = client
+        .get(format!("{}/readyz", base(&svc)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "a down target does not make Walden unready"
+    );
+    target.fail_with(0);
+    let got = target.wait_for(10, WAIT);
+    assert_eq!(got.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_sequences_keep_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let config = service_config(dir.path(), &target.url(), 4, "");
+    let client = reqwest::Client::new();
+    let first = {
+        let svc = Spawned::start(config.clone()).unwrap();
+        let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+        let (status, body) =
+            post(&client, &url, json!({"payload": {"v": 1}, "key": "user-7"})).await;
+        assert_eq!(status, 200);
+        target.wait_for(1, WAIT);
+        svc.stop();
+        body
+    };
+    let svc = Spawned::start(config).unwrap();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let (status, second) = post(&client, &url, json!({"payload": {"v": 2}, "key": "user-7"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        first["shard"], second["shard"],
+        "a key always maps to the same shard"
+    );
+    assert!(second["sequence"].as_u64() > first["sequence"].as_u64());
+    let got = target.wait_for(2, WAIT);
+    let newest = got.iter().max_by_key(|r| r.sequence()).unwrap();
+    assert_eq!(
+        newest.body["payload"]["v"], 2,
+        "the target sees the new value as the newest"
+    );
+    // Nothing was delivered twice: the first entry's progress was committed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(target.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_shard_count_of_a_namespace_with_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    {
+        let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, "")).unwrap();
+        let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+        let (status, _) = post(&reqwest::Client::new(), &url, json!({"payload": 1})).await;
+        assert_eq!(status, 200);
+    }
+    let err = Spawned::start(service_config(dir.path(), &target.url(), 4, ""))
+        .err()
+        .expect("a changed shard count must not start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("namespace `ns`") && msg.contains("shards") && msg.contains("2"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_ack_timeout_is_504_unknown_never_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    // The timed fsync comes long after the ack timeout.
+    let mut config = service_config(dir.path(), &target.url(), 1, "");
+    config.server.ack_timeout_ms = 150;
+    if let walden::config::BackendConfig::Embedded(e) =
+        &mut config.namespaces.get_mut("ns").unwrap().backend
+    {
+        e.fsync = walden::config::FsyncSetting::Interval;
+        e.fsync_interval_ms = 1500;
+    }
+    let svc = Spawned::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    // The first write after idle is synced at once; the next waits.
+    let (status, _) = post(&client, &url, json!({"payload": 0, "id": "first"})).await;
+    assert_eq!(status, 200);
+    let (status, body) = post(&client, &url, json!({"payload": 1, "id": "slow"})).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["durable"], "unknown");
+    assert!(body["message"].as_str().unwrap().contains("ack_timeout_ms"));
+    // Its outcome was unknown, not failed: it is in fact written, and delivered.
+    let got = target.wait_for(2, WAIT);
+    assert!(got.iter().any(|r| r.id() == "slow"));
+}
