@@ -282,12 +282,7 @@ async fn a_full_in_flight_limit_sheds_with_429() {
     // Interval fsync holds each write until the timed fsync, so writes overlap.
     let mut config = service_config(dir.path(), &target.url(), 2, "");
     config.server.max_in_flight = 1;
-    if let walden::config::BackendConfig::Embedded(e) =
-        &mut config.namespaces.get_mut("ns").unwrap().backend
-    {
-        e.fsync = walden::config::FsyncSetting::Interval;
-        e.fsync_interval_ms = 300;
-    }
+    common::interval_fsync(&mut config, 300);
     let svc = Spawned::start(config).unwrap();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/namespaces/ns/log", base(&svc));
@@ -458,12 +453,7 @@ async fn a_write_past_the_ack_timeout_is_504_unknown_never_true() {
     // The timed fsync comes long after the ack timeout.
     let mut config = service_config(dir.path(), &target.url(), 1, "");
     config.server.ack_timeout_ms = 150;
-    if let walden::config::BackendConfig::Embedded(e) =
-        &mut config.namespaces.get_mut("ns").unwrap().backend
-    {
-        e.fsync = walden::config::FsyncSetting::Interval;
-        e.fsync_interval_ms = 1500;
-    }
+    common::interval_fsync(&mut config, 1500);
     let svc = Spawned::start(config).unwrap();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/namespaces/ns/log", base(&svc));

@@ -97,3 +97,13 @@ max_backoff_ms = 200
     walden::config::validate(&config).expect("test config is valid");
     config
 }
+
+/// Make namespace `ns` fsync on a timer of `ms` instead of per batch.
+pub fn interval_fsync(config: &mut walden::config::Config, ms: u64) {
+    match &mut config.namespaces.get_mut("ns").unwrap().backend {
+        walden::config::BackendConfig::Embedded(e) => {
+            e.fsync = walden::config::FsyncSetting::Interval;
+            e.fsync_interval_ms = ms;
+        }
+    }
+}
