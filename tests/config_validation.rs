@@ -36,7 +36,9 @@ fn run_validate(text: &str, ext: &str) -> (bool, String) {
 
 #[test]
 fn the_default_config_and_a_minimal_one_are_valid() {
-    let default = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/walden.toml")).unwrap();
+    let default =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/walden.toml"))
+            .unwrap();
     let (ok, out) = run_validate(&default, "toml");
     assert!(ok, "config/walden.toml: {out}");
     let (ok, out) = run_validate(GOOD, "toml");
@@ -86,24 +88,130 @@ fn every_validation_error_names_its_namespace_and_field() {
     };
     let http = "type = \"http\"\nurl = \"http://127.0.0.1:9000/x\"";
     let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
-        ("bad listen", GOOD.replace("127.0.0.1:7070", "not-an-address"), None, "server.listen"),
-        ("zero ack timeout", GOOD.replace("[server]", "[server]\nack_timeout_ms = 0"), None, "server.ack_timeout_ms"),
-        ("zero mailbox", GOOD.replace("[server]", "[server]\nmailbox_capacity = 0"), None, "server.mailbox_capacity"),
-        ("bad otel endpoint", format!("{GOOD}\n[otel]\nendpoint = \"collector:4318\"\n"), None, "otel.endpoint"),
-        ("no namespaces", "[server]\nlisten = \"127.0.0.1:7070\"\n".to_string(), None, "namespaces"),
-        ("zero shards", ns("shards = 0", "", http), Some("orders"), "shards"),
-        ("too many shards", ns("shards = 5000", "", http), Some("orders"), "shards"),
-        ("interval of 0", ns("", "fsync = \"interval\"\nfsync_interval_ms = 0", http), Some("orders"), "backend.fsync_interval_ms"),
-        ("tiny segments", ns("", "segment_bytes = 100", http), Some("orders"), "backend.segment_bytes"),
-        ("bad url", ns("", "", "type = \"http\"\nurl = \"not a url\""), Some("orders"), "target.url"),
-        ("ftp url", ns("", "", "type = \"http\"\nurl = \"ftp://x/y\""), Some("orders"), "target.url"),
-        ("empty file path", ns("", "", "type = \"file\"\npath = \"\""), Some("orders"), "target.path"),
-        ("empty target name", ns("", "", "type = \"stdout\"\nname = \"\""), Some("orders"), "target.name"),
-        ("multiplier below 1", ns("[namespaces.orders.retry]\nbackoff_multiplier = 0.5", "", http), Some("orders"), "retry.backoff_multiplier"),
-        ("max below initial", ns("[namespaces.orders.retry]\ninitial_backoff_ms = 500\nmax_backoff_ms = 100", "", http), Some("orders"), "retry.max_backoff_ms"),
-        ("no attempts", ns("[namespaces.orders.retry]\nmax_attempts = 0", "", http), Some("orders"), "retry.max_attempts"),
-        ("zero payload limit", ns("[namespaces.orders.limits]\nmax_payload_bytes = 0", "", http), Some("orders"), "limits.max_payload_bytes"),
-        ("zero batch limit", ns("[namespaces.orders.limits]\nmax_batch_entries = 0", "", http), Some("orders"), "limits.max_batch_entries"),
+        (
+            "bad listen",
+            GOOD.replace("127.0.0.1:7070", "not-an-address"),
+            None,
+            "server.listen",
+        ),
+        (
+            "zero ack timeout",
+            GOOD.replace("[server]", "[server]\nack_timeout_ms = 0"),
+            None,
+            "server.ack_timeout_ms",
+        ),
+        (
+            "zero mailbox",
+            GOOD.replace("[server]", "[server]\nmailbox_capacity = 0"),
+            None,
+            "server.mailbox_capacity",
+        ),
+        (
+            "bad otel endpoint",
+            format!("{GOOD}\n[otel]\nendpoint = \"collector:4318\"\n"),
+            None,
+            "otel.endpoint",
+        ),
+        (
+            "no namespaces",
+            "[server]\nlisten = \"127.0.0.1:7070\"\n".to_string(),
+            None,
+            "namespaces",
+        ),
+        (
+            "zero shards",
+            ns("shards = 0", "", http),
+            Some("orders"),
+            "shards",
+        ),
+        (
+            "too many shards",
+            ns("shards = 5000", "", http),
+            Some("orders"),
+            "shards",
+        ),
+        (
+            "interval of 0",
+            ns("", "fsync = \"interval\"\nfsync_interval_ms = 0", http),
+            Some("orders"),
+            "backend.fsync_interval_ms",
+        ),
+        (
+            "tiny segments",
+            ns("", "segment_bytes = 100", http),
+            Some("orders"),
+            "backend.segment_bytes",
+        ),
+        (
+            "bad url",
+            ns("", "", "type = \"http\"\nurl = \"not a url\""),
+            Some("orders"),
+            "target.url",
+        ),
+        (
+            "ftp url",
+            ns("", "", "type = \"http\"\nurl = \"ftp://x/y\""),
+            Some("orders"),
+            "target.url",
+        ),
+        (
+            "empty file path",
+            ns("", "", "type = \"file\"\npath = \"\""),
+            Some("orders"),
+            "target.path",
+        ),
+        (
+            "empty target name",
+            ns("", "", "type = \"stdout\"\nname = \"\""),
+            Some("orders"),
+            "target.name",
+        ),
+        (
+            "multiplier below 1",
+            ns(
+                "[namespaces.orders.retry]\nbackoff_multiplier = 0.5",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "retry.backoff_multiplier",
+        ),
+        (
+            "max below initial",
+            ns(
+                "[namespaces.orders.retry]\ninitial_backoff_ms = 500\nmax_backoff_ms = 100",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "retry.max_backoff_ms",
+        ),
+        (
+            "no attempts",
+            ns("[namespaces.orders.retry]\nmax_attempts = 0", "", http),
+            Some("orders"),
+            "retry.max_attempts",
+        ),
+        (
+            "zero payload limit",
+            ns(
+                "[namespaces.orders.limits]\nmax_payload_bytes = 0",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "limits.max_payload_bytes",
+        ),
+        (
+            "zero batch limit",
+            ns(
+                "[namespaces.orders.limits]\nmax_batch_entries = 0",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "limits.max_batch_entries",
+        ),
     ];
     for (name, text, namespace, field) in cases {
         let config = walden::config::from_toml(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -130,7 +238,10 @@ fn embedded_namespaces_must_agree_on_fsync() {
     );
     let config = walden::config::from_toml(&text).unwrap();
     let errors = walden::config::validate(&config).unwrap_err().0;
-    let e = errors.iter().find(|e| e.field == "backend.fsync").expect("fsync conflict");
+    let e = errors
+        .iter()
+        .find(|e| e.field == "backend.fsync")
+        .expect("fsync conflict");
     assert_eq!(e.namespace.as_deref(), Some("users"));
     assert!(e.message.contains("orders"), "{}", e.message);
 }
@@ -143,23 +254,55 @@ fn validate_prints_every_error_at_once() {
     );
     let (ok, out) = run_validate(&text, "toml");
     assert!(!ok);
-    assert!(out.contains("server.listen") && out.contains("shards"), "{out}");
+    assert!(
+        out.contains("server.listen") && out.contains("shards"),
+        "{out}"
+    );
 }
 
 #[test]
 fn parse_errors_name_the_key() {
     let cases = [
-        ("unknown field", GOOD.replace("type = \"http\"", "type = \"http\"\ncolour = 1"), "colour"),
-        ("unknown backend", GOOD.replace("\"embedded\"", "\"kafkaa\""), "kafkaa"),
-        ("wrong type", GOOD.replace("[namespaces.orders.backend]", "[namespaces.orders]\nshards = \"four\"\n[namespaces.orders.backend]"), "namespaces.orders.shards"),
-        ("missing target", "[namespaces.orders.backend]\ntype = \"embedded\"\n".to_string(), "namespaces.orders.target"),
-        ("bad ordering", GOOD.replace("[namespaces.orders.backend]", "[namespaces.orders]\nordering = \"sorted\"\n[namespaces.orders.backend]"), "sorted"),
+        (
+            "unknown field",
+            GOOD.replace("type = \"http\"", "type = \"http\"\ncolour = 1"),
+            "colour",
+        ),
+        (
+            "unknown backend",
+            GOOD.replace("\"embedded\"", "\"kafkaa\""),
+            "kafkaa",
+        ),
+        (
+            "wrong type",
+            GOOD.replace(
+                "[namespaces.orders.backend]",
+                "[namespaces.orders]\nshards = \"four\"\n[namespaces.orders.backend]",
+            ),
+            "namespaces.orders.shards",
+        ),
+        (
+            "missing target",
+            "[namespaces.orders.backend]\ntype = \"embedded\"\n".to_string(),
+            "namespaces.orders.target",
+        ),
+        (
+            "bad ordering",
+            GOOD.replace(
+                "[namespaces.orders.backend]",
+                "[namespaces.orders]\nordering = \"sorted\"\n[namespaces.orders.backend]",
+            ),
+            "sorted",
+        ),
     ];
     for (name, text, needle) in cases {
         let (ok, out) = run_validate(&text, "toml");
         assert!(!ok, "{name}");
         assert!(out.contains(needle), "{name}: {out}");
-        assert!(out.contains("namespaces.orders"), "{name} names the namespace: {out}");
+        assert!(
+            out.contains("namespaces.orders"),
+            "{name} names the namespace: {out}"
+        );
     }
     let (ok, out) = run_validate("this is = = not toml", "toml");
     assert!(!ok);
@@ -179,5 +322,8 @@ fn environment_overrides_apply_and_are_validated() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("namespace `orders`") && err.contains("shards"), "{err}");
+    assert!(
+        err.contains("namespace `orders`") && err.contains("shards"),
+        "{err}"
+    );
 }

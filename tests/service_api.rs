@@ -468,3 +468,70 @@ async fn a_write_past_the_ack_timeout_is_504_unknown_never_true() {
     let got = target.wait_for(2, WAIT);
     assert!(got.iter().any(|r| r.id() == "slow"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_traceparent_travels_to_the_target_without_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 1, "")).unwrap();
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/namespaces/ns/log", base(&svc)))
+        .header("traceparent", tp)
+        .json(&json!({"payload": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = target.wait_for(1, WAIT);
+    assert_eq!(got[0].traceparent.as_deref(), Some(tp));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walden_write_command_writes_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, "")).unwrap();
+    let url = base(&svc);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args([
+                "write",
+                "ns",
+                "--key",
+                "k1",
+                "--id",
+                "from-cli",
+                "--url",
+                &url,
+                r#"{"op":"put"}"#,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["durable"], "true");
+    let got = target.wait_for(1, WAIT);
+    assert_eq!(got[0].id(), "from-cli");
+    assert_eq!(got[0].body["payload"]["op"], "put");
+    assert_eq!(got[0].key(), Some("k1"));
+    // An unknown namespace: non-zero exit, the reason printed.
+    let url = base(&svc);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args(["write", "nope", "--url", &url, "x"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unknown namespace"));
+}

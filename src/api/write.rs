@@ -114,7 +114,12 @@ fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, Ap
 }
 
 /// Check a request against the namespace's limits and build its entry.
-fn prepare(ns: &NamespaceRuntime, req: WriteRequest, span: &Span) -> Result<Prepared, ApiError> {
+fn prepare(
+    ns: &NamespaceRuntime,
+    req: WriteRequest,
+    span: &Span,
+    incoming_traceparent: Option<&str>,
+) -> Result<Prepared, ApiError> {
     let limits = &ns.config.limits;
     let (payload, json) = match (req.payload, req.payload_base64) {
         (Some(_), Some(_)) => {
@@ -207,7 +212,11 @@ fn prepare(ns: &NamespaceRuntime, req: WriteRequest, span: &Span) -> Result<Prep
     if let Some(t) = lifecycle.original_write_time_ms {
         headers.push(("walden.original_write_time_ms".into(), t.to_string()));
     }
-    if let Some(tp) = telemetry::traceparent(span) {
+    // The write span's context when tracing export is on; otherwise the
+    // client's own traceparent travels on unchanged.
+    let traceparent =
+        telemetry::traceparent(span).or_else(|| incoming_traceparent.map(str::to_owned));
+    if let Some(tp) = traceparent {
         headers.push(("traceparent".into(), tp));
     }
     let route = req.key.as_deref().unwrap_or(&id);
@@ -346,7 +355,7 @@ pub async fn write_one(
     let span =
         info_span!("write_to_log", namespace = %ns.name, shard = field::Empty, id = field::Empty);
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
-    let prepared = prepare(&ns, parsed, &span)?;
+    let prepared = prepare(&ns, parsed, &span, traceparent_of(&req))?;
     span.record("shard", prepared.shard);
     span.record("id", prepared.entry.id.as_str());
     let answer = submit(&state, &ns, vec![prepared])
@@ -383,7 +392,7 @@ pub async fn write_batch(
     let mut slots = Vec::new();
     for (i, raw) in batch.entries.iter().enumerate() {
         let prepared = parse::<WriteRequest>(raw.get().as_bytes(), &format!("entries[{i}]"))
-            .and_then(|r| prepare(&ns, r, &span));
+            .and_then(|r| prepare(&ns, r, &span, traceparent_of(&req)));
         match prepared {
             Ok(p) => {
                 slots.push(i);
