@@ -443,6 +443,11 @@ impl EmbeddedLog {
         reader::offset_for_time(&self.shared, shard, timestamp_ms)
     }
 
+    /// A receiver that changes whenever new records become readable.
+    pub(crate) fn durable_marks(&self) -> watch::Receiver<DurableMark> {
+        self.shared.durable_tx.subscribe()
+    }
+
     /// The offset the next durable record of `shard` will have.
     pub fn next_offset(&self, shard: &ShardRef) -> u64 {
         self.shared.index.read().unwrap().next_offset(shard)

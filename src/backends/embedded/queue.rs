@@ -102,7 +102,11 @@ impl EmbeddedCheckpointer {
 pub struct EmbeddedConsumer {
     log: Arc<EmbeddedLog>,
     group: String,
-    reader: ShardReader,
+    /// `None` only while a read runs on the blocking pool.
+    reader: Option<ShardReader>,
+    shard: ShardRef,
+    /// Wakes a waiting receive when new records become durable.
+    durable_rx: tokio::sync::watch::Receiver<super::index::DurableMark>,
     tracker: Arc<Mutex<Tracker>>,
 }
 
@@ -115,6 +119,7 @@ impl EmbeddedConsumer {
             .copied()
             .unwrap_or_else(|| log.earliest_offset(shard));
         let reader = log.reader(shard, from)?;
+        let durable_rx = log.durable_marks();
         let tracker = Tracker {
             delivered_end: from,
             ..Tracker::default()
@@ -122,7 +127,9 @@ impl EmbeddedConsumer {
         Ok(Self {
             log,
             group: group.to_string(),
-            reader,
+            reader: Some(reader),
+            shard: shard.clone(),
+            durable_rx,
             tracker: Arc::new(Mutex::new(tracker)),
         })
     }
@@ -137,16 +144,52 @@ impl EmbeddedConsumer {
         EmbeddedCheckpointer {
             log: self.log.clone(),
             group: self.group.clone(),
-            shard: self.reader.shard().clone(),
+            shard: self.shard.clone(),
             tracker: self.tracker.clone(),
         }
     }
 
     fn delivery(&self, record: Record) -> EmbeddedDelivery {
         EmbeddedDelivery {
-            shard: self.reader.shard().clone(),
+            shard: self.shard.clone(),
             record,
             tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl EmbeddedConsumer {
+    /// Wait up to `timeout` for records and read up to `max`. The reads
+    /// (`pread`) run on the blocking pool, never on the caller's thread; only
+    /// the wait is bounded, so a read is never abandoned with the reader in it.
+    async fn read(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, LogError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Mark the current durable end as seen before reading, so a
+            // change after the read wakes the wait below.
+            self.durable_rx.borrow_and_update();
+            let mut reader = self.reader.take().ok_or(LogError::Closed)?;
+            let (reader, result) = tokio::task::spawn_blocking(move || {
+                let result = reader.read_batch(max);
+                (reader, result)
+            })
+            .await
+            .map_err(|_| LogError::Closed)?;
+            let next = reader.next_offset();
+            self.reader = Some(reader);
+            let records = result?;
+            if !records.is_empty() {
+                let mut t = self.tracker.lock().unwrap();
+                t.outstanding
+                    .extend(records.iter().map(|r| (r.offset, r.entry.timestamp_ms)));
+                t.delivered_end = next;
+                return Ok(records);
+            }
+            match tokio::time::timeout_at(deadline, self.durable_rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(LogError::Closed),
+                Err(_) => return Ok(Vec::new()),
+            }
         }
     }
 }
@@ -167,16 +210,7 @@ impl Consumer for EmbeddedConsumer {
         if !redelivered.is_empty() {
             return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
         }
-        let records = match tokio::time::timeout(timeout, self.reader.next_batch(max)).await {
-            Ok(batch) => batch?,
-            Err(_) => Vec::new(),
-        };
-        {
-            let mut t = self.tracker.lock().unwrap();
-            t.outstanding
-                .extend(records.iter().map(|r| (r.offset, r.entry.timestamp_ms)));
-            t.delivered_end = self.reader.next_offset();
-        }
+        let records = self.read(max, timeout).await?;
         Ok(records.into_iter().map(|r| self.delivery(r)).collect())
     }
 
