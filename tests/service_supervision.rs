@@ -117,3 +117,61 @@ async fn a_panic_in_ingest_answers_unknown_never_true() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_shard_mailbox_sheds_with_429_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let mut config = service_config(dir.path(), &target.url(), 1, "");
+    config.server.mailbox_capacity = 1;
+    let svc = Spawned::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/namespaces/ns/log", svc.addr);
+    // The shard's ingest actor stalls on its next message, so its one-slot
+    // mailbox fills up behind it.
+    walden::failpoints::arm_sleep("ingest.write", 1, 500);
+    let writes: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                let resp = client
+                    .post(&url)
+                    .json(&json!({"payload": i, "id": format!("m{i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().contains_key("retry-after");
+                let body: Value = resp.json().await.unwrap();
+                (i, status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let mut shed = 0;
+    for w in writes {
+        let (i, status, retry_after, body) = w.await.unwrap();
+        match status {
+            200 => accepted.push(format!("m{i}")),
+            429 => {
+                shed += 1;
+                assert!(retry_after);
+                assert_eq!(body["durable"], "false");
+                assert!(
+                    body["message"].as_str().unwrap().contains("overloaded"),
+                    "{body}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(shed > 0, "a full mailbox sheds");
+    assert!(!accepted.is_empty());
+    let got = target.wait_for(accepted.len(), Duration::from_secs(10));
+    let ids: HashSet<String> = got.iter().map(|r| r.id().to_string()).collect();
+    assert!(
+        accepted.iter().all(|id| ids.contains(id)),
+        "every accepted write is delivered"
+    );
+    assert_eq!(ids.len(), accepted.len(), "nothing shed was written");
+}

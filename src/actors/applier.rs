@@ -144,23 +144,35 @@ impl Applier {
         }
         .instrument(span);
         ctx.spawn(apply.into_actor(self).map(move |result, act, ctx| {
-            act.busy = false;
-            match result {
-                Ok(results) if act.generation == generation => {
-                    guarded(act, ctx, |act, _| act.settle(&sequences, results));
-                    act.pump(ctx);
-                }
-                // Rewound while applying: the queue was replaced.
-                Ok(_) => act.pump(ctx),
-                Err(panic) => {
-                    error!(
-                        panic = panic_message(&panic),
-                        "The sink panicked; restarting the applier."
-                    );
-                    ctx.stop();
-                }
-            }
+            guarded(act, ctx, |act, ctx| {
+                act.applied(generation, &sequences, result, ctx)
+            });
         }));
+    }
+
+    /// A sink call finished: settle its entries, then apply what is next.
+    fn applied(
+        &mut self,
+        generation: u64,
+        sequences: &[u64],
+        result: std::thread::Result<Vec<Result<(), SinkError>>>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.busy = false;
+        match result {
+            Ok(results) if self.generation == generation => self.settle(sequences, results),
+            // Rewound while applying: the queue was replaced.
+            Ok(_) => {}
+            Err(panic) => {
+                error!(
+                    panic = panic_message(&panic),
+                    "The sink panicked; restarting the applier."
+                );
+                ctx.stop();
+                return;
+            }
+        }
+        self.pump(ctx);
     }
 
     /// Ack what succeeded; schedule retries for what failed.

@@ -14,7 +14,9 @@ use tracing::{error, info, warn};
 use super::applier::{Applier, Apply, Reset};
 use super::delay::{Delay, DelayScheduler};
 use super::{ShardStats, Work, guarded};
-use crate::backends::embedded::{EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedLog};
+use crate::backends::embedded::{
+    EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
+};
 use crate::backends::{Consumer, Delivery};
 use crate::entry::{ShardRef, now_ms};
 
@@ -122,31 +124,42 @@ impl ShardConsumer {
         ctx.spawn(
             read.into_actor(self)
                 .map(move |(consumer, result), act, ctx| {
-                    act.reading = false;
-                    if act.generation != generation {
-                        // Rewound while reading: this consumer and its batch
-                        // are stale.
-                        act.schedule_read(ctx);
-                        return;
-                    }
-                    act.consumer = Some(consumer);
-                    match result {
-                        Ok(deliveries) => {
-                            guarded(act, ctx, |act, _| act.route(deliveries));
-                            act.schedule_read(ctx);
-                        }
-                        Err(error) => {
-                            // For example a corrupt record with
-                            // on_corruption = "stop": the shard stops here.
-                            error!(shard = %act.shard, %error, "Reading the shard failed; retrying in 5 s.");
-                            ctx.run_later(Duration::from_secs(5), |act, ctx| act.schedule_read(ctx));
-                        }
-                    }
+                    guarded(act, ctx, |act, ctx| {
+                        act.read_done(generation, consumer, result, ctx)
+                    });
                 }),
         );
     }
 
-    fn route(&mut self, deliveries: Vec<crate::backends::embedded::EmbeddedDelivery>) {
+    fn read_done(
+        &mut self,
+        generation: u64,
+        consumer: EmbeddedConsumer,
+        result: Result<Vec<EmbeddedDelivery>, crate::backends::BackendError>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.reading = false;
+        if self.generation != generation {
+            // Rewound while reading: this consumer and its batch are stale.
+            self.schedule_read(ctx);
+            return;
+        }
+        self.consumer = Some(consumer);
+        match result {
+            Ok(deliveries) => {
+                self.route(deliveries);
+                self.schedule_read(ctx);
+            }
+            Err(error) => {
+                // For example a corrupt record with on_corruption = "stop":
+                // the shard stops here and says why.
+                error!(shard = %self.shard, %error, "Reading the shard failed; retrying in 5 s.");
+                ctx.run_later(Duration::from_secs(5), |act, ctx| act.schedule_read(ctx));
+            }
+        }
+    }
+
+    fn route(&mut self, deliveries: Vec<EmbeddedDelivery>) {
         crate::failpoint!("consumer.route");
         let Some(peers) = &self.peers else { return };
         let now = now_ms();

@@ -122,8 +122,10 @@ impl Handler<Reset> for DelayScheduler {
     type Result = ();
 
     fn handle(&mut self, Reset(generation): Reset, ctx: &mut Context<Self>) {
-        self.generation = generation;
-        self.pending.retain(|_, w| w.generation >= generation);
-        self.arm(ctx);
+        guarded(self, ctx, |act, ctx| {
+            act.generation = generation;
+            act.pending.retain(|_, w| w.generation >= generation);
+            act.arm(ctx);
+        });
     }
 }
