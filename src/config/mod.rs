@@ -249,6 +249,41 @@ pub enum TargetConfig {
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
     },
+    /// Apply mutation payloads (`{"op": "put"|"delete", "key", "value"}`) to a
+    /// table with columns `key TEXT PRIMARY KEY, value JSONB, version BIGINT,
+    /// deleted BOOLEAN`, guarded by version. Walden does not create the table.
+    Postgres {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// e.g. `postgres://user@127.0.0.1:5432/db`.
+        url: String,
+        /// `table` or `schema.table`.
+        table: String,
+        /// Connections in the pool.
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+        /// Per-statement and connect timeout.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
+    /// Apply mutation payloads to Redis with an atomic, version-guarded Lua
+    /// script: the value at `key_prefix + key`, its version beside it.
+    Redis {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// e.g. `redis://127.0.0.1:6379/0`.
+        url: String,
+        /// Prepended to every mutation key.
+        #[serde(default)]
+        key_prefix: String,
+        /// Per-command and connect timeout.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_pool_size() -> usize {
+    8
 }
 
 fn default_target_name() -> String {
@@ -265,6 +300,8 @@ impl TargetConfig {
             TargetConfig::Stdout { name } => name,
             TargetConfig::File { name, .. } => name,
             TargetConfig::Http { name, .. } => name,
+            TargetConfig::Postgres { name, .. } => name,
+            TargetConfig::Redis { name, .. } => name,
         }
     }
 
@@ -273,6 +310,8 @@ impl TargetConfig {
             TargetConfig::Stdout { .. } => "stdout",
             TargetConfig::File { .. } => "file",
             TargetConfig::Http { .. } => "http",
+            TargetConfig::Postgres { .. } => "postgres",
+            TargetConfig::Redis { .. } => "redis",
         }
     }
 }

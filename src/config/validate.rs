@@ -245,5 +245,39 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
                 e.ns(ns, "target.timeout_ms", "must be greater than 0");
             }
         }
+        TargetConfig::Postgres {
+            url,
+            table,
+            pool_size,
+            timeout_ms,
+            ..
+        } => {
+            if let Err(err) = url.parse::<tokio_postgres::Config>() {
+                e.ns(ns, "target.url", format!("not a postgres URL: {err}"));
+            }
+            if !crate::sinks::postgres::valid_table_name(table) {
+                e.ns(
+                    ns,
+                    "target.table",
+                    format!("{table:?} must be `table` or `schema.table` (letters, digits, '_')"),
+                );
+            }
+            if *pool_size == 0 {
+                e.ns(ns, "target.pool_size", "must be greater than 0");
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+            }
+        }
+        TargetConfig::Redis {
+            url, timeout_ms, ..
+        } => {
+            if let Err(err) = redis::Client::open(url.as_str()) {
+                e.ns(ns, "target.url", format!("not a redis URL: {err}"));
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+            }
+        }
     }
 }

@@ -8,6 +8,9 @@
 
 mod file;
 mod http;
+pub mod mutation;
+pub mod postgres;
+mod redis;
 mod stdout;
 
 use std::time::Duration;
@@ -18,6 +21,8 @@ use serde::Serialize;
 
 pub use file::FileSink;
 pub use http::HttpSink;
+pub use postgres::PostgresSink;
+pub use redis::RedisSink;
 pub use stdout::StdoutSink;
 
 use crate::config::TargetConfig;
@@ -93,6 +98,30 @@ pub fn build(target: &TargetConfig) -> Result<Box<dyn Sink>, SinkError> {
         } => Box::new(HttpSink::new(
             name,
             url,
+            Duration::from_millis(*timeout_ms),
+        )?),
+        TargetConfig::Postgres {
+            name,
+            url,
+            table,
+            pool_size,
+            timeout_ms,
+        } => Box::new(PostgresSink::new(
+            name,
+            url,
+            table,
+            *pool_size,
+            Duration::from_millis(*timeout_ms),
+        )?),
+        TargetConfig::Redis {
+            name,
+            url,
+            key_prefix,
+            timeout_ms,
+        } => Box::new(RedisSink::new(
+            name,
+            url,
+            key_prefix,
             Duration::from_millis(*timeout_ms),
         )?),
     })

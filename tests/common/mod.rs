@@ -107,3 +107,33 @@ pub fn interval_fsync(config: &mut walden::config::Config, ms: u64) {
         }
     }
 }
+
+/// The URL of a test server from `var`, or `None` after saying loudly which
+/// variable enables the test. `scripts/test.sh` always sets these.
+pub fn test_server(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("SKIPPED: {var} is not set; scripts/test.sh sets it and starts the server");
+            None
+        }
+    }
+}
+
+/// A delivered mutation, as a sink receives it.
+pub fn mutation(sequence: u64, payload: serde_json::Value) -> walden::entry::Delivered {
+    walden::entry::Delivered {
+        shard: ShardRef::new("ns", 0),
+        sequence,
+        entry: Entry {
+            id: format!("m{sequence}"),
+            payload: Bytes::from(payload.to_string()),
+            ..Entry::default()
+        },
+    }
+}
+
+/// A short random suffix for table names, key prefixes and topics.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

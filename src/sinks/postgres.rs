@@ -1,0 +1,230 @@
+//! `type = "postgres"`: upsert each mutation into a table, guarded by its
+//! version, so a retry or a replay never moves a row backwards:
+//!
+//! ```sql
+//! INSERT INTO t (key, value, version, deleted) VALUES ($1, $2, $3, $4)
+//! ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
+//!   version = EXCLUDED.version, deleted = EXCLUDED.deleted
+//! WHERE t.version < EXCLUDED.version
+//! ```
+//!
+//! A delete leaves a tombstone (`deleted = true`, `value = NULL`) carrying
+//! its version. The table is not created by Walden:
+//!
+//! ```sql
+//! CREATE TABLE t (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL,
+//!                 deleted BOOLEAN NOT NULL DEFAULT false);
+//! ```
+//!
+//! Errors: connection errors, serialization failures, deadlocks and resource
+//! shortages are transient; constraint and data errors are permanent. A
+//! missing table fails the healthcheck and is retried (transient), so a
+//! config mistake does not dead-letter every entry.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::{BoxFuture, join_all};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::mutation::{Mutation, Op, version};
+use super::{Sink, SinkError};
+use crate::entry::Delivered;
+
+pub struct PostgresSink {
+    name: String,
+    table: String,
+    pool: Pool,
+    upsert: String,
+    timeout: Duration,
+}
+
+impl PostgresSink {
+    /// Check the settings and build the pool; connects lazily.
+    pub fn new(
+        name: &str,
+        url: &str,
+        table: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| SinkError::permanent(name, format!("bad postgres url: {e}")))?;
+        let quoted = quote_table(table)
+            .ok_or_else(|| SinkError::permanent(name, format!("bad table name {table:?}")))?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| SinkError::permanent(name, format!("postgres pool: {e}")))?;
+        let upsert = format!(
+            "INSERT INTO {quoted} AS t (key, value, version, deleted) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, \
+             deleted = EXCLUDED.deleted WHERE t.version < EXCLUDED.version"
+        );
+        Ok(Self {
+            name: name.into(),
+            table: table.into(),
+            pool,
+            upsert,
+            timeout,
+        })
+    }
+
+    fn classify(&self, e: &tokio_postgres::Error) -> SinkError {
+        let message = match e.as_db_error() {
+            Some(db) => format!(
+                "table {}: {} ({})",
+                self.table,
+                db.message(),
+                db.code().code()
+            ),
+            None => format!("table {}: {e}", self.table),
+        };
+        let transient = match e.code() {
+            // No SQL state: the connection or the protocol failed.
+            None => true,
+            Some(code) => {
+                let class = &code.code()[..2];
+                *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::UNDEFINED_TABLE
+                    || *code == SqlState::UNDEFINED_COLUMN
+                    || matches!(class, "08" | "53" | "57" | "58" | "40")
+            }
+        };
+        if transient {
+            SinkError::transient(&self.name, message)
+        } else {
+            SinkError::permanent(&self.name, message)
+        }
+    }
+
+    async fn apply_all(&self, batch: &[Delivered]) -> Vec<Result<(), SinkError>> {
+        let client = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let e = SinkError::transient(&self.name, format!("postgres connection: {e}"));
+                return vec![Err(e); batch.len()];
+            }
+            Err(_) => {
+                let e = SinkError::transient(&self.name, "postgres connection: timed out");
+                return vec![Err(e); batch.len()];
+            }
+        };
+        let stmt = match client.prepare_cached(&self.upsert).await {
+            Ok(s) => s,
+            Err(e) => return vec![Err(self.classify(&e)); batch.len()],
+        };
+        // Statements issued together are pipelined on the one connection; a
+        // batch holds at most one entry per key, so their order is free.
+        let applies = batch.iter().map(|d| {
+            let (client, stmt) = (&client, &stmt);
+            async move {
+                let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
+                let (value, deleted) = match m.op {
+                    Op::Put => (m.value, false),
+                    Op::Delete => (None, true),
+                };
+                let version = version(d);
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&m.key, &value, &version, &deleted];
+                let run = client.execute(stmt, &params);
+                match tokio::time::timeout(self.timeout, run).await {
+                    // 0 rows: a newer version is stored; the entry is superseded.
+                    Ok(Ok(_rows)) => Ok(()),
+                    Ok(Err(e)) => Err(self.classify(&e)),
+                    Err(_) => Err(SinkError::transient(
+                        &self.name,
+                        "postgres statement timed out",
+                    )),
+                }
+            }
+        });
+        join_all(applies).await
+    }
+}
+
+/// Quote `table` or `schema.table` as identifiers; `None` if it isn't one.
+fn quote_table(table: &str) -> Option<String> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ident(p)) {
+        return None;
+    }
+    Some(
+        parts
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join("."),
+    )
+}
+
+/// Whether `table` is a valid `table` or `schema.table` name.
+pub fn valid_table_name(table: &str) -> bool {
+    quote_table(table).is_some()
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(self.apply_all(batch))
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let client = tokio::time::timeout(self.timeout, self.pool.get())
+                .await
+                .map_err(|_| SinkError::transient(&self.name, "postgres connection: timed out"))?
+                .map_err(|e| {
+                    SinkError::transient(&self.name, format!("postgres connection: {e}"))
+                })?;
+            let quoted = quote_table(&self.table).expect("checked in new");
+            // The columns the upsert needs, without reading any rows.
+            let probe = format!("SELECT key, value, version, deleted FROM {quoted} LIMIT 0");
+            client.query(&probe, &[]).await.map(|_| ()).map_err(|e| {
+                let mut err = self.classify(&e);
+                err.message = format!(
+                    "{}; the table needs columns key TEXT PRIMARY KEY, value JSONB, version BIGINT, deleted BOOLEAN",
+                    err.message
+                );
+                err
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_checked_and_quoted() {
+        assert_eq!(quote_table("kv").as_deref(), Some("\"kv\""));
+        assert_eq!(quote_table("app.kv_2").as_deref(), Some("\"app\".\"kv_2\""));
+        for bad in ["", "1kv", "kv; drop table x", "a.b.c", "k\"v", "k v"] {
+            assert!(quote_table(bad).is_none(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! `type = "redis"`: apply each mutation with one atomic Lua script that
+//! compares versions before `SET` or `DEL`, so a retry or a replay never moves
+//! a key backwards.
+//!
+//! A mutation of key `k` writes the value at `{key_prefix}k` and its version at
+//! `{key_prefix}k:walden-version`; a delete removes the value and keeps the
+//! version as a tombstone. (On Redis Cluster both must land in one slot: put a
+//! hash tag in the prefix or the keys.) A JSON string value is stored as the
+//! string itself; any other JSON value as its JSON text.
+//!
+//! Errors: I/O, timeouts, dropped connections and `BUSY`/`LOADING`/`TRYAGAIN`
+//! style answers are transient; other server answers are permanent.
+
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, join_all};
+use redis::aio::ConnectionManager;
+use tokio::sync::OnceCell;
+
+use super::mutation::{Mutation, Op, version};
+use super::{Sink, SinkError};
+use crate::entry::Delivered;
+
+/// Versions are zero-padded to 20 digits so the script compares them as
+/// strings: Lua numbers are doubles and lose precision past 2^53.
+const GUARDED_APPLY: &str = r#"
+local stored = redis.call('GET', KEYS[2])
+if stored and stored >= ARGV[1] then
+  return 0
+end
+if ARGV[2] == 'put' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('DEL', KEYS[1])
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"#;
+
+pub struct RedisSink {
+    name: String,
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    /// Connected on first use, so a Redis that is down at startup is a
+    /// delivery error (retried), not a startup failure.
+    conn: OnceCell<ConnectionManager>,
+    script: redis::Script,
+}
+
+impl RedisSink {
+    pub fn new(name: &str, url: &str, prefix: &str, timeout: Duration) -> Result<Self, SinkError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| SinkError::permanent(name, format!("bad redis url: {e}")))?;
+        Ok(Self {
+            name: name.into(),
+            client,
+            prefix: prefix.into(),
+            timeout,
+            conn: OnceCell::new(),
+            script: redis::Script::new(GUARDED_APPLY),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, SinkError> {
+        let connect = self.conn.get_or_try_init(|| async {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(self.timeout));
+            ConnectionManager::new_with_config(self.client.clone(), config).await
+        });
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(c)) => Ok(c.clone()),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(SinkError::transient(
+                &self.name,
+                "redis connection: timed out",
+            )),
+        }
+    }
+
+    fn classify(&self, e: &redis::RedisError) -> SinkError {
+        let message = format!("redis: {e}");
+        // Whatever the driver itself would retry (BUSY, LOADING, TRYAGAIN,
+        // CLUSTERDOWN, dropped connections, ...) is transient.
+        let transient = e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || !matches!(e.retry_method(), redis::RetryMethod::NoRetry);
+        if transient {
+            SinkError::transient(&self.name, message)
+        } else {
+            SinkError::permanent(&self.name, message)
+        }
+    }
+
+    async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> Result<(), SinkError> {
+        let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
+        let key = format!("{}{}", self.prefix, m.key);
+        let value = match &m.value {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        let op = match m.op {
+            Op::Put => "put",
+            Op::Delete => "delete",
+        };
+        let mut invocation = self.script.key(&key);
+        invocation
+            .key(format!("{key}:walden-version"))
+            .arg(format!("{:020}", version(d)))
+            .arg(op)
+            .arg(value);
+        let run = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.timeout, run).await {
+            // 0: a newer version is stored; the entry is superseded.
+            Ok(Ok(_applied)) => Ok(()),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(SinkError::transient(&self.name, "redis script timed out")),
+        }
+    }
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            let conn = match self.conn().await {
+                Ok(c) => c,
+                Err(e) => return vec![Err(e); batch.len()],
+            };
+            // One entry per key in a batch: the scripts may run pipelined.
+            join_all(batch.iter().map(|d| self.apply_one(conn.clone(), d))).await
+        })
+    }
+
+    fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut conn);
+            match tokio::time::timeout(self.timeout, ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(self.classify(&e)),
+                Err(_) => Err(SinkError::transient(&self.name, "redis PING timed out")),
+            }
+        })
+    }
+}
