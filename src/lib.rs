@@ -9,6 +9,7 @@
 //! - [`backends`]: queue backends behind capability traits;
 //!   [`backends::embedded`] is the durable log on local disk, the default.
 //! - [`sinks`]: targets that entries are delivered to.
+//! - [`state`]: the fjall-backed state store (the idempotency index).
 //! - [`service`]: wiring: config → log → actors → HTTP server, and shutdown.
 //! - [`telemetry`]: logging, tracing and OTLP export.
 //! - [`stats`]: counters and gauges; [`failpoints`]: test-only panics.
@@ -23,5 +24,6 @@ pub mod entry;
 pub mod failpoints;
 pub mod service;
 pub mod sinks;
+pub mod state;
 pub mod stats;
 pub mod telemetry;

@@ -16,7 +16,10 @@ use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedLog, LogError};
 use crate::config::{BackendConfig, Config};
+use crate::entry::ShardRef;
 use crate::sinks::SinkError;
+use crate::state::{DedupIndex, StateStore};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -34,6 +37,8 @@ pub enum ServiceError {
         #[source]
         source: SinkError,
     },
+    #[error(transparent)]
+    State(crate::state::StateError),
     #[error("listening on {listen}: {source}")]
     Bind {
         listen: String,
@@ -96,11 +101,13 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         )?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
+    let dedup = open_dedup(&data_dir, &config, &log).await?;
     let state = Arc::new(AppState {
         namespaces,
         log,
         server: config.server.clone(),
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+        dedup,
     });
 
     let app_state = web::Data::from(state.clone());
@@ -144,6 +151,59 @@ impl Service {
         }
         info!("Shutdown complete.");
     }
+}
+
+/// Open the idempotency index, rebuild its window from the log, and purge
+/// expired ids once a minute.
+async fn open_dedup(
+    data_dir: &Path,
+    config: &Config,
+    log: &Arc<EmbeddedLog>,
+) -> Result<Arc<DedupIndex>, ServiceError> {
+    let path = data_dir.join("state");
+    let store = StateStore::open(&path).map_err(ServiceError::State)?;
+    let dedup = DedupIndex::open(Arc::new(store)).map_err(ServiceError::State)?;
+    let windows: Vec<(Vec<ShardRef>, Duration)> = config
+        .namespaces
+        .iter()
+        .filter(|(_, ns)| ns.dedup_window_ms > 0)
+        .map(|(name, ns)| {
+            let shards = (0..ns.shards)
+                .map(|s| ShardRef::new(name.as_str(), s))
+                .collect();
+            (shards, Duration::from_millis(ns.dedup_window_ms))
+        })
+        .collect();
+    let longest = windows.iter().map(|(_, w)| *w).max().unwrap_or_default();
+    {
+        let (dedup, log) = (dedup.clone(), log.clone());
+        tokio::task::spawn_blocking(move || {
+            windows
+                .iter()
+                .try_for_each(|(shards, window)| dedup.rebuild(&log, shards, *window).map(|_| ()))
+        })
+        .await
+        .expect("rebuild does not panic")
+        .map_err(|source| ServiceError::Log {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if !longest.is_zero() {
+        let dedup = dedup.clone();
+        actix::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let d = dedup.clone();
+                if let Ok(Err(error)) = tokio::task::spawn_blocking(move || d.purge(longest)).await
+                {
+                    warn!(%error, "Purging expired idempotency keys failed.");
+                }
+            }
+        });
+    }
+    Ok(dedup)
 }
 
 /// Run until SIGTERM or SIGINT, then shut down gracefully.

@@ -29,6 +29,8 @@ pub struct AppState {
     pub server: ServerConfig,
     /// Writes in flight across the server.
     pub in_flight: Arc<Semaphore>,
+    /// Idempotency keys of every namespace.
+    pub dedup: Arc<crate::state::DedupIndex>,
 }
 
 impl AppState {

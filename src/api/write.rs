@@ -23,7 +23,9 @@ use crate::actors::ingest::Write;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::embedded::{Appended, LogError};
 use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
+use crate::state::dedup::{self, Check};
 use crate::telemetry;
+use std::time::Duration;
 
 /// Header names under this prefix are Walden's own.
 const RESERVED_PREFIX: &str = "walden.";
@@ -95,6 +97,8 @@ impl Written {
 struct Prepared {
     shard: u32,
     entry: Entry,
+    /// The client chose the id, so it is an idempotency key.
+    client_id: bool,
 }
 
 /// Parse JSON into `T`, naming the field of any error.
@@ -151,6 +155,7 @@ fn prepare(
     if let Some(key) = &req.key {
         check_len("key", key.len(), limits.max_key_bytes)?;
     }
+    let client_id = req.id.is_some();
     let id = match req.id {
         Some(id) if id.is_empty() => return Err(ApiError::bad_request("`id` must not be empty")),
         Some(id) => {
@@ -223,6 +228,7 @@ fn prepare(
     let shard = crc32c::crc32c(route.as_bytes()) % ns.config.shards;
     Ok(Prepared {
         shard,
+        client_id,
         entry: Entry {
             id,
             key: req.key,
@@ -258,34 +264,116 @@ fn append_error(e: LogError) -> ApiError {
     }
 }
 
-/// Append prepared entries; one answer per entry, in order.
-async fn submit(
+/// Append prepared entries; one answer per entry, in order. A client id
+/// seen within the namespace's dedup window gets its original answer.
+fn submit<'a>(
+    state: &'a AppState,
+    ns: &'a Arc<NamespaceRuntime>,
+    items: Vec<Prepared>,
+) -> futures_util::future::BoxFuture<'a, Vec<Result<Written, ApiError>>> {
+    Box::pin(async move {
+        let n = items.len();
+        let mut answers: Vec<Option<Result<Written, ApiError>>> = (0..n).map(|_| None).collect();
+        let window = Duration::from_millis(ns.config.dedup_window_ms);
+        let mut to_send = Vec::with_capacity(n);
+        let mut waiting = Vec::new();
+        for (i, p) in items.into_iter().enumerate() {
+            if !p.client_id || window.is_zero() {
+                to_send.push((i, p, None));
+                continue;
+            }
+            let fingerprint = dedup::fingerprint(&p.entry);
+            match state
+                .dedup
+                .check(&ns.name, &p.entry.id, fingerprint, window)
+            {
+                Ok(Check::Duplicate(a)) => {
+                    answers[i] = Some(Ok(accepted_answer(ns, &p.entry.id, a)))
+                }
+                Ok(Check::Conflict(a)) => answers[i] = Some(Err(conflict(&p.entry.id, a))),
+                Ok(Check::Wait(rx)) => waiting.push((i, p, rx)),
+                Ok(Check::Claimed(claim)) => to_send.push((i, p, Some((claim, fingerprint)))),
+                Err(e) => {
+                    answers[i] = Some(Err(ApiError::unavailable(Durable::False, e.to_string())))
+                }
+            }
+        }
+        for (i, answer) in append(state, ns, to_send).await {
+            answers[i] = Some(answer);
+        }
+        // Duplicates of writes that were in flight: wait for those, then
+        // answer as they were answered (or write, if they failed).
+        for (i, p, mut rx) in waiting {
+            while rx.changed().await.is_ok() {}
+            answers[i] = Some(submit(state, ns, vec![p]).await.remove(0));
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every entry is answered"))
+            .collect()
+    })
+}
+
+fn accepted_answer(ns: &NamespaceRuntime, id: &str, a: dedup::Accepted) -> Written {
+    Written {
+        durable: Durable::True.as_str(),
+        id: id.to_string(),
+        namespace: ns.name.clone(),
+        shard: a.shard,
+        sequence: a.sequence,
+    }
+}
+
+fn conflict(id: &str, a: dedup::Accepted) -> ApiError {
+    ApiError::rejected(
+        StatusCode::CONFLICT,
+        format!(
+            "id {id:?} was already accepted (sequence {}) with a different body; use a new id",
+            a.sequence
+        ),
+    )
+}
+
+type Claimed = Option<(dedup::Claim, u64)>;
+
+/// Hand entries to their shards' Ingest actors and wait for the log's
+/// answers. A claimed id is recorded once its entry is durable.
+async fn append(
     state: &AppState,
     ns: &Arc<NamespaceRuntime>,
-    items: Vec<Prepared>,
-) -> Vec<Result<Written, ApiError>> {
+    items: Vec<(usize, Prepared, Claimed)>,
+) -> Vec<(usize, Result<Written, ApiError>)> {
     let n = items.len();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
     let Ok(_permits) = state.in_flight.clone().try_acquire_many_owned(n as u32) else {
         let e = ApiError::shed("too many writes in flight (server.max_in_flight); retry later");
-        return (0..n).map(|_| Err(e.clone())).collect();
+        return items
+            .into_iter()
+            .map(|(i, _, _)| (i, Err(e.clone())))
+            .collect();
     };
-    let mut answers: Vec<Option<Result<Written, ApiError>>> = (0..n).map(|_| None).collect();
     let mut waiting = Vec::with_capacity(n);
-    let mut by_shard: BTreeMap<u32, Vec<(usize, Entry)>> = BTreeMap::new();
-    for (i, p) in items.into_iter().enumerate() {
-        by_shard.entry(p.shard).or_default().push((i, p.entry));
+    let mut by_shard: BTreeMap<u32, Vec<(usize, Entry, Claimed)>> = BTreeMap::new();
+    for (i, p, claim) in items {
+        by_shard
+            .entry(p.shard)
+            .or_default()
+            .push((i, p.entry, claim));
     }
     for (shard, entries) in by_shard {
         let handle = &ns.shards[shard as usize];
         let mut msg = Vec::with_capacity(entries.len());
         let mut rxs = Vec::with_capacity(entries.len());
-        for (i, entry) in entries {
+        for (i, entry, claim) in entries {
             let (tx, rx) = oneshot::channel();
-            rxs.push((i, entry.id.clone(), rx));
+            rxs.push((i, entry.id.clone(), rx, claim));
             msg.push((entry, tx));
         }
         match handle.ingest.try_send(Write(msg)) {
-            Ok(()) => waiting.extend(rxs.into_iter().map(|(i, id, rx)| (i, id, shard, rx))),
+            Ok(()) => waiting.extend(rxs.into_iter().map(|(i, id, rx, c)| (i, id, shard, rx, c))),
             Err(e) => {
                 let err = match e {
                     actix::prelude::SendError::Full(_) => ApiError::shed(format!(
@@ -297,25 +385,22 @@ async fn submit(
                         format!("shard {shard} of {:?} is restarting; retry", ns.name),
                     ),
                 };
-                for (i, _, _) in rxs {
-                    answers[i] = Some(Err(err.clone()));
-                }
+                out.extend(rxs.into_iter().map(|(i, ..)| (i, Err(err.clone()))));
             }
         }
     }
     let deadline = tokio::time::Instant::now() + state.server.ack_timeout();
-    for (i, id, shard, rx) in waiting {
-        let answer = match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(Appended {
-                offset, durable, ..
-            }))) => {
+    for (i, id, shard, mut rx, claim) in waiting {
+        let answer = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(Ok(appended))) => {
                 ns.shards[shard as usize].stats.written.inc();
+                record(&state.dedup, &ns.name, &id, shard, &appended, claim);
                 Ok(Written {
-                    durable: durable.as_str(),
+                    durable: appended.durable.as_str(),
                     id,
                     namespace: ns.name.clone(),
                     shard,
-                    sequence: offset,
+                    sequence: appended.offset,
                 })
             }
             Ok(Ok(Err(e))) => Err(append_error(e)),
@@ -323,17 +408,52 @@ async fn submit(
                 Durable::Unknown,
                 "the write was lost in flight (an actor restarted); its outcome is unknown",
             )),
-            Err(_) => Err(ApiError::timeout(format!(
-                "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
-                state.server.ack_timeout_ms
-            ))),
+            Err(_) => {
+                // Keep the id claimed until the log answers, so a retry
+                // with the same id waits for the real outcome.
+                if claim.is_some() {
+                    let (dedup, ns_name) = (state.dedup.clone(), ns.name.clone());
+                    actix::spawn(async move {
+                        if let Ok(Ok(appended)) = rx.await {
+                            record(&dedup, &ns_name, &id, shard, &appended, claim);
+                        }
+                    });
+                }
+                Err(ApiError::timeout(format!(
+                    "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
+                    state.server.ack_timeout_ms
+                )))
+            }
         };
-        answers[i] = Some(answer);
+        out.push((i, answer));
     }
-    answers
-        .into_iter()
-        .map(|a| a.expect("every entry is answered"))
-        .collect()
+    out
+}
+
+/// Record a durable write under its claimed id, then release the claim.
+fn record(
+    dedup: &crate::state::DedupIndex,
+    namespace: &str,
+    id: &str,
+    shard: u32,
+    appended: &Appended,
+    claim: Claimed,
+) {
+    let Some((claim, fingerprint)) = claim else {
+        return;
+    };
+    if appended.durable == Durable::True {
+        let accepted = dedup::Accepted {
+            fingerprint,
+            shard,
+            sequence: appended.offset,
+            written_ms: appended.timestamp_ms,
+        };
+        if let Err(error) = dedup.record(namespace, id, accepted) {
+            tracing::warn!(%error, namespace, id, "Could not record an idempotency key.");
+        }
+    }
+    drop(claim);
 }
 
 fn traceparent_of(req: &HttpRequest) -> Option<&str> {

@@ -115,6 +115,14 @@ pub struct NamespaceConfig {
     pub dlq: DlqConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// A write whose client `id` was accepted within this window gets the
+    /// original answer and is not appended again; 0 turns it off.
+    #[serde(default = "default_dedup_window_ms")]
+    pub dedup_window_ms: u64,
+}
+
+fn default_dedup_window_ms() -> u64 {
+    10 * 60 * 1000
 }
 
 fn default_shards() -> u32 {

@@ -1,0 +1,50 @@
+//! The fjall-backed state store: Walden's own state beside the log. It holds
+//! the idempotency index now; the park store and the delay index follow.
+
+pub mod dedup;
+
+use std::path::{Path, PathBuf};
+
+pub use dedup::DedupIndex;
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store {path}: {source}")]
+pub struct StateError {
+    pub path: PathBuf,
+    #[source]
+    pub source: fjall::Error,
+}
+
+/// One fjall database under `data_dir/state`.
+pub struct StateStore {
+    path: PathBuf,
+    db: fjall::Database,
+}
+
+impl StateStore {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let db = fjall::Database::builder(path)
+            .open()
+            .map_err(|source| StateError {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+
+    pub(crate) fn keyspace(&self, name: &str) -> Result<fjall::Keyspace, StateError> {
+        self.db
+            .keyspace(name, fjall::KeyspaceCreateOptions::default)
+            .map_err(|e| self.error(e))
+    }
+
+    pub(crate) fn error(&self, source: fjall::Error) -> StateError {
+        StateError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
