@@ -46,6 +46,57 @@ enum Command {
         /// and bytes that are not UTF-8 as base64. `-` reads standard input.
         payload: String,
     },
+    /// Inspect and act on a namespace's dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        /// The service's base URL.
+        #[arg(
+            long,
+            global = true,
+            env = "WALDEN_URL",
+            default_value = "http://127.0.0.1:7070"
+        )]
+        url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        namespace: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this DLQ sequence.
+        #[arg(long)]
+        after: Option<u64>,
+    },
+    /// Show one dead letter.
+    Show { namespace: String, id: String },
+    /// Send dead letters back to their origin, with fresh attempts.
+    Redrive {
+        namespace: String,
+        #[command(flatten)]
+        select: Select,
+    },
+    /// Delete dead letters.
+    Purge {
+        namespace: String,
+        #[command(flatten)]
+        select: Select,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Select {
+    /// Every dead letter of the namespace.
+    #[arg(long)]
+    all: bool,
+    /// These ids (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -60,7 +111,139 @@ fn main() -> ExitCode {
             url,
             payload,
         } => write(&url, &namespace, key, delay_ms, id, &payload),
+        Command::Dlq { command, url } => dlq(&url, command),
     }
+}
+
+/// Run an async client call on a small runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
+async fn call(req: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{status}: {}",
+            body["message"].as_str().unwrap_or("(no message)")
+        ))
+    }
+}
+
+fn dlq(url: &str, command: DlqCommand) -> ExitCode {
+    let base = url.trim_end_matches('/').to_string();
+    let client = reqwest::Client::new();
+    let result = block_on(async {
+        match command {
+            DlqCommand::List {
+                namespace,
+                limit,
+                after,
+            } => {
+                let mut req = client
+                    .get(format!("{base}/v1/namespaces/{namespace}/dlq"))
+                    .query(&[("limit", limit)]);
+                if let Some(a) = after {
+                    req = req.query(&[("after", a)]);
+                }
+                let body = call(req).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
+                Ok(())
+            }
+            DlqCommand::Show { namespace, id } => {
+                let req = client.get(format!("{base}/v1/namespaces/{namespace}/dlq/{id}"));
+                let body = call(req).await?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
+                Ok(())
+            }
+            DlqCommand::Redrive { namespace, select } => {
+                act_on(&client, &base, &namespace, "redrive", "redriven", select).await
+            }
+            DlqCommand::Purge { namespace, select } => {
+                act_on(&client, &base, &namespace, "purge", "purged", select).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("walden: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Redrive or purge: named ids in one call; `--all` page by page, with a
+/// progress bar, so a large DLQ is never held in one request.
+async fn act_on(
+    client: &reqwest::Client,
+    base: &str,
+    namespace: &str,
+    verb: &str,
+    counted: &str,
+    select: Select,
+) -> Result<(), String> {
+    let endpoint = format!("{base}/v1/namespaces/{namespace}/dlq/{verb}");
+    if !select.all {
+        let body = call(
+            client
+                .post(&endpoint)
+                .json(&serde_json::json!({ "ids": select.ids })),
+        )
+        .await?;
+        println!("{body}");
+        return Ok(());
+    }
+    let list = format!("{base}/v1/namespaces/{namespace}/dlq");
+    let first = call(client.get(&list).query(&[("limit", 0)])).await?;
+    let total = first["total"].as_u64().unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} ({eta})")
+            .expect("a valid template"),
+    );
+    bar.set_message(format!("{verb} {namespace}"));
+    let mut after: Option<u64> = None;
+    let mut done = 0u64;
+    loop {
+        let mut req = client.get(&list).query(&[("limit", 100)]);
+        if let Some(a) = after {
+            req = req.query(&[("after", a)]);
+        }
+        let page = call(req).await?;
+        let entries = page["entries"].as_array().cloned().unwrap_or_default();
+        if entries.is_empty() {
+            break;
+        }
+        let ids: Vec<_> = entries.iter().filter_map(|e| e["id"].as_str()).collect();
+        let body = call(
+            client
+                .post(&endpoint)
+                .json(&serde_json::json!({ "ids": ids })),
+        )
+        .await?;
+        let n = body[counted].as_u64().unwrap_or(0);
+        done += n;
+        bar.inc(n);
+        after = entries.last().and_then(|e| e["dlq_sequence"].as_u64());
+    }
+    bar.finish();
+    println!("{{\"{counted}\":{done}}}");
+    Ok(())
 }
 
 fn serve(path: PathBuf) -> ExitCode {

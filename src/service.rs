@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
-use crate::backends::embedded::{EmbeddedLog, LogError};
+use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
 use crate::config::{BackendConfig, Config};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
@@ -86,6 +86,16 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     let log = Arc::new(log);
     check_shard_counts(&data_dir, &config, &log)?;
 
+    let dlq = {
+        let dir = data_dir.join("dlq");
+        tokio::task::spawn_blocking(move || EmbeddedDlq::open(&dir))
+            .await
+            .expect("DLQ open does not panic")
+            .map_err(|source| ServiceError::Log {
+                path: data_dir.join("dlq"),
+                source,
+            })?
+    };
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);
@@ -93,12 +103,11 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let runtime = NamespaceRuntime::start(name, ns, &config.server, &log, &handles).map_err(
-            |source| ServiceError::Target {
+        let runtime = NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &handles)
+            .map_err(|source| ServiceError::Target {
                 namespace: name.clone(),
                 source,
-            },
-        )?;
+            })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
     let dedup = open_dedup(&data_dir, &config, &log).await?;
@@ -108,6 +117,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         server: config.server.clone(),
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         dedup,
+        dlq,
     });
 
     let app_state = web::Data::from(state.clone());
@@ -144,8 +154,12 @@ impl Service {
         for ns in self.state.namespaces.values() {
             ns.drain().await;
         }
-        let log = self.state.log.clone();
-        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        let (log, dlq) = (self.state.log.clone(), self.state.dlq.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            log.close();
+            dlq.close();
+        })
+        .await;
         for a in &self.arbiters {
             a.stop();
         }

@@ -313,3 +313,67 @@ async fn sigkill_while_applying_leaves_postgres_equal_to_in_order_application() 
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_mutation_goes_to_the_dlq_not_a_crash() {
+    let Some(url) = test_server(PG) else { return };
+    let table = create_table(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
+    let config =
+        walden::config::from_toml(&config_text(dir.path(), "127.0.0.1:0", &target)).unwrap();
+    let svc = Spawned::start(config).unwrap();
+    let base = format!("http://{}", svc.addr);
+    let client = reqwest::Client::new();
+    for body in [
+        json!({"payload": "not a mutation", "key": "k1", "id": "bad-1"}),
+        json!({"payload": {"op": "put", "key": "k2"}, "key": "k2", "id": "bad-2"}),
+        json!({"payload": {"op": "put", "key": "k3", "value": 3}, "key": "k3", "id": "good"}),
+    ] {
+        let r = client
+            .post(format!("{base}/v1/namespaces/kv/log"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    eventually(
+        "the good entry applied and the bad ones dead-lettered",
+        || async {
+            let list: Value = client
+                .get(format!("{base}/v1/namespaces/kv/dlq"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let state = pg_state(&url, &table).await;
+            if list["total"] == 2 && state.get("k3") == Some(&Some(json!(3))) {
+                let errors: Vec<&str> = list["entries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["last_error"].as_str().unwrap())
+                    .collect();
+                assert!(
+                    errors
+                        .iter()
+                        .any(|e| e.contains("bad-1") && e.contains("not a mutation")),
+                    "{errors:?}"
+                );
+                assert!(
+                    errors
+                        .iter()
+                        .any(|e| e.contains("bad-2") && e.contains("needs a value")),
+                    "{errors:?}"
+                );
+                Ok(())
+            } else {
+                Err(format!("dlq {} entries, state {state:?}", list["total"]))
+            }
+        },
+    )
+    .await;
+}

@@ -3,9 +3,12 @@
 //! A transient failure is retried with the namespace's backoff and full
 //! jitter. The applier never sleeps: while one key waits to retry, other keys
 //! keep flowing. With `ordering = "per_key"`, later entries of a waiting key
-//! wait behind it, and a sink batch holds at most one entry per key. Until
-//! the DLQ lands, a failing entry is retried without end (permanent errors
-//! included), so nothing is dropped.
+//! wait behind it, and a sink batch holds at most one entry per key.
+//!
+//! An entry that fails permanently, or runs out of `max_attempts`, goes to the
+//! DeadLetter actor (with the DLQ off, it is retried forever: nothing is
+//! dropped). Redriven dead letters come back here with their original
+//! sequence.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -21,43 +24,86 @@ use rand::RngExt;
 use tracing::{Instrument, error, info_span, warn};
 
 use super::consumer::{Rewind, ShardConsumer};
-use super::{ShardStats, Work, guarded, panic_message};
+use super::dead_letter::{Bury, DeadLetterActor, Doomed, Redriven};
+use super::{ShardStats, Work, ack, guarded, panic_message};
 use crate::backends::Delivery;
 use crate::config::{Ordering, RetryConfig};
-use crate::entry::Delivered;
-use crate::sinks::{Sink, SinkError};
+use crate::entry::{Delivered, Entry, now_ms};
+use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
 use crate::telemetry;
 
 /// Entries per sink call, at most.
 const MAX_BATCH: usize = 64;
 
+/// Where an item came from, which decides what its success means.
+enum Source {
+    /// Read from the log: success acks it, so the watermark can pass it.
+    Log(Work),
+    /// Sent back from the DLQ: success removes its dead letter.
+    Redrive(Delivered),
+}
+
 struct Item {
-    work: Work,
+    /// Unique in this applier: a redriven entry keeps its sequence, so the
+    /// sequence alone cannot name an item.
+    uid: u64,
+    source: Source,
     attempts: u32,
     /// Not to be tried before this (after a failure).
     not_before: Option<Instant>,
+    first_failure_ms: u64,
 }
 
 impl Item {
+    fn delivered(&self) -> Delivered {
+        match &self.source {
+            Source::Log(w) => Delivered {
+                shard: w.delivery.shard().clone(),
+                sequence: w.delivery.sequence(),
+                entry: w.delivery.entry().clone(),
+            },
+            Source::Redrive(d) => d.clone(),
+        }
+    }
+
+    fn entry(&self) -> &Entry {
+        match &self.source {
+            Source::Log(w) => w.delivery.entry(),
+            Source::Redrive(d) => &d.entry,
+        }
+    }
+
     fn key(&self, ordering: Ordering) -> Option<&str> {
         match ordering {
             Ordering::None => None,
             // An entry without a key orders only with itself.
             Ordering::PerKey => {
-                let e = self.work.delivery.entry();
+                let e = self.entry();
                 Some(e.key.as_deref().unwrap_or(&e.id))
             }
         }
     }
 }
 
+/// How an applier treats entries that keep failing.
+#[derive(Clone)]
+pub struct Policy {
+    pub retry: RetryConfig,
+    pub ordering: Ordering,
+    /// Failed entries go to the DLQ; without it they are retried forever.
+    pub dlq: bool,
+    /// The target's name, recorded with each dead letter.
+    pub target: String,
+}
+
 pub struct Applier {
     sink: Arc<dyn Sink>,
     consumer: Addr<ShardConsumer>,
-    retry: RetryConfig,
-    ordering: Ordering,
+    dead_letter: Addr<DeadLetterActor>,
+    policy: Policy,
     stats: Arc<ShardStats>,
     queue: VecDeque<Item>,
+    next_uid: u64,
     generation: u64,
     /// A sink call is in flight.
     busy: bool,
@@ -68,21 +114,33 @@ impl Applier {
     pub fn new(
         sink: Arc<dyn Sink>,
         consumer: Addr<ShardConsumer>,
-        retry: RetryConfig,
-        ordering: Ordering,
+        dead_letter: Addr<DeadLetterActor>,
+        policy: Policy,
         stats: Arc<ShardStats>,
     ) -> Self {
         Self {
             sink,
             consumer,
-            retry,
-            ordering,
+            dead_letter,
+            policy,
             stats,
             queue: VecDeque::new(),
+            next_uid: 0,
             generation: 0,
             busy: false,
             timer: None,
         }
+    }
+
+    fn push(&mut self, source: Source) {
+        self.next_uid += 1;
+        self.queue.push_back(Item {
+            uid: self.next_uid,
+            source,
+            attempts: 0,
+            not_before: None,
+            first_failure_ms: 0,
+        });
     }
 
     /// Pick the next batch: in queue order, the first entry of each key that
@@ -91,7 +149,7 @@ impl Applier {
         let mut seen: HashSet<&str> = HashSet::new();
         let mut batch = Vec::new();
         for (i, item) in self.queue.iter().enumerate() {
-            if let Some(k) = item.key(self.ordering)
+            if let Some(k) = item.key(self.policy.ordering)
                 && !seen.insert(k)
             {
                 continue;
@@ -119,24 +177,13 @@ impl Applier {
             return;
         }
         self.busy = true;
-        let delivered: Vec<Delivered> = batch
-            .iter()
-            .map(|&i| {
-                let d = &self.queue[i].work.delivery;
-                Delivered {
-                    shard: d.shard().clone(),
-                    sequence: d.sequence(),
-                    entry: d.entry().clone(),
-                }
-            })
-            .collect();
-        let sequences: Vec<u64> = delivered.iter().map(|d| d.sequence).collect();
+        let delivered: Vec<Delivered> = batch.iter().map(|&i| self.queue[i].delivered()).collect();
+        let uids: Vec<u64> = batch.iter().map(|&i| self.queue[i].uid).collect();
         let sink = self.sink.clone();
         let span = info_span!("apply", namespace = %delivered[0].shard.namespace,
             shard = delivered[0].shard.shard, entries = delivered.len(),
             first_id = %delivered[0].entry.id);
         telemetry::set_parent_from(&span, &delivered[0].entry);
-        let generation = self.generation;
         let apply = async move {
             AssertUnwindSafe(sink.apply(&delivered))
                 .catch_unwind()
@@ -144,25 +191,20 @@ impl Applier {
         }
         .instrument(span);
         ctx.spawn(apply.into_actor(self).map(move |result, act, ctx| {
-            guarded(act, ctx, |act, ctx| {
-                act.applied(generation, &sequences, result, ctx)
-            });
+            guarded(act, ctx, |act, ctx| act.applied(&uids, result, ctx));
         }));
     }
 
     /// A sink call finished: settle its entries, then apply what is next.
     fn applied(
         &mut self,
-        generation: u64,
-        sequences: &[u64],
-        result: std::thread::Result<Vec<Result<(), SinkError>>>,
+        uids: &[u64],
+        result: std::thread::Result<Vec<ApplyResult>>,
         ctx: &mut Context<Self>,
     ) {
         self.busy = false;
         match result {
-            Ok(results) if self.generation == generation => self.settle(sequences, results),
-            // Rewound while applying: the queue was replaced.
-            Ok(_) => {}
+            Ok(results) => self.settle(uids, results),
             Err(panic) => {
                 error!(
                     panic = panic_message(&panic),
@@ -175,31 +217,41 @@ impl Applier {
         self.pump(ctx);
     }
 
-    /// Ack what succeeded; schedule retries for what failed.
-    fn settle(&mut self, sequences: &[u64], results: Vec<Result<(), SinkError>>) {
+    /// Ack what succeeded; retry, dead-letter or keep what failed.
+    /// Items dropped by a rewind while their call was in flight no longer
+    /// match a uid, and are skipped.
+    fn settle(&mut self, uids: &[u64], results: Vec<ApplyResult>) {
         let now = Instant::now();
-        let mut done = HashSet::new();
-        for (seq, result) in sequences.iter().zip(results) {
-            let Some(item) = self
-                .queue
-                .iter_mut()
-                .find(|i| i.work.delivery.sequence() == *seq)
-            else {
+        for (uid, result) in uids.iter().zip(results) {
+            let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
                 continue;
             };
             match result {
-                Ok(()) => {
-                    done.insert(*seq);
+                Ok(outcome) => {
+                    let item = self.queue.remove(pos).expect("found above");
+                    self.succeeded(item, outcome);
                 }
                 Err(e) => {
-                    item.attempts += 1;
                     self.stats.apply_errors.inc();
-                    let backoff = backoff(&self.retry, item.attempts, &e);
+                    let item = &mut self.queue[pos];
+                    item.attempts += 1;
+                    if item.first_failure_ms == 0 {
+                        item.first_failure_ms = now_ms();
+                    }
+                    let retry = &self.policy.retry;
+                    let permanent = !e.is_transient()
+                        || e.http_status
+                            .is_some_and(|s| retry.permanent_http_statuses.contains(&s));
+                    let exhausted = item.attempts >= retry.max_attempts;
+                    if (permanent || exhausted) && self.policy.dlq {
+                        let item = self.queue.remove(pos).expect("found above");
+                        self.give_up(item, &e);
+                        continue;
+                    }
+                    let backoff = backoff(retry, item.attempts, &e);
                     item.not_before = Some(now + backoff);
                     warn!(
-                        shard = %item.work.delivery.shard(),
-                        sequence = seq,
-                        id = %item.work.delivery.entry().id,
+                        id = %item.entry().id,
                         attempts = item.attempts,
                         retry_in_ms = backoff.as_millis() as u64,
                         error = %e,
@@ -208,17 +260,41 @@ impl Applier {
                 }
             }
         }
-        let queue = std::mem::take(&mut self.queue);
-        for item in queue {
-            if done.contains(&item.work.delivery.sequence()) {
-                self.stats.applied.inc();
-                ack(item.work.delivery);
-            } else {
-                self.queue.push_back(item);
-            }
-        }
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);
+    }
+
+    fn succeeded(&mut self, item: Item, outcome: Outcome) {
+        match outcome {
+            Outcome::Applied => self.stats.applied.inc(),
+            Outcome::Superseded => self.stats.superseded.inc(),
+        }
+        match item.source {
+            Source::Log(work) => ack(work.delivery),
+            Source::Redrive(d) => self.dead_letter.do_send(Redriven {
+                namespace: d.shard.namespace.to_string(),
+                id: d.entry.id,
+            }),
+        }
+    }
+
+    /// Out of attempts, or a permanent error: to the DLQ.
+    fn give_up(&mut self, item: Item, e: &SinkError) {
+        match item.source {
+            Source::Log(work) => self.dead_letter.do_send(Bury(vec![Doomed {
+                work,
+                attempts: item.attempts,
+                first_failure_ms: item.first_failure_ms,
+                last_failure_ms: now_ms(),
+                last_error: e.to_string(),
+                target: self.policy.target.clone(),
+            }])),
+            Source::Redrive(d) => {
+                // Its dead letter was never removed: it simply stays.
+                self.stats.redrive_failed.inc();
+                warn!(id = %d.entry.id, error = %e, "A redriven entry failed again; it stays in the DLQ.");
+            }
+        }
     }
 
     fn wake_at_next_retry(&mut self, ctx: &mut Context<Self>) {
@@ -242,14 +318,6 @@ fn backoff(retry: &RetryConfig, attempts: u32, e: &SinkError) -> Duration {
     let cap = retry.backoff(attempts);
     let jittered = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
     e.retry_after.map_or(jittered, |ra| ra.max(jittered))
-}
-
-fn ack(d: crate::backends::embedded::EmbeddedDelivery) {
-    // The embedded ack only updates the consumer's watermark; it is ready at
-    // once and cannot fail.
-    if let Some(Err((e, _))) = d.ack().now_or_never() {
-        error!(error = %e, "Ack failed.");
-    }
 }
 
 impl Actor for Applier {
@@ -278,16 +346,28 @@ impl Handler<Apply> for Applier {
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) {
         let generation = self.generation;
-        self.queue.extend(
-            msg.0
-                .into_iter()
-                .filter(|w| w.generation >= generation)
-                .map(|work| Item {
-                    work,
-                    attempts: 0,
-                    not_before: None,
-                }),
-        );
+        for work in msg.0 {
+            if work.generation >= generation {
+                self.push(Source::Log(work));
+            }
+        }
+        guarded(self, ctx, |act, ctx| act.pump(ctx));
+    }
+}
+
+/// Deliver these dead letters again, with their original sequences and fresh
+/// attempts. Each is removed from the DLQ once applied.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Redrive(pub Vec<Delivered>);
+
+impl Handler<Redrive> for Applier {
+    type Result = ();
+
+    fn handle(&mut self, msg: Redrive, ctx: &mut Context<Self>) {
+        for d in msg.0 {
+            self.push(Source::Redrive(d));
+        }
         guarded(self, ctx, |act, ctx| act.pump(ctx));
     }
 }
@@ -302,7 +382,10 @@ impl Handler<Reset> for Applier {
 
     fn handle(&mut self, Reset(generation): Reset, _: &mut Context<Self>) {
         self.generation = generation;
-        self.queue.retain(|i| i.work.generation >= generation);
+        self.queue.retain(|i| match &i.source {
+            Source::Log(w) => w.generation >= generation,
+            Source::Redrive(_) => true,
+        });
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);
     }

@@ -12,6 +12,7 @@ use actix::{
 use tracing::{error, info, warn};
 
 use super::applier::{Applier, Apply, Reset};
+use super::dead_letter::DeadLetterActor;
 use super::delay::{Delay, DelayScheduler};
 use super::{ShardStats, Work, guarded};
 use crate::backends::embedded::{
@@ -29,6 +30,7 @@ const READ_WAIT: Duration = Duration::from_millis(500);
 pub struct Peers {
     pub delay: actix::Addr<DelayScheduler>,
     pub applier: actix::Addr<Applier>,
+    pub dead_letter: actix::Addr<DeadLetterActor>,
 }
 
 pub struct ShardConsumer {
@@ -94,6 +96,7 @@ impl ShardConsumer {
             let reset = Reset(self.generation);
             p.delay.do_send(reset);
             p.applier.do_send(reset);
+            p.dead_letter.do_send(reset);
         }
     }
 

@@ -20,6 +20,7 @@
 
 pub mod applier;
 pub mod consumer;
+pub mod dead_letter;
 pub mod delay;
 pub mod ingest;
 pub mod supervisor;
@@ -50,12 +51,29 @@ pub struct ShardStats {
     pub next_due_ms: Gauge,
     /// Actor restarts since start.
     pub restarts: Counter,
+    /// Entries moved to the DLQ since start.
+    pub dead_lettered: Counter,
+    /// Entries the target already held a newer version of.
+    pub superseded: Counter,
+    /// Redriven entries that failed again (they stay in the DLQ).
+    pub redrive_failed: Counter,
 }
 
 /// A delivery, tagged with the consumer generation that read it.
 pub struct Work {
     pub generation: u64,
     pub delivery: EmbeddedDelivery,
+}
+
+/// Ack a delivery: it is applied, parked or dead-lettered.
+pub(crate) fn ack(d: EmbeddedDelivery) {
+    use crate::backends::Delivery;
+    use futures_util::FutureExt;
+    // The embedded ack only updates the consumer's watermark; it is ready at
+    // once and cannot fail.
+    if let Some(Err((e, _))) = d.ack().now_or_never() {
+        error!(error = %e, "Ack failed.");
+    }
 }
 
 /// Run a handler body. A panic is logged and stops the actor, so its

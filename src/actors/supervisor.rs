@@ -10,11 +10,12 @@ use actix::{Actor, Addr, ArbiterHandle, AsyncContext, Context, Supervisor, WrapF
 use tracing::{info, warn};
 
 use super::ShardStats;
-use super::applier::Applier;
+use super::applier::{Applier, Policy};
 use super::consumer::{Drain, Peers, ShardConsumer, Wire};
+use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
 use super::ingest::Ingest;
-use crate::backends::embedded::EmbeddedLog;
+use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog};
 use crate::config::{NamespaceConfig, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
@@ -49,6 +50,8 @@ pub struct ShardHandle {
     pub shard: ShardRef,
     pub ingest: Addr<Ingest>,
     pub consumer: Addr<ShardConsumer>,
+    /// Takes redriven dead letters.
+    pub applier: Addr<Applier>,
     pub stats: Arc<ShardStats>,
 }
 
@@ -68,6 +71,7 @@ impl NamespaceRuntime {
         config: &NamespaceConfig,
         server: &ServerConfig,
         log: &Arc<EmbeddedLog>,
+        dlq: &Arc<EmbeddedDlq>,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
         let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
@@ -82,11 +86,23 @@ impl NamespaceRuntime {
                     ShardConsumer::new(log, CONSUMER_GROUP.into(), shard, stats, MAX_OUTSTANDING)
                 })
             };
+            let dead_letter = {
+                let (dlq, consumer, stats) = (dlq.clone(), consumer.clone(), stats.clone());
+                Supervisor::start_in_arbiter(arbiter, move |_| {
+                    DeadLetterActor::new(dlq, consumer, stats)
+                })
+            };
             let applier = {
                 let (sink, consumer, stats) = (sink.clone(), consumer.clone(), stats.clone());
-                let (retry, ordering) = (config.retry.clone(), config.ordering);
+                let dead_letter = dead_letter.clone();
+                let policy = Policy {
+                    retry: config.retry.clone(),
+                    ordering: config.ordering,
+                    dlq: config.dlq.enabled,
+                    target: config.target.name().to_string(),
+                };
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    Applier::new(sink, consumer, retry, ordering, stats)
+                    Applier::new(sink, consumer, dead_letter, policy, stats)
                 })
             };
             let delay = {
@@ -95,7 +111,11 @@ impl NamespaceRuntime {
                     DelayScheduler::new(applier, consumer, stats)
                 })
             };
-            consumer.do_send(Wire(Peers { delay, applier }));
+            consumer.do_send(Wire(Peers {
+                delay,
+                applier: applier.clone(),
+                dead_letter,
+            }));
             let ingest = {
                 let (log, shard, cap) = (log.clone(), shard.clone(), server.mailbox_capacity);
                 Supervisor::start_in_arbiter(arbiter, move |_| Ingest::new(log, shard, cap))
@@ -104,6 +124,7 @@ impl NamespaceRuntime {
                 shard,
                 ingest,
                 consumer,
+                applier,
                 stats,
             });
         }

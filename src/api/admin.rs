@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{ApiError, AppState};
 use crate::actors::consumer::{ConsumerState, GetState};
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::embedded::EmbeddedLog;
+use crate::backends::DeadLetters;
 use crate::entry::now_ms;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,8 +56,10 @@ pub struct NamespaceView {
     /// Entries written and not yet applied (all shards).
     pub pending: u64,
     pub in_retry: i64,
-    /// Dead-lettered entries (the DLQ is not built yet: always 0).
+    /// Entries in the DLQ now.
     pub dead_lettered: u64,
+    /// Entries the target already held a newer version of (since start).
+    pub superseded: u64,
     pub delayed: i64,
     /// Earliest due time of a delayed entry, ms since epoch.
     pub next_due_ms: Option<i64>,
@@ -68,7 +70,8 @@ pub struct NamespaceView {
     pub per_shard: Vec<ShardView>,
 }
 
-async fn view(ns: &NamespaceRuntime, log: &EmbeddedLog) -> NamespaceView {
+async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
+    let log = &state.log;
     let mut per_shard = Vec::new();
     let mut oldest: Option<u64> = None;
     let mut failed = 0;
@@ -120,7 +123,11 @@ async fn view(ns: &NamespaceRuntime, log: &EmbeddedLog) -> NamespaceView {
         applied: sum(|s| s.applied),
         pending: sum(|s| s.next_sequence.saturating_sub(s.applied_through)),
         in_retry: per_shard.iter().map(|s| s.in_retry).sum(),
-        dead_lettered: 0,
+        dead_lettered: state
+            .dlq
+            .list(&ns.name, None, 0)
+            .map_or(0, |(_, total)| total as u64),
+        superseded: ns.shards.iter().map(|h| h.stats.superseded.get()).sum(),
         delayed: per_shard.iter().map(|s| s.delayed).sum(),
         next_due_ms: next_due,
         consumer_lag: sum(|s| s.consumer_lag),
@@ -134,7 +141,7 @@ async fn view(ns: &NamespaceRuntime, log: &EmbeddedLog) -> NamespaceView {
 pub async fn list_namespaces(state: web::Data<AppState>) -> HttpResponse {
     let mut out = Vec::new();
     for ns in state.namespaces.values() {
-        out.push(view(ns, &state.log).await);
+        out.push(view(ns, &state).await);
     }
     HttpResponse::Ok().json(serde_json::json!({ "namespaces": out }))
 }
@@ -145,7 +152,7 @@ pub async fn namespace_stats(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
-    Ok(HttpResponse::Ok().json(view(ns, &state.log).await))
+    Ok(HttpResponse::Ok().json(view(ns, &state).await))
 }
 
 /// `GET /healthz`: the process is up.

@@ -4,8 +4,10 @@
 //! - `POST /v1/namespaces/{ns}/log` and `.../log/batch`: [`write`]
 //! - `GET /v1/namespaces`, `GET /v1/namespaces/{ns}`, `/healthz`, `/readyz`,
 //!   `/metrics`: [`admin`]
+//! - `/v1/namespaces/{ns}/dlq…`: [`dlq`]
 
 pub mod admin;
+pub mod dlq;
 pub mod error;
 pub mod write;
 
@@ -31,6 +33,8 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     /// Idempotency keys of every namespace.
     pub dedup: Arc<crate::state::DedupIndex>,
+    /// Dead letters of every namespace.
+    pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
 }
 
 impl AppState {
@@ -48,6 +52,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/v1/namespaces/{ns}/log/batch",
             web::post().to(write::write_batch),
         )
+        .route("/v1/namespaces/{ns}/dlq", web::get().to(dlq::list))
+        .route(
+            "/v1/namespaces/{ns}/dlq/redrive",
+            web::post().to(dlq::redrive),
+        )
+        .route("/v1/namespaces/{ns}/dlq/purge", web::post().to(dlq::purge))
+        .route("/v1/namespaces/{ns}/dlq/{id}", web::get().to(dlq::show))
         .route("/v1/namespaces", web::get().to(admin::list_namespaces))
         .route("/v1/namespaces/{ns}", web::get().to(admin::namespace_stats))
         .route("/healthz", web::get().to(admin::healthz))

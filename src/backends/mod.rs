@@ -40,6 +40,56 @@ pub struct Sent {
     pub durable: Durable,
 }
 
+/// Where a dead letter came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub shard: ShardRef,
+    /// The entry's sequence in its shard; a redrive keeps it.
+    pub sequence: u64,
+    /// The name of the target it failed to reach.
+    pub target: String,
+}
+
+/// An entry that could not be delivered, with why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Position in the DLQ (set by the store; ignored on append).
+    pub dlq_sequence: u64,
+    /// The original entry, unchanged.
+    pub entry: Entry,
+    pub origin: Origin,
+    pub attempts: u32,
+    pub first_failure_ms: u64,
+    pub last_failure_ms: u64,
+    pub last_error: String,
+}
+
+/// A dead-letter queue. Appends are durable before they resolve.
+pub trait DeadLetters: Send + Sync {
+    /// Store a letter; resolves with its DLQ sequence once durable.
+    fn append(&self, letter: DeadLetter) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Live letters of `namespace` after DLQ sequence `after`, at most
+    /// `limit`, in order; and how many are live in all.
+    fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError>;
+
+    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError>;
+
+    /// Remove a letter (purged, or redriven and applied); false if it was not
+    /// live. Durable before it resolves.
+    fn remove(
+        &self,
+        namespace: &str,
+        id: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+}
+
 /// Appends entries to a backend.
 pub trait Producer: Send + Sync {
     /// Append `entry` to `shard`; resolves once the backend says it is durable.

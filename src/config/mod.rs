@@ -334,9 +334,12 @@ pub struct RetryConfig {
     pub backoff_multiplier: f64,
     /// Backoffs never grow past this.
     pub max_backoff_ms: u64,
-    /// Attempts before an entry goes to the DLQ. Until the DLQ lands, a
-    /// failing entry is retried without end.
+    /// Attempts before an entry goes to the DLQ (with `dlq.enabled = false`,
+    /// a failing entry is retried without end instead).
     pub max_attempts: u32,
+    /// HTTP statuses to treat as permanent (straight to the DLQ), overriding
+    /// the HTTP target's classes (5xx, 408 and 429 are transient).
+    pub permanent_http_statuses: Vec<u16>,
 }
 
 impl Default for RetryConfig {
@@ -346,6 +349,7 @@ impl Default for RetryConfig {
             backoff_multiplier: 2.0,
             max_backoff_ms: 60_000,
             max_attempts: 8,
+            permanent_http_statuses: Vec::new(),
         }
     }
 }
@@ -366,7 +370,8 @@ impl RetryConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DlqConfig {
-    /// Every namespace has a dead-letter queue unless this is false.
+    /// Every namespace has a dead-letter queue unless this is false. Without
+    /// it, an entry that keeps failing is retried forever, never dropped.
     pub enabled: bool,
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
-use super::{DeliveredJson, Sink, SinkError};
+use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 pub struct FileSink {
@@ -59,7 +59,7 @@ impl Sink for FileSink {
         &self.name
     }
 
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             let mut bytes = Vec::new();
             for d in batch {
@@ -70,6 +70,7 @@ impl Sink for FileSink {
             let result = tokio::task::spawn_blocking(move || Self::write(&path, &file, &bytes))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+                .map(|()| Outcome::Applied)
                 .map_err(|e| {
                     SinkError::transient(&self.name, format!("{}: {e}", self.path.display()))
                 });

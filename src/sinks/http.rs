@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, join_all};
 use reqwest::StatusCode;
 
-use super::{DeliveredJson, Sink, SinkError};
+use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 pub struct HttpSink {
@@ -34,7 +34,7 @@ impl HttpSink {
         })
     }
 
-    async fn post(&self, d: &Delivered) -> Result<(), SinkError> {
+    async fn post(&self, d: &Delivered) -> ApplyResult {
         let mut req = self
             .client
             .post(self.url.clone())
@@ -50,7 +50,7 @@ impl HttpSink {
             .map_err(|e| SinkError::transient(&self.name, format!("POST {}: {e}", self.url)))?;
         let status = resp.status();
         if status.is_success() {
-            return Ok(());
+            return Ok(Outcome::Applied);
         }
         let retry_after = resp
             .headers()
@@ -73,6 +73,7 @@ impl HttpSink {
             SinkError::permanent(&self.name, message)
         };
         err.retry_after = retry_after;
+        err.http_status = Some(status.as_u16());
         Err(err)
     }
 }
@@ -89,7 +90,7 @@ impl Sink for HttpSink {
         &self.name
     }
 
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         // At most one entry per key in a batch, so these may run at once.
         Box::pin(join_all(batch.iter().map(|d| self.post(d))))
     }

@@ -37,6 +37,18 @@ pub enum ErrorClass {
     Permanent,
 }
 
+/// What a successful delivery did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The target took the entry.
+    Applied,
+    /// The target already held a newer version; nothing changed.
+    Superseded,
+}
+
+/// One entry's answer from a sink.
+pub type ApplyResult = Result<Outcome, SinkError>;
+
 /// A failed delivery, classified.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{target} ({class:?}): {message}")]
@@ -46,6 +58,8 @@ pub struct SinkError {
     pub message: String,
     /// The target asked to wait this long (e.g. HTTP `Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The HTTP status the target answered, for `retry.permanent_http_statuses`.
+    pub http_status: Option<u16>,
 }
 
 impl SinkError {
@@ -55,6 +69,7 @@ impl SinkError {
             class: ErrorClass::Transient,
             message: message.into(),
             retry_after: None,
+            http_status: None,
         }
     }
 
@@ -64,6 +79,7 @@ impl SinkError {
             class: ErrorClass::Permanent,
             message: message.into(),
             retry_after: None,
+            http_status: None,
         }
     }
 
@@ -80,7 +96,7 @@ pub trait Sink: Send + Sync {
     /// Deliver a batch. The answer has one result per entry, in order. A
     /// batch holds at most one entry per key, so entries may be applied
     /// concurrently.
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>>;
 
     /// Whether the target can take deliveries now.
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>>;

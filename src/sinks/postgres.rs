@@ -29,7 +29,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::mutation::{Mutation, Op, version};
-use super::{Sink, SinkError};
+use super::{ApplyResult, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 pub struct PostgresSink {
@@ -111,7 +111,7 @@ impl PostgresSink {
         }
     }
 
-    async fn apply_all(&self, batch: &[Delivered]) -> Vec<Result<(), SinkError>> {
+    async fn apply_all(&self, batch: &[Delivered]) -> Vec<ApplyResult> {
         let client = match tokio::time::timeout(self.timeout, self.pool.get()).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -143,7 +143,8 @@ impl PostgresSink {
                 let run = client.execute(stmt, &params);
                 match tokio::time::timeout(self.timeout, run).await {
                     // 0 rows: a newer version is stored; the entry is superseded.
-                    Ok(Ok(_rows)) => Ok(()),
+                    Ok(Ok(0)) => Ok(Outcome::Superseded),
+                    Ok(Ok(_)) => Ok(Outcome::Applied),
                     Ok(Err(e)) => Err(self.classify(&e)),
                     Err(_) => Err(SinkError::transient(
                         &self.name,
@@ -188,7 +189,7 @@ impl Sink for PostgresSink {
         &self.name
     }
 
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(self.apply_all(batch))
     }
 

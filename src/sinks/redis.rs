@@ -18,7 +18,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 
 use super::mutation::{Mutation, Op, version};
-use super::{Sink, SinkError};
+use super::{ApplyResult, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 /// Versions are zero-padded to 20 digits so the script compares them as
@@ -95,7 +95,7 @@ impl RedisSink {
         }
     }
 
-    async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> Result<(), SinkError> {
+    async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> ApplyResult {
         let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
         let key = format!("{}{}", self.prefix, m.key);
         let value = match &m.value {
@@ -116,7 +116,8 @@ impl RedisSink {
         let run = invocation.invoke_async::<i64>(&mut conn);
         match tokio::time::timeout(self.timeout, run).await {
             // 0: a newer version is stored; the entry is superseded.
-            Ok(Ok(_applied)) => Ok(()),
+            Ok(Ok(0)) => Ok(Outcome::Superseded),
+            Ok(Ok(_)) => Ok(Outcome::Applied),
             Ok(Err(e)) => Err(self.classify(&e)),
             Err(_) => Err(SinkError::transient(&self.name, "redis script timed out")),
         }
@@ -128,7 +129,7 @@ impl Sink for RedisSink {
         &self.name
     }
 
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             let conn = match self.conn().await {
                 Ok(c) => c,

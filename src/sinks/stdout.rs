@@ -4,7 +4,7 @@ use std::io::Write;
 
 use futures_util::future::BoxFuture;
 
-use super::{DeliveredJson, Sink, SinkError};
+use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 pub struct StdoutSink {
@@ -22,7 +22,7 @@ impl Sink for StdoutSink {
         &self.name
     }
 
-    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             let mut out = Vec::new();
             for d in batch {
@@ -32,6 +32,7 @@ impl Sink for StdoutSink {
             let result = stdout
                 .write_all(&out)
                 .and_then(|()| stdout.flush())
+                .map(|()| Outcome::Applied)
                 .map_err(|e| SinkError::transient(&self.name, format!("stdout: {e}")));
             vec![result; batch.len()]
         })

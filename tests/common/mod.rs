@@ -90,6 +90,7 @@ url = "{target_url}"
 [namespaces.ns.retry]
 initial_backoff_ms = 20
 max_backoff_ms = 200
+max_attempts = 1000
 "#,
         data_dir.display()
     );

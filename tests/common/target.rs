@@ -32,6 +32,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     /// 0: answer 200; otherwise answer this status.
     fail_status: AtomicU16,
+    /// Entries with these keys get this status.
+    reject: Mutex<std::collections::HashMap<String, u16>>,
 }
 
 pub struct HttpTarget {
@@ -53,7 +55,14 @@ async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let rejected = body["key"]
+        .as_str()
+        .and_then(|k| shared.reject.lock().unwrap().get(k).copied());
+    if let Some(status) = rejected {
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+            .body("rejected on purpose");
+    }
     shared.received.lock().unwrap().push(Received {
         body,
         idempotency_key: header("idempotency-key"),
@@ -100,6 +109,16 @@ impl HttpTarget {
     /// Answer every request with `status` (0: succeed again).
     pub fn fail_with(&self, status: u16) {
         self.shared.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answer entries with `key` with `status` (0: accept them again).
+    pub fn reject_key(&self, key: &str, status: u16) {
+        let mut reject = self.shared.reject.lock().unwrap();
+        if status == 0 {
+            reject.remove(key);
+        } else {
+            reject.insert(key.to_string(), status);
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {

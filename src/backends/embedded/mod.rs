@@ -65,6 +65,7 @@
 
 mod checkpoint;
 mod committer;
+mod dlq;
 pub mod format;
 pub mod fs;
 mod index;
@@ -88,6 +89,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::entry::{Durable, Entry, ShardRef};
 pub use crate::stats::Counter;
+pub use dlq::EmbeddedDlq;
 pub use format::Record;
 use fs::{Fs, StdFs};
 use index::{DurableMark, Index};

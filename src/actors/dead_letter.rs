@@ -1,0 +1,160 @@
+//! DeadLetter: stores one shard's undeliverable entries in the DLQ, then
+//! acks them so the watermark can pass. An append that fails is retried; the
+//! entry stays unacked meanwhile, so a crash reads it again from the log.
+//! It also removes a dead letter once its redrive has been applied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{
+    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Supervised, WrapFuture,
+};
+use tracing::{error, info, warn};
+
+use super::applier::Reset;
+use super::consumer::{Rewind, ShardConsumer};
+use super::{ShardStats, Work, ack, guarded};
+use crate::backends::embedded::EmbeddedDlq;
+use crate::backends::{DeadLetter, DeadLetters, Delivery, Origin};
+
+/// An entry the applier gave up on.
+pub struct Doomed {
+    pub work: Work,
+    pub attempts: u32,
+    pub first_failure_ms: u64,
+    pub last_failure_ms: u64,
+    pub last_error: String,
+    pub target: String,
+}
+
+pub struct DeadLetterActor {
+    dlq: Arc<EmbeddedDlq>,
+    consumer: Addr<ShardConsumer>,
+    stats: Arc<ShardStats>,
+    generation: u64,
+}
+
+impl DeadLetterActor {
+    pub fn new(
+        dlq: Arc<EmbeddedDlq>,
+        consumer: Addr<ShardConsumer>,
+        stats: Arc<ShardStats>,
+    ) -> Self {
+        Self {
+            dlq,
+            consumer,
+            stats,
+            generation: 0,
+        }
+    }
+
+    fn store(&mut self, doomed: Doomed, ctx: &mut Context<Self>) {
+        crate::failpoint!("dead_letter.store");
+        if doomed.work.generation < self.generation {
+            // The shard rewound: it will read this entry again.
+            return;
+        }
+        let d = &doomed.work.delivery;
+        let letter = DeadLetter {
+            dlq_sequence: 0,
+            entry: d.entry().clone(),
+            origin: Origin {
+                shard: d.shard().clone(),
+                sequence: d.sequence(),
+                target: doomed.target.clone(),
+            },
+            attempts: doomed.attempts,
+            first_failure_ms: doomed.first_failure_ms,
+            last_failure_ms: doomed.last_failure_ms,
+            last_error: doomed.last_error.clone(),
+        };
+        let dlq = self.dlq.clone();
+        ctx.spawn(
+            async move { dlq.append(letter).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(dlq_sequence) => {
+                        act.stats.dead_lettered.inc();
+                        let d = &doomed.work.delivery;
+                        info!(
+                            shard = %d.shard(),
+                            sequence = d.sequence(),
+                            id = %d.entry().id,
+                            dlq_sequence,
+                            attempts = doomed.attempts,
+                            error = %doomed.last_error,
+                            "Entry dead-lettered."
+                        );
+                        ack(doomed.work.delivery);
+                    }
+                    Err(error) => {
+                        error!(%error, "Could not store a dead letter; retrying in 1 s.");
+                        ctx.run_later(Duration::from_secs(1), move |act, ctx| {
+                            guarded(act, ctx, |act, ctx| act.store(doomed, ctx));
+                        });
+                    }
+                }),
+        );
+    }
+}
+
+impl Actor for DeadLetterActor {
+    type Context = Context<Self>;
+}
+
+impl Supervised for DeadLetterActor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        warn!("Restarting a dead-letter actor; its shard rewinds.");
+        self.stats.restarts.inc();
+        self.consumer.do_send(Rewind);
+    }
+}
+
+/// Store these entries in the DLQ, then ack them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Bury(pub Vec<Doomed>);
+
+impl Handler<Bury> for DeadLetterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Bury, ctx: &mut Context<Self>) {
+        for doomed in msg.0 {
+            guarded(self, ctx, |act, ctx| act.store(doomed, ctx));
+        }
+    }
+}
+
+/// A redriven dead letter was applied: remove it from the DLQ.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Redriven {
+    pub namespace: String,
+    pub id: String,
+}
+
+impl Handler<Redriven> for DeadLetterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Redriven, ctx: &mut Context<Self>) {
+        let dlq = self.dlq.clone();
+        ctx.spawn(
+            async move {
+                if let Err(error) = dlq.remove(&msg.namespace, &msg.id, "redriven").await {
+                    // It stays listed; a later redrive applies it again, which the
+                    // version guard or idempotency key makes harmless.
+                    error!(%error, id = %msg.id, "Could not remove a redriven dead letter.");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<Reset> for DeadLetterActor {
+    type Result = ();
+
+    fn handle(&mut self, Reset(generation): Reset, _: &mut Context<Self>) {
+        self.generation = generation;
+    }
+}

@@ -1,0 +1,203 @@
+//! The dead-letter admin API:
+//!
+//! - `GET  /v1/namespaces/{ns}/dlq?limit=&after=`: live letters in DLQ order
+//! - `GET  /v1/namespaces/{ns}/dlq/{id}`
+//! - `POST /v1/namespaces/{ns}/dlq/redrive` `{"ids": [...]}` or `{"all": true}`
+//! - `POST /v1/namespaces/{ns}/dlq/purge`, the same body
+//!
+//! A redrive sends each entry back to its origin shard with its original
+//! sequence and fresh attempts; its letter is removed once it is applied (or
+//! superseded by a newer version at the target). One that fails again stays.
+
+use std::collections::BTreeMap;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+
+use super::{ApiError, AppState, read_json_body};
+use crate::actors::applier::Redrive;
+use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::{DeadLetter, DeadLetters};
+use crate::entry::Delivered;
+use crate::sinks::DeliveredJson;
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    after: Option<u64>,
+}
+
+/// Which letters a redrive or purge acts on.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Select {
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
+}
+
+fn backend_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::unavailable(crate::entry::Durable::False, format!("the DLQ failed: {e}"))
+}
+
+/// The JSON form of a dead letter: the entry as a target would see it, plus
+/// where it came from and why it failed.
+pub fn letter_json(letter: &DeadLetter) -> serde_json::Value {
+    let delivered = Delivered {
+        shard: letter.origin.shard.clone(),
+        sequence: letter.origin.sequence,
+        entry: letter.entry.clone(),
+    };
+    let mut v = serde_json::to_value(DeliveredJson::new(&delivered)).expect("plain struct");
+    v["dlq_sequence"] = letter.dlq_sequence.into();
+    v["origin"] = serde_json::json!({
+        "namespace": &*letter.origin.shard.namespace,
+        "shard": letter.origin.shard.shard,
+        "sequence": letter.origin.sequence,
+        "target": letter.origin.target,
+    });
+    v["attempts"] = letter.attempts.into();
+    v["first_failure_ms"] = letter.first_failure_ms.into();
+    v["last_failure_ms"] = letter.last_failure_ms.into();
+    v["last_error"] = letter.last_error.clone().into();
+    v
+}
+
+/// `GET /v1/namespaces/{ns}/dlq`
+pub async fn list(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?;
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
+    let (letters, total) = state
+        .dlq
+        .list(&ns.name, query.after, limit)
+        .map_err(backend_error)?;
+    let next_after = (letters.len() == limit && limit > 0)
+        .then(|| letters.last().map(|l| l.dlq_sequence))
+        .flatten();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "entries": letters.iter().map(letter_json).collect::<Vec<_>>(),
+        "total": total,
+        "next_after": next_after,
+    })))
+}
+
+/// `GET /v1/namespaces/{ns}/dlq/{id}`
+pub async fn show(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (ns, id) = path.into_inner();
+    let ns = state.namespace(&ns)?;
+    match state.dlq.get(&ns.name, &id).map_err(backend_error)? {
+        Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&letter))),
+        None => Err(ApiError::not_found(format!(
+            "no dead letter {id:?} in namespace {:?}",
+            ns.name
+        ))),
+    }
+}
+
+/// The letters a request selects, and the ids it named that are not live.
+async fn select(
+    state: &AppState,
+    ns: &NamespaceRuntime,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> Result<(Vec<DeadLetter>, Vec<String>), ApiError> {
+    let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
+    let select: Select = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    match (select.ids, select.all) {
+        (Some(ids), false) => {
+            let mut found = Vec::new();
+            let mut missing = Vec::new();
+            for id in ids {
+                match state.dlq.get(&ns.name, &id).map_err(backend_error)? {
+                    Some(l) => found.push(l),
+                    None => missing.push(id),
+                }
+            }
+            Ok((found, missing))
+        }
+        (None, true) => {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                let (page, _) = state
+                    .dlq
+                    .list(&ns.name, after, MAX_LIMIT)
+                    .map_err(backend_error)?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.dlq_sequence);
+                all.extend(page);
+            }
+            Ok((all, Vec::new()))
+        }
+        _ => Err(ApiError::bad_request(
+            "give either `ids` (a list) or `all: true`",
+        )),
+    }
+}
+
+/// `POST /v1/namespaces/{ns}/dlq/redrive`
+pub async fn redrive(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?.clone();
+    let (letters, not_found) = select(&state, &ns, &req, body).await?;
+    let mut by_shard: BTreeMap<u32, Vec<Delivered>> = BTreeMap::new();
+    let mut unroutable = Vec::new();
+    for l in letters {
+        let shard = l.origin.shard.shard;
+        if *l.origin.shard.namespace != *ns.name || shard >= ns.config.shards {
+            unroutable.push(l.entry.id);
+            continue;
+        }
+        by_shard.entry(shard).or_default().push(Delivered {
+            shard: l.origin.shard,
+            sequence: l.origin.sequence,
+            entry: l.entry,
+        });
+    }
+    let mut redriven = 0;
+    for (shard, entries) in by_shard {
+        redriven += entries.len();
+        ns.shards[shard as usize].applier.do_send(Redrive(entries));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "redriven": redriven,
+        "not_found": not_found,
+        "unroutable": unroutable,
+    })))
+}
+
+/// `POST /v1/namespaces/{ns}/dlq/purge`
+pub async fn purge(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?.clone();
+    let (letters, mut not_found) = select(&state, &ns, &req, body).await?;
+    let mut purged = 0;
+    for l in letters {
+        match state.dlq.remove(&ns.name, &l.entry.id, "purged").await {
+            Ok(true) => purged += 1,
+            Ok(false) => not_found.push(l.entry.id),
+            Err(e) => return Err(backend_error(e)),
+        }
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "purged": purged, "not_found": not_found })))
+}

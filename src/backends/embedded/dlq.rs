@@ -1,0 +1,244 @@
+//! The embedded dead-letter queue: its own durable log under `data_dir/dlq`,
+//! one shard per namespace.
+//!
+//! A dead letter is the original entry, unchanged, with its origin and failure
+//! history in `walden.dlq.*` headers. A log cannot forget, so purge and a
+//! successful redrive append a tombstone for the id. At open the log is read
+//! once to rebuild which letters are live; letters are read back from the log
+//! on demand, so memory holds only their ids and positions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use super::{EmbeddedLog, LogConfig, LogError};
+use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
+use crate::entry::{Entry, ShardRef};
+
+const PREFIX: &str = "walden.dlq.";
+const TOMBSTONE: &str = "walden.dlq.tombstone";
+
+#[derive(Default)]
+struct Live {
+    /// DLQ sequence → id, in order.
+    by_seq: BTreeMap<u64, String>,
+    by_id: HashMap<String, u64>,
+}
+
+impl Live {
+    fn insert(&mut self, seq: u64, id: &str) {
+        if let Some(old) = self.by_id.insert(id.to_string(), seq) {
+            self.by_seq.remove(&old);
+        }
+        self.by_seq.insert(seq, id.to_string());
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        match self.by_id.remove(id) {
+            Some(seq) => {
+                self.by_seq.remove(&seq);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+pub struct EmbeddedDlq {
+    log: EmbeddedLog,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+fn shard(namespace: &str) -> ShardRef {
+    ShardRef::new(namespace, 0)
+}
+
+impl EmbeddedDlq {
+    /// Open the DLQ log in `dir` and rebuild the set of live letters.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, LogError> {
+        let log = EmbeddedLog::open(dir, LogConfig::default())?;
+        let mut live: HashMap<String, Live> = HashMap::new();
+        for (s, _) in log.shards() {
+            let ns = live.entry(s.namespace.to_string()).or_default();
+            let mut reader = log.reader(&s, log.earliest_offset(&s))?;
+            loop {
+                let batch = reader.read_batch(1024)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for r in batch {
+                    if r.entry.header(TOMBSTONE).is_some() {
+                        ns.remove(&r.entry.id);
+                    } else {
+                        ns.insert(r.offset, &r.entry.id);
+                    }
+                }
+            }
+        }
+        Ok(Arc::new(Self {
+            log,
+            live: Mutex::new(live),
+        }))
+    }
+
+    fn read(&self, namespace: &str, seq: u64) -> Result<Option<DeadLetter>, LogError> {
+        let mut reader = self.log.reader(&shard(namespace), seq)?;
+        Ok(reader
+            .read_batch(1)?
+            .into_iter()
+            .next()
+            .and_then(|r| decode(r.offset, r.entry)))
+    }
+
+    /// Stop the DLQ log (flush and join its committer).
+    pub fn close(&self) {
+        self.log.close();
+    }
+}
+
+impl DeadLetters for EmbeddedDlq {
+    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
+        let namespace = letter.origin.shard.namespace.clone();
+        let id = letter.entry.id.clone();
+        let ack = self.log.append(&shard(&namespace), encode(letter)).await?;
+        self.live
+            .lock()
+            .unwrap()
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(ack.offset, &id);
+        Ok(ack.offset)
+    }
+
+    fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
+        let (seqs, total): (Vec<u64>, usize) = {
+            let live = self.live.lock().unwrap();
+            let Some(ns) = live.get(namespace) else {
+                return Ok((Vec::new(), 0));
+            };
+            let from = after.map_or(0, |a| a + 1);
+            (
+                ns.by_seq
+                    .range(from..)
+                    .take(limit)
+                    .map(|(s, _)| *s)
+                    .collect(),
+                ns.by_seq.len(),
+            )
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            if let Some(letter) = self.read(namespace, seq)? {
+                out.push(letter);
+            }
+        }
+        Ok((out, total))
+    }
+
+    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+        let seq = {
+            let live = self.live.lock().unwrap();
+            live.get(namespace).and_then(|ns| ns.by_id.get(id).copied())
+        };
+        match seq {
+            Some(seq) => Ok(self.read(namespace, seq)?),
+            None => Ok(None),
+        }
+    }
+
+    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
+        let is_live = {
+            let live = self.live.lock().unwrap();
+            live.get(namespace)
+                .is_some_and(|ns| ns.by_id.contains_key(id))
+        };
+        if !is_live {
+            return Ok(false);
+        }
+        let tombstone = Entry {
+            id: id.to_string(),
+            headers: vec![(TOMBSTONE.into(), reason.into())],
+            ..Entry::default()
+        };
+        self.log.append(&shard(namespace), tombstone).await?;
+        let mut live = self.live.lock().unwrap();
+        Ok(live.get_mut(namespace).is_some_and(|ns| ns.remove(id)))
+    }
+}
+
+fn encode(letter: DeadLetter) -> Entry {
+    let DeadLetter {
+        entry,
+        origin,
+        attempts,
+        first_failure_ms,
+        last_failure_ms,
+        last_error,
+        ..
+    } = letter;
+    let mut headers = entry.headers;
+    let h = |k: &str, v: String| (format!("{PREFIX}{k}"), v);
+    headers.extend([
+        h("origin_namespace", origin.shard.namespace.to_string()),
+        h("origin_shard", origin.shard.shard.to_string()),
+        h("origin_sequence", origin.sequence.to_string()),
+        h("target", origin.target),
+        h("attempts", attempts.to_string()),
+        h("first_failure_ms", first_failure_ms.to_string()),
+        h("last_failure_ms", last_failure_ms.to_string()),
+        h("last_error", last_error),
+        h("timestamp_ms", entry.timestamp_ms.to_string()),
+    ]);
+    Entry {
+        id: entry.id,
+        key: entry.key,
+        headers,
+        payload: entry.payload,
+        // The DLQ log stamps its own append time; the original is a header.
+        timestamp_ms: 0,
+        due_ms: entry.due_ms,
+    }
+}
+
+fn decode(dlq_sequence: u64, stored: Entry) -> Option<DeadLetter> {
+    let mut meta = HashMap::new();
+    let mut headers = Vec::new();
+    for (k, v) in stored.headers {
+        match k.strip_prefix(PREFIX) {
+            Some(name) => {
+                meta.insert(name.to_string(), v);
+            }
+            None => headers.push((k, v)),
+        }
+    }
+    let last_error = meta.remove("last_error").unwrap_or_default();
+    let num = |k: &str| meta.get(k).and_then(|v| v.parse::<u64>().ok());
+    Some(DeadLetter {
+        dlq_sequence,
+        origin: Origin {
+            shard: ShardRef::new(
+                meta.get("origin_namespace")?.as_str(),
+                num("origin_shard")? as u32,
+            ),
+            sequence: num("origin_sequence")?,
+            target: meta.get("target").cloned().unwrap_or_default(),
+        },
+        attempts: num("attempts").unwrap_or(0) as u32,
+        first_failure_ms: num("first_failure_ms").unwrap_or(0),
+        last_failure_ms: num("last_failure_ms").unwrap_or(0),
+        last_error,
+        entry: Entry {
+            id: stored.id,
+            key: stored.key,
+            headers,
+            payload: stored.payload,
+            timestamp_ms: num("timestamp_ms").unwrap_or(0),
+            due_ms: stored.due_ms,
+        },
+    })
+}
