@@ -59,6 +59,9 @@ export WALDEN_TEST_POSTGRES_URL="${WALDEN_TEST_POSTGRES_URL:-postgres://postgres
 ensure_redis
 export WALDEN_TEST_REDIS_URL="${WALDEN_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
+# How long the sink-outage tests cut each target.
+export WALDEN_TEST_OUTAGE_S="${WALDEN_TEST_OUTAGE_S:-5}"
+
 # --- Checks -----------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -138,3 +138,5 @@ pub fn mutation(sequence: u64, payload: serde_json::Value) -> walden::entry::Del
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
+
+pub mod proxy;
