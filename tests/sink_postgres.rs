@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{mutation, test_server, unique};
 use serde_json::json;
-use walden::sinks::{ErrorClass, PostgresSink, Sink};
+use walden::sinks::{ErrorClass, Outcome, PostgresSink, Sink};
 
 const VAR: &str = "WALDEN_TEST_POSTGRES_URL";
 
@@ -175,4 +175,58 @@ async fn an_unreachable_server_is_transient() {
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     assert!(s.healthcheck().await.is_err());
+}
+
+#[tokio::test]
+async fn a_batch_is_one_statement_and_reports_superseded_entries() {
+    let Some(url) = test_server(VAR) else { return };
+    let table = create_table(&url, "").await;
+    let s = sink(&url, &table);
+    let first = s
+        .apply(&[
+            mutation(10, json!({"op": "put", "key": "a", "value": 10})),
+            mutation(11, json!({"op": "put", "key": "b", "value": 11})),
+        ])
+        .await;
+    assert!(
+        first
+            .iter()
+            .all(|r| *r.as_ref().unwrap() == Outcome::Applied)
+    );
+    let second = s
+        .apply(&[
+            mutation(5, json!({"op": "put", "key": "a", "value": 5})),
+            mutation(12, json!({"op": "delete", "key": "b"})),
+            mutation(13, json!({"op": "put", "key": "c", "value": 13})),
+        ])
+        .await;
+    let outcomes: Vec<Outcome> = second.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        outcomes,
+        vec![Outcome::Superseded, Outcome::Applied, Outcome::Applied]
+    );
+    assert_eq!(
+        row(&url, &table, "a").await,
+        Some((Some(json!(10)), 10, false))
+    );
+    assert_eq!(row(&url, &table, "b").await, Some((None, 12, true)));
+}
+
+#[tokio::test]
+async fn one_bad_row_fails_alone() {
+    let Some(url) = test_server(VAR) else { return };
+    let table = create_table(&url, ", CHECK (version > 10)").await;
+    let results = sink(&url, &table)
+        .apply(&[
+            mutation(20, json!({"op": "put", "key": "a", "value": 1})),
+            mutation(5, json!({"op": "put", "key": "b", "value": 1})),
+            mutation(21, json!({"op": "put", "key": "c", "value": 1})),
+        ])
+        .await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert_eq!(
+        results[1].as_ref().unwrap_err().class,
+        ErrorClass::Permanent
+    );
+    assert!(row(&url, &table, "a").await.is_some() && row(&url, &table, "c").await.is_some());
 }

@@ -2,11 +2,17 @@
 //! version, so a retry or a replay never moves a row backwards:
 //!
 //! ```sql
-//! INSERT INTO t (key, value, version, deleted) VALUES ($1, $2, $3, $4)
+//! INSERT INTO t (key, value, version, deleted) VALUES ($1, $2, $3, $4), ...
 //! ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value,
 //!   version = EXCLUDED.version, deleted = EXCLUDED.deleted
 //! WHERE t.version < EXCLUDED.version
+//! RETURNING t.key
 //! ```
+//!
+//! A batch (at most one entry per key) is one statement and one commit; keys
+//! not returned were superseded by a newer stored version. If the statement
+//! fails for a reason that may be one row's (a constraint, bad data), the
+//! entries are applied one statement each, so only the bad one fails.
 //!
 //! A delete leaves a tombstone (`deleted = true`, `value = NULL`) carrying
 //! its version. The table is not created by Walden:
@@ -24,9 +30,12 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::collections::HashSet;
+
 use futures_util::future::{BoxFuture, join_all};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 
 use super::mutation::{Mutation, Op, version};
 use super::{ApplyResult, Outcome, Sink, SinkError};
@@ -36,7 +45,10 @@ pub struct PostgresSink {
     name: String,
     table: String,
     pool: Pool,
-    upsert: String,
+    /// `INSERT INTO t (columns)`, before the VALUES.
+    insert: String,
+    /// The version-guarded conflict clause, after the VALUES.
+    on_conflict: &'static str,
     timeout: Duration,
 }
 
@@ -68,16 +80,14 @@ impl PostgresSink {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| SinkError::permanent(name, format!("postgres pool: {e}")))?;
-        let upsert = format!(
-            "INSERT INTO {quoted} AS t (key, value, version, deleted) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, \
-             deleted = EXCLUDED.deleted WHERE t.version < EXCLUDED.version"
-        );
         Ok(Self {
             name: name.into(),
             table: table.into(),
             pool,
-            upsert,
+            insert: format!("INSERT INTO {quoted} AS t (key, value, version, deleted)"),
+            on_conflict: "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                          version = EXCLUDED.version, deleted = EXCLUDED.deleted \
+                          WHERE t.version < EXCLUDED.version",
             timeout,
         })
     }
@@ -123,37 +133,149 @@ impl PostgresSink {
                 return vec![Err(e); batch.len()];
             }
         };
-        let stmt = match client.prepare_cached(&self.upsert).await {
-            Ok(s) => s,
-            Err(e) => return vec![Err(self.classify(&e)); batch.len()],
+        let mut results: Vec<Option<ApplyResult>> = vec![None; batch.len()];
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            match Mutation::parse(d) {
+                Ok(m) => rows.push((i, Row::new(m, version(d)))),
+                Err(e) => results[i] = Some(Err(SinkError::permanent(&self.name, e))),
+            }
+        }
+        let distinct = rows
+            .iter()
+            .map(|(_, r)| &r.key)
+            .collect::<HashSet<_>>()
+            .len()
+            == rows.len();
+        let together = if distinct && rows.len() > 1 {
+            self.upsert_together(&client, &rows).await
+        } else {
+            None
         };
-        // Statements issued together are pipelined on the one connection; a
-        // batch holds at most one entry per key, so their order is free.
-        let applies = batch.iter().map(|d| {
-            let (client, stmt) = (&client, &stmt);
-            async move {
-                let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
-                let (value, deleted) = match m.op {
-                    Op::Put => (m.value, false),
-                    Op::Delete => (None, true),
-                };
-                let version = version(d);
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                    [&m.key, &value, &version, &deleted];
-                let run = client.execute(stmt, &params);
-                match tokio::time::timeout(self.timeout, run).await {
-                    // 0 rows: a newer version is stored; the entry is superseded.
-                    Ok(Ok(0)) => Ok(Outcome::Superseded),
-                    Ok(Ok(_)) => Ok(Outcome::Applied),
-                    Ok(Err(e)) => Err(self.classify(&e)),
-                    Err(_) => Err(SinkError::transient(
-                        &self.name,
-                        "postgres statement timed out",
-                    )),
+        match together {
+            Some(outcomes) => {
+                for ((i, _), outcome) in rows.iter().zip(outcomes) {
+                    results[*i] = Some(outcome);
                 }
             }
-        });
-        join_all(applies).await
+            None => {
+                // One statement each, so each entry gets its own answer.
+                let one_by_one = rows.iter().map(|(_, row)| self.upsert_one(&client, row));
+                for ((i, _), outcome) in rows.iter().zip(join_all(one_by_one).await) {
+                    results[*i] = Some(outcome);
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every entry answered"))
+            .collect()
+    }
+
+    /// The whole batch as one multi-row upsert: one statement, one commit.
+    /// `None` when it failed for a reason that might be one entry's fault,
+    /// so the caller retries the entries one by one to find it.
+    async fn upsert_together(
+        &self,
+        client: &deadpool_postgres::Client,
+        rows: &[(usize, Row)],
+    ) -> Option<Vec<ApplyResult>> {
+        let mut values = String::new();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * 4);
+        for (j, (_, row)) in rows.iter().enumerate() {
+            if j > 0 {
+                values.push(',');
+            }
+            let b = 4 * j;
+            values.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+            params.extend([
+                &row.key as &(dyn ToSql + Sync),
+                &row.value,
+                &row.version,
+                &row.deleted,
+            ]);
+        }
+        let sql = format!(
+            "{} VALUES {values} {} RETURNING t.key",
+            self.insert, self.on_conflict
+        );
+        let run = async {
+            let stmt = client.prepare_cached(&sql).await?;
+            client.query(&stmt, &params).await
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(returned)) => {
+                let applied: HashSet<String> = returned.iter().map(|r| r.get(0)).collect();
+                Some(
+                    rows.iter()
+                        .map(|(_, row)| {
+                            // Not returned: the stored version was newer.
+                            Ok(if applied.contains(&row.key) {
+                                Outcome::Applied
+                            } else {
+                                Outcome::Superseded
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            Ok(Err(e)) => {
+                let err = self.classify(&e);
+                // A transient failure is the whole batch's; anything else may
+                // be one row's, so find it.
+                err.is_transient().then(|| vec![Err(err); rows.len()])
+            }
+            Err(_) => {
+                let err = SinkError::transient(&self.name, "postgres statement timed out");
+                Some(vec![Err(err); rows.len()])
+            }
+        }
+    }
+
+    async fn upsert_one(&self, client: &deadpool_postgres::Client, row: &Row) -> ApplyResult {
+        let sql = format!(
+            "{} VALUES ($1, $2, $3, $4) {}",
+            self.insert, self.on_conflict
+        );
+        let run = async {
+            let stmt = client.prepare_cached(&sql).await?;
+            client
+                .execute(&stmt, &[&row.key, &row.value, &row.version, &row.deleted])
+                .await
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            // 0 rows: a newer version is stored; the entry is superseded.
+            Ok(Ok(0)) => Ok(Outcome::Superseded),
+            Ok(Ok(_)) => Ok(Outcome::Applied),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(SinkError::transient(
+                &self.name,
+                "postgres statement timed out",
+            )),
+        }
+    }
+}
+
+/// One mutation as the columns it writes.
+struct Row {
+    key: String,
+    value: Option<serde_json::Value>,
+    version: i64,
+    deleted: bool,
+}
+
+impl Row {
+    fn new(m: Mutation, version: i64) -> Self {
+        let (value, deleted) = match m.op {
+            Op::Put => (m.value, false),
+            Op::Delete => (None, true),
+        };
+        Self {
+            key: m.key,
+            value,
+            version,
+            deleted,
+        }
     }
 }
 
