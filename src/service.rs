@@ -18,7 +18,7 @@ use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
 use crate::config::{BackendConfig, Config};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
-use crate::state::{DedupIndex, StateStore};
+use crate::state::{DedupIndex, ParkStore, StateStore};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,11 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
                 source,
             })?
     };
+    // One fjall database for Walden's own state: idempotency keys and parked
+    // entries.
+    let state_store =
+        Arc::new(StateStore::open(&data_dir.join("state")).map_err(ServiceError::State)?);
+    let park = ParkStore::open(state_store.clone()).map_err(ServiceError::State)?;
     let n = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .max(2);
@@ -103,14 +108,15 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let runtime = NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &handles)
-            .map_err(|source| ServiceError::Target {
-                namespace: name.clone(),
-                source,
-            })?;
+        let runtime =
+            NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &park, &handles)
+                .map_err(|source| ServiceError::Target {
+                    namespace: name.clone(),
+                    source,
+                })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
-    let dedup = open_dedup(&data_dir, &config, &log).await?;
+    let dedup = open_dedup(state_store, &data_dir, &config, &log).await?;
     let state = Arc::new(AppState {
         namespaces,
         log,
@@ -170,13 +176,12 @@ impl Service {
 /// Open the idempotency index, rebuild its window from the log, and purge
 /// expired ids once a minute.
 async fn open_dedup(
+    store: Arc<StateStore>,
     data_dir: &Path,
     config: &Config,
     log: &Arc<EmbeddedLog>,
 ) -> Result<Arc<DedupIndex>, ServiceError> {
-    let path = data_dir.join("state");
-    let store = StateStore::open(&path).map_err(ServiceError::State)?;
-    let dedup = DedupIndex::open(Arc::new(store)).map_err(ServiceError::State)?;
+    let dedup = DedupIndex::open(store).map_err(ServiceError::State)?;
     let windows: Vec<(Vec<ShardRef>, Duration)> = config
         .namespaces
         .iter()

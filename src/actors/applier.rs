@@ -5,12 +5,19 @@
 //! keep flowing. With `ordering = "per_key"`, later entries of a waiting key
 //! wait behind it, and a sink batch holds at most one entry per key.
 //!
+//! A backoff longer than `retry.park_after_ms` parks the entry, with the later
+//! entries of its key, in the park store (fsynced before they are acked), so a
+//! long wait never pins the shard's memory or its watermark. While a key is
+//! parked or held, its new entries park behind it; when the head is due, the
+//! key's entries come back in order.
+//!
 //! An entry that fails permanently, or runs out of `max_attempts`, goes to the
 //! DeadLetter actor (with the DLQ off, it is retried forever: nothing is
-//! dropped). Redriven dead letters come back here with their original
-//! sequence.
+//! dropped). With `dlq.on_dead_letter = "hold_key"`, its key is held until the
+//! dead letter is redriven or purged. Redriven dead letters come back here
+//! with their original sequence.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,15 +28,16 @@ use actix::{
 };
 use futures_util::FutureExt;
 use rand::RngExt;
-use tracing::{Instrument, error, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::consumer::{Rewind, ShardConsumer};
-use super::dead_letter::{Bury, DeadLetterActor, Doomed, Redriven};
+use super::dead_letter::{Bury, DeadLetterActor, Done, Doomed, Redriven};
 use super::{ShardStats, Work, ack, guarded, panic_message};
 use crate::backends::Delivery;
 use crate::config::{Ordering, RetryConfig};
-use crate::entry::{Delivered, Entry, now_ms};
+use crate::entry::{Delivered, Entry, ShardRef, now_ms};
 use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
+use crate::state::park::{ParkStore, Parked};
 use crate::telemetry;
 
 /// Entries per sink call, at most.
@@ -41,6 +49,8 @@ enum Source {
     Log(Work),
     /// Sent back from the DLQ: success removes its dead letter.
     Redrive(Delivered),
+    /// Loaded from the park store: success removes it there.
+    Parked(Delivered),
 }
 
 struct Item {
@@ -62,25 +72,24 @@ impl Item {
                 sequence: w.delivery.sequence(),
                 entry: w.delivery.entry().clone(),
             },
-            Source::Redrive(d) => d.clone(),
+            Source::Redrive(d) | Source::Parked(d) => d.clone(),
         }
     }
 
     fn entry(&self) -> &Entry {
         match &self.source {
             Source::Log(w) => w.delivery.entry(),
-            Source::Redrive(d) => &d.entry,
+            Source::Redrive(d) | Source::Parked(d) => &d.entry,
         }
     }
 
-    fn key(&self, ordering: Ordering) -> Option<&str> {
+    /// The key it orders under: its key with `per_key` (or its id when it
+    /// has none), its own id with `none`.
+    fn order_key(&self, ordering: Ordering) -> &str {
+        let e = self.entry();
         match ordering {
-            Ordering::None => None,
-            // An entry without a key orders only with itself.
-            Ordering::PerKey => {
-                let e = self.entry();
-                Some(e.key.as_deref().unwrap_or(&e.id))
-            }
+            Ordering::PerKey => e.key.as_deref().unwrap_or(&e.id),
+            Ordering::None => &e.id,
         }
     }
 }
@@ -92,19 +101,40 @@ pub struct Policy {
     pub ordering: Ordering,
     /// Failed entries go to the DLQ; without it they are retried forever.
     pub dlq: bool,
+    /// A dead letter holds its key until redriven or purged.
+    pub hold_key: bool,
     /// The target's name, recorded with each dead letter.
     pub target: String,
 }
 
+/// Why a key cannot deliver its new entries now.
+#[derive(Debug, Default)]
+struct Block {
+    /// Its parked head's due time; `None` once loaded back (or never parked).
+    head_due_ms: Option<u64>,
+    /// The dead letter holding it.
+    held_by: Option<String>,
+    /// Park writes for it not yet durable.
+    parks_in_flight: u32,
+    /// A reload from the park store is running.
+    loading: bool,
+}
+
 pub struct Applier {
     sink: Arc<dyn Sink>,
+    shard: ShardRef,
     consumer: Addr<ShardConsumer>,
     dead_letter: Addr<DeadLetterActor>,
+    park: ParkStore,
     policy: Policy,
     stats: Arc<ShardStats>,
     queue: VecDeque<Item>,
+    blocked: HashMap<String, Block>,
     next_uid: u64,
     generation: u64,
+    /// The blocked keys have been loaded from the park store. Until then
+    /// nothing is applied, or a held key's later entry could overtake it.
+    ready: bool,
     /// A sink call is in flight.
     busy: bool,
     timer: Option<SpawnHandle>,
@@ -113,34 +143,231 @@ pub struct Applier {
 impl Applier {
     pub fn new(
         sink: Arc<dyn Sink>,
+        shard: ShardRef,
         consumer: Addr<ShardConsumer>,
         dead_letter: Addr<DeadLetterActor>,
+        park: ParkStore,
         policy: Policy,
         stats: Arc<ShardStats>,
     ) -> Self {
         Self {
             sink,
+            shard,
             consumer,
             dead_letter,
+            park,
             policy,
             stats,
             queue: VecDeque::new(),
+            blocked: HashMap::new(),
             next_uid: 0,
             generation: 0,
+            ready: false,
             busy: false,
             timer: None,
         }
     }
 
-    fn push(&mut self, source: Source) {
+    fn item(&mut self, source: Source) -> Item {
         self.next_uid += 1;
-        self.queue.push_back(Item {
+        Item {
             uid: self.next_uid,
             source,
             attempts: 0,
             not_before: None,
             first_failure_ms: 0,
-        });
+        }
+    }
+
+    /// Queue an item, or park it behind its key if the key is blocked.
+    fn admit(&mut self, item: Item, ctx: &mut Context<Self>) {
+        let key = item.order_key(self.policy.ordering).to_string();
+        let bypass = match (&item.source, self.blocked.get(&key)) {
+            (_, None) => true,
+            // The dead letter holding its key comes back through the hold.
+            (Source::Redrive(d), Some(b)) => b.held_by.as_deref() == Some(d.entry.id.as_str()),
+            // Loaded from the store: it is the key's own backlog.
+            (Source::Parked(_), Some(_)) => true,
+            (Source::Log(_), Some(_)) => false,
+        };
+        if bypass || !self.ready {
+            self.queue.push_back(item);
+        } else {
+            self.park_items(key, vec![item], None, ctx);
+        }
+    }
+
+    /// Move the blocked keys' entries still in the queue into the store
+    /// (after a load at start, or a new hold).
+    fn park_queued_behind_blocks(&mut self, ctx: &mut Context<Self>) {
+        let ordering = self.policy.ordering;
+        let mut behind: HashMap<String, Vec<Item>> = HashMap::new();
+        let queue = std::mem::take(&mut self.queue);
+        for item in queue {
+            let key = item.order_key(ordering).to_string();
+            let blocked = self.blocked.get(&key).is_some_and(|b| {
+                !matches!(&item.source, Source::Parked(_))
+                    && !matches!(&item.source, Source::Redrive(d) if b.held_by.as_deref() == Some(d.entry.id.as_str()))
+            });
+            if blocked {
+                behind.entry(key).or_default().push(item);
+            } else {
+                self.queue.push_back(item);
+            }
+        }
+        for (key, items) in behind {
+            self.park_items(key, items, None, ctx);
+        }
+    }
+
+    /// Park `items` (all of one key, in order) durably; `head_due` is set when
+    /// the first of them waits for a retry. Log items are acked once durable.
+    fn park_items(
+        &mut self,
+        key: String,
+        items: Vec<Item>,
+        head_due: Option<u64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let block = self.blocked.entry(key.clone()).or_default();
+        if head_due.is_some() {
+            block.head_due_ms = head_due;
+        }
+        block.parks_in_flight += 1;
+        let mut parked = Vec::with_capacity(items.len());
+        let mut acks = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let due = if i == 0 { head_due.unwrap_or(0) } else { 0 };
+            parked.push(Parked {
+                delivered: item.delivered(),
+                order_key: key.clone(),
+                attempts: item.attempts,
+                first_failure_ms: item.first_failure_ms,
+                due_ms: due,
+            });
+            match item.source {
+                Source::Log(w) => acks.push(w),
+                Source::Parked(_) => {}
+                // Not parked: its dead letter stays until it applies.
+                Source::Redrive(_) => unreachable!("redriven entries are retried in place"),
+            }
+        }
+        let n = parked.len();
+        let park = self.park.clone();
+        ctx.spawn(async move { park.park(parked).await }.into_actor(self).map(
+            move |result, act, ctx| match result {
+                Ok(()) => {
+                    act.stats.parked.add(n as u64);
+                    for w in acks {
+                        ack(w.delivery);
+                    }
+                    if let Some(b) = act.blocked.get_mut(&key) {
+                        b.parks_in_flight -= 1;
+                    }
+                    act.arm(ctx);
+                }
+                Err(e) => {
+                    // Nothing was acked: a restart reads them again.
+                    error!(error = %e, "Parking failed; restarting the applier.");
+                    ctx.stop();
+                }
+            },
+        ));
+    }
+
+    /// Load the store's blocked keys for this shard, then start applying.
+    fn load_blocked(&mut self, ctx: &mut Context<Self>) {
+        let (park, shard) = (self.park.clone(), self.shard.clone());
+        ctx.spawn(async move { park.blocked(shard).await }.into_actor(self).map(
+            |result, act, ctx| match result {
+                Ok(blocked) => {
+                    for b in blocked {
+                        if b.held_by.is_some() || b.head_due_ms.is_some() {
+                            info!(key = %b.order_key, held_by = ?b.held_by, "Key is blocked (restored from the park store).");
+                        }
+                        act.blocked.insert(
+                            b.order_key,
+                            Block {
+                                head_due_ms: b.head_due_ms,
+                                held_by: b.held_by,
+                                ..Block::default()
+                            },
+                        );
+                    }
+                    act.ready = true;
+                    act.park_queued_behind_blocks(ctx);
+                    act.arm(ctx);
+                    guarded(act, ctx, |act, ctx| act.pump(ctx));
+                }
+                Err(e) => {
+                    error!(error = %e, "Cannot read the park store; retrying in 1 s.");
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| act.load_blocked(ctx));
+                }
+            },
+        ));
+    }
+
+    /// Bring back the parked entries of keys whose head is due.
+    fn wake(&mut self, ctx: &mut Context<Self>) {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .blocked
+            .iter()
+            .filter(|(_, b)| {
+                b.held_by.is_none() && !b.loading && b.head_due_ms.is_some_and(|d| d <= now)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.reload(key, ctx);
+        }
+        self.arm(ctx);
+    }
+
+    /// Load a key's parked entries back into the queue, in order; unblock
+    /// it when none are left.
+    fn reload(&mut self, key: String, ctx: &mut Context<Self>) {
+        let Some(b) = self.blocked.get_mut(&key) else {
+            return;
+        };
+        if b.loading {
+            return;
+        }
+        b.loading = true;
+        b.head_due_ms = None;
+        let (park, shard) = (self.park.clone(), self.shard.clone());
+        let k = key.clone();
+        ctx.spawn(async move { park.load(shard, k).await }.into_actor(self).map(
+            move |result, act, ctx| {
+                let Some(b) = act.blocked.get_mut(&key) else { return };
+                b.loading = false;
+                match result {
+                    Ok(parked) if parked.is_empty() => {
+                        if b.parks_in_flight == 0 && b.held_by.is_none() {
+                            act.blocked.remove(&key);
+                        } else if b.held_by.is_none() {
+                            // A park for it is landing; look again then.
+                            b.head_due_ms = Some(now_ms() + 10);
+                            act.arm(ctx);
+                        }
+                    }
+                    Ok(parked) => {
+                        for p in parked {
+                            let mut item = act.item(Source::Parked(p.delivered));
+                            item.attempts = p.attempts;
+                            item.first_failure_ms = p.first_failure_ms;
+                            act.queue.push_back(item);
+                        }
+                        guarded(act, ctx, |act, ctx| act.pump(ctx));
+                    }
+                    Err(e) => {
+                        error!(error = %e, key = %key, "Cannot load parked entries; retrying in 1 s.");
+                        b.head_due_ms = Some(now_ms() + 1000);
+                        act.arm(ctx);
+                    }
+                }
+            },
+        ));
     }
 
     /// Pick the next batch: in queue order, the first entry of each key that
@@ -149,9 +376,7 @@ impl Applier {
         let mut seen: HashSet<&str> = HashSet::new();
         let mut batch = Vec::new();
         for (i, item) in self.queue.iter().enumerate() {
-            if let Some(k) = item.key(self.policy.ordering)
-                && !seen.insert(k)
-            {
+            if !seen.insert(item.order_key(self.policy.ordering)) {
                 continue;
             }
             if item.not_before.is_some_and(|t| t > now) {
@@ -167,13 +392,13 @@ impl Applier {
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
         crate::failpoint!("applier.apply");
-        if self.busy || self.queue.is_empty() {
+        if self.busy || self.queue.is_empty() || !self.ready {
             return;
         }
         let now = Instant::now();
         let batch = self.next_batch(now);
         if batch.is_empty() {
-            self.wake_at_next_retry(ctx);
+            self.arm(ctx);
             return;
         }
         self.busy = true;
@@ -204,7 +429,7 @@ impl Applier {
     ) {
         self.busy = false;
         match result {
-            Ok(results) => self.settle(uids, results),
+            Ok(results) => self.settle(uids, results, ctx),
             Err(panic) => {
                 error!(
                     panic = panic_message(&panic),
@@ -217,10 +442,10 @@ impl Applier {
         self.pump(ctx);
     }
 
-    /// Ack what succeeded; retry, dead-letter or keep what failed.
+    /// Ack what succeeded; retry, park, dead-letter or keep what failed.
     /// Items dropped by a rewind while their call was in flight no longer
     /// match a uid, and are skipped.
-    fn settle(&mut self, uids: &[u64], results: Vec<ApplyResult>) {
+    fn settle(&mut self, uids: &[u64], results: Vec<ApplyResult>, ctx: &mut Context<Self>) {
         let now = Instant::now();
         for (uid, result) in uids.iter().zip(results) {
             let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
@@ -229,7 +454,7 @@ impl Applier {
             match result {
                 Ok(outcome) => {
                     let item = self.queue.remove(pos).expect("found above");
-                    self.succeeded(item, outcome);
+                    self.succeeded(item, outcome, ctx);
                 }
                 Err(e) => {
                     self.stats.apply_errors.inc();
@@ -245,11 +470,10 @@ impl Applier {
                     let exhausted = item.attempts >= retry.max_attempts;
                     if (permanent || exhausted) && self.policy.dlq {
                         let item = self.queue.remove(pos).expect("found above");
-                        self.give_up(item, &e);
+                        self.give_up(item, &e, ctx);
                         continue;
                     }
                     let backoff = backoff(retry, item.attempts, &e);
-                    item.not_before = Some(now + backoff);
                     warn!(
                         id = %item.entry().id,
                         attempts = item.attempts,
@@ -257,6 +481,16 @@ impl Applier {
                         error = %e,
                         "Delivery failed; will retry."
                     );
+                    let parks = backoff > Duration::from_millis(retry.park_after_ms)
+                        && !matches!(item.source, Source::Redrive(_));
+                    if parks {
+                        let key = item.order_key(self.policy.ordering).to_string();
+                        let due = now_ms() + backoff.as_millis() as u64;
+                        let items = self.take_key(&key);
+                        self.park_items(key, items, Some(due), ctx);
+                    } else {
+                        item.not_before = Some(now + backoff);
+                    }
                 }
             }
         }
@@ -264,51 +498,173 @@ impl Applier {
         self.stats.in_retry.set(in_retry as i64);
     }
 
-    fn succeeded(&mut self, item: Item, outcome: Outcome) {
+    /// Remove and return every queued item of `key`, in order.
+    fn take_key(&mut self, key: &str) -> Vec<Item> {
+        let ordering = self.policy.ordering;
+        let (mine, rest): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|i| i.order_key(ordering) == key);
+        self.queue = rest.into();
+        mine
+    }
+
+    fn succeeded(&mut self, item: Item, outcome: Outcome, ctx: &mut Context<Self>) {
         match outcome {
             Outcome::Applied => self.stats.applied.inc(),
             Outcome::Superseded => self.stats.superseded.inc(),
         }
+        let key = item.order_key(self.policy.ordering).to_string();
         match item.source {
             Source::Log(work) => ack(work.delivery),
-            Source::Redrive(d) => self.dead_letter.do_send(Redriven {
-                namespace: d.shard.namespace.to_string(),
-                id: d.entry.id,
-            }),
-        }
-    }
-
-    /// Out of attempts, or a permanent error: to the DLQ.
-    fn give_up(&mut self, item: Item, e: &SinkError) {
-        match item.source {
-            Source::Log(work) => self.dead_letter.do_send(Bury(vec![Doomed {
-                work,
-                attempts: item.attempts,
-                first_failure_ms: item.first_failure_ms,
-                last_failure_ms: now_ms(),
-                last_error: e.to_string(),
-                target: self.policy.target.clone(),
-            }])),
             Source::Redrive(d) => {
-                // Its dead letter was never removed: it simply stays.
-                self.stats.redrive_failed.inc();
-                warn!(id = %d.entry.id, error = %e, "A redriven entry failed again; it stays in the DLQ.");
+                self.dead_letter.do_send(Redriven {
+                    namespace: d.shard.namespace.to_string(),
+                    id: d.entry.id.clone(),
+                });
+                if self.blocked.get(&key).and_then(|b| b.held_by.as_deref())
+                    == Some(d.entry.id.as_str())
+                {
+                    self.release(key, ctx);
+                }
+            }
+            Source::Parked(d) => {
+                let (park, shard) = (self.park.clone(), self.shard.clone());
+                let (k, seq) = (key.clone(), d.sequence);
+                ctx.spawn(
+                    async move {
+                        if let Err(e) = park.remove(shard, k, seq).await {
+                            // Applied again after a restart: at least once.
+                            warn!(error = %e, "Could not remove an applied entry from the park store.");
+                        }
+                    }
+                    .into_actor(self),
+                );
+                self.drained(key, ctx);
             }
         }
     }
 
-    fn wake_at_next_retry(&mut self, ctx: &mut Context<Self>) {
-        let Some(at) = self.queue.iter().filter_map(|i| i.not_before).min() else {
+    /// A loaded entry of `key` left the queue: when it was the last one,
+    /// look for more in the store (and unblock the key when there are none).
+    fn drained(&mut self, key: String, ctx: &mut Context<Self>) {
+        let ordering = self.policy.ordering;
+        let more = self.queue.iter().any(|i| i.order_key(ordering) == key);
+        let blocked = self
+            .blocked
+            .get(&key)
+            .is_some_and(|b| b.head_due_ms.is_none() && b.held_by.is_none());
+        if !more && blocked {
+            self.reload(key, ctx);
+        }
+    }
+
+    /// Release a key held by a dead letter (redriven or purged), durably, then
+    /// deliver what waited behind it.
+    fn release(&mut self, key: String, ctx: &mut Context<Self>) {
+        let (park, shard) = (self.park.clone(), self.shard.clone());
+        let k = key.clone();
+        ctx.spawn(
+            async move { park.release(shard, k).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(()) => {
+                        if let Some(b) = act.blocked.get_mut(&key) {
+                            b.held_by = None;
+                        }
+                        act.reload(key, ctx);
+                    }
+                    Err(e) => error!(error = %e, key = %key, "Could not release a held key."),
+                }),
+        );
+    }
+
+    /// Out of attempts, or a permanent error: to the DLQ (and, with
+    /// `hold_key`, hold its key first).
+    fn give_up(&mut self, item: Item, e: &SinkError, ctx: &mut Context<Self>) {
+        let key = item.order_key(self.policy.ordering).to_string();
+        let delivered = item.delivered();
+        let done = match item.source {
+            Source::Log(work) => Done::Ack(work),
+            Source::Parked(d) => Done::Unpark {
+                store: self.park.clone(),
+                order_key: key.clone(),
+                sequence: d.sequence,
+            },
+            Source::Redrive(d) => {
+                // Its dead letter was never removed: it simply stays.
+                self.stats.redrive_failed.inc();
+                warn!(id = %d.entry.id, error = %e, "A redriven entry failed again; it stays in the DLQ.");
+                return;
+            }
+        };
+        let doomed = Doomed {
+            delivered,
+            done,
+            attempts: item.attempts,
+            first_failure_ms: item.first_failure_ms,
+            last_failure_ms: now_ms(),
+            last_error: e.to_string(),
+            target: self.policy.target.clone(),
+        };
+        if !self.policy.hold_key {
+            let was_parked = matches!(doomed.done, Done::Unpark { .. });
+            self.dead_letter.do_send(Bury(vec![doomed]));
+            if was_parked {
+                self.drained(key, ctx);
+            }
+            return;
+        }
+        // Hold the key durably before the entry leaves: its later entries
+        // must wait behind the dead letter, even after a crash.
+        let block = self.blocked.entry(key.clone()).or_default();
+        block.held_by = Some(doomed.delivered.entry.id.clone());
+        block.head_due_ms = None;
+        let (park, shard) = (self.park.clone(), self.shard.clone());
+        let (k, id) = (key.clone(), doomed.delivered.entry.id.clone());
+        ctx.spawn(
+            async move { park.hold(shard, k, id).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(()) => {
+                        act.dead_letter.do_send(Bury(vec![doomed]));
+                        act.park_queued_behind_blocks(ctx);
+                    }
+                    Err(e) => {
+                        error!(error = %e, "Could not hold a key; restarting the applier.");
+                        ctx.stop();
+                    }
+                }),
+        );
+        self.park_queued_behind_blocks(ctx);
+    }
+
+    /// Arm one timer for the earliest retry or parked head.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let retry = self.queue.iter().filter_map(|i| i.not_before).min();
+        let wall = now_ms();
+        let parked = self
+            .blocked
+            .values()
+            .filter(|b| b.held_by.is_none() && !b.loading)
+            .filter_map(|b| b.head_due_ms)
+            .min()
+            .map(|due| now + Duration::from_millis(due.saturating_sub(wall)));
+        let Some(at) = retry.into_iter().chain(parked).min() else {
             return;
         };
         if let Some(h) = self.timer.take() {
             ctx.cancel_future(h);
         }
-        let wait = at.saturating_duration_since(Instant::now());
-        self.timer = Some(ctx.run_later(wait, |act, ctx| {
-            act.timer = None;
-            guarded(act, ctx, |act, ctx| act.pump(ctx));
-        }));
+        self.timer = Some(
+            ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                act.timer = None;
+                guarded(act, ctx, |act, ctx| {
+                    act.wake(ctx);
+                    act.pump(ctx);
+                });
+            }),
+        );
     }
 }
 
@@ -322,6 +678,10 @@ fn backoff(retry: &RetryConfig, attempts: u32, e: &SinkError) -> Duration {
 
 impl Actor for Applier {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.load_blocked(ctx);
+    }
 }
 
 impl Supervised for Applier {
@@ -329,6 +689,8 @@ impl Supervised for Applier {
         warn!("Restarting an applier; its shard rewinds.");
         self.stats.restarts.inc();
         self.queue.clear();
+        self.blocked.clear();
+        self.ready = false;
         self.busy = false;
         self.timer = None;
         self.stats.in_retry.set(0);
@@ -345,13 +707,16 @@ impl Handler<Apply> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) {
-        let generation = self.generation;
-        for work in msg.0 {
-            if work.generation >= generation {
-                self.push(Source::Log(work));
+        guarded(self, ctx, |act, ctx| {
+            let generation = act.generation;
+            for work in msg.0 {
+                if work.generation >= generation {
+                    let item = act.item(Source::Log(work));
+                    act.admit(item, ctx);
+                }
             }
-        }
-        guarded(self, ctx, |act, ctx| act.pump(ctx));
+            act.pump(ctx);
+        });
     }
 }
 
@@ -365,10 +730,35 @@ impl Handler<Redrive> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: Redrive, ctx: &mut Context<Self>) {
-        for d in msg.0 {
-            self.push(Source::Redrive(d));
+        guarded(self, ctx, |act, ctx| {
+            for d in msg.0 {
+                let item = act.item(Source::Redrive(d));
+                act.admit(item, ctx);
+            }
+            act.pump(ctx);
+        });
+    }
+}
+
+/// A dead letter was purged: if it held its key, release the key.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Purged {
+    pub order_key: String,
+    pub id: String,
+}
+
+impl Handler<Purged> for Applier {
+    type Result = ();
+
+    fn handle(&mut self, msg: Purged, ctx: &mut Context<Self>) {
+        let held = self
+            .blocked
+            .get(&msg.order_key)
+            .and_then(|b| b.held_by.as_deref());
+        if held == Some(msg.id.as_str()) {
+            self.release(msg.order_key, ctx);
         }
-        guarded(self, ctx, |act, ctx| act.pump(ctx));
     }
 }
 
@@ -384,7 +774,7 @@ impl Handler<Reset> for Applier {
         self.generation = generation;
         self.queue.retain(|i| match &i.source {
             Source::Log(w) => w.generation >= generation,
-            Source::Redrive(_) => true,
+            Source::Redrive(_) | Source::Parked(_) => true,
         });
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);

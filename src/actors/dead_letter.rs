@@ -15,11 +15,26 @@ use super::applier::Reset;
 use super::consumer::{Rewind, ShardConsumer};
 use super::{ShardStats, Work, ack, guarded};
 use crate::backends::embedded::EmbeddedDlq;
-use crate::backends::{DeadLetter, DeadLetters, Delivery, Origin};
+use crate::backends::{DeadLetter, DeadLetters, Origin};
+use crate::entry::Delivered;
+use crate::state::ParkStore;
+
+/// What finishes an entry once its dead letter is durable.
+pub enum Done {
+    /// It came from the log: ack it, so the watermark can pass.
+    Ack(Work),
+    /// It came from the park store: remove it there.
+    Unpark {
+        store: ParkStore,
+        order_key: String,
+        sequence: u64,
+    },
+}
 
 /// An entry the applier gave up on.
 pub struct Doomed {
-    pub work: Work,
+    pub delivered: Delivered,
+    pub done: Done,
     pub attempts: u32,
     pub first_failure_ms: u64,
     pub last_failure_ms: u64,
@@ -50,17 +65,19 @@ impl DeadLetterActor {
 
     fn store(&mut self, doomed: Doomed, ctx: &mut Context<Self>) {
         crate::failpoint!("dead_letter.store");
-        if doomed.work.generation < self.generation {
+        if let Done::Ack(w) = &doomed.done
+            && w.generation < self.generation
+        {
             // The shard rewound: it will read this entry again.
             return;
         }
-        let d = &doomed.work.delivery;
+        let d = &doomed.delivered;
         let letter = DeadLetter {
             dlq_sequence: 0,
-            entry: d.entry().clone(),
+            entry: d.entry.clone(),
             origin: Origin {
-                shard: d.shard().clone(),
-                sequence: d.sequence(),
+                shard: d.shard.clone(),
+                sequence: d.sequence,
                 target: doomed.target.clone(),
             },
             attempts: doomed.attempts,
@@ -75,17 +92,17 @@ impl DeadLetterActor {
                 .map(move |result, act, ctx| match result {
                     Ok(dlq_sequence) => {
                         act.stats.dead_lettered.inc();
-                        let d = &doomed.work.delivery;
+                        let d = &doomed.delivered;
                         info!(
-                            shard = %d.shard(),
-                            sequence = d.sequence(),
-                            id = %d.entry().id,
+                            shard = %d.shard,
+                            sequence = d.sequence,
+                            id = %d.entry.id,
                             dlq_sequence,
                             attempts = doomed.attempts,
                             error = %doomed.last_error,
                             "Entry dead-lettered."
                         );
-                        ack(doomed.work.delivery);
+                        finish(doomed.done, doomed.delivered.shard);
                     }
                     Err(error) => {
                         error!(%error, "Could not store a dead letter; retrying in 1 s.");
@@ -95,6 +112,24 @@ impl DeadLetterActor {
                     }
                 }),
         );
+    }
+}
+
+/// The dead letter is durable: let the entry go from where it was.
+fn finish(done: Done, shard: crate::entry::ShardRef) {
+    match done {
+        Done::Ack(w) => ack(w.delivery),
+        Done::Unpark {
+            store,
+            order_key,
+            sequence,
+        } => {
+            actix::spawn(async move {
+                if let Err(e) = store.remove(shard, order_key, sequence).await {
+                    warn!(error = %e, "Could not unpark a dead-lettered entry.");
+                }
+            });
+        }
     }
 }
 

@@ -57,6 +57,9 @@ pub struct ShardStats {
     pub superseded: Counter,
     /// Redriven entries that failed again (they stay in the DLQ).
     pub redrive_failed: Counter,
+    /// Entries written to the park store (a long backoff, or behind a parked
+    /// or held key).
+    pub parked: Counter,
 }
 
 /// A delivery, tagged with the consumer generation that read it.

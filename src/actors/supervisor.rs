@@ -16,9 +16,10 @@ use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
 use super::ingest::Ingest;
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog};
-use crate::config::{NamespaceConfig, ServerConfig};
+use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
+use crate::state::ParkStore;
 
 /// The consumer group the service reads with.
 pub const CONSUMER_GROUP: &str = "walden";
@@ -72,6 +73,7 @@ impl NamespaceRuntime {
         server: &ServerConfig,
         log: &Arc<EmbeddedLog>,
         dlq: &Arc<EmbeddedDlq>,
+        park: &ParkStore,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
         let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
@@ -99,10 +101,12 @@ impl NamespaceRuntime {
                     retry: config.retry.clone(),
                     ordering: config.ordering,
                     dlq: config.dlq.enabled,
+                    hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
                     target: config.target.name().to_string(),
                 };
+                let (park, shard) = (park.clone(), shard.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    Applier::new(sink, consumer, dead_letter, policy, stats)
+                    Applier::new(sink, shard, consumer, dead_letter, park, policy, stats)
                 })
             };
             let delay = {

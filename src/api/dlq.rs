@@ -15,7 +15,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::applier::Redrive;
+use crate::actors::applier::{Purged, Redrive};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::{DeadLetter, DeadLetters};
 use crate::entry::Delivered;
@@ -194,7 +194,22 @@ pub async fn purge(
     let mut purged = 0;
     for l in letters {
         match state.dlq.remove(&ns.name, &l.entry.id, "purged").await {
-            Ok(true) => purged += 1,
+            Ok(true) => {
+                purged += 1;
+                // If it held its key, the key's waiting entries may go.
+                if let Some(h) = ns.shards.get(l.origin.shard.shard as usize) {
+                    let order_key = match ns.config.ordering {
+                        crate::config::Ordering::PerKey => {
+                            l.entry.key.clone().unwrap_or(l.entry.id.clone())
+                        }
+                        crate::config::Ordering::None => l.entry.id.clone(),
+                    };
+                    h.applier.do_send(Purged {
+                        order_key,
+                        id: l.entry.id.clone(),
+                    });
+                }
+            }
             Ok(false) => not_found.push(l.entry.id),
             Err(e) => return Err(backend_error(e)),
         }

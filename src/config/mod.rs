@@ -340,6 +340,9 @@ pub struct RetryConfig {
     /// HTTP statuses to treat as permanent (straight to the DLQ), overriding
     /// the HTTP target's classes (5xx, 408 and 429 are transient).
     pub permanent_http_statuses: Vec<u16>,
+    /// A backoff longer than this parks the entry (and the later entries of
+    /// its key) durably in the state store instead of holding it in memory.
+    pub park_after_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -350,6 +353,7 @@ impl Default for RetryConfig {
             max_backoff_ms: 60_000,
             max_attempts: 8,
             permanent_http_statuses: Vec::new(),
+            park_after_ms: 5_000,
         }
     }
 }
@@ -373,12 +377,27 @@ pub struct DlqConfig {
     /// Every namespace has a dead-letter queue unless this is false. Without
     /// it, an entry that keeps failing is retried forever, never dropped.
     pub enabled: bool,
+    /// What happens to a key when one of its entries is dead-lettered:
+    /// `"continue"` delivers its later entries; `"hold_key"` keeps them (parked
+    /// durably) until the dead letter is redriven or purged.
+    pub on_dead_letter: OnDeadLetter,
 }
 
 impl Default for DlqConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            on_dead_letter: OnDeadLetter::Continue,
+        }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeadLetter {
+    #[default]
+    Continue,
+    HoldKey,
 }
 
 /// `[namespaces.NAME.limits]`: what a write may carry.

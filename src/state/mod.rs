@@ -1,11 +1,13 @@
 //! The fjall-backed state store: Walden's own state beside the log. It holds
-//! the idempotency index now; the park store and the delay index follow.
+//! the idempotency index and the park store; the delay index follows.
 
 pub mod dedup;
+pub mod park;
 
 use std::path::{Path, PathBuf};
 
 pub use dedup::DedupIndex;
+pub use park::ParkStore;
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store {path}: {source}")]
@@ -38,6 +40,13 @@ impl StateStore {
     pub(crate) fn keyspace(&self, name: &str) -> Result<fjall::Keyspace, StateError> {
         self.db
             .keyspace(name, fjall::KeyspaceCreateOptions::default)
+            .map_err(|e| self.error(e))
+    }
+
+    /// fsync fjall's journal: everything written so far survives a power cut.
+    pub(crate) fn persist(&self) -> Result<(), StateError> {
+        self.db
+            .persist(fjall::PersistMode::SyncData)
             .map_err(|e| self.error(e))
     }
 

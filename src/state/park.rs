@@ -1,0 +1,343 @@
+//! The park store: entries that wait outside the applier's memory, in fjall.
+//!
+//! - An entry whose retry backoff is longer than `retry.park_after_ms` is
+//!   parked, with the entries of its key that wait behind it.
+//! - With `dlq.on_dead_letter = "hold_key"`, a dead-lettered entry leaves a
+//!   hold on its key, and later entries of the key park behind it until the
+//!   dead letter is redriven or purged.
+//!
+//! Parked entries are fsynced (`persist(SyncData)`) before their deliveries
+//! are acked, so the consumer's watermark never passes an entry that lives
+//! only in memory. After a crash, the blocked keys are rebuilt from here, so a
+//! later entry for a held key still waits behind the parked one.
+//!
+//! Keys sort by namespace, shard, entry key, then sequence, so a key's parked
+//! entries come back in order. All operations run one at a time, in order, on
+//! the store's own thread: a reload always sees the parks issued before it.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use tokio::sync::oneshot;
+use tracing::error;
+
+use super::{StateError, StateStore};
+use crate::backends::embedded::format::{self, Frame};
+use crate::entry::{Delivered, ShardRef};
+
+/// A parked entry and its retry state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parked {
+    pub delivered: Delivered,
+    /// The key it orders under (the entry's key, or its id when unordered).
+    pub order_key: String,
+    pub attempts: u32,
+    pub first_failure_ms: u64,
+    /// When to try it next; 0 for an entry waiting behind another.
+    pub due_ms: u64,
+}
+
+/// A key that cannot deliver now, as found at startup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    pub order_key: String,
+    /// The first parked entry's due time, if any is parked.
+    pub head_due_ms: Option<u64>,
+    /// The dead letter holding the key, if any.
+    pub held_by: Option<String>,
+}
+
+type Job = Box<dyn FnOnce(&Inner) + Send>;
+
+struct Inner {
+    store: Arc<StateStore>,
+    parked: fjall::Keyspace,
+    holds: fjall::Keyspace,
+}
+
+/// A handle to the park store; cheap to clone.
+#[derive(Clone)]
+pub struct ParkStore {
+    jobs: Sender<Job>,
+}
+
+fn shard_prefix(shard: &ShardRef) -> Vec<u8> {
+    let mut k = Vec::with_capacity(shard.namespace.len() + 6);
+    k.extend_from_slice(&(shard.namespace.len() as u16).to_be_bytes());
+    k.extend_from_slice(shard.namespace.as_bytes());
+    k.extend_from_slice(&shard.shard.to_be_bytes());
+    k
+}
+
+fn key_prefix(shard: &ShardRef, order_key: &str) -> Vec<u8> {
+    let mut k = shard_prefix(shard);
+    k.extend_from_slice(&(order_key.len() as u32).to_be_bytes());
+    k.extend_from_slice(order_key.as_bytes());
+    k
+}
+
+fn entry_key(shard: &ShardRef, order_key: &str, sequence: u64) -> Vec<u8> {
+    let mut k = key_prefix(shard, order_key);
+    k.extend_from_slice(&sequence.to_be_bytes());
+    k
+}
+
+/// The order key inside a store key, after the shard prefix.
+fn order_key_of(key: &[u8], prefix_len: usize) -> Option<String> {
+    let len_bytes = key.get(prefix_len..prefix_len + 4)?;
+    let len = u32::from_be_bytes(len_bytes.try_into().ok()?) as usize;
+    let bytes = key.get(prefix_len + 4..prefix_len + 4 + len)?;
+    String::from_utf8(bytes.to_vec()).ok()
+}
+
+/// Value: attempts, first failure, due, the order key, then the entry as a
+/// CRC-checked log record.
+fn encode(p: &Parked) -> Vec<u8> {
+    let mut v = Vec::with_capacity(p.delivered.entry.payload.len() + 128);
+    v.extend_from_slice(&p.attempts.to_le_bytes());
+    v.extend_from_slice(&p.first_failure_ms.to_le_bytes());
+    v.extend_from_slice(&p.due_ms.to_le_bytes());
+    v.extend_from_slice(&(p.order_key.len() as u32).to_le_bytes());
+    v.extend_from_slice(p.order_key.as_bytes());
+    let d = &p.delivered;
+    format::encode_record(
+        &mut v,
+        &d.shard.namespace,
+        d.shard.shard,
+        d.sequence,
+        &d.entry,
+    )
+    .expect("entries were checked when they were appended");
+    v
+}
+
+fn decode(v: &[u8]) -> Option<Parked> {
+    let attempts = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?);
+    let first_failure_ms = u64::from_le_bytes(v.get(4..12)?.try_into().ok()?);
+    let due_ms = u64::from_le_bytes(v.get(12..20)?.try_into().ok()?);
+    let klen = u32::from_le_bytes(v.get(20..24)?.try_into().ok()?) as usize;
+    let order_key = String::from_utf8(v.get(24..24 + klen)?.to_vec()).ok()?;
+    match format::decode_frame(v.get(24 + klen..)?) {
+        Frame::Valid { record, .. } => Some(Parked {
+            delivered: Delivered {
+                shard: ShardRef {
+                    namespace: record.namespace,
+                    shard: record.shard,
+                },
+                sequence: record.offset,
+                entry: record.entry,
+            },
+            order_key,
+            attempts,
+            first_failure_ms,
+            due_ms,
+        }),
+        _ => None,
+    }
+}
+
+impl Inner {
+    fn err(&self, e: fjall::Error) -> StateError {
+        self.store.error(e)
+    }
+
+    fn persist(&self) -> Result<(), StateError> {
+        self.store.persist()
+    }
+}
+
+impl ParkStore {
+    pub fn open(store: Arc<StateStore>) -> Result<Self, StateError> {
+        let inner = Inner {
+            parked: store.keyspace("parked")?,
+            holds: store.keyspace("holds")?,
+            store,
+        };
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        std::thread::Builder::new()
+            .name("walden-park-store".into())
+            .spawn(move || {
+                for job in rx {
+                    job(&inner);
+                }
+            })
+            .map_err(|e| StateError {
+                path: "park store thread".into(),
+                source: fjall::Error::Io(e),
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Run `f` on the store's thread, after every job sent before it.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<R, StateError> + Send + 'static,
+    ) -> Result<R, StateError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |inner| {
+            let _ = tx.send(f(inner));
+        });
+        if self.jobs.send(job).is_err() {
+            error!("The park store's thread is gone.");
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(StateError {
+                path: "park store thread".into(),
+                source: fjall::Error::Io(std::io::Error::other("the park store stopped")),
+            })
+        })
+    }
+
+    /// Park these entries (or update their retry state), durably.
+    pub async fn park(&self, items: Vec<Parked>) -> Result<(), StateError> {
+        self.run(move |s| {
+            for p in &items {
+                let k = entry_key(&p.delivered.shard, &p.order_key, p.delivered.sequence);
+                s.parked.insert(k, encode(p)).map_err(|e| s.err(e))?;
+            }
+            s.persist()
+        })
+        .await
+    }
+
+    /// Every parked entry of one key, in sequence order.
+    pub async fn load(
+        &self,
+        shard: ShardRef,
+        order_key: String,
+    ) -> Result<Vec<Parked>, StateError> {
+        self.run(move |s| {
+            let mut out = Vec::new();
+            for item in s.parked.prefix(key_prefix(&shard, &order_key)) {
+                let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
+                if let Some(p) = decode(&v) {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Forget an entry that was applied or dead-lettered. Not fsynced: if a
+    /// crash brings it back, it is applied again (at least once).
+    pub async fn remove(
+        &self,
+        shard: ShardRef,
+        order_key: String,
+        sequence: u64,
+    ) -> Result<(), StateError> {
+        self.run(move |s| {
+            s.parked
+                .remove(entry_key(&shard, &order_key, sequence))
+                .map_err(|e| s.err(e))
+        })
+        .await
+    }
+
+    /// Hold a key behind a dead letter, durably.
+    pub async fn hold(
+        &self,
+        shard: ShardRef,
+        order_key: String,
+        dlq_id: String,
+    ) -> Result<(), StateError> {
+        self.run(move |s| {
+            s.holds
+                .insert(key_prefix(&shard, &order_key), dlq_id.into_bytes())
+                .map_err(|e| s.err(e))?;
+            s.persist()
+        })
+        .await
+    }
+
+    /// Release a key's hold, durably.
+    pub async fn release(&self, shard: ShardRef, order_key: String) -> Result<(), StateError> {
+        self.run(move |s| {
+            s.holds
+                .remove(key_prefix(&shard, &order_key))
+                .map_err(|e| s.err(e))?;
+            s.persist()
+        })
+        .await
+    }
+
+    /// The keys of a shard that cannot deliver now: parked heads and holds.
+    pub async fn blocked(&self, shard: ShardRef) -> Result<Vec<Blocked>, StateError> {
+        self.run(move |s| {
+            let prefix = shard_prefix(&shard);
+            let mut out: Vec<Blocked> = Vec::new();
+            for item in s.parked.prefix(&prefix) {
+                let (k, v) = item.into_inner().map_err(|e| s.err(e))?;
+                let Some(key) = order_key_of(&k, prefix.len()) else {
+                    continue;
+                };
+                if out.last().is_some_and(|b| b.order_key == key) {
+                    continue; // only the head's due time matters
+                }
+                let due = decode(&v).map(|p| p.due_ms).unwrap_or(0);
+                out.push(Blocked {
+                    order_key: key,
+                    head_due_ms: Some(due),
+                    held_by: None,
+                });
+            }
+            for item in s.holds.prefix(&prefix) {
+                let (k, v) = item.into_inner().map_err(|e| s.err(e))?;
+                let Some(key) = order_key_of(&k, prefix.len()) else {
+                    continue;
+                };
+                let held_by = String::from_utf8_lossy(&v).into_owned();
+                match out.iter_mut().find(|b| b.order_key == key) {
+                    Some(b) => b.held_by = Some(held_by),
+                    None => out.push(Blocked {
+                        order_key: key,
+                        head_due_ms: None,
+                        held_by: Some(held_by),
+                    }),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Entry;
+    use bytes::Bytes;
+
+    #[test]
+    fn parked_entries_round_trip() {
+        let p = Parked {
+            delivered: Delivered {
+                shard: ShardRef::new("ns", 3),
+                sequence: 42,
+                entry: Entry {
+                    id: "e".into(),
+                    key: Some("k".into()),
+                    payload: Bytes::from_static(b"{}"),
+                    ..Entry::default()
+                },
+            },
+            order_key: "k".into(),
+            attempts: 4,
+            first_failure_ms: 7,
+            due_ms: 99,
+        };
+        assert_eq!(decode(&encode(&p)), Some(p));
+    }
+
+    #[test]
+    fn keys_sort_by_key_then_sequence() {
+        let s = ShardRef::new("ns", 1);
+        assert!(entry_key(&s, "a", 9) < entry_key(&s, "a", 10));
+        assert!(entry_key(&s, "a", 300) < entry_key(&s, "b", 1));
+        assert_eq!(
+            order_key_of(&entry_key(&s, "a\0b", 5), shard_prefix(&s).len()).as_deref(),
+            Some("a\0b")
+        );
+    }
+}
