@@ -32,6 +32,8 @@ pub struct ShardView {
     pub in_retry: i64,
     pub delayed: i64,
     pub restarts: u64,
+    /// Entries written to the park store since start.
+    pub parked: u64,
 }
 
 #[derive(Serialize)]
@@ -105,6 +107,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             in_retry: h.stats.in_retry.get(),
             delayed: h.stats.delayed.get(),
             restarts: h.stats.restarts.get(),
+            parked: h.stats.parked.get(),
         });
     }
     let (healthy, last_error) = ns.sink_health.healthy();

@@ -32,8 +32,8 @@ struct Shared {
     received: Mutex<Vec<Received>>,
     /// 0: answer 200; otherwise answer this status.
     fail_status: AtomicU16,
-    /// Entries with these keys get this status.
-    reject: Mutex<std::collections::HashMap<String, u16>>,
+    /// Entries with these keys get this status (and maybe a Retry-After).
+    reject: Mutex<std::collections::HashMap<String, (u16, Option<u64>)>>,
 }
 
 pub struct HttpTarget {
@@ -59,9 +59,12 @@ async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
     let rejected = body["key"]
         .as_str()
         .and_then(|k| shared.reject.lock().unwrap().get(k).copied());
-    if let Some(status) = rejected {
-        return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
-            .body("rejected on purpose");
+    if let Some((status, retry_after)) = rejected {
+        let mut resp = HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap());
+        if let Some(secs) = retry_after {
+            resp.insert_header(("Retry-After", secs.to_string()));
+        }
+        return resp.body("rejected on purpose");
     }
     shared.received.lock().unwrap().push(Received {
         body,
@@ -113,11 +116,16 @@ impl HttpTarget {
 
     /// Answer entries with `key` with `status` (0: accept them again).
     pub fn reject_key(&self, key: &str, status: u16) {
+        self.reject_key_for(key, status, None);
+    }
+
+    /// Like `reject_key`, with a `Retry-After` of `secs`.
+    pub fn reject_key_for(&self, key: &str, status: u16, retry_after: Option<u64>) {
         let mut reject = self.shared.reject.lock().unwrap();
         if status == 0 {
             reject.remove(key);
         } else {
-            reject.insert(key.to_string(), status);
+            reject.insert(key.to_string(), (status, retry_after));
         }
     }
 
