@@ -292,3 +292,65 @@ async fn a_held_key_stays_held_across_a_sigkill_and_redrive_delivers_in_order() 
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_key_survives_a_sigkill_with_its_entries_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key_for("P", 503, Some(2));
+    let config = dir.path().join("walden.toml");
+    let write_config = |port: u16| {
+        let text = config_text(
+            &dir.path().join("data"),
+            &format!("127.0.0.1:{port}"),
+            &target.url(),
+            "",
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    let port = free_port();
+    write_config(port);
+    let mut child = start_binary(&config);
+    wait_up(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let url = format!("{base}/v1/namespaces/ns/log");
+    for n in 0..3 {
+        assert_eq!(
+            post(&url, json!({"payload": {"n": n}, "key": "P"})).await,
+            200
+        );
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = stats(&base).await;
+        let parked: u64 = st["per_shard"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["parked"].as_u64().unwrap())
+            .sum();
+        if parked >= 3 && st["pending"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "P never parked: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap(); // SIGKILL while P is parked with entries behind it
+    child.wait().unwrap();
+    target.reject_key("P", 0);
+
+    let port = free_port();
+    write_config(port);
+    let mut child = start_binary(&config);
+    wait_up(port).await;
+    let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
+    // A later entry for P waits behind the parked ones, even after the crash.
+    assert_eq!(
+        post(&url, json!({"payload": {"n": 3}, "key": "P"})).await,
+        200
+    );
+    until("P's entries", || values_of(&target, "P").len() >= 4).await;
+    assert_eq!(values_of(&target, "P"), vec![0, 1, 2, 3]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
