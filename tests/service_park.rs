@@ -354,3 +354,73 @@ async fn a_parked_key_survives_a_sigkill_with_its_entries_in_order() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_into_a_parked_key_is_retried_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("K", 400);
+    let text = config_text(dir.path(), "127.0.0.1:0", &target.url(), "");
+    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let base = format!("http://{}", svc.addr);
+    let url = format!("{base}/v1/namespaces/ns/log");
+    assert_eq!(
+        post(&url, json!({"payload": {"n": 0}, "key": "K", "id": "k0"})).await,
+        200
+    );
+    let deadline = Instant::now() + WAIT;
+    while stats(&base).await["dead_lettered"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Now K parks (a long Retry-After), and its dead letter is redriven
+    // into the parked key.
+    target.reject_key_for("K", 503, Some(1));
+    assert_eq!(
+        post(&url, json!({"payload": {"n": 1}, "key": "K", "id": "k1"})).await,
+        200
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = stats(&base).await;
+        if st["per_shard"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["parked"].as_u64().unwrap() > 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "k1 never parked: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/namespaces/ns/dlq/redrive"))
+        .json(&json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    target.reject_key("K", 0);
+    until("both of K's entries", || values_of(&target, "K").len() >= 2).await;
+    let mut got = values_of(&target, "K");
+    got.sort();
+    got.dedup();
+    assert_eq!(got, vec![0, 1]);
+    let st = stats(&base).await;
+    let restarts: u64 = st["per_shard"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["restarts"].as_u64().unwrap())
+        .sum();
+    assert_eq!(restarts, 0, "no actor panicked: {st}");
+    let deadline = Instant::now() + WAIT;
+    while stats(&base).await["dead_lettered"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the redriven letter left the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

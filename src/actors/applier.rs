@@ -184,8 +184,9 @@ impl Applier {
         let key = item.order_key(self.policy.ordering).to_string();
         let bypass = match (&item.source, self.blocked.get(&key)) {
             (_, None) => true,
-            // The dead letter holding its key comes back through the hold.
-            (Source::Redrive(d), Some(b)) => b.held_by.as_deref() == Some(d.entry.id.as_str()),
+            // Redriven entries are older than anything parked behind their
+            // key, and are retried in place, never parked.
+            (Source::Redrive(_), Some(_)) => true,
             // Loaded from the store: it is the key's own backlog.
             (Source::Parked(_), Some(_)) => true,
             (Source::Log(_), Some(_)) => false,
@@ -205,10 +206,8 @@ impl Applier {
         let queue = std::mem::take(&mut self.queue);
         for item in queue {
             let key = item.order_key(ordering).to_string();
-            let blocked = self.blocked.get(&key).is_some_and(|b| {
-                !matches!(&item.source, Source::Parked(_))
-                    && !matches!(&item.source, Source::Redrive(d) if b.held_by.as_deref() == Some(d.entry.id.as_str()))
-            });
+            let blocked = self.blocked.contains_key(&key) && matches!(item.source, Source::Log(_));
+
             if blocked {
                 behind.entry(key).or_default().push(item);
             } else {
@@ -498,12 +497,13 @@ impl Applier {
         self.stats.in_retry.set(in_retry as i64);
     }
 
-    /// Remove and return every queued item of `key`, in order.
+    /// Remove and return the queued items of `key` that may park, in order.
     fn take_key(&mut self, key: &str) -> Vec<Item> {
         let ordering = self.policy.ordering;
+        // Redriven entries stay: they are retried in place, never parked.
         let (mine, rest): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.queue)
             .into_iter()
-            .partition(|i| i.order_key(ordering) == key);
+            .partition(|i| i.order_key(ordering) == key && !matches!(i.source, Source::Redrive(_)));
         self.queue = rest.into();
         mine
     }
