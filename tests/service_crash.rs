@@ -6,20 +6,13 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::target::HttpTarget;
+use common::{free_port, start_walden, wait_healthy};
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn write_config(dir: &Path, port: u16, target: &str) -> std::path::PathBuf {
     let path = dir.join("walden.toml");
@@ -49,33 +42,6 @@ max_backoff_ms = 200
     path
 }
 
-fn start(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_walden"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_healthy(client: &reqwest::Client, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let url = format!("http://127.0.0.1:{port}/healthz");
-        if client
-            .get(url)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("walden did not come up on port {port}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_in_flight_loses_no_acknowledged_entry() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,8 +52,8 @@ async fn sigkill_in_flight_loses_no_acknowledged_entry() {
     for round in 0..3 {
         let port = free_port();
         let config = write_config(dir.path(), port, &target.url());
-        let mut child = start(&config);
-        wait_healthy(&client, port).await;
+        let mut child = start_walden(&config);
+        wait_healthy(port).await;
         let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
         let writers: Vec<_> = (0..8)
             .map(|w| {
@@ -120,8 +86,8 @@ async fn sigkill_in_flight_loses_no_acknowledged_entry() {
     // A last start delivers whatever was acknowledged and not yet applied.
     let port = free_port();
     let config = write_config(dir.path(), port, &target.url());
-    let mut child = start(&config);
-    wait_healthy(&client, port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     let want = acked.lock().unwrap().clone();
     assert!(
         want.len() > 50,
@@ -158,8 +124,8 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
     let client = reqwest::Client::new();
     let port = free_port();
     let config = write_config(dir.path(), port, &target.url());
-    let child = start(&config);
-    wait_healthy(&client, port).await;
+    let child = start_walden(&config);
+    wait_healthy(port).await;
     let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
     for i in 0..20 {
         let r = client
@@ -182,8 +148,8 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
     // Progress was committed: a restart delivers nothing twice.
     let port = free_port();
     let config = write_config(dir.path(), port, &target.url());
-    let mut child = start(&config);
-    wait_healthy(&client, port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(target.received().len(), 20);
     child.kill().unwrap();

@@ -6,10 +6,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{test_server, unique};
+use common::{free_port, start_walden, test_server, unique, wait_healthy};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -187,14 +186,6 @@ async fn redis_ends_equal_to_in_order_application() {
     let _ = &mut conn;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Reads a store's state: key → the `i` of its stored value.
 type Reader = Box<dyn Fn() -> futures_util::future::BoxFuture<'static, HashMap<String, i64>>>;
 
@@ -264,40 +255,15 @@ async fn sigkill_while_applying(target: &str, read: Reader) {
             target,
         );
         std::fs::write(&path, text).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_walden"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        start_walden(&path)
     };
     let client = reqwest::Client::new();
-    let wait_up = |port: u16| {
-        let client = client.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                let url = format!("http://127.0.0.1:{port}/healthz");
-                if client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("walden did not start");
-        }
-    };
 
     // Each writer owns its keys and writes one entry at a time, so per key
     // the acknowledged entries are known exactly, in order.
     let port = free_port();
     let mut child = start(port);
-    wait_up(port).await;
+    wait_healthy(port).await;
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let client = client.clone();
@@ -335,7 +301,7 @@ async fn sigkill_while_applying(target: &str, read: Reader) {
 
     let port = free_port();
     let mut child = start(port);
-    wait_up(port).await;
+    wait_healthy(port).await;
     eventually("the store after a SIGKILL", || async {
         let got = read().await;
         for (key, (acked, attempted)) in &seen {

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::service_config;
 use common::target::HttpTarget;
+use common::{free_port, service_config, start_walden, wait_healthy};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -175,34 +174,11 @@ async fn ids_are_remembered_across_a_sigkill() {
             target.url()
         );
         std::fs::write(&config_path, text).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_walden"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        start_walden(&config_path)
     };
-    let up = |port: u16| async move {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("walden did not start");
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = start(port);
-    up(port).await;
+    wait_healthy(port).await;
     let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
     let mut answers = Vec::new();
     for i in 0..20 {
@@ -215,13 +191,9 @@ async fn ids_are_remembered_across_a_sigkill() {
     // Worse than that: lose the whole index. The log alone must bring it back.
     std::fs::remove_dir_all(dir.path().join("data").join("state")).unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = start(port);
-    up(port).await;
+    wait_healthy(port).await;
     let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
     for (i, before) in answers.iter().enumerate() {
         let (status, a) = post(&url, json!({"payload": i, "id": format!("id-{i}")})).await;

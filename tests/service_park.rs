@@ -5,10 +5,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::target::HttpTarget;
+use common::{free_port, start_walden, wait_healthy};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -175,38 +176,6 @@ async fn purging_the_dead_letter_that_holds_a_key_releases_it() {
     assert_eq!(values_of(&target, "H"), vec![1, 2]);
 }
 
-fn start_binary(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_walden"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_up(port: u16) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("walden did not start");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_key_stays_held_across_a_sigkill_and_redrive_delivers_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,8 +194,8 @@ async fn a_held_key_stays_held_across_a_sigkill_and_redrive_delivers_in_order() 
     };
     let port = free_port();
     write_config(port);
-    let mut child = start_binary(&config);
-    wait_up(port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let url = format!("{base}/v1/namespaces/ns/log");
     assert_eq!(
@@ -252,8 +221,8 @@ async fn a_held_key_stays_held_across_a_sigkill_and_redrive_delivers_in_order() 
 
     let port = free_port();
     write_config(port);
-    let mut child = start_binary(&config);
-    wait_up(port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let url = format!("{base}/v1/namespaces/ns/log");
     assert_eq!(
@@ -310,8 +279,8 @@ async fn a_parked_key_survives_a_sigkill_with_its_entries_in_order() {
     };
     let port = free_port();
     write_config(port);
-    let mut child = start_binary(&config);
-    wait_up(port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let url = format!("{base}/v1/namespaces/ns/log");
     for n in 0..3 {
@@ -341,8 +310,8 @@ async fn a_parked_key_survives_a_sigkill_with_its_entries_in_order() {
 
     let port = free_port();
     write_config(port);
-    let mut child = start_binary(&config);
-    wait_up(port).await;
+    let mut child = start_walden(&config);
+    wait_healthy(port).await;
     let url = format!("http://127.0.0.1:{port}/v1/namespaces/ns/log");
     // A later entry for P waits behind the parked ones, even after the crash.
     assert_eq!(

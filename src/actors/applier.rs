@@ -83,14 +83,17 @@ impl Item {
         }
     }
 
-    /// The key it orders under: its key with `per_key` (or its id when it
-    /// has none), its own id with `none`.
     fn order_key(&self, ordering: Ordering) -> &str {
-        let e = self.entry();
-        match ordering {
-            Ordering::PerKey => e.key.as_deref().unwrap_or(&e.id),
-            Ordering::None => &e.id,
-        }
+        order_key(self.entry(), ordering)
+    }
+}
+
+/// The key an entry orders under: its key with `per_key` (or its id when it
+/// has none), its own id with `none`.
+fn order_key(e: &Entry, ordering: Ordering) -> &str {
+    match ordering {
+        Ordering::PerKey => e.key.as_deref().unwrap_or(&e.id),
+        Ordering::None => &e.id,
     }
 }
 
@@ -740,24 +743,19 @@ impl Handler<Redrive> for Applier {
     }
 }
 
-/// A dead letter was purged: if it held its key, release the key.
+/// This dead letter was purged: if it held its key, release the key.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Purged {
-    pub order_key: String,
-    pub id: String,
-}
+pub struct Purged(pub Entry);
 
 impl Handler<Purged> for Applier {
     type Result = ();
 
-    fn handle(&mut self, msg: Purged, ctx: &mut Context<Self>) {
-        let held = self
-            .blocked
-            .get(&msg.order_key)
-            .and_then(|b| b.held_by.as_deref());
-        if held == Some(msg.id.as_str()) {
-            self.release(msg.order_key, ctx);
+    fn handle(&mut self, Purged(entry): Purged, ctx: &mut Context<Self>) {
+        let key = order_key(&entry, self.policy.ordering).to_string();
+        let held = self.blocked.get(&key).and_then(|b| b.held_by.as_deref());
+        if held == Some(entry.id.as_str()) {
+            self.release(key, ctx);
         }
     }
 }

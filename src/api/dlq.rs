@@ -198,16 +198,7 @@ pub async fn purge(
                 purged += 1;
                 // If it held its key, the key's waiting entries may go.
                 if let Some(h) = ns.shards.get(l.origin.shard.shard as usize) {
-                    let order_key = match ns.config.ordering {
-                        crate::config::Ordering::PerKey => {
-                            l.entry.key.clone().unwrap_or(l.entry.id.clone())
-                        }
-                        crate::config::Ordering::None => l.entry.id.clone(),
-                    };
-                    h.applier.do_send(Purged {
-                        order_key,
-                        id: l.entry.id.clone(),
-                    });
+                    h.applier.do_send(Purged(l.entry.clone()));
                 }
             }
             Ok(false) => not_found.push(l.entry.id),

@@ -140,3 +140,36 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub mod proxy;
+
+/// A free loopback port (for a `walden serve` child to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start the real `walden serve` binary on a config file.
+pub fn start_walden(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Wait until a service answers `/healthz` on `port`.
+pub async fn wait_healthy(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    while std::time::Instant::now() < deadline {
+        if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("walden did not come up on port {port}");
+}
