@@ -75,9 +75,11 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let (letters, total) = state
-        .dlq
-        .list(&ns.name, query.after, limit)
+    let (dlq, name, after) = (state.dlq.clone(), ns.name.clone(), query.after);
+    // Letters are read from the DLQ log: off the HTTP worker thread.
+    let (letters, total) = tokio::task::spawn_blocking(move || dlq.list(&name, after, limit))
+        .await
+        .map_err(backend_error)?
         .map_err(backend_error)?;
     let next_after = (letters.len() == limit && limit > 0)
         .then(|| letters.last().map(|l| l.dlq_sequence))
@@ -96,7 +98,12 @@ pub async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    match state.dlq.get(&ns.name, &id).map_err(backend_error)? {
+    let (dlq, name, wanted) = (state.dlq.clone(), ns.name.clone(), id.clone());
+    let letter = tokio::task::spawn_blocking(move || dlq.get(&name, &wanted))
+        .await
+        .map_err(backend_error)?
+        .map_err(backend_error)?;
+    match letter {
         Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&letter))),
         None => Err(ApiError::not_found(format!(
             "no dead letter {id:?} in namespace {:?}",
@@ -115,12 +122,14 @@ async fn select(
     let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    match (select.ids, select.all) {
+    let (dlq, name) = (state.dlq.clone(), ns.name.clone());
+    // Letters are read from the DLQ log: off the HTTP worker thread.
+    let read = move || match (select.ids, select.all) {
         (Some(ids), false) => {
             let mut found = Vec::new();
             let mut missing = Vec::new();
             for id in ids {
-                match state.dlq.get(&ns.name, &id).map_err(backend_error)? {
+                match dlq.get(&name, &id).map_err(backend_error)? {
                     Some(l) => found.push(l),
                     None => missing.push(id),
                 }
@@ -131,10 +140,7 @@ async fn select(
             let mut all = Vec::new();
             let mut after = None;
             loop {
-                let (page, _) = state
-                    .dlq
-                    .list(&ns.name, after, MAX_LIMIT)
-                    .map_err(backend_error)?;
+                let (page, _) = dlq.list(&name, after, MAX_LIMIT).map_err(backend_error)?;
                 let Some(last) = page.last() else { break };
                 after = Some(last.dlq_sequence);
                 all.extend(page);
@@ -144,7 +150,10 @@ async fn select(
         _ => Err(ApiError::bad_request(
             "give either `ids` (a list) or `all: true`",
         )),
-    }
+    };
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(backend_error)?
 }
 
 /// `POST /v1/namespaces/{ns}/dlq/redrive`

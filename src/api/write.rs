@@ -277,16 +277,32 @@ fn submit<'a>(
         let window = Duration::from_millis(ns.config.dedup_window_ms);
         let mut to_send = Vec::with_capacity(n);
         let mut waiting = Vec::new();
+        let mut lookups = Vec::new();
+        let mut keyed = Vec::new();
         for (i, p) in items.into_iter().enumerate() {
             if !p.client_id || window.is_zero() {
                 to_send.push((i, p, None));
-                continue;
+            } else {
+                lookups.push((p.entry.id.clone(), dedup::fingerprint(&p.entry)));
+                keyed.push((i, p));
             }
-            let fingerprint = dedup::fingerprint(&p.entry);
-            match state
-                .dedup
-                .check(&ns.name, &p.entry.id, fingerprint, window)
-            {
+        }
+        // The index lives in fjall: look ids up off the HTTP worker thread.
+        let checks = if lookups.is_empty() {
+            Vec::new()
+        } else {
+            let (index, name) = (state.dedup.clone(), ns.name.clone());
+            tokio::task::spawn_blocking(move || {
+                lookups
+                    .into_iter()
+                    .map(|(id, fp)| (fp, index.check(&name, &id, fp, window)))
+                    .collect()
+            })
+            .await
+            .expect("dedup checks do not panic")
+        };
+        for ((i, p), (fingerprint, check)) in keyed.into_iter().zip(checks) {
+            match check {
                 Ok(Check::Duplicate(a)) => {
                     answers[i] = Some(Ok(accepted_answer(ns, &p.entry.id, a)))
                 }
@@ -430,9 +446,11 @@ async fn append(
     out
 }
 
-/// Record a durable write under its claimed id, then release the claim.
+/// Record a durable write under its claimed id, then release the claim (on
+/// the blocking pool: the index lives in fjall). A duplicate waiting on the
+/// claim wakes after the record is written.
 fn record(
-    dedup: &crate::state::DedupIndex,
+    dedup: &Arc<crate::state::DedupIndex>,
     namespace: &str,
     id: &str,
     shard: u32,
@@ -442,18 +460,21 @@ fn record(
     let Some((claim, fingerprint)) = claim else {
         return;
     };
-    if appended.durable == Durable::True {
-        let accepted = dedup::Accepted {
-            fingerprint,
-            shard,
-            sequence: appended.offset,
-            written_ms: appended.timestamp_ms,
-        };
-        if let Err(error) = dedup.record(namespace, id, accepted) {
+    let accepted = (appended.durable == Durable::True).then_some(dedup::Accepted {
+        fingerprint,
+        shard,
+        sequence: appended.offset,
+        written_ms: appended.timestamp_ms,
+    });
+    let (dedup, namespace, id) = (dedup.clone(), namespace.to_string(), id.to_string());
+    tokio::task::spawn_blocking(move || {
+        if let Some(accepted) = accepted
+            && let Err(error) = dedup.record(&namespace, &id, accepted)
+        {
             tracing::warn!(%error, namespace, id, "Could not record an idempotency key.");
         }
-    }
-    drop(claim);
+        drop(claim);
+    });
 }
 
 fn traceparent_of(req: &HttpRequest) -> Option<&str> {

@@ -28,10 +28,14 @@ impl Sink for StdoutSink {
             for d in batch {
                 out.extend(DeliveredJson::line(d));
             }
-            let mut stdout = std::io::stdout().lock();
-            let result = stdout
-                .write_all(&out)
-                .and_then(|()| stdout.flush())
+            // A full pipe blocks: write off the arbiter thread.
+            let written = tokio::task::spawn_blocking(move || {
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(&out).and_then(|()| stdout.flush())
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let result = written
                 .map(|()| Outcome::Applied)
                 .map_err(|e| SinkError::transient(&self.name, format!("stdout: {e}")));
             vec![result; batch.len()]
