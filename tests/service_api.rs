@@ -148,7 +148,7 @@ async fn the_batch_endpoint_answers_each_entry_in_order() {
 async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let target = HttpTarget::start();
-    let extra = "[namespaces.ns.limits]\nmax_payload_bytes = 1024\nmax_delay_ms = 60000\n";
+    let extra = "[namespaces.ns.limits]\nmax_payload_bytes = 1024\n[namespaces.ns.delay]\nmax_delay_ms = 60000\n";
     let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, extra)).unwrap();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/namespaces/ns/log", base(&svc));
@@ -209,7 +209,7 @@ async fn bad_input_gets_a_clear_4xx_and_writes_nothing() {
             "delay too long",
             json!({"payload": 1, "lifecycle": {"delay_ms": 3_600_000}}),
             400,
-            "limit",
+            "max_delay_ms",
         ),
         (
             "reserved header",

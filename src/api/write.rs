@@ -197,12 +197,18 @@ fn prepare(
     }
     let lifecycle = req.lifecycle.unwrap_or_default();
     let delay = lifecycle.delay_ms.unwrap_or(0);
-    let jitter = lifecycle.jitter_ms.unwrap_or(0);
-    if delay.saturating_add(jitter) > limits.max_delay_ms {
+    // A delayed write without its own jitter gets the namespace's.
+    let default_jitter = if delay > 0 {
+        ns.config.delay.jitter_ms
+    } else {
+        0
+    };
+    let jitter = lifecycle.jitter_ms.unwrap_or(default_jitter);
+    let max_delay = ns.config.delay.max_delay_ms;
+    if delay.saturating_add(jitter) > max_delay {
         return Err(ApiError::bad_request(format!(
-            "`lifecycle`: delay_ms + jitter_ms is {}; the limit is {}",
-            delay.saturating_add(jitter),
-            limits.max_delay_ms
+            "`lifecycle`: delay_ms + jitter_ms is {}; delay.max_delay_ms is {max_delay}",
+            delay.saturating_add(jitter)
         )));
     }
     // Computed once, here, and stored: a replay fires at a known time.

@@ -115,6 +115,8 @@ pub struct NamespaceConfig {
     pub dlq: DlqConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub delay: DelayConfig,
     /// A write whose client `id` was accepted within this window gets the
     /// original answer and is not appended again; 0 turns it off.
     #[serde(default = "default_dedup_window_ms")]
@@ -400,6 +402,26 @@ pub enum OnDeadLetter {
     HoldKey,
 }
 
+/// `[namespaces.NAME.delay]`: delayed delivery.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayConfig {
+    /// Longest `delay_ms + jitter_ms` a write may ask for; longer is a 400.
+    pub max_delay_ms: u64,
+    /// The jitter of a delayed write that gives none: its due time is
+    /// `delay_ms` plus a uniform random value in `[0, jitter_ms]`.
+    pub jitter_ms: u64,
+}
+
+impl Default for DelayConfig {
+    fn default() -> Self {
+        Self {
+            max_delay_ms: 30 * 24 * 3600 * 1000,
+            jitter_ms: 0,
+        }
+    }
+}
+
 /// `[namespaces.NAME.limits]`: what a write may carry.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -414,8 +436,6 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Most entries in one batch request.
     pub max_batch_entries: usize,
-    /// Longest delay a write may ask for.
-    pub max_delay_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -426,7 +446,6 @@ impl Default for LimitsConfig {
             max_id_bytes: 256,
             max_headers: 64,
             max_batch_entries: 1000,
-            max_delay_ms: 30 * 24 * 3600 * 1000,
         }
     }
 }

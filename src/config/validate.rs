@@ -188,6 +188,13 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         if r.max_attempts == 0 {
             e.ns(name, "retry.max_attempts", "must be at least 1");
         }
+        if ns.delay.jitter_ms > ns.delay.max_delay_ms {
+            e.ns(
+                name,
+                "delay.jitter_ms",
+                "must not exceed delay.max_delay_ms",
+            );
+        }
         let l = &ns.limits;
         if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_BODY / 2 {
             e.ns(

@@ -10,6 +10,7 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 
 #[derive(Clone, Debug)]
 pub struct Received {
+    pub at: Instant,
     pub body: serde_json::Value,
     pub idempotency_key: Option<String>,
     pub traceparent: Option<String>,
@@ -67,6 +68,7 @@ async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
         return resp.body("rejected on purpose");
     }
     shared.received.lock().unwrap().push(Received {
+        at: Instant::now(),
         body,
         idempotency_key: header("idempotency-key"),
         traceparent: header("traceparent"),
