@@ -327,3 +327,20 @@ fn environment_overrides_apply_and_are_validated() {
         "{err}"
     );
 }
+
+#[test]
+fn a_batch_limit_above_the_in_flight_limit_is_refused() {
+    // A batch takes one in-flight slot per entry: with the default batch
+    // limit of 1000, max_in_flight = 10 would refuse every full batch.
+    let text = GOOD.replace("[server]", "[server]\nmax_in_flight = 10");
+    let config = walden::config::from_toml(&text).unwrap();
+    let errors = walden::config::validate(&config).unwrap_err().0;
+    let e = errors
+        .iter()
+        .find(|e| e.field == "limits.max_batch_entries")
+        .expect("the batch limit is named");
+    assert_eq!(e.namespace.as_deref(), Some("orders"));
+    assert!(e.message.contains("max_in_flight"), "{}", e.message);
+    let (ok, out) = run_validate(&text, "toml");
+    assert!(!ok && out.contains("limits.max_batch_entries"), "{out}");
+}

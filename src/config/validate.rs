@@ -196,6 +196,18 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             );
         }
         let l = &ns.limits;
+        if l.max_batch_entries > s.max_in_flight {
+            // A batch takes one in-flight slot per entry: a larger one could
+            // never be accepted.
+            e.ns(
+                name,
+                "limits.max_batch_entries",
+                format!(
+                    "{} is more than server.max_in_flight ({}); a full batch could never be accepted",
+                    l.max_batch_entries, s.max_in_flight
+                ),
+            );
+        }
         if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_BODY / 2 {
             e.ns(
                 name,
