@@ -56,3 +56,18 @@ impl conformance::Harness for Embedded {
 }
 
 conformance_suite!(Embedded);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = walden::backends::embedded::EmbeddedDlq::open(dir.path()).unwrap();
+    conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
+    // And all of it survives a reopen.
+    dlq.close();
+    drop(dlq);
+    let dlq = walden::backends::embedded::EmbeddedDlq::open(dir.path()).unwrap();
+    let (all, total) =
+        walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10).unwrap();
+    assert_eq!(total, 4);
+    assert_eq!(all.last().unwrap().entry.id, "dead-2");
+}
