@@ -124,6 +124,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         dedup,
         dlq,
+        park,
     });
 
     let app_state = web::Data::from(state.clone());

@@ -51,6 +51,8 @@ enum Source {
     Redrive(Delivered),
     /// Loaded from the park store: success removes it there.
     Parked(Delivered),
+    /// Fired from the delay store: success removes it there.
+    Delayed(Delivered),
 }
 
 struct Item {
@@ -72,14 +74,14 @@ impl Item {
                 sequence: w.delivery.sequence(),
                 entry: w.delivery.entry().clone(),
             },
-            Source::Redrive(d) | Source::Parked(d) => d.clone(),
+            Source::Redrive(d) | Source::Parked(d) | Source::Delayed(d) => d.clone(),
         }
     }
 
     fn entry(&self) -> &Entry {
         match &self.source {
             Source::Log(w) => w.delivery.entry(),
-            Source::Redrive(d) | Source::Parked(d) => &d.entry,
+            Source::Redrive(d) | Source::Parked(d) | Source::Delayed(d) => &d.entry,
         }
     }
 
@@ -192,7 +194,7 @@ impl Applier {
             (Source::Redrive(_), Some(_)) => true,
             // Loaded from the store: it is the key's own backlog.
             (Source::Parked(_), Some(_)) => true,
-            (Source::Log(_), Some(_)) => false,
+            (Source::Log(_) | Source::Delayed(_), Some(_)) => false,
         };
         if bypass || !self.ready {
             self.queue.push_back(item);
@@ -238,6 +240,7 @@ impl Applier {
         block.parks_in_flight += 1;
         let mut parked = Vec::with_capacity(items.len());
         let mut acks = Vec::new();
+        let mut undelay = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
             let due = if i == 0 { head_due.unwrap_or(0) } else { 0 };
             parked.push(Parked {
@@ -249,6 +252,7 @@ impl Applier {
             });
             match item.source {
                 Source::Log(w) => acks.push(w),
+                Source::Delayed(d) => undelay.push(d),
                 Source::Parked(_) => {}
                 // Not parked: its dead letter stays until it applies.
                 Source::Redrive(_) => unreachable!("redriven entries are retried in place"),
@@ -262,6 +266,10 @@ impl Applier {
                     act.stats.parked.add(n as u64);
                     for w in acks {
                         ack(w.delivery);
+                    }
+                    // Parked now: it may leave the delay store.
+                    for d in undelay {
+                        act.undelay(d, ctx);
                     }
                     if let Some(b) = act.blocked.get_mut(&key) {
                         b.parks_in_flight -= 1;
@@ -530,6 +538,7 @@ impl Applier {
                     self.release(key, ctx);
                 }
             }
+            Source::Delayed(d) => self.undelay(d, ctx),
             Source::Parked(d) => {
                 let (park, shard) = (self.park.clone(), self.shard.clone());
                 let (k, seq) = (key.clone(), d.sequence);
@@ -545,6 +554,20 @@ impl Applier {
                 self.drained(key, ctx);
             }
         }
+    }
+
+    /// A delayed entry was applied (or moved on): remove it from the store.
+    fn undelay(&mut self, d: Delivered, ctx: &mut Context<Self>) {
+        let park = self.park.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = park.undelay(d).await {
+                    // It fires again after a restart: at least once.
+                    warn!(error = %e, "Could not remove a fired entry from the delay store.");
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// A loaded entry of `key` left the queue: when it was the last one,
@@ -588,6 +611,7 @@ impl Applier {
         let delivered = item.delivered();
         let done = match item.source {
             Source::Log(work) => Done::Ack(work),
+            Source::Delayed(_) => Done::Undelay(self.park.clone()),
             Source::Parked(d) => Done::Unpark {
                 store: self.park.clone(),
                 order_key: key.clone(),
@@ -723,6 +747,25 @@ impl Handler<Apply> for Applier {
     }
 }
 
+/// Deliver these entries, fired from the delay store (in due order).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ApplyDelayed(pub Vec<Delivered>);
+
+impl Handler<ApplyDelayed> for Applier {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyDelayed, ctx: &mut Context<Self>) {
+        guarded(self, ctx, |act, ctx| {
+            for d in msg.0 {
+                let item = act.item(Source::Delayed(d));
+                act.admit(item, ctx);
+            }
+            act.pump(ctx);
+        });
+    }
+}
+
 /// Deliver these dead letters again, with their original sequences and fresh
 /// attempts. Each is removed from the DLQ once applied.
 #[derive(Message)]
@@ -772,7 +815,7 @@ impl Handler<Reset> for Applier {
         self.generation = generation;
         self.queue.retain(|i| match &i.source {
             Source::Log(w) => w.generation >= generation,
-            Source::Redrive(_) | Source::Parked(_) => true,
+            Source::Redrive(_) | Source::Parked(_) | Source::Delayed(_) => true,
         });
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);

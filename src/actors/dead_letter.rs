@@ -23,6 +23,8 @@ use crate::state::ParkStore;
 pub enum Done {
     /// It came from the log: ack it, so the watermark can pass.
     Ack(Work),
+    /// It came from the delay store: remove it there.
+    Undelay(ParkStore),
     /// It came from the park store: remove it there.
     Unpark {
         store: ParkStore,
@@ -102,7 +104,7 @@ impl DeadLetterActor {
                             error = %doomed.last_error,
                             "Entry dead-lettered."
                         );
-                        finish(doomed.done, doomed.delivered.shard);
+                        finish(doomed.done, doomed.delivered);
                     }
                     Err(error) => {
                         error!(%error, "Could not store a dead letter; retrying in 1 s.");
@@ -116,9 +118,17 @@ impl DeadLetterActor {
 }
 
 /// The dead letter is durable: let the entry go from where it was.
-fn finish(done: Done, shard: crate::entry::ShardRef) {
+fn finish(done: Done, delivered: Delivered) {
+    let shard = delivered.shard.clone();
     match done {
         Done::Ack(w) => ack(w.delivery),
+        Done::Undelay(store) => {
+            actix::spawn(async move {
+                if let Err(e) = store.undelay(delivered).await {
+                    warn!(error = %e, "Could not remove a dead-lettered entry from the delay store.");
+                }
+            });
+        }
         Done::Unpark {
             store,
             order_key,

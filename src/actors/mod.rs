@@ -15,8 +15,8 @@
 //! Entries are then delivered again (at least once).
 //!
 //! The consumer's committed offset is a low watermark: every entry before it
-//! has been applied. Delayed entries are held in memory until they fire, and
-//! the watermark never passes one that hasn't.
+//! has been applied, parked or delayed durably in the state store, or
+//! dead-lettered.
 
 pub mod applier;
 pub mod consumer;
@@ -60,6 +60,8 @@ pub struct ShardStats {
     /// Entries written to the park store (a long backoff, or behind a parked
     /// or held key).
     pub parked: Counter,
+    /// Overdue delayed entries fired under the catch-up rate.
+    pub caught_up: Counter,
 }
 
 /// A delivery, tagged with the consumer generation that read it.

@@ -53,6 +53,8 @@ pub struct ShardHandle {
     pub consumer: Addr<ShardConsumer>,
     /// Takes redriven dead letters.
     pub applier: Addr<Applier>,
+    /// Told when a delayed entry is cancelled.
+    pub delay: Addr<DelayScheduler>,
     pub stats: Arc<ShardStats>,
 }
 
@@ -111,12 +113,14 @@ impl NamespaceRuntime {
             };
             let delay = {
                 let (applier, consumer, stats) = (applier.clone(), consumer.clone(), stats.clone());
+                let (park, shard) = (park.clone(), shard.clone());
+                let catch_up = config.delay.catch_up_per_s;
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DelayScheduler::new(applier, consumer, stats)
+                    DelayScheduler::new(applier, consumer, stats, park, shard, catch_up)
                 })
             };
             consumer.do_send(Wire(Peers {
-                delay,
+                delay: delay.clone(),
                 applier: applier.clone(),
                 dead_letter,
             }));
@@ -129,6 +133,7 @@ impl NamespaceRuntime {
                 ingest,
                 consumer,
                 applier,
+                delay,
                 stats,
             });
         }

@@ -34,6 +34,8 @@ pub struct ShardView {
     pub restarts: u64,
     /// Entries written to the park store since start.
     pub parked: u64,
+    /// Overdue delayed entries fired under the catch-up rate since start.
+    pub caught_up: u64,
 }
 
 #[derive(Serialize)]
@@ -108,6 +110,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             delayed: h.stats.delayed.get(),
             restarts: h.stats.restarts.get(),
             parked: h.stats.parked.get(),
+            caught_up: h.stats.caught_up.get(),
         });
     }
     let (healthy, last_error) = ns.sink_health.healthy();

@@ -5,8 +5,10 @@
 //! - `GET /v1/namespaces`, `GET /v1/namespaces/{ns}`, `/healthz`, `/readyz`,
 //!   `/metrics`: [`admin`]
 //! - `/v1/namespaces/{ns}/dlq…`: [`dlq`]
+//! - `/v1/namespaces/{ns}/delayed…`: [`delayed`]
 
 pub mod admin;
+pub mod delayed;
 pub mod dlq;
 pub mod error;
 pub mod write;
@@ -35,6 +37,8 @@ pub struct AppState {
     pub dedup: Arc<crate::state::DedupIndex>,
     /// Dead letters of every namespace.
     pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
+    /// Parked and delayed entries.
+    pub park: crate::state::ParkStore,
 }
 
 impl AppState {
@@ -51,6 +55,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/namespaces/{ns}/log/batch",
             web::post().to(write::write_batch),
+        )
+        .route("/v1/namespaces/{ns}/delayed", web::get().to(delayed::list))
+        .route(
+            "/v1/namespaces/{ns}/delayed/{id}",
+            web::delete().to(delayed::cancel),
         )
         .route("/v1/namespaces/{ns}/dlq", web::get().to(dlq::list))
         .route(

@@ -411,6 +411,10 @@ pub struct DelayConfig {
     /// The jitter of a delayed write that gives none: its due time is
     /// `delay_ms` plus a uniform random value in `[0, jitter_ms]`.
     pub jitter_ms: u64,
+    /// Entries found overdue (after a restart or an outage) fire at most this
+    /// many per second per shard, in due order, so the backlog does not
+    /// become the spike that delays exist to smooth.
+    pub catch_up_per_s: u64,
 }
 
 impl Default for DelayConfig {
@@ -418,6 +422,7 @@ impl Default for DelayConfig {
         Self {
             max_delay_ms: 30 * 24 * 3600 * 1000,
             jitter_ms: 0,
+            catch_up_per_s: 1000,
         }
     }
 }

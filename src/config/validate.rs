@@ -188,6 +188,9 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         if r.max_attempts == 0 {
             e.ns(name, "retry.max_attempts", "must be at least 1");
         }
+        if ns.delay.catch_up_per_s == 0 {
+            e.ns(name, "delay.catch_up_per_s", "must be greater than 0");
+        }
         if ns.delay.jitter_ms > ns.delay.max_delay_ms {
             e.ns(
                 name,

@@ -53,6 +53,10 @@ struct Inner {
     store: Arc<StateStore>,
     parked: fjall::Keyspace,
     holds: fjall::Keyspace,
+    /// Delayed entries by shard, due time, sequence.
+    delayed: fjall::Keyspace,
+    /// Namespace and id → the delayed entry's key, for cancelling.
+    delayed_ids: fjall::Keyspace,
 }
 
 /// A handle to the park store; cheap to clone.
@@ -151,6 +155,8 @@ impl ParkStore {
         let inner = Inner {
             parked: store.keyspace("parked")?,
             holds: store.keyspace("holds")?,
+            delayed: store.keyspace("delayed")?,
+            delayed_ids: store.keyspace("delayed_ids")?,
             store,
         };
         let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
@@ -298,6 +304,140 @@ impl ParkStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+/// Delayed entries sort by shard, then due time, then sequence.
+fn delayed_key(shard: &ShardRef, due_ms: u64, sequence: u64) -> Vec<u8> {
+    let mut k = shard_prefix(shard);
+    k.extend_from_slice(&due_ms.to_be_bytes());
+    k.extend_from_slice(&sequence.to_be_bytes());
+    k
+}
+
+fn id_key(namespace: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(namespace.len() + id.len() + 2);
+    k.extend_from_slice(&(namespace.len() as u16).to_be_bytes());
+    k.extend_from_slice(namespace.as_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn delayed_value(d: &Delivered, due_ms: u64) -> Vec<u8> {
+    encode(&Parked {
+        delivered: d.clone(),
+        order_key: String::new(),
+        attempts: 0,
+        first_failure_ms: 0,
+        due_ms,
+    })
+}
+
+/// The delay store: the same worker, other keyspaces.
+impl ParkStore {
+    /// Hold entries until they are due, durably (they are acked after).
+    pub async fn delay(&self, items: Vec<Delivered>) -> Result<(), StateError> {
+        self.run(move |s| {
+            for d in &items {
+                let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
+                s.delayed
+                    .insert(k.clone(), delayed_value(d, d.entry.due_ms))
+                    .map_err(|e| s.err(e))?;
+                s.delayed_ids
+                    .insert(id_key(&d.shard.namespace, &d.entry.id), k)
+                    .map_err(|e| s.err(e))?;
+            }
+            s.persist()
+        })
+        .await
+    }
+
+    /// Delayed entries of a shard due in `[from_ms, until_ms)`, in due order,
+    /// at most `limit`.
+    pub async fn due_between(
+        &self,
+        shard: ShardRef,
+        from_ms: u64,
+        until_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivered>, StateError> {
+        self.run(move |s| {
+            let lo = delayed_key(&shard, from_ms, 0);
+            let hi = delayed_key(&shard, until_ms, 0);
+            let mut out = Vec::new();
+            for item in s.delayed.range(lo..hi).take(limit) {
+                let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
+                if let Some(p) = decode(&v) {
+                    out.push(p.delivered);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many entries of a shard are delayed, and the earliest due time.
+    pub async fn delayed_summary(&self, shard: ShardRef) -> Result<(u64, Option<u64>), StateError> {
+        self.run(move |s| {
+            let prefix = shard_prefix(&shard);
+            let mut n = 0;
+            let mut first = None;
+            for item in s.delayed.prefix(&prefix) {
+                let k = item.key().map_err(|e| s.err(e))?;
+                if first.is_none() {
+                    first = k
+                        .get(prefix.len()..prefix.len() + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes);
+                }
+                n += 1;
+            }
+            Ok((n, first))
+        })
+        .await
+    }
+
+    /// Forget a delayed entry once it was applied (or dead-lettered or
+    /// parked). Not fsynced: after a crash it fires again (at least once).
+    pub async fn undelay(&self, d: Delivered) -> Result<(), StateError> {
+        self.run(move |s| {
+            s.delayed
+                .remove(delayed_key(&d.shard, d.entry.due_ms, d.sequence))
+                .map_err(|e| s.err(e))?;
+            s.delayed_ids
+                .remove(id_key(&d.shard.namespace, &d.entry.id))
+                .map_err(|e| s.err(e))
+        })
+        .await
+    }
+
+    /// Cancel a delayed entry by id, durably; returns it if it was waiting.
+    pub async fn cancel(
+        &self,
+        namespace: String,
+        id: String,
+    ) -> Result<Option<Delivered>, StateError> {
+        self.run(move |s| {
+            let Some(k) = s
+                .delayed_ids
+                .get(id_key(&namespace, &id))
+                .map_err(|e| s.err(e))?
+            else {
+                return Ok(None);
+            };
+            let found = s
+                .delayed
+                .get(&k)
+                .map_err(|e| s.err(e))?
+                .and_then(|v| decode(&v));
+            s.delayed.remove(k.clone()).map_err(|e| s.err(e))?;
+            s.delayed_ids
+                .remove(id_key(&namespace, &id))
+                .map_err(|e| s.err(e))?;
+            s.persist()?;
+            Ok(found.map(|p| p.delivered))
         })
         .await
     }
