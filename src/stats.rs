@@ -33,3 +33,28 @@ impl Gauge {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// Upper bounds (ms) of the lateness histogram's buckets; the last bucket
+/// counts everything later.
+pub const LATENESS_BOUNDS_MS: [u64; 8] = [1, 2, 5, 10, 20, 50, 100, 1000];
+
+/// A fixed-bucket histogram of milliseconds (cumulative on export).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 9],
+}
+
+impl Histogram {
+    pub fn record(&self, ms: u64) {
+        let i = LATENESS_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENESS_BOUNDS_MS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts per bucket, not cumulative.
+    pub fn counts(&self) -> [u64; 9] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+}

@@ -266,4 +266,15 @@ async fn overdue_entries_catch_up_in_due_order_at_the_configured_rate() {
         .map(|s| s["caught_up"].as_u64().unwrap())
         .sum();
     assert!(caught >= 20, "overdue entries are counted: {st}");
+    // Every fired entry is in the lateness histogram.
+    let metrics = reqwest::get(format!("http://{}/metrics", svc.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("walden_delay_fire_lateness_ms_count{namespace=\"ns\"} 30"),
+        "{metrics}"
+    );
 }

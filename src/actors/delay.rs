@@ -133,6 +133,7 @@ impl DelayScheduler {
                 self.tokens -= 1.0;
                 overdue += 1;
             }
+            self.stats.fire_lateness.record(now - at);
             due.push(entry.remove());
         }
         if overdue > 0 {

@@ -32,7 +32,7 @@ use actix::{Actor, ActorContext, Context};
 use tracing::error;
 
 use crate::backends::embedded::EmbeddedDelivery;
-use crate::stats::{Counter, Gauge};
+use crate::stats::{Counter, Gauge, Histogram};
 
 /// Counters of one shard, shared with the API.
 #[derive(Debug, Default)]
@@ -62,6 +62,8 @@ pub struct ShardStats {
     pub parked: Counter,
     /// Overdue delayed entries fired under the catch-up rate.
     pub caught_up: Counter,
+    /// How late delayed entries fired, against their due time.
+    pub fire_lateness: Histogram,
 }
 
 /// A delivery, tagged with the consumer generation that read it.

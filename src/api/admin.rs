@@ -327,6 +327,36 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "1 if the target's last healthcheck passed.",
         health,
     );
+    // How late delayed entries fired: a Prometheus histogram per namespace.
+    let _ = writeln!(
+        out,
+        "# HELP walden_delay_fire_lateness_ms How late delayed entries fired, against their due time.\n# TYPE walden_delay_fire_lateness_ms histogram"
+    );
+    for ns in state.namespaces.values() {
+        let mut counts = [0u64; 9];
+        for h in &ns.shards {
+            for (c, n) in counts.iter_mut().zip(h.stats.fire_lateness.counts()) {
+                *c += n;
+            }
+        }
+        let mut cumulative = 0;
+        for (i, n) in counts.iter().enumerate() {
+            cumulative += n;
+            let le = crate::stats::LATENESS_BOUNDS_MS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "walden_delay_fire_lateness_ms_bucket{{namespace=\"{}\",le=\"{le}\"}} {cumulative}",
+                ns.name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "walden_delay_fire_lateness_ms_count{{namespace=\"{}\"}} {cumulative}",
+            ns.name
+        );
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(out)

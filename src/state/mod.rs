@@ -17,6 +17,12 @@ pub struct StateError {
     pub source: fjall::Error,
 }
 
+/// The most a keyspace keeps in memory before flushing to disk.
+const MEMTABLE_BYTES: u64 = 8 << 20;
+/// fjall's block cache. Recent writes are still in memtables, and lookups of
+/// older state are rare, so a small cache serves.
+const CACHE_BYTES: u64 = 8 << 20;
+
 /// One fjall database under `data_dir/state`.
 pub struct StateStore {
     path: PathBuf,
@@ -26,6 +32,7 @@ pub struct StateStore {
 impl StateStore {
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let db = fjall::Database::builder(path)
+            .cache_size(CACHE_BYTES)
             .open()
             .map_err(|source| StateError {
                 path: path.to_path_buf(),
@@ -38,9 +45,11 @@ impl StateStore {
     }
 
     pub(crate) fn keyspace(&self, name: &str) -> Result<fjall::Keyspace, StateError> {
-        self.db
-            .keyspace(name, fjall::KeyspaceCreateOptions::default)
-            .map_err(|e| self.error(e))
+        // Small memtables: the state store holds millions of delayed entries
+        // on disk, and fjall's default (64 MiB per keyspace) would keep tens
+        // of megabytes of them in memory.
+        let options = || fjall::KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES);
+        self.db.keyspace(name, options).map_err(|e| self.error(e))
     }
 
     /// fsync fjall's journal: everything written so far survives a power cut.
