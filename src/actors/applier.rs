@@ -184,6 +184,17 @@ impl Applier {
         }
     }
 
+    /// Admit new work, in order, then apply what is ready.
+    fn take_in(&mut self, sources: Vec<Source>, ctx: &mut Context<Self>) {
+        guarded(self, ctx, |act, ctx| {
+            for source in sources {
+                let item = act.item(source);
+                act.admit(item, ctx);
+            }
+            act.pump(ctx);
+        });
+    }
+
     /// Queue an item, or park it behind its key if the key is blocked.
     fn admit(&mut self, item: Item, ctx: &mut Context<Self>) {
         let key = item.order_key(self.policy.ordering).to_string();
@@ -734,16 +745,13 @@ impl Handler<Apply> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) {
-        guarded(self, ctx, |act, ctx| {
-            let generation = act.generation;
-            for work in msg.0 {
-                if work.generation >= generation {
-                    let item = act.item(Source::Log(work));
-                    act.admit(item, ctx);
-                }
-            }
-            act.pump(ctx);
-        });
+        let generation = self.generation;
+        let sources = msg
+            .0
+            .into_iter()
+            .filter(|w| w.generation >= generation)
+            .map(Source::Log);
+        self.take_in(sources.collect(), ctx);
     }
 }
 
@@ -756,13 +764,7 @@ impl Handler<ApplyDelayed> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyDelayed, ctx: &mut Context<Self>) {
-        guarded(self, ctx, |act, ctx| {
-            for d in msg.0 {
-                let item = act.item(Source::Delayed(d));
-                act.admit(item, ctx);
-            }
-            act.pump(ctx);
-        });
+        self.take_in(msg.0.into_iter().map(Source::Delayed).collect(), ctx);
     }
 }
 
@@ -776,13 +778,7 @@ impl Handler<Redrive> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: Redrive, ctx: &mut Context<Self>) {
-        guarded(self, ctx, |act, ctx| {
-            for d in msg.0 {
-                let item = act.item(Source::Redrive(d));
-                act.admit(item, ctx);
-            }
-            act.pump(ctx);
-        });
+        self.take_in(msg.0.into_iter().map(Source::Redrive).collect(), ctx);
     }
 }
 
