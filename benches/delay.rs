@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use actix_web::{App, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use serde_json::json;
+use walden::backends::DelayStore;
 use walden::entry::{Delivered, Entry, ShardRef, now_ms};
 use walden::service::Spawned;
 use walden::state::{ParkStore, StateStore};
@@ -232,6 +233,15 @@ fn lateness(rt: &tokio::runtime::Runtime, base: &std::path::Path, n: usize) {
         .iter()
         .map(|(due, at)| at.saturating_sub(*due))
         .collect();
+    if let Ok(path) = std::env::var("WALDEN_BENCH_DUMP") {
+        let rows: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(d, a)| format!("{d} {a}"))
+            .collect();
+        std::fs::write(path, rows.join("\n")).unwrap();
+    }
     late.sort_unstable();
     let early = seen
         .lock()
@@ -313,7 +323,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    memory(&rt, &base, env_usize("WALDEN_BENCH_DELAYED", 1_000_000));
+    let pending = env_usize("WALDEN_BENCH_DELAYED", 1_000_000);
+    if pending > 0 {
+        memory(&rt, &base, pending);
+    }
     let fire = env_usize("WALDEN_BENCH_FIRE", 20_000);
     if fire > 0 {
         lateness(&rt, &base, fire);

@@ -12,6 +12,7 @@ use actix_web::{App, HttpServer, web};
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{info, warn};
 
+use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
@@ -106,10 +107,15 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         .max(2);
     let arbiters: Vec<Arbiter> = (0..n).map(|_| Arbiter::new()).collect();
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+    // Embedded namespaces keep their delayed entries in the same store.
+    let stores = Stores {
+        delays: Arc::new(park.clone()),
+        park,
+    };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
         let runtime =
-            NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &park, &handles)
+            NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &stores, &handles)
                 .map_err(|source| ServiceError::Target {
                     namespace: name.clone(),
                     source,
@@ -124,7 +130,6 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         dedup,
         dlq,
-        park,
     });
 
     let app_state = web::Data::from(state.clone());

@@ -329,10 +329,11 @@ async fn a_delayed_entry_fires_no_sooner_than_its_delay() {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/namespaces/ns/log", base(&svc));
     let start = Instant::now();
+    let before_ms = walden::entry::now_ms();
     let (status, _) = post(
         &client,
         &url,
-        json!({"payload": "later", "lifecycle": {"delay_ms": 600}}),
+        json!({"payload": "later", "lifecycle": {"delay_ms": 600, "jitter_ms": 0}}),
     )
     .await;
     assert_eq!(status, 200);
@@ -348,9 +349,16 @@ async fn a_delayed_entry_fires_no_sooner_than_its_delay() {
     assert!(start.elapsed() >= Duration::from_millis(600));
     let due = both[1].body["due_ms"].as_u64().unwrap();
     let ts = both[1].body["timestamp_ms"].as_u64().unwrap();
+    // With no jitter, due is the ingest time plus the delay: the ingest time
+    // lies between the request and the append's timestamp.
     assert!(
-        due >= ts + 590,
-        "due {due} is the write time plus the delay ({ts})"
+        (before_ms + 600..=ts + 600).contains(&due),
+        "due {due}, request at {before_ms}, appended at {ts}"
+    );
+    assert!(
+        both[1].at_ms >= due,
+        "arrived at {} before its due time {due}",
+        both[1].at_ms
     );
 }
 

@@ -218,6 +218,46 @@ async fn a_cancelled_delay_never_fires_even_after_a_restart() {
     drop(svc);
 }
 
+/// A cancel that comes after the fire is refused (409), and the entry is
+/// still delivered: the answer never claims a cancel that did not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_the_fire_is_refused_and_the_entry_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.fail_with(503);
+    let retry = "[namespaces.ns.retry]\nmax_attempts = 1000\nmax_backoff_ms = 200";
+    let text = config_text(dir.path(), "127.0.0.1:0", &target.url(), retry);
+    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let base = format!("http://{}", svc.addr);
+    post(
+        &format!("{base}/v1/namespaces/ns/log"),
+        json!({"payload": "x", "id": "late", "lifecycle": {"delay_ms": 300}}),
+    )
+    .await;
+    until_stats(&base, "the entry fired and is being retried", |st| {
+        st["delayed"] == 0 && st["failed_deliveries"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .delete(format!("{base}/v1/namespaces/ns/delayed/late"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("already came due"),
+        "{body}"
+    );
+    target.fail_with(0);
+    let got = target.wait_for(1, WAIT);
+    assert_eq!(got[0].id(), "late");
+    drop(svc);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overdue_entries_catch_up_in_due_order_at_the_configured_rate() {
     let dir = tempfile::tempdir().unwrap();

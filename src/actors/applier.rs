@@ -32,8 +32,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::consumer::{Rewind, ShardConsumer};
 use super::dead_letter::{Bury, DeadLetterActor, Done, Doomed, Redriven};
-use super::{ShardStats, Work, ack, guarded, panic_message};
-use crate::backends::Delivery;
+use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
+use crate::backends::{DelayStore, Delivery};
 use crate::config::{Ordering, RetryConfig};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
 use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
@@ -131,6 +131,7 @@ pub struct Applier {
     consumer: Addr<ShardConsumer>,
     dead_letter: Addr<DeadLetterActor>,
     park: ParkStore,
+    delays: Arc<dyn DelayStore>,
     policy: Policy,
     stats: Arc<ShardStats>,
     queue: VecDeque<Item>,
@@ -151,7 +152,7 @@ impl Applier {
         shard: ShardRef,
         consumer: Addr<ShardConsumer>,
         dead_letter: Addr<DeadLetterActor>,
-        park: ParkStore,
+        stores: Stores,
         policy: Policy,
         stats: Arc<ShardStats>,
     ) -> Self {
@@ -160,7 +161,8 @@ impl Applier {
             shard,
             consumer,
             dead_letter,
-            park,
+            park: stores.park,
+            delays: stores.delays,
             policy,
             stats,
             queue: VecDeque::new(),
@@ -569,10 +571,10 @@ impl Applier {
 
     /// A delayed entry was applied (or moved on): remove it from the store.
     fn undelay(&mut self, d: Delivered, ctx: &mut Context<Self>) {
-        let park = self.park.clone();
+        let delays = self.delays.clone();
         ctx.spawn(
             async move {
-                if let Err(e) = park.undelay(d).await {
+                if let Err(e) = delays.undelay(d).await {
                     // It fires again after a restart: at least once.
                     warn!(error = %e, "Could not remove a fired entry from the delay store.");
                 }
@@ -622,7 +624,7 @@ impl Applier {
         let delivered = item.delivered();
         let done = match item.source {
             Source::Log(work) => Done::Ack(work),
-            Source::Delayed(_) => Done::Undelay(self.park.clone()),
+            Source::Delayed(_) => Done::Undelay(self.delays.clone()),
             Source::Parked(d) => Done::Unpark {
                 store: self.park.clone(),
                 order_key: key.clone(),

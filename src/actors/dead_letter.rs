@@ -15,7 +15,7 @@ use super::applier::Reset;
 use super::consumer::{Rewind, ShardConsumer};
 use super::{ShardStats, Work, ack, guarded};
 use crate::backends::embedded::EmbeddedDlq;
-use crate::backends::{DeadLetter, DeadLetters, Origin};
+use crate::backends::{DeadLetter, DeadLetters, DelayStore, Origin};
 use crate::entry::Delivered;
 use crate::state::ParkStore;
 
@@ -24,7 +24,7 @@ pub enum Done {
     /// It came from the log: ack it, so the watermark can pass.
     Ack(Work),
     /// It came from the delay store: remove it there.
-    Undelay(ParkStore),
+    Undelay(Arc<dyn DelayStore>),
     /// It came from the park store: remove it there.
     Unpark {
         store: ParkStore,

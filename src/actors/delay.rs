@@ -7,23 +7,39 @@
 //! per shard fires them in due order (sequence order for equal due times).
 //! Entries found overdue, after a restart or an outage, fire at no more than
 //! `delay.catch_up_per_s`, and are counted.
+//!
+//! Time here is [`clock_ms`]: the wall clock read once, then advanced by the
+//! monotonic clock (tokio's, so tests can pause it). A wall-clock step while
+//! the process runs neither bunches nor stalls the timers.
+//!
+//! A cancel goes through the scheduler, so it cannot race a fire: an entry
+//! still waiting is removed from memory and then from the store; one that has
+//! already fired is reported as [`CancelOutcome::Fired`].
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use actix::{
-    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message,
-    SpawnHandle, Supervised, WrapFuture,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient,
+    ResponseActFuture, SpawnHandle, Supervised, WrapFuture,
 };
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::applier::{Applier, ApplyDelayed, Reset};
-use super::consumer::{Rewind, ShardConsumer};
+use super::applier::{ApplyDelayed, Reset};
+use super::consumer::Rewind;
 use super::{ShardStats, Work, ack, guarded};
-use crate::backends::Delivery;
+use crate::backends::{BackendError, DelayStore, Delivery};
 use crate::entry::{Delivered, ShardRef, now_ms};
-use crate::state::ParkStore;
+
+/// Milliseconds since the epoch on a monotonic clock: the wall clock at the
+/// first call, plus tokio's monotonic time since.
+pub fn clock_ms() -> u64 {
+    static ANCHOR: OnceLock<(u64, Instant)> = OnceLock::new();
+    let (wall, at) = ANCHOR.get_or_init(|| (now_ms(), Instant::now()));
+    wall + Instant::now().saturating_duration_since(*at).as_millis() as u64
+}
 
 /// Entries due within this much of now are held in memory.
 const WINDOW_MS: u64 = 10_000;
@@ -36,10 +52,10 @@ const REFILL_LIMIT: usize = 20_000;
 const OVERDUE_MS: u64 = 1_000;
 
 pub struct DelayScheduler {
-    applier: Addr<Applier>,
-    consumer: Addr<ShardConsumer>,
+    applier: Recipient<ApplyDelayed>,
+    rewind: Recipient<Rewind>,
     stats: Arc<ShardStats>,
-    park: ParkStore,
+    store: Arc<dyn DelayStore>,
     shard: ShardRef,
     catch_up_per_s: u64,
     /// (due ms, sequence) → entry, for entries due before `loaded_until`.
@@ -54,22 +70,25 @@ pub struct DelayScheduler {
     refilled_tokens_at: Instant,
     /// The armed timer and the due time it was armed for.
     timer: Option<(SpawnHandle, u64)>,
+    /// Cancelled before they were loaded: a refill already in flight may
+    /// still bring them back, so it skips these.
+    cancelled: HashSet<(u64, u64)>,
 }
 
 impl DelayScheduler {
     pub fn new(
-        applier: Addr<Applier>,
-        consumer: Addr<ShardConsumer>,
+        applier: Recipient<ApplyDelayed>,
+        rewind: Recipient<Rewind>,
         stats: Arc<ShardStats>,
-        park: ParkStore,
+        store: Arc<dyn DelayStore>,
         shard: ShardRef,
         catch_up_per_s: u64,
     ) -> Self {
         Self {
             applier,
-            consumer,
+            rewind,
             stats,
-            park,
+            store,
             shard,
             catch_up_per_s,
             window: BTreeMap::new(),
@@ -79,22 +98,26 @@ impl DelayScheduler {
             tokens: catch_up_per_s as f64,
             refilled_tokens_at: Instant::now(),
             timer: None,
+            cancelled: HashSet::new(),
         }
     }
 
     /// Load the store's entries due within the window into memory.
     fn refill(&mut self, ctx: &mut Context<Self>) {
-        let (park, shard) = (self.park.clone(), self.shard.clone());
-        let (from, until) = (self.loaded_until, now_ms() + WINDOW_MS);
+        let (store, shard) = (self.store.clone(), self.shard.clone());
+        let (from, until) = (self.loaded_until, clock_ms() + WINDOW_MS);
         ctx.spawn(
-            async move { park.due_between(shard, from, until, REFILL_LIMIT).await }
+            async move { store.due_between(&shard, from, until, REFILL_LIMIT).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(loaded) => {
                         let full = loaded.len() == REFILL_LIMIT;
                         let last_due = loaded.last().map(|d| d.entry.due_ms);
                         for d in loaded {
-                            act.window.insert((d.entry.due_ms, d.sequence), d);
+                            let key = (d.entry.due_ms, d.sequence);
+                            if !act.cancelled.contains(&key) {
+                                act.window.insert(key, d);
+                            }
                         }
                         // A full load stops mid-range: continue from its last
                         // due time next time (reloading that instant is harmless).
@@ -114,7 +137,9 @@ impl DelayScheduler {
     fn fire(&mut self, ctx: &mut Context<Self>) {
         crate::failpoint!("delay.fire");
         self.timer = None;
-        let now = now_ms();
+        let now = clock_ms();
+        // A refill that could still return these started long ago.
+        self.cancelled.retain(|(due, _)| due + WINDOW_MS > now);
         let elapsed = self.refilled_tokens_at.elapsed().as_secs_f64();
         self.refilled_tokens_at = Instant::now();
         let cap = self.catch_up_per_s as f64;
@@ -156,9 +181,16 @@ impl DelayScheduler {
             return;
         };
         self.stats.next_due_ms.set(next as i64);
-        let now = now_ms();
-        // Overdue entries waiting for catch-up tokens: look again shortly.
-        let at = if next <= now { now + 50 } else { next };
+        let now = clock_ms();
+        let at = if next > now {
+            next
+        } else if now - next > OVERDUE_MS && self.tokens < 1.0 {
+            // Waiting for a catch-up token: look again when one has accrued.
+            now + (1000 / self.catch_up_per_s.max(1)).clamp(1, 50)
+        } else {
+            // Came due since the last fire (the clock ticked): fire now.
+            now
+        };
         if let Some((h, armed)) = self.timer {
             if armed <= at {
                 return;
@@ -176,8 +208,8 @@ impl Actor for DelayScheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let (park, shard) = (self.park.clone(), self.shard.clone());
-        ctx.spawn(async move { park.delayed_summary(shard).await }.into_actor(self).map(
+        let (store, shard) = (self.store.clone(), self.shard.clone());
+        ctx.spawn(async move { store.summary(&shard).await }.into_actor(self).map(
             |result, act, ctx| {
                 if let Ok((n, first)) = result {
                     act.stored = n as i64;
@@ -200,7 +232,7 @@ impl Supervised for DelayScheduler {
         self.loaded_until = 0;
         self.timer = None;
         // Entries handed over but not yet stored were not acked: read again.
-        self.consumer.do_send(Rewind);
+        self.rewind.do_send(Rewind);
     }
 }
 
@@ -229,17 +261,18 @@ impl Handler<Delay> for DelayScheduler {
                 entry: w.delivery.entry().clone(),
             })
             .collect();
-        let park = self.park.clone();
+        let store = self.store.clone();
         let stored = items.clone();
         ctx.spawn(
-            async move { park.delay(stored).await }
+            async move { store.delay(stored).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(()) => {
                         act.stored += items.len() as i64;
                         for d in items {
-                            if d.entry.due_ms < act.loaded_until {
-                                act.window.insert((d.entry.due_ms, d.sequence), d);
+                            let key = (d.entry.due_ms, d.sequence);
+                            if key.0 < act.loaded_until && !act.cancelled.contains(&key) {
+                                act.window.insert(key, d);
                             }
                         }
                         for w in works {
@@ -257,18 +290,75 @@ impl Handler<Delay> for DelayScheduler {
     }
 }
 
-/// A delayed entry was cancelled (and removed from the store).
+/// Cancel this waiting entry (as found in the store by its id).
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct Cancelled(pub Delivered);
+#[rtype(result = "Result<CancelOutcome, BackendError>")]
+pub struct Cancel(pub Delivered);
 
-impl Handler<Cancelled> for DelayScheduler {
-    type Result = ();
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It will never fire; the store no longer has it.
+    Cancelled,
+    /// It already fired and is being delivered (or was): too late.
+    Fired,
+    /// The store no longer has it (delivered, or cancelled already).
+    Gone,
+}
 
-    fn handle(&mut self, Cancelled(d): Cancelled, ctx: &mut Context<Self>) {
-        self.window.remove(&(d.entry.due_ms, d.sequence));
-        self.stored -= 1;
-        self.arm(ctx);
+impl Handler<Cancel> for DelayScheduler {
+    type Result = ResponseActFuture<Self, Result<CancelOutcome, BackendError>>;
+
+    fn handle(&mut self, Cancel(d): Cancel, _: &mut Context<Self>) -> Self::Result {
+        let key = (d.entry.due_ms, d.sequence);
+        let in_window = self.window.remove(&key).is_some();
+        let store = self.store.clone();
+        if !in_window && key.0 < self.loaded_until {
+            // Everything stored that is due before `loaded_until` was in
+            // memory; not being there any more means it has fired (and is
+            // being delivered while the store still has it).
+            let (ns, id) = (d.shard.namespace.clone(), d.entry.id.clone());
+            return Box::pin(
+                async move {
+                    Ok(match store.find(&ns, &id).await? {
+                        Some(_) => CancelOutcome::Fired,
+                        None => CancelOutcome::Gone,
+                    })
+                }
+                .into_actor(self),
+            );
+        }
+        if !in_window {
+            self.cancelled.insert(key);
+        }
+        Box::pin(
+            async move {
+                let result = store.cancel(&d).await;
+                (result, d)
+            }
+            .into_actor(self)
+            .map(move |(result, d), act, ctx| {
+                let removed = match result {
+                    Ok(removed) => removed,
+                    Err(e) => {
+                        // Still stored: it must still fire.
+                        act.cancelled.remove(&key);
+                        if in_window {
+                            act.window.insert(key, d);
+                        }
+                        return Err(e);
+                    }
+                };
+                if removed {
+                    act.stored -= 1;
+                }
+                act.arm(ctx);
+                Ok(if removed {
+                    CancelOutcome::Cancelled
+                } else {
+                    CancelOutcome::Gone
+                })
+            }),
+        )
     }
 }
 

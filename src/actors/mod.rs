@@ -27,11 +27,14 @@ pub mod supervisor;
 
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use actix::{Actor, ActorContext, Context};
 use tracing::error;
 
+use crate::backends::DelayStore;
 use crate::backends::embedded::EmbeddedDelivery;
+use crate::state::ParkStore;
 use crate::stats::{Counter, Gauge, Histogram};
 
 /// Counters of one shard, shared with the API.
@@ -64,6 +67,14 @@ pub struct ShardStats {
     pub caught_up: Counter,
     /// How late delayed entries fired, against their due time.
     pub fire_lateness: Histogram,
+}
+
+/// Where a namespace's entries wait outside the log: parked keys (always
+/// local fjall for now) and delayed entries (the backend's delay store).
+#[derive(Clone)]
+pub struct Stores {
+    pub park: ParkStore,
+    pub delays: Arc<dyn DelayStore>,
 }
 
 /// A delivery, tagged with the consumer generation that read it.

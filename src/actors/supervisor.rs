@@ -9,17 +9,17 @@ use std::time::Duration;
 use actix::{Actor, Addr, ArbiterHandle, AsyncContext, Context, Supervisor, WrapFuture};
 use tracing::{info, warn};
 
-use super::ShardStats;
 use super::applier::{Applier, Policy};
 use super::consumer::{Drain, Peers, ShardConsumer, Wire};
 use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
 use super::ingest::Ingest;
+use super::{ShardStats, Stores};
+use crate::backends::DelayStore;
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog};
 use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
-use crate::state::ParkStore;
 
 /// The consumer group the service reads with.
 pub const CONSUMER_GROUP: &str = "walden";
@@ -64,6 +64,8 @@ pub struct NamespaceRuntime {
     pub config: NamespaceConfig,
     pub shards: Vec<ShardHandle>,
     pub sink_health: Arc<SinkHealth>,
+    /// Where this namespace's delayed entries wait.
+    pub delays: Arc<dyn DelayStore>,
     _supervisor: Addr<NamespaceSupervisor>,
 }
 
@@ -75,7 +77,7 @@ impl NamespaceRuntime {
         server: &ServerConfig,
         log: &Arc<EmbeddedLog>,
         dlq: &Arc<EmbeddedDlq>,
-        park: &ParkStore,
+        stores: &Stores,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
         let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
@@ -106,17 +108,18 @@ impl NamespaceRuntime {
                     hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
                     target: config.target.name().to_string(),
                 };
-                let (park, shard) = (park.clone(), shard.clone());
+                let (stores, shard) = (stores.clone(), shard.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    Applier::new(sink, shard, consumer, dead_letter, park, policy, stats)
+                    Applier::new(sink, shard, consumer, dead_letter, stores, policy, stats)
                 })
             };
             let delay = {
-                let (applier, consumer, stats) = (applier.clone(), consumer.clone(), stats.clone());
-                let (park, shard) = (park.clone(), shard.clone());
+                let applier = applier.clone().recipient();
+                let rewind = consumer.clone().recipient();
+                let (store, shard, stats) = (stores.delays.clone(), shard.clone(), stats.clone());
                 let catch_up = config.delay.catch_up_per_s;
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DelayScheduler::new(applier, consumer, stats, park, shard, catch_up)
+                    DelayScheduler::new(applier, rewind, stats, store, shard, catch_up)
                 })
             };
             consumer.do_send(Wire(Peers {
@@ -155,6 +158,7 @@ impl NamespaceRuntime {
             config: config.clone(),
             shards,
             sink_health,
+            delays: stores.delays.clone(),
             _supervisor: supervisor,
         })
     }

@@ -3,11 +3,12 @@
 //! - `GET /v1/namespaces/{ns}/delayed?limit=`: upcoming entries, soonest first
 //! - `DELETE /v1/namespaces/{ns}/delayed/{id}`: cancel one before it fires
 
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::actors::delay::Cancelled;
+use crate::actors::delay::{Cancel, CancelOutcome};
 use crate::entry::Durable;
 
 const DEFAULT_LIMIT: usize = 100;
@@ -33,8 +34,12 @@ pub async fn list(
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let mut upcoming = Vec::new();
     for h in &ns.shards {
-        let shard = upcoming_of(&state, h.shard.clone(), limit).await?;
-        upcoming.extend(shard);
+        let waiting = ns
+            .delays
+            .due_between(&h.shard, 0, u64::MAX, limit)
+            .await
+            .map_err(store_error)?;
+        upcoming.extend(waiting);
     }
     upcoming.sort_by_key(|d| (d.entry.due_ms, d.shard.shard, d.sequence));
     upcoming.truncate(limit);
@@ -54,40 +59,50 @@ pub async fn list(
     Ok(HttpResponse::Ok().json(serde_json::json!({ "entries": entries })))
 }
 
-async fn upcoming_of(
-    state: &AppState,
-    shard: crate::entry::ShardRef,
-    limit: usize,
-) -> Result<Vec<crate::entry::Delivered>, ApiError> {
-    state
-        .park
-        .due_between(shard, 0, u64::MAX, limit)
-        .await
-        .map_err(store_error)
-}
-
 /// `DELETE /v1/namespaces/{ns}/delayed/{id}`
+///
+/// The shard's scheduler decides, so a cancel never races a fire: 200 if the
+/// entry will not fire, 409 if it already fired, 404 if no such entry waits.
 pub async fn cancel(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    match state
-        .park
-        .cancel(ns.name.clone(), id.clone())
+    let not_found = || {
+        ApiError::not_found(format!(
+            "no delayed entry {id:?} is waiting in namespace {:?} (it may have been delivered)",
+            ns.name
+        ))
+    };
+    let found = ns.delays.find(&ns.name, &id).await.map_err(store_error)?;
+    let Some(d) = found else {
+        return Err(not_found());
+    };
+    let Some(shard) = ns.shards.get(d.shard.shard as usize) else {
+        return Err(not_found());
+    };
+    let outcome = shard
+        .delay
+        .send(Cancel(d))
         .await
-        .map_err(store_error)?
-    {
-        Some(d) => {
-            if let Some(h) = ns.shards.get(d.shard.shard as usize) {
-                h.delay.do_send(Cancelled(d));
-            }
+        .map_err(|e| {
+            ApiError::unavailable(
+                Durable::Unknown,
+                format!("the delay scheduler is restarting: {e}"),
+            )
+        })?
+        .map_err(store_error)?;
+    match outcome {
+        CancelOutcome::Cancelled => {
             Ok(HttpResponse::Ok().json(serde_json::json!({ "cancelled": id })))
         }
-        None => Err(ApiError::not_found(format!(
-            "no delayed entry {id:?} is waiting in namespace {:?} (it may have fired already)",
-            ns.name
-        ))),
+        CancelOutcome::Fired => Err(ApiError::rejected(
+            StatusCode::CONFLICT,
+            format!(
+                "delayed entry {id:?} already came due and is being delivered; it cannot be cancelled"
+            ),
+        )),
+        CancelOutcome::Gone => Err(not_found()),
     }
 }

@@ -37,8 +37,6 @@ pub struct AppState {
     pub dedup: Arc<crate::state::DedupIndex>,
     /// Dead letters of every namespace.
     pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
-    /// Parked and delayed entries.
-    pub park: crate::state::ParkStore,
 }
 
 impl AppState {

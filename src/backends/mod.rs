@@ -13,13 +13,17 @@ pub mod embedded;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::entry::{Durable, Entry, ShardRef};
+use futures_util::future::BoxFuture;
+
+use crate::entry::{Delivered, Durable, Entry, ShardRef};
 
 /// Errors of any backend, each keeping its backend's own typed error.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error(transparent)]
     Embedded(#[from] embedded::LogError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 impl BackendError {
@@ -27,6 +31,8 @@ impl BackendError {
     pub fn durable(&self) -> Durable {
         match self {
             BackendError::Embedded(e) => e.durable(),
+            // The state store is only written after the entry is durable.
+            BackendError::State(_) => Durable::False,
         }
     }
 }
@@ -126,4 +132,43 @@ pub trait Delivery: Send + Sized {
     fn ack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
     /// The entry must be delivered again.
     fn nack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
+}
+
+/// Where delayed entries wait until they are due, so that a shard's
+/// DelayScheduler keeps only the near-term window in memory. Each store keeps
+/// a full copy of an entry, since log retention may delete its segment first.
+///
+/// Object-safe (boxed futures): the scheduler holds an `Arc<dyn DelayStore>`
+/// and does not care which backend is behind it.
+pub trait DelayStore: Send + Sync {
+    /// Hold these entries; resolves once they are durable (their deliveries
+    /// are acked after).
+    fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Entries of `shard` due in `[from_ms, until_ms)`, in (due, sequence)
+    /// order, at most `limit`.
+    fn due_between(
+        &self,
+        shard: &ShardRef,
+        from_ms: u64,
+        until_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>>;
+
+    /// How many entries of `shard` wait, and the earliest due time.
+    fn summary(&self, shard: &ShardRef) -> BoxFuture<'_, Result<(u64, Option<u64>), BackendError>>;
+
+    /// Forget an entry that was applied, parked or dead-lettered. Need not be
+    /// durable: an entry forgotten in memory only fires again (at least once).
+    fn undelay(&self, item: Delivered) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// The waiting entry with this id, if any.
+    fn find(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> BoxFuture<'_, Result<Option<Delivered>, BackendError>>;
+
+    /// Remove a waiting entry for good, durably; false if it was not there.
+    fn cancel(&self, item: &Delivered) -> BoxFuture<'_, Result<bool, BackendError>>;
 }

@@ -18,10 +18,13 @@
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
+use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 use tracing::error;
 
 use super::{StateError, StateStore};
+use crate::backends::BackendError;
+use crate::backends::DelayStore;
 use crate::backends::embedded::format::{self, Frame};
 use crate::entry::{Delivered, ShardRef};
 
@@ -335,111 +338,131 @@ fn delayed_value(d: &Delivered, due_ms: u64) -> Vec<u8> {
     })
 }
 
-/// The delay store: the same worker, other keyspaces.
-impl ParkStore {
-    /// Hold entries until they are due, durably (they are acked after).
-    pub async fn delay(&self, items: Vec<Delivered>) -> Result<(), StateError> {
-        self.run(move |s| {
-            for d in &items {
-                let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
-                s.delayed
-                    .insert(k.clone(), delayed_value(d, d.entry.due_ms))
-                    .map_err(|e| s.err(e))?;
-                s.delayed_ids
-                    .insert(id_key(&d.shard.namespace, &d.entry.id), k)
-                    .map_err(|e| s.err(e))?;
-            }
-            s.persist()
+/// The embedded delay store: the same worker, other keyspaces. Entries are
+/// keyed by shard, due time and sequence; a second keyspace maps an id to
+/// that key for `find` and `cancel`.
+impl DelayStore for ParkStore {
+    fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.run(move |s| {
+                for d in &items {
+                    let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
+                    s.delayed
+                        .insert(k.clone(), delayed_value(d, d.entry.due_ms))
+                        .map_err(|e| s.err(e))?;
+                    s.delayed_ids
+                        .insert(id_key(&d.shard.namespace, &d.entry.id), k)
+                        .map_err(|e| s.err(e))?;
+                }
+                s.persist()
+            })
+            .await?;
+            Ok(())
         })
-        .await
     }
 
-    /// Delayed entries of a shard due in `[from_ms, until_ms)`, in due order,
-    /// at most `limit`.
-    pub async fn due_between(
+    fn due_between(
         &self,
-        shard: ShardRef,
+        shard: &ShardRef,
         from_ms: u64,
         until_ms: u64,
         limit: usize,
-    ) -> Result<Vec<Delivered>, StateError> {
-        self.run(move |s| {
-            let lo = delayed_key(&shard, from_ms, 0);
-            let hi = delayed_key(&shard, until_ms, 0);
-            let mut out = Vec::new();
-            for item in s.delayed.range(lo..hi).take(limit) {
-                let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
-                if let Some(p) = decode(&v) {
-                    out.push(p.delivered);
-                }
-            }
-            Ok(out)
+    ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
+        let lo = delayed_key(shard, from_ms, 0);
+        let hi = delayed_key(shard, until_ms, 0);
+        Box::pin(async move {
+            let found = self
+                .run(move |s| {
+                    let mut out = Vec::new();
+                    for item in s.delayed.range(lo..hi).take(limit) {
+                        let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
+                        if let Some(p) = decode(&v) {
+                            out.push(p.delivered);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+            Ok(found)
         })
-        .await
     }
 
-    /// How many entries of a shard are delayed, and the earliest due time.
-    pub async fn delayed_summary(&self, shard: ShardRef) -> Result<(u64, Option<u64>), StateError> {
-        self.run(move |s| {
-            let prefix = shard_prefix(&shard);
-            let mut n = 0;
-            let mut first = None;
-            for item in s.delayed.prefix(&prefix) {
-                let k = item.key().map_err(|e| s.err(e))?;
-                if first.is_none() {
-                    first = k
-                        .get(prefix.len()..prefix.len() + 8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes);
-                }
-                n += 1;
-            }
-            Ok((n, first))
+    fn summary(&self, shard: &ShardRef) -> BoxFuture<'_, Result<(u64, Option<u64>), BackendError>> {
+        let prefix = shard_prefix(shard);
+        Box::pin(async move {
+            let summary = self
+                .run(move |s| {
+                    let mut n = 0;
+                    let mut first = None;
+                    for item in s.delayed.prefix(&prefix) {
+                        let k = item.key().map_err(|e| s.err(e))?;
+                        if first.is_none() {
+                            first = k
+                                .get(prefix.len()..prefix.len() + 8)
+                                .and_then(|b| b.try_into().ok())
+                                .map(u64::from_be_bytes);
+                        }
+                        n += 1;
+                    }
+                    Ok((n, first))
+                })
+                .await?;
+            Ok(summary)
         })
-        .await
     }
 
-    /// Forget a delayed entry once it was applied (or dead-lettered or
-    /// parked). Not fsynced: after a crash it fires again (at least once).
-    pub async fn undelay(&self, d: Delivered) -> Result<(), StateError> {
-        self.run(move |s| {
-            s.delayed
-                .remove(delayed_key(&d.shard, d.entry.due_ms, d.sequence))
-                .map_err(|e| s.err(e))?;
-            s.delayed_ids
-                .remove(id_key(&d.shard.namespace, &d.entry.id))
-                .map_err(|e| s.err(e))
+    fn undelay(&self, d: Delivered) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.run(move |s| {
+                s.delayed
+                    .remove(delayed_key(&d.shard, d.entry.due_ms, d.sequence))
+                    .map_err(|e| s.err(e))?;
+                s.delayed_ids
+                    .remove(id_key(&d.shard.namespace, &d.entry.id))
+                    .map_err(|e| s.err(e))
+            })
+            .await?;
+            Ok(())
         })
-        .await
     }
 
-    /// Cancel a delayed entry by id, durably; returns it if it was waiting.
-    pub async fn cancel(
+    fn find(
         &self,
-        namespace: String,
-        id: String,
-    ) -> Result<Option<Delivered>, StateError> {
-        self.run(move |s| {
-            let Some(k) = s
-                .delayed_ids
-                .get(id_key(&namespace, &id))
-                .map_err(|e| s.err(e))?
-            else {
-                return Ok(None);
-            };
-            let found = s
-                .delayed
-                .get(&k)
-                .map_err(|e| s.err(e))?
-                .and_then(|v| decode(&v));
-            s.delayed.remove(k.clone()).map_err(|e| s.err(e))?;
-            s.delayed_ids
-                .remove(id_key(&namespace, &id))
-                .map_err(|e| s.err(e))?;
-            s.persist()?;
-            Ok(found.map(|p| p.delivered))
+        namespace: &str,
+        id: &str,
+    ) -> BoxFuture<'_, Result<Option<Delivered>, BackendError>> {
+        let ik = id_key(namespace, id);
+        Box::pin(async move {
+            let found = self
+                .run(move |s| {
+                    let Some(k) = s.delayed_ids.get(ik).map_err(|e| s.err(e))? else {
+                        return Ok(None);
+                    };
+                    let v = s.delayed.get(&k).map_err(|e| s.err(e))?;
+                    Ok(v.and_then(|v| decode(&v)).map(|p| p.delivered))
+                })
+                .await?;
+            Ok(found)
         })
-        .await
+    }
+
+    fn cancel(&self, d: &Delivered) -> BoxFuture<'_, Result<bool, BackendError>> {
+        let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
+        let ik = id_key(&d.shard.namespace, &d.entry.id);
+        Box::pin(async move {
+            let removed = self
+                .run(move |s| {
+                    if s.delayed.get(&k).map_err(|e| s.err(e))?.is_none() {
+                        return Ok(false);
+                    }
+                    s.delayed.remove(k).map_err(|e| s.err(e))?;
+                    s.delayed_ids.remove(ik).map_err(|e| s.err(e))?;
+                    s.persist()?;
+                    Ok(true)
+                })
+                .await?;
+            Ok(removed)
+        })
     }
 }
 

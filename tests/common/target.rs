@@ -11,6 +11,8 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 #[derive(Clone, Debug)]
 pub struct Received {
     pub at: Instant,
+    /// Wall-clock ms at arrival, to compare with an entry's `due_ms`.
+    pub at_ms: u64,
     pub body: serde_json::Value,
     pub idempotency_key: Option<String>,
     pub traceparent: Option<String>,
@@ -69,6 +71,7 @@ async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
     }
     shared.received.lock().unwrap().push(Received {
         at: Instant::now(),
+        at_ms: walden::entry::now_ms(),
         body,
         idempotency_key: header("idempotency-key"),
         traceparent: header("traceparent"),
