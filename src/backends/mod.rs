@@ -9,6 +9,8 @@
 //! every backend.
 
 pub mod embedded;
+pub mod kafka;
+pub(crate) mod tracker;
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,6 +25,8 @@ pub enum BackendError {
     #[error(transparent)]
     Embedded(#[from] embedded::LogError),
     #[error(transparent)]
+    Kafka(#[from] kafka::KafkaError),
+    #[error(transparent)]
     State(#[from] crate::state::StateError),
 }
 
@@ -31,6 +35,7 @@ impl BackendError {
     pub fn durable(&self) -> Durable {
         match self {
             BackendError::Embedded(e) => e.durable(),
+            BackendError::Kafka(e) => e.durable(),
             // The state store is only written after the entry is durable.
             BackendError::State(_) => Durable::False,
         }

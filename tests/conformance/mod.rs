@@ -17,7 +17,9 @@ const WAIT: Duration = Duration::from_secs(5);
 pub trait Harness: Sized {
     type P: Producer;
     type C: Consumer;
-    fn new() -> impl Future<Output = Self>;
+    /// `None` when the backend's server is not configured (the harness says
+    /// so loudly): the case is skipped.
+    fn new() -> impl Future<Output = Option<Self>>;
     fn shard(&self) -> ShardRef;
     fn producer(&self) -> Self::P;
     fn consumer(&self, group: &str) -> impl Future<Output = Self::C>;
@@ -65,7 +67,9 @@ fn ids<D: Delivery>(ds: &[D]) -> Vec<String> {
 }
 
 pub async fn send_and_receive<H: Harness>() {
-    let h = H::new().await;
+    let Some(h) = H::new().await else {
+        return;
+    };
     let seqs = send_n(&h, 10, |_| "k".into()).await;
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
@@ -92,7 +96,9 @@ pub async fn send_and_receive<H: Harness>() {
 }
 
 pub async fn ack_and_nack<H: Harness>() {
-    let h = H::new().await;
+    let Some(h) = H::new().await else {
+        return;
+    };
     send_n(&h, 3, |_| "k".into()).await;
     let mut c = h.consumer("g").await;
     let mut got = receive_n(&mut c, 3).await.into_iter();
@@ -118,7 +124,9 @@ pub async fn ack_and_nack<H: Harness>() {
 }
 
 pub async fn order_per_key<H: Harness>() {
-    let h = H::new().await;
+    let Some(h) = H::new().await else {
+        return;
+    };
     let keys = ["a", "b", "c"];
     send_n(&h, 30, |i| keys[i % 3].to_string()).await;
     let mut c = h.consumer("g").await;
@@ -135,7 +143,9 @@ pub async fn order_per_key<H: Harness>() {
 }
 
 pub async fn commit_and_resume<H: Harness>() {
-    let mut h = H::new().await;
+    let Some(mut h) = H::new().await else {
+        return;
+    };
     send_n(&h, 10, |_| "k".into()).await;
     {
         let mut c = h.consumer("g").await;
@@ -160,7 +170,9 @@ pub async fn commit_and_resume<H: Harness>() {
 }
 
 pub async fn uncommitted_work_is_delivered_again<H: Harness>() {
-    let mut h = H::new().await;
+    let Some(mut h) = H::new().await else {
+        return;
+    };
     send_n(&h, 4, |_| "k".into()).await;
     {
         let mut c = h.consumer("g").await;

@@ -2,7 +2,7 @@
 //! a per-shard consumer that tracks acks and commits its low watermark as the
 //! group's checkpoint.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,26 +32,7 @@ impl Producer for EmbeddedProducer {
     }
 }
 
-/// Which deliveries are still out, and what was nacked.
-#[derive(Default)]
-struct Tracker {
-    /// Delivered and not yet acked (offset → timestamp); a nacked entry stays
-    /// here until acked.
-    outstanding: BTreeMap<u64, u64>,
-    redeliver: VecDeque<Record>,
-    /// One past the last offset delivered.
-    delivered_end: u64,
-}
-
-impl Tracker {
-    fn low_watermark(&self) -> u64 {
-        self.outstanding
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.delivered_end)
-    }
-}
+type Tracker = crate::backends::tracker::Tracker<Record>;
 
 /// Commits a consumer's progress without holding the consumer, so a commit
 /// can run while a read is waiting for new records.
@@ -71,13 +52,12 @@ impl EmbeddedCheckpointer {
 
     /// Deliveries not yet acked.
     pub fn outstanding(&self) -> usize {
-        self.tracker.lock().unwrap().outstanding.len()
+        self.tracker.lock().unwrap().outstanding()
     }
 
     /// Timestamp of the oldest delivery not yet acked.
     pub fn oldest_outstanding_ms(&self) -> Option<u64> {
-        let t = self.tracker.lock().unwrap();
-        t.outstanding.values().next().copied()
+        self.tracker.lock().unwrap().oldest_outstanding_ms()
     }
 
     /// The group's committed offset for this shard.
@@ -120,10 +100,7 @@ impl EmbeddedConsumer {
             .unwrap_or_else(|| log.earliest_offset(shard));
         let reader = log.reader(shard, from)?;
         let durable_rx = log.durable_marks();
-        let tracker = Tracker {
-            delivered_end: from,
-            ..Tracker::default()
-        };
+        let tracker = Tracker::starting_at(from);
         Ok(Self {
             log,
             group: group.to_string(),
@@ -179,10 +156,8 @@ impl EmbeddedConsumer {
             self.reader = Some(reader);
             let records = result?;
             if !records.is_empty() {
-                let mut t = self.tracker.lock().unwrap();
-                t.outstanding
-                    .extend(records.iter().map(|r| (r.offset, r.entry.timestamp_ms)));
-                t.delivered_end = next;
+                let delivered = records.iter().map(|r| (r.offset, r.entry.timestamp_ms));
+                self.tracker.lock().unwrap().delivered(delivered, next);
                 return Ok(records);
             }
             match tokio::time::timeout_at(deadline, self.durable_rx.changed()).await {
@@ -202,11 +177,7 @@ impl Consumer for EmbeddedConsumer {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<EmbeddedDelivery>, BackendError> {
-        let redelivered: Vec<Record> = {
-            let mut t = self.tracker.lock().unwrap();
-            let n = t.redeliver.len().min(max);
-            t.redeliver.drain(..n).collect()
-        };
+        let redelivered = self.tracker.lock().unwrap().take_redeliveries(max);
         if !redelivered.is_empty() {
             return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
         }
@@ -247,18 +218,14 @@ impl Delivery for EmbeddedDelivery {
     }
 
     async fn ack(self) -> Result<(), (BackendError, Self)> {
-        self.tracker
-            .lock()
-            .unwrap()
-            .outstanding
-            .remove(&self.record.offset);
+        self.tracker.lock().unwrap().ack(self.record.offset);
         Ok(())
     }
 
     async fn nack(self) -> Result<(), (BackendError, Self)> {
         // Still outstanding: the watermark stays behind it until it is acked.
         let tracker = self.tracker.clone();
-        tracker.lock().unwrap().redeliver.push_back(self.record);
+        tracker.lock().unwrap().nack(self.record);
         Ok(())
     }
 }

@@ -1,0 +1,206 @@
+//! Reads one shard (one partition) for a consumer group, and commits the low
+//! watermark.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{KafkaError, KafkaSettings, entry_of};
+use crate::backends::tracker::Tracker;
+use crate::backends::{BackendError, Consumer, Delivery};
+use crate::entry::{Entry, ShardRef};
+
+/// An entry read from the partition, and its offset.
+#[derive(Clone, Debug)]
+struct Received {
+    offset: u64,
+    entry: Entry,
+}
+
+pub struct KafkaConsumer {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    shard: ShardRef,
+    tracker: Arc<Mutex<Tracker<Received>>>,
+    /// The offset last committed by this consumer (or found at start).
+    committed: Option<u64>,
+}
+
+impl KafkaConsumer {
+    /// Read `shard`'s partition for `group`, from the group's committed
+    /// offset (or the start of the partition).
+    pub async fn new(
+        settings: &KafkaSettings,
+        group: &str,
+        shard: &ShardRef,
+    ) -> Result<Self, KafkaError> {
+        let topic = settings.topic.clone();
+        let consumer: StreamConsumer = settings
+            .client_config(&[
+                ("group.id", group),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create()
+            .map_err(|e| KafkaError::client("consumer", &topic, e))?;
+        let consumer = Arc::new(consumer);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, shard.shard as i32);
+        // Blocking calls: the group's committed offset, then the assignment.
+        let (c, t, timeout) = (consumer.clone(), topic.clone(), settings.ack_timeout);
+        let committed = tokio::task::spawn_blocking(move || {
+            let found = c
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| KafkaError::client("committed offsets", &t, e))?;
+            let committed = match found.elements().first().map(|e| e.offset()) {
+                Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
+                _ => None,
+            };
+            let mut assign = TopicPartitionList::new();
+            let from = committed.map_or(Offset::Beginning, |o| Offset::Offset(o as i64));
+            assign
+                .add_partition_offset(&t, found.elements()[0].partition(), from)
+                .map_err(|e| KafkaError::client("assign", &t, e))?;
+            c.assign(&assign)
+                .map_err(|e| KafkaError::client("assign", &t, e))?;
+            Ok::<_, KafkaError>(committed)
+        })
+        .await
+        .map_err(|e| KafkaError::Topic {
+            topic: topic.clone(),
+            message: format!("setting up the consumer panicked: {e}"),
+        })??;
+        Ok(Self {
+            consumer,
+            topic,
+            shard: shard.clone(),
+            tracker: Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0)))),
+            committed,
+        })
+    }
+
+    /// Everything before this offset has been acked.
+    pub fn low_watermark(&self) -> u64 {
+        self.tracker.lock().unwrap().low_watermark()
+    }
+
+    fn received(&self, msg: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+        let offset = msg.offset();
+        let entry = entry_of(
+            &self.topic,
+            msg.partition(),
+            offset,
+            msg.key(),
+            msg.payload(),
+            msg.headers(),
+            msg.timestamp().to_millis(),
+        );
+        Received {
+            offset: offset as u64,
+            entry,
+        }
+    }
+
+    fn delivery(&self, r: Received) -> KafkaDelivery {
+        KafkaDelivery {
+            shard: self.shard.clone(),
+            received: r,
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl Consumer for KafkaConsumer {
+    type Delivery = KafkaDelivery;
+
+    async fn receive(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<KafkaDelivery>, BackendError> {
+        let redelivered = self.tracker.lock().unwrap().take_redeliveries(max);
+        if !redelivered.is_empty() {
+            return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
+        }
+        let client_error = |e| KafkaError::client("receive", &self.topic, e);
+        let mut out: Vec<Received> = Vec::new();
+        match tokio::time::timeout(timeout, self.consumer.recv()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(msg) => out.push(self.received(&msg.map_err(client_error)?)),
+        }
+        // Then whatever is already fetched, without waiting.
+        while out.len() < max {
+            match self.consumer.recv().now_or_never() {
+                Some(msg) => out.push(self.received(&msg.map_err(client_error)?)),
+                None => break,
+            }
+        }
+        let end = out.last().map_or(0, |r| r.offset + 1);
+        let delivered = out.iter().map(|r| (r.offset, r.entry.timestamp_ms));
+        self.tracker.lock().unwrap().delivered(delivered, end);
+        Ok(out.into_iter().map(|r| self.delivery(r)).collect())
+    }
+
+    async fn commit(&mut self) -> Result<(), BackendError> {
+        let offset = self.low_watermark();
+        if self.committed == Some(offset) {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.topic,
+            self.shard.shard as i32,
+            Offset::Offset(offset as i64),
+        )
+        .map_err(|e| KafkaError::client("commit", &self.topic, e))?;
+        let (c, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            c.commit(&tpl, CommitMode::Sync)
+                .map_err(|e| KafkaError::client("commit", &topic, e))
+        })
+        .await
+        .map_err(|e| KafkaError::Topic {
+            topic: self.topic.clone(),
+            message: format!("the commit panicked: {e}"),
+        })??;
+        self.committed = Some(offset);
+        Ok(())
+    }
+}
+
+/// One message delivered by a [`KafkaConsumer`].
+pub struct KafkaDelivery {
+    shard: ShardRef,
+    received: Received,
+    tracker: Arc<Mutex<Tracker<Received>>>,
+}
+
+impl Delivery for KafkaDelivery {
+    fn entry(&self) -> &Entry {
+        &self.received.entry
+    }
+
+    fn shard(&self) -> &ShardRef {
+        &self.shard
+    }
+
+    fn sequence(&self) -> u64 {
+        self.received.offset
+    }
+
+    async fn ack(self) -> Result<(), (BackendError, Self)> {
+        self.tracker.lock().unwrap().ack(self.received.offset);
+        Ok(())
+    }
+
+    async fn nack(self) -> Result<(), (BackendError, Self)> {
+        // Still outstanding: the watermark stays behind it until it is acked.
+        self.tracker.lock().unwrap().nack(self.received);
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The Kafka backend (rdkafka, with its bundled librdkafka): the broker
+//! carries durability, so producers and consumers can run as separate
+//! processes that scale apart.
+//!
+//! # Mapping
+//! - A namespace is one topic; shard `n` is partition `n` (so the topic has
+//!   exactly `shards` partitions). Walden picks the partition from the entry's
+//!   key, as on the embedded log; the key is also the Kafka key.
+//! - An entry's sequence is its partition offset: it only grows, so targets
+//!   can use it as a version.
+//! - Headers carry Walden's fields (`walden.id`, `walden.due_ms`) beside the
+//!   entry's own headers (`traceparent` among them).
+//!
+//! # Durability
+//! The producer runs with `acks=all` and idempotence on, and a send resolves
+//! only from its delivery report. `message.timeout.ms` is the server's ack
+//! timeout, so a send never hangs: a failed report is `durable: "false"` when
+//! librdkafka knows the broker never got the message, and `"unknown"` when it
+//! might have.
+//!
+//! # Consuming
+//! A shard consumer is assigned its one partition and starts at the group's
+//! committed offset. It commits its low watermark (the first offset not yet
+//! acked), which in Kafka terms is the next offset to read.
+
+mod consumer;
+mod producer;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+pub use consumer::{KafkaConsumer, KafkaDelivery};
+pub use producer::KafkaProducer;
+
+use crate::entry::{Durable, Entry};
+
+/// Where a namespace lives on Kafka.
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub topic: String,
+    /// Partitions of the topic: the namespace's shard count.
+    pub partitions: u32,
+    /// Extra librdkafka options, passed through unchanged (and applied last).
+    pub librdkafka: BTreeMap<String, String>,
+    /// The most a send may wait for its delivery report.
+    pub ack_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka {what} ({topic}): {source}")]
+    Client {
+        what: &'static str,
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A produce whose delivery report failed; `durable` says whether the
+    /// broker may have the message anyway.
+    #[error("kafka produce to {topic}/{partition}: {source}")]
+    Produce {
+        topic: String,
+        partition: u32,
+        durable: Durable,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("kafka topic {topic}: {message}")]
+    Topic { topic: String, message: String },
+}
+
+impl KafkaError {
+    pub fn durable(&self) -> Durable {
+        match self {
+            KafkaError::Produce { durable, .. } => *durable,
+            _ => Durable::False,
+        }
+    }
+
+    fn client(what: &'static str, topic: &str, source: rdkafka::error::KafkaError) -> Self {
+        KafkaError::Client {
+            what,
+            topic: topic.to_string(),
+            source,
+        }
+    }
+}
+
+impl KafkaSettings {
+    /// A client config with the brokers, then `base`, then the user's
+    /// `librdkafka` options (which win).
+    fn client_config(&self, base: &[(&str, &str)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in base {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.librdkafka {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Create the topic with `partitions` partitions if it does not exist;
+    /// if it does, check that it has that many.
+    pub async fn ensure_topic(&self) -> Result<(), KafkaError> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config(&[])
+            .create()
+            .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
+        let topic = NewTopic::new(
+            &self.topic,
+            self.partitions as i32,
+            TopicReplication::Fixed(1),
+        );
+        let options = AdminOptions::new().operation_timeout(Some(self.ack_timeout));
+        let results = admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(|e| KafkaError::client("create topic", &self.topic, e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(KafkaError::Topic {
+                        topic: self.topic.clone(),
+                        message: format!("cannot create it: {code}"),
+                    });
+                }
+            }
+        }
+        let found = self.partition_count(&admin).await?;
+        if found != self.partitions {
+            return Err(KafkaError::Topic {
+                topic: self.topic.clone(),
+                message: format!(
+                    "it has {found} partitions; the namespace has {} shards, and each shard is one partition",
+                    self.partitions
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn partition_count(
+        &self,
+        admin: &AdminClient<DefaultClientContext>,
+    ) -> Result<u32, KafkaError> {
+        let (client, topic, timeout) = (admin.inner(), self.topic.clone(), self.ack_timeout);
+        // Metadata calls block; a newly created topic may take a moment to
+        // show up, so look a few times.
+        for _ in 0..20 {
+            let md = client
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| KafkaError::client("metadata", &topic, e))?;
+            let n = md.topics().first().map_or(0, |t| t.partitions().len());
+            if n > 0 {
+                return Ok(n as u32);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(KafkaError::Topic {
+            topic,
+            message: "it has no partitions after creation".into(),
+        })
+    }
+}
+
+const ID: &str = "walden.id";
+const DUE: &str = "walden.due_ms";
+
+/// Kafka headers for an entry: Walden's fields, then the entry's own.
+fn headers(entry: &Entry) -> OwnedHeaders {
+    let due = entry.due_ms.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(entry.headers.len() + 2)
+        .insert(Header {
+            key: ID,
+            value: Some(entry.id.as_bytes()),
+        })
+        .insert(Header {
+            key: DUE,
+            value: Some(due.as_bytes()),
+        });
+    for (k, v) in &entry.headers {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    h
+}
+
+/// The entry inside a Kafka message. A message that Walden did not write
+/// (no `walden.id`) gets an id from its position.
+fn entry_of(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: Option<&rdkafka::message::BorrowedHeaders>,
+    timestamp_ms: Option<i64>,
+) -> Entry {
+    let mut entry = Entry {
+        id: String::new(),
+        key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+        headers: Vec::new(),
+        payload: bytes::Bytes::copy_from_slice(payload.unwrap_or_default()),
+        timestamp_ms: timestamp_ms.unwrap_or(0).max(0) as u64,
+        due_ms: 0,
+    };
+    for h in headers.into_iter().flat_map(|hs| hs.iter()) {
+        let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+        match h.key {
+            ID => entry.id = value,
+            DUE => entry.due_ms = value.parse().unwrap_or(0),
+            k => entry.headers.push((k.to_string(), value)),
+        }
+    }
+    if entry.id.is_empty() {
+        entry.id = format!("{topic}-{partition}-{offset}");
+    }
+    entry
+}

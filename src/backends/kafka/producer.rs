@@ -1,0 +1,107 @@
+//! Sends entries to a namespace's topic, answering from the delivery report.
+
+use rdkafka::ClientContext;
+use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use tokio::sync::oneshot;
+
+use super::{KafkaError, KafkaSettings, headers};
+use crate::backends::{BackendError, Producer, Sent};
+use crate::entry::{Durable, Entry, ShardRef, now_ms};
+
+type Report = Result<i64, (rdkafka::error::KafkaError, Durable)>;
+
+/// Routes each delivery report to the send waiting for it.
+struct Reports;
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<oneshot::Sender<Report>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, waiter: Self::DeliveryOpaque) {
+        let report = match result {
+            Ok(msg) => Ok(msg.offset()),
+            Err((e, msg)) => {
+                // SAFETY: the message is valid for the length of this callback.
+                let status = unsafe { rd_kafka_message_status(msg.ptr()) };
+                let durable = match status {
+                    rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED => Durable::False,
+                    // Persisted and yet failed, or possibly persisted: the
+                    // broker may have it.
+                    _ => Durable::Unknown,
+                };
+                Err((e.clone(), durable))
+            }
+        };
+        // The send may have given up waiting; that is fine.
+        let _ = waiter.send(report);
+    }
+}
+
+/// Produces entries with `acks=all` and idempotence, one partition per shard.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    producer: std::sync::Arc<ThreadedProducer<Reports>>,
+    topic: String,
+}
+
+impl KafkaProducer {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        let timeout = settings.ack_timeout.as_millis().max(1).to_string();
+        let producer = settings
+            .client_config(&[
+                ("acks", "all"),
+                ("enable.idempotence", "true"),
+                // A send is answered within the server's ack timeout.
+                ("message.timeout.ms", &timeout),
+                ("linger.ms", "1"),
+            ])
+            .create_with_context(Reports)
+            .map_err(|e| KafkaError::client("producer", &settings.topic, e))?;
+        Ok(Self {
+            producer: std::sync::Arc::new(producer),
+            topic: settings.topic.clone(),
+        })
+    }
+
+    async fn produce(&self, shard: &ShardRef, entry: &Entry) -> Result<u64, KafkaError> {
+        let (tx, rx) = oneshot::channel();
+        let produce_error = |source, durable| KafkaError::Produce {
+            topic: self.topic.clone(),
+            partition: shard.shard,
+            durable,
+            source,
+        };
+        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
+            .partition(shard.shard as i32)
+            .key(entry.key.as_deref().unwrap_or(&entry.id))
+            .payload(entry.payload.as_ref())
+            .headers(headers(entry))
+            .timestamp(now_ms() as i64);
+        if let Err((e, _)) = self.producer.send(record) {
+            // Refused before it was queued (queue full, too large): never sent.
+            return Err(produce_error(e, Durable::False));
+        }
+        match rx.await {
+            Ok(Ok(offset)) => Ok(offset as u64),
+            Ok(Err((e, durable))) => Err(produce_error(e, durable)),
+            // The producer went away with the message queued.
+            Err(_) => Err(produce_error(
+                rdkafka::error::KafkaError::Canceled,
+                Durable::Unknown,
+            )),
+        }
+    }
+}
+
+impl Producer for KafkaProducer {
+    async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
+        let sequence = self.produce(shard, &entry).await?;
+        Ok(Sent {
+            sequence,
+            durable: Durable::True,
+        })
+    }
+}
