@@ -139,6 +139,7 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+pub mod broker;
 pub mod proxy;
 
 /// A free loopback port (for a `walden serve` child to listen on).

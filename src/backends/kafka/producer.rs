@@ -45,6 +45,7 @@ impl ProducerContext for Reports {
 pub struct KafkaProducer {
     producer: std::sync::Arc<ThreadedProducer<Reports>>,
     topic: String,
+    ack_timeout: std::time::Duration,
 }
 
 impl KafkaProducer {
@@ -63,6 +64,7 @@ impl KafkaProducer {
         Ok(Self {
             producer: std::sync::Arc::new(producer),
             topic: settings.topic.clone(),
+            ack_timeout: settings.ack_timeout,
         })
     }
 
@@ -84,12 +86,21 @@ impl KafkaProducer {
             // Refused before it was queued (queue full, too large): never sent.
             return Err(produce_error(e, Durable::False));
         }
-        match rx.await {
-            Ok(Ok(offset)) => Ok(offset as u64),
-            Ok(Err((e, durable))) => Err(produce_error(e, durable)),
+        // librdkafka can overrun `message.timeout.ms` while a connection is
+        // being re-established, so the wait is bounded here too. Past it, the
+        // message may still be written: the answer is "unknown".
+        match tokio::time::timeout(self.ack_timeout, rx).await {
+            Ok(Ok(Ok(offset))) => Ok(offset as u64),
+            Ok(Ok(Err((e, durable)))) => Err(produce_error(e, durable)),
             // The producer went away with the message queued.
-            Err(_) => Err(produce_error(
+            Ok(Err(_)) => Err(produce_error(
                 rdkafka::error::KafkaError::Canceled,
+                Durable::Unknown,
+            )),
+            Err(_) => Err(produce_error(
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                ),
                 Durable::Unknown,
             )),
         }
