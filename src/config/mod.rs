@@ -290,6 +290,21 @@ pub enum TargetConfig {
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
     },
+    /// Produce each entry to a Kafka topic (which must exist), keeping its
+    /// key and headers: cross-region replication.
+    Kafka {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// `bootstrap.servers`, e.g. `"127.0.0.1:9092"`.
+        brokers: String,
+        topic: String,
+        /// Extra librdkafka producer options, passed through unchanged.
+        #[serde(default)]
+        librdkafka: BTreeMap<String, String>,
+        /// The most one delivery waits for its report.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
 }
 
 fn default_pool_size() -> usize {
@@ -312,6 +327,7 @@ impl TargetConfig {
             TargetConfig::Http { name, .. } => name,
             TargetConfig::Postgres { name, .. } => name,
             TargetConfig::Redis { name, .. } => name,
+            TargetConfig::Kafka { name, .. } => name,
         }
     }
 
@@ -322,6 +338,7 @@ impl TargetConfig {
             TargetConfig::Http { .. } => "http",
             TargetConfig::Postgres { .. } => "postgres",
             TargetConfig::Redis { .. } => "redis",
+            TargetConfig::Kafka { .. } => "kafka",
         }
     }
 }

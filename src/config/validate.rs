@@ -301,5 +301,35 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
                 e.ns(ns, "target.timeout_ms", "must be greater than 0");
             }
         }
+        TargetConfig::Kafka {
+            brokers,
+            topic,
+            timeout_ms,
+            ..
+        } => {
+            if brokers.trim().is_empty() {
+                e.ns(ns, "target.brokers", "must name at least one host:port");
+            }
+            if !valid_topic_name(topic) {
+                e.ns(
+                    ns,
+                    "target.topic",
+                    format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
+                );
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+            }
+        }
     }
+}
+
+/// Kafka's own rule for topic names.
+fn valid_topic_name(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }

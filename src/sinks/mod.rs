@@ -8,6 +8,7 @@
 
 mod file;
 mod http;
+mod kafka;
 pub mod mutation;
 pub mod postgres;
 mod redis;
@@ -21,6 +22,7 @@ use serde::Serialize;
 
 pub use file::FileSink;
 pub use http::HttpSink;
+pub use kafka::KafkaSink;
 pub use postgres::PostgresSink;
 pub use redis::RedisSink;
 pub use stdout::StdoutSink;
@@ -138,6 +140,19 @@ pub fn build(target: &TargetConfig) -> Result<Box<dyn Sink>, SinkError> {
             name,
             url,
             key_prefix,
+            Duration::from_millis(*timeout_ms),
+        )?),
+        TargetConfig::Kafka {
+            name,
+            brokers,
+            topic,
+            librdkafka,
+            timeout_ms,
+        } => Box::new(KafkaSink::new(
+            name,
+            brokers,
+            topic,
+            librdkafka,
             Duration::from_millis(*timeout_ms),
         )?),
     })

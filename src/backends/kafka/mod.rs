@@ -65,10 +65,11 @@ pub enum KafkaError {
     },
     /// A produce whose delivery report failed; `durable` says whether the
     /// broker may have the message anyway.
-    #[error("kafka produce to {topic}/{partition}: {source}")]
+    #[error("kafka produce to {topic} (partition {partition:?}): {source}")]
     Produce {
         topic: String,
-        partition: u32,
+        /// `None`: the key's partition.
+        partition: Option<u32>,
         durable: Durable,
         #[source]
         source: rdkafka::error::KafkaError,
@@ -150,6 +151,33 @@ impl KafkaSettings {
         Ok(())
     }
 
+    /// Whether the broker answers and knows the topic.
+    pub async fn topic_exists(&self) -> Result<(), KafkaError> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .client_config(&[])
+            .create()
+            .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
+        let (topic, timeout) = (self.topic.clone(), self.ack_timeout);
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| KafkaError::client("metadata", &topic, e))?;
+            match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+                _ => Err(KafkaError::Topic {
+                    topic,
+                    message: "the broker does not know it".into(),
+                }),
+            }
+        })
+        .await
+        .map_err(|e| KafkaError::Topic {
+            topic: self.topic.clone(),
+            message: format!("the metadata call panicked: {e}"),
+        })?
+    }
+
     async fn partition_count(
         &self,
         admin: &AdminClient<DefaultClientContext>,
@@ -177,8 +205,8 @@ impl KafkaSettings {
 const ID: &str = "walden.id";
 const DUE: &str = "walden.due_ms";
 
-/// Kafka headers for an entry: Walden's fields, then the entry's own.
-fn headers(entry: &Entry) -> OwnedHeaders {
+/// Kafka headers for an entry: Walden's fields, the entry's own, then `extra`.
+fn headers(entry: &Entry, extra: &[(&str, String)]) -> OwnedHeaders {
     let due = entry.due_ms.to_string();
     let mut h = OwnedHeaders::new_with_capacity(entry.headers.len() + 2)
         .insert(Header {
@@ -189,7 +217,8 @@ fn headers(entry: &Entry) -> OwnedHeaders {
             key: DUE,
             value: Some(due.as_bytes()),
         });
-    for (k, v) in &entry.headers {
+    let own = entry.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    for (k, v) in own.chain(extra.iter().map(|(k, v)| (*k, v.as_str()))) {
         h = h.insert(Header {
             key: k,
             value: Some(v.as_bytes()),

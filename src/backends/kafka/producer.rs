@@ -68,20 +68,30 @@ impl KafkaProducer {
         })
     }
 
-    async fn produce(&self, shard: &ShardRef, entry: &Entry) -> Result<u64, KafkaError> {
+    /// Produce `entry` to `partition` (or where its key hashes, if `None`),
+    /// with `extra` headers after the entry's; resolves with its offset once
+    /// the delivery report says it is written.
+    pub(crate) async fn produce(
+        &self,
+        partition: Option<u32>,
+        entry: &Entry,
+        extra: &[(&str, String)],
+    ) -> Result<u64, KafkaError> {
         let (tx, rx) = oneshot::channel();
         let produce_error = |source, durable| KafkaError::Produce {
             topic: self.topic.clone(),
-            partition: shard.shard,
+            partition,
             durable,
             source,
         };
-        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
-            .partition(shard.shard as i32)
+        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
             .key(entry.key.as_deref().unwrap_or(&entry.id))
             .payload(entry.payload.as_ref())
-            .headers(headers(entry))
+            .headers(headers(entry, extra))
             .timestamp(now_ms() as i64);
+        if let Some(p) = partition {
+            record = record.partition(p as i32);
+        }
         if let Err((e, _)) = self.producer.send(record) {
             // Refused before it was queued (queue full, too large): never sent.
             return Err(produce_error(e, Durable::False));
@@ -109,7 +119,7 @@ impl KafkaProducer {
 
 impl Producer for KafkaProducer {
     async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
-        let sequence = self.produce(shard, &entry).await?;
+        let sequence = self.produce(Some(shard.shard), &entry, &[]).await?;
         Ok(Sent {
             sequence,
             durable: Durable::True,
