@@ -21,6 +21,10 @@ enum Command {
         /// The config file (TOML or YAML).
         #[arg(long, env = "WALDEN_CONFIG", default_value = "config/walden.toml")]
         config: PathBuf,
+        /// Only accept writes (`producer`), only apply (`consumer`), or both.
+        /// Overrides `server.role`; split roles need a broker backend.
+        #[arg(long, value_enum)]
+        role: Option<walden::config::Role>,
     },
     /// Check a config file: prints every error, exits non-zero if there is one.
     Validate {
@@ -101,7 +105,7 @@ struct Select {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, role } => serve(config, role),
         Command::Validate { path } => validate(path),
         Command::Write {
             namespace,
@@ -246,8 +250,8 @@ async fn act_on(
     Ok(())
 }
 
-fn serve(path: PathBuf) -> ExitCode {
-    let config = match walden::config::load(&path) {
+fn serve(path: PathBuf, role: Option<walden::config::Role>) -> ExitCode {
+    let config = match walden::config::load_as(&path, role) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("walden: {e}");

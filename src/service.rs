@@ -16,7 +16,9 @@ use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::config::{BackendConfig, Config};
+use crate::backends::kafka::{KafkaError, KafkaProducer, KafkaSettings};
+use crate::backends::shard::NamespaceBackend;
+use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
 use crate::state::{DedupIndex, ParkStore, StateStore};
@@ -37,6 +39,12 @@ pub enum ServiceError {
         namespace: String,
         #[source]
         source: SinkError,
+    },
+    #[error("namespace `{namespace}`: `backend`: {source}")]
+    Backend {
+        namespace: String,
+        #[source]
+        source: KafkaError,
     },
     #[error(transparent)]
     State(crate::state::StateError),
@@ -69,10 +77,10 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     let log_config = config
         .namespaces
         .values()
-        .map(|ns| match &ns.backend {
-            BackendConfig::Embedded(e) => e.log_config(),
+        .find_map(|ns| match &ns.backend {
+            BackendConfig::Embedded(e) => Some(e.log_config()),
+            BackendConfig::Kafka(_) => None,
         })
-        .next()
         .unwrap_or_default();
     let log = {
         let dir = data_dir.clone();
@@ -114,8 +122,9 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
+        let backend = open_backend(name, ns, &config.server, &log).await?;
         let runtime =
-            NamespaceRuntime::start(name, ns, &config.server, &log, &dlq, &stores, &handles)
+            NamespaceRuntime::start(name, ns, &config.server, &backend, &dlq, &stores, &handles)
                 .map_err(|source| ServiceError::Target {
                     namespace: name.clone(),
                     source,
@@ -179,6 +188,39 @@ impl Service {
     }
 }
 
+/// A namespace's backend: the shared embedded log, or its Kafka topic
+/// (created with `shards` partitions if missing, and checked otherwise).
+async fn open_backend(
+    name: &str,
+    ns: &NamespaceConfig,
+    server: &ServerConfig,
+    log: &Arc<EmbeddedLog>,
+) -> Result<NamespaceBackend, ServiceError> {
+    match &ns.backend {
+        BackendConfig::Embedded(_) => Ok(NamespaceBackend::Embedded(log.clone())),
+        BackendConfig::Kafka(k) => {
+            let settings = KafkaSettings {
+                brokers: k.brokers.clone(),
+                topic: k.topic(name),
+                partitions: ns.shards,
+                librdkafka: k.librdkafka.clone(),
+                ack_timeout: server.ack_timeout(),
+            };
+            let backend_error = |source: KafkaError| ServiceError::Backend {
+                namespace: name.to_string(),
+                source,
+            };
+            settings.ensure_topic().await.map_err(backend_error)?;
+            let producer = match server.role.writes() {
+                true => Some(KafkaProducer::new(&settings).map_err(backend_error)?),
+                false => None,
+            };
+            info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
+            Ok(NamespaceBackend::Kafka { settings, producer })
+        }
+    }
+}
+
 /// Open the idempotency index, rebuild its window from the log, and purge
 /// expired ids once a minute.
 async fn open_dedup(
@@ -191,7 +233,11 @@ async fn open_dedup(
     let windows: Vec<(Vec<ShardRef>, Duration)> = config
         .namespaces
         .iter()
-        .filter(|(_, ns)| ns.dedup_window_ms > 0)
+        // A broker namespace's index holds what this process accepted; it is
+        // not rebuilt from the topic.
+        .filter(|(_, ns)| {
+            ns.dedup_window_ms > 0 && matches!(ns.backend, BackendConfig::Embedded(_))
+        })
         .map(|(name, ns)| {
             let shards = (0..ns.shards)
                 .map(|s| ShardRef::new(name.as_str(), s))

@@ -56,6 +56,7 @@ fn the_default_config_and_a_minimal_one_are_valid() {
         walden::config::BackendConfig::Embedded(e) => {
             assert_eq!(e.fsync, walden::config::FsyncSetting::Always)
         }
+        other => panic!("the default backend is embedded, not {other:?}"),
     }
 }
 
@@ -87,7 +88,56 @@ fn every_validation_error_names_its_namespace_and_field() {
         ))
     };
     let http = "type = \"http\"\nurl = \"http://127.0.0.1:9000/x\"";
+    let kafka = |extra_ns: &str, backend: &str, target: &str| {
+        with_namespace(&format!(
+            "[namespaces.orders]\nshards = 2\n{extra_ns}\n[namespaces.orders.backend]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n{backend}\n[namespaces.orders.target]\n{target}\n"
+        ))
+    };
     let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
+        (
+            "kafka partitions differ from shards",
+            kafka("", "partitions = 3", http),
+            Some("orders"),
+            "backend.partitions",
+        ),
+        (
+            "kafka bad topic",
+            kafka("", "topic = \"a b\"", http),
+            Some("orders"),
+            "backend.topic",
+        ),
+        (
+            "kafka empty brokers",
+            kafka("", "", http).replace("brokers = \"127.0.0.1:9092\"", "brokers = \" \""),
+            Some("orders"),
+            "backend.brokers",
+        ),
+        (
+            "kafka hold_key",
+            kafka(
+                "[namespaces.orders.dlq]\non_dead_letter = \"hold_key\"",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "dlq.on_dead_letter",
+        ),
+        (
+            "kafka target without a topic name",
+            ns(
+                "",
+                "",
+                "type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"\"",
+            ),
+            Some("orders"),
+            "target.topic",
+        ),
+        (
+            "embedded with a split role",
+            ns("", "", http).replace("[server]", "[server]\nrole = \"producer\""),
+            Some("orders"),
+            "backend",
+        ),
         (
             "bad listen",
             GOOD.replace("127.0.0.1:7070", "not-an-address"),

@@ -269,20 +269,24 @@ async fn overdue_entries_catch_up_in_due_order_at_the_configured_rate() {
         "catch_up_per_s = 10",
     );
     let cfg = walden::config::from_toml(&text).unwrap();
-    {
+    // Long enough that a slow machine writes all 30 before any comes due.
+    let delay = Duration::from_millis(4000);
+    let last_due = {
         let svc = Spawned::start(cfg.clone()).unwrap();
         let base = format!("http://{}", svc.addr);
         for i in 0..30 {
             post(
                 &format!("{base}/v1/namespaces/ns/log"),
-                json!({"payload": i, "key": "one-key", "lifecycle": {"delay_ms": 1000}}),
+                json!({"payload": i, "key": "one-key", "lifecycle": {"delay_ms": delay.as_millis() as u64}}),
             )
             .await;
         }
+        let last_due = Instant::now() + delay;
         until_stats(&base, "30 stored delays", |st| st["delayed"] == 30).await;
-    }
+        last_due
+    };
     // Down while they came due: by the restart they are over a second late.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep_until((last_due + Duration::from_millis(1500)).into()).await;
     let restart = Instant::now();
     let svc = Spawned::start(cfg).unwrap();
     let got = target.wait_for(30, WAIT);

@@ -110,6 +110,8 @@ pub struct Policy {
     pub hold_key: bool,
     /// The target's name, recorded with each dead letter.
     pub target: String,
+    /// Long backoffs may go to the park store (local disk).
+    pub may_park: bool,
 }
 
 /// Why a key cannot deliver its new entries now.
@@ -504,7 +506,8 @@ impl Applier {
                         error = %e,
                         "Delivery failed; will retry."
                     );
-                    let parks = backoff > Duration::from_millis(retry.park_after_ms)
+                    let parks = self.policy.may_park
+                        && backoff > Duration::from_millis(retry.park_after_ms)
                         && !matches!(item.source, Source::Redrive(_));
                     if parks {
                         let key = item.order_key(self.policy.ordering).to_string();

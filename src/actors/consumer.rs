@@ -15,9 +15,7 @@ use super::applier::{Applier, Apply, Reset};
 use super::dead_letter::DeadLetterActor;
 use super::delay::{Delay, DelayScheduler};
 use super::{ShardStats, Work, guarded};
-use crate::backends::embedded::{
-    EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
-};
+use crate::backends::shard::{AnyCheckpointer, AnyConsumer, AnyDelivery, NamespaceBackend};
 use crate::backends::{Consumer, Delivery};
 use crate::entry::{ShardRef, now_ms};
 
@@ -34,16 +32,19 @@ pub struct Peers {
 }
 
 pub struct ShardConsumer {
-    log: Arc<EmbeddedLog>,
+    backend: NamespaceBackend,
     group: String,
     shard: ShardRef,
     stats: Arc<ShardStats>,
     /// Deliveries not yet acked, at most; reading pauses past it.
     max_outstanding: usize,
     peers: Option<Peers>,
-    /// `None` while a read is in flight (the read owns it).
-    consumer: Option<EmbeddedConsumer>,
-    checkpointer: Option<EmbeddedCheckpointer>,
+    /// `None` while a read is in flight (the read owns it), or while the
+    /// shard is being opened.
+    consumer: Option<AnyConsumer>,
+    checkpointer: Option<AnyCheckpointer>,
+    /// An open is in flight.
+    opening: bool,
     /// Bumped on every rewind; work from older generations is dropped.
     generation: u64,
     reading: bool,
@@ -54,14 +55,14 @@ pub struct ShardConsumer {
 
 impl ShardConsumer {
     pub fn new(
-        log: Arc<EmbeddedLog>,
+        backend: NamespaceBackend,
         group: String,
         shard: ShardRef,
         stats: Arc<ShardStats>,
         max_outstanding: usize,
     ) -> Self {
         Self {
-            log,
+            backend,
             group,
             shard,
             stats,
@@ -69,6 +70,7 @@ impl ShardConsumer {
             peers: None,
             consumer: None,
             checkpointer: None,
+            opening: false,
             generation: 0,
             reading: false,
             committing: false,
@@ -78,38 +80,50 @@ impl ShardConsumer {
     }
 
     /// (Re)open the consumer at the committed offset, under a new generation,
-    /// and tell the peers to drop older work.
-    fn reopen(&mut self) {
+    /// and tell the peers to drop older work. Reading starts once it is open.
+    fn reopen(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         self.consumer = None;
         self.checkpointer = None;
-        match EmbeddedConsumer::new(self.log.clone(), &self.group, &self.shard) {
-            Ok(c) => {
-                self.checkpointer = Some(c.checkpointer());
-                self.consumer = Some(c);
-            }
-            Err(error) => {
-                error!(shard = %self.shard, %error, "Cannot open the shard for reading.");
-            }
-        }
         if let Some(p) = &self.peers {
             let reset = Reset(self.generation);
             p.delay.do_send(reset);
             p.applier.do_send(reset);
             p.dead_letter.do_send(reset);
         }
+        self.opening = true;
+        let generation = self.generation;
+        let (backend, group, shard) =
+            (self.backend.clone(), self.group.clone(), self.shard.clone());
+        ctx.spawn(
+            async move { backend.open_consumer(&group, &shard).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    if act.generation != generation {
+                        return; // A newer reopen is under way.
+                    }
+                    act.opening = false;
+                    match result {
+                        Ok(c) => {
+                            act.checkpointer = Some(c.checkpointer());
+                            act.consumer = Some(c);
+                        }
+                        Err(error) => {
+                            error!(shard = %act.shard, %error, "Cannot open the shard for reading.");
+                        }
+                    }
+                    act.schedule_read(ctx);
+                }),
+        );
     }
 
     fn schedule_read(&mut self, ctx: &mut Context<Self>) {
-        if self.reading || self.stopped || self.peers.is_none() {
+        if self.reading || self.opening || self.stopped || self.peers.is_none() {
             return;
         }
         let Some(mut consumer) = self.consumer.take() else {
             // Could not open; try again shortly.
-            ctx.run_later(Duration::from_secs(1), |act, ctx| {
-                act.reopen();
-                act.schedule_read(ctx);
-            });
+            ctx.run_later(Duration::from_secs(1), |act, ctx| act.reopen(ctx));
             return;
         };
         let outstanding = self.checkpointer.as_ref().map_or(0, |c| c.outstanding());
@@ -137,8 +151,8 @@ impl ShardConsumer {
     fn read_done(
         &mut self,
         generation: u64,
-        consumer: EmbeddedConsumer,
-        result: Result<Vec<EmbeddedDelivery>, crate::backends::BackendError>,
+        consumer: AnyConsumer,
+        result: Result<Vec<AnyDelivery>, crate::backends::BackendError>,
         ctx: &mut Context<Self>,
     ) {
         self.reading = false;
@@ -162,7 +176,7 @@ impl ShardConsumer {
         }
     }
 
-    fn route(&mut self, deliveries: Vec<EmbeddedDelivery>) {
+    fn route(&mut self, deliveries: Vec<AnyDelivery>) {
         crate::failpoint!("consumer.route");
         let Some(peers) = &self.peers else { return };
         let now = now_ms();
@@ -218,8 +232,7 @@ impl Actor for ShardConsumer {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(COMMIT_EVERY, |act, ctx| act.commit(ctx));
         if self.peers.is_some() {
-            self.reopen();
-            self.schedule_read(ctx);
+            self.reopen(ctx);
         }
     }
 }
@@ -229,6 +242,7 @@ impl Supervised for ShardConsumer {
         warn!(shard = %self.shard, "Restarting the shard consumer.");
         self.stats.restarts.inc();
         self.reading = false;
+        self.opening = false;
         self.committing = false;
         self.last_committed = None;
     }
@@ -244,8 +258,7 @@ impl Handler<Wire> for ShardConsumer {
 
     fn handle(&mut self, msg: Wire, ctx: &mut Context<Self>) {
         self.peers = Some(msg.0);
-        self.reopen();
-        self.schedule_read(ctx);
+        self.reopen(ctx);
     }
 }
 
@@ -259,8 +272,7 @@ impl Handler<Rewind> for ShardConsumer {
 
     fn handle(&mut self, _: Rewind, ctx: &mut Context<Self>) {
         info!(shard = %self.shard, "Rewinding to the committed offset.");
-        self.reopen();
-        self.schedule_read(ctx);
+        self.reopen(ctx);
     }
 }
 

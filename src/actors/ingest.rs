@@ -1,26 +1,24 @@
 //! Ingest: the write side of one shard. Its mailbox is bounded; the HTTP
 //! handler uses `try_send`, so a full mailbox answers 429 instead of growing
 //! memory. It hands each append, with the handler's reply channel, straight
-//! to the log's committer.
-
-use std::sync::Arc;
+//! to the backend (the embedded log's committer, or a Kafka produce).
 
 use actix::{Actor, Context, Handler, Message, Supervised};
 
 use super::guarded;
-use crate::backends::embedded::{AppendReply, EmbeddedLog};
+use crate::backends::shard::{NamespaceBackend, WriteReply};
 use crate::entry::{Entry, ShardRef};
 
 pub struct Ingest {
-    log: Arc<EmbeddedLog>,
+    backend: NamespaceBackend,
     shard: ShardRef,
     mailbox_capacity: usize,
 }
 
 impl Ingest {
-    pub fn new(log: Arc<EmbeddedLog>, shard: ShardRef, mailbox_capacity: usize) -> Self {
+    pub fn new(backend: NamespaceBackend, shard: ShardRef, mailbox_capacity: usize) -> Self {
         Self {
-            log,
+            backend,
             shard,
             mailbox_capacity,
         }
@@ -40,7 +38,7 @@ impl Supervised for Ingest {}
 /// Append these entries; each answer goes to its own reply channel.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Write(pub Vec<(Entry, AppendReply)>);
+pub struct Write(pub Vec<(Entry, WriteReply)>);
 
 impl Handler<Write> for Ingest {
     type Result = ();
@@ -51,7 +49,7 @@ impl Handler<Write> for Ingest {
         guarded(self, ctx, |act, _| {
             crate::failpoint!("ingest.write");
             for (entry, reply) in msg.0 {
-                act.log.append_to(&act.shard, entry, reply);
+                act.backend.append_to(&act.shard, entry, reply);
             }
         });
     }

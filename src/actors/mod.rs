@@ -33,7 +33,7 @@ use actix::{Actor, ActorContext, Context};
 use tracing::error;
 
 use crate::backends::DelayStore;
-use crate::backends::embedded::EmbeddedDelivery;
+use crate::backends::shard::AnyDelivery;
 use crate::state::ParkStore;
 use crate::stats::{Counter, Gauge, Histogram};
 
@@ -80,15 +80,15 @@ pub struct Stores {
 /// A delivery, tagged with the consumer generation that read it.
 pub struct Work {
     pub generation: u64,
-    pub delivery: EmbeddedDelivery,
+    pub delivery: AnyDelivery,
 }
 
 /// Ack a delivery: it is applied, parked or dead-lettered.
-pub(crate) fn ack(d: EmbeddedDelivery) {
+pub(crate) fn ack(d: AnyDelivery) {
     use crate::backends::Delivery;
     use futures_util::FutureExt;
-    // The embedded ack only updates the consumer's watermark; it is ready at
-    // once and cannot fail.
+    // An ack only updates the consumer's watermark (a commit persists it
+    // later); it is ready at once and cannot fail.
     if let Some(Err((e, _))) = d.ack().now_or_never() {
         error!(error = %e, "Ack failed.");
     }

@@ -16,13 +16,22 @@ use super::delay::DelayScheduler;
 use super::ingest::Ingest;
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
-use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog};
+use crate::backends::embedded::EmbeddedDlq;
+use crate::backends::shard::NamespaceBackend;
 use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
 
-/// The consumer group the service reads with.
+/// The consumer group the service reads the embedded log with.
 pub const CONSUMER_GROUP: &str = "walden";
+
+/// A namespace's consumer group: one per namespace on a broker.
+pub fn consumer_group(namespace: &str, backend: &str) -> String {
+    match backend {
+        "embedded" => CONSUMER_GROUP.to_string(),
+        _ => format!("walden.{namespace}"),
+    }
+}
 /// Deliveries a shard holds unacked, at most (its read-ahead bound).
 const MAX_OUTSTANDING: usize = 4096;
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
@@ -66,6 +75,7 @@ pub struct NamespaceRuntime {
     pub sink_health: Arc<SinkHealth>,
     /// Where this namespace's delayed entries wait.
     pub delays: Arc<dyn DelayStore>,
+    pub backend: NamespaceBackend,
     _supervisor: Addr<NamespaceSupervisor>,
 }
 
@@ -75,7 +85,7 @@ impl NamespaceRuntime {
         name: &str,
         config: &NamespaceConfig,
         server: &ServerConfig,
-        log: &Arc<EmbeddedLog>,
+        backend: &NamespaceBackend,
         dlq: &Arc<EmbeddedDlq>,
         stores: &Stores,
         arbiters: &[ArbiterHandle],
@@ -87,9 +97,10 @@ impl NamespaceRuntime {
             let shard = ShardRef::new(name, i);
             let stats = Arc::new(ShardStats::default());
             let consumer = {
-                let (log, shard, stats) = (log.clone(), shard.clone(), stats.clone());
+                let (backend, shard, stats) = (backend.clone(), shard.clone(), stats.clone());
+                let group = consumer_group(name, backend.kind());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    ShardConsumer::new(log, CONSUMER_GROUP.into(), shard, stats, MAX_OUTSTANDING)
+                    ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING)
                 })
             };
             let dead_letter = {
@@ -106,6 +117,9 @@ impl NamespaceRuntime {
                     ordering: config.ordering,
                     dlq: config.dlq.enabled,
                     hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
+                    // A broker namespace never parks on this machine's disk:
+                    // a long backoff waits in memory, holding the watermark.
+                    may_park: matches!(backend, NamespaceBackend::Embedded(_)),
                     target: config.target.name().to_string(),
                 };
                 let (stores, shard) = (stores.clone(), shard.clone());
@@ -122,14 +136,18 @@ impl NamespaceRuntime {
                     DelayScheduler::new(applier, rewind, stats, store, shard, catch_up)
                 })
             };
-            consumer.do_send(Wire(Peers {
-                delay: delay.clone(),
-                applier: applier.clone(),
-                dead_letter,
-            }));
+            // A producer-only process never reads: its consumers stay unwired.
+            if server.role.applies() {
+                consumer.do_send(Wire(Peers {
+                    delay: delay.clone(),
+                    applier: applier.clone(),
+                    dead_letter,
+                }));
+            }
             let ingest = {
-                let (log, shard, cap) = (log.clone(), shard.clone(), server.mailbox_capacity);
-                Supervisor::start_in_arbiter(arbiter, move |_| Ingest::new(log, shard, cap))
+                let (backend, shard, cap) =
+                    (backend.clone(), shard.clone(), server.mailbox_capacity);
+                Supervisor::start_in_arbiter(arbiter, move |_| Ingest::new(backend, shard, cap))
             };
             shards.push(ShardHandle {
                 shard,
@@ -159,6 +177,7 @@ impl NamespaceRuntime {
             shards,
             sink_health,
             delays: stores.delays.clone(),
+            backend: backend.clone(),
             _supervisor: supervisor,
         })
     }

@@ -14,6 +14,7 @@ use super::{ApiError, AppState};
 use crate::actors::consumer::{ConsumerState, GetState};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::DeadLetters;
+use crate::backends::shard::NamespaceBackend;
 use crate::entry::now_ms;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -86,10 +87,15 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             .ok()
             .and_then(Result::ok)
             .unwrap_or(ConsumerState::default());
-        let next = log.next_offset(&h.shard);
         // Before the consumer has read anything, the committed offset is the
         // best lower bound.
         let applied_through = state.low_watermark.max(state.committed);
+        // On a broker the end of the partition is the broker's to say (see
+        // its consumer-group lag); here it counts as caught up.
+        let next = match &ns.backend {
+            NamespaceBackend::Embedded(_) => log.next_offset(&h.shard),
+            _ => applied_through,
+        };
         if let Some(ts) = state.oldest_outstanding_ms {
             oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
         }
@@ -117,7 +123,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
     let sum = |f: fn(&ShardView) -> u64| per_shard.iter().map(f).sum::<u64>();
     NamespaceView {
         namespace: ns.name.clone(),
-        backend: "embedded",
+        backend: ns.backend.kind(),
         shards: ns.config.shards,
         target: TargetView {
             name: ns.config.target.name().to_string(),
@@ -294,7 +300,8 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut lag = Vec::new();
     let mut health = Vec::new();
     for ns in state.namespaces.values() {
-        for h in &ns.shards {
+        let local = matches!(ns.backend, NamespaceBackend::Embedded(_));
+        for h in ns.shards.iter().filter(|_| local) {
             let committed = state
                 .log
                 .committed(crate::actors::supervisor::CONSUMER_GROUP);

@@ -21,7 +21,9 @@ use tracing::{Instrument, Span, field, info_span};
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::ingest::Write;
 use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::BackendError;
 use crate::backends::embedded::{Appended, LogError};
+use crate::backends::shard::NamespaceBackend;
 use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
 use crate::state::dedup::{self, Check};
 use crate::telemetry;
@@ -211,6 +213,15 @@ fn prepare(
             delay.saturating_add(jitter)
         )));
     }
+    if (delay > 0 || jitter > 0) && !matches!(ns.backend, NamespaceBackend::Embedded(_)) {
+        // A broker namespace must not hold delayed entries on one machine's
+        // disk, and its delay-tier topics are not built yet.
+        return Err(ApiError::bad_request(format!(
+            "`lifecycle.delay_ms`: namespace {:?} is on the {} backend, which does not take delayed writes yet",
+            ns.name,
+            ns.backend.kind()
+        )));
+    }
     // Computed once, here, and stored: a replay fires at a known time.
     let due_ms = if delay == 0 && jitter == 0 {
         0
@@ -262,10 +273,16 @@ fn payload_too_large(max: usize) -> ApiError {
 }
 
 /// What the client is told about a failed append.
-fn append_error(e: LogError) -> ApiError {
+fn append_error(e: BackendError) -> ApiError {
     match e {
-        LogError::Busy => ApiError::shed("the log's append queue is full; retry later"),
-        LogError::InvalidRecord(e) => ApiError::bad_request(e.to_string()),
+        BackendError::Embedded(LogError::Busy) => {
+            ApiError::shed("the log's append queue is full; retry later")
+        }
+        BackendError::Embedded(LogError::InvalidRecord(e)) => ApiError::bad_request(e.to_string()),
+        // The backend may have it: 504, as for an answer that never came.
+        e if e.durable() == Durable::Unknown => {
+            ApiError::timeout(format!("{e}; the outcome is unknown"))
+        }
         e => ApiError::unavailable(e.durable(), e.to_string()),
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod shard;
 pub(crate) mod tracker;
 
 use std::future::Future;
@@ -28,6 +29,9 @@ pub enum BackendError {
     Kafka(#[from] kafka::KafkaError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// This process's role does not do that.
+    #[error("{0}")]
+    NotHere(&'static str),
 }
 
 impl BackendError {
@@ -37,7 +41,7 @@ impl BackendError {
             BackendError::Embedded(e) => e.durable(),
             BackendError::Kafka(e) => e.durable(),
             // The state store is only written after the entry is durable.
-            BackendError::State(_) => Durable::False,
+            BackendError::State(_) | BackendError::NotHere(_) => Durable::False,
         }
     }
 }

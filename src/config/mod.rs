@@ -51,6 +51,33 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown waits for in-flight work.
     pub shutdown_timeout_ms: u64,
+    /// What this process does: `"all"`, or only `"producer"` (accepts
+    /// writes) or `"consumer"` (applies). Split roles need a broker backend.
+    /// `walden serve --role` sets it too.
+    pub role: Role,
+}
+
+/// What a process does with its namespaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Accept writes and apply them.
+    #[default]
+    All,
+    /// Only accept writes.
+    Producer,
+    /// Only apply what producers wrote.
+    Consumer,
+}
+
+impl Role {
+    pub fn writes(self) -> bool {
+        self != Role::Consumer
+    }
+
+    pub fn applies(self) -> bool {
+        self != Role::Producer
+    }
 }
 
 impl Default for ServerConfig {
@@ -63,6 +90,7 @@ impl Default for ServerConfig {
             mailbox_capacity: 1024,
             max_body_bytes: 16 << 20,
             shutdown_timeout_ms: 30_000,
+            role: Role::All,
         }
     }
 }
@@ -146,6 +174,35 @@ pub enum BackendConfig {
     /// The durable log on local disk, under `server.data_dir`. All embedded
     /// namespaces share one log, so their durability settings must agree.
     Embedded(EmbeddedConfig),
+    /// A Kafka topic: the broker carries durability, and producer and
+    /// consumer processes can run apart (`walden serve --role`).
+    Kafka(KafkaConfig),
+}
+
+/// The Kafka backend's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `"127.0.0.1:9092"`.
+    pub brokers: String,
+    /// The namespace's topic; the namespace's name if unset.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Partitions the topic is created with if it does not exist; must equal
+    /// the namespace's `shards` (each shard is one partition). Defaults to
+    /// `shards`.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// Extra librdkafka options for every client, passed through unchanged.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The topic of namespace `namespace`.
+    pub fn topic(&self, namespace: &str) -> String {
+        self.topic.clone().unwrap_or_else(|| namespace.to_string())
+    }
 }
 
 /// The embedded backend's settings.
@@ -497,11 +554,17 @@ pub fn from_toml(text: &str) -> Result<Config, config::ConfigError> {
 /// Load `path` (TOML or YAML, by extension) with `WALDEN__…` overrides, and
 /// validate it.
 pub fn load(path: &Path) -> Result<Config, LoadError> {
+    load_as(path, None)
+}
+
+/// [`load`], with the process's role set (as `serve --role` does) before
+/// validation, since what is valid depends on it.
+pub fn load_as(path: &Path, role: Option<Role>) -> Result<Config, LoadError> {
     let read = |source| LoadError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let config: Config = config::Config::builder()
+    let mut config: Config = config::Config::builder()
         .add_source(config::File::from(path))
         .add_source(
             config::Environment::with_prefix("WALDEN")
@@ -513,6 +576,9 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         .map_err(read)?
         .try_deserialize()
         .map_err(read)?;
+    if let Some(role) = role {
+        config.server.role = role;
+    }
     validate(&config).map_err(|errors| LoadError::Invalid {
         path: path.to_path_buf(),
         errors,

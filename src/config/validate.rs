@@ -126,6 +126,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             );
         }
         match &ns.backend {
+            BackendConfig::Kafka(_) => {}
             BackendConfig::Embedded(b) => {
                 if b.fsync == FsyncSetting::Interval && b.fsync_interval_ms == 0 {
                     e.ns(
@@ -164,6 +165,52 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                     }
                     Some(_) => {}
                 }
+            }
+        }
+        if matches!(ns.backend, BackendConfig::Embedded(_))
+            && config.server.role != super::Role::All
+        {
+            e.ns(
+                name,
+                "backend",
+                format!(
+                    "the embedded log is local to one process, so it needs role \"all\" (this process is {:?})",
+                    config.server.role
+                ),
+            );
+        }
+        if let BackendConfig::Kafka(k) = &ns.backend {
+            if k.brokers.trim().is_empty() {
+                e.ns(name, "backend.brokers", "must name at least one host:port");
+            }
+            let topic = k.topic(name);
+            if !valid_topic_name(&topic) {
+                e.ns(
+                    name,
+                    "backend.topic",
+                    format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
+                );
+            }
+            if let Some(p) = k.partitions
+                && p != ns.shards
+            {
+                e.ns(
+                    name,
+                    "backend.partitions",
+                    format!(
+                        "must equal shards ({}): each shard is one partition (got {p})",
+                        ns.shards
+                    ),
+                );
+            }
+            // Until the broker-side stores land, nothing of a Kafka namespace
+            // may wait only on one machine's disk.
+            if ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey {
+                e.ns(
+                    name,
+                    "dlq.on_dead_letter",
+                    "\"hold_key\" keeps its holds on local disk, so it is not available on the kafka backend yet",
+                );
             }
         }
         validate_target(&mut e, name, &ns.target);

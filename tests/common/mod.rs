@@ -101,11 +101,11 @@ max_attempts = 1000
 
 /// Make namespace `ns` fsync on a timer of `ms` instead of per batch.
 pub fn interval_fsync(config: &mut walden::config::Config, ms: u64) {
-    match &mut config.namespaces.get_mut("ns").unwrap().backend {
-        walden::config::BackendConfig::Embedded(e) => {
-            e.fsync = walden::config::FsyncSetting::Interval;
-            e.fsync_interval_ms = ms;
-        }
+    if let walden::config::BackendConfig::Embedded(e) =
+        &mut config.namespaces.get_mut("ns").unwrap().backend
+    {
+        e.fsync = walden::config::FsyncSetting::Interval;
+        e.fsync_interval_ms = ms;
     }
 }
 

@@ -331,8 +331,23 @@ pub(crate) struct AppendRequest {
     pub reply: AppendReply,
 }
 
-/// Where the answer to an append goes.
-pub type AppendReply = oneshot::Sender<Result<Appended, LogError>>;
+/// Where the answer to an append goes: a caller of [`EmbeddedLog::append`]
+/// gets the log's own error; the service's write path, which serves every
+/// backend, gets a [`BackendError`](crate::backends::BackendError).
+pub enum AppendReply {
+    Log(oneshot::Sender<Result<Appended, LogError>>),
+    Backend(oneshot::Sender<Result<Appended, crate::backends::BackendError>>),
+}
+
+impl AppendReply {
+    /// Answer; false if nobody waits any more.
+    pub fn send(self, result: Result<Appended, LogError>) -> bool {
+        match self {
+            AppendReply::Log(tx) => tx.send(result).is_ok(),
+            AppendReply::Backend(tx) => tx.send(result.map_err(Into::into)).is_ok(),
+        }
+    }
+}
 
 /// One durable log in a data directory.
 pub struct EmbeddedLog {
@@ -406,7 +421,7 @@ impl EmbeddedLog {
     /// plain thread with [`Appending::wait`].
     pub fn append(&self, shard: &ShardRef, entry: Entry) -> Appending {
         let (reply, rx) = oneshot::channel();
-        self.append_to(shard, entry, reply);
+        self.append_to(shard, entry, AppendReply::Log(reply));
         Appending(rx)
     }
 

@@ -26,8 +26,63 @@ pub struct KafkaConsumer {
     topic: String,
     shard: ShardRef,
     tracker: Arc<Mutex<Tracker<Received>>>,
-    /// The offset last committed by this consumer (or found at start).
-    committed: Option<u64>,
+    checkpointer: KafkaCheckpointer,
+}
+
+/// Commits a consumer's progress without holding the consumer, so a commit
+/// can run while a receive waits.
+#[derive(Clone)]
+pub struct KafkaCheckpointer {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    partition: i32,
+    tracker: Arc<Mutex<Tracker<Received>>>,
+    /// The offset last committed (or found at start).
+    committed: Arc<Mutex<Option<u64>>>,
+}
+
+impl KafkaCheckpointer {
+    /// Everything before this offset has been acked.
+    pub fn low_watermark(&self) -> u64 {
+        self.tracker.lock().unwrap().low_watermark()
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.tracker.lock().unwrap().outstanding()
+    }
+
+    pub fn oldest_outstanding_ms(&self) -> Option<u64> {
+        self.tracker.lock().unwrap().oldest_outstanding_ms()
+    }
+
+    /// The group's committed offset, as this consumer knows it.
+    pub fn committed(&self) -> Option<u64> {
+        *self.committed.lock().unwrap()
+    }
+
+    /// Commit the low watermark (the next offset to read, in Kafka's terms);
+    /// returns it.
+    pub async fn commit(&self) -> Result<u64, KafkaError> {
+        let offset = self.low_watermark();
+        if self.committed() == Some(offset) {
+            return Ok(offset);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(offset as i64))
+            .map_err(|e| KafkaError::client("commit", &self.topic, e))?;
+        let (c, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            c.commit(&tpl, CommitMode::Sync)
+                .map_err(|e| KafkaError::client("commit", &topic, e))
+        })
+        .await
+        .map_err(|e| KafkaError::Topic {
+            topic: self.topic.clone(),
+            message: format!("the commit panicked: {e}"),
+        })??;
+        *self.committed.lock().unwrap() = Some(offset);
+        Ok(offset)
+    }
 }
 
 impl KafkaConsumer {
@@ -75,18 +130,31 @@ impl KafkaConsumer {
             topic: topic.clone(),
             message: format!("setting up the consumer panicked: {e}"),
         })??;
+        let tracker = Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0))));
+        let checkpointer = KafkaCheckpointer {
+            consumer: consumer.clone(),
+            topic: topic.clone(),
+            partition: shard.shard as i32,
+            tracker: tracker.clone(),
+            committed: Arc::new(Mutex::new(committed)),
+        };
         Ok(Self {
             consumer,
             topic,
             shard: shard.clone(),
-            tracker: Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0)))),
-            committed,
+            tracker,
+            checkpointer,
         })
     }
 
     /// Everything before this offset has been acked.
     pub fn low_watermark(&self) -> u64 {
         self.tracker.lock().unwrap().low_watermark()
+    }
+
+    /// A handle that commits this consumer's progress.
+    pub fn checkpointer(&self) -> KafkaCheckpointer {
+        self.checkpointer.clone()
     }
 
     fn received(&self, msg: &rdkafka::message::BorrowedMessage<'_>) -> Received {
@@ -147,28 +215,7 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn commit(&mut self) -> Result<(), BackendError> {
-        let offset = self.low_watermark();
-        if self.committed == Some(offset) {
-            return Ok(());
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &self.topic,
-            self.shard.shard as i32,
-            Offset::Offset(offset as i64),
-        )
-        .map_err(|e| KafkaError::client("commit", &self.topic, e))?;
-        let (c, topic) = (self.consumer.clone(), self.topic.clone());
-        tokio::task::spawn_blocking(move || {
-            c.commit(&tpl, CommitMode::Sync)
-                .map_err(|e| KafkaError::client("commit", &topic, e))
-        })
-        .await
-        .map_err(|e| KafkaError::Topic {
-            topic: self.topic.clone(),
-            message: format!("the commit panicked: {e}"),
-        })??;
-        self.committed = Some(offset);
+        self.checkpointer.commit().await?;
         Ok(())
     }
 }

@@ -35,7 +35,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
-pub use consumer::{KafkaConsumer, KafkaDelivery};
+pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use producer::KafkaProducer;
 
 use crate::entry::{Durable, Entry};
@@ -61,7 +61,7 @@ pub enum KafkaError {
         what: &'static str,
         topic: String,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     /// A produce whose delivery report failed; `durable` says whether the
     /// broker may have the message anyway.
@@ -72,7 +72,7 @@ pub enum KafkaError {
         partition: Option<u32>,
         durable: Durable,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     #[error("kafka topic {topic}: {message}")]
     Topic { topic: String, message: String },
@@ -90,7 +90,7 @@ impl KafkaError {
         KafkaError::Client {
             what,
             topic: topic.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 }

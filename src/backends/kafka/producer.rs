@@ -69,26 +69,27 @@ impl KafkaProducer {
     }
 
     /// Produce `entry` to `partition` (or where its key hashes, if `None`),
-    /// with `extra` headers after the entry's; resolves with its offset once
-    /// the delivery report says it is written.
+    /// with `extra` headers after the entry's; resolves with its offset and
+    /// timestamp once the delivery report says it is written.
     pub(crate) async fn produce(
         &self,
         partition: Option<u32>,
         entry: &Entry,
         extra: &[(&str, String)],
-    ) -> Result<u64, KafkaError> {
+    ) -> Result<(u64, u64), KafkaError> {
         let (tx, rx) = oneshot::channel();
+        let timestamp_ms = now_ms();
         let produce_error = |source, durable| KafkaError::Produce {
             topic: self.topic.clone(),
             partition,
             durable,
-            source,
+            source: Box::new(source),
         };
         let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
             .key(entry.key.as_deref().unwrap_or(&entry.id))
             .payload(entry.payload.as_ref())
             .headers(headers(entry, extra))
-            .timestamp(now_ms() as i64);
+            .timestamp(timestamp_ms as i64);
         if let Some(p) = partition {
             record = record.partition(p as i32);
         }
@@ -100,7 +101,7 @@ impl KafkaProducer {
         // being re-established, so the wait is bounded here too. Past it, the
         // message may still be written: the answer is "unknown".
         match tokio::time::timeout(self.ack_timeout, rx).await {
-            Ok(Ok(Ok(offset))) => Ok(offset as u64),
+            Ok(Ok(Ok(offset))) => Ok((offset as u64, timestamp_ms)),
             Ok(Ok(Err((e, durable)))) => Err(produce_error(e, durable)),
             // The producer went away with the message queued.
             Ok(Err(_)) => Err(produce_error(
@@ -119,7 +120,7 @@ impl KafkaProducer {
 
 impl Producer for KafkaProducer {
     async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
-        let sequence = self.produce(Some(shard.shard), &entry, &[]).await?;
+        let (sequence, _) = self.produce(Some(shard.shard), &entry, &[]).await?;
         Ok(Sent {
             sequence,
             durable: Durable::True,

@@ -1,0 +1,222 @@
+//! One namespace's backend as the actors see it: the same write path, shard
+//! consumers, deliveries and checkpoints whatever the backend. An enum per
+//! role keeps the actors free of generics; each arm only forwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::embedded::{
+    AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
+};
+use super::kafka::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaProducer, KafkaSettings};
+use super::{BackendError, Consumer, Delivery};
+use crate::entry::{Durable, Entry, ShardRef};
+
+/// Where the answer to a write goes.
+pub type WriteReply = tokio::sync::oneshot::Sender<Result<Appended, BackendError>>;
+
+/// Where a namespace's entries live.
+#[derive(Clone)]
+pub enum NamespaceBackend {
+    Embedded(Arc<EmbeddedLog>),
+    Kafka {
+        settings: KafkaSettings,
+        /// `None` in a consumer-only process.
+        producer: Option<KafkaProducer>,
+    },
+}
+
+impl NamespaceBackend {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NamespaceBackend::Embedded(_) => "embedded",
+            NamespaceBackend::Kafka { .. } => "kafka",
+        }
+    }
+
+    /// Append `entry` to `shard`; the answer goes to `tx` once the backend
+    /// has made the entry durable (or failed to).
+    pub fn append_to(&self, shard: &ShardRef, entry: Entry, tx: WriteReply) {
+        match self {
+            NamespaceBackend::Embedded(log) => {
+                log.append_to(shard, entry, AppendReply::Backend(tx))
+            }
+            NamespaceBackend::Kafka { producer, .. } => {
+                let Some(producer) = producer.clone() else {
+                    let _ = tx.send(Err(BackendError::NotHere(
+                        "this process does not accept writes (--role consumer)",
+                    )));
+                    return;
+                };
+                let partition = shard.shard;
+                tokio::spawn(async move {
+                    let result = producer.produce(Some(partition), &entry, &[]).await;
+                    let _ = tx.send(
+                        result
+                            .map(|(offset, timestamp_ms)| Appended {
+                                offset,
+                                timestamp_ms,
+                                durable: Durable::True,
+                            })
+                            .map_err(Into::into),
+                    );
+                });
+            }
+        }
+    }
+
+    /// Open `shard` for `group`, at the group's committed position.
+    pub async fn open_consumer(
+        &self,
+        group: &str,
+        shard: &ShardRef,
+    ) -> Result<AnyConsumer, BackendError> {
+        Ok(match self {
+            NamespaceBackend::Embedded(log) => {
+                AnyConsumer::Embedded(EmbeddedConsumer::new(log.clone(), group, shard)?)
+            }
+            NamespaceBackend::Kafka { settings, .. } => {
+                AnyConsumer::Kafka(KafkaConsumer::new(settings, group, shard).await?)
+            }
+        })
+    }
+}
+
+pub enum AnyConsumer {
+    Embedded(EmbeddedConsumer),
+    Kafka(KafkaConsumer),
+}
+
+impl AnyConsumer {
+    pub fn checkpointer(&self) -> AnyCheckpointer {
+        match self {
+            AnyConsumer::Embedded(c) => AnyCheckpointer::Embedded(c.checkpointer()),
+            AnyConsumer::Kafka(c) => AnyCheckpointer::Kafka(c.checkpointer()),
+        }
+    }
+}
+
+impl Consumer for AnyConsumer {
+    type Delivery = AnyDelivery;
+
+    async fn receive(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<AnyDelivery>, BackendError> {
+        Ok(match self {
+            AnyConsumer::Embedded(c) => c
+                .receive(max, timeout)
+                .await?
+                .into_iter()
+                .map(AnyDelivery::Embedded)
+                .collect(),
+            AnyConsumer::Kafka(c) => c
+                .receive(max, timeout)
+                .await?
+                .into_iter()
+                .map(AnyDelivery::Kafka)
+                .collect(),
+        })
+    }
+
+    async fn commit(&mut self) -> Result<(), BackendError> {
+        match self {
+            AnyConsumer::Embedded(c) => c.commit().await,
+            AnyConsumer::Kafka(c) => c.commit().await,
+        }
+    }
+}
+
+/// Commits a shard consumer's progress while it reads.
+#[derive(Clone)]
+pub enum AnyCheckpointer {
+    Embedded(EmbeddedCheckpointer),
+    Kafka(KafkaCheckpointer),
+}
+
+impl AnyCheckpointer {
+    pub fn low_watermark(&self) -> u64 {
+        match self {
+            AnyCheckpointer::Embedded(c) => c.low_watermark(),
+            AnyCheckpointer::Kafka(c) => c.low_watermark(),
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        match self {
+            AnyCheckpointer::Embedded(c) => c.outstanding(),
+            AnyCheckpointer::Kafka(c) => c.outstanding(),
+        }
+    }
+
+    pub fn oldest_outstanding_ms(&self) -> Option<u64> {
+        match self {
+            AnyCheckpointer::Embedded(c) => c.oldest_outstanding_ms(),
+            AnyCheckpointer::Kafka(c) => c.oldest_outstanding_ms(),
+        }
+    }
+
+    pub fn committed(&self) -> Option<u64> {
+        match self {
+            AnyCheckpointer::Embedded(c) => c.committed(),
+            AnyCheckpointer::Kafka(c) => c.committed(),
+        }
+    }
+
+    /// Commit the low watermark; returns it.
+    pub async fn commit(&self) -> Result<u64, BackendError> {
+        Ok(match self {
+            AnyCheckpointer::Embedded(c) => c.commit().await?,
+            AnyCheckpointer::Kafka(c) => c.commit().await?,
+        })
+    }
+}
+
+pub enum AnyDelivery {
+    Embedded(EmbeddedDelivery),
+    Kafka(KafkaDelivery),
+}
+
+impl Delivery for AnyDelivery {
+    fn entry(&self) -> &Entry {
+        match self {
+            AnyDelivery::Embedded(d) => d.entry(),
+            AnyDelivery::Kafka(d) => d.entry(),
+        }
+    }
+
+    fn shard(&self) -> &ShardRef {
+        match self {
+            AnyDelivery::Embedded(d) => d.shard(),
+            AnyDelivery::Kafka(d) => d.shard(),
+        }
+    }
+
+    fn sequence(&self) -> u64 {
+        match self {
+            AnyDelivery::Embedded(d) => d.sequence(),
+            AnyDelivery::Kafka(d) => d.sequence(),
+        }
+    }
+
+    async fn ack(self) -> Result<(), (BackendError, Self)> {
+        match self {
+            AnyDelivery::Embedded(d) => d
+                .ack()
+                .await
+                .map_err(|(e, d)| (e, AnyDelivery::Embedded(d))),
+            AnyDelivery::Kafka(d) => d.ack().await.map_err(|(e, d)| (e, AnyDelivery::Kafka(d))),
+        }
+    }
+
+    async fn nack(self) -> Result<(), (BackendError, Self)> {
+        match self {
+            AnyDelivery::Embedded(d) => d
+                .nack()
+                .await
+                .map_err(|(e, d)| (e, AnyDelivery::Embedded(d))),
+            AnyDelivery::Kafka(d) => d.nack().await.map_err(|(e, d)| (e, AnyDelivery::Kafka(d))),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Walden served on the Kafka backend, against a real broker (noida-db):
+//! HTTP → topic → HTTP target, and → a Kafka target topic read back with a
+//! plain Kafka client; split producer and consumer processes; what a Kafka
+//! namespace refuses.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::target::HttpTarget;
+use common::{test_server, unique};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use serde_json::{Value, json};
+use walden::service::Spawned;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn config(data: &std::path::Path, role: &str, namespaces: &str) -> walden::config::Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nrole = \"{role}\"\n{namespaces}",
+        data.display()
+    );
+    walden::config::from_toml(&text).unwrap()
+}
+
+fn kafka_namespace(name: &str, brokers: &str, topic: &str, target: &str) -> String {
+    format!(
+        "[namespaces.{name}]\nshards = 3\n[namespaces.{name}.backend]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n[namespaces.{name}.target]\n{target}\n"
+    )
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let replica = unique("replica");
+    walden::backends::kafka::KafkaSettings {
+        brokers: brokers.clone(),
+        topic: replica.clone(),
+        partitions: 2,
+        librdkafka: Default::default(),
+        ack_timeout: Duration::from_secs(10),
+    }
+    .ensure_topic()
+    .await
+    .unwrap();
+    let namespaces = kafka_namespace(
+        "orders",
+        &brokers,
+        &unique("orders"),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    ) + &kafka_namespace(
+        "mirror",
+        &brokers,
+        &unique("mirror"),
+        &format!("type = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{replica}\""),
+    );
+    let svc = Spawned::start(config(dir.path(), "all", &namespaces)).unwrap();
+    let base = format!("http://{}", svc.addr);
+
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (status, body) = post(
+            &format!("{base}/v1/namespaces/orders/log"),
+            json!({"payload": {"n": i}, "key": format!("k{}", i % 3)}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["durable"], "true");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let entries: Vec<Value> = (10..20)
+        .map(|i| json!({"payload": {"n": i}, "key": format!("k{}", i % 3)}))
+        .collect();
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/orders/log/batch"),
+        json!({ "entries": entries }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for r in body["results"].as_array().unwrap() {
+        assert_eq!(r["durable"], "true", "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+    let got = target.wait_for(20, WAIT);
+    let delivered: HashSet<String> = got.iter().map(|r| r.id().to_string()).collect();
+    assert_eq!(delivered, ids.iter().cloned().collect::<HashSet<_>>());
+    // Per key, in write order.
+    for k in ["k0", "k1", "k2"] {
+        let ns: Vec<u64> = got
+            .iter()
+            .filter(|r| r.key() == Some(k))
+            .map(|r| r.body["payload"]["n"].as_u64().unwrap())
+            .collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "key {k}: {ns:?}");
+    }
+
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/mirror/log"),
+        json!({"payload": {"hello": "region-b"}, "key": "user-7", "id": "m1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["durable"].as_str()),
+        (200, Some("true")),
+        "{body}"
+    );
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&replica]).unwrap();
+    let msg = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .expect("the replica topic gets the entry")
+        .unwrap();
+    assert_eq!(msg.key(), Some(&b"user-7"[..]));
+    assert_eq!(
+        serde_json::from_slice::<Value>(msg.payload().unwrap()).unwrap(),
+        json!({"hello": "region-b"})
+    );
+    let headers = msg.headers().unwrap();
+    let id = headers.iter().find(|h| h.key == "walden.id").unwrap();
+    assert_eq!(id.value, Some(&b"m1"[..]));
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.key == "walden.namespace" && h.value == Some(&b"mirror"[..]))
+    );
+
+    // Delays need delay-tier topics on a broker: refused, clearly.
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/orders/log"),
+        json!({"payload": 1, "lifecycle": {"delay_ms": 1000}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("kafka"),
+        "{body}"
+    );
+    let stats: Value = reqwest::get(format!("{base}/v1/namespaces/orders"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["backend"], "kafka");
+    svc.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_process_and_a_consumer_process_split_the_work() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    let topic = unique("split");
+    let ns = kafka_namespace(
+        "events",
+        &brokers,
+        &topic,
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    );
+    let (pdir, cdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let producer = Spawned::start(config(pdir.path(), "producer", &ns)).unwrap();
+    let pbase = format!("http://{}", producer.addr);
+    for i in 0..15 {
+        let (status, body) = post(
+            &format!("{pbase}/v1/namespaces/events/log"),
+            json!({"payload": i, "key": format!("k{i}")}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["durable"].as_str()),
+            (200, Some("true")),
+            "{body}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        target.received().is_empty(),
+        "a producer process never applies"
+    );
+
+    let consumer = Spawned::start(config(cdir.path(), "consumer", &ns)).unwrap();
+    let cbase = format!("http://{}", consumer.addr);
+    assert_eq!(target.wait_for(15, WAIT).len(), 15);
+    let (status, body) = post(
+        &format!("{cbase}/v1/namespaces/events/log"),
+        json!({"payload": 1}),
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "a consumer process does not accept writes: {body}"
+    );
+    assert_eq!(body["durable"], "false");
+    producer.stop();
+    consumer.stop();
+}
