@@ -55,6 +55,15 @@ async fn a_lost_broker_never_gets_a_false_true() {
         acked.push(id);
     }
 
+    // A consumer that lives through the outage.
+    let mut live = KafkaConsumer::new(&settings, "live", &shard).await.unwrap();
+    let mut live_seen = HashSet::new();
+    while live_seen.len() < 5 {
+        for d in live.receive(100, Duration::from_millis(500)).await.unwrap() {
+            live_seen.insert(d.entry().id.clone());
+            let _ = d.ack().await;
+        }
+    }
     broker.stop();
     let started = Instant::now();
     let sends = (0..5).map(|i| {
@@ -102,6 +111,20 @@ async fn a_lost_broker_never_gets_a_false_true() {
         }
     }
 
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acked.iter().all(|id| live_seen.contains(id)) && Instant::now() < deadline {
+        // Connection errors are logged inside; a receive does not fail.
+        for d in live.receive(100, Duration::from_millis(500)).await.unwrap() {
+            live_seen.insert(d.entry().id.clone());
+            let _ = d.ack().await;
+        }
+    }
+    for id in &acked {
+        assert!(
+            live_seen.contains(id),
+            "{id}: the consumer that lived through the outage never got it"
+        );
+    }
     let mut consumer = KafkaConsumer::new(&settings, "check", &shard)
         .await
         .unwrap();

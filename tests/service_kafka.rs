@@ -218,3 +218,101 @@ async fn a_producer_process_and_a_consumer_process_split_the_work() {
     producer.stop();
     consumer.stop();
 }
+
+/// The broker goes away under a running service: every write is answered
+/// 503 `durable:"false"` or 504 `"unknown"` within the ack timeout, never a
+/// false `"true"`; once the broker is back, writes succeed again, and every
+/// write answered `"true"` reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_never_gets_a_false_true() {
+    let Some(mut broker) = common::broker::Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let ns = kafka_namespace(
+        "ns",
+        &broker.brokers(),
+        "outage",
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    );
+    let mut cfg = config(dir.path(), "all", &ns);
+    cfg.server.ack_timeout_ms = 3000;
+    if let walden::config::BackendConfig::Kafka(k) =
+        &mut cfg.namespaces.get_mut("ns").unwrap().backend
+    {
+        k.librdkafka.insert("debug".into(), "consumer,fetch".into());
+    }
+    let svc = Spawned::start(cfg).unwrap();
+    let url = format!("http://{}/v1/namespaces/ns/log", svc.addr);
+    let mut acked = HashSet::new();
+    let write = |i: usize| {
+        let url = url.clone();
+        async move {
+            post(
+                &url,
+                json!({"payload": i, "key": format!("k{i}"), "id": format!("w{i}")}),
+            )
+            .await
+        }
+    };
+    for i in 0..5 {
+        let (status, body) = write(i).await;
+        assert_eq!(
+            (status, body["durable"].as_str()),
+            (200, Some("true")),
+            "{body}"
+        );
+        acked.insert(format!("w{i}"));
+    }
+
+    broker.stop();
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all((5..10).map(write)).await;
+    for (status, body) in &answers {
+        match (*status, body["durable"].as_str()) {
+            (503, Some("false")) | (504, Some("unknown")) => {}
+            other => panic!("with the broker down: {other:?} {body}"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "answered after {:?}",
+        started.elapsed()
+    );
+
+    broker.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 10;
+    loop {
+        let (status, body) = write(i).await;
+        if status == 200 {
+            assert_eq!(body["durable"], "true");
+            acked.insert(format!("w{i}"));
+            break;
+        }
+        assert_ne!(body["durable"], "true", "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes never recovered: {body}"
+        );
+        i += 1;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let seen: HashSet<String> = target
+            .received()
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect();
+        if acked.is_subset(&seen) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acked {acked:?}, delivered {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svc.stop();
+}

@@ -8,6 +8,7 @@ use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
 
 use super::{KafkaError, KafkaSettings, entry_of};
 use crate::backends::tracker::Tracker;
@@ -27,7 +28,10 @@ pub struct KafkaConsumer {
     shard: ShardRef,
     tracker: Arc<Mutex<Tracker<Received>>>,
     checkpointer: KafkaCheckpointer,
+    last_error_log: Option<std::time::Instant>,
 }
+
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Commits a consumer's progress without holding the consumer, so a commit
 /// can run while a receive waits.
@@ -144,6 +148,7 @@ impl KafkaConsumer {
             shard: shard.clone(),
             tracker,
             checkpointer,
+            last_error_log: None,
         })
     }
 
@@ -174,6 +179,19 @@ impl KafkaConsumer {
         }
     }
 
+    /// Log a consumer error: at most one per `ERROR_LOG_EVERY`, since a broker
+    /// outage makes librdkafka report one per reconnect attempt.
+    fn transient(&mut self, e: &rdkafka::error::KafkaError) {
+        let now = std::time::Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
+        {
+            self.last_error_log = Some(now);
+            warn!(topic = %self.topic, partition = self.shard.shard, error = %e, "Kafka consumer error; librdkafka retries.");
+        }
+    }
+
     fn delivery(&self, r: Received) -> KafkaDelivery {
         KafkaDelivery {
             shard: self.shard.clone(),
@@ -195,16 +213,31 @@ impl Consumer for KafkaConsumer {
         if !redelivered.is_empty() {
             return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
         }
-        let client_error = |e| KafkaError::client("receive", &self.topic, e);
+        // librdkafka reports connection trouble as consumer errors and
+        // recovers on its own; they are logged, never a failed read (which
+        // would make the shard back off).
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut out: Vec<Received> = Vec::new();
-        match tokio::time::timeout(timeout, self.consumer.recv()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(msg) => out.push(self.received(&msg.map_err(client_error)?)),
+        loop {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(Ok(msg)) => {
+                    out.push(self.received(&msg));
+                    break;
+                }
+                Ok(Err(e)) => self.transient(&e),
+            }
         }
-        // Then whatever is already fetched, without waiting.
+        // Then whatever is already fetched, without waiting. An error here
+        // ends the batch; the messages already taken must still go out, or
+        // the watermark would pass them.
         while out.len() < max {
             match self.consumer.recv().now_or_never() {
-                Some(msg) => out.push(self.received(&msg.map_err(client_error)?)),
+                Some(Ok(msg)) => out.push(self.received(&msg)),
+                Some(Err(e)) => {
+                    self.transient(&e);
+                    break;
+                }
                 None => break,
             }
         }
