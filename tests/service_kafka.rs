@@ -238,11 +238,6 @@ async fn a_broker_outage_never_gets_a_false_true() {
     );
     let mut cfg = config(dir.path(), "all", &ns);
     cfg.server.ack_timeout_ms = 3000;
-    if let walden::config::BackendConfig::Kafka(k) =
-        &mut cfg.namespaces.get_mut("ns").unwrap().backend
-    {
-        k.librdkafka.insert("debug".into(), "consumer,fetch".into());
-    }
     let svc = Spawned::start(cfg).unwrap();
     let url = format!("http://{}/v1/namespaces/ns/log", svc.addr);
     let mut acked = HashSet::new();
