@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::json;
 use walden::backends::embedded::{EmbeddedLog, LogConfig};
 use walden::entry::{Entry, ShardRef};
 use walden::service::Spawned;
+
+mod common;
+use common::{Run, percentile};
 
 const PAYLOAD: usize = 100;
 
@@ -25,19 +27,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-struct Run {
-    writes: u64,
-    elapsed: Duration,
-    latencies_us: Vec<u32>,
 }
 
 fn config(data: &Path) -> walden::config::Config {
@@ -65,60 +54,7 @@ path = "{data}/delivered.jsonl"
 fn http(rt: &tokio::runtime::Runtime, base: &Path, conns: usize, batch: usize, secs: u64) -> Run {
     let dir = tempfile::tempdir_in(base).unwrap();
     let svc = Spawned::start(config(dir.path())).unwrap();
-    let url = if batch == 1 {
-        format!("http://{}/v1/namespaces/bench/log", svc.addr)
-    } else {
-        format!("http://{}/v1/namespaces/bench/log/batch", svc.addr)
-    };
-    let payload = "p".repeat(PAYLOAD);
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..conns)
-        .map(|c| {
-            let (url, payload, stop) = (url.clone(), payload.clone(), stop.clone());
-            rt.spawn(async move {
-                // One client per task: one keep-alive connection each.
-                let client = reqwest::Client::builder()
-                    .pool_max_idle_per_host(1)
-                    .build()
-                    .unwrap();
-                let mut lat = Vec::new();
-                let mut writes = 0u64;
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let body = if batch == 1 {
-                        json!({"payload": payload, "key": format!("{c}-{i}")})
-                    } else {
-                        let entries: Vec<_> = (0..batch)
-                            .map(|j| json!({"payload": payload, "key": format!("{c}-{i}-{j}")}))
-                            .collect();
-                        json!({ "entries": entries })
-                    };
-                    let t0 = Instant::now();
-                    let resp = client.post(&url).json(&body).send().await.expect("request");
-                    assert_eq!(resp.status(), 200);
-                    let _ = resp.bytes().await;
-                    lat.push(t0.elapsed().as_micros() as u32);
-                    writes += batch as u64;
-                    i += 1;
-                }
-                (writes, lat)
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    let mut run = Run {
-        writes: 0,
-        elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
-    };
-    for t in tasks {
-        let (w, l) = rt.block_on(t).unwrap();
-        run.writes += w;
-        run.latencies_us.extend(l);
-    }
-    run.elapsed = start.elapsed();
+    let run = common::http_load(rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
     svc.stop();
     run
 }
@@ -189,8 +125,7 @@ fn main() {
         base.display()
     );
     for (conns, batch) in [(1, 1), (16, 1), (64, 1), (1, 100), (16, 100)] {
-        let mut run = http(&rt, &base, conns, batch, secs);
-        run.latencies_us.sort_unstable();
+        let run = http(&rt, &base, conns, batch, secs);
         let wps = run.writes as f64 / run.elapsed.as_secs_f64();
         let log_wps = log_only(&rt, &base, conns, batch, secs);
         println!(

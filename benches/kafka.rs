@@ -1,0 +1,180 @@
+//! Kafka write-path benchmark: Walden's write path on the Kafka backend
+//! (HTTP → ingest → rdkafka → delivery report → answer) beside a raw rdkafka
+//! producer with the same settings (`acks=all`, idempotence, `linger.ms=1`),
+//! the same 100 B payloads and the same concurrency, against the same broker
+//! in the same run. `ratio` = Walden writes/s ÷ raw sends/s.
+//!
+//! The Walden process runs with `role = "producer"`, so applying does not
+//! compete with the write path for the two cores.
+//!
+//! `cargo bench --bench kafka`. Needs a broker: `WALDEN_BENCH_KAFKA`
+//! (default `127.0.0.1:19092`, where `scripts/test.sh` starts noida-db).
+//! `WALDEN_BENCH_SECS` per case (default 3).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use walden::backends::kafka::KafkaSettings;
+use walden::service::Spawned;
+
+mod common;
+use common::{Run, percentile};
+
+const PAYLOAD: usize = 100;
+const PARTITIONS: u32 = 4;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn topic(rt: &tokio::runtime::Runtime, brokers: &str, name: String) -> String {
+    let settings = KafkaSettings {
+        brokers: brokers.into(),
+        topic: name.clone(),
+        partitions: PARTITIONS,
+        librdkafka: BTreeMap::new(),
+        ack_timeout: Duration::from_secs(10),
+    };
+    rt.block_on(settings.ensure_topic())
+        .expect("create the topic");
+    name
+}
+
+fn walden(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    conns: usize,
+    batch: usize,
+    secs: u64,
+) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = topic(
+        rt,
+        brokers,
+        format!("walden-bench-{}", uuid::Uuid::now_v7().simple()),
+    );
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+role = "producer"
+max_in_flight = 100000
+mailbox_capacity = 100000
+[namespaces.bench]
+shards = {PARTITIONS}
+dedup_window_ms = 0
+[namespaces.bench.backend]
+type = "kafka"
+brokers = "{brokers}"
+topic = "{topic}"
+[namespaces.bench.target]
+type = "stdout"
+"#,
+        dir.path().display()
+    );
+    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let run = common::http_load(rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
+    svc.stop();
+    run
+}
+
+/// `conns` tasks, each sending `batch` records at a time and waiting for
+/// their delivery reports, as a Walden connection waits for its answer.
+fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, secs: u64) -> Run {
+    let topic = topic(
+        rt,
+        brokers,
+        format!("raw-bench-{}", uuid::Uuid::now_v7().simple()),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = vec![b'p'; PAYLOAD];
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let (producer, topic, stop, payload) = (
+                producer.clone(),
+                topic.clone(),
+                stop.clone(),
+                payload.clone(),
+            );
+            rt.spawn(async move {
+                let (mut writes, mut lat, mut i) = (0u64, Vec::new(), 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let keys: Vec<String> = (0..batch).map(|j| format!("{c}-{i}-{j}")).collect();
+                    let sends = keys.iter().map(|k| {
+                        producer.send(
+                            FutureRecord::to(&topic).key(k).payload(&payload),
+                            Duration::from_secs(10),
+                        )
+                    });
+                    for r in futures_util::future::join_all(sends).await {
+                        r.expect("delivery report");
+                    }
+                    lat.push(t0.elapsed().as_micros() as u32);
+                    writes += batch as u64;
+                    i += 1;
+                }
+                (writes, lat)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut run = Run {
+        writes: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
+    for t in tasks {
+        let (w, l) = rt.block_on(t).unwrap();
+        run.writes += w;
+        run.latencies_us.extend(l);
+    }
+    run.elapsed = start.elapsed();
+    run.latencies_us.sort_unstable();
+    run
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("kafka benchmark: run with `cargo bench --bench kafka`");
+        return;
+    }
+    let brokers = env_or("WALDEN_BENCH_KAFKA", "127.0.0.1:19092");
+    let secs: u64 = env_or("WALDEN_BENCH_SECS", "3").parse().unwrap_or(3);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions)"
+    );
+    for (conns, batch) in [(1, 1), (16, 1), (64, 1), (16, 100)] {
+        let w = walden(&rt, &brokers, conns, batch, secs);
+        let r = raw(&rt, &brokers, conns, batch, secs);
+        println!(
+            "kafka connections={conns} batch={batch} walden_per_s={:.0} walden_p50_us={} walden_p99_us={} raw_per_s={:.0} raw_p50_us={} raw_p99_us={} ratio={:.2}",
+            w.per_s(),
+            percentile(&w.latencies_us, 0.50),
+            percentile(&w.latencies_us, 0.99),
+            r.per_s(),
+            percentile(&r.latencies_us, 0.50),
+            percentile(&r.latencies_us, 0.99),
+            w.per_s() / r.per_s(),
+        );
+    }
+}
