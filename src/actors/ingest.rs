@@ -48,9 +48,7 @@ impl Handler<Write> for Ingest {
         // are answered "unknown" by the handler, never "true".
         guarded(self, ctx, |act, _| {
             crate::failpoint!("ingest.write");
-            for (entry, reply) in msg.0 {
-                act.backend.append_to(&act.shard, entry, reply);
-            }
+            act.backend.append_all(&act.shard, msg.0);
         });
     }
 }

@@ -34,32 +34,44 @@ impl NamespaceBackend {
         }
     }
 
-    /// Append `entry` to `shard`; the answer goes to `tx` once the backend
-    /// has made the entry durable (or failed to).
-    pub fn append_to(&self, shard: &ShardRef, entry: Entry, tx: WriteReply) {
+    /// Append entries to `shard`; each answer goes to its own reply once
+    /// the backend has made that entry durable (or failed to).
+    pub fn append_all(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
         match self {
             NamespaceBackend::Embedded(log) => {
-                log.append_to(shard, entry, AppendReply::Backend(tx))
+                for (entry, tx) in writes {
+                    log.append_to(shard, entry, AppendReply::Backend(tx));
+                }
             }
             NamespaceBackend::Kafka { producer, .. } => {
                 let Some(producer) = producer.clone() else {
-                    let _ = tx.send(Err(BackendError::NotHere(
-                        "this process does not accept writes (--role consumer)",
-                    )));
+                    for (_, tx) in writes {
+                        let _ = tx.send(Err(BackendError::NotHere(
+                            "this process does not accept writes (--role consumer)",
+                        )));
+                    }
                     return;
                 };
                 let partition = shard.shard;
+                // One task per batch: the sends are all queued at once, and
+                // each answer goes out as its delivery report arrives.
                 tokio::spawn(async move {
-                    let result = producer.produce(Some(partition), &entry, &[]).await;
-                    let _ = tx.send(
-                        result
-                            .map(|(offset, timestamp_ms)| Appended {
-                                offset,
-                                timestamp_ms,
-                                durable: Durable::True,
-                            })
-                            .map_err(Into::into),
-                    );
+                    let sends = writes.into_iter().map(|(entry, tx)| {
+                        let producer = &producer;
+                        async move {
+                            let result = producer.produce(Some(partition), &entry, &[]).await;
+                            let _ = tx.send(
+                                result
+                                    .map(|(offset, timestamp_ms)| Appended {
+                                        offset,
+                                        timestamp_ms,
+                                        durable: Durable::True,
+                                    })
+                                    .map_err(Into::into),
+                            );
+                        }
+                    });
+                    futures_util::future::join_all(sends).await;
                 });
             }
         }
