@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench kafka`. Needs a broker: `WALDEN_BENCH_KAFKA`
 //! (default `127.0.0.1:19092`, where `scripts/test.sh` starts noida-db).
-//! `WALDEN_BENCH_SECS` per case (default 3).
+//! `WALDEN_BENCH_SECS` per case (default 3); `WALDEN_BENCH_CASES`, e.g.
+//! `16x1,16x100` (connections x batch).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -163,8 +164,25 @@ fn main() {
     println!(
         "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions)"
     );
-    for (conns, batch) in [(1, 1), (16, 1), (64, 1), (16, 100)] {
+    // `WALDEN_BENCH_CASES=16x1,16x100` picks cases; `WALDEN_BENCH_ONLY=walden`
+    // skips the raw producer (for profiling).
+    let cases: Vec<(usize, usize)> = env_or("WALDEN_BENCH_CASES", "1x1,16x1,64x1,16x100")
+        .split(',')
+        .filter_map(|c| {
+            let (conns, batch) = c.split_once('x')?;
+            Some((conns.trim().parse().ok()?, batch.trim().parse().ok()?))
+        })
+        .collect();
+    let only_walden = env_or("WALDEN_BENCH_ONLY", "") == "walden";
+    for (conns, batch) in cases {
         let w = walden(&rt, &brokers, conns, batch, secs);
+        if only_walden {
+            println!(
+                "kafka connections={conns} batch={batch} walden_per_s={:.0}",
+                w.per_s()
+            );
+            continue;
+        }
         let r = raw(&rt, &brokers, conns, batch, secs);
         println!(
             "kafka connections={conns} batch={batch} walden_per_s={:.0} walden_p50_us={} walden_p99_us={} raw_per_s={:.0} raw_p50_us={} raw_p99_us={} ratio={:.2}",

@@ -16,7 +16,7 @@ use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::backends::kafka::{KafkaError, KafkaProducer, KafkaSettings};
+use crate::backends::kafka::{KafkaError, KafkaGroup, KafkaProducer, KafkaSettings};
 use crate::backends::shard::NamespaceBackend;
 use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig};
 use crate::entry::ShardRef;
@@ -215,8 +215,20 @@ async fn open_backend(
                 true => Some(KafkaProducer::new(&settings).map_err(backend_error)?),
                 false => None,
             };
+            let group = match server.role.applies() {
+                true => {
+                    let id = crate::actors::supervisor::consumer_group(name, "kafka");
+                    let drain = Duration::from_millis(k.rebalance_drain_ms);
+                    Some(KafkaGroup::join(&settings, &id, drain).map_err(backend_error)?)
+                }
+                false => None,
+            };
             info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
-            Ok(NamespaceBackend::Kafka { settings, producer })
+            Ok(NamespaceBackend::Kafka {
+                settings,
+                producer,
+                group,
+            })
         }
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 use super::embedded::{
     AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
 };
-use super::kafka::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaProducer, KafkaSettings};
+use super::kafka::{
+    KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaGroup, KafkaProducer, KafkaSettings,
+};
 use super::{BackendError, Consumer, Delivery};
 use crate::entry::{Durable, Entry, ShardRef};
 
@@ -23,6 +25,9 @@ pub enum NamespaceBackend {
         settings: KafkaSettings,
         /// `None` in a consumer-only process.
         producer: Option<KafkaProducer>,
+        /// This process's membership in the namespace's consumer group;
+        /// `None` in a producer-only process.
+        group: Option<Arc<KafkaGroup>>,
     },
 }
 
@@ -87,6 +92,12 @@ impl NamespaceBackend {
             NamespaceBackend::Embedded(log) => {
                 AnyConsumer::Embedded(EmbeddedConsumer::new(log.clone(), group, shard)?)
             }
+            NamespaceBackend::Kafka {
+                group: Some(member),
+                ..
+            } => AnyConsumer::Kafka(member.shard_consumer(shard).ok_or(BackendError::NotHere(
+                "the shard is outside the topic's partitions",
+            ))?),
             NamespaceBackend::Kafka { settings, .. } => {
                 AnyConsumer::Kafka(KafkaConsumer::new(settings, group, shard).await?)
             }

@@ -196,6 +196,14 @@ pub struct KafkaConfig {
     /// Extra librdkafka options for every client, passed through unchanged.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// On a rebalance, how long a revoked partition waits for its entries in
+    /// flight before it commits what is done and lets go.
+    #[serde(default = "default_rebalance_drain_ms")]
+    pub rebalance_drain_ms: u64,
+}
+
+fn default_rebalance_drain_ms() -> u64 {
+    10_000
 }
 
 impl KafkaConfig {

@@ -1,15 +1,20 @@
 //! Reads one shard (one partition) for a consumer group, and commits the low
-//! watermark.
+//! watermark. Two ways to get the partition: assigned by hand (every shard
+//! its own client: the conformance suite, and tools), or as a member of the
+//! namespace's group ([`KafkaGroup`](super::KafkaGroup)), where Kafka decides
+//! which process owns which partition.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
+use super::group::{Slot, WaldenContext, commit, committed_offset};
 use super::{KafkaError, KafkaSettings, entry_of};
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
@@ -17,113 +22,116 @@ use crate::entry::{Entry, ShardRef};
 
 /// An entry read from the partition, and its offset.
 #[derive(Clone, Debug)]
-struct Received {
+pub(super) struct Received {
     offset: u64,
     entry: Entry,
 }
 
+type Client = StreamConsumer<WaldenContext>;
+
+/// Where a shard's messages come from.
+enum Source {
+    /// Its own client, assigned the partition for good.
+    Assigned(Arc<Client>),
+    /// The partition's queue, split off the group consumer.
+    Group(Arc<StreamPartitionQueue<WaldenContext>>),
+}
+
 pub struct KafkaConsumer {
-    consumer: Arc<StreamConsumer>,
+    source: Source,
     topic: String,
     shard: ShardRef,
-    tracker: Arc<Mutex<Tracker<Received>>>,
+    slot: Arc<Slot>,
     checkpointer: KafkaCheckpointer,
     last_error_log: Option<std::time::Instant>,
 }
 
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a shard whose partition this process does not own waits per
+/// receive.
+const UNOWNED_WAIT: Duration = Duration::from_millis(100);
 
 /// Commits a consumer's progress without holding the consumer, so a commit
-/// can run while a receive waits.
+/// can run while a receive waits. It never commits a partition this process
+/// does not own (or is giving up).
 #[derive(Clone)]
 pub struct KafkaCheckpointer {
-    consumer: Arc<StreamConsumer>,
+    client: Arc<Client>,
     topic: String,
     partition: i32,
-    tracker: Arc<Mutex<Tracker<Received>>>,
-    /// The offset last committed (or found at start).
-    committed: Arc<Mutex<Option<u64>>>,
+    slot: Arc<Slot>,
 }
 
 impl KafkaCheckpointer {
     /// Everything before this offset has been acked.
     pub fn low_watermark(&self) -> u64 {
-        self.tracker.lock().unwrap().low_watermark()
+        self.slot.tracker.lock().unwrap().low_watermark()
     }
 
     pub fn outstanding(&self) -> usize {
-        self.tracker.lock().unwrap().outstanding()
+        self.slot.tracker.lock().unwrap().outstanding()
     }
 
     pub fn oldest_outstanding_ms(&self) -> Option<u64> {
-        self.tracker.lock().unwrap().oldest_outstanding_ms()
+        self.slot.tracker.lock().unwrap().oldest_outstanding_ms()
     }
 
-    /// The group's committed offset, as this consumer knows it.
+    /// The group's committed offset, as this process knows it.
     pub fn committed(&self) -> Option<u64> {
-        *self.committed.lock().unwrap()
+        self.slot.state.lock().unwrap().committed
     }
 
     /// Commit the low watermark (the next offset to read, in Kafka's terms);
-    /// returns it.
+    /// returns it. Skipped, not failed, when the partition is not ours.
     pub async fn commit(&self) -> Result<u64, KafkaError> {
         let offset = self.low_watermark();
-        if self.committed() == Some(offset) {
-            return Ok(offset);
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(offset as i64))
-            .map_err(|e| KafkaError::client("commit", &self.topic, e))?;
-        let (c, topic) = (self.consumer.clone(), self.topic.clone());
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            c.commit(&tpl, CommitMode::Sync)
-                .map_err(|e| KafkaError::client("commit", &topic, e))
+            // Held across the commit, so a revoke cannot fence in between.
+            let mut st = this.slot.state.lock().unwrap();
+            if !st.owned || st.draining || st.committed == Some(offset) {
+                return Ok(offset);
+            }
+            commit(this.client.as_ref(), &this.topic, this.partition, offset)?;
+            st.committed = Some(offset);
+            Ok(offset)
         })
         .await
         .map_err(|e| KafkaError::Topic {
             topic: self.topic.clone(),
             message: format!("the commit panicked: {e}"),
-        })??;
-        *self.committed.lock().unwrap() = Some(offset);
-        Ok(offset)
+        })?
     }
 }
 
 impl KafkaConsumer {
-    /// Read `shard`'s partition for `group`, from the group's committed
-    /// offset (or the start of the partition).
+    /// Read `shard`'s partition for `group` with a client of its own, from
+    /// the group's committed offset (or the start of the partition).
     pub async fn new(
         settings: &KafkaSettings,
         group: &str,
         shard: &ShardRef,
     ) -> Result<Self, KafkaError> {
         let topic = settings.topic.clone();
-        let consumer: StreamConsumer = settings
+        let client: Client = settings
             .client_config(&[
                 ("group.id", group),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
             ])
-            .create()
+            .create_with_context(WaldenContext::assigned())
             .map_err(|e| KafkaError::client("consumer", &topic, e))?;
-        let consumer = Arc::new(consumer);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, shard.shard as i32);
+        let client = Arc::new(client);
+        let partition = shard.shard as i32;
         // Blocking calls: the group's committed offset, then the assignment.
-        let (c, t, timeout) = (consumer.clone(), topic.clone(), settings.ack_timeout);
+        let (c, t, timeout) = (client.clone(), topic.clone(), settings.ack_timeout);
         let committed = tokio::task::spawn_blocking(move || {
-            let found = c
-                .committed_offsets(tpl, timeout)
-                .map_err(|e| KafkaError::client("committed offsets", &t, e))?;
-            let committed = match found.elements().first().map(|e| e.offset()) {
-                Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
-                _ => None,
-            };
+            let committed = committed_offset(c.as_ref(), &t, partition, timeout);
             let mut assign = TopicPartitionList::new();
             let from = committed.map_or(Offset::Beginning, |o| Offset::Offset(o as i64));
             assign
-                .add_partition_offset(&t, found.elements()[0].partition(), from)
+                .add_partition_offset(&t, partition, from)
                 .map_err(|e| KafkaError::client("assign", &t, e))?;
             c.assign(&assign)
                 .map_err(|e| KafkaError::client("assign", &t, e))?;
@@ -134,27 +142,52 @@ impl KafkaConsumer {
             topic: topic.clone(),
             message: format!("setting up the consumer panicked: {e}"),
         })??;
-        let tracker = Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0))));
+        let slot = Slot::owned(committed);
+        Ok(Self::with(
+            Source::Assigned(client.clone()),
+            client,
+            slot,
+            &topic,
+            shard,
+        ))
+    }
+
+    pub(super) fn in_group(
+        client: Arc<Client>,
+        queue: Arc<StreamPartitionQueue<WaldenContext>>,
+        slot: Arc<Slot>,
+        topic: &str,
+        shard: &ShardRef,
+    ) -> Self {
+        Self::with(Source::Group(queue), client, slot, topic, shard)
+    }
+
+    fn with(
+        source: Source,
+        client: Arc<Client>,
+        slot: Arc<Slot>,
+        topic: &str,
+        shard: &ShardRef,
+    ) -> Self {
         let checkpointer = KafkaCheckpointer {
-            consumer: consumer.clone(),
-            topic: topic.clone(),
+            client,
+            topic: topic.to_string(),
             partition: shard.shard as i32,
-            tracker: tracker.clone(),
-            committed: Arc::new(Mutex::new(committed)),
+            slot: slot.clone(),
         };
-        Ok(Self {
-            consumer,
-            topic,
+        Self {
+            source,
+            topic: topic.to_string(),
             shard: shard.clone(),
-            tracker,
+            slot,
             checkpointer,
             last_error_log: None,
-        })
+        }
     }
 
     /// Everything before this offset has been acked.
     pub fn low_watermark(&self) -> u64 {
-        self.tracker.lock().unwrap().low_watermark()
+        self.slot.tracker.lock().unwrap().low_watermark()
     }
 
     /// A handle that commits this consumer's progress.
@@ -162,7 +195,7 @@ impl KafkaConsumer {
         self.checkpointer.clone()
     }
 
-    fn received(&self, msg: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+    fn received(&self, msg: &BorrowedMessage<'_>) -> Received {
         let offset = msg.offset();
         let entry = entry_of(
             &self.topic,
@@ -192,12 +225,57 @@ impl KafkaConsumer {
         }
     }
 
-    fn delivery(&self, r: Received) -> KafkaDelivery {
-        KafkaDelivery {
-            shard: self.shard.clone(),
-            received: r,
-            tracker: self.tracker.clone(),
+    async fn next(&self) -> Result<BorrowedMessage<'_>, rdkafka::error::KafkaError> {
+        match &self.source {
+            Source::Assigned(c) => c.recv().await,
+            Source::Group(q) => q.recv().await,
         }
+    }
+
+    fn next_now(&self) -> Option<Result<BorrowedMessage<'_>, rdkafka::error::KafkaError>> {
+        match &self.source {
+            Source::Assigned(c) => c.recv().now_or_never(),
+            Source::Group(q) => q.recv().now_or_never(),
+        }
+    }
+
+    /// Wait up to `timeout` for messages; at most `max`.
+    async fn read(&mut self, max: usize, timeout: Duration) -> Vec<Received> {
+        // librdkafka reports connection trouble as consumer errors and
+        // recovers on its own; they are logged, never a failed read (which
+        // would make the shard back off).
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Err(_) => break,
+                Ok(Ok(msg)) => {
+                    out.push(self.received(&msg));
+                    break;
+                }
+                Ok(Err(e)) => errors.push(e),
+            }
+            for e in errors.drain(..) {
+                self.transient(&e);
+            }
+        }
+        // Then whatever is already fetched, without waiting. An error ends
+        // the batch; what was taken before it still goes out.
+        while !out.is_empty() && out.len() < max {
+            match self.next_now() {
+                Some(Ok(msg)) => out.push(self.received(&msg)),
+                Some(Err(e)) => {
+                    errors.push(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        for e in errors.drain(..) {
+            self.transient(&e);
+        }
+        out
     }
 }
 
@@ -209,47 +287,50 @@ impl Consumer for KafkaConsumer {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<KafkaDelivery>, BackendError> {
-        let redelivered = self.tracker.lock().unwrap().take_redeliveries(max);
+        let epoch = {
+            let st = self.slot.state.lock().unwrap();
+            (st.owned && !st.draining).then_some(st.epoch)
+        };
+        let Some(epoch) = epoch else {
+            tokio::time::sleep(timeout.min(UNOWNED_WAIT)).await;
+            return Ok(Vec::new());
+        };
+        let redelivered = self.slot.tracker.lock().unwrap().take_redeliveries(max);
         if !redelivered.is_empty() {
             return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());
         }
-        // librdkafka reports connection trouble as consumer errors and
-        // recovers on its own; they are logged, never a failed read (which
-        // would make the shard back off).
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut out: Vec<Received> = Vec::new();
-        loop {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_) => return Ok(Vec::new()),
-                Ok(Ok(msg)) => {
-                    out.push(self.received(&msg));
-                    break;
-                }
-                Ok(Err(e)) => self.transient(&e),
-            }
+        let out = self.read(max, timeout).await;
+        if out.is_empty() {
+            return Ok(Vec::new());
         }
-        // Then whatever is already fetched, without waiting. An error here
-        // ends the batch; the messages already taken must still go out, or
-        // the watermark would pass them.
-        while out.len() < max {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(msg)) => out.push(self.received(&msg)),
-                Some(Err(e)) => {
-                    self.transient(&e);
-                    break;
-                }
-                None => break,
+        {
+            // Recorded only under the assignment they were read in: a batch
+            // read across a rebalance is fetched again from the committed
+            // offset, which lies at or before it.
+            let st = self.slot.state.lock().unwrap();
+            if st.epoch != epoch || !st.owned || st.draining {
+                return Ok(Vec::new());
             }
+            let end = out.last().map_or(0, |r| r.offset + 1);
+            let delivered = out.iter().map(|r| (r.offset, r.entry.timestamp_ms));
+            self.slot.tracker.lock().unwrap().delivered(delivered, end);
         }
-        let end = out.last().map_or(0, |r| r.offset + 1);
-        let delivered = out.iter().map(|r| (r.offset, r.entry.timestamp_ms));
-        self.tracker.lock().unwrap().delivered(delivered, end);
         Ok(out.into_iter().map(|r| self.delivery(r)).collect())
     }
 
     async fn commit(&mut self) -> Result<(), BackendError> {
         self.checkpointer.commit().await?;
         Ok(())
+    }
+}
+
+impl KafkaConsumer {
+    fn delivery(&self, r: Received) -> KafkaDelivery {
+        KafkaDelivery {
+            shard: self.shard.clone(),
+            received: r,
+            tracker: self.slot.tracker.clone(),
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! acked), which in Kafka terms is the next offset to read.
 
 mod consumer;
+mod group;
 mod producer;
 
 use std::collections::BTreeMap;
@@ -36,6 +37,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
+pub use group::{KafkaGroup, WaldenContext};
 pub use producer::KafkaProducer;
 
 use crate::entry::{Durable, Entry};

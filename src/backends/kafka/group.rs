@@ -1,0 +1,332 @@
+//! A consumer process's membership in a namespace's consumer group: Kafka
+//! splits the partitions between the processes, and moves them when one
+//! joins or dies.
+//!
+//! One rdkafka consumer per namespace subscribes to the topic; each shard
+//! reads its own partition's queue (split off the consumer) and owns a
+//! [`Slot`]: whether this process owns the partition now, and the tracker of
+//! what was handed out. A dedicated thread polls the consumer, which drives
+//! the rebalance callbacks:
+//!
+//! - **Revoke.** The partition stops handing out entries, waits up to
+//!   `rebalance_drain_ms` for what is in flight to be acked, commits the low
+//!   watermark, and is fenced: this process never commits it again, even if
+//!   late acks arrive. Entries not done by then are delivered again by the
+//!   next owner (at least once).
+//! - **Assign.** The tracker restarts at the group's committed offset, where
+//!   librdkafka starts fetching.
+//!
+//! An epoch, bumped on every change, keeps a batch read under one assignment
+//! from being recorded under the next.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::consumer::{KafkaConsumer, Received};
+use super::{KafkaError, KafkaSettings};
+use crate::backends::tracker::Tracker;
+use crate::entry::ShardRef;
+
+/// One partition, as this process sees it.
+pub(super) struct Slot {
+    pub state: Mutex<SlotState>,
+    pub tracker: Arc<Mutex<Tracker<Received>>>,
+}
+
+pub(super) struct SlotState {
+    /// This process owns the partition now.
+    pub owned: bool,
+    /// Being revoked: hand out nothing more.
+    pub draining: bool,
+    /// Bumped on every assign and revoke.
+    pub epoch: u64,
+    /// The group's committed offset, as this process last knew it.
+    pub committed: Option<u64>,
+}
+
+impl Slot {
+    /// A partition owned for good (a consumer assigned its partition by hand).
+    pub fn owned(committed: Option<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState {
+                owned: true,
+                draining: false,
+                epoch: 0,
+                committed,
+            }),
+            tracker: Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0)))),
+        })
+    }
+
+    fn unowned() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState {
+                owned: false,
+                draining: false,
+                epoch: 0,
+                committed: None,
+            }),
+            tracker: Arc::new(Mutex::new(Tracker::starting_at(0))),
+        })
+    }
+}
+
+/// What the rebalance callbacks need.
+struct GroupState {
+    topic: String,
+    slots: Vec<Arc<Slot>>,
+    drain: Duration,
+    timeout: Duration,
+}
+
+/// The context of every Walden Kafka consumer; only a group member has
+/// rebalances to handle.
+pub struct WaldenContext {
+    group: Option<GroupState>,
+}
+
+impl WaldenContext {
+    pub(super) fn assigned() -> Self {
+        Self { group: None }
+    }
+}
+
+impl ClientContext for WaldenContext {}
+
+impl ConsumerContext for WaldenContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (Some(g), Rebalance::Revoke(tpl)) = (&self.group, rebalance) else {
+            return;
+        };
+        for p in partitions(tpl, &g.topic) {
+            let Some(slot) = g.slots.get(p as usize) else {
+                continue;
+            };
+            slot.state.lock().unwrap().draining = true;
+            let deadline = Instant::now() + g.drain;
+            while slot.tracker.lock().unwrap().outstanding() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let (left, watermark) = {
+                let t = slot.tracker.lock().unwrap();
+                (t.outstanding(), t.low_watermark())
+            };
+            let mut st = slot.state.lock().unwrap();
+            if st.owned && st.committed != Some(watermark) {
+                match commit(consumer, &g.topic, p, watermark) {
+                    Ok(()) => st.committed = Some(watermark),
+                    Err(e) => {
+                        warn!(topic = %g.topic, partition = p, error = %e, "Commit on revoke failed; the next owner starts earlier.")
+                    }
+                }
+            }
+            st.owned = false;
+            st.draining = false;
+            st.epoch += 1;
+            info!(topic = %g.topic, partition = p, committed = watermark, not_done = left, "Partition revoked and fenced.");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (Some(g), Rebalance::Assign(tpl)) = (&self.group, rebalance) else {
+            return;
+        };
+        for p in partitions(tpl, &g.topic) {
+            let Some(slot) = g.slots.get(p as usize) else {
+                continue;
+            };
+            let committed = committed_offset(consumer, &g.topic, p, g.timeout);
+            *slot.tracker.lock().unwrap() = Tracker::starting_at(committed.unwrap_or(0));
+            let mut st = slot.state.lock().unwrap();
+            st.owned = true;
+            st.draining = false;
+            st.epoch += 1;
+            st.committed = committed;
+            info!(topic = %g.topic, partition = p, from = ?committed, "Partition assigned.");
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    tpl.elements()
+        .iter()
+        .filter(|e| e.topic() == topic)
+        .map(|e| e.partition())
+        .collect()
+}
+
+pub(super) fn commit<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+    offset: u64,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset as i64))
+        .map_err(|e| KafkaError::client("commit", topic, e))?;
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .map_err(|e| KafkaError::client("commit", topic, e))
+}
+
+pub(super) fn committed_offset<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Option<u64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    match consumer.committed_offsets(tpl, timeout) {
+        Ok(found) => match found.elements().first().map(|e| e.offset()) {
+            Some(Offset::Offset(o)) if o >= 0 => Some(o as u64),
+            _ => None,
+        },
+        Err(e) => {
+            warn!(topic, partition, error = %e, "Cannot read the committed offset; starting from the reset position.");
+            None
+        }
+    }
+}
+
+/// This process's membership in a namespace's consumer group.
+pub struct KafkaGroup {
+    consumer: Arc<StreamConsumer<WaldenContext>>,
+    settings: KafkaSettings,
+    queues: Vec<Arc<StreamPartitionQueue<WaldenContext>>>,
+    slots: Vec<Arc<Slot>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl KafkaGroup {
+    /// Join `group` on the settings' topic; partitions arrive by rebalance.
+    pub fn join(
+        settings: &KafkaSettings,
+        group: &str,
+        drain: Duration,
+    ) -> Result<Arc<Self>, KafkaError> {
+        let topic = settings.topic.clone();
+        let slots: Vec<Arc<Slot>> = (0..settings.partitions).map(|_| Slot::unowned()).collect();
+        let context = WaldenContext {
+            group: Some(GroupState {
+                topic: topic.clone(),
+                slots: slots.clone(),
+                drain,
+                timeout: settings.ack_timeout,
+            }),
+        };
+        let consumer: StreamConsumer<WaldenContext> = settings
+            .client_config(&[
+                ("group.id", group),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create_with_context(context)
+            .map_err(|e| KafkaError::client("group consumer", &topic, e))?;
+        let consumer = Arc::new(consumer);
+        // Every partition gets its own queue before any is assigned, so no
+        // message lands on the main queue.
+        let queues = (0..settings.partitions as i32)
+            .map(|p| {
+                consumer
+                    .split_partition_queue(&topic, p)
+                    .map(Arc::new)
+                    .ok_or_else(|| KafkaError::Topic {
+                        topic: topic.clone(),
+                        message: format!("cannot split off partition {p}'s queue"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|e| KafkaError::client("subscribe", &topic, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s, t) = (consumer.clone(), stop.clone(), topic.clone());
+        std::thread::Builder::new()
+            .name("walden-kafka-group".into())
+            .spawn(move || poll_group(c, s, t))
+            .map_err(|e| KafkaError::Topic {
+                topic: topic.clone(),
+                message: format!("cannot start the group's polling thread: {e}"),
+            })?;
+        info!(topic = %topic, group, "Joined the consumer group.");
+        Ok(Arc::new(Self {
+            consumer,
+            settings: settings.clone(),
+            queues,
+            slots,
+            stop,
+        }))
+    }
+
+    /// The consumer of one shard (partition): it reads only while this
+    /// process owns the partition.
+    pub fn shard_consumer(&self, shard: &ShardRef) -> Option<KafkaConsumer> {
+        let p = shard.shard as usize;
+        Some(KafkaConsumer::in_group(
+            self.consumer.clone(),
+            self.queues.get(p)?.clone(),
+            self.slots.get(p)?.clone(),
+            &self.settings.topic,
+            shard,
+        ))
+    }
+}
+
+impl Drop for KafkaGroup {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Serve the consumer's main queue: rebalances, errors and logs. Runs on its
+/// own thread because a revoke may wait out the drain there.
+fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool>, topic: String) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(%topic, error = %e, "Cannot start the group's poll loop.");
+            return;
+        }
+    };
+    let mut last_log: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let next = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        });
+        match next {
+            Err(_) => {}
+            Ok(Ok(msg)) => {
+                // Cannot happen while every partition has its own queue; if
+                // it does, fetch it again rather than skip it.
+                use rdkafka::Message;
+                let (p, o) = (msg.partition(), msg.offset());
+                drop(msg);
+                warn!(%topic, partition = p, offset = o, "A message reached the group's main queue; seeking back to it.");
+                if let Err(e) = consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5))
+                {
+                    warn!(%topic, partition = p, error = %e, "Seek failed.");
+                }
+            }
+            Ok(Err(e)) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_log = Some(Instant::now());
+                    warn!(%topic, error = %e, "Kafka group consumer error; librdkafka retries.");
+                }
+            }
+        }
+    }
+    consumer.unsubscribe();
+}
