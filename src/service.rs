@@ -174,6 +174,13 @@ impl Service {
         self.server.stop(true).await;
         for ns in self.state.namespaces.values() {
             ns.drain().await;
+            if let NamespaceBackend::Kafka {
+                group: Some(group), ..
+            } = &ns.backend
+            {
+                let (group, drain) = (group.clone(), ns.config.backend.rebalance_drain());
+                let _ = tokio::task::spawn_blocking(move || group.leave(drain)).await;
+            }
         }
         let (log, dlq) = (self.state.log.clone(), self.state.dlq.clone());
         let _ = tokio::task::spawn_blocking(move || {
@@ -217,7 +224,7 @@ async fn open_backend(
             };
             let group = match server.role.applies() {
                 true => {
-                    let id = crate::actors::supervisor::consumer_group(name, "kafka");
+                    let id = k.group(name);
                     let drain = Duration::from_millis(k.rebalance_drain_ms);
                     Some(KafkaGroup::join(&settings, &id, drain).map_err(backend_error)?)
                 }

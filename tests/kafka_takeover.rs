@@ -22,6 +22,7 @@ shards = 4
 type = "kafka"
 brokers = "{brokers}"
 topic = "{topic}"
+group = "{topic}-group"
 rebalance_drain_ms = 2000
 [namespaces.events.backend.librdkafka]
 "session.timeout.ms" = "6000"

@@ -26,9 +26,13 @@ fn config(data: &std::path::Path, role: &str, namespaces: &str) -> walden::confi
     walden::config::from_toml(&text).unwrap()
 }
 
+/// A namespace on `topic`, with a consumer group of its own: noida-db never
+/// evicts a member that went away without leaving, so groups are not reused
+/// across test runs.
 fn kafka_namespace(name: &str, brokers: &str, topic: &str, target: &str) -> String {
+    let group = format!("{topic}-group");
     format!(
-        "[namespaces.{name}]\nshards = 3\n[namespaces.{name}.backend]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n[namespaces.{name}.target]\n{target}\n"
+        "[namespaces.{name}]\nshards = 3\n[namespaces.{name}.backend]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"{group}\"\n[namespaces.{name}.target]\n{target}\n"
     )
 }
 

@@ -18,20 +18,13 @@ use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
 use crate::backends::embedded::EmbeddedDlq;
 use crate::backends::shard::NamespaceBackend;
-use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig};
+use crate::config::{BackendConfig, NamespaceConfig, OnDeadLetter, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
 
 /// The consumer group the service reads the embedded log with.
 pub const CONSUMER_GROUP: &str = "walden";
 
-/// A namespace's consumer group: one per namespace on a broker.
-pub fn consumer_group(namespace: &str, backend: &str) -> String {
-    match backend {
-        "embedded" => CONSUMER_GROUP.to_string(),
-        _ => format!("walden.{namespace}"),
-    }
-}
 /// Deliveries a shard holds unacked, at most (its read-ahead bound).
 const MAX_OUTSTANDING: usize = 4096;
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
@@ -98,7 +91,10 @@ impl NamespaceRuntime {
             let stats = Arc::new(ShardStats::default());
             let consumer = {
                 let (backend, shard, stats) = (backend.clone(), shard.clone(), stats.clone());
-                let group = consumer_group(name, backend.kind());
+                let group = match &config.backend {
+                    BackendConfig::Kafka(k) => k.group(name),
+                    BackendConfig::Embedded(_) => CONSUMER_GROUP.to_string(),
+                };
                 Supervisor::start_in_arbiter(arbiter, move |_| {
                     ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING)
                 })

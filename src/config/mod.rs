@@ -196,6 +196,9 @@ pub struct KafkaConfig {
     /// Extra librdkafka options for every client, passed through unchanged.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// The consumer group; `walden.{namespace}` if unset.
+    #[serde(default)]
+    pub group: Option<String>,
     /// On a rebalance, how long a revoked partition waits for its entries in
     /// flight before it commits what is done and lets go.
     #[serde(default = "default_rebalance_drain_ms")]
@@ -206,7 +209,24 @@ fn default_rebalance_drain_ms() -> u64 {
     10_000
 }
 
+impl BackendConfig {
+    /// How long a revoked partition drains (0 where there are no partitions).
+    pub fn rebalance_drain(&self) -> Duration {
+        match self {
+            BackendConfig::Kafka(k) => Duration::from_millis(k.rebalance_drain_ms),
+            BackendConfig::Embedded(_) => Duration::ZERO,
+        }
+    }
+}
+
 impl KafkaConfig {
+    /// The consumer group of namespace `namespace`.
+    pub fn group(&self, namespace: &str) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("walden.{namespace}"))
+    }
+
     /// The topic of namespace `namespace`.
     pub fn topic(&self, namespace: &str) -> String {
         self.topic.clone().unwrap_or_else(|| namespace.to_string())

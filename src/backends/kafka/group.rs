@@ -282,6 +282,22 @@ impl KafkaGroup {
     }
 }
 
+impl KafkaGroup {
+    /// Leave the group cleanly, so the other members take over at once
+    /// rather than after the session timeout. The revoke commits what is
+    /// done first. Blocks (up to the drain time): call it off the runtime.
+    pub fn leave(&self, drain: Duration) {
+        self.consumer.unsubscribe();
+        // The polling thread serves the revoke; wait for it to let go.
+        let deadline = Instant::now() + drain + Duration::from_secs(5);
+        while self.slots.iter().any(|s| s.state.lock().unwrap().owned) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for KafkaGroup {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
