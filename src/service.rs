@@ -16,8 +16,8 @@ use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::backends::kafka::{KafkaError, KafkaGroup, KafkaProducer, KafkaSettings};
-use crate::backends::shard::NamespaceBackend;
+use crate::backends::kafka::{KafkaDlq, KafkaError, KafkaGroup, KafkaProducer, KafkaSettings};
+use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
@@ -122,13 +122,20 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let backend = open_backend(name, ns, &config.server, &log).await?;
-        let runtime =
-            NamespaceRuntime::start(name, ns, &config.server, &backend, &dlq, &stores, &handles)
-                .map_err(|source| ServiceError::Target {
-                    namespace: name.clone(),
-                    source,
-                })?;
+        let (backend, ns_dlq) = open_backend(name, ns, &config.server, &log, &dlq).await?;
+        let runtime = NamespaceRuntime::start(
+            name,
+            ns,
+            &config.server,
+            &backend,
+            &ns_dlq,
+            &stores,
+            &handles,
+        )
+        .map_err(|source| ServiceError::Target {
+            namespace: name.clone(),
+            source,
+        })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
     let dedup = open_dedup(state_store, &data_dir, &config, &log).await?;
@@ -195,16 +202,21 @@ impl Service {
     }
 }
 
-/// A namespace's backend: the shared embedded log, or its Kafka topic
-/// (created with `shards` partitions if missing, and checked otherwise).
+/// A namespace's backend and DLQ: the shared embedded log and local DLQ, or
+/// its Kafka topic (created with `shards` partitions if missing, and checked
+/// otherwise) and DLQ topic.
 async fn open_backend(
     name: &str,
     ns: &NamespaceConfig,
     server: &ServerConfig,
     log: &Arc<EmbeddedLog>,
-) -> Result<NamespaceBackend, ServiceError> {
+    local_dlq: &Arc<EmbeddedDlq>,
+) -> Result<(NamespaceBackend, AnyDlq), ServiceError> {
     match &ns.backend {
-        BackendConfig::Embedded(_) => Ok(NamespaceBackend::Embedded(log.clone())),
+        BackendConfig::Embedded(_) => Ok((
+            NamespaceBackend::Embedded(log.clone()),
+            AnyDlq::Embedded(local_dlq.clone()),
+        )),
         BackendConfig::Kafka(k) => {
             let settings = KafkaSettings {
                 brokers: k.brokers.clone(),
@@ -230,12 +242,20 @@ async fn open_backend(
                 }
                 false => None,
             };
+            let dlq_settings = KafkaSettings {
+                topic: k.dlq_topic(name),
+                ..settings.clone()
+            };
+            let dlq = KafkaDlq::open(&dlq_settings).await.map_err(backend_error)?;
             info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
-            Ok(NamespaceBackend::Kafka {
-                settings,
-                producer,
-                group,
-            })
+            Ok((
+                NamespaceBackend::Kafka {
+                    settings,
+                    producer,
+                    group,
+                },
+                AnyDlq::Kafka(dlq),
+            ))
         }
     }
 }

@@ -56,3 +56,34 @@ impl conformance::Harness for Kafka {
 }
 
 conformance_suite!(Kafka);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters() {
+    let Some(brokers) = common::test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let settings = KafkaSettings {
+        brokers,
+        topic: format!("{}.dlq", common::unique("conformance")),
+        partitions: 1,
+        librdkafka: BTreeMap::new(),
+        ack_timeout: Duration::from_secs(10),
+    };
+    let dlq = walden::backends::kafka::KafkaDlq::open(&settings)
+        .await
+        .unwrap();
+    conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
+    // A new process rebuilds the same view from the topic.
+    drop(dlq);
+    let dlq = walden::backends::kafka::KafkaDlq::open(&settings)
+        .await
+        .unwrap();
+    let (all, total) =
+        walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10).unwrap();
+    assert_eq!(total, 4);
+    assert_eq!(all.last().unwrap().entry.id, "dead-2");
+    assert!(
+        all.iter().all(|l| l.entry.id != "dead-1"),
+        "the tombstone holds"
+    );
+}

@@ -315,3 +315,113 @@ async fn a_broker_outage_never_gets_a_false_true() {
     }
     svc.stop();
 }
+
+/// A dead letter of a Kafka namespace lives on the DLQ topic, keyed by the
+/// entry id with its origin in headers; another process lists it, and a
+/// redrive delivers it and tombstones it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    target.reject_key("poison", 400);
+    let topic = unique("dl");
+    let ns = kafka_namespace(
+        "ns",
+        &brokers,
+        &topic,
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Spawned::start(config(dir.path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", svc.addr);
+    for (id, key) in [("bad-1", "poison"), ("ok-1", "fine")] {
+        let (status, body) = post(
+            &format!("{base}/v1/namespaces/ns/log"),
+            json!({"payload": {"id": id}, "key": key, "id": id}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    target.wait_for(1, WAIT);
+    let deadline = std::time::Instant::now() + WAIT;
+    let listed = loop {
+        let listed: Value = reqwest::get(format!("{base}/v1/namespaces/ns/dlq"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if listed["entries"].as_array().is_some_and(|l| !l.is_empty()) {
+            break listed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never dead-lettered: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["entries"][0]["id"], "bad-1", "{listed}");
+
+    // On the topic: keyed by id, origin in the headers.
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let msg = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.key(), Some(&b"bad-1"[..]));
+    let headers = msg.headers().unwrap();
+    let get = |k: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == k)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(get("walden.dlq.namespace").as_deref(), Some("ns"));
+    assert_eq!(get("walden.key").as_deref(), Some("poison"));
+    assert!(get("walden.dlq.last_error").unwrap().contains("400"));
+    svc.stop();
+
+    // Another process (the same config, a fresh data dir) sees the letter,
+    // and redrives it once the target takes it.
+    let dir2 = tempfile::tempdir().unwrap();
+    let svc = Spawned::start(config(dir2.path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", svc.addr);
+    let shown = reqwest::get(format!("{base}/v1/namespaces/ns/dlq/bad-1"))
+        .await
+        .unwrap();
+    assert_eq!(shown.status(), 200);
+    target.reject_key("poison", 0);
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/ns/dlq/redrive"),
+        json!({"ids": ["bad-1"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let delivered = target.received().iter().any(|r| r.id() == "bad-1");
+        let gone = reqwest::get(format!("{base}/v1/namespaces/ns/dlq/bad-1"))
+            .await
+            .unwrap()
+            .status()
+            == 404;
+        if delivered && gone {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redrive: delivered {delivered}, gone {gone}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svc.stop();
+}

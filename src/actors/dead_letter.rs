@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use super::applier::Reset;
 use super::consumer::{Rewind, ShardConsumer};
 use super::{ShardStats, Work, ack, guarded};
-use crate::backends::embedded::EmbeddedDlq;
+use crate::backends::shard::AnyDlq;
 use crate::backends::{DeadLetter, DeadLetters, DelayStore, Origin};
 use crate::entry::Delivered;
 use crate::state::ParkStore;
@@ -45,18 +45,14 @@ pub struct Doomed {
 }
 
 pub struct DeadLetterActor {
-    dlq: Arc<EmbeddedDlq>,
+    dlq: AnyDlq,
     consumer: Addr<ShardConsumer>,
     stats: Arc<ShardStats>,
     generation: u64,
 }
 
 impl DeadLetterActor {
-    pub fn new(
-        dlq: Arc<EmbeddedDlq>,
-        consumer: Addr<ShardConsumer>,
-        stats: Arc<ShardStats>,
-    ) -> Self {
+    pub fn new(dlq: AnyDlq, consumer: Addr<ShardConsumer>, stats: Arc<ShardStats>) -> Self {
         Self {
             dlq,
             consumer,

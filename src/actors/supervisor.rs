@@ -16,8 +16,7 @@ use super::delay::DelayScheduler;
 use super::ingest::Ingest;
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
-use crate::backends::embedded::EmbeddedDlq;
-use crate::backends::shard::NamespaceBackend;
+use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::config::{BackendConfig, NamespaceConfig, OnDeadLetter, ServerConfig};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
@@ -69,6 +68,8 @@ pub struct NamespaceRuntime {
     /// Where this namespace's delayed entries wait.
     pub delays: Arc<dyn DelayStore>,
     pub backend: NamespaceBackend,
+    /// This namespace's dead letters.
+    pub dlq: AnyDlq,
     _supervisor: Addr<NamespaceSupervisor>,
 }
 
@@ -79,7 +80,7 @@ impl NamespaceRuntime {
         config: &NamespaceConfig,
         server: &ServerConfig,
         backend: &NamespaceBackend,
-        dlq: &Arc<EmbeddedDlq>,
+        dlq: &AnyDlq,
         stores: &Stores,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
@@ -174,6 +175,7 @@ impl NamespaceRuntime {
             sink_health,
             delays: stores.delays.clone(),
             backend: backend.clone(),
+            dlq: dlq.clone(),
             _supervisor: supervisor,
         })
     }

@@ -135,7 +135,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
         applied: sum(|s| s.applied),
         pending: sum(|s| s.next_sequence.saturating_sub(s.applied_through)),
         in_retry: per_shard.iter().map(|s| s.in_retry).sum(),
-        dead_lettered: state
+        dead_lettered: ns
             .dlq
             .list(&ns.name, None, 0)
             .map_or(0, |(_, total)| total as u64),

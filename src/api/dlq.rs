@@ -75,7 +75,7 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let (dlq, name, after) = (state.dlq.clone(), ns.name.clone(), query.after);
+    let (dlq, name, after) = (ns.dlq.clone(), ns.name.clone(), query.after);
     // Letters are read from the DLQ log: off the HTTP worker thread.
     let (letters, total) = tokio::task::spawn_blocking(move || dlq.list(&name, after, limit))
         .await
@@ -98,7 +98,7 @@ pub async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    let (dlq, name, wanted) = (state.dlq.clone(), ns.name.clone(), id.clone());
+    let (dlq, name, wanted) = (ns.dlq.clone(), ns.name.clone(), id.clone());
     let letter = tokio::task::spawn_blocking(move || dlq.get(&name, &wanted))
         .await
         .map_err(backend_error)?
@@ -122,7 +122,7 @@ async fn select(
     let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let (dlq, name) = (state.dlq.clone(), ns.name.clone());
+    let (dlq, name) = (ns.dlq.clone(), ns.name.clone());
     // Letters are read from the DLQ log: off the HTTP worker thread.
     let read = move || match (select.ids, select.all) {
         (Some(ids), false) => {
@@ -202,7 +202,7 @@ pub async fn purge(
     let (letters, mut not_found) = select(&state, &ns, &req, body).await?;
     let mut purged = 0;
     for l in letters {
-        match state.dlq.remove(&ns.name, &l.entry.id, "purged").await {
+        match ns.dlq.remove(&ns.name, &l.entry.id, "purged").await {
             Ok(true) => {
                 purged += 1;
                 // If it held its key, the key's waiting entries may go.

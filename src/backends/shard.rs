@@ -5,13 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::embedded::EmbeddedDlq;
 use super::embedded::{
     AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
 };
+use super::kafka::KafkaDlq;
 use super::kafka::{
     KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaGroup, KafkaProducer, KafkaSettings,
 };
-use super::{BackendError, Consumer, Delivery};
+use super::{BackendError, Consumer, DeadLetter, DeadLetters, Delivery};
 use crate::entry::{Durable, Entry, ShardRef};
 
 /// Where the answer to a write goes.
@@ -240,6 +242,49 @@ impl Delivery for AnyDelivery {
                 .await
                 .map_err(|(e, d)| (e, AnyDelivery::Embedded(d))),
             AnyDelivery::Kafka(d) => d.nack().await.map_err(|(e, d)| (e, AnyDelivery::Kafka(d))),
+        }
+    }
+}
+
+/// A namespace's dead-letter queue: the local one beside the embedded log,
+/// or the namespace's DLQ topic.
+#[derive(Clone)]
+pub enum AnyDlq {
+    Embedded(Arc<EmbeddedDlq>),
+    Kafka(Arc<KafkaDlq>),
+}
+
+impl DeadLetters for AnyDlq {
+    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
+        match self {
+            AnyDlq::Embedded(d) => d.append(letter).await,
+            AnyDlq::Kafka(d) => d.append(letter).await,
+        }
+    }
+
+    fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
+        match self {
+            AnyDlq::Embedded(d) => d.list(namespace, after, limit),
+            AnyDlq::Kafka(d) => d.list(namespace, after, limit),
+        }
+    }
+
+    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+        match self {
+            AnyDlq::Embedded(d) => d.get(namespace, id),
+            AnyDlq::Kafka(d) => d.get(namespace, id),
+        }
+    }
+
+    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
+        match self {
+            AnyDlq::Embedded(d) => d.remove(namespace, id, reason).await,
+            AnyDlq::Kafka(d) => d.remove(namespace, id, reason).await,
         }
     }
 }

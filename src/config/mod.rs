@@ -199,6 +199,9 @@ pub struct KafkaConfig {
     /// The consumer group; `walden.{namespace}` if unset.
     #[serde(default)]
     pub group: Option<String>,
+    /// The dead-letter topic; `<topic>.dlq` if unset.
+    #[serde(default)]
+    pub dlq_topic: Option<String>,
     /// On a rebalance, how long a revoked partition waits for its entries in
     /// flight before it commits what is done and lets go.
     #[serde(default = "default_rebalance_drain_ms")]
@@ -230,6 +233,13 @@ impl KafkaConfig {
     /// The topic of namespace `namespace`.
     pub fn topic(&self, namespace: &str) -> String {
         self.topic.clone().unwrap_or_else(|| namespace.to_string())
+    }
+
+    /// The dead-letter topic of namespace `namespace`.
+    pub fn dlq_topic(&self, namespace: &str) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.topic(namespace)))
     }
 }
 

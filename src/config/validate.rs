@@ -191,6 +191,16 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                     format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
                 );
             }
+            let dlq_topic = k.dlq_topic(name);
+            if !valid_topic_name(&dlq_topic) || dlq_topic == topic {
+                e.ns(
+                    name,
+                    "backend.dlq_topic",
+                    format!(
+                        "{dlq_topic:?} must be a valid topic name other than the namespace's topic"
+                    ),
+                );
+            }
             if let Some(p) = k.partitions
                 && p != ns.shards
             {

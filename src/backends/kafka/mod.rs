@@ -24,6 +24,7 @@
 //! acked), which in Kafka terms is the next offset to read.
 
 mod consumer;
+mod dlq;
 mod group;
 mod producer;
 
@@ -37,6 +38,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
+pub use dlq::KafkaDlq;
 pub use group::{KafkaGroup, WaldenContext};
 pub use producer::KafkaProducer;
 

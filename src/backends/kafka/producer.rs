@@ -77,6 +77,25 @@ impl KafkaProducer {
         entry: &Entry,
         extra: &[(&str, String)],
     ) -> Result<(u64, u64), KafkaError> {
+        let key = entry.key.as_deref().unwrap_or(&entry.id);
+        self.produce_record(
+            partition,
+            key,
+            Some(entry.payload.as_ref()),
+            headers(entry, extra),
+        )
+        .await
+    }
+
+    /// Produce one record (`payload` `None`: a tombstone); resolves with its
+    /// offset and timestamp from the delivery report.
+    pub(crate) async fn produce_record(
+        &self,
+        partition: Option<u32>,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Result<(u64, u64), KafkaError> {
         let (tx, rx) = oneshot::channel();
         let timestamp_ms = now_ms();
         let produce_error = |source, durable| KafkaError::Produce {
@@ -86,10 +105,12 @@ impl KafkaProducer {
             source: Box::new(source),
         };
         let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
-            .key(entry.key.as_deref().unwrap_or(&entry.id))
-            .payload(entry.payload.as_ref())
-            .headers(headers(entry, extra))
+            .key(key)
+            .headers(headers)
             .timestamp(timestamp_ms as i64);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         if let Some(p) = partition {
             record = record.partition(p as i32);
         }

@@ -1,0 +1,335 @@
+//! A namespace's dead-letter queue on Kafka: the topic `<topic>.dlq` (one
+//! partition, so a letter's offset is its DLQ sequence).
+//!
+//! - A letter is a record keyed by the entry id, with the entry's payload and
+//!   headers, plus its origin, attempts, failure times and last error in
+//!   `walden.dlq.*` headers (the entry's own key in `walden.key`).
+//! - A topic is immutable, so a purge or a redrive writes a tombstone (the
+//!   id with no payload); the letter is gone from then on.
+//! - Each process keeps a view of the live letters by reading the topic from
+//!   the start and then tailing it; `list` and `get` read the view. An append
+//!   or a remove resolves once the broker has it (`acks=all`) and the view
+//!   has caught up to it, so a process reads its own writes. Letters written
+//!   by other processes show up as the tail reaches them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::group::WaldenContext;
+use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of};
+use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
+use crate::entry::ShardRef;
+
+const H_NAMESPACE: &str = "walden.dlq.namespace";
+const H_SHARD: &str = "walden.dlq.shard";
+const H_SEQUENCE: &str = "walden.dlq.sequence";
+const H_TARGET: &str = "walden.dlq.target";
+const H_ATTEMPTS: &str = "walden.dlq.attempts";
+const H_FIRST: &str = "walden.dlq.first_failure_ms";
+const H_LAST: &str = "walden.dlq.last_failure_ms";
+const H_ERROR: &str = "walden.dlq.last_error";
+const H_KEY: &str = "walden.key";
+const H_TIMESTAMP: &str = "walden.timestamp_ms";
+const H_REMOVED: &str = "walden.dlq.removed";
+
+/// The live letters, by DLQ sequence and by id.
+#[derive(Default)]
+struct View {
+    by_sequence: BTreeMap<u64, DeadLetter>,
+    by_id: HashMap<String, u64>,
+}
+
+impl View {
+    fn put(&mut self, letter: DeadLetter) {
+        let seq = letter.dlq_sequence;
+        if let Some(old) = self.by_id.insert(letter.entry.id.clone(), seq)
+            && old != seq
+        {
+            self.by_sequence.remove(&old);
+        }
+        self.by_sequence.insert(seq, letter);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(seq) = self.by_id.remove(id) {
+            self.by_sequence.remove(&seq);
+        }
+    }
+}
+
+pub struct KafkaDlq {
+    producer: KafkaProducer,
+    topic: String,
+    view: Arc<Mutex<View>>,
+    /// The next offset the view will apply.
+    applied: watch::Receiver<u64>,
+    stop: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl KafkaDlq {
+    /// Open the DLQ topic (created with one partition if missing) and read
+    /// it up to its end before answering.
+    pub async fn open(settings: &KafkaSettings) -> Result<Arc<Self>, KafkaError> {
+        let settings = KafkaSettings {
+            partitions: 1,
+            ..settings.clone()
+        };
+        settings.ensure_topic().await?;
+        let topic = settings.topic.clone();
+        let producer = KafkaProducer::new(&settings)?;
+        let consumer: StreamConsumer<WaldenContext> = settings
+            .client_config(&[
+                ("group.id", "walden-dlq-view"),
+                ("enable.auto.commit", "false"),
+                ("auto.offset.reset", "earliest"),
+            ])
+            .create_with_context(WaldenContext::assigned())
+            .map_err(|e| KafkaError::client("dlq reader", &topic, e))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(|e| KafkaError::client("dlq reader", &topic, e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| KafkaError::client("dlq reader", &topic, e))?;
+        let (c, t, timeout) = (Arc::new(consumer), topic.clone(), settings.ack_timeout);
+        let end = {
+            let (c, t) = (c.clone(), t.clone());
+            tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, timeout))
+                .await
+                .map_err(|e| KafkaError::Topic {
+                    topic: topic.clone(),
+                    message: format!("reading the DLQ's end panicked: {e}"),
+                })?
+                .map_err(|e| KafkaError::client("dlq watermarks", &topic, e))?
+                .1
+        };
+        let view = Arc::new(Mutex::new(View::default()));
+        let (applied_tx, applied) = watch::channel(0u64);
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (view, stop) = (view.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("walden-kafka-dlq".into())
+                .spawn(move || tail(c, t, view, applied_tx, stop))
+                .map_err(|e| KafkaError::Topic {
+                    topic: topic.clone(),
+                    message: format!("cannot start the DLQ reader: {e}"),
+                })?;
+        }
+        let dlq = Arc::new(Self {
+            producer,
+            topic,
+            view,
+            applied,
+            stop,
+            timeout: settings.ack_timeout,
+        });
+        if let Err(e) = dlq.caught_up(end.max(0) as u64).await {
+            warn!(topic = %dlq.topic, error = %e, "The DLQ view is still catching up; listings may be short for now.");
+        }
+        info!(topic = %dlq.topic, letters = dlq.view.lock().unwrap().by_id.len(), "Kafka DLQ ready.");
+        Ok(dlq)
+    }
+
+    /// Wait until the view has applied everything before `offset`.
+    async fn caught_up(&self, offset: u64) -> Result<(), KafkaError> {
+        let mut rx = self.applied.clone();
+        let wait = rx.wait_for(|&applied| applied >= offset);
+        match tokio::time::timeout(self.timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(KafkaError::Topic {
+                topic: self.topic.clone(),
+                message: format!("the DLQ view did not reach offset {offset} in time"),
+            }),
+        }
+    }
+}
+
+impl Drop for KafkaDlq {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn header<'a>(h: &mut OwnedHeaders, key: &'a str, value: &'a str) {
+    *h = std::mem::replace(h, OwnedHeaders::new()).insert(Header {
+        key,
+        value: Some(value.as_bytes()),
+    });
+}
+
+impl DeadLetters for KafkaDlq {
+    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
+        let e = &letter.entry;
+        let o = &letter.origin;
+        let fields = [
+            (H_NAMESPACE, o.shard.namespace.to_string()),
+            (H_SHARD, o.shard.shard.to_string()),
+            (H_SEQUENCE, o.sequence.to_string()),
+            (H_TARGET, o.target.clone()),
+            (H_ATTEMPTS, letter.attempts.to_string()),
+            (H_FIRST, letter.first_failure_ms.to_string()),
+            (H_LAST, letter.last_failure_ms.to_string()),
+            (H_ERROR, letter.last_error.clone()),
+            (H_TIMESTAMP, e.timestamp_ms.to_string()),
+        ];
+        let mut headers = super::headers(e, &[]);
+        for (k, v) in &fields {
+            header(&mut headers, k, v);
+        }
+        if let Some(key) = &e.key {
+            header(&mut headers, H_KEY, key);
+        }
+        let (offset, _) = self
+            .producer
+            .produce_record(Some(0), &e.id, Some(e.payload.as_ref()), headers)
+            .await?;
+        self.caught_up(offset + 1).await?;
+        Ok(offset)
+    }
+
+    // The topic is the namespace's own; the filters only guard against a
+    // topic shared by mistake.
+    fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
+        let view = self.view.lock().unwrap();
+        let from = after.map_or(0, |a| a + 1);
+        let ours = |l: &&DeadLetter| &*l.origin.shard.namespace == namespace;
+        let page = view
+            .by_sequence
+            .range(from..)
+            .map(|(_, l)| l)
+            .filter(ours)
+            .take(limit)
+            .cloned()
+            .collect();
+        let total = view.by_sequence.values().filter(ours).count();
+        Ok((page, total))
+    }
+
+    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+        let view = self.view.lock().unwrap();
+        Ok(view
+            .by_id
+            .get(id)
+            .and_then(|s| view.by_sequence.get(s))
+            .filter(|l| &*l.origin.shard.namespace == namespace)
+            .cloned())
+    }
+
+    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
+        if self.get(namespace, id)?.is_none() {
+            return Ok(false);
+        }
+        let mut headers = OwnedHeaders::new();
+        header(&mut headers, H_REMOVED, reason);
+        let (offset, _) = self
+            .producer
+            .produce_record(Some(0), id, None, headers)
+            .await?;
+        self.caught_up(offset + 1).await?;
+        Ok(true)
+    }
+}
+
+/// Apply the DLQ topic to the view, from the start, until stopped.
+fn tail(
+    consumer: Arc<StreamConsumer<WaldenContext>>,
+    topic: String,
+    view: Arc<Mutex<View>>,
+    applied: watch::Sender<u64>,
+    stop: Arc<AtomicBool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(%topic, error = %e, "Cannot start the DLQ reader.");
+            return;
+        }
+    };
+    let mut last_log: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let next = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        });
+        match next {
+            Err(_) => {}
+            Ok(Ok(msg)) => {
+                let offset = msg.offset().max(0) as u64;
+                apply(&view, &topic, &msg);
+                applied.send_replace(offset + 1);
+            }
+            Ok(Err(e)) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_log = Some(std::time::Instant::now());
+                    warn!(%topic, error = %e, "Kafka DLQ reader error; librdkafka retries.");
+                }
+            }
+        }
+    }
+}
+
+fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
+    let Some(id) = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
+        return;
+    };
+    let Some(payload) = msg.payload() else {
+        view.lock().unwrap().remove(&id);
+        return;
+    };
+    let mut entry = entry_of(
+        topic,
+        msg.partition(),
+        msg.offset(),
+        None,
+        Some(payload),
+        msg.headers(),
+        msg.timestamp().to_millis(),
+    );
+    let mut fields: HashMap<String, String> = HashMap::new();
+    entry.headers.retain(|(k, v)| {
+        let ours = k.starts_with("walden.dlq.") || k == H_KEY || k == H_TIMESTAMP;
+        if ours {
+            fields.insert(k.clone(), v.clone());
+        }
+        !ours
+    });
+    let num = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    entry.key = fields.get(H_KEY).cloned();
+    entry.timestamp_ms = num(H_TIMESTAMP);
+    let namespace = fields.get(H_NAMESPACE).cloned().unwrap_or_default();
+    view.lock().unwrap().put(DeadLetter {
+        dlq_sequence: msg.offset().max(0) as u64,
+        origin: Origin {
+            shard: ShardRef::new(namespace, num(H_SHARD) as u32),
+            sequence: num(H_SEQUENCE),
+            target: fields.get(H_TARGET).cloned().unwrap_or_default(),
+        },
+        attempts: num(H_ATTEMPTS) as u32,
+        first_failure_ms: num(H_FIRST),
+        last_failure_ms: num(H_LAST),
+        last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
+        entry,
+    });
+}
