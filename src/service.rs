@@ -15,8 +15,11 @@ use tracing::{info, warn};
 use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
+use crate::backends::DelayStore;
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::backends::kafka::{KafkaDlq, KafkaError, KafkaGroup, KafkaProducer, KafkaSettings};
+use crate::backends::kafka::{
+    KafkaDelayTiers, KafkaDlq, KafkaError, KafkaGroup, KafkaProducer, KafkaSettings,
+};
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig};
 use crate::entry::ShardRef;
@@ -122,7 +125,12 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
     };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let (backend, ns_dlq) = open_backend(name, ns, &config.server, &log, &dlq).await?;
+        let (backend, ns_dlq, delays) = open_backend(name, ns, &config.server, &log, &dlq).await?;
+        // A broker namespace's delays go to its tiers; the rest share fjall.
+        let stores = Stores {
+            park: stores.park.clone(),
+            delays: delays.unwrap_or_else(|| stores.delays.clone()),
+        };
         let runtime = NamespaceRuntime::start(
             name,
             ns,
@@ -182,11 +190,19 @@ impl Service {
         for ns in self.state.namespaces.values() {
             ns.drain().await;
             if let NamespaceBackend::Kafka {
-                group: Some(group), ..
+                group,
+                delay_groups,
+                ..
             } = &ns.backend
             {
-                let (group, drain) = (group.clone(), ns.config.backend.rebalance_drain());
-                let _ = tokio::task::spawn_blocking(move || group.leave(drain)).await;
+                let groups: Vec<_> = group.iter().chain(delay_groups).cloned().collect();
+                let drain = ns.config.backend.rebalance_drain();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for g in groups {
+                        g.leave(drain);
+                    }
+                })
+                .await;
             }
         }
         let (log, dlq) = (self.state.log.clone(), self.state.dlq.clone());
@@ -202,20 +218,22 @@ impl Service {
     }
 }
 
-/// A namespace's backend and DLQ: the shared embedded log and local DLQ, or
-/// its Kafka topic (created with `shards` partitions if missing, and checked
-/// otherwise) and DLQ topic.
+/// A namespace's backend, DLQ and (if not the shared local one) delay store:
+/// the shared embedded log and local DLQ, or its Kafka topic (created with
+/// `shards` partitions if missing, and checked otherwise), DLQ topic and
+/// delay tiers.
 async fn open_backend(
     name: &str,
     ns: &NamespaceConfig,
     server: &ServerConfig,
     log: &Arc<EmbeddedLog>,
     local_dlq: &Arc<EmbeddedDlq>,
-) -> Result<(NamespaceBackend, AnyDlq), ServiceError> {
+) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), ServiceError> {
     match &ns.backend {
         BackendConfig::Embedded(_) => Ok((
             NamespaceBackend::Embedded(log.clone()),
             AnyDlq::Embedded(local_dlq.clone()),
+            None,
         )),
         BackendConfig::Kafka(k) => {
             let settings = KafkaSettings {
@@ -234,13 +252,18 @@ async fn open_backend(
                 true => Some(KafkaProducer::new(&settings).map_err(backend_error)?),
                 false => None,
             };
-            let group = match server.role.applies() {
+            let tiers = KafkaDelayTiers::open(&settings)
+                .await
+                .map_err(backend_error)?;
+            let (group, delay_groups) = match server.role.applies() {
                 true => {
                     let id = k.group(name);
                     let drain = Duration::from_millis(k.rebalance_drain_ms);
-                    Some(KafkaGroup::join(&settings, &id, drain).map_err(backend_error)?)
+                    let group = KafkaGroup::join(&settings, &id, drain).map_err(backend_error)?;
+                    let tier_groups = tiers.start_workers(&id, drain).map_err(backend_error)?;
+                    (Some(group), tier_groups)
                 }
-                false => None,
+                false => (None, Vec::new()),
             };
             let dlq_settings = KafkaSettings {
                 topic: k.dlq_topic(name),
@@ -253,8 +276,10 @@ async fn open_backend(
                     settings,
                     producer,
                     group,
+                    delay_groups,
                 },
                 AnyDlq::Kafka(dlq),
+                Some(tiers as Arc<dyn DelayStore>),
             ))
         }
     }

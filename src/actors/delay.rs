@@ -267,6 +267,11 @@ impl Handler<Delay> for DelayScheduler {
             async move { store.delay(stored).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
+                    Ok(()) if act.store.fires_itself() => {
+                        for w in works {
+                            ack(w.delivery);
+                        }
+                    }
                     Ok(()) => {
                         act.stored += items.len() as i64;
                         for d in items {

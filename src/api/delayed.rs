@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 use super::{ApiError, AppState};
 use crate::actors::delay::{Cancel, CancelOutcome};
+use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::shard::NamespaceBackend;
 use crate::entry::Durable;
 
 const DEFAULT_LIMIT: usize = 100;
@@ -18,6 +20,19 @@ const MAX_LIMIT: usize = 1000;
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<usize>,
+}
+
+/// A broker namespace's delayed entries hop through its delay-tier topics,
+/// which have no index by id or due time yet.
+fn not_on_a_broker(ns: &NamespaceRuntime) -> Result<(), ApiError> {
+    match ns.backend {
+        NamespaceBackend::Embedded(_) => Ok(()),
+        _ => Err(ApiError::bad_request(format!(
+            "namespace {:?} is on the {} backend, whose delayed entries cannot be listed or cancelled yet",
+            ns.name,
+            ns.backend.kind()
+        ))),
+    }
 }
 
 fn store_error(e: impl std::fmt::Display) -> ApiError {
@@ -31,6 +46,7 @@ pub async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
+    not_on_a_broker(&ns)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let mut upcoming = Vec::new();
     for h in &ns.shards {
@@ -69,6 +85,7 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
+    not_on_a_broker(&ns)?;
     let not_found = || {
         ApiError::not_found(format!(
             "no delayed entry {id:?} is waiting in namespace {:?} (it may have been delivered)",

@@ -23,7 +23,6 @@ use crate::actors::ingest::Write;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::BackendError;
 use crate::backends::embedded::{Appended, LogError};
-use crate::backends::shard::NamespaceBackend;
 use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
 use crate::state::dedup::{self, Check};
 use crate::telemetry;
@@ -211,15 +210,6 @@ fn prepare(
         return Err(ApiError::bad_request(format!(
             "`lifecycle`: delay_ms + jitter_ms is {}; delay.max_delay_ms is {max_delay}",
             delay.saturating_add(jitter)
-        )));
-    }
-    if (delay > 0 || jitter > 0) && !matches!(ns.backend, NamespaceBackend::Embedded(_)) {
-        // A broker namespace must not hold delayed entries on one machine's
-        // disk, and its delay-tier topics are not built yet.
-        return Err(ApiError::bad_request(format!(
-            "`lifecycle.delay_ms`: namespace {:?} is on the {} backend, which does not take delayed writes yet",
-            ns.name,
-            ns.backend.kind()
         )));
     }
     // Computed once, here, and stored: a replay fires at a known time.

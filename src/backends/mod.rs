@@ -150,6 +150,12 @@ pub trait Delivery: Send + Sized {
 /// Object-safe (boxed futures): the scheduler holds an `Arc<dyn DelayStore>`
 /// and does not care which backend is behind it.
 pub trait DelayStore: Send + Sync {
+    /// The store fires its entries itself (a broker's delay tiers), so the
+    /// scheduler keeps none of them in memory.
+    fn fires_itself(&self) -> bool {
+        false
+    }
+
     /// Hold these entries; resolves once they are durable (their deliveries
     /// are acked after).
     fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>>;

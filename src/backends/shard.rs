@@ -30,6 +30,8 @@ pub enum NamespaceBackend {
         /// This process's membership in the namespace's consumer group;
         /// `None` in a producer-only process.
         group: Option<Arc<KafkaGroup>>,
+        /// Memberships in the delay tiers' groups (consumer processes).
+        delay_groups: Vec<Arc<KafkaGroup>>,
     },
 }
 

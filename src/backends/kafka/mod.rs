@@ -24,6 +24,7 @@
 //! acked), which in Kafka terms is the next offset to read.
 
 mod consumer;
+mod delays;
 mod dlq;
 mod group;
 mod producer;
@@ -38,6 +39,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
+pub use delays::{KafkaDelayTiers, TIERS};
 pub use dlq::KafkaDlq;
 pub use group::{KafkaGroup, WaldenContext};
 pub use producer::KafkaProducer;
