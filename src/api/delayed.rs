@@ -46,7 +46,7 @@ pub async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
-    not_on_a_broker(&ns)?;
+    not_on_a_broker(ns)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let mut upcoming = Vec::new();
     for h in &ns.shards {
@@ -85,7 +85,7 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    not_on_a_broker(&ns)?;
+    not_on_a_broker(ns)?;
     let not_found = || {
         ApiError::not_found(format!(
             "no delayed entry {id:?} is waiting in namespace {:?} (it may have been delivered)",
