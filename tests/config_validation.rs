@@ -394,3 +394,17 @@ fn a_batch_limit_above_the_in_flight_limit_is_refused() {
     let (ok, out) = run_validate(&text, "toml");
     assert!(!ok && out.contains("limits.max_batch_entries"), "{out}");
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    let mut seen = 0;
+    for f in std::fs::read_dir(dir).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml" || e == "yaml") {
+            walden::config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "found {seen} example configs");
+}

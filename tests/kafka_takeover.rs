@@ -1,6 +1,7 @@
-//! Two consumer processes in one group split a Kafka namespace's partitions;
-//! SIGKILL one in the middle of a stream, and the other takes over its
-//! partitions: every acknowledged entry is delivered. Runs on tansu, which
+//! Two consumer processes in one group split a Kafka namespace's partitions
+//! (the second joins mid-stream); SIGKILL one in the middle of a stream, and
+//! the other takes over its partitions: every acknowledged entry is
+//! delivered. Runs on tansu, which
 //! evicts a killed member (noida-db never does).
 
 mod common;
@@ -94,12 +95,17 @@ async fn a_killed_consumer_hands_its_partitions_over_and_loses_nothing() {
     let (adir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (aport, bport) = (free_port(), free_port());
     let mut a = start_walden(&consumer_config(adir.path(), aport, &ns));
-    let mut b = start_walden(&consumer_config(bdir.path(), bport, &ns));
     wait_healthy(aport).await;
-    wait_healthy(bport).await;
-
     let client = reqwest::Client::new();
-    let mut acked = write(&client, &base, 0, 200).await;
+    let mut acked = write(&client, &base, 0, 100).await;
+    // The second consumer joins mid-stream: the first gives up half of its
+    // partitions (drain, commit, fence) while entries flow.
+    let mut b = start_walden(&consumer_config(bdir.path(), bport, &ns));
+    for from in (100..200).step_by(20) {
+        acked.extend(write(&client, &base, from, from + 20).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_healthy(bport).await;
     assert_eq!(acked.len(), 200);
     // Both processes apply: the group split the partitions between them.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -99,9 +99,7 @@ impl NamespaceBackend {
             NamespaceBackend::Kafka {
                 group: Some(member),
                 ..
-            } => AnyConsumer::Kafka(member.shard_consumer(shard).ok_or(BackendError::NotHere(
-                "the shard is outside the topic's partitions",
-            ))?),
+            } => AnyConsumer::Kafka(member.shard_consumer(shard).await?),
             NamespaceBackend::Kafka { settings, .. } => {
                 AnyConsumer::Kafka(KafkaConsumer::new(settings, group, shard).await?)
             }

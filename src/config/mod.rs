@@ -71,6 +71,14 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Producer => "producer",
+            Role::Consumer => "consumer",
+        }
+    }
+
     pub fn writes(self) -> bool {
         self != Role::Consumer
     }

@@ -175,7 +175,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 "backend",
                 format!(
                     "the embedded log is local to one process, so it needs role \"all\" (this process is {:?})",
-                    config.server.role
+                    config.server.role.as_str()
                 ),
             );
         }

@@ -44,6 +44,11 @@ pub struct KafkaConsumer {
     slot: Arc<Slot>,
     checkpointer: KafkaCheckpointer,
     last_error_log: Option<std::time::Instant>,
+    /// A group shard opened again (a rewind) starts over at the committed
+    /// offset. Done at its first receive, not at open: a read of the
+    /// consumer it replaces may still be taking messages off the shared
+    /// partition queue until then.
+    rewind: bool,
 }
 
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -159,7 +164,9 @@ impl KafkaConsumer {
         topic: &str,
         shard: &ShardRef,
     ) -> Self {
-        Self::with(Source::Group(queue), client, slot, topic, shard)
+        let mut c = Self::with(Source::Group(queue), client, slot, topic, shard);
+        c.rewind = true;
+        c
     }
 
     fn with(
@@ -182,7 +189,39 @@ impl KafkaConsumer {
             slot,
             checkpointer,
             last_error_log: None,
+            rewind: false,
         }
+    }
+
+    /// Fetch the partition again from the committed offset, and restart the
+    /// tracker there; reads begun before belong to the old position.
+    async fn rewind_to_committed(&self) {
+        let from = {
+            let st = self.slot.state.lock().unwrap();
+            if !st.owned {
+                return; // An assign sets the position.
+            }
+            st.committed.unwrap_or(0)
+        };
+        let (c, topic, p) = (
+            self.checkpointer.client.clone(),
+            self.topic.clone(),
+            self.shard.shard as i32,
+        );
+        let seek = tokio::task::spawn_blocking(move || {
+            c.seek(
+                &topic,
+                p,
+                Offset::Offset(from as i64),
+                Duration::from_secs(10),
+            )
+        })
+        .await;
+        if let Ok(Err(e)) = seek {
+            warn!(topic = %self.topic, partition = p, error = %e, "Seek to the committed offset failed.");
+        }
+        *self.slot.tracker.lock().unwrap() = Tracker::starting_at(from);
+        self.slot.state.lock().unwrap().epoch += 1;
     }
 
     /// Everything before this offset has been acked.
@@ -287,6 +326,9 @@ impl Consumer for KafkaConsumer {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<KafkaDelivery>, BackendError> {
+        if std::mem::take(&mut self.rewind) {
+            self.rewind_to_committed().await;
+        }
         let epoch = {
             let st = self.slot.state.lock().unwrap();
             (st.owned && !st.draining).then_some(st.epoch)
@@ -304,11 +346,14 @@ impl Consumer for KafkaConsumer {
             return Ok(Vec::new());
         }
         {
-            // Recorded only under the assignment they were read in: a batch
-            // read across a rebalance is fetched again from the committed
-            // offset, which lies at or before it.
+            // Recorded only under the assignment they were read in. A batch
+            // read across a change may hold messages of the new position,
+            // taken off the queue: dropping them alone would skip them, so
+            // the next receive fetches again from the committed offset.
             let st = self.slot.state.lock().unwrap();
             if st.epoch != epoch || !st.owned || st.draining {
+                drop(st);
+                self.rewind = true;
                 return Ok(Vec::new());
             }
             let end = out.last().map_or(0, |r| r.offset + 1);

@@ -98,10 +98,13 @@ impl KafkaDelayTiers {
             let member = KafkaGroup::join(&tier, &format!("{group}.delay-{name}"), drain)?;
             for p in 0..tier.partitions {
                 let shard = ShardRef::new(tier.topic.as_str(), p);
-                if let Some(consumer) = member.shard_consumer(&shard) {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.work(consumer, p, ms).await });
-                }
+                let (this, member) = (self.clone(), member.clone());
+                tokio::spawn(async move {
+                    match member.shard_consumer(&shard).await {
+                        Ok(consumer) => this.work(consumer, p, ms).await,
+                        Err(e) => warn!(error = %e, "Cannot start a delay tier worker."),
+                    }
+                });
             }
             groups.push(member);
         }

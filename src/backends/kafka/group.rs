@@ -269,13 +269,21 @@ impl KafkaGroup {
     }
 
     /// The consumer of one shard (partition): it reads only while this
-    /// process owns the partition.
-    pub fn shard_consumer(&self, shard: &ShardRef) -> Option<KafkaConsumer> {
+    /// process owns the partition. Opened again after a rewind (an actor
+    /// restarted and lost its work), it starts over at the committed offset
+    /// (see [`KafkaConsumer::receive`]).
+    pub async fn shard_consumer(&self, shard: &ShardRef) -> Result<KafkaConsumer, KafkaError> {
         let p = shard.shard as usize;
-        Some(KafkaConsumer::in_group(
+        let (Some(queue), Some(slot)) = (self.queues.get(p), self.slots.get(p)) else {
+            return Err(KafkaError::Topic {
+                topic: self.settings.topic.clone(),
+                message: format!("shard {} is outside the topic's partitions", shard.shard),
+            });
+        };
+        Ok(KafkaConsumer::in_group(
             self.consumer.clone(),
-            self.queues.get(p)?.clone(),
-            self.slots.get(p)?.clone(),
+            queue.clone(),
+            slot.clone(),
             &self.settings.topic,
             shard,
         ))
