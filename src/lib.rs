@@ -7,9 +7,13 @@
 //! - [`actors`]: per-shard actors (ingest, consumer, delay scheduler,
 //!   applier) under a per-namespace supervisor.
 //! - [`backends`]: queue backends behind capability traits;
-//!   [`backends::embedded`] is the durable log on local disk, the default.
+//!   [`backends::embedded`] is the durable log on local disk, the default;
+//!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer
+//!   group, DLQ topic and delay tiers); [`backends::shard`] is the one face
+//!   the actors see of either.
 //! - [`sinks`]: targets that entries are delivered to.
-//! - [`state`]: the fjall-backed state store (the idempotency index).
+//! - [`state`]: the fjall-backed state store (idempotency keys, parked and
+//!   delayed entries).
 //! - [`service`]: wiring: config → log → actors → HTTP server, and shutdown.
 //! - [`telemetry`]: logging, tracing and OTLP export.
 //! - [`stats`]: counters and gauges; [`failpoints`]: test-only panics.

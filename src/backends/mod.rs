@@ -4,7 +4,9 @@
 //! delivery back, so the caller can retry without losing it.
 //!
 //! Each backend lives in its own folder and only sets itself up; what does
-//! not depend on a backend stays here. The conformance suite in
+//! not depend on a backend stays here. [`DeadLetters`] and [`DelayStore`]
+//! are the backend's places for entries that failed or must wait; a broker
+//! backend keeps them on the broker. The conformance suite in
 //! `tests/conformance/` is written once against these traits and runs on
 //! every backend.
 
