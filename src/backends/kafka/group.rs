@@ -271,7 +271,7 @@ impl KafkaGroup {
     /// The consumer of one shard (partition): it reads only while this
     /// process owns the partition. Opened again after a rewind (an actor
     /// restarted and lost its work), it starts over at the committed offset
-    /// (see [`KafkaConsumer::receive`]).
+    /// (at its first receive).
     pub async fn shard_consumer(&self, shard: &ShardRef) -> Result<KafkaConsumer, KafkaError> {
         let p = shard.shard as usize;
         let (Some(queue), Some(slot)) = (self.queues.get(p), self.slots.get(p)) else {
