@@ -132,21 +132,7 @@ fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, 
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    let mut run = Run {
-        writes: 0,
-        elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
-    };
-    for t in tasks {
-        let (w, l) = rt.block_on(t).unwrap();
-        run.writes += w;
-        run.latencies_us.extend(l);
-    }
-    run.elapsed = start.elapsed();
-    run.latencies_us.sort_unstable();
-    run
+    common::finish(rt, tasks, &stop, start, secs)
 }
 
 fn main() {

@@ -97,6 +97,18 @@ pub fn http_load(
             })
         })
         .collect();
+    finish(rt, tasks, &stop, start, secs)
+}
+
+/// Let load tasks (each answering its writes and latencies) run for `secs`,
+/// stop them, and sum them up.
+pub fn finish(
+    rt: &tokio::runtime::Runtime,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<u32>)>>,
+    stop: &AtomicBool,
+    start: Instant,
+    secs: u64,
+) -> Run {
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
     let mut run = Run {
