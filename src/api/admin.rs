@@ -91,10 +91,11 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
         // best lower bound.
         let applied_through = state.low_watermark.max(state.committed);
         // On a broker the end of the partition is the broker's to say (see
-        // its consumer-group lag); here it counts as caught up.
+        // its consumer-group lag); here pending counts what was read and is
+        // not yet applied.
         let next = match &ns.backend {
             NamespaceBackend::Embedded(_) => log.next_offset(&h.shard),
-            _ => applied_through,
+            _ => applied_through + state.outstanding as u64,
         };
         if let Some(ts) = state.oldest_outstanding_ms {
             oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
