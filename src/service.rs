@@ -273,7 +273,6 @@ async fn open_backend(
             info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
             Ok((
                 NamespaceBackend::Kafka {
-                    settings,
                     producer,
                     group,
                     delay_groups,

@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::embedded::EmbeddedDlq;
 use super::embedded::{
-    AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog,
+    AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedDlq,
+    EmbeddedLog,
 };
-use super::kafka::KafkaDlq;
 use super::kafka::{
-    KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaGroup, KafkaProducer, KafkaSettings,
+    KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaDlq, KafkaGroup, KafkaProducer,
 };
 use super::{BackendError, Consumer, DeadLetter, DeadLetters, Delivery};
 use crate::entry::{Durable, Entry, ShardRef};
@@ -24,7 +23,6 @@ pub type WriteReply = tokio::sync::oneshot::Sender<Result<Appended, BackendError
 pub enum NamespaceBackend {
     Embedded(Arc<EmbeddedLog>),
     Kafka {
-        settings: KafkaSettings,
         /// `None` in a consumer-only process.
         producer: Option<KafkaProducer>,
         /// This process's membership in the namespace's consumer group;
@@ -86,7 +84,8 @@ impl NamespaceBackend {
         }
     }
 
-    /// Open `shard` for `group`, at the group's committed position.
+    /// Open `shard` for `group`, at the group's committed position. On Kafka
+    /// the shard comes from this process's group membership.
     pub async fn open_consumer(
         &self,
         group: &str,
@@ -100,8 +99,10 @@ impl NamespaceBackend {
                 group: Some(member),
                 ..
             } => AnyConsumer::Kafka(member.shard_consumer(shard).await?),
-            NamespaceBackend::Kafka { settings, .. } => {
-                AnyConsumer::Kafka(KafkaConsumer::new(settings, group, shard).await?)
+            NamespaceBackend::Kafka { group: None, .. } => {
+                return Err(BackendError::NotHere(
+                    "this process does not consume (--role producer)",
+                ));
             }
         })
     }

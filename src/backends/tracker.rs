@@ -11,6 +11,8 @@ pub(crate) struct Tracker<R> {
     redeliver: VecDeque<R>,
     /// One past the last sequence delivered.
     delivered_end: u64,
+    /// Anything was handed out since the start.
+    any_delivered: bool,
 }
 
 impl<R> Tracker<R> {
@@ -20,6 +22,7 @@ impl<R> Tracker<R> {
             outstanding: BTreeMap::new(),
             redeliver: VecDeque::new(),
             delivered_end: from,
+            any_delivered: false,
         }
     }
 
@@ -37,6 +40,13 @@ impl<R> Tracker<R> {
     pub fn delivered(&mut self, items: impl IntoIterator<Item = (u64, u64)>, end: u64) {
         self.outstanding.extend(items);
         self.delivered_end = self.delivered_end.max(end);
+        self.any_delivered = true;
+    }
+
+    /// Whether anything was handed out since the start: before that, the low
+    /// watermark is only the starting point, which may be a guess.
+    pub fn any_delivered(&self) -> bool {
+        self.any_delivered
     }
 
     pub fn ack(&mut self, sequence: u64) {

@@ -14,8 +14,8 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use super::group::{Slot, WaldenContext, commit, committed_offset};
-use super::{KafkaError, KafkaSettings, entry_of};
+use super::group::{Slot, WaldenContext, commit, committed_offset, worth_committing};
+use super::{KafkaError, KafkaSettings, Throttle, entry_of};
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
 use crate::entry::{Entry, ShardRef};
@@ -43,7 +43,7 @@ pub struct KafkaConsumer {
     shard: ShardRef,
     slot: Arc<Slot>,
     checkpointer: KafkaCheckpointer,
-    last_error_log: Option<std::time::Instant>,
+    error_log: Throttle,
     /// A group shard opened again (a rewind) starts over at the committed
     /// offset. Done at its first receive, not at open: a read of the
     /// consumer it replaces may still be taking messages off the shared
@@ -51,9 +51,9 @@ pub struct KafkaConsumer {
     rewind: bool,
 }
 
-const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-/// How long a shard whose partition this process does not own waits per
-/// receive.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a shard whose partition this process does not own (or cannot
+/// seek yet) waits per receive.
 const UNOWNED_WAIT: Duration = Duration::from_millis(100);
 
 /// Commits a consumer's progress without holding the consumer, so a commit
@@ -89,12 +89,16 @@ impl KafkaCheckpointer {
     /// Commit the low watermark (the next offset to read, in Kafka's terms);
     /// returns it. Skipped, not failed, when the partition is not ours.
     pub async fn commit(&self) -> Result<u64, KafkaError> {
-        let offset = self.low_watermark();
+        let (offset, read_any) = {
+            let t = self.slot.tracker.lock().unwrap();
+            (t.low_watermark(), t.any_delivered())
+        };
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            // Held across the commit, so a revoke cannot fence in between.
+            // Held across the commit, so a revoke cannot fence in between;
+            // while it drains, the revoke commits.
             let mut st = this.slot.state.lock().unwrap();
-            if !st.owned || st.draining || st.committed == Some(offset) {
+            if st.draining || !worth_committing(&st, offset, read_any) {
                 return Ok(offset);
             }
             commit(this.client.as_ref(), &this.topic, this.partition, offset)?;
@@ -188,18 +192,20 @@ impl KafkaConsumer {
             shard: shard.clone(),
             slot,
             checkpointer,
-            last_error_log: None,
+            error_log: Throttle::default(),
             rewind: false,
         }
     }
 
     /// Fetch the partition again from the committed offset, and restart the
-    /// tracker there; reads begun before belong to the old position.
-    async fn rewind_to_committed(&self) {
+    /// tracker there; reads begun before belong to the old position. False if
+    /// the seek failed: the tracker is left alone (restarting it without the
+    /// seek would let the watermark pass messages never handed out).
+    async fn rewind_to_committed(&self) -> bool {
         let from = {
             let st = self.slot.state.lock().unwrap();
             if !st.owned {
-                return; // An assign sets the position.
+                return true; // An assign sets the position.
             }
             st.committed.unwrap_or(0)
         };
@@ -209,19 +215,20 @@ impl KafkaConsumer {
             self.shard.shard as i32,
         );
         let seek = tokio::task::spawn_blocking(move || {
-            c.seek(
-                &topic,
-                p,
-                Offset::Offset(from as i64),
-                Duration::from_secs(10),
-            )
+            c.seek(&topic, p, Offset::Offset(from as i64), SEEK_TIMEOUT)
         })
         .await;
-        if let Ok(Err(e)) = seek {
-            warn!(topic = %self.topic, partition = p, error = %e, "Seek to the committed offset failed.");
+        match seek {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(topic = %self.topic, partition = p, error = %e, "Seek to the committed offset failed; will retry.");
+                return false;
+            }
+            Err(_) => return false,
         }
         *self.slot.tracker.lock().unwrap() = Tracker::starting_at(from);
         self.slot.state.lock().unwrap().epoch += 1;
+        true
     }
 
     /// Everything before this offset has been acked.
@@ -251,15 +258,9 @@ impl KafkaConsumer {
         }
     }
 
-    /// Log a consumer error: at most one per `ERROR_LOG_EVERY`, since a broker
-    /// outage makes librdkafka report one per reconnect attempt.
+    /// Log a consumer error, throttled.
     fn transient(&mut self, e: &rdkafka::error::KafkaError) {
-        let now = std::time::Instant::now();
-        if self
-            .last_error_log
-            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_EVERY)
-        {
-            self.last_error_log = Some(now);
+        if self.error_log.ready() {
             warn!(topic = %self.topic, partition = self.shard.shard, error = %e, "Kafka consumer error; librdkafka retries.");
         }
     }
@@ -326,8 +327,12 @@ impl Consumer for KafkaConsumer {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<KafkaDelivery>, BackendError> {
-        if std::mem::take(&mut self.rewind) {
-            self.rewind_to_committed().await;
+        if self.rewind {
+            if !self.rewind_to_committed().await {
+                tokio::time::sleep(timeout.min(UNOWNED_WAIT)).await;
+                return Ok(Vec::new());
+            }
+            self.rewind = false;
         }
         let epoch = {
             let st = self.slot.state.lock().unwrap();

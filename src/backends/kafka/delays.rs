@@ -52,14 +52,15 @@ pub struct KafkaDelayTiers {
 impl KafkaDelayTiers {
     /// Create the tier topics (with the namespace's partitions) if missing.
     pub async fn open(settings: &KafkaSettings) -> Result<Arc<Self>, KafkaError> {
+        let main = KafkaProducer::new(settings)?;
         let mut tiers = Vec::new();
         for (name, _) in TIERS {
             let tier = Self::tier_settings(settings, name);
             tier.ensure_topic().await?;
-            tiers.push(KafkaProducer::new(&tier)?);
+            tiers.push(main.to_topic(&tier.topic));
         }
         Ok(Arc::new(Self {
-            main: KafkaProducer::new(settings)?,
+            main,
             tiers,
             settings: settings.clone(),
         }))

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::group::WaldenContext;
-use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of};
+use super::{KafkaError, KafkaProducer, KafkaSettings, Throttle, entry_of};
 use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
 use crate::entry::ShardRef;
 
@@ -263,7 +263,7 @@ fn tail(
             return;
         }
     };
-    let mut last_log: Option<std::time::Instant> = None;
+    let mut error_log = Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         let next = rt.block_on(async {
             tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
@@ -276,8 +276,7 @@ fn tail(
                 applied.send_replace(offset + 1);
             }
             Ok(Err(e)) => {
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    last_log = Some(std::time::Instant::now());
+                if error_log.ready() {
                     warn!(%topic, error = %e, "Kafka DLQ reader error; librdkafka retries.");
                 }
             }

@@ -31,7 +31,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::consumer::{KafkaConsumer, Received};
-use super::{KafkaError, KafkaSettings};
+use super::{KafkaError, KafkaSettings, Throttle};
 use crate::backends::tracker::Tracker;
 use crate::entry::ShardRef;
 
@@ -115,12 +115,12 @@ impl ConsumerContext for WaldenContext {
             while slot.tracker.lock().unwrap().outstanding() > 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let (left, watermark) = {
+            let (left, watermark, read) = {
                 let t = slot.tracker.lock().unwrap();
-                (t.outstanding(), t.low_watermark())
+                (t.outstanding(), t.low_watermark(), t.any_delivered())
             };
             let mut st = slot.state.lock().unwrap();
-            if st.owned && st.committed != Some(watermark) {
+            if worth_committing(&st, watermark, read) {
                 match commit(consumer, &g.topic, p, watermark) {
                     Ok(()) => st.committed = Some(watermark),
                     Err(e) => {
@@ -153,6 +153,13 @@ impl ConsumerContext for WaldenContext {
             info!(topic = %g.topic, partition = p, from = ?committed, "Partition assigned.");
         }
     }
+}
+
+/// Commit only what this process owns and has moved. With nothing read
+/// and the committed offset unknown (it could not be fetched), the tracker's
+/// start is a guess: committing it could move the group backwards.
+pub(super) fn worth_committing(st: &SlotState, watermark: u64, read_any: bool) -> bool {
+    st.owned && st.committed != Some(watermark) && (st.committed.is_some() || read_any)
 }
 
 fn partitions(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
@@ -325,7 +332,7 @@ fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool
             return;
         }
     };
-    let mut last_log: Option<Instant> = None;
+    let mut error_log = Throttle::default();
     while !stop.load(Ordering::Relaxed) {
         let next = rt.block_on(async {
             tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
@@ -345,12 +352,39 @@ fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool
                 }
             }
             Ok(Err(e)) => {
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    last_log = Some(Instant::now());
+                if error_log.ready() {
                     warn!(%topic, error = %e, "Kafka group consumer error; librdkafka retries.");
                 }
             }
         }
     }
     consumer.unsubscribe();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(owned: bool, committed: Option<u64>) -> SlotState {
+        SlotState {
+            owned,
+            draining: false,
+            epoch: 0,
+            committed,
+        }
+    }
+
+    #[test]
+    fn only_an_owned_partition_that_moved_is_committed() {
+        assert!(worth_committing(&state(true, Some(5)), 7, true));
+        assert!(
+            !worth_committing(&state(true, Some(7)), 7, true),
+            "no change"
+        );
+        assert!(!worth_committing(&state(false, Some(5)), 7, true), "fenced");
+        // The committed offset could not be read and nothing was read since:
+        // the watermark is a guess (0) and must not move the group back.
+        assert!(!worth_committing(&state(true, None), 0, false));
+        assert!(worth_committing(&state(true, None), 3, true));
+    }
 }

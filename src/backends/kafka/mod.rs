@@ -208,6 +208,24 @@ impl KafkaSettings {
     }
 }
 
+/// Lets a repeated warning through at most once per interval: a broker
+/// outage makes librdkafka report an error per reconnect attempt.
+#[derive(Default)]
+struct Throttle(Option<std::time::Instant>);
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn ready(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let ready = self.0.is_none_or(|t| now.duration_since(t) >= Self::EVERY);
+        if ready {
+            self.0 = Some(now);
+        }
+        ready
+    }
+}
+
 const ID: &str = "walden.id";
 const DUE: &str = "walden.due_ms";
 

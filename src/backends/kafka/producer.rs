@@ -68,6 +68,16 @@ impl KafkaProducer {
         })
     }
 
+    /// A producer to `topic` on the same client: one librdkafka instance (its
+    /// threads and connections) serves every topic of a namespace.
+    pub(crate) fn to_topic(&self, topic: &str) -> Self {
+        Self {
+            producer: self.producer.clone(),
+            topic: topic.to_string(),
+            ack_timeout: self.ack_timeout,
+        }
+    }
+
     /// Produce `entry` to `partition` (or where its key hashes, if `None`),
     /// with `extra` headers after the entry's; resolves with its offset and
     /// timestamp once the delivery report says it is written.
