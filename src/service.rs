@@ -269,7 +269,9 @@ async fn open_backend(
                 topic: k.dlq_topic(name),
                 ..settings.clone()
             };
-            let dlq = KafkaDlq::open(&dlq_settings).await.map_err(backend_error)?;
+            let dlq = KafkaDlq::open(&dlq_settings, &settings.topic)
+                .await
+                .map_err(backend_error)?;
             info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
             Ok((
                 NamespaceBackend::Kafka {

@@ -5,12 +5,28 @@ mod conformance;
 use std::sync::Arc;
 
 use tempfile::TempDir;
+use walden::backends::DelayStore;
 use walden::backends::embedded::{EmbeddedConsumer, EmbeddedLog, EmbeddedProducer, LogConfig};
 use walden::entry::ShardRef;
+use walden::state::StateStore;
+use walden::state::park::ParkStore;
 
 struct Embedded {
     dir: TempDir,
     log: Option<Arc<EmbeddedLog>>,
+}
+
+/// The fjall state store under the harness's dir; a reopen waits for the
+/// previous store's thread to let go of it.
+fn open_park_store(dir: &std::path::Path) -> ParkStore {
+    let path = dir.join("state");
+    for _ in 0..100 {
+        if let Ok(store) = StateStore::open(&path) {
+            return ParkStore::open(Arc::new(store)).expect("park store");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("the state store stayed locked");
 }
 
 impl Embedded {
@@ -53,6 +69,12 @@ impl conformance::Harness for Embedded {
         let log = EmbeddedLog::open(self.dir.path(), LogConfig::default()).unwrap();
         self.log = Some(Arc::new(log));
     }
+
+    async fn open_delays(&mut self) -> Arc<dyn DelayStore> {
+        Arc::new(open_park_store(self.dir.path()))
+    }
+
+    async fn start_firing(&mut self) {}
 }
 
 conformance_suite!(Embedded);

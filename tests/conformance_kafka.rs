@@ -5,14 +5,19 @@ mod common;
 mod conformance;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use walden::backends::kafka::{KafkaConsumer, KafkaProducer, KafkaSettings};
+use walden::backends::DelayStore;
+use walden::backends::kafka::{KafkaConsumer, KafkaDelayTiers, KafkaProducer, KafkaSettings};
 use walden::entry::ShardRef;
 
 struct Kafka {
     settings: KafkaSettings,
     producer: KafkaProducer,
+    tiers: Option<Arc<KafkaDelayTiers>>,
+    /// The tier workers' groups (their tasks end with the test's runtime).
+    tier_groups: Vec<Arc<walden::backends::kafka::KafkaGroup>>,
 }
 
 impl conformance::Harness for Kafka {
@@ -30,7 +35,12 @@ impl conformance::Harness for Kafka {
         };
         settings.ensure_topic().await.expect("create the topic");
         let producer = KafkaProducer::new(&settings).expect("producer");
-        Some(Self { settings, producer })
+        Some(Self {
+            settings,
+            producer,
+            tiers: None,
+            tier_groups: Vec::new(),
+        })
     }
 
     fn shard(&self) -> ShardRef {
@@ -53,6 +63,20 @@ impl conformance::Harness for Kafka {
         // All local state is in the clients; the broker keeps the rest.
         self.producer = KafkaProducer::new(&self.settings).expect("producer");
     }
+
+    async fn open_delays(&mut self) -> Arc<dyn DelayStore> {
+        let tiers = KafkaDelayTiers::open(&self.settings).await.expect("tiers");
+        self.tiers = Some(tiers.clone());
+        tiers
+    }
+
+    async fn start_firing(&mut self) {
+        let tiers = self.tiers.as_ref().expect("open_delays first");
+        let group = format!("{}-tiers", self.settings.topic);
+        self.tier_groups = tiers
+            .start_workers(&group, Duration::from_secs(1))
+            .expect("tier workers");
+    }
 }
 
 conformance_suite!(Kafka);
@@ -69,13 +93,13 @@ async fn dead_letters() {
         librdkafka: BTreeMap::new(),
         ack_timeout: Duration::from_secs(10),
     };
-    let dlq = walden::backends::kafka::KafkaDlq::open(&settings)
+    let dlq = walden::backends::kafka::KafkaDlq::open(&settings, "conformance-origin")
         .await
         .unwrap();
     conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
     // A new process rebuilds the same view from the topic.
     drop(dlq);
-    let dlq = walden::backends::kafka::KafkaDlq::open(&settings)
+    let dlq = walden::backends::kafka::KafkaDlq::open(&settings, "conformance-origin")
         .await
         .unwrap();
     let (all, total) =
@@ -86,4 +110,76 @@ async fn dead_letters() {
         all.iter().all(|l| l.entry.id != "dead-1"),
         "the tombstone holds"
     );
+}
+
+/// A redrive puts the entry back on its origin partition, delivered with its
+/// original sequence, and removes only the letter it redrove: a newer letter
+/// for the same id (dead-lettered again meanwhile) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_returns_the_entry_to_its_partition() {
+    use walden::backends::{Consumer, DeadLetter, DeadLetters, Delivery, Origin};
+    let Some(h) = <Kafka as conformance::Harness>::new().await else {
+        return;
+    };
+    let dlq_settings = KafkaSettings {
+        topic: format!("{}.dlq", h.settings.topic),
+        partitions: 1,
+        ..h.settings.clone()
+    };
+    let dlq = walden::backends::kafka::KafkaDlq::open(&dlq_settings, &h.settings.topic)
+        .await
+        .unwrap();
+    let shard = ShardRef::new("conformance", 1);
+    let letter = DeadLetter {
+        dlq_sequence: 0,
+        entry: walden::entry::Entry {
+            id: "back-1".into(),
+            key: Some("k".into()),
+            headers: vec![("h".into(), "v".into())],
+            payload: bytes::Bytes::from_static(b"again"),
+            timestamp_ms: 5,
+            due_ms: 0,
+        },
+        origin: Origin {
+            shard: shard.clone(),
+            sequence: 7777,
+            target: "default".into(),
+        },
+        attempts: 3,
+        first_failure_ms: 1,
+        last_failure_ms: 2,
+        last_error: "boom".into(),
+    };
+    let first = dlq.append(letter.clone()).await.unwrap();
+    let stale = dlq.get("conformance", "back-1").unwrap().unwrap();
+    assert_eq!(stale.dlq_sequence, first);
+    // Dead-lettered again before the first redrive's tombstone is written.
+    let newer = dlq.append(letter.clone()).await.unwrap();
+    dlq.redrive(&stale).await.unwrap();
+    let left = dlq.get("conformance", "back-1").unwrap();
+    assert_eq!(left.map(|l| l.dlq_sequence), Some(newer));
+
+    let mut consumer = conformance::Harness::consumer(&h, "redrive").await;
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        got = consumer
+            .receive(10, Duration::from_millis(500))
+            .await
+            .unwrap();
+    }
+    let d = got
+        .iter()
+        .find(|d| d.entry().id == "back-1")
+        .expect("back-1 arrives");
+    assert_eq!(d.shard(), &shard);
+    assert_eq!(d.sequence(), 7777, "the original sequence travels with it");
+    assert_eq!(d.entry().payload.as_ref(), b"again");
+    assert_eq!(d.entry().key.as_deref(), Some("k"));
+    assert_eq!(d.entry().headers, vec![("h".to_string(), "v".to_string())]);
+
+    // Redriving the live letter removes it.
+    let live = dlq.get("conformance", "back-1").unwrap().unwrap();
+    dlq.redrive(&live).await.unwrap();
+    assert_eq!(dlq.get("conformance", "back-1").unwrap(), None);
 }

@@ -356,7 +356,8 @@ async fn a_broker_outage_never_gets_a_false_true() {
 
 /// A dead letter of a Kafka namespace lives on the DLQ topic, keyed by the
 /// entry id with its origin in headers; another process lists it, and a
-/// redrive delivers it and tombstones it.
+/// redrive from a producer-only process re-produces it to its origin
+/// partition, where a consumer process applies it with its first sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
@@ -428,11 +429,15 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     assert!(get("walden.dlq.last_error").unwrap().contains("400"));
     svc.stop();
 
-    // Another process (the same config, a fresh data dir) sees the letter,
-    // and redrives it once the target takes it.
-    let dir2 = tempfile::tempdir().unwrap();
-    let svc = Spawned::start(config(dir2.path(), "all", &ns)).unwrap();
-    let base = format!("http://{}", svc.addr);
+    let original_sequence = listed["entries"][0]["sequence"].as_u64().unwrap();
+
+    // A producer-only process (a fresh data dir) sees the letter and
+    // redrives it: the entry goes back to its origin partition, where a
+    // separate consumer process applies it with its original sequence.
+    let (dir2, dir3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let consumer = Spawned::start(config(dir2.path(), "consumer", &ns)).unwrap();
+    let producer = Spawned::start(config(dir3.path(), "producer", &ns)).unwrap();
+    let base = format!("http://{}", producer.addr);
     let shown = reqwest::get(format!("{base}/v1/namespaces/ns/dlq/bad-1"))
         .await
         .unwrap();
@@ -440,26 +445,30 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     target.reject_key("poison", 0);
     let (status, body) = post(
         &format!("{base}/v1/namespaces/ns/dlq/redrive"),
-        json!({"ids": ["bad-1"]}),
+        json!({"ids": ["bad-1", "no-such"]}),
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 1, "{body}");
+    assert_eq!(body["not_found"], json!(["no-such"]), "{body}");
+    // Gone as soon as the redrive is answered: the entry is on the topic.
+    let after = reqwest::get(format!("{base}/v1/namespaces/ns/dlq/bad-1"))
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 404);
     let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let delivered = target.received().iter().any(|r| r.id() == "bad-1");
-        let gone = reqwest::get(format!("{base}/v1/namespaces/ns/dlq/bad-1"))
-            .await
-            .unwrap()
-            .status()
-            == 404;
-        if delivered && gone {
-            break;
+    let redelivered = loop {
+        if let Some(r) = target.received().into_iter().find(|r| r.id() == "bad-1") {
+            break r;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "redrive: delivered {delivered}, gone {gone}"
+            "the redriven entry was never applied"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    svc.stop();
+    };
+    assert_eq!(redelivered.key(), Some("poison"));
+    assert_eq!(redelivered.sequence(), original_sequence);
+    producer.stop();
+    consumer.stop();
 }

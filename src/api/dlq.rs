@@ -6,8 +6,14 @@
 //! - `POST /v1/namespaces/{ns}/dlq/purge`, the same body
 //!
 //! A redrive sends each entry back to its origin shard with its original
-//! sequence and fresh attempts; its letter is removed once it is applied (or
-//! superseded by a newer version at the target). One that fails again stays.
+//! sequence and fresh attempts.
+//! - Embedded log: the shard's applier retries it in place; its letter is
+//!   removed once it is applied (or superseded by a newer version at the
+//!   target). One that fails again stays.
+//! - Kafka: the entry is re-produced to its origin partition (any process
+//!   can do this, even a producer-only one), and its letter is removed once
+//!   the broker has it. The partition's owner applies it; one that fails
+//!   again becomes a new letter.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +23,8 @@ use serde::Deserialize;
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::applier::{Purged, Redrive};
 use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::kafka::KafkaDlq;
+use crate::backends::shard::AnyDlq;
 use crate::backends::{DeadLetter, DeadLetters};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
@@ -165,19 +173,23 @@ pub async fn redrive(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
     let (letters, not_found) = select(&state, &ns, &req, body).await?;
+    let (routable, unroutable): (Vec<_>, Vec<_>) = letters.into_iter().partition(|l| {
+        *l.origin.shard.namespace == *ns.name && l.origin.shard.shard < ns.config.shards
+    });
+    let unroutable: Vec<String> = unroutable.into_iter().map(|l| l.entry.id).collect();
+    if let AnyDlq::Kafka(dlq) = &ns.dlq {
+        return redrive_to_topic(dlq, routable, not_found, unroutable).await;
+    }
     let mut by_shard: BTreeMap<u32, Vec<Delivered>> = BTreeMap::new();
-    let mut unroutable = Vec::new();
-    for l in letters {
-        let shard = l.origin.shard.shard;
-        if *l.origin.shard.namespace != *ns.name || shard >= ns.config.shards {
-            unroutable.push(l.entry.id);
-            continue;
-        }
-        by_shard.entry(shard).or_default().push(Delivered {
-            shard: l.origin.shard,
-            sequence: l.origin.sequence,
-            entry: l.entry,
-        });
+    for l in routable {
+        by_shard
+            .entry(l.origin.shard.shard)
+            .or_default()
+            .push(Delivered {
+                shard: l.origin.shard,
+                sequence: l.origin.sequence,
+                entry: l.entry,
+            });
     }
     let mut redriven = 0;
     for (shard, entries) in by_shard {
@@ -189,6 +201,38 @@ pub async fn redrive(
         "not_found": not_found,
         "unroutable": unroutable,
     })))
+}
+
+/// On Kafka a redrive re-produces each entry to its origin partition, where
+/// whichever process owns it applies it. Answered once every entry is back
+/// on the topic; 503 naming the ids that are not (they stay in the DLQ).
+async fn redrive_to_topic(
+    dlq: &KafkaDlq,
+    letters: Vec<DeadLetter>,
+    not_found: Vec<String>,
+    unroutable: Vec<String>,
+) -> Result<HttpResponse, ApiError> {
+    let results = futures_util::future::join_all(letters.iter().map(|l| dlq.redrive(l))).await;
+    let mut redriven = 0;
+    let mut failed = Vec::new();
+    for (letter, result) in letters.iter().zip(results) {
+        match result {
+            Ok(()) => redriven += 1,
+            Err(e) => {
+                failed.push(serde_json::json!({"id": letter.entry.id, "error": e.to_string()}))
+            }
+        }
+    }
+    let body = serde_json::json!({
+        "redriven": redriven,
+        "not_found": not_found,
+        "unroutable": unroutable,
+        "failed": failed,
+    });
+    Ok(match failed.is_empty() {
+        true => HttpResponse::Ok().json(body),
+        false => HttpResponse::ServiceUnavailable().json(body),
+    })
 }
 
 /// `POST /v1/namespaces/{ns}/dlq/purge`

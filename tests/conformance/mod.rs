@@ -5,11 +5,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use walden::backends::{Consumer, Delivery, Producer};
-use walden::entry::{Durable, Entry, ShardRef};
+use walden::backends::{Consumer, DelayStore, Delivery, Producer};
+use walden::entry::{Delivered, Durable, Entry, ShardRef, now_ms};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -25,6 +26,11 @@ pub trait Harness: Sized {
     fn consumer(&self, group: &str) -> impl Future<Output = Self::C>;
     /// Stop and start the backend's local state (the process restarts).
     fn restart(&mut self) -> impl Future<Output = ()>;
+    /// Open the backend's delay store afresh (as a restarted process would).
+    fn open_delays(&mut self) -> impl Future<Output = Arc<dyn DelayStore>>;
+    /// Start whatever fires a store that fires itself (the broker's tier
+    /// workers); nothing for a store the scheduler polls.
+    fn start_firing(&mut self) -> impl Future<Output = ()>;
 }
 
 fn entry(i: usize, key: &str) -> Entry {
@@ -186,6 +192,79 @@ pub async fn uncommitted_work_is_delivered_again<H: Harness>() {
     assert_eq!(receive_n(&mut c, 4).await.len(), 4);
 }
 
+/// Delayed entries survive a reopen of the store, and each comes back on its
+/// shard no sooner than its due time, in due order (dues 1.2 s apart: a
+/// broker's tiers are exact only to their smallest tier, 1 s).
+pub async fn delays_come_back_when_due<H: Harness>() {
+    let Some(mut h) = H::new().await else {
+        return;
+    };
+    let shard = h.shard();
+    let start = now_ms();
+    let dues = [
+        start + 2_400,
+        start.saturating_sub(5),
+        start + 3_600,
+        start + 1_200,
+    ];
+    let items: Vec<Delivered> = dues
+        .iter()
+        .enumerate()
+        .map(|(i, &due_ms)| Delivered {
+            shard: shard.clone(),
+            sequence: 100 + i as u64,
+            entry: Entry {
+                id: format!("delayed-{i}"),
+                due_ms,
+                ..entry(i, &format!("dk-{i}"))
+            },
+        })
+        .collect();
+    let store = h.open_delays().await;
+    store.delay(items).await.expect("delay");
+    drop(store);
+
+    let store = h.open_delays().await;
+    h.start_firing().await;
+    let mut consumer = h.consumer("delays").await;
+    let mut back: Vec<(String, u64)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while back.len() < dues.len() && tokio::time::Instant::now() < deadline {
+        if store.fires_itself() {
+            for d in consumer
+                .receive(10, Duration::from_millis(100))
+                .await
+                .expect("receive")
+            {
+                assert_eq!(d.shard(), &shard);
+                back.push((d.entry().id.clone(), now_ms()));
+                d.ack().await.map_err(|(e, _)| e).unwrap();
+            }
+        } else {
+            let due = store
+                .due_between(&shard, 0, now_ms() + 1, 10)
+                .await
+                .expect("due_between");
+            for d in due {
+                assert!(
+                    d.entry.due_ms <= now_ms(),
+                    "{} was handed out early",
+                    d.entry.id
+                );
+                back.push((d.entry.id.clone(), now_ms()));
+                store.undelay(d).await.expect("undelay");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let order: Vec<&str> = back.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(order, ["delayed-1", "delayed-3", "delayed-0", "delayed-2"]);
+    for (id, at) in &back {
+        let i: usize = id["delayed-".len()..].parse().unwrap();
+        assert!(*at >= dues[i], "{id} came back {} ms early", dues[i] - at);
+    }
+}
+
 /// One `#[tokio::test]` per suite case, for harness `$h`.
 #[macro_export]
 macro_rules! conformance_suite {
@@ -209,6 +288,10 @@ macro_rules! conformance_suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn uncommitted_work_is_delivered_again() {
             conformance::uncommitted_work_is_delivered_again::<$h>().await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn delays_come_back_when_due() {
+            conformance::delays_come_back_when_due::<$h>().await;
         }
     };
 }

@@ -15,15 +15,17 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::group::{Slot, WaldenContext, commit, committed_offset, worth_committing};
-use super::{KafkaError, KafkaSettings, Throttle, entry_of};
+use super::{KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, Throttle, entry_of};
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
 use crate::entry::{Entry, ShardRef};
 
-/// An entry read from the partition, and its offset.
+/// An entry read from the partition, its offset, and its sequence (the
+/// offset, or the original sequence of a redriven entry).
 #[derive(Clone, Debug)]
 pub(super) struct Received {
     offset: u64,
+    sequence: u64,
     entry: Entry,
 }
 
@@ -243,7 +245,7 @@ impl KafkaConsumer {
 
     fn received(&self, msg: &BorrowedMessage<'_>) -> Received {
         let offset = msg.offset();
-        let entry = entry_of(
+        let mut entry = entry_of(
             &self.topic,
             msg.partition(),
             offset,
@@ -252,8 +254,18 @@ impl KafkaConsumer {
             msg.headers(),
             msg.timestamp().to_millis(),
         );
+        let mut sequence = offset as u64;
+        if let Some(i) = entry
+            .headers
+            .iter()
+            .position(|(k, _)| k == REDRIVEN_SEQUENCE)
+        {
+            let (_, original) = entry.headers.remove(i);
+            sequence = original.parse().unwrap_or(sequence);
+        }
         Received {
             offset: offset as u64,
+            sequence,
             entry,
         }
     }
@@ -401,7 +413,7 @@ impl Delivery for KafkaDelivery {
     }
 
     fn sequence(&self) -> u64 {
-        self.received.offset
+        self.received.sequence
     }
 
     async fn ack(self) -> Result<(), (BackendError, Self)> {

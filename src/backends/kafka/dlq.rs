@@ -5,7 +5,14 @@
 //!   headers, plus its origin, attempts, failure times and last error in
 //!   `walden.dlq.*` headers (the entry's own key in `walden.key`).
 //! - A topic is immutable, so a purge or a redrive writes a tombstone (the
-//!   id with no payload); the letter is gone from then on.
+//!   id with no payload, naming the letter's DLQ sequence); that letter is
+//!   gone from then on. A later letter for the same id is not touched by it.
+//! - A redrive re-produces the entry to its origin topic and partition, with
+//!   its original sequence in a header, and then writes the tombstone. The
+//!   partition's owner applies it like any entry; if it fails again it comes
+//!   back as a new letter. A crash between the two leaves the letter listed
+//!   with its entry also back on the topic: a second redrive repeats it, and
+//!   the version guard or the idempotency key makes that harmless.
 //! - Each process keeps a view of the live letters by reading the topic from
 //!   the start and then tailing it; `list` and `get` read the view. An append
 //!   or a remove resolves once the broker has it (`acks=all`) and the view
@@ -18,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -39,6 +46,8 @@ const H_ERROR: &str = "walden.dlq.last_error";
 const H_KEY: &str = "walden.key";
 const H_TIMESTAMP: &str = "walden.timestamp_ms";
 const H_REMOVED: &str = "walden.dlq.removed";
+/// On a tombstone: the DLQ sequence of the letter it removes.
+const H_REMOVES: &str = "walden.dlq.removes";
 
 /// The live letters, by DLQ sequence and by id.
 #[derive(Default)]
@@ -58,8 +67,14 @@ impl View {
         self.by_sequence.insert(seq, letter);
     }
 
-    fn remove(&mut self, id: &str) {
-        if let Some(seq) = self.by_id.remove(id) {
+    /// Remove the letter `id`; only if it is the one at `only` when given
+    /// (tombstones written before that header was added remove any).
+    fn remove(&mut self, id: &str, only: Option<u64>) {
+        let Some(&seq) = self.by_id.get(id) else {
+            return;
+        };
+        if only.is_none_or(|o| o == seq) {
+            self.by_id.remove(id);
             self.by_sequence.remove(&seq);
         }
     }
@@ -67,6 +82,8 @@ impl View {
 
 pub struct KafkaDlq {
     producer: KafkaProducer,
+    /// To the namespace's topic, for redrives (same client as `producer`).
+    origin: KafkaProducer,
     topic: String,
     view: Arc<Mutex<View>>,
     /// The next offset the view will apply.
@@ -77,8 +94,11 @@ pub struct KafkaDlq {
 
 impl KafkaDlq {
     /// Open the DLQ topic (created with one partition if missing) and read
-    /// it up to its end before answering.
-    pub async fn open(settings: &KafkaSettings) -> Result<Arc<Self>, KafkaError> {
+    /// it up to its end before answering. Redrives go to `origin_topic`.
+    pub async fn open(
+        settings: &KafkaSettings,
+        origin_topic: &str,
+    ) -> Result<Arc<Self>, KafkaError> {
         let settings = KafkaSettings {
             partitions: 1,
             ..settings.clone()
@@ -126,6 +146,7 @@ impl KafkaDlq {
                 })?;
         }
         let dlq = Arc::new(Self {
+            origin: producer.to_topic(origin_topic),
             producer,
             topic,
             view,
@@ -231,17 +252,42 @@ impl DeadLetters for KafkaDlq {
     }
 
     async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
-        if self.get(namespace, id)?.is_none() {
+        let Some(letter) = self.get(namespace, id)? else {
             return Ok(false);
-        }
+        };
+        self.tombstone(&letter, reason).await?;
+        Ok(true)
+    }
+}
+
+impl KafkaDlq {
+    /// Send a letter's entry back to its origin partition, with its original
+    /// sequence, then remove the letter. Resolves once both are on the
+    /// broker. An error before the entry's produce is acknowledged leaves the
+    /// letter listed.
+    pub async fn redrive(&self, letter: &DeadLetter) -> Result<(), BackendError> {
+        let sequence = letter.origin.sequence.to_string();
+        self.origin
+            .produce(
+                Some(letter.origin.shard.shard),
+                &letter.entry,
+                &[(super::REDRIVEN_SEQUENCE, sequence)],
+            )
+            .await?;
+        self.tombstone(letter, "redriven").await
+    }
+
+    async fn tombstone(&self, letter: &DeadLetter, reason: &str) -> Result<(), BackendError> {
+        let removes = letter.dlq_sequence.to_string();
         let mut headers = OwnedHeaders::new();
         header(&mut headers, H_REMOVED, reason);
+        header(&mut headers, H_REMOVES, &removes);
         let (offset, _) = self
             .producer
-            .produce_record(Some(0), id, None, headers)
+            .produce_record(Some(0), &letter.entry.id, None, headers)
             .await?;
         self.caught_up(offset + 1).await?;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -289,7 +335,12 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
         return;
     };
     let Some(payload) = msg.payload() else {
-        view.lock().unwrap().remove(&id);
+        let only = msg.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == H_REMOVES)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        });
+        view.lock().unwrap().remove(&id, only);
         return;
     };
     let mut entry = entry_of(

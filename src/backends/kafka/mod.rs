@@ -228,6 +228,10 @@ impl Throttle {
 
 const ID: &str = "walden.id";
 const DUE: &str = "walden.due_ms";
+/// On a redriven entry: its sequence before it was dead-lettered. The
+/// consumer delivers it with that sequence, so a target's version guard
+/// still ranks it where it was first written.
+const REDRIVEN_SEQUENCE: &str = "walden.redriven.sequence";
 
 /// Kafka headers for an entry: Walden's fields, the entry's own, then `extra`.
 fn headers(entry: &Entry, extra: &[(&str, String)]) -> OwnedHeaders {
