@@ -8,9 +8,14 @@
 //! compete with the write path for the two cores.
 //!
 //! `cargo bench --bench kafka`. Needs a broker: `WALDEN_BENCH_KAFKA`
-//! (default `127.0.0.1:19092`, where `scripts/test.sh` starts noida-db).
-//! `WALDEN_BENCH_SECS` per case (default 3); `WALDEN_BENCH_CASES`, e.g.
-//! `16x1,16x100` (connections x batch).
+//! (default `127.0.0.1:19093`, where `scripts/test.sh` starts tansu).
+//! `WALDEN_BENCH_SECS` per run (default 3); `WALDEN_BENCH_ROUNDS` runs per
+//! side, alternating (default 2); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
+//! (connections x batch).
+//!
+//! Use tansu (in-memory), not noida-db: noida-db keeps every topic in one
+//! JSON file that an `autosave` thread rewrites whole, so its CPU cost grows
+//! with everything ever written to it and swamps both sides.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -140,7 +145,7 @@ fn main() {
         println!("kafka benchmark: run with `cargo bench --bench kafka`");
         return;
     }
-    let brokers = env_or("WALDEN_BENCH_KAFKA", "127.0.0.1:19092");
+    let brokers = env_or("WALDEN_BENCH_KAFKA", "127.0.0.1:19093");
     let secs: u64 = env_or("WALDEN_BENCH_SECS", "3").parse().unwrap_or(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -160,8 +165,18 @@ fn main() {
         })
         .collect();
     let only_walden = env_or("WALDEN_BENCH_ONLY", "") == "walden";
+    // Each side runs `rounds` times, alternating (Walden, raw, Walden, ...),
+    // so drift in a shared machine or a filling broker hits both alike.
+    let rounds: usize = env_or("WALDEN_BENCH_ROUNDS", "2").parse().unwrap_or(2);
     for (conns, batch) in cases {
-        let w = walden(&rt, &brokers, conns, batch, secs);
+        let (mut w, mut r) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            w.push(walden(&rt, &brokers, conns, batch, secs));
+            if !only_walden {
+                r.push(raw(&rt, &brokers, conns, batch, secs));
+            }
+        }
+        let (w, r) = (Run::merge(w), Run::merge(r));
         if only_walden {
             println!(
                 "kafka connections={conns} batch={batch} walden_per_s={:.0}",
@@ -169,7 +184,6 @@ fn main() {
             );
             continue;
         }
-        let r = raw(&rt, &brokers, conns, batch, secs);
         println!(
             "kafka connections={conns} batch={batch} walden_per_s={:.0} walden_p50_us={} walden_p99_us={} raw_per_s={:.0} raw_p50_us={} raw_p99_us={} ratio={:.2}",
             w.per_s(),

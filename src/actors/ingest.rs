@@ -1,7 +1,9 @@
 //! Ingest: the write side of one shard. Its mailbox is bounded; the HTTP
 //! handler uses `try_send`, so a full mailbox answers 429 instead of growing
 //! memory. It hands each append, with the handler's reply channel, straight
-//! to the backend (the embedded log's committer, or a Kafka produce).
+//! to the backend (the embedded log's committer). A Kafka namespace's writes
+//! skip it: librdkafka queues them itself
+//! ([`NamespaceBackend::queues_writes_itself`]).
 
 use actix::{Actor, Context, Handler, Message, Supervised};
 

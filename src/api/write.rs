@@ -102,8 +102,18 @@ struct Prepared {
     client_id: bool,
 }
 
-/// Parse JSON into `T`, naming the field of any error.
-fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+/// Parse JSON into `T`, naming the field of any error. `what` names the
+/// document in an error; it is only built on one.
+fn parse<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T, ApiError> {
+    // The plain parse is the fast path; a failed one is parsed again with
+    // path tracking, for an error that names the field.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
+    let what = what();
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -265,9 +275,7 @@ fn payload_too_large(max: usize) -> ApiError {
 /// What the client is told about a failed append.
 fn append_error(e: BackendError) -> ApiError {
     match e {
-        BackendError::Embedded(LogError::Busy) => {
-            ApiError::shed("the log's append queue is full; retry later")
-        }
+        e if e.is_busy() => ApiError::shed(format!("{e}; retry later")),
         BackendError::Embedded(LogError::InvalidRecord(e)) => ApiError::bad_request(e.to_string()),
         // The backend may have it: 504, as for an answer that never came.
         e if e.durable() == Durable::Unknown => {
@@ -401,7 +409,14 @@ async fn append(
             rxs.push((i, entry.id.clone(), rx, claim));
             msg.push((entry, tx));
         }
-        match handle.ingest.try_send(Write(msg)) {
+        let sent = match ns.backend.queues_writes_itself() {
+            true => {
+                ns.backend.append_all(&handle.shard, msg);
+                Ok(())
+            }
+            false => handle.ingest.try_send(Write(msg)),
+        };
+        match sent {
             Ok(()) => waiting.extend(rxs.into_iter().map(|(i, id, rx, c)| (i, id, shard, rx, c))),
             Err(e) => {
                 let err = match e {
@@ -505,7 +520,7 @@ pub async fn write_one(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
     let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
-    let parsed: WriteRequest = parse(&bytes, "request body")?;
+    let parsed: WriteRequest = parse(&bytes, || "request body".into())?;
     let span =
         info_span!("write_to_log", namespace = %ns.name, shard = field::Empty, id = field::Empty);
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
@@ -531,7 +546,7 @@ pub async fn write_batch(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
     let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
-    let batch: BatchRequest = parse(&bytes, "batch body")?;
+    let batch: BatchRequest = parse(&bytes, || "batch body".into())?;
     let max = ns.config.limits.max_batch_entries;
     if batch.entries.len() > max {
         return Err(ApiError::too_large(format!(
@@ -541,33 +556,49 @@ pub async fn write_batch(
     }
     let span = info_span!("write_batch", namespace = %ns.name, entries = batch.entries.len());
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
-    let mut results: Vec<Option<serde_json::Value>> = vec![None; batch.entries.len()];
+    let mut results: Vec<Option<BatchResult>> = (0..batch.entries.len()).map(|_| None).collect();
     let mut ready = Vec::new();
     let mut slots = Vec::new();
     for (i, raw) in batch.entries.iter().enumerate() {
-        let prepared = parse::<WriteRequest>(raw.get().as_bytes(), &format!("entries[{i}]"))
+        let prepared = parse::<WriteRequest>(raw.get().as_bytes(), || format!("entries[{i}]"))
             .and_then(|r| prepare(&ns, r, &span, traceparent_of(&req)));
         match prepared {
             Ok(p) => {
                 slots.push(i);
                 ready.push(p);
             }
-            Err(e) => results[i] = Some(error_result(&e)),
+            Err(e) => results[i] = Some(BatchResult::Failed(error_result(&e))),
         }
     }
     let answers = submit(&state, &ns, ready).instrument(span).await;
     for (i, answer) in slots.into_iter().zip(answers) {
         results[i] = Some(match answer {
-            Ok(w) => {
-                let mut v = serde_json::to_value(&w).expect("plain struct");
-                v["status"] = w.status().as_u16().into();
-                v
-            }
-            Err(e) => error_result(&e),
+            Ok(written) => BatchResult::Written {
+                status: written.status().as_u16(),
+                written,
+            },
+            Err(e) => BatchResult::Failed(error_result(&e)),
         });
     }
     let results: Vec<_> = results.into_iter().map(|r| r.expect("answered")).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "results": results })))
+    Ok(HttpResponse::Ok().json(BatchResponse { results }))
+}
+
+#[derive(Serialize)]
+struct BatchResponse {
+    results: Vec<BatchResult>,
+}
+
+/// One entry's result in a batch: a write with its status, or an error.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Written {
+        #[serde(flatten)]
+        written: Written,
+        status: u16,
+    },
+    Failed(serde_json::Value),
 }
 
 fn error_result(e: &ApiError) -> serde_json::Value {

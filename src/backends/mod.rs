@@ -46,6 +46,16 @@ impl BackendError {
             BackendError::State(_) | BackendError::NotHere(_) => Durable::False,
         }
     }
+
+    /// The backend refused the write for load (nothing was written): the
+    /// client is told 429 and retries later.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            BackendError::Embedded(e) => matches!(e, embedded::LogError::Busy),
+            BackendError::Kafka(e) => e.is_queue_full(),
+            BackendError::State(_) | BackendError::NotHere(_) => false,
+        }
+    }
 }
 
 /// A send that the backend has made durable (or, in an unsafe mode, written).

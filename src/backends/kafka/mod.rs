@@ -92,6 +92,13 @@ impl KafkaError {
         }
     }
 
+    /// The client's send queue is full (`queue.buffering.max.messages`):
+    /// nothing was sent, and the writer should back off.
+    pub fn is_queue_full(&self) -> bool {
+        matches!(self, KafkaError::Produce { source, .. }
+            if source.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull))
+    }
+
     fn client(what: &'static str, topic: &str, source: rdkafka::error::KafkaError) -> Self {
         KafkaError::Client {
             what,
@@ -234,17 +241,19 @@ const DUE: &str = "walden.due_ms";
 const REDRIVEN_SEQUENCE: &str = "walden.redriven.sequence";
 
 /// Kafka headers for an entry: Walden's fields, the entry's own, then `extra`.
+/// The due time is left out when it is 0 (not delayed), its default.
 fn headers(entry: &Entry, extra: &[(&str, String)]) -> OwnedHeaders {
-    let due = entry.due_ms.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(entry.headers.len() + 2)
-        .insert(Header {
+    let mut h =
+        OwnedHeaders::new_with_capacity(entry.headers.len() + extra.len() + 2).insert(Header {
             key: ID,
             value: Some(entry.id.as_bytes()),
-        })
-        .insert(Header {
-            key: DUE,
-            value: Some(due.as_bytes()),
         });
+    if entry.due_ms > 0 {
+        h = h.insert(Header {
+            key: DUE,
+            value: Some(entry.due_ms.to_string().as_bytes()),
+        });
+    }
     let own = entry.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     for (k, v) in own.chain(extra.iter().map(|(k, v)| (*k, v.as_str()))) {
         h = h.insert(Header {

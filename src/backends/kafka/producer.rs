@@ -7,10 +7,24 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use tokio::sync::oneshot;
 
 use super::{KafkaError, KafkaSettings, headers};
+use crate::backends::embedded::Appended;
+use crate::backends::shard::WriteReply;
 use crate::backends::{BackendError, Producer, Sent};
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
 type Report = Result<i64, (rdkafka::error::KafkaError, Durable)>;
+
+/// Who a delivery report goes to.
+enum Waiter {
+    /// A send awaiting its report ([`PendingReport`]).
+    Report(oneshot::Sender<Report>),
+    /// A write answered straight from the callback: one wakeup fewer per
+    /// entry on the HTTP path.
+    Write {
+        reply: WriteReply,
+        timestamp_ms: u64,
+    },
+}
 
 /// Routes each delivery report to the send waiting for it.
 struct Reports;
@@ -18,7 +32,7 @@ struct Reports;
 impl ClientContext for Reports {}
 
 impl ProducerContext for Reports {
-    type DeliveryOpaque = Box<oneshot::Sender<Report>>;
+    type DeliveryOpaque = Box<Waiter>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, waiter: Self::DeliveryOpaque) {
         let report = match result {
@@ -35,8 +49,32 @@ impl ProducerContext for Reports {
                 Err((e.clone(), durable))
             }
         };
-        // The send may have given up waiting; that is fine.
-        let _ = waiter.send(report);
+        // The sender may have given up waiting; that is fine.
+        match *waiter {
+            Waiter::Report(tx) => {
+                let _ = tx.send(report);
+            }
+            Waiter::Write {
+                reply,
+                timestamp_ms,
+            } => {
+                let answer = match report {
+                    Ok(offset) => Ok(Appended {
+                        offset: offset as u64,
+                        timestamp_ms,
+                        durable: Durable::True,
+                    }),
+                    Err((e, durable)) => {
+                        let (topic, partition) = match result {
+                            Ok(m) | Err((_, m)) => (m.topic(), m.partition()),
+                        };
+                        let partition = u32::try_from(partition).ok();
+                        Err(pending_error(topic, partition, e, durable).into())
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
 }
 
@@ -106,15 +144,58 @@ impl KafkaProducer {
         payload: Option<&[u8]>,
         headers: rdkafka::message::OwnedHeaders,
     ) -> Result<(u64, u64), KafkaError> {
+        let pending = self.enqueue(partition, key, payload, headers)?;
+        // librdkafka can overrun `message.timeout.ms` while a connection is
+        // being re-established, so the wait is bounded here too. Past it, the
+        // message may still be written: the answer is "unknown".
+        match tokio::time::timeout(self.ack_timeout, pending.wait()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(pending_error(
+                &self.topic,
+                partition,
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                ),
+                Durable::Unknown,
+            )),
+        }
+    }
+
+    /// Queue `entry` for `partition`; `reply` is answered from its delivery
+    /// report (or at once, if librdkafka refuses it). The caller bounds its
+    /// wait (the HTTP path by `server.ack_timeout_ms`).
+    pub(crate) fn write(&self, partition: u32, entry: &Entry, reply: WriteReply) {
+        let timestamp_ms = now_ms();
+        let key = entry.key.as_deref().unwrap_or(&entry.id);
+        let waiter = Box::new(Waiter::Write {
+            reply,
+            timestamp_ms,
+        });
+        let record = BaseRecord::with_opaque_to(&self.topic, waiter)
+            .key(key)
+            .payload(entry.payload.as_ref())
+            .headers(headers(entry, &[]))
+            .timestamp(timestamp_ms as i64)
+            .partition(partition as i32);
+        if let Err((e, record)) = self.producer.send(record) {
+            // Refused before it was queued (queue full, too large): never sent.
+            if let Waiter::Write { reply, .. } = *record.delivery_opaque {
+                let error = pending_error(&self.topic, Some(partition), e, Durable::False);
+                let _ = reply.send(Err(error.into()));
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        partition: Option<u32>,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Result<PendingReport, KafkaError> {
         let (tx, rx) = oneshot::channel();
         let timestamp_ms = now_ms();
-        let produce_error = |source, durable| KafkaError::Produce {
-            topic: self.topic.clone(),
-            partition,
-            durable,
-            source: Box::new(source),
-        };
-        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
+        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new(Waiter::Report(tx)))
             .key(key)
             .headers(headers)
             .timestamp(timestamp_ms as i64);
@@ -126,23 +207,51 @@ impl KafkaProducer {
         }
         if let Err((e, _)) = self.producer.send(record) {
             // Refused before it was queued (queue full, too large): never sent.
-            return Err(produce_error(e, Durable::False));
+            return Err(pending_error(&self.topic, partition, e, Durable::False));
         }
-        // librdkafka can overrun `message.timeout.ms` while a connection is
-        // being re-established, so the wait is bounded here too. Past it, the
-        // message may still be written: the answer is "unknown".
-        match tokio::time::timeout(self.ack_timeout, rx).await {
-            Ok(Ok(Ok(offset))) => Ok((offset as u64, timestamp_ms)),
-            Ok(Ok(Err((e, durable)))) => Err(produce_error(e, durable)),
+        Ok(PendingReport {
+            rx,
+            topic: self.topic.clone(),
+            partition,
+            timestamp_ms,
+        })
+    }
+}
+
+fn pending_error(
+    topic: &str,
+    partition: Option<u32>,
+    source: rdkafka::error::KafkaError,
+    durable: Durable,
+) -> KafkaError {
+    KafkaError::Produce {
+        topic: topic.to_string(),
+        partition,
+        durable,
+        source: Box::new(source),
+    }
+}
+
+/// A queued record's delivery report, to come.
+pub(crate) struct PendingReport {
+    rx: oneshot::Receiver<Report>,
+    topic: String,
+    partition: Option<u32>,
+    timestamp_ms: u64,
+}
+
+impl PendingReport {
+    /// The record's offset and timestamp once the broker has it. Unbounded:
+    /// librdkafka answers by `message.timeout.ms`, but can overrun it.
+    pub(crate) async fn wait(self) -> Result<(u64, u64), KafkaError> {
+        match self.rx.await {
+            Ok(Ok(offset)) => Ok((offset as u64, self.timestamp_ms)),
+            Ok(Err((e, durable))) => Err(pending_error(&self.topic, self.partition, e, durable)),
             // The producer went away with the message queued.
-            Ok(Err(_)) => Err(produce_error(
+            Err(_) => Err(pending_error(
+                &self.topic,
+                self.partition,
                 rdkafka::error::KafkaError::Canceled,
-                Durable::Unknown,
-            )),
-            Err(_) => Err(produce_error(
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-                ),
                 Durable::Unknown,
             )),
         }
