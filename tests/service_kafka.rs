@@ -472,3 +472,59 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     producer.stop();
     consumer.stop();
 }
+
+/// librdkafka's send queue full is load, not failure: those entries get 429
+/// and were never written; every entry answered 200 arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_client_queue_answers_429() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    let topic = unique("full");
+    // Two messages fit in the queue, and a long linger keeps them there.
+    let ns = kafka_namespace(
+        "ns",
+        &brokers,
+        &topic,
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    )
+    .replace(
+        "[namespaces.ns.target]",
+        "librdkafka = { \"queue.buffering.max.messages\" = \"2\", \"linger.ms\" = \"200\" }\n[namespaces.ns.target]",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Spawned::start(config(dir.path(), "all", &ns)).unwrap();
+    let entries: Vec<Value> = (0..20)
+        .map(|i| json!({"payload": {"n": i}, "key": "one-key"}))
+        .collect();
+    let (status, body) = post(
+        &format!("http://{}/v1/namespaces/ns/log/batch", svc.addr),
+        json!({ "entries": entries }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut ok = HashSet::new();
+    let mut shed = 0;
+    for r in body["results"].as_array().unwrap() {
+        match r["status"].as_u64() {
+            Some(200) => {
+                ok.insert(r["id"].as_str().unwrap().to_string());
+            }
+            Some(429) => {
+                shed += 1;
+                assert_eq!(r["durable"], "false", "{r}");
+                assert!(
+                    r["message"].as_str().unwrap().contains("retry later"),
+                    "{r}"
+                );
+            }
+            other => panic!("unexpected status {other:?}: {r}"),
+        }
+    }
+    assert!(shed > 0 && !ok.is_empty(), "{body}");
+    let got = target.wait_for(ok.len(), WAIT);
+    let delivered: HashSet<String> = got.iter().map(|r| r.id().to_string()).collect();
+    assert_eq!(delivered, ok);
+    svc.stop();
+}
