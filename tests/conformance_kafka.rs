@@ -64,10 +64,10 @@ impl conformance::Harness for Kafka {
         self.producer = KafkaProducer::new(&self.settings).expect("producer");
     }
 
-    async fn open_delays(&mut self) -> Arc<dyn DelayStore> {
+    async fn open_delays(&mut self) -> Option<Arc<dyn DelayStore>> {
         let tiers = KafkaDelayTiers::open(&self.settings).await.expect("tiers");
         self.tiers = Some(tiers.clone());
-        tiers
+        Some(tiers)
     }
 
     async fn start_firing(&mut self) {

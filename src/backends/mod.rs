@@ -13,6 +13,7 @@
 pub mod embedded;
 pub mod kafka;
 pub mod shard;
+pub mod sqs;
 pub(crate) mod tracker;
 
 use std::future::Future;
@@ -30,6 +31,8 @@ pub enum BackendError {
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaError),
     #[error(transparent)]
+    Sqs(#[from] sqs::SqsError),
+    #[error(transparent)]
     State(#[from] crate::state::StateError),
     /// This process's role does not do that.
     #[error("{0}")]
@@ -42,6 +45,7 @@ impl BackendError {
         match self {
             BackendError::Embedded(e) => e.durable(),
             BackendError::Kafka(e) => e.durable(),
+            BackendError::Sqs(e) => e.durable(),
             // The state store is only written after the entry is durable.
             BackendError::State(_) | BackendError::NotHere(_) => Durable::False,
         }
@@ -53,7 +57,7 @@ impl BackendError {
         match self {
             BackendError::Embedded(e) => matches!(e, embedded::LogError::Busy),
             BackendError::Kafka(e) => e.is_queue_full(),
-            BackendError::State(_) | BackendError::NotHere(_) => false,
+            BackendError::Sqs(_) | BackendError::State(_) | BackendError::NotHere(_) => false,
         }
     }
 }
