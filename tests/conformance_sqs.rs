@@ -96,3 +96,69 @@ mod fifo {
     use super::*;
     conformance_suite!(Fifo);
 }
+
+/// SendMessageBatch in groups of ten: one answer per entry, in order; on a
+/// FIFO queue an id that cannot be a deduplication id is refused alone, and
+/// the rest arrive in order.
+async fn batches<const FIFO: bool>() {
+    use walden::backends::{Consumer, Delivery};
+    use walden::entry::{Durable, Entry};
+    let Some(h) = Sqs::<FIFO>::start().await else {
+        return;
+    };
+    let mut entries: Vec<Entry> = (0..25)
+        .map(|i| Entry {
+            id: format!("b-{i}"),
+            key: Some("k".into()),
+            headers: vec![("n".into(), i.to_string())],
+            payload: bytes::Bytes::from(format!("p{i}")),
+            ..Entry::default()
+        })
+        .collect();
+    entries[12].id = "not a dedup id".into();
+    let answers = h.producer.send_batch(&entries).await;
+    assert_eq!(answers.len(), 25);
+    let mut seqs = Vec::new();
+    for (i, a) in answers.iter().enumerate() {
+        match (i, a) {
+            (12, Err(e)) if FIFO => assert_eq!(e.durable(), Durable::False),
+            (_, Ok(seq)) => seqs.push(*seq),
+            (_, Err(e)) => panic!("entry {i}: {e}"),
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let want = if FIFO { 24 } else { 25 };
+
+    let mut c = SqsConsumer::new(&h.settings, &ShardRef::new("conformance", 0))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < want && std::time::Instant::now() < deadline {
+        for d in c.receive(10, Duration::from_secs(1)).await.unwrap() {
+            got.push((d.sequence(), d.entry().id.clone()));
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+        }
+    }
+    assert_eq!(got.len(), want, "{got:?}");
+    if !FIFO {
+        got.sort();
+    }
+    let ids: Vec<&str> = got.iter().map(|(_, id)| id.as_str()).collect();
+    let expected: Vec<String> = entries
+        .iter()
+        .map(|e| e.id.clone())
+        .filter(|id| !FIFO || id != "not a dedup id")
+        .collect();
+    assert_eq!(ids, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_a_standard_queue() {
+    batches::<false>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_on_a_fifo_queue() {
+    batches::<true>().await;
+}

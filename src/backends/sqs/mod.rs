@@ -41,7 +41,10 @@ use std::time::Duration;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::SdkError;
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
 use base64::Engine;
 
 use super::{BackendError, Consumer, Delivery, Producer, Sent};
@@ -109,7 +112,7 @@ impl SqsSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SqsError {
     /// A call failed; `durable` says whether a send may have taken effect.
     #[error("sqs {call} ({queue}): {message}")]
@@ -240,57 +243,147 @@ impl SqsProducer {
 
     /// Send one entry; resolves with its sequence once SQS has stored it.
     pub async fn send_entry(&self, entry: &Entry) -> Result<u64, SqsError> {
-        let queue = &self.settings.queue;
-        let invalid = |message: String| SqsError::Queue {
-            queue: queue.clone(),
-            message,
-        };
         let sequence = self.clock.next();
-        let body = base64::engine::general_purpose::STANDARD.encode(&entry.payload);
+        let fifo = self.fifo_ids(entry)?;
         let mut send = self
             .client
             .send_message()
             .queue_url(&self.queue_url)
-            .message_body(body)
-            .message_attributes(ID, string_attribute(&entry.id))
-            .message_attributes(SEQUENCE, number_attribute(sequence))
-            .message_attributes(TIMESTAMP, number_attribute(now_ms()));
-        if let Some(key) = &entry.key {
-            send = send.message_attributes(KEY, string_attribute(key));
-        }
-        if entry.due_ms > 0 {
-            send = send.message_attributes(DUE, number_attribute(entry.due_ms));
-        }
-        if !entry.headers.is_empty() {
-            let json = serde_json::to_string(&entry.headers).expect("strings serialize");
-            send = send.message_attributes(HEADERS, string_attribute(&json));
-        }
-        if let Some((_, tp)) = entry.headers.iter().find(|(k, _)| k == TRACEPARENT) {
-            send = send.message_attributes(TRACEPARENT, string_attribute(tp));
-        }
-        if self.settings.is_fifo() {
-            if !fifo_token(&entry.id) {
-                return Err(invalid(format!(
-                    "id {:?} cannot be a FIFO MessageDeduplicationId (1 to 128 ASCII letters, digits or punctuation)",
-                    entry.id
-                )));
-            }
-            // A key that is not a valid group id is hashed: two keys may then
-            // share a group, which orders them together and loses nothing.
-            let key = entry.key.as_deref().unwrap_or(&entry.id);
-            let group = match fifo_token(key) {
-                true => key.to_string(),
-                false => format!("h-{:08x}", crc32c::crc32c(key.as_bytes())),
-            };
-            send = send
-                .message_group_id(group)
-                .message_deduplication_id(&entry.id);
+            .message_body(base64::engine::general_purpose::STANDARD.encode(&entry.payload))
+            .set_message_attributes(Some(attributes(entry, sequence)));
+        if let Some((group, dedup)) = fifo {
+            send = send.message_group_id(group).message_deduplication_id(dedup);
         }
         send.send()
             .await
-            .map_err(|e| SqsError::call("SendMessage", queue, e))?;
+            .map_err(|e| SqsError::call("SendMessage", &self.settings.queue, e))?;
         Ok(sequence)
     }
+
+    /// Send entries with SendMessageBatch, ten per call (the SQS limit), in
+    /// order; one answer per entry, in order. An entry SQS refused within a
+    /// batch that went through is `false`: it was not stored.
+    pub async fn send_batch(&self, entries: &[Entry]) -> Vec<Result<u64, SqsError>> {
+        let mut answers = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(10) {
+            answers.extend(self.send_ten(chunk).await);
+        }
+        answers
+    }
+
+    async fn send_ten(&self, entries: &[Entry]) -> Vec<Result<u64, SqsError>> {
+        let queue = &self.settings.queue;
+        let mut answers: Vec<Option<Result<u64, SqsError>>> = Vec::with_capacity(entries.len());
+        let mut request = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let sequence = self.clock.next();
+            let fifo = match self.fifo_ids(entry) {
+                Ok(fifo) => fifo,
+                Err(e) => {
+                    answers.push(Some(Err(e)));
+                    continue;
+                }
+            };
+            let mut item = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(base64::engine::general_purpose::STANDARD.encode(&entry.payload))
+                .set_message_attributes(Some(attributes(entry, sequence)));
+            if let Some((group, dedup)) = fifo {
+                item = item.message_group_id(group).message_deduplication_id(dedup);
+            }
+            request.push(item.build().expect("id and body are set"));
+            answers.push(Some(Ok(sequence)));
+        }
+        if !request.is_empty() {
+            let sent = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(request))
+                .send()
+                .await;
+            match sent {
+                Ok(out) => {
+                    for failed in out.failed {
+                        let Some(slot) = failed
+                            .id
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| answers.get_mut(i))
+                        else {
+                            continue;
+                        };
+                        *slot = Some(Err(SqsError::Call {
+                            call: "SendMessageBatch",
+                            queue: queue.clone(),
+                            durable: Durable::False,
+                            message: format!(
+                                "{}: {}",
+                                failed.code,
+                                failed.message.unwrap_or_default()
+                            ),
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let e = SqsError::call("SendMessageBatch", queue, e);
+                    for slot in answers.iter_mut() {
+                        if matches!(slot, Some(Ok(_))) {
+                            *slot = Some(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        answers.into_iter().map(|a| a.expect("answered")).collect()
+    }
+
+    /// A FIFO queue's MessageGroupId and MessageDeduplicationId for `entry`;
+    /// `None` on a standard queue.
+    fn fifo_ids(&self, entry: &Entry) -> Result<Option<(String, String)>, SqsError> {
+        if !self.settings.is_fifo() {
+            return Ok(None);
+        }
+        if !fifo_token(&entry.id) {
+            return Err(SqsError::Queue {
+                queue: self.settings.queue.clone(),
+                message: format!(
+                    "id {:?} cannot be a FIFO MessageDeduplicationId (1 to 128 ASCII letters, digits or punctuation)",
+                    entry.id
+                ),
+            });
+        }
+        // A key that is not a valid group id is hashed: two keys may then
+        // share a group, which orders them together and loses nothing.
+        let key = entry.key.as_deref().unwrap_or(&entry.id);
+        let group = match fifo_token(key) {
+            true => key.to_string(),
+            false => format!("h-{:08x}", crc32c::crc32c(key.as_bytes())),
+        };
+        Ok(Some((group, entry.id.clone())))
+    }
+}
+
+/// An entry's message attributes.
+fn attributes(entry: &Entry, sequence: u64) -> HashMap<String, MessageAttributeValue> {
+    let mut a = HashMap::new();
+    a.insert(ID.to_string(), string_attribute(&entry.id));
+    a.insert(SEQUENCE.to_string(), number_attribute(sequence));
+    a.insert(TIMESTAMP.to_string(), number_attribute(now_ms()));
+    if let Some(key) = &entry.key {
+        a.insert(KEY.to_string(), string_attribute(key));
+    }
+    if entry.due_ms > 0 {
+        a.insert(DUE.to_string(), number_attribute(entry.due_ms));
+    }
+    if !entry.headers.is_empty() {
+        let json = serde_json::to_string(&entry.headers).expect("strings serialize");
+        a.insert(HEADERS.to_string(), string_attribute(&json));
+    }
+    if let Some((_, tp)) = entry.headers.iter().find(|(k, _)| k == TRACEPARENT) {
+        a.insert(TRACEPARENT.to_string(), string_attribute(tp));
+    }
+    a
 }
 
 impl Producer for SqsProducer {
