@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::group::WaldenContext;
-use super::{KafkaError, KafkaProducer, KafkaSettings, Throttle, entry_of};
+use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of, serve};
 use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
 use crate::entry::ShardRef;
 
@@ -299,35 +299,11 @@ fn tail(
     applied: watch::Sender<u64>,
     stop: Arc<AtomicBool>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            warn!(%topic, error = %e, "Cannot start the DLQ reader.");
-            return;
-        }
-    };
-    let mut error_log = Throttle::default();
-    while !stop.load(Ordering::Relaxed) {
-        let next = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
-        });
-        match next {
-            Err(_) => {}
-            Ok(Ok(msg)) => {
-                let offset = msg.offset().max(0) as u64;
-                apply(&view, &topic, &msg);
-                applied.send_replace(offset + 1);
-            }
-            Ok(Err(e)) => {
-                if error_log.ready() {
-                    warn!(%topic, error = %e, "Kafka DLQ reader error; librdkafka retries.");
-                }
-            }
-        }
-    }
+    serve(&consumer, &stop, &topic, "DLQ reader", |msg| {
+        let offset = msg.offset().max(0) as u64;
+        apply(&view, &topic, &msg);
+        applied.send_replace(offset + 1);
+    });
 }
 
 fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {

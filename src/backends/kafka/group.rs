@@ -31,7 +31,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::consumer::{KafkaConsumer, Received};
-use super::{KafkaError, KafkaSettings, Throttle};
+use super::{KafkaError, KafkaSettings, serve};
 use crate::backends::tracker::Tracker;
 use crate::entry::ShardRef;
 
@@ -322,42 +322,17 @@ impl Drop for KafkaGroup {
 /// Serve the consumer's main queue: rebalances, errors and logs. Runs on its
 /// own thread because a revoke may wait out the drain there.
 fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool>, topic: String) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            warn!(%topic, error = %e, "Cannot start the group's poll loop.");
-            return;
+    serve(&consumer, &stop, &topic, "group consumer", |msg| {
+        // Cannot happen while every partition has its own queue; if it
+        // does, fetch it again rather than skip it.
+        use rdkafka::Message;
+        let (p, o) = (msg.partition(), msg.offset());
+        drop(msg);
+        warn!(%topic, partition = p, offset = o, "A message reached the group's main queue; seeking back to it.");
+        if let Err(e) = consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5)) {
+            warn!(%topic, partition = p, error = %e, "Seek failed.");
         }
-    };
-    let mut error_log = Throttle::default();
-    while !stop.load(Ordering::Relaxed) {
-        let next = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
-        });
-        match next {
-            Err(_) => {}
-            Ok(Ok(msg)) => {
-                // Cannot happen while every partition has its own queue; if
-                // it does, fetch it again rather than skip it.
-                use rdkafka::Message;
-                let (p, o) = (msg.partition(), msg.offset());
-                drop(msg);
-                warn!(%topic, partition = p, offset = o, "A message reached the group's main queue; seeking back to it.");
-                if let Err(e) = consumer.seek(&topic, p, Offset::Offset(o), Duration::from_secs(5))
-                {
-                    warn!(%topic, partition = p, error = %e, "Seek failed.");
-                }
-            }
-            Ok(Err(e)) => {
-                if error_log.ready() {
-                    warn!(%topic, error = %e, "Kafka group consumer error; librdkafka retries.");
-                }
-            }
-        }
-    }
+    });
     consumer.unsubscribe();
 }
 

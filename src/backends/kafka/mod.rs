@@ -30,19 +30,23 @@ mod group;
 mod producer;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use delays::{KafkaDelayTiers, TIERS};
 pub use dlq::KafkaDlq;
 pub use group::{KafkaGroup, WaldenContext};
 pub use producer::KafkaProducer;
+
+use tracing::warn;
 
 use crate::entry::{Durable, Entry};
 
@@ -212,6 +216,43 @@ impl KafkaSettings {
             topic,
             message: "it has no partitions after creation".into(),
         })
+    }
+}
+
+/// Drive `consumer` on the calling thread, on a runtime of its own, until
+/// `stop`: each message goes to `on_message`. Errors are logged, throttled;
+/// librdkafka retries them itself.
+fn serve(
+    consumer: &StreamConsumer<WaldenContext>,
+    stop: &AtomicBool,
+    topic: &str,
+    what: &str,
+    mut on_message: impl FnMut(BorrowedMessage<'_>),
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(%topic, error = %e, "Cannot start the Kafka {what}.");
+            return;
+        }
+    };
+    let mut error_log = Throttle::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let next = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        });
+        match next {
+            Err(_) => {}
+            Ok(Ok(msg)) => on_message(msg),
+            Ok(Err(e)) => {
+                if error_log.ready() {
+                    warn!(%topic, error = %e, "Kafka {what} error; librdkafka retries.");
+                }
+            }
+        }
     }
 }
 
