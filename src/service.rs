@@ -15,13 +15,16 @@ use tracing::{info, warn};
 use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
-use crate::backends::DelayStore;
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
 use crate::backends::kafka::{
     KafkaDelayTiers, KafkaDlq, KafkaError, KafkaGroup, KafkaProducer, KafkaSettings,
 };
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
-use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig};
+use crate::backends::sqs::{
+    Hlc, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
+};
+use crate::backends::{BackendError, DelayStore};
+use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig, SqsConfig};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
 use crate::state::{DedupIndex, ParkStore, StateStore};
@@ -47,7 +50,7 @@ pub enum ServiceError {
     Backend {
         namespace: String,
         #[source]
-        source: KafkaError,
+        source: BackendError,
     },
     #[error(transparent)]
     State(crate::state::StateError),
@@ -82,7 +85,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         .values()
         .find_map(|ns| match &ns.backend {
             BackendConfig::Embedded(e) => Some(e.log_config()),
-            BackendConfig::Kafka(_) => None,
+            BackendConfig::Kafka(_) | BackendConfig::Sqs(_) => None,
         })
         .unwrap_or_default();
     let log = {
@@ -245,7 +248,7 @@ async fn open_backend(
             };
             let backend_error = |source: KafkaError| ServiceError::Backend {
                 namespace: name.to_string(),
-                source,
+                source: source.into(),
             };
             settings.ensure_topic().await.map_err(backend_error)?;
             let producer = match server.role.writes() {
@@ -283,7 +286,71 @@ async fn open_backend(
                 Some(tiers as Arc<dyn DelayStore>),
             ))
         }
+        BackendConfig::Sqs(q) => {
+            open_sqs(name, ns, q, server)
+                .await
+                .map_err(|source| ServiceError::Backend {
+                    namespace: name.to_string(),
+                    source: source.into(),
+                })
+        }
     }
+}
+
+/// An SQS namespace: its queues (created if missing), the producers of a
+/// writing process, the DLQ queue, and the delay queue with its worker in a
+/// consuming process.
+async fn open_sqs(
+    name: &str,
+    ns: &NamespaceConfig,
+    q: &SqsConfig,
+    server: &ServerConfig,
+) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), SqsError> {
+    let queues: Vec<SqsSettings> = q
+        .queues
+        .iter()
+        .map(|queue| SqsSettings {
+            queue: queue.clone(),
+            region: q.region.clone(),
+            endpoint_url: q.endpoint_url.clone(),
+            wait_time: Duration::from_secs(q.wait_time_s.into()),
+            visibility_timeout: Duration::from_secs(q.visibility_timeout_s.into()),
+            max_messages_per_poll: q.max_messages_per_poll,
+            poll_interval: Duration::from_millis(q.poll_interval_ms),
+        })
+        .collect();
+    let client = queues[0].client().await;
+    // One clock for the namespace's sequences, its letters and its delays.
+    let clock = Arc::new(Hlc::default());
+    let mut producers = Vec::with_capacity(queues.len());
+    for settings in &queues {
+        producers.push(SqsProducer::with_client(&client, &settings.queue, clock.clone()).await?);
+    }
+    let shards = Arc::new(SqsShards(producers.clone()));
+    let dlq = SqsDlq::open(&client, &q.dlq_queue(), name, producers, clock.clone()).await?;
+    let delays = SqsDelays::open(
+        &client,
+        &q.delay_queue(),
+        name,
+        Duration::from_secs(q.delay_hop_s.into()),
+        shards.clone(),
+    )
+    .await?;
+    if server.role.applies() {
+        delays.start_worker(Duration::from_secs(q.wait_time_s.into()));
+    }
+    info!(namespace = name, queues = ?q.queues, dlq = %q.dlq_queue(), delays = %q.delay_queue(), shards = ns.shards, "SQS queues ready.");
+    let backend = SqsNamespace {
+        client,
+        fifo: q.is_fifo(),
+        queues,
+        producers: server.role.writes().then_some(shards),
+    };
+    Ok((
+        NamespaceBackend::Sqs(Arc::new(backend)),
+        AnyDlq::Sqs(dlq),
+        Some(delays as Arc<dyn DelayStore>),
+    ))
 }
 
 /// Open the idempotency index, rebuild its window from the log, and purge

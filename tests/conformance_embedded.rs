@@ -88,8 +88,9 @@ async fn dead_letters() {
     dlq.close();
     drop(dlq);
     let dlq = walden::backends::embedded::EmbeddedDlq::open(dir.path()).unwrap();
-    let (all, total) =
-        walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10).unwrap();
+    let (all, total) = walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10)
+        .await
+        .unwrap();
     assert_eq!(total, 4);
     assert_eq!(all.last().unwrap().entry.id, "dead-2");
 }

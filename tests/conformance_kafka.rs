@@ -102,8 +102,9 @@ async fn dead_letters() {
     let dlq = walden::backends::kafka::KafkaDlq::open(&settings, "conformance-origin")
         .await
         .unwrap();
-    let (all, total) =
-        walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10).unwrap();
+    let (all, total) = walden::backends::DeadLetters::list(dlq.as_ref(), "conformance", None, 10)
+        .await
+        .unwrap();
     assert_eq!(total, 4);
     assert_eq!(all.last().unwrap().entry.id, "dead-2");
     assert!(
@@ -151,12 +152,12 @@ async fn redrive_returns_the_entry_to_its_partition() {
         last_error: "boom".into(),
     };
     let first = dlq.append(letter.clone()).await.unwrap();
-    let stale = dlq.get("conformance", "back-1").unwrap().unwrap();
+    let stale = dlq.get("conformance", "back-1").await.unwrap().unwrap();
     assert_eq!(stale.dlq_sequence, first);
     // Dead-lettered again before the first redrive's tombstone is written.
     let newer = dlq.append(letter.clone()).await.unwrap();
     dlq.redrive(&stale).await.unwrap();
-    let left = dlq.get("conformance", "back-1").unwrap();
+    let left = dlq.get("conformance", "back-1").await.unwrap();
     assert_eq!(left.map(|l| l.dlq_sequence), Some(newer));
 
     let mut consumer = conformance::Harness::consumer(&h, "redrive").await;
@@ -179,7 +180,7 @@ async fn redrive_returns_the_entry_to_its_partition() {
     assert_eq!(d.entry().headers, vec![("h".to_string(), "v".to_string())]);
 
     // Redriving the live letter removes it.
-    let live = dlq.get("conformance", "back-1").unwrap().unwrap();
+    let live = dlq.get("conformance", "back-1").await.unwrap().unwrap();
     dlq.redrive(&live).await.unwrap();
-    assert_eq!(dlq.get("conformance", "back-1").unwrap(), None);
+    assert_eq!(dlq.get("conformance", "back-1").await.unwrap(), None);
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use walden::backends::DelayStore;
-use walden::backends::sqs::{SqsConsumer, SqsProducer, SqsSettings};
+use walden::backends::sqs::{
+    Hlc, SqsConsumer, SqsDelays, SqsDlq, SqsProducer, SqsSettings, SqsShards,
+};
 use walden::entry::ShardRef;
 
 fn settings(url: String, queue: String) -> SqsSettings {
@@ -23,6 +25,7 @@ fn settings(url: String, queue: String) -> SqsSettings {
         // within the suite's wait.
         visibility_timeout: Duration::from_secs(2),
         max_messages_per_poll: 10,
+        poll_interval: Duration::from_millis(100),
     }
 }
 
@@ -30,6 +33,7 @@ fn settings(url: String, queue: String) -> SqsSettings {
 struct Sqs<const FIFO: bool> {
     settings: SqsSettings,
     producer: SqsProducer,
+    delays: Option<Arc<SqsDelays>>,
 }
 
 impl<const FIFO: bool> Sqs<FIFO> {
@@ -38,7 +42,11 @@ impl<const FIFO: bool> Sqs<FIFO> {
         let queue = common::unique("conformance") + if FIFO { ".fifo" } else { "" };
         let settings = settings(url, queue);
         let producer = SqsProducer::new(&settings).await.expect("producer");
-        Some(Self { settings, producer })
+        Some(Self {
+            settings,
+            producer,
+            delays: None,
+        })
     }
 }
 
@@ -76,10 +84,26 @@ macro_rules! harness {
             }
 
             async fn open_delays(&mut self) -> Option<Arc<dyn DelayStore>> {
-                None
+                let client = self.settings.client().await;
+                let name = self.settings.queue.trim_end_matches(".fifo").to_string() + "-delay";
+                let back = Arc::new(SqsShards(vec![self.producer.clone()]));
+                let delays = SqsDelays::open(
+                    &client,
+                    &name,
+                    "conformance",
+                    Duration::from_secs(900),
+                    back,
+                )
+                .await
+                .expect("delay queue");
+                self.delays = Some(delays.clone());
+                Some(delays)
             }
 
-            async fn start_firing(&mut self) {}
+            async fn start_firing(&mut self) {
+                let delays = self.delays.as_ref().expect("open_delays first");
+                delays.start_worker(Duration::from_secs(1));
+            }
         }
     };
 }
@@ -161,4 +185,24 @@ async fn batches_on_a_standard_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_on_a_fifo_queue() {
     batches::<true>().await;
+}
+
+/// The DLQ half of the suite on a DLQ queue (a best-effort peek lists it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters() {
+    let Some(url) = common::test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let settings = settings(url, common::unique("conformance") + "-dlq");
+    let client = settings.client().await;
+    let dlq = SqsDlq::open(
+        &client,
+        &settings.queue,
+        "conformance",
+        Vec::new(),
+        Arc::new(Hlc::default()),
+    )
+    .await
+    .unwrap();
+    conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
 }

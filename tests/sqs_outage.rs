@@ -5,26 +5,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use walden::backends::sqs::{SqsProducer, SqsSettings};
 use walden::entry::{Durable, Entry};
-
-fn start_moto(bin: &str, port: u16) -> Child {
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child
-}
 
 fn entry(i: u32) -> Entry {
     Entry {
@@ -41,7 +25,7 @@ async fn a_server_that_goes_away_never_gets_a_false_true() {
         return;
     };
     let port = common::free_port();
-    let mut moto = start_moto(&bin, port);
+    let mut moto = common::start_moto(&bin, port);
     let settings = SqsSettings {
         queue: common::unique("outage"),
         region: "us-east-1".into(),
@@ -49,6 +33,7 @@ async fn a_server_that_goes_away_never_gets_a_false_true() {
         wait_time: Duration::from_secs(1),
         visibility_timeout: Duration::from_secs(30),
         max_messages_per_poll: 10,
+        poll_interval: Duration::from_millis(100),
     };
     let producer = SqsProducer::new(&settings).await.expect("producer");
     producer

@@ -28,9 +28,10 @@ pub mod supervisor;
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{Actor, ActorContext, Context};
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::backends::DelayStore;
 use crate::backends::shard::AnyDelivery;
@@ -87,10 +88,29 @@ pub struct Work {
 pub(crate) fn ack(d: AnyDelivery) {
     use crate::backends::Delivery;
     use futures_util::FutureExt;
-    // An ack only updates the consumer's watermark (a commit persists it
-    // later); it is ready at once and cannot fail.
-    if let Some(Err((e, _))) = d.ack().now_or_never() {
-        error!(error = %e, "Ack failed.");
+    // On a log or a topic an ack only updates the consumer's watermark (a
+    // commit persists it later): it is ready at once. On SQS it deletes the
+    // message, a call that finishes in the background, retried a few times;
+    // if it never succeeds the message shows again and is applied again (at
+    // least once, never lost).
+    let mut acking = Box::pin(d.ack());
+    match (&mut acking).now_or_never() {
+        Some(Ok(())) => {}
+        Some(Err((e, _))) => error!(error = %e, "Ack failed."),
+        None => {
+            actix::spawn(async move {
+                let mut result = acking.await;
+                for attempt in 1..=4u32 {
+                    let Err((e, d)) = result else { return };
+                    warn!(error = %e, attempt, "Ack failed; retrying.");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    result = d.ack().await;
+                }
+                if let Err((e, _)) = result {
+                    error!(error = %e, "Ack failed; the entry will be delivered again.");
+                }
+            });
+        }
     }
 }
 

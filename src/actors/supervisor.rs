@@ -94,7 +94,9 @@ impl NamespaceRuntime {
                 let (backend, shard, stats) = (backend.clone(), shard.clone(), stats.clone());
                 let group = match &config.backend {
                     BackendConfig::Kafka(k) => k.group(name),
-                    BackendConfig::Embedded(_) => CONSUMER_GROUP.to_string(),
+                    BackendConfig::Embedded(_) | BackendConfig::Sqs(_) => {
+                        CONSUMER_GROUP.to_string()
+                    }
                 };
                 Supervisor::start_in_arbiter(arbiter, move |_| {
                     ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING)

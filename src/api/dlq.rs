@@ -14,18 +14,20 @@
 //!   can do this, even a producer-only one), and its letter is removed once
 //!   the broker has it. The partition's owner applies it; one that fails
 //!   again becomes a new letter.
+//! - SQS: the same, onto its origin queue. Listing an SQS DLQ is a
+//!   best-effort peek (see `backends::sqs::dlq`).
 
 use std::collections::BTreeMap;
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::future::join_all;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::applier::{Purged, Redrive};
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::kafka::KafkaDlq;
 use crate::backends::shard::AnyDlq;
-use crate::backends::{DeadLetter, DeadLetters};
+use crate::backends::{BackendError, DeadLetter, DeadLetters};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
 
@@ -83,11 +85,10 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let (dlq, name, after) = (ns.dlq.clone(), ns.name.clone(), query.after);
-    // Letters are read from the DLQ log: off the HTTP worker thread.
-    let (letters, total) = tokio::task::spawn_blocking(move || dlq.list(&name, after, limit))
+    let (letters, total) = ns
+        .dlq
+        .list(&ns.name, query.after, limit)
         .await
-        .map_err(backend_error)?
         .map_err(backend_error)?;
     let next_after = (letters.len() == limit && limit > 0)
         .then(|| letters.last().map(|l| l.dlq_sequence))
@@ -106,11 +107,7 @@ pub async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    let (dlq, name, wanted) = (ns.dlq.clone(), ns.name.clone(), id.clone());
-    let letter = tokio::task::spawn_blocking(move || dlq.get(&name, &wanted))
-        .await
-        .map_err(backend_error)?
-        .map_err(backend_error)?;
+    let letter = ns.dlq.get(&ns.name, &id).await.map_err(backend_error)?;
     match letter {
         Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&letter))),
         None => Err(ApiError::not_found(format!(
@@ -130,14 +127,13 @@ async fn select(
     let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let (dlq, name) = (ns.dlq.clone(), ns.name.clone());
-    // Letters are read from the DLQ log: off the HTTP worker thread.
-    let read = move || match (select.ids, select.all) {
+    let (dlq, name) = (&ns.dlq, &ns.name);
+    match (select.ids, select.all) {
         (Some(ids), false) => {
             let mut found = Vec::new();
             let mut missing = Vec::new();
             for id in ids {
-                match dlq.get(&name, &id).map_err(backend_error)? {
+                match dlq.get(name, &id).await.map_err(backend_error)? {
                     Some(l) => found.push(l),
                     None => missing.push(id),
                 }
@@ -148,7 +144,10 @@ async fn select(
             let mut all = Vec::new();
             let mut after = None;
             loop {
-                let (page, _) = dlq.list(&name, after, MAX_LIMIT).map_err(backend_error)?;
+                let (page, _) = dlq
+                    .list(name, after, MAX_LIMIT)
+                    .await
+                    .map_err(backend_error)?;
                 let Some(last) = page.last() else { break };
                 after = Some(last.dlq_sequence);
                 all.extend(page);
@@ -158,10 +157,7 @@ async fn select(
         _ => Err(ApiError::bad_request(
             "give either `ids` (a list) or `all: true`",
         )),
-    };
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(backend_error)?
+    }
 }
 
 /// `POST /v1/namespaces/{ns}/dlq/redrive`
@@ -177,8 +173,16 @@ pub async fn redrive(
         *l.origin.shard.namespace == *ns.name && l.origin.shard.shard < ns.config.shards
     });
     let unroutable: Vec<String> = unroutable.into_iter().map(|l| l.entry.id).collect();
-    if let AnyDlq::Kafka(dlq) = &ns.dlq {
-        return redrive_to_topic(dlq, routable, not_found, unroutable).await;
+    match &ns.dlq {
+        AnyDlq::Kafka(dlq) => {
+            let sends = routable.iter().map(|l| dlq.redrive(l));
+            return put_back(&routable, join_all(sends).await, not_found, unroutable);
+        }
+        AnyDlq::Sqs(dlq) => {
+            let sends = routable.iter().map(|l| dlq.redrive(l));
+            return put_back(&routable, join_all(sends).await, not_found, unroutable);
+        }
+        AnyDlq::Embedded(_) => {}
     }
     let mut by_shard: BTreeMap<u32, Vec<Delivered>> = BTreeMap::new();
     for l in routable {
@@ -203,16 +207,15 @@ pub async fn redrive(
     })))
 }
 
-/// On Kafka a redrive re-produces each entry to its origin partition, where
-/// whichever process owns it applies it. Answered once every entry is back
-/// on the topic; 503 naming the ids that are not (they stay in the DLQ).
-async fn redrive_to_topic(
-    dlq: &KafkaDlq,
-    letters: Vec<DeadLetter>,
+/// On a broker a redrive puts each entry back on its origin partition or
+/// queue, where whichever process reads it applies it. Answered once every
+/// entry is back; 503 naming the ids that are not (they stay in the DLQ).
+fn put_back(
+    letters: &[DeadLetter],
+    results: Vec<Result<(), BackendError>>,
     not_found: Vec<String>,
     unroutable: Vec<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let results = futures_util::future::join_all(letters.iter().map(|l| dlq.redrive(l))).await;
     let mut redriven = 0;
     let mut failed = Vec::new();
     for (letter, result) in letters.iter().zip(results) {

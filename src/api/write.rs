@@ -21,9 +21,9 @@ use tracing::{Instrument, Span, field, info_span};
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::ingest::Write;
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::BackendError;
 use crate::backends::embedded::{Appended, LogError};
-use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
+use crate::backends::{BackendError, EntryRejected};
+use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms, shard_of};
 use crate::state::dedup::{self, Check};
 use crate::telemetry;
 use std::time::Duration;
@@ -241,19 +241,23 @@ fn prepare(
     if let Some(tp) = traceparent {
         headers.push(("traceparent".into(), tp));
     }
-    let route = req.key.as_deref().unwrap_or(&id);
-    let shard = crc32c::crc32c(route.as_bytes()) % ns.config.shards;
+    let shard = shard_of(req.key.as_deref(), &id, ns.config.shards);
+    let entry = Entry {
+        id,
+        key: req.key,
+        headers,
+        payload,
+        timestamp_ms: 0,
+        due_ms,
+    };
+    ns.backend.check_entry(&entry).map_err(|e| match e {
+        EntryRejected::TooLarge(why) => ApiError::too_large(why),
+        EntryRejected::Invalid(why) => ApiError::bad_request(why),
+    })?;
     Ok(Prepared {
         shard,
         client_id,
-        entry: Entry {
-            id,
-            key: req.key,
-            headers,
-            payload,
-            timestamp_ms: 0,
-            due_ms,
-        },
+        entry,
     })
 }
 

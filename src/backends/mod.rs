@@ -62,6 +62,15 @@ impl BackendError {
     }
 }
 
+/// An entry a backend cannot take, and why; checked at ingest.
+#[derive(Debug)]
+pub enum EntryRejected {
+    /// Larger than the backend can store (413).
+    TooLarge(String),
+    /// Not valid on this backend (400).
+    Invalid(String),
+}
+
 /// A send that the backend has made durable (or, in an unsafe mode, written).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sent {
@@ -107,9 +116,13 @@ pub trait DeadLetters: Send + Sync {
         namespace: &str,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<(Vec<DeadLetter>, usize), BackendError>;
+    ) -> impl Future<Output = Result<(Vec<DeadLetter>, usize), BackendError>> + Send;
 
-    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError>;
+    fn get(
+        &self,
+        namespace: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<DeadLetter>, BackendError>> + Send;
 
     /// Remove a letter (purged, or redriven and applied); false if it was not
     /// live. Durable before it resolves.
@@ -157,6 +170,18 @@ pub trait Delivery: Send + Sized {
     fn ack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
     /// The entry must be delivered again.
     fn nack(self) -> impl Future<Output = Result<(), (BackendError, Self)>> + Send;
+}
+
+/// The way back onto a namespace's shards for an entry that left them (a
+/// delay that came due on another queue): with the sequence it was first
+/// given, so a target's version guard ranks it where it was written.
+pub trait PutBack: Send + Sync {
+    fn put_back<'a>(
+        &'a self,
+        shard: u32,
+        entry: &'a Entry,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
 }
 
 /// Where delayed entries wait until they are due, so that a shard's

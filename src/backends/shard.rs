@@ -12,8 +12,9 @@ use super::embedded::{
 use super::kafka::{
     KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaDlq, KafkaGroup, KafkaProducer,
 };
-use super::{BackendError, Consumer, DeadLetter, DeadLetters, Delivery};
-use crate::entry::{Entry, ShardRef};
+use super::sqs::{self, SqsCheckpointer, SqsConsumer, SqsDelivery, SqsDlq, SqsNamespace};
+use super::{BackendError, Consumer, DeadLetter, DeadLetters, Delivery, EntryRejected};
+use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
 /// Where the answer to a write goes.
 pub type WriteReply = tokio::sync::oneshot::Sender<Result<Appended, BackendError>>;
@@ -31,6 +32,7 @@ pub enum NamespaceBackend {
         /// Memberships in the delay tiers' groups (consumer processes).
         delay_groups: Vec<Arc<KafkaGroup>>,
     },
+    Sqs(Arc<SqsNamespace>),
 }
 
 impl NamespaceBackend {
@@ -38,16 +40,29 @@ impl NamespaceBackend {
         match self {
             NamespaceBackend::Embedded(_) => "embedded",
             NamespaceBackend::Kafka { .. } => "kafka",
+            NamespaceBackend::Sqs(_) => "sqs",
+        }
+    }
+
+    /// Why the backend cannot take `entry`, checked at ingest so the client
+    /// is told at once (an SQS message is at most 256 KiB).
+    pub fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
+        match self {
+            NamespaceBackend::Sqs(ns) => sqs::check_entry(entry, ns.fifo),
+            NamespaceBackend::Embedded(_) | NamespaceBackend::Kafka { .. } => Ok(()),
         }
     }
 
     /// The backend's client queues writes itself and is safe to call from
-    /// any thread (librdkafka), so the HTTP worker hands entries straight
-    /// to it: a hop through the shard's Ingest actor would add two thread
-    /// wakeups per write and nothing else. Load is still shed by
-    /// `server.max_in_flight`, and by the client's own queue limit.
+    /// any thread (librdkafka, the async SQS client), so the HTTP worker
+    /// hands entries straight to it: a hop through the shard's Ingest actor
+    /// would add two thread wakeups per write and nothing else. Load is
+    /// still shed by `server.max_in_flight`, and by the client's own limits.
     pub fn queues_writes_itself(&self) -> bool {
-        matches!(self, NamespaceBackend::Kafka { .. })
+        matches!(
+            self,
+            NamespaceBackend::Kafka { .. } | NamespaceBackend::Sqs(_)
+        )
     }
 
     /// Append entries to `shard`; each answer goes to its own reply once
@@ -73,6 +88,42 @@ impl NamespaceBackend {
                     producer.write(shard.shard, &entry, tx);
                 }
             }
+            NamespaceBackend::Sqs(ns) => {
+                let Some(producer) = ns.producer(shard.shard) else {
+                    for (_, tx) in writes {
+                        let _ = tx.send(Err(BackendError::NotHere(
+                            "this process does not accept writes (--role consumer)",
+                        )));
+                    }
+                    return;
+                };
+                let timestamp_ms = now_ms();
+                let (entries, replies): (Vec<Entry>, Vec<WriteReply>) = writes
+                    .into_iter()
+                    .map(|(entry, tx)| {
+                        (
+                            Entry {
+                                timestamp_ms,
+                                ..entry
+                            },
+                            tx,
+                        )
+                    })
+                    .unzip();
+                // SendMessageBatch, ten at a time; each answer once SQS has
+                // stored that entry (or refused it).
+                tokio::spawn(async move {
+                    let answers = producer.send_batch(&entries).await;
+                    for (tx, answer) in replies.into_iter().zip(answers) {
+                        let _ =
+                            tx.send(answer.map_err(BackendError::from).map(|offset| Appended {
+                                offset,
+                                timestamp_ms,
+                                durable: Durable::True,
+                            }));
+                    }
+                });
+            }
         }
     }
 
@@ -96,6 +147,7 @@ impl NamespaceBackend {
                     "this process does not consume (--role producer)",
                 ));
             }
+            NamespaceBackend::Sqs(ns) => AnyConsumer::Sqs(ns.consumer(shard).await?),
         })
     }
 }
@@ -103,6 +155,7 @@ impl NamespaceBackend {
 pub enum AnyConsumer {
     Embedded(EmbeddedConsumer),
     Kafka(KafkaConsumer),
+    Sqs(SqsConsumer),
 }
 
 impl AnyConsumer {
@@ -110,6 +163,7 @@ impl AnyConsumer {
         match self {
             AnyConsumer::Embedded(c) => AnyCheckpointer::Embedded(c.checkpointer()),
             AnyConsumer::Kafka(c) => AnyCheckpointer::Kafka(c.checkpointer()),
+            AnyConsumer::Sqs(c) => AnyCheckpointer::Sqs(c.checkpointer()),
         }
     }
 }
@@ -135,6 +189,12 @@ impl Consumer for AnyConsumer {
                 .into_iter()
                 .map(AnyDelivery::Kafka)
                 .collect(),
+            AnyConsumer::Sqs(c) => c
+                .receive(max, timeout)
+                .await?
+                .into_iter()
+                .map(AnyDelivery::Sqs)
+                .collect(),
         })
     }
 
@@ -142,6 +202,7 @@ impl Consumer for AnyConsumer {
         match self {
             AnyConsumer::Embedded(c) => c.commit().await,
             AnyConsumer::Kafka(c) => c.commit().await,
+            AnyConsumer::Sqs(c) => c.commit().await,
         }
     }
 }
@@ -151,6 +212,8 @@ impl Consumer for AnyConsumer {
 pub enum AnyCheckpointer {
     Embedded(EmbeddedCheckpointer),
     Kafka(KafkaCheckpointer),
+    /// SQS has no offsets: a message is deleted once acked.
+    Sqs(SqsCheckpointer),
 }
 
 impl AnyCheckpointer {
@@ -158,6 +221,7 @@ impl AnyCheckpointer {
         match self {
             AnyCheckpointer::Embedded(c) => c.low_watermark(),
             AnyCheckpointer::Kafka(c) => c.low_watermark(),
+            AnyCheckpointer::Sqs(_) => 0,
         }
     }
 
@@ -165,6 +229,7 @@ impl AnyCheckpointer {
         match self {
             AnyCheckpointer::Embedded(c) => c.outstanding(),
             AnyCheckpointer::Kafka(c) => c.outstanding(),
+            AnyCheckpointer::Sqs(c) => c.outstanding(),
         }
     }
 
@@ -172,6 +237,7 @@ impl AnyCheckpointer {
         match self {
             AnyCheckpointer::Embedded(c) => c.oldest_outstanding_ms(),
             AnyCheckpointer::Kafka(c) => c.oldest_outstanding_ms(),
+            AnyCheckpointer::Sqs(_) => None,
         }
     }
 
@@ -179,6 +245,7 @@ impl AnyCheckpointer {
         match self {
             AnyCheckpointer::Embedded(c) => c.committed(),
             AnyCheckpointer::Kafka(c) => c.committed(),
+            AnyCheckpointer::Sqs(_) => None,
         }
     }
 
@@ -187,6 +254,7 @@ impl AnyCheckpointer {
         Ok(match self {
             AnyCheckpointer::Embedded(c) => c.commit().await?,
             AnyCheckpointer::Kafka(c) => c.commit().await?,
+            AnyCheckpointer::Sqs(_) => 0,
         })
     }
 }
@@ -194,6 +262,7 @@ impl AnyCheckpointer {
 pub enum AnyDelivery {
     Embedded(EmbeddedDelivery),
     Kafka(KafkaDelivery),
+    Sqs(SqsDelivery),
 }
 
 impl Delivery for AnyDelivery {
@@ -201,6 +270,7 @@ impl Delivery for AnyDelivery {
         match self {
             AnyDelivery::Embedded(d) => d.entry(),
             AnyDelivery::Kafka(d) => d.entry(),
+            AnyDelivery::Sqs(d) => d.entry(),
         }
     }
 
@@ -208,6 +278,7 @@ impl Delivery for AnyDelivery {
         match self {
             AnyDelivery::Embedded(d) => d.shard(),
             AnyDelivery::Kafka(d) => d.shard(),
+            AnyDelivery::Sqs(d) => d.shard(),
         }
     }
 
@@ -215,6 +286,7 @@ impl Delivery for AnyDelivery {
         match self {
             AnyDelivery::Embedded(d) => d.sequence(),
             AnyDelivery::Kafka(d) => d.sequence(),
+            AnyDelivery::Sqs(d) => d.sequence(),
         }
     }
 
@@ -225,6 +297,7 @@ impl Delivery for AnyDelivery {
                 .await
                 .map_err(|(e, d)| (e, AnyDelivery::Embedded(d))),
             AnyDelivery::Kafka(d) => d.ack().await.map_err(|(e, d)| (e, AnyDelivery::Kafka(d))),
+            AnyDelivery::Sqs(d) => d.ack().await.map_err(|(e, d)| (e, AnyDelivery::Sqs(d))),
         }
     }
 
@@ -235,16 +308,29 @@ impl Delivery for AnyDelivery {
                 .await
                 .map_err(|(e, d)| (e, AnyDelivery::Embedded(d))),
             AnyDelivery::Kafka(d) => d.nack().await.map_err(|(e, d)| (e, AnyDelivery::Kafka(d))),
+            AnyDelivery::Sqs(d) => d.nack().await.map_err(|(e, d)| (e, AnyDelivery::Sqs(d))),
         }
     }
 }
 
 /// A namespace's dead-letter queue: the local one beside the embedded log,
-/// or the namespace's DLQ topic.
+/// the namespace's DLQ topic, or its DLQ queue.
 #[derive(Clone)]
 pub enum AnyDlq {
     Embedded(Arc<EmbeddedDlq>),
     Kafka(Arc<KafkaDlq>),
+    Sqs(Arc<SqsDlq>),
+}
+
+impl AnyDlq {
+    /// How many letters `namespace` has: exact, or SQS's estimate (counting
+    /// an SQS queue exactly would mean receiving all of it).
+    pub async fn count(&self, namespace: &str) -> Result<u64, BackendError> {
+        match self {
+            AnyDlq::Sqs(d) => Ok(d.queue().approximate_len().await?),
+            _ => Ok(self.list(namespace, None, 0).await?.1 as u64),
+        }
+    }
 }
 
 impl DeadLetters for AnyDlq {
@@ -252,25 +338,39 @@ impl DeadLetters for AnyDlq {
         match self {
             AnyDlq::Embedded(d) => d.append(letter).await,
             AnyDlq::Kafka(d) => d.append(letter).await,
+            AnyDlq::Sqs(d) => d.append(letter).await,
         }
     }
 
-    fn list(
+    /// The local DLQ reads its log off the async worker.
+    async fn list(
         &self,
         namespace: &str,
         after: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
         match self {
-            AnyDlq::Embedded(d) => d.list(namespace, after, limit),
-            AnyDlq::Kafka(d) => d.list(namespace, after, limit),
+            AnyDlq::Embedded(d) => {
+                let (d, namespace) = (d.clone(), namespace.to_string());
+                tokio::task::spawn_blocking(move || d.list_now(&namespace, after, limit))
+                    .await
+                    .expect("reading the DLQ does not panic")
+            }
+            AnyDlq::Kafka(d) => d.list(namespace, after, limit).await,
+            AnyDlq::Sqs(d) => d.list(namespace, after, limit).await,
         }
     }
 
-    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
         match self {
-            AnyDlq::Embedded(d) => d.get(namespace, id),
-            AnyDlq::Kafka(d) => d.get(namespace, id),
+            AnyDlq::Embedded(d) => {
+                let (d, namespace, id) = (d.clone(), namespace.to_string(), id.to_string());
+                tokio::task::spawn_blocking(move || d.get_now(&namespace, &id))
+                    .await
+                    .expect("reading the DLQ does not panic")
+            }
+            AnyDlq::Kafka(d) => d.get(namespace, id).await,
+            AnyDlq::Sqs(d) => d.get(namespace, id).await,
         }
     }
 
@@ -278,6 +378,7 @@ impl DeadLetters for AnyDlq {
         match self {
             AnyDlq::Embedded(d) => d.remove(namespace, id, reason).await,
             AnyDlq::Kafka(d) => d.remove(namespace, id, reason).await,
+            AnyDlq::Sqs(d) => d.remove(namespace, id, reason).await,
         }
     }
 }

@@ -185,6 +185,99 @@ pub enum BackendConfig {
     /// A Kafka topic: the broker carries durability, and producer and
     /// consumer processes can run apart (`walden serve --role`).
     Kafka(KafkaConfig),
+    /// SQS queues, one per shard: SQS carries durability, delays past its
+    /// 15-minute cap hop through a companion queue, and the DLQ is a queue.
+    Sqs(SqsConfig),
+}
+
+/// The SQS backend's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsConfig {
+    /// The namespace's queues by name, one per shard (so their number must
+    /// equal `shards`). A name ending in `.fifo` is a FIFO queue; all must be
+    /// of one kind. Missing queues are created.
+    pub queues: Vec<String>,
+    pub region: String,
+    /// For a local or compatible server (`http://127.0.0.1:4566`); unset is
+    /// AWS itself. Credentials come from the standard AWS chain.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// The pause between polls that found nothing (long polls aside).
+    #[serde(default = "default_sqs_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Messages per ReceiveMessage, 1 to 10 (the SQS limit).
+    #[serde(default = "default_sqs_max_messages")]
+    pub max_messages_per_poll: u32,
+    /// How long a received message stays hidden; Walden extends it while the
+    /// entry is being applied.
+    #[serde(default = "default_sqs_visibility_timeout_s")]
+    pub visibility_timeout_s: u32,
+    /// Long polling: how long a receive waits for a message, 0 to 20 s.
+    #[serde(default = "default_sqs_wait_time_s")]
+    pub wait_time_s: u32,
+    /// The dead-letter queue; `<first queue>-dlq` (`-dlq.fifo` for FIFO
+    /// queues) if unset.
+    #[serde(default)]
+    pub dlq_queue: Option<String>,
+    /// The companion standard queue where delayed entries wait;
+    /// `<first queue>-delay` if unset.
+    #[serde(default)]
+    pub delay_queue: Option<String>,
+    /// The longest single hop of a delayed entry through the delay queue,
+    /// 1 to 900 s (SQS's own cap on DelaySeconds). Longer delays hop again
+    /// until due. Lower it only to test long delays quickly.
+    #[serde(default = "default_sqs_delay_hop_s")]
+    pub delay_hop_s: u32,
+}
+
+fn default_sqs_poll_interval_ms() -> u64 {
+    1_000
+}
+
+fn default_sqs_max_messages() -> u32 {
+    10
+}
+
+fn default_sqs_visibility_timeout_s() -> u32 {
+    30
+}
+
+fn default_sqs_wait_time_s() -> u32 {
+    10
+}
+
+fn default_sqs_delay_hop_s() -> u32 {
+    900
+}
+
+impl SqsConfig {
+    pub fn is_fifo(&self) -> bool {
+        self.queues.first().is_some_and(|q| q.ends_with(".fifo"))
+    }
+
+    fn base_name(&self) -> &str {
+        let first = self.queues.first().map(String::as_str).unwrap_or("walden");
+        first.strip_suffix(".fifo").unwrap_or(first)
+    }
+
+    /// The dead-letter queue's name.
+    pub fn dlq_queue(&self) -> String {
+        self.dlq_queue
+            .clone()
+            .unwrap_or_else(|| match self.is_fifo() {
+                true => format!("{}-dlq.fifo", self.base_name()),
+                false => format!("{}-dlq", self.base_name()),
+            })
+    }
+
+    /// The delay queue's name (always a standard queue: only those delay
+    /// each message on its own).
+    pub fn delay_queue(&self) -> String {
+        self.delay_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}-delay", self.base_name()))
+    }
 }
 
 /// The Kafka backend's settings.
@@ -225,7 +318,7 @@ impl BackendConfig {
     pub fn rebalance_drain(&self) -> Duration {
         match self {
             BackendConfig::Kafka(k) => Duration::from_millis(k.rebalance_drain_ms),
-            BackendConfig::Embedded(_) => Duration::ZERO,
+            BackendConfig::Embedded(_) | BackendConfig::Sqs(_) => Duration::ZERO,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use super::{BackendConfig, Config, FsyncSetting, TargetConfig};
+use super::{BackendConfig, Config, FsyncSetting, NamespaceConfig, SqsConfig, TargetConfig};
 use crate::backends::embedded::format::MAX_BODY;
 
 /// One problem in a configuration.
@@ -127,6 +127,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
         match &ns.backend {
             BackendConfig::Kafka(_) => {}
+            BackendConfig::Sqs(q) => validate_sqs(&mut e, name, ns, q),
             BackendConfig::Embedded(b) => {
                 if b.fsync == FsyncSetting::Interval && b.fsync_interval_ms == 0 {
                     e.ns(
@@ -299,6 +300,136 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     } else {
         Err(ConfigErrors(e.0))
     }
+}
+
+fn validate_sqs(e: &mut Errors, name: &str, ns: &NamespaceConfig, q: &SqsConfig) {
+    if q.queues.is_empty() {
+        e.ns(name, "backend.queues", "must name at least one queue");
+    } else if q.queues.len() != ns.shards as usize {
+        e.ns(
+            name,
+            "backend.queues",
+            format!(
+                "names {} queues, but shards = {}: each shard is one queue, so they must be equal",
+                q.queues.len(),
+                ns.shards
+            ),
+        );
+    }
+    for queue in &q.queues {
+        if !valid_queue_name(queue) {
+            e.ns(
+                name,
+                "backend.queues",
+                format!("{queue:?} must be 1-80 letters, digits, '-' or '_' (then `.fifo` for a FIFO queue)"),
+            );
+        }
+    }
+    let fifo = q.is_fifo();
+    if q.queues
+        .iter()
+        .any(|queue| queue.ends_with(".fifo") != fifo)
+    {
+        e.ns(
+            name,
+            "backend.queues",
+            "mixes FIFO (`.fifo`) and standard queues; use one kind",
+        );
+    }
+    if ns.ordering == super::Ordering::PerKey && !fifo {
+        e.ns(
+            name,
+            "ordering",
+            "\"per_key\" needs FIFO queues (names ending in `.fifo`): a standard queue may deliver \
+             a key's entries out of order. Use FIFO queues, or set ordering = \"none\"",
+        );
+    }
+    if q.region.trim().is_empty() {
+        e.ns(
+            name,
+            "backend.region",
+            "must name a region, e.g. \"us-east-1\"",
+        );
+    }
+    if let Some(url) = &q.endpoint_url {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => e.ns(
+                name,
+                "backend.endpoint_url",
+                format!("{url:?} must be an http(s) URL"),
+            ),
+        }
+    }
+    let dlq = q.dlq_queue();
+    if !valid_queue_name(&dlq) || q.queues.contains(&dlq) {
+        e.ns(
+            name,
+            "backend.dlq_queue",
+            format!("{dlq:?} must be a valid queue name other than the namespace's queues"),
+        );
+    }
+    let delay = q.delay_queue();
+    if !valid_queue_name(&delay)
+        || delay.ends_with(".fifo")
+        || q.queues.contains(&delay)
+        || delay == dlq
+    {
+        e.ns(
+            name,
+            "backend.delay_queue",
+            format!(
+                "{delay:?} must be a standard queue (no `.fifo`: only those delay each message) \
+                 other than the namespace's queues and DLQ"
+            ),
+        );
+    }
+    for (field, value, range) in [
+        (
+            "backend.max_messages_per_poll",
+            q.max_messages_per_poll,
+            1..=10,
+        ),
+        ("backend.wait_time_s", q.wait_time_s, 0..=20),
+        (
+            "backend.visibility_timeout_s",
+            q.visibility_timeout_s,
+            2..=43_200,
+        ),
+        ("backend.delay_hop_s", q.delay_hop_s, 1..=900),
+    ] {
+        if !range.contains(&value) {
+            e.ns(
+                name,
+                field,
+                format!(
+                    "must be between {} and {} (got {value})",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+    }
+    // Holds live on one machine's disk, and an SQS namespace's consumers
+    // compete for every queue.
+    if ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey {
+        e.ns(
+            name,
+            "dlq.on_dead_letter",
+            "\"hold_key\" keeps its holds on local disk, so it is not available on the sqs backend",
+        );
+    }
+}
+
+/// SQS's rule for queue names: 1-80 letters, digits, '-' or '_', the last
+/// five of them `.fifo` for a FIFO queue.
+fn valid_queue_name(queue: &str) -> bool {
+    let base = queue.strip_suffix(".fifo").unwrap_or(queue);
+    (1..=80).contains(&queue.len())
+        && !base.is_empty()
+        && base
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
 fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {

@@ -151,6 +151,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Start an SQS server (moto, `WALDEN_TEST_MOTO_BIN`) of the test's own on
+/// `port`, for tests that stop it; waits until it listens.
+pub fn start_moto(bin: &str, port: u16) -> std::process::Child {
+    let child = std::process::Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start moto");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child
+}
+
 /// Start the real `walden serve` binary on a config file.
 pub fn start_walden(config: &Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_walden"))

@@ -406,31 +406,31 @@ pub async fn dead_letters_append_list_get_remove<D: walden::backends::DeadLetter
     );
 
     // Listing pages in order, and a letter comes back unchanged.
-    let (page, total) = dlq.list(ns, None, 2).unwrap();
+    let (page, total) = dlq.list(ns, None, 2).await.unwrap();
     assert_eq!(total, 5);
     assert_eq!(
         page.iter().map(|l| l.entry.id.as_str()).collect::<Vec<_>>(),
         ["dead-0", "dead-1"]
     );
-    let (rest, _) = dlq.list(ns, Some(page[1].dlq_sequence), 10).unwrap();
+    let (rest, _) = dlq.list(ns, Some(page[1].dlq_sequence), 10).await.unwrap();
     assert_eq!(rest.len(), 3);
     let mut want = letter(3);
     want.dlq_sequence = seqs[3];
-    assert_eq!(dlq.get(ns, "dead-3").unwrap(), Some(want));
-    assert_eq!(dlq.get(ns, "nope").unwrap(), None);
-    assert_eq!(dlq.list("another-namespace", None, 10).unwrap().1, 0);
+    assert_eq!(dlq.get(ns, "dead-3").await.unwrap(), Some(want));
+    assert_eq!(dlq.get(ns, "nope").await.unwrap(), None);
+    assert_eq!(dlq.list("another-namespace", None, 10).await.unwrap().1, 0);
 
     // Removing takes a letter out of the listing, once.
     assert!(dlq.remove(ns, "dead-1", "purged").await.unwrap());
     assert!(!dlq.remove(ns, "dead-1", "purged").await.unwrap());
-    assert_eq!(dlq.get(ns, "dead-1").unwrap(), None);
-    let (all, total) = dlq.list(ns, None, 10).unwrap();
+    assert_eq!(dlq.get(ns, "dead-1").await.unwrap(), None);
+    let (all, total) = dlq.list(ns, None, 10).await.unwrap();
     assert_eq!(total, 4);
     assert!(all.iter().all(|l| l.entry.id != "dead-1"));
 
     // The same id dead-lettered again replaces the older letter.
     dlq.append(letter(2)).await.unwrap();
-    let (all, total) = dlq.list(ns, None, 10).unwrap();
+    let (all, total) = dlq.list(ns, None, 10).await.unwrap();
     assert_eq!(total, 4);
     assert_eq!(all.last().unwrap().entry.id, "dead-2");
 }

@@ -96,21 +96,10 @@ impl EmbeddedDlq {
     }
 }
 
-impl DeadLetters for EmbeddedDlq {
-    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
-        let namespace = letter.origin.shard.namespace.clone();
-        let id = letter.entry.id.clone();
-        let ack = self.log.append(&shard(&namespace), encode(letter)).await?;
-        self.live
-            .lock()
-            .unwrap()
-            .entry(namespace.to_string())
-            .or_default()
-            .insert(ack.offset, &id);
-        Ok(ack.offset)
-    }
-
-    fn list(
+/// Reads from the DLQ log: blocking, so callers on an async worker use
+/// `spawn_blocking`.
+impl EmbeddedDlq {
+    pub fn list_now(
         &self,
         namespace: &str,
         after: Option<u64>,
@@ -140,7 +129,7 @@ impl DeadLetters for EmbeddedDlq {
         Ok((out, total))
     }
 
-    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    pub fn get_now(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
         let seq = {
             let live = self.live.lock().unwrap();
             live.get(namespace).and_then(|ns| ns.by_id.get(id).copied())
@@ -149,6 +138,34 @@ impl DeadLetters for EmbeddedDlq {
             Some(seq) => Ok(self.read(namespace, seq)?),
             None => Ok(None),
         }
+    }
+}
+
+impl DeadLetters for EmbeddedDlq {
+    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
+        let namespace = letter.origin.shard.namespace.clone();
+        let id = letter.entry.id.clone();
+        let ack = self.log.append(&shard(&namespace), encode(letter)).await?;
+        self.live
+            .lock()
+            .unwrap()
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(ack.offset, &id);
+        Ok(ack.offset)
+    }
+
+    async fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
+        self.list_now(namespace, after, limit)
+    }
+
+    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+        self.get_now(namespace, id)
     }
 
     async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {

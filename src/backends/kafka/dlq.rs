@@ -220,7 +220,7 @@ impl DeadLetters for KafkaDlq {
 
     // The topic is the namespace's own; the filters only guard against a
     // topic shared by mistake.
-    fn list(
+    async fn list(
         &self,
         namespace: &str,
         after: Option<u64>,
@@ -241,7 +241,7 @@ impl DeadLetters for KafkaDlq {
         Ok((page, total))
     }
 
-    fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
         let view = self.view.lock().unwrap();
         Ok(view
             .by_id
@@ -252,7 +252,7 @@ impl DeadLetters for KafkaDlq {
     }
 
     async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
-        let Some(letter) = self.get(namespace, id)? else {
+        let Some(letter) = self.get(namespace, id).await? else {
             return Ok(false);
         };
         self.tombstone(&letter, reason).await?;

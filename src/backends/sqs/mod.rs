@@ -30,13 +30,21 @@
 //!
 //! # Consuming
 //! Every consumer of a queue competes for its messages (there are no
-//! consumer groups). A receive long-polls; a message stays invisible for the
-//! visibility timeout while it is applied, and is deleted only when acked. A
-//! nack makes it visible again at once. There is nothing to commit.
+//! consumer groups), so producer and consumer processes scale apart with no
+//! rebalancing. A receive long-polls for up to `wait_time`; a poll that finds
+//! nothing waits `poll_interval` before the next. A received message stays
+//! hidden while its entry is applied: its visibility timeout is extended
+//! every half timeout for as long as the delivery is held, so a slow target
+//! does not get a second copy, and a crashed consumer's messages show again
+//! one timeout later. A message is deleted only when acked (applied, parked
+//! or dead-lettered); a nack makes it visible again at once. There is
+//! nothing to commit.
+//!
+//! Delays and dead letters live on queues too ([`delays`], [`dlq`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_sdk_sqs::Client;
@@ -47,8 +55,16 @@ use aws_sdk_sqs::types::{
 };
 use base64::Engine;
 
-use super::{BackendError, Consumer, Delivery, Producer, Sent};
+use futures_util::future::BoxFuture;
+
+use super::{BackendError, Consumer, Delivery, EntryRejected, Producer, PutBack, Sent};
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
+
+pub mod delays;
+pub mod dlq;
+
+pub use delays::SqsDelays;
+pub use dlq::SqsDlq;
 
 const ID: &str = "walden.id";
 const KEY: &str = "walden.key";
@@ -57,6 +73,8 @@ const TIMESTAMP: &str = "walden.timestamp_ms";
 const DUE: &str = "walden.due_ms";
 const HEADERS: &str = "walden.headers";
 const TRACEPARENT: &str = "traceparent";
+/// Room left for a caller's own attributes (SQS allows ten per message).
+const EXTRA: usize = 3;
 
 /// The most a SendMessage may carry (body and attributes), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -75,6 +93,8 @@ pub struct SqsSettings {
     pub visibility_timeout: Duration,
     /// Messages per receive, at most 10.
     pub max_messages_per_poll: u32,
+    /// The pause after a poll that found nothing.
+    pub poll_interval: Duration,
 }
 
 impl SqsSettings {
@@ -95,20 +115,7 @@ impl SqsSettings {
 
     /// The queue's URL, creating it if it does not exist.
     pub async fn ensure_queue(&self, client: &Client) -> Result<String, SqsError> {
-        let mut create = client.create_queue().queue_name(&self.queue);
-        if self.is_fifo() {
-            create = create.attributes(QueueAttributeName::FifoQueue, "true");
-        }
-        // CreateQueue returns the existing queue's URL when the attributes
-        // match, so it is safe to repeat.
-        let out = create
-            .send()
-            .await
-            .map_err(|e| SqsError::call("CreateQueue", &self.queue, e))?;
-        out.queue_url.ok_or_else(|| SqsError::Queue {
-            queue: self.queue.clone(),
-            message: "CreateQueue answered without a queue URL".into(),
-        })
+        Ok(SqsQueue::open(client, &self.queue).await?.url)
     }
 }
 
@@ -220,156 +227,422 @@ fn number_attribute(value: u64) -> MessageAttributeValue {
         .expect("data type is set")
 }
 
-/// Sends entries to one queue.
+/// One queue: the client, URL and name every call needs.
 #[derive(Clone)]
-pub struct SqsProducer {
+pub struct SqsQueue {
     client: Client,
-    queue_url: String,
-    settings: SqsSettings,
-    clock: Arc<Hlc>,
+    url: String,
+    name: String,
 }
 
-impl SqsProducer {
-    pub async fn new(settings: &SqsSettings) -> Result<Self, SqsError> {
-        let client = settings.client().await;
-        let queue_url = settings.ensure_queue(&client).await?;
+/// A message to send: an encoded entry and how SQS should treat it.
+struct Outgoing {
+    body: String,
+    attributes: HashMap<String, MessageAttributeValue>,
+    /// MessageGroupId and MessageDeduplicationId, on a FIFO queue.
+    fifo: Option<(String, String)>,
+    delay_s: i32,
+}
+
+impl SqsQueue {
+    /// Open queue `name`, creating it if it does not exist (a FIFO queue if
+    /// the name ends in `.fifo`).
+    pub async fn open(client: &Client, name: &str) -> Result<Self, SqsError> {
+        let mut create = client.create_queue().queue_name(name);
+        if name.ends_with(".fifo") {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        // CreateQueue returns the existing queue's URL when the attributes
+        // match, so it is safe to repeat.
+        let out = create
+            .send()
+            .await
+            .map_err(|e| SqsError::call("CreateQueue", name, e))?;
+        let url = out.queue_url.ok_or_else(|| SqsError::Queue {
+            queue: name.to_string(),
+            message: "CreateQueue answered without a queue URL".into(),
+        })?;
         Ok(Self {
-            client,
-            queue_url,
-            settings: settings.clone(),
-            clock: Arc::new(Hlc::default()),
+            client: client.clone(),
+            url,
+            name: name.to_string(),
         })
     }
 
-    /// Send one entry; resolves with its sequence once SQS has stored it.
-    pub async fn send_entry(&self, entry: &Entry) -> Result<u64, SqsError> {
-        let sequence = self.clock.next();
-        let fifo = self.fifo_ids(entry)?;
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_fifo(&self) -> bool {
+        self.name.ends_with(".fifo")
+    }
+
+    /// The FIFO ids of `entry` on this queue (`None` on a standard queue):
+    /// its key as the group, and `dedup` as the deduplication id.
+    fn fifo_ids(&self, entry: &Entry, dedup: &str) -> Result<Option<(String, String)>, SqsError> {
+        if !self.is_fifo() {
+            return Ok(None);
+        }
+        if !fifo_token(dedup) {
+            return Err(SqsError::Queue {
+                queue: self.name.clone(),
+                message: format!(
+                    "id {dedup:?} cannot be a FIFO MessageDeduplicationId (1 to 128 ASCII letters, digits or punctuation)"
+                ),
+            });
+        }
+        Ok(Some((group_id(entry), dedup.to_string())))
+    }
+
+    async fn send(&self, m: Outgoing) -> Result<(), SqsError> {
         let mut send = self
             .client
             .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(base64::engine::general_purpose::STANDARD.encode(&entry.payload))
-            .set_message_attributes(Some(attributes(entry, sequence)));
-        if let Some((group, dedup)) = fifo {
+            .queue_url(&self.url)
+            .message_body(m.body)
+            .set_message_attributes(Some(m.attributes));
+        if m.delay_s > 0 {
+            send = send.delay_seconds(m.delay_s);
+        }
+        if let Some((group, dedup)) = m.fifo {
             send = send.message_group_id(group).message_deduplication_id(dedup);
         }
         send.send()
             .await
-            .map_err(|e| SqsError::call("SendMessage", &self.settings.queue, e))?;
-        Ok(sequence)
+            .map_err(|e| SqsError::call("SendMessage", &self.name, e))?;
+        Ok(())
     }
 
-    /// Send entries with SendMessageBatch, ten per call (the SQS limit), in
-    /// order; one answer per entry, in order. An entry SQS refused within a
-    /// batch that went through is `false`: it was not stored.
-    pub async fn send_batch(&self, entries: &[Entry]) -> Vec<Result<u64, SqsError>> {
-        let mut answers = Vec::with_capacity(entries.len());
-        for chunk in entries.chunks(10) {
-            answers.extend(self.send_ten(chunk).await);
-        }
-        answers
-    }
-
-    async fn send_ten(&self, entries: &[Entry]) -> Vec<Result<u64, SqsError>> {
-        let queue = &self.settings.queue;
-        let mut answers: Vec<Option<Result<u64, SqsError>>> = Vec::with_capacity(entries.len());
-        let mut request = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            let sequence = self.clock.next();
-            let fifo = match self.fifo_ids(entry) {
-                Ok(fifo) => fifo,
-                Err(e) => {
-                    answers.push(Some(Err(e)));
-                    continue;
+    /// Send up to ten messages in one SendMessageBatch; one answer per
+    /// message, in order. A message SQS refused within a batch that went
+    /// through is `false`: it was not stored.
+    async fn send_ten(&self, messages: Vec<Outgoing>) -> Vec<Result<(), SqsError>> {
+        let mut answers: Vec<Result<(), SqsError>> = (0..messages.len()).map(|_| Ok(())).collect();
+        let request: Vec<_> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mut item = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(m.body)
+                    .set_message_attributes(Some(m.attributes));
+                if m.delay_s > 0 {
+                    item = item.delay_seconds(m.delay_s);
                 }
-            };
-            let mut item = SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(base64::engine::general_purpose::STANDARD.encode(&entry.payload))
-                .set_message_attributes(Some(attributes(entry, sequence)));
-            if let Some((group, dedup)) = fifo {
-                item = item.message_group_id(group).message_deduplication_id(dedup);
-            }
-            request.push(item.build().expect("id and body are set"));
-            answers.push(Some(Ok(sequence)));
+                if let Some((group, dedup)) = m.fifo {
+                    item = item.message_group_id(group).message_deduplication_id(dedup);
+                }
+                item.build().expect("id and body are set")
+            })
+            .collect();
+        if request.is_empty() {
+            return answers;
         }
-        if !request.is_empty() {
-            let sent = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(request))
-                .send()
-                .await;
-            match sent {
-                Ok(out) => {
-                    for failed in out.failed {
-                        let Some(slot) = failed
-                            .id
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| answers.get_mut(i))
-                        else {
-                            continue;
-                        };
-                        *slot = Some(Err(SqsError::Call {
+        let sent = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(request))
+            .send()
+            .await;
+        match sent {
+            Ok(out) => {
+                for failed in out.failed {
+                    if let Some(slot) = failed
+                        .id
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| answers.get_mut(i))
+                    {
+                        *slot = Err(SqsError::Call {
                             call: "SendMessageBatch",
-                            queue: queue.clone(),
+                            queue: self.name.clone(),
                             durable: Durable::False,
                             message: format!(
                                 "{}: {}",
                                 failed.code,
                                 failed.message.unwrap_or_default()
                             ),
-                        }));
-                    }
-                }
-                Err(e) => {
-                    let e = SqsError::call("SendMessageBatch", queue, e);
-                    for slot in answers.iter_mut() {
-                        if matches!(slot, Some(Ok(_))) {
-                            *slot = Some(Err(e.clone()));
-                        }
+                        });
                     }
                 }
             }
+            Err(e) => {
+                let e = SqsError::call("SendMessageBatch", &self.name, e);
+                answers.iter_mut().for_each(|a| *a = Err(e.clone()));
+            }
         }
-        answers.into_iter().map(|a| a.expect("answered")).collect()
+        answers
     }
 
-    /// A FIFO queue's MessageGroupId and MessageDeduplicationId for `entry`;
-    /// `None` on a standard queue.
-    fn fifo_ids(&self, entry: &Entry) -> Result<Option<(String, String)>, SqsError> {
-        if !self.settings.is_fifo() {
-            return Ok(None);
+    async fn receive(
+        &self,
+        max: usize,
+        wait_s: i32,
+        visibility_s: i32,
+    ) -> Result<Vec<aws_sdk_sqs::types::Message>, SqsError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait_s.clamp(0, 20))
+            .visibility_timeout(visibility_s)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .map_err(|e| SqsError::call("ReceiveMessage", &self.name, e))?;
+        Ok(out.messages.unwrap_or_default())
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), SqsError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| SqsError::call("DeleteMessage", &self.name, e))?;
+        Ok(())
+    }
+
+    async fn set_visibility(&self, receipt: &str, seconds: i32) -> Result<(), SqsError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(seconds)
+            .send()
+            .await
+            .map_err(|e| SqsError::call("ChangeMessageVisibility", &self.name, e))?;
+        Ok(())
+    }
+
+    /// How many messages the queue holds (visible, hidden and delayed), as
+    /// SQS estimates it.
+    pub async fn approximate_len(&self) -> Result<u64, SqsError> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| SqsError::call("GetQueueAttributes", &self.name, e))?;
+        Ok(out
+            .attributes
+            .unwrap_or_default()
+            .values()
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum())
+    }
+}
+
+/// A FIFO MessageGroupId for `entry`: its key (its id if it has none). A key
+/// that is not a valid group id is hashed: two keys may then share a group,
+/// which orders them together and loses nothing.
+fn group_id(entry: &Entry) -> String {
+    let key = entry.key.as_deref().unwrap_or(&entry.id);
+    match fifo_token(key) {
+        true => key.to_string(),
+        false => format!("h-{:08x}", crc32c::crc32c(key.as_bytes())),
+    }
+}
+
+/// A deduplication id for a later send of an entry (a delay hop coming due,
+/// a redrive): distinct from the first send's, which SQS would drop as a
+/// repeat within five minutes, and the same if this send is retried.
+fn later_dedup(entry: &Entry, suffix: &str) -> String {
+    let id = format!("{}:{suffix}", entry.id);
+    match fifo_token(&id) {
+        true => id,
+        false => format!(
+            "{:08x}-{}:{suffix}",
+            crc32c::crc32c(entry.id.as_bytes()),
+            uuid::Uuid::now_v7().simple()
+        ),
+    }
+}
+
+/// An entry as a message: the base64 body and the attributes.
+fn encode(entry: &Entry, sequence: u64) -> (String, HashMap<String, MessageAttributeValue>) {
+    (
+        base64::engine::general_purpose::STANDARD.encode(&entry.payload),
+        attributes(entry, sequence),
+    )
+}
+
+/// A received message's entry and sequence (0 if it carries none).
+fn decode(msg: &aws_sdk_sqs::types::Message) -> (Entry, u64) {
+    let number = |k: &str| text(msg, k).and_then(|v| v.parse::<u64>().ok());
+    let payload = msg
+        .body
+        .as_deref()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .unwrap_or_default();
+    let headers = text(msg, HEADERS)
+        .and_then(|h| serde_json::from_str(&h).ok())
+        .unwrap_or_default();
+    let id = text(msg, ID)
+        .or_else(|| msg.message_id.clone())
+        .unwrap_or_default();
+    let entry = Entry {
+        id,
+        key: text(msg, KEY),
+        headers,
+        payload: payload.into(),
+        timestamp_ms: number(TIMESTAMP).unwrap_or(0),
+        due_ms: number(DUE).unwrap_or(0),
+    };
+    (entry, number(SEQUENCE).unwrap_or(0))
+}
+
+/// A string message attribute of `msg`.
+fn text(msg: &aws_sdk_sqs::types::Message, name: &str) -> Option<String> {
+    msg.message_attributes
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .and_then(|v| v.string_value.clone())
+}
+
+/// The size SQS counts for a message: the body, and each attribute's name,
+/// type and value.
+fn message_size(body: &str, attributes: &HashMap<String, MessageAttributeValue>) -> usize {
+    body.len()
+        + attributes
+            .iter()
+            .map(|(k, v)| {
+                k.len() + v.data_type.len() + v.string_value.as_deref().map_or(0, str::len)
+            })
+            .sum::<usize>()
+}
+
+/// Why `entry` cannot go onto an SQS queue, if it cannot: too large for a
+/// message (with base64 and the attributes, and room for a DLQ letter's), or
+/// an id a FIFO queue cannot deduplicate on. Checked at ingest, so the client
+/// gets a 413 or a 400 instead of a failed send.
+pub fn check_entry(entry: &Entry, fifo: bool) -> Result<(), EntryRejected> {
+    let (body, attributes) = encode(entry, u64::MAX);
+    let size = message_size(&body, &attributes) + dlq::LETTER_OVERHEAD;
+    if size > MAX_MESSAGE_BYTES {
+        return Err(EntryRejected::TooLarge(format!(
+            "the entry would be a {size}-byte SQS message (payload {} bytes, base64-encoded, plus its \
+             attributes and room for a dead letter's); SQS takes at most {MAX_MESSAGE_BYTES}",
+            entry.payload.len()
+        )));
+    }
+    if fifo && !fifo_token(&entry.id) {
+        return Err(EntryRejected::Invalid(format!(
+            "`id` {:?} cannot deduplicate on a FIFO queue: use 1 to 128 ASCII letters, digits or punctuation",
+            entry.id
+        )));
+    }
+    Ok(())
+}
+
+/// Sends entries to one queue.
+#[derive(Clone)]
+pub struct SqsProducer {
+    queue: SqsQueue,
+    clock: Arc<Hlc>,
+}
+
+impl SqsProducer {
+    pub async fn new(settings: &SqsSettings) -> Result<Self, SqsError> {
+        let client = settings.client().await;
+        Self::with_client(&client, &settings.queue, Arc::new(Hlc::default())).await
+    }
+
+    /// A producer on `queue` that shares a client and a clock (one clock per
+    /// process keeps sequences monotonic across the namespace's queues).
+    pub async fn with_client(
+        client: &Client,
+        queue: &str,
+        clock: Arc<Hlc>,
+    ) -> Result<Self, SqsError> {
+        Ok(Self {
+            queue: SqsQueue::open(client, queue).await?,
+            clock,
+        })
+    }
+
+    pub fn queue(&self) -> &SqsQueue {
+        &self.queue
+    }
+
+    fn outgoing(&self, entry: &Entry, sequence: u64, dedup: &str) -> Result<Outgoing, SqsError> {
+        let (body, attributes) = encode(entry, sequence);
+        Ok(Outgoing {
+            fifo: self.queue.fifo_ids(entry, dedup)?,
+            body,
+            attributes,
+            delay_s: 0,
+        })
+    }
+
+    /// Send one entry; resolves with its sequence once SQS has stored it.
+    pub async fn send_entry(&self, entry: &Entry) -> Result<u64, SqsError> {
+        let sequence = self.clock.next();
+        self.queue
+            .send(self.outgoing(entry, sequence, &entry.id)?)
+            .await?;
+        Ok(sequence)
+    }
+
+    /// Put an entry back with the sequence it was first given (a delay that
+    /// came due, a redrive), so a target's version guard ranks it where it
+    /// was written. `why` keeps the FIFO deduplication id apart from the
+    /// first send's.
+    pub async fn put_back(&self, entry: &Entry, sequence: u64, why: &str) -> Result<(), SqsError> {
+        let m = self.outgoing(entry, sequence, &later_dedup(entry, why))?;
+        self.queue.send(m).await
+    }
+
+    /// Send entries with SendMessageBatch, ten per call (the SQS limit), in
+    /// order; one answer per entry, in order.
+    pub async fn send_batch(&self, entries: &[Entry]) -> Vec<Result<u64, SqsError>> {
+        let mut answers = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(10) {
+            let mut slots = Vec::with_capacity(chunk.len());
+            let mut messages = Vec::with_capacity(chunk.len());
+            for entry in chunk {
+                let sequence = self.clock.next();
+                match self.outgoing(entry, sequence, &entry.id) {
+                    Ok(m) => {
+                        messages.push(m);
+                        slots.push(Ok(sequence));
+                    }
+                    Err(e) => slots.push(Err(e)),
+                }
+            }
+            let mut sent = self.queue.send_ten(messages).await.into_iter();
+            for slot in slots {
+                answers.push(match slot {
+                    Ok(sequence) => sent
+                        .next()
+                        .expect("one answer per message")
+                        .map(|()| sequence),
+                    Err(e) => Err(e),
+                });
+            }
         }
-        if !fifo_token(&entry.id) {
-            return Err(SqsError::Queue {
-                queue: self.settings.queue.clone(),
-                message: format!(
-                    "id {:?} cannot be a FIFO MessageDeduplicationId (1 to 128 ASCII letters, digits or punctuation)",
-                    entry.id
-                ),
-            });
-        }
-        // A key that is not a valid group id is hashed: two keys may then
-        // share a group, which orders them together and loses nothing.
-        let key = entry.key.as_deref().unwrap_or(&entry.id);
-        let group = match fifo_token(key) {
-            true => key.to_string(),
-            false => format!("h-{:08x}", crc32c::crc32c(key.as_bytes())),
-        };
-        Ok(Some((group, entry.id.clone())))
+        answers
     }
 }
 
 /// An entry's message attributes.
 fn attributes(entry: &Entry, sequence: u64) -> HashMap<String, MessageAttributeValue> {
-    let mut a = HashMap::new();
+    let mut a = HashMap::with_capacity(7 + EXTRA);
     a.insert(ID.to_string(), string_attribute(&entry.id));
     a.insert(SEQUENCE.to_string(), number_attribute(sequence));
-    a.insert(TIMESTAMP.to_string(), number_attribute(now_ms()));
+    let timestamp = match entry.timestamp_ms {
+        0 => now_ms(),
+        t => t,
+    };
+    a.insert(TIMESTAMP.to_string(), number_attribute(timestamp));
     if let Some(key) = &entry.key {
         a.insert(KEY.to_string(), string_attribute(key));
     }
@@ -396,98 +669,141 @@ impl Producer for SqsProducer {
     }
 }
 
+/// A namespace on SQS as the service runs it: one client, and shard `n`'s
+/// queue settings at `queues[n]`.
+pub struct SqsNamespace {
+    pub client: Client,
+    pub queues: Vec<SqsSettings>,
+    pub fifo: bool,
+    /// `None` in a consumer-only process.
+    pub producers: Option<Arc<SqsShards>>,
+}
+
+impl SqsNamespace {
+    pub fn producer(&self, shard: u32) -> Option<SqsProducer> {
+        self.producers.as_ref()?.0.get(shard as usize).cloned()
+    }
+
+    pub async fn consumer(&self, shard: &ShardRef) -> Result<SqsConsumer, SqsError> {
+        let settings = self
+            .queues
+            .get(shard.shard as usize)
+            .ok_or_else(|| SqsError::Queue {
+                queue: String::new(),
+                message: format!("shard {shard} has no queue"),
+            })?;
+        SqsConsumer::with_client(&self.client, settings, shard).await
+    }
+}
+
+/// A namespace's queues, shard `n` being queue `n`: the way back for
+/// delayed entries that come due.
+pub struct SqsShards(pub Vec<SqsProducer>);
+
+impl PutBack for SqsShards {
+    fn put_back<'a>(
+        &'a self,
+        shard: u32,
+        entry: &'a Entry,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let queue = self.0.get(shard as usize).ok_or(BackendError::NotHere(
+                "a delayed entry names a shard the namespace does not have",
+            ))?;
+            // The due time keeps this send's deduplication id apart from the
+            // first one's.
+            queue
+                .put_back(entry, sequence, &format!("d{}", entry.due_ms))
+                .await?;
+            Ok(())
+        })
+    }
+}
+
 /// Reads one queue (one shard).
 pub struct SqsConsumer {
-    client: Client,
-    queue_url: String,
+    queue: SqsQueue,
     settings: SqsSettings,
     shard: ShardRef,
+    held: Arc<AtomicUsize>,
 }
 
 impl SqsConsumer {
     pub async fn new(settings: &SqsSettings, shard: &ShardRef) -> Result<Self, SqsError> {
         let client = settings.client().await;
-        let queue_url = settings.ensure_queue(&client).await?;
+        Self::with_client(&client, settings, shard).await
+    }
+
+    pub async fn with_client(
+        client: &Client,
+        settings: &SqsSettings,
+        shard: &ShardRef,
+    ) -> Result<Self, SqsError> {
         Ok(Self {
-            client,
-            queue_url,
+            queue: SqsQueue::open(client, &settings.queue).await?,
             settings: settings.clone(),
             shard: shard.clone(),
+            held: Arc::default(),
         })
     }
 
-    fn entry_of(&self, msg: &aws_sdk_sqs::types::Message) -> (Entry, u64) {
-        let attrs = msg.message_attributes.as_ref();
-        let text = |k: &str| {
-            attrs
-                .and_then(|a: &HashMap<String, MessageAttributeValue>| a.get(k))
-                .and_then(|v| v.string_value.clone())
-        };
-        let number = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
-        let payload = msg
-            .body
-            .as_deref()
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .unwrap_or_default();
-        let headers = text(HEADERS)
-            .and_then(|h| serde_json::from_str(&h).ok())
-            .unwrap_or_default();
-        let id = text(ID)
-            .or_else(|| msg.message_id.clone())
-            .unwrap_or_default();
-        let entry = Entry {
-            id,
-            key: text(KEY),
-            headers,
-            payload: payload.into(),
-            timestamp_ms: number(TIMESTAMP).unwrap_or(0),
-            due_ms: number(DUE).unwrap_or(0),
-        };
-        (entry, number(SEQUENCE).unwrap_or(0))
+    /// Counts the deliveries held; there is no offset to commit.
+    pub fn checkpointer(&self) -> SqsCheckpointer {
+        SqsCheckpointer {
+            held: self.held.clone(),
+        }
     }
 }
 
 impl Consumer for SqsConsumer {
     type Delivery = SqsDelivery;
 
+    /// Long-polls for up to the queue's `wait_time` (the caller's `timeout`
+    /// only caps it when shorter than a second: SQS waits in whole seconds).
     async fn receive(
         &mut self,
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<SqsDelivery>, BackendError> {
-        let wait = timeout.min(self.settings.wait_time).as_secs().min(20) as i32;
+        let wait = match timeout < Duration::from_secs(1) {
+            true => timeout.min(self.settings.wait_time).as_secs_f64().ceil() as i32,
+            false => self.settings.wait_time.min(timeout).as_secs() as i32,
+        };
         let max = max.clamp(1, self.settings.max_messages_per_poll.clamp(1, 10) as usize);
-        let out = self
-            .client
-            .receive_message()
-            .queue_url(&self.queue_url)
-            .max_number_of_messages(max as i32)
-            .wait_time_seconds(wait)
-            .visibility_timeout(self.settings.visibility_timeout.as_secs() as i32)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .send()
-            .await
-            .map_err(|e| SqsError::call("ReceiveMessage", &self.settings.queue, e))?;
-        let mut deliveries = Vec::new();
-        for msg in out.messages.unwrap_or_default() {
-            let (entry, sequence) = self.entry_of(&msg);
+        let visibility = self.settings.visibility_timeout;
+        let messages = self
+            .queue
+            .receive(max, wait, visibility.as_secs() as i32)
+            .await?;
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for msg in messages {
+            let (entry, sequence) = decode(&msg);
             let Some(receipt) = msg.receipt_handle else {
                 continue;
             };
+            let receipt: Arc<str> = receipt.into();
             deliveries.push(SqsDelivery {
-                client: self.client.clone(),
-                queue_url: self.queue_url.clone(),
-                queue: self.settings.queue.clone(),
+                hold: Hold::start(
+                    self.queue.clone(),
+                    receipt.clone(),
+                    visibility,
+                    self.held.clone(),
+                ),
+                queue: self.queue.clone(),
                 receipt,
                 shard: self.shard.clone(),
                 sequence,
                 entry,
             });
         }
-        // A short wait (under a second) is a plain poll: SQS answers at once.
-        if deliveries.is_empty() && wait == 0 {
-            tokio::time::sleep(timeout.min(Duration::from_millis(200))).await;
+        if deliveries.is_empty() {
+            tokio::time::sleep(
+                self.settings
+                    .poll_interval
+                    .saturating_sub(Duration::from_secs(wait as u64)),
+            )
+            .await;
         }
         Ok(deliveries)
     }
@@ -498,15 +814,66 @@ impl Consumer for SqsConsumer {
     }
 }
 
+/// An SQS shard's progress: only how many deliveries are held (received,
+/// not yet acked or nacked), which bounds how far the shard reads ahead.
+#[derive(Clone)]
+pub struct SqsCheckpointer {
+    held: Arc<AtomicUsize>,
+}
+
+impl SqsCheckpointer {
+    pub fn outstanding(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps a received message hidden while its delivery is held: extends the
+/// visibility timeout every half timeout, until dropped.
+struct Hold {
+    keep_alive: tokio::task::AbortHandle,
+    held: Arc<AtomicUsize>,
+}
+
+impl Hold {
+    fn start(
+        queue: SqsQueue,
+        receipt: Arc<str>,
+        visibility: Duration,
+        held: Arc<AtomicUsize>,
+    ) -> Self {
+        held.fetch_add(1, Ordering::Relaxed);
+        let seconds = visibility.as_secs().max(1) as i32;
+        let keep_alive = tokio::spawn(async move {
+            let every = (visibility / 2).max(Duration::from_millis(500));
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(error) = queue.set_visibility(&receipt, seconds).await {
+                    // It shows again when the timeout runs out, and is
+                    // delivered again: at least once, never lost.
+                    tracing::warn!(queue = queue.name(), %error, "Cannot extend a message's visibility.");
+                }
+            }
+        })
+        .abort_handle();
+        Self { keep_alive, held }
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One received message; its receipt handle deletes it or shows it again.
 pub struct SqsDelivery {
-    client: Client,
-    queue_url: String,
-    queue: String,
-    receipt: String,
+    queue: SqsQueue,
+    receipt: Arc<str>,
     shard: ShardRef,
     sequence: u64,
     entry: Entry,
+    hold: Hold,
 }
 
 impl Delivery for SqsDelivery {
@@ -523,35 +890,19 @@ impl Delivery for SqsDelivery {
     }
 
     async fn ack(self) -> Result<(), (BackendError, Self)> {
-        let done = self
-            .client
-            .delete_message()
-            .queue_url(&self.queue_url)
-            .receipt_handle(&self.receipt)
-            .send()
-            .await;
-        match done {
-            Ok(_) => Ok(()),
-            Err(e) => Err((SqsError::call("DeleteMessage", &self.queue, e).into(), self)),
+        match self.queue.delete(&self.receipt).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e.into(), self)),
         }
     }
 
     async fn nack(self) -> Result<(), (BackendError, Self)> {
-        let shown = self
-            .client
-            .change_message_visibility()
-            .queue_url(&self.queue_url)
-            .receipt_handle(&self.receipt)
-            .visibility_timeout(0)
-            .send()
-            .await;
-        match shown {
-            Ok(_) => Ok(()),
+        // Stop extending first, so the extension cannot hide it again.
+        self.hold.keep_alive.abort();
+        match self.queue.set_visibility(&self.receipt, 0).await {
+            Ok(()) => Ok(()),
             // It shows again anyway once its visibility timeout runs out.
-            Err(e) => Err((
-                SqsError::call("ChangeMessageVisibility", &self.queue, e).into(),
-                self,
-            )),
+            Err(e) => Err((e.into(), self)),
         }
     }
 }

@@ -1,0 +1,330 @@
+//! Dead letters on SQS: a namespace's DLQ is a queue (`<queue>-dlq`, or
+//! `<queue>-dlq.fifo` beside FIFO queues), managed by Walden.
+//!
+//! A letter is the entry's own message (its body and attributes, with the
+//! origin sequence as `walden.sequence`) plus one JSON attribute,
+//! `walden.dlq`: origin shard and target, attempts, failure times, the last
+//! error and the letter's DLQ sequence (a clock reading, so letters list in
+//! the order they died). On a FIFO DLQ each letter is its own message group,
+//! so one letter never hides the others.
+//!
+//! # Listing is a best-effort peek
+//! SQS cannot read a queue without receiving it, and a receive hides what it
+//! returns. A list or get receives every letter it can (hiding each for a
+//! few seconds), then shows them all again at once. Two admins listing at
+//! the same moment may each see part; SQS's own receive may also miss a
+//! message on a large queue. The count in a list is SQS's approximate one.
+//!
+//! # Native redrive
+//! A `RedrivePolicy` on the namespace's queues (SQS moving a message after
+//! `maxReceiveCount` receives) is respected: Walden neither sets nor removes
+//! one. Messages SQS moves there lack `walden.dlq`; they list with
+//! `attempts = 0` and the error "moved by the queue's RedrivePolicy", and
+//! redrive like any other letter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_sdk_sqs::Client;
+use serde::{Deserialize, Serialize};
+
+use super::{Hlc, Outgoing, SqsError, SqsProducer, SqsQueue, decode, encode, later_dedup, text};
+use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
+use crate::entry::ShardRef;
+
+const LETTER: &str = "walden.dlq";
+/// Longest last error kept in a letter, in bytes.
+const MAX_ERROR: usize = 1024;
+/// Room a letter's `walden.dlq` attribute needs beyond the entry's message;
+/// ingest keeps every entry this far under the SQS limit.
+pub const LETTER_OVERHEAD: usize = MAX_ERROR + 512;
+/// How long a peek hides what it received before showing it again.
+const PEEK_HIDE_S: i32 = 10;
+/// Most letters one peek gathers.
+const PEEK_MAX: usize = 10_000;
+
+/// What a letter adds to its entry's message.
+#[derive(Serialize, Deserialize)]
+struct LetterMeta {
+    namespace: String,
+    shard: u32,
+    target: String,
+    attempts: u32,
+    first_failure_ms: u64,
+    last_failure_ms: u64,
+    last_error: String,
+    dlq_sequence: u64,
+}
+
+/// A namespace's dead-letter queue, and the way back to its queues.
+pub struct SqsDlq {
+    queue: SqsQueue,
+    clock: Arc<Hlc>,
+    /// Shard `n`'s queue, for redrive.
+    origins: Vec<SqsProducer>,
+    namespace: String,
+}
+
+/// A received letter and its receipt handle.
+struct Received {
+    letter: DeadLetter,
+    receipt: String,
+}
+
+impl SqsDlq {
+    /// Open (creating if missing) DLQ queue `name` of `namespace`, whose
+    /// shards are `origins`.
+    pub async fn open(
+        client: &Client,
+        name: &str,
+        namespace: &str,
+        origins: Vec<SqsProducer>,
+        clock: Arc<Hlc>,
+    ) -> Result<Arc<Self>, SqsError> {
+        Ok(Arc::new(Self {
+            queue: SqsQueue::open(client, name).await?,
+            clock,
+            origins,
+            namespace: namespace.to_string(),
+        }))
+    }
+
+    pub fn queue(&self) -> &SqsQueue {
+        &self.queue
+    }
+
+    /// Put a letter's entry back on its origin queue with its original
+    /// sequence, then remove the letter. Any process can do this; whichever
+    /// consumer receives the entry applies it.
+    pub async fn redrive(&self, letter: &DeadLetter) -> Result<(), BackendError> {
+        let origin =
+            self.origins
+                .get(letter.origin.shard.shard as usize)
+                .ok_or(BackendError::NotHere(
+                    "the letter's shard is not one of this namespace's queues",
+                ))?;
+        origin
+            .put_back(
+                &letter.entry,
+                letter.origin.sequence,
+                &format!("r{}", letter.dlq_sequence),
+            )
+            .await?;
+        // Older letters of the id go too; a newer one (it failed again since
+        // this listing) stays.
+        self.remove_where(|l| {
+            l.origin.shard.namespace == letter.origin.shard.namespace
+                && l.entry.id == letter.entry.id
+                && l.dlq_sequence <= letter.dlq_sequence
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The shard `entry`'s key routes to.
+    fn route(&self, entry: &crate::entry::Entry) -> u32 {
+        crate::entry::shard_of(entry.key.as_deref(), &entry.id, self.origins.len() as u32)
+    }
+
+    fn letter_of(&self, msg: &aws_sdk_sqs::types::Message) -> DeadLetter {
+        let (entry, sequence) = decode(msg);
+        let meta: Option<LetterMeta> =
+            text(msg, LETTER).and_then(|j| serde_json::from_str(&j).ok());
+        let sent_ms = msg
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        match meta {
+            Some(m) => DeadLetter {
+                dlq_sequence: m.dlq_sequence,
+                entry,
+                origin: Origin {
+                    shard: ShardRef::new(m.namespace.as_str(), m.shard),
+                    sequence,
+                    target: m.target,
+                },
+                attempts: m.attempts,
+                first_failure_ms: m.first_failure_ms,
+                last_failure_ms: m.last_failure_ms,
+                last_error: m.last_error,
+            },
+            // Moved here by a RedrivePolicy: no letter attribute. Its shard
+            // is the one its key routes to, as at ingest.
+            None => DeadLetter {
+                dlq_sequence: sent_ms << 20,
+                origin: Origin {
+                    shard: ShardRef::new(self.namespace.as_str(), self.route(&entry)),
+                    sequence,
+                    target: String::new(),
+                },
+                attempts: 0,
+                first_failure_ms: sent_ms,
+                last_failure_ms: sent_ms,
+                last_error: "moved by the queue's RedrivePolicy".into(),
+                entry,
+            },
+        }
+    }
+
+    /// Receive every letter that can be had, hidden for a few seconds.
+    async fn gather(&self) -> Result<Vec<Received>, SqsError> {
+        let mut seen = HashMap::new();
+        while seen.len() < PEEK_MAX {
+            let batch = self.queue.receive(10, 0, PEEK_HIDE_S).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for msg in batch {
+                let Some(receipt) = msg.receipt_handle.clone() else {
+                    continue;
+                };
+                let letter = self.letter_of(&msg);
+                seen.insert(
+                    msg.message_id.clone().unwrap_or_default(),
+                    Received { letter, receipt },
+                );
+            }
+        }
+        let mut all: Vec<Received> = seen.into_values().collect();
+        all.sort_by_key(|r| r.letter.dlq_sequence);
+        Ok(all)
+    }
+
+    /// The live letters: the newest per id (an id dead-lettered again
+    /// replaces its older letter, which stays in the queue until removed).
+    fn live(all: Vec<Received>) -> Vec<DeadLetter> {
+        let mut newest: HashMap<(Arc<str>, String), DeadLetter> = HashMap::new();
+        for r in all {
+            let key = (
+                r.letter.origin.shard.namespace.clone(),
+                r.letter.entry.id.clone(),
+            );
+            newest.insert(key, r.letter); // In DLQ order: the last is the newest.
+        }
+        let mut live: Vec<DeadLetter> = newest.into_values().collect();
+        live.sort_by_key(|l| l.dlq_sequence);
+        live
+    }
+
+    /// Show received letters again at once.
+    async fn release(&self, letters: &[Received]) {
+        let shows = letters
+            .iter()
+            .map(|r| self.queue.set_visibility(&r.receipt, 0));
+        for result in futures_util::future::join_all(shows).await {
+            if let Err(error) = result {
+                // It shows again when the peek's hiding runs out.
+                tracing::debug!(%error, "Cannot show a peeked letter again.");
+            }
+        }
+    }
+
+    /// A peek: the live letters, in DLQ order, shown again before this
+    /// returns.
+    async fn peek(&self) -> Result<Vec<DeadLetter>, SqsError> {
+        let all = self.gather().await?;
+        self.release(&all).await;
+        Ok(Self::live(all))
+    }
+
+    /// Delete the letters that match; how many were deleted.
+    async fn remove_where(&self, matches: impl Fn(&DeadLetter) -> bool) -> Result<usize, SqsError> {
+        let all = self.gather().await?;
+        let (gone, keep): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| matches(&r.letter));
+        self.release(&keep).await;
+        let mut deleted = 0;
+        for r in &gone {
+            self.queue.delete(&r.receipt).await?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+}
+
+impl DeadLetters for SqsDlq {
+    async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
+        let dlq_sequence = self.clock.next();
+        let mut last_error = letter.last_error;
+        if last_error.len() > MAX_ERROR {
+            let mut cut = MAX_ERROR;
+            while !last_error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            last_error.truncate(cut);
+        }
+        let meta = LetterMeta {
+            namespace: letter.origin.shard.namespace.to_string(),
+            shard: letter.origin.shard.shard,
+            target: letter.origin.target,
+            attempts: letter.attempts,
+            first_failure_ms: letter.first_failure_ms,
+            last_failure_ms: letter.last_failure_ms,
+            last_error,
+            dlq_sequence,
+        };
+        let (body, mut attributes) = encode(&letter.entry, letter.origin.sequence);
+        attributes.insert(
+            LETTER.to_string(),
+            super::string_attribute(&serde_json::to_string(&meta).expect("plain struct")),
+        );
+        // One group per letter: a FIFO DLQ then never holds one letter back
+        // behind another.
+        let fifo = self.queue.is_fifo().then(|| {
+            let dedup = later_dedup(&letter.entry, &format!("l{dlq_sequence}"));
+            (dedup.clone(), dedup)
+        });
+        self.queue
+            .send(Outgoing {
+                body,
+                attributes,
+                fifo,
+                delay_s: 0,
+            })
+            .await?;
+        Ok(dlq_sequence)
+    }
+
+    async fn list(
+        &self,
+        namespace: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
+        if limit == 0 {
+            let total = self.queue.approximate_len().await?;
+            return Ok((Vec::new(), total as usize));
+        }
+        let all: Vec<DeadLetter> = self
+            .peek()
+            .await?
+            .into_iter()
+            .filter(|l| &*l.origin.shard.namespace == namespace)
+            .collect();
+        let total = all.len();
+        let from = after.map_or(0, |a| a + 1);
+        let page = all
+            .into_iter()
+            .filter(|l| l.dlq_sequence >= from)
+            .take(limit)
+            .collect();
+        Ok((page, total))
+    }
+
+    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+        Ok(self
+            .peek()
+            .await?
+            .into_iter()
+            .filter(|l| &*l.origin.shard.namespace == namespace && l.entry.id == id)
+            .max_by_key(|l| l.dlq_sequence))
+    }
+
+    async fn remove(&self, namespace: &str, id: &str, _reason: &str) -> Result<bool, BackendError> {
+        let removed = self
+            .remove_where(|l| &*l.origin.shard.namespace == namespace && l.entry.id == id)
+            .await?;
+        Ok(removed > 0)
+    }
+}

@@ -1,0 +1,361 @@
+//! Walden served on the SQS backend, against a real SQS-protocol server
+//! (moto): HTTP → FIFO queues → HTTP target in per-key order through
+//! retries; a long delay hopping through the delay queue; the DLQ queue and
+//! redrive; what an SQS namespace refuses; the server going away.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::target::HttpTarget;
+use common::{test_server, unique};
+use serde_json::{Value, json};
+use walden::service::Spawned;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A service with one SQS namespace `ns` on `queues`; `extra` adds lines to
+/// the namespace's table (after `[namespaces.ns]`).
+fn start(
+    dir: &std::path::Path,
+    url: &str,
+    queues: &[String],
+    target: &HttpTarget,
+    extra: &str,
+) -> Spawned {
+    let queues: Vec<String> = queues.iter().map(|q| format!("{q:?}")).collect();
+    let fifo = queues[0].ends_with(".fifo\"");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[namespaces.ns]
+shards = {}
+ordering = "{}"
+{extra}
+[namespaces.ns.retry]
+initial_backoff_ms = 50
+max_backoff_ms = 200
+max_attempts = 1000
+[namespaces.ns.backend]
+type = "sqs"
+queues = [{}]
+region = "us-east-1"
+endpoint_url = "{url}"
+wait_time_s = 1
+poll_interval_ms = 100
+visibility_timeout_s = 4
+delay_hop_s = 1
+[namespaces.ns.target]
+type = "http"
+url = "{}"
+"#,
+        dir.display(),
+        queues.len(),
+        if fifo { "per_key" } else { "none" },
+        queues.join(", "),
+        target.url()
+    );
+    let config = walden::config::from_toml(&text).unwrap();
+    walden::config::validate(&config).expect("a valid config");
+    Spawned::start(config).unwrap()
+}
+
+async fn post(url: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Entries of three keys over two FIFO queues, one key's target failing for
+/// a while (503, retried): every entry arrives once, and each key's entries
+/// arrive in write order with growing sequences, the failing key's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_queues_keep_key_order_through_retries() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("k1", 503);
+    let base_name = unique("orders");
+    let queues = [format!("{base_name}-a.fifo"), format!("{base_name}-b.fifo")];
+    let svc = start(dir.path(), &url, &queues, &target, "");
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+
+    let mut ids = Vec::new();
+    for i in 0..9 {
+        let (status, body) = post(
+            &format!("{base}/log"),
+            json!({"payload": {"n": i}, "key": format!("k{}", i % 3)}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["durable"].as_str()),
+            (200, Some("true")),
+            "{body}"
+        );
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    let entries: Vec<Value> = (9..21)
+        .map(|i| json!({"payload": {"n": i}, "key": format!("k{}", i % 3)}))
+        .collect();
+    let (status, body) = post(&format!("{base}/log/batch"), json!({ "entries": entries })).await;
+    assert_eq!(status, 200, "{body}");
+    for r in body["results"].as_array().unwrap() {
+        assert_eq!(r["durable"], "true", "{r}");
+        ids.push(r["id"].as_str().unwrap().to_string());
+    }
+
+    // k0 and k2 get through while k1 is refused.
+    let early = target.wait_for(14, WAIT);
+    assert!(early.iter().all(|r| r.key() != Some("k1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    target.reject_key("k1", 0);
+    let got = target.wait_for(21, WAIT);
+    let delivered: Vec<&str> = got.iter().map(|r| r.id()).collect();
+    assert_eq!(
+        delivered.iter().copied().collect::<HashSet<_>>(),
+        ids.iter().map(String::as_str).collect::<HashSet<_>>(),
+        "every entry, each once: {delivered:?}"
+    );
+    assert_eq!(delivered.len(), 21, "no entry twice: {delivered:?}");
+    for k in ["k0", "k1", "k2"] {
+        let of_key: Vec<(u64, u64)> = got
+            .iter()
+            .filter(|r| r.key() == Some(k))
+            .map(|r| (r.body["payload"]["n"].as_u64().unwrap(), r.sequence()))
+            .collect();
+        assert_eq!(of_key.len(), 7, "key {k}: {of_key:?}");
+        assert!(
+            of_key
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+            "key {k} in write order with growing sequences: {of_key:?}"
+        );
+    }
+    svc.stop();
+}
+
+/// A long delay hops through the delay queue until due. A 20-minute delay
+/// is two hops at the default 900 s cap (`delay_hop_s`); here the cap is
+/// 1 s, so a 3.5 s delay takes four hops through the same code, and a FIFO
+/// entry comes back into its key's group. It never fires early, and an
+/// undelayed write after it is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_delay_hops_through_the_delay_queue() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let queues = [unique("delayed") + ".fifo"];
+    let svc = start(dir.path(), &url, &queues, &target, "");
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": "later", "key": "d", "id": "late-1", "lifecycle": {"delay_ms": 3500}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let sequence = body["sequence"].as_u64().unwrap();
+    let (status, _) = post(
+        &format!("{base}/log"),
+        json!({"payload": "now", "key": "other", "id": "now-1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let got = target.wait_for(2, WAIT);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].id(), "now-1");
+    let late = &got[1];
+    assert_eq!(late.id(), "late-1");
+    let due = late.body["due_ms"].as_u64().unwrap();
+    assert!(late.at_ms >= due, "fired {} ms early", due - late.at_ms);
+    assert!(
+        late.at_ms <= due + 3_000,
+        "fired {} ms late",
+        late.at_ms - due
+    );
+    assert_eq!(late.sequence(), sequence, "it keeps its sequence");
+    svc.stop();
+}
+
+/// An entry the target refuses for good goes to the DLQ queue with why; it
+/// lists and shows over HTTP, and a redrive puts it back on its queue with
+/// its original sequence, where it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_to_the_dlq_queue_and_redrive() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("poison", 400);
+    let queues = [unique("letters") + ".fifo"];
+    let svc = start(dir.path(), &url, &queues, &target, "");
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": {"bad": true}, "key": "poison", "id": "bad-1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let sequence = body["sequence"].as_u64().unwrap();
+    let (status, _) = post(
+        &format!("{base}/log"),
+        json!({"payload": {"good": true}, "key": "fine", "id": "good-1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    target.wait_for(1, WAIT);
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let listed = loop {
+        let listed: Value = reqwest::get(format!("{base}/dlq"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !listed["entries"].as_array().unwrap().is_empty() {
+            break listed;
+        }
+        assert!(std::time::Instant::now() < deadline, "no letter: {listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let letter = &listed["entries"][0];
+    assert_eq!(letter["id"], "bad-1", "{listed}");
+    assert_eq!(letter["origin"]["sequence"], sequence);
+    assert!(
+        letter["last_error"].as_str().unwrap().contains("400"),
+        "{letter}"
+    );
+    let shown: Value = reqwest::get(format!("{base}/dlq/bad-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["id"], "bad-1");
+
+    target.reject_key("poison", 0);
+    let (status, body) = post(&format!("{base}/dlq/redrive"), json!({"ids": ["bad-1"]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 1, "{body}");
+    let got = target.wait_for(2, WAIT);
+    let back = got.iter().find(|r| r.id() == "bad-1").expect("redriven");
+    assert_eq!(back.sequence(), sequence, "it keeps its sequence");
+    let listed: Value = reqwest::get(format!("{base}/dlq"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["entries"], json!([]), "{listed}");
+    svc.stop();
+}
+
+/// What an SQS namespace refuses at ingest, with a 4xx that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sqs_cannot_take_are_refused_clearly() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let queues = [unique("limits") + ".fifo"];
+    let svc = start(dir.path(), &url, &queues, &target, "");
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+
+    // 200 KB is under limits.max_payload_bytes (1 MiB) but, base64-encoded,
+    // over an SQS message.
+    let big = "x".repeat(200_000);
+    let (status, body) = post(&format!("{base}/log"), json!({"payload": big})).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("SQS"), "{body}");
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": 1, "id": "has a space"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("FIFO"), "{body}");
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": "x".repeat(150_000)}),
+    )
+    .await;
+    assert_eq!(status, 200, "150 KB fits: {body}");
+    svc.stop();
+}
+
+/// The SQS server goes away under the service: writes get 503 `false` (or
+/// 504 `unknown`), never a `true`; once it is back, writes succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_going_away_never_gets_a_false_true() {
+    let Some(bin) = test_server("WALDEN_TEST_MOTO_BIN") else {
+        return;
+    };
+    let port = common::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut moto = common::start_moto(&bin, port);
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let queues = [unique("outage")];
+    let svc = start(dir.path(), &url, &queues, &target, "");
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+    let (status, _) = post(&format!("{base}/log"), json!({"payload": 0})).await;
+    assert_eq!(status, 200);
+
+    moto.kill().unwrap();
+    moto.wait().unwrap();
+    for i in 1..4 {
+        let (status, body) = post(&format!("{base}/log"), json!({"payload": i})).await;
+        assert!(
+            matches!(
+                (status, body["durable"].as_str()),
+                (503, Some("false")) | (504, Some("unknown"))
+            ),
+            "{status} {body}"
+        );
+    }
+
+    // A new server is empty: its queues are made again, as an operator
+    // would after losing them.
+    let mut moto = common::start_moto(&bin, port);
+    let settings = walden::backends::sqs::SqsSettings {
+        queue: queues[0].clone(),
+        region: "us-east-1".into(),
+        endpoint_url: Some(url.clone()),
+        wait_time: Duration::from_secs(1),
+        visibility_timeout: Duration::from_secs(4),
+        max_messages_per_poll: 10,
+        poll_interval: Duration::from_millis(100),
+    };
+    settings
+        .ensure_queue(&settings.client().await)
+        .await
+        .unwrap();
+    let (status, body) = post(&format!("{base}/log"), json!({"payload": 9, "id": "after"})).await;
+    assert_eq!(
+        (status, body["durable"].as_str()),
+        (200, Some("true")),
+        "{body}"
+    );
+    let got = target.wait_for(2, WAIT);
+    assert!(got.iter().any(|r| r.id() == "after"), "{got:?}");
+    svc.stop();
+    moto.kill().unwrap();
+    moto.wait().unwrap();
+}
