@@ -9,8 +9,9 @@
 //! - [`backends`]: queue backends behind capability traits;
 //!   [`backends::embedded`] is the durable log on local disk, the default;
 //!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer
-//!   group, DLQ topic and delay tiers); [`backends::shard`] is the one face
-//!   the actors see of either.
+//!   group, DLQ topic and delay tiers); [`backends::sqs`] puts it on SQS
+//!   queues (with a DLQ queue and a delay queue); [`backends::shard`] is the
+//!   one face the actors see of any of them.
 //! - [`sinks`]: targets that entries are delivered to.
 //! - [`state`]: the fjall-backed state store (idempotency keys, parked and
 //!   delayed entries).

@@ -16,15 +16,16 @@ use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::backends::kafka::{
-    KafkaDelayTiers, KafkaDlq, KafkaError, KafkaGroup, KafkaProducer, KafkaSettings,
-};
+use crate::backends::kafka::{KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings};
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::backends::sqs::{
     Hlc, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
 };
 use crate::backends::{BackendError, DelayStore};
-use crate::config::{BackendConfig, Config, NamespaceConfig, ServerConfig, SqsConfig};
+use crate::config::{
+    BackendConfig, CompositeConfig, Config, DelaysConfig, KafkaConfig, NamespaceConfig,
+    ServerConfig, SqsConfig,
+};
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
 use crate::state::{DedupIndex, ParkStore, StateStore};
@@ -85,7 +86,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         .values()
         .find_map(|ns| match &ns.backend {
             BackendConfig::Embedded(e) => Some(e.log_config()),
-            BackendConfig::Kafka(_) | BackendConfig::Sqs(_) => None,
+            _ => None,
         })
         .unwrap_or_default();
     let log = {
@@ -232,69 +233,109 @@ async fn open_backend(
     log: &Arc<EmbeddedLog>,
     local_dlq: &Arc<EmbeddedDlq>,
 ) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), ServiceError> {
+    let backend_error = |source: BackendError| ServiceError::Backend {
+        namespace: name.to_string(),
+        source,
+    };
     match &ns.backend {
         BackendConfig::Embedded(_) => Ok((
             NamespaceBackend::Embedded(log.clone()),
             AnyDlq::Embedded(local_dlq.clone()),
             None,
         )),
-        BackendConfig::Kafka(k) => {
-            let settings = KafkaSettings {
-                brokers: k.brokers.clone(),
-                topic: k.topic(name),
-                partitions: ns.shards,
-                librdkafka: k.librdkafka.clone(),
-                ack_timeout: server.ack_timeout(),
-            };
-            let backend_error = |source: KafkaError| ServiceError::Backend {
-                namespace: name.to_string(),
-                source: source.into(),
-            };
-            settings.ensure_topic().await.map_err(backend_error)?;
-            let producer = match server.role.writes() {
-                true => Some(KafkaProducer::new(&settings).map_err(backend_error)?),
-                false => None,
-            };
-            let tiers = KafkaDelayTiers::open(&settings)
-                .await
-                .map_err(backend_error)?;
-            let (group, delay_groups) = match server.role.applies() {
-                true => {
-                    let id = k.group(name);
-                    let drain = Duration::from_millis(k.rebalance_drain_ms);
-                    let group = KafkaGroup::join(&settings, &id, drain).map_err(backend_error)?;
-                    let tier_groups = tiers.start_workers(&id, drain).map_err(backend_error)?;
-                    (Some(group), tier_groups)
-                }
-                false => (None, Vec::new()),
-            };
-            let dlq_settings = KafkaSettings {
-                topic: k.dlq_topic(name),
-                ..settings.clone()
-            };
-            let dlq = KafkaDlq::open(&dlq_settings, &settings.topic)
-                .await
-                .map_err(backend_error)?;
-            info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
-            Ok((
-                NamespaceBackend::Kafka {
-                    producer,
-                    group,
-                    delay_groups,
-                },
-                AnyDlq::Kafka(dlq),
-                Some(tiers as Arc<dyn DelayStore>),
-            ))
-        }
-        BackendConfig::Sqs(q) => {
-            open_sqs(name, ns, q, server)
-                .await
-                .map_err(|source| ServiceError::Backend {
-                    namespace: name.to_string(),
-                    source: source.into(),
-                })
-        }
+        BackendConfig::Kafka(k) => open_kafka(name, ns, k, server, true)
+            .await
+            .map_err(backend_error),
+        BackendConfig::Sqs(q) => open_sqs(name, ns, q, server)
+            .await
+            .map_err(|e| backend_error(e.into())),
+        BackendConfig::Composite(c) => open_composite(name, ns, c, server)
+            .await
+            .map_err(backend_error),
     }
+}
+
+/// A Kafka namespace: its topic (created with `shards` partitions if
+/// missing, and checked otherwise), a producer in a writing process, the
+/// group membership of a consuming one, the DLQ topic, and (`tiers`) the
+/// delay-tier topics with their workers.
+async fn open_kafka(
+    name: &str,
+    ns: &NamespaceConfig,
+    k: &KafkaConfig,
+    server: &ServerConfig,
+    tiers: bool,
+) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
+    let settings = k.settings(name, ns.shards, server.ack_timeout());
+    settings.ensure_topic().await?;
+    let producer = match server.role.writes() {
+        true => Some(KafkaProducer::new(&settings)?),
+        false => None,
+    };
+    let tiers = match tiers {
+        true => Some(KafkaDelayTiers::open(&settings).await?),
+        false => None,
+    };
+    let (group, delay_groups) = match server.role.applies() {
+        true => {
+            let id = k.group(name);
+            let drain = Duration::from_millis(k.rebalance_drain_ms);
+            let group = KafkaGroup::join(&settings, &id, drain)?;
+            let tier_groups = match &tiers {
+                Some(tiers) => tiers.start_workers(&id, drain)?,
+                None => Vec::new(),
+            };
+            (Some(group), tier_groups)
+        }
+        false => (None, Vec::new()),
+    };
+    let dlq_settings = KafkaSettings {
+        topic: k.dlq_topic(name),
+        ..settings.clone()
+    };
+    let dlq = KafkaDlq::open(&dlq_settings, &settings.topic).await?;
+    info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
+    Ok((
+        NamespaceBackend::Kafka {
+            producer,
+            group,
+            delay_groups,
+        },
+        AnyDlq::Kafka(dlq),
+        tiers.map(|t| t as Arc<dyn DelayStore>),
+    ))
+}
+
+/// A composite namespace: Kafka for entries and its DLQ, an SQS queue for
+/// delays. Due entries go back to their partition with their sequence.
+async fn open_composite(
+    name: &str,
+    ns: &NamespaceConfig,
+    c: &CompositeConfig,
+    server: &ServerConfig,
+) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
+    let BackendConfig::Kafka(k) = c.entries.as_ref() else {
+        return Err(BackendError::NotHere(
+            "a composite's entries must be on kafka (validation says so)",
+        ));
+    };
+    let DelaysConfig::Sqs(d) = &c.delays;
+    let (backend, dlq, _) = open_kafka(name, ns, k, server, false).await?;
+    let back = KafkaProducer::new(&k.settings(name, ns.shards, server.ack_timeout()))?;
+    let client = SqsSettings::client_for(&d.region, d.endpoint_url.as_deref()).await;
+    let delays = SqsDelays::open(
+        &client,
+        &d.queue,
+        name,
+        Duration::from_secs(d.delay_hop_s.into()),
+        Arc::new(back),
+    )
+    .await?;
+    if server.role.applies() {
+        delays.start_worker(Duration::from_secs(d.wait_time_s.into()));
+    }
+    info!(namespace = name, delays = %d.queue, "Composite: entries on Kafka, delays on SQS.");
+    Ok((backend, dlq, Some(delays as Arc<dyn DelayStore>)))
 }
 
 /// An SQS namespace: its queues (created if missing), the producers of a
@@ -524,6 +565,17 @@ fn check_shard_counts(
     let mut changed = false;
     for (name, ns) in &config.namespaces {
         match known.get(name) {
+            // Unordered SQS queues may grow on the fly (Netflix's operators
+            // add queues to a namespace's list): with no order to keep,
+            // keys may move.
+            Some(&n)
+                if ns.shards > n
+                    && ns.ordering == crate::config::Ordering::None
+                    && matches!(ns.backend, BackendConfig::Sqs(_)) =>
+            {
+                known.insert(name.clone(), ns.shards);
+                changed = true;
+            }
             Some(&n) if n != ns.shards => {
                 return Err(ServiceError::ShardsChanged {
                     namespace: name.clone(),

@@ -93,7 +93,76 @@ fn every_validation_error_names_its_namespace_and_field() {
             "[namespaces.orders]\nshards = 2\n{extra_ns}\n[namespaces.orders.backend]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n{backend}\n[namespaces.orders.target]\n{target}\n"
         ))
     };
+    let sqs = |extra_ns: &str, backend: &str| {
+        with_namespace(&format!(
+            "[namespaces.orders]\nshards = 1\n{extra_ns}\n[namespaces.orders.backend]\ntype = \"sqs\"\nregion = \"us-east-1\"\n{backend}\n[namespaces.orders.target]\n{http}\n"
+        ))
+    };
     let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
+        (
+            "sqs per-key order on a standard queue",
+            sqs("", "queues = [\"orders\"]"),
+            Some("orders"),
+            "ordering",
+        ),
+        (
+            "sqs queues differ from shards",
+            sqs("", "queues = [\"a.fifo\", \"b.fifo\"]"),
+            Some("orders"),
+            "backend.queues",
+        ),
+        (
+            "sqs mixed queue kinds",
+            sqs("ordering = \"none\"", "queues = [\"a.fifo\", \"b\"]")
+                .replace("shards = 1", "shards = 2"),
+            Some("orders"),
+            "backend.queues",
+        ),
+        (
+            "sqs bad queue name",
+            sqs("", "queues = [\"a b.fifo\"]"),
+            Some("orders"),
+            "backend.queues",
+        ),
+        (
+            "sqs more than ten messages per poll",
+            sqs("", "queues = [\"a.fifo\"]\nmax_messages_per_poll = 100"),
+            Some("orders"),
+            "backend.max_messages_per_poll",
+        ),
+        (
+            "sqs long poll over 20 s",
+            sqs("", "queues = [\"a.fifo\"]\nwait_time_s = 21"),
+            Some("orders"),
+            "backend.wait_time_s",
+        ),
+        (
+            "sqs delay hop over 900 s",
+            sqs("", "queues = [\"a.fifo\"]\ndelay_hop_s = 901"),
+            Some("orders"),
+            "backend.delay_hop_s",
+        ),
+        (
+            "sqs FIFO delay queue",
+            sqs("", "queues = [\"a.fifo\"]\ndelay_queue = \"a-delay.fifo\""),
+            Some("orders"),
+            "backend.delay_queue",
+        ),
+        (
+            "sqs endpoint not a URL",
+            sqs("", "queues = [\"a.fifo\"]\nendpoint_url = \"localhost\""),
+            Some("orders"),
+            "backend.endpoint_url",
+        ),
+        (
+            "sqs hold_key",
+            sqs(
+                "[namespaces.orders.dlq]\non_dead_letter = \"hold_key\"",
+                "queues = [\"a.fifo\"]",
+            ),
+            Some("orders"),
+            "dlq.on_dead_letter",
+        ),
         (
             "kafka partitions differ from shards",
             kafka("", "partitions = 3", http),

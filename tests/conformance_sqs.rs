@@ -206,3 +206,111 @@ async fn dead_letters() {
     .unwrap();
     conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
 }
+
+/// A native RedrivePolicy on the queue is respected: SQS moves a message
+/// received too often to the DLQ queue, where it lists as a letter (attempts
+/// 0, "moved by the queue's RedrivePolicy") and redrives to its queue with
+/// its sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_redrive_policy_moves_messages_walden_lists_and_redrives() {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    use walden::backends::{Consumer, DeadLetters, Delivery};
+    let Some(url) = common::test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let settings = settings(url, common::unique("native"));
+    let client = settings.client().await;
+    let clock = Arc::new(Hlc::default());
+    let dlq_name = format!("{}-dlq", settings.queue);
+    let dlq_url = client
+        .create_queue()
+        .queue_name(&dlq_name)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    client
+        .create_queue()
+        .queue_name(&settings.queue)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"1"}}"#),
+        )
+        .send()
+        .await
+        .unwrap();
+    let producer = SqsProducer::with_client(&client, &settings.queue, clock.clone())
+        .await
+        .unwrap();
+    let dlq = SqsDlq::open(
+        &client,
+        &dlq_name,
+        "conformance",
+        vec![producer.clone()],
+        clock,
+    )
+    .await
+    .unwrap();
+    let entry = walden::entry::Entry {
+        id: "native-1".into(),
+        key: Some("k".into()),
+        payload: bytes::Bytes::from_static(b"moved"),
+        ..Default::default()
+    };
+    let sequence = producer.send_entry(&entry).await.unwrap();
+
+    let shard = ShardRef::new("conformance", 0);
+    let mut consumer = SqsConsumer::new(&settings, &shard).await.unwrap();
+    let first = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    for d in first {
+        d.nack().await.map_err(|(e, _)| e).unwrap();
+    }
+    // The next receive is past maxReceiveCount: SQS moves it instead.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let letter = loop {
+        assert!(
+            consumer
+                .receive(10, Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let (letters, _) = dlq.list("conformance", None, 10).await.unwrap();
+        if let Some(l) = letters.into_iter().next() {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "SQS never moved it");
+    };
+    assert_eq!(letter.entry.id, "native-1");
+    assert_eq!(letter.entry.payload, entry.payload);
+    assert_eq!(letter.attempts, 0);
+    assert!(
+        letter.last_error.contains("RedrivePolicy"),
+        "{}",
+        letter.last_error
+    );
+    assert_eq!(letter.origin.shard, shard);
+    assert_eq!(letter.origin.sequence, sequence);
+
+    dlq.redrive(&letter).await.unwrap();
+    let back = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].entry().id, "native-1");
+    assert_eq!(back[0].sequence(), sequence);
+    assert_eq!(
+        dlq.list("conformance", None, 10).await.unwrap().0,
+        Vec::new()
+    );
+}

@@ -24,6 +24,16 @@ fn start(
     target: &HttpTarget,
     extra: &str,
 ) -> Spawned {
+    Spawned::start(config(dir, url, queues, target, extra)).unwrap()
+}
+
+fn config(
+    dir: &std::path::Path,
+    url: &str,
+    queues: &[String],
+    target: &HttpTarget,
+    extra: &str,
+) -> walden::config::Config {
     let queues: Vec<String> = queues.iter().map(|q| format!("{q:?}")).collect();
     let fifo = queues[0].ends_with(".fifo\"");
     let text = format!(
@@ -60,7 +70,7 @@ url = "{}"
     );
     let config = walden::config::from_toml(&text).unwrap();
     walden::config::validate(&config).expect("a valid config");
-    Spawned::start(config).unwrap()
+    config
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {
@@ -358,4 +368,134 @@ async fn the_server_going_away_never_gets_a_false_true() {
     svc.stop();
     moto.kill().unwrap();
     moto.wait().unwrap();
+}
+
+/// `type = "composite"`: entries on Kafka, delays on an SQS queue. A delayed
+/// write comes back to its partition when due, with its sequence, and no
+/// Kafka delay tier carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_composite_namespace_keeps_entries_on_kafka_and_delays_on_sqs() {
+    let (Some(url), Some(brokers)) = (
+        test_server("WALDEN_TEST_SQS_URL"),
+        test_server("WALDEN_TEST_KAFKA_BROKERS"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let topic = unique("composite");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[namespaces.ns]
+shards = 2
+[namespaces.ns.backend]
+type = "composite"
+[namespaces.ns.backend.entries]
+type = "kafka"
+brokers = "{brokers}"
+topic = "{topic}"
+group = "{topic}-group"
+[namespaces.ns.backend.delays]
+type = "sqs"
+queue = "{topic}-delay"
+region = "us-east-1"
+endpoint_url = "{url}"
+wait_time_s = 1
+delay_hop_s = 1
+[namespaces.ns.target]
+type = "http"
+url = "{}"
+"#,
+        dir.path().display(),
+        target.url()
+    );
+    let config = walden::config::from_toml(&text).unwrap();
+    walden::config::validate(&config).expect("a valid config");
+    let svc = Spawned::start(config).unwrap();
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": "later", "key": "d", "id": "late-1", "lifecycle": {"delay_ms": 2500}}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["durable"].as_str()),
+        (200, Some("true")),
+        "{body}"
+    );
+    let sequence = body["sequence"].as_u64().unwrap();
+    let got = target.wait_for(1, WAIT);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let late = &got[0];
+    let due = late.body["due_ms"].as_u64().unwrap();
+    assert!(late.at_ms >= due, "fired {} ms early", due - late.at_ms);
+    assert!(
+        late.at_ms <= due + 3_000,
+        "fired {} ms late",
+        late.at_ms - due
+    );
+    assert_eq!(
+        late.sequence(),
+        sequence,
+        "it keeps its Kafka offset as its sequence"
+    );
+    // noida-db creates a topic when asked about it, so look for records:
+    // the Kafka tier an entry of 2.5 s would pass through holds none.
+    let tier = format!("{topic}.delay-1s");
+    let reader: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique("probe"))
+        .create()
+        .unwrap();
+    let records = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        (0..2)
+            .map(|p| {
+                let (low, high) = reader
+                    .fetch_watermarks(&tier, p, Duration::from_secs(10))
+                    .unwrap_or((0, 0));
+                high - low
+            })
+            .sum::<i64>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(records, 0, "nothing went through a Kafka delay tier");
+    svc.stop();
+}
+
+/// Operators may add a standard queue to an unordered namespace that holds
+/// data (keys may move: there is no order to keep), not a FIFO one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_queues_may_be_added_fifo_ones_not() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    for fifo in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let suffix = if fifo { ".fifo" } else { "" };
+        let name = unique("grow");
+        let one = [format!("{name}-a{suffix}")];
+        let two = [one[0].clone(), format!("{name}-b{suffix}")];
+        let svc = start(dir.path(), &url, &one, &target, "");
+        let (status, _) = post(
+            &format!("http://{}/v1/namespaces/ns/log", svc.addr),
+            json!({"payload": 1}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        svc.stop();
+        let grown = Spawned::start(config(dir.path(), &url, &two, &target, ""));
+        match (fifo, grown) {
+            (false, Ok(svc)) => svc.stop(),
+            (true, Err(e)) => assert!(e.to_string().contains("shards"), "{e}"),
+            (false, Err(e)) => panic!("a standard queue could not be added: {e}"),
+            (true, Ok(_)) => panic!("a FIFO queue was added to a namespace with data"),
+        }
+    }
 }

@@ -92,11 +92,9 @@ impl NamespaceRuntime {
             let stats = Arc::new(ShardStats::default());
             let consumer = {
                 let (backend, shard, stats) = (backend.clone(), shard.clone(), stats.clone());
-                let group = match &config.backend {
+                let group = match config.backend.entries() {
                     BackendConfig::Kafka(k) => k.group(name),
-                    BackendConfig::Embedded(_) | BackendConfig::Sqs(_) => {
-                        CONSUMER_GROUP.to_string()
-                    }
+                    _ => CONSUMER_GROUP.to_string(),
                 };
                 Supervisor::start_in_arbiter(arbiter, move |_| {
                     ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING)

@@ -188,6 +188,40 @@ pub enum BackendConfig {
     /// SQS queues, one per shard: SQS carries durability, delays past its
     /// 15-minute cap hop through a companion queue, and the DLQ is a queue.
     Sqs(SqsConfig),
+    /// Entries on one backend and delayed entries on another, as Netflix's
+    /// namespaces combine Kafka and SQS.
+    Composite(CompositeConfig),
+}
+
+/// `type = "composite"`: `[…backend.entries]` is a Kafka backend (its topic,
+/// DLQ topic and consumer group), and `[…backend.delays]` the SQS queue
+/// where delayed entries wait instead of Kafka's delay-tier topics.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompositeConfig {
+    pub entries: Box<BackendConfig>,
+    pub delays: DelaysConfig,
+}
+
+/// Where a composite namespace's delayed entries wait.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DelaysConfig {
+    Sqs(SqsDelaysConfig),
+}
+
+/// A standard SQS queue for delayed entries (see `SqsConfig::delay_queue`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsDelaysConfig {
+    pub queue: String,
+    pub region: String,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    #[serde(default = "default_sqs_wait_time_s")]
+    pub wait_time_s: u32,
+    #[serde(default = "default_sqs_delay_hop_s")]
+    pub delay_hop_s: u32,
 }
 
 /// The SQS backend's settings.
@@ -318,12 +352,47 @@ impl BackendConfig {
     pub fn rebalance_drain(&self) -> Duration {
         match self {
             BackendConfig::Kafka(k) => Duration::from_millis(k.rebalance_drain_ms),
+            BackendConfig::Composite(c) => c.entries.rebalance_drain(),
             BackendConfig::Embedded(_) | BackendConfig::Sqs(_) => Duration::ZERO,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Embedded(_) => "embedded",
+            BackendConfig::Kafka(_) => "kafka",
+            BackendConfig::Sqs(_) => "sqs",
+            BackendConfig::Composite(_) => "composite",
+        }
+    }
+
+    /// Where the entries live: the backend itself, or a composite's
+    /// `entries`.
+    pub fn entries(&self) -> &BackendConfig {
+        match self {
+            BackendConfig::Composite(c) => c.entries.entries(),
+            other => other,
         }
     }
 }
 
 impl KafkaConfig {
+    /// The client settings of namespace `namespace` with `shards` shards.
+    pub fn settings(
+        &self,
+        namespace: &str,
+        shards: u32,
+        ack_timeout: Duration,
+    ) -> crate::backends::kafka::KafkaSettings {
+        crate::backends::kafka::KafkaSettings {
+            brokers: self.brokers.clone(),
+            topic: self.topic(namespace),
+            partitions: shards,
+            librdkafka: self.librdkafka.clone(),
+            ack_timeout,
+        }
+    }
+
     /// The consumer group of namespace `namespace`.
     pub fn group(&self, namespace: &str) -> String {
         self.group

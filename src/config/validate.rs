@@ -3,7 +3,10 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use super::{BackendConfig, Config, FsyncSetting, NamespaceConfig, SqsConfig, TargetConfig};
+use super::{
+    BackendConfig, CompositeConfig, Config, DelaysConfig, FsyncSetting, KafkaConfig,
+    NamespaceConfig, SqsConfig, TargetConfig,
+};
 use crate::backends::embedded::format::MAX_BODY;
 
 /// One problem in a configuration.
@@ -126,7 +129,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             );
         }
         match &ns.backend {
-            BackendConfig::Kafka(_) => {}
+            BackendConfig::Kafka(_) | BackendConfig::Composite(_) => {}
             BackendConfig::Sqs(q) => validate_sqs(&mut e, name, ns, q),
             BackendConfig::Embedded(b) => {
                 if b.fsync == FsyncSetting::Interval && b.fsync_interval_ms == 0 {
@@ -180,49 +183,10 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 ),
             );
         }
-        if let BackendConfig::Kafka(k) = &ns.backend {
-            if k.brokers.trim().is_empty() {
-                e.ns(name, "backend.brokers", "must name at least one host:port");
-            }
-            let topic = k.topic(name);
-            if !valid_topic_name(&topic) {
-                e.ns(
-                    name,
-                    "backend.topic",
-                    format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
-                );
-            }
-            let dlq_topic = k.dlq_topic(name);
-            if !valid_topic_name(&dlq_topic) || dlq_topic == topic {
-                e.ns(
-                    name,
-                    "backend.dlq_topic",
-                    format!(
-                        "{dlq_topic:?} must be a valid topic name other than the namespace's topic"
-                    ),
-                );
-            }
-            if let Some(p) = k.partitions
-                && p != ns.shards
-            {
-                e.ns(
-                    name,
-                    "backend.partitions",
-                    format!(
-                        "must equal shards ({}): each shard is one partition (got {p})",
-                        ns.shards
-                    ),
-                );
-            }
-            // Until the broker-side stores land, nothing of a Kafka namespace
-            // may wait only on one machine's disk.
-            if ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey {
-                e.ns(
-                    name,
-                    "dlq.on_dead_letter",
-                    "\"hold_key\" keeps its holds on local disk, so it is not available on the kafka backend yet",
-                );
-            }
+        match &ns.backend {
+            BackendConfig::Kafka(k) => validate_kafka(&mut e, name, ns, k, "backend"),
+            BackendConfig::Composite(c) => validate_composite(&mut e, name, ns, c),
+            _ => {}
         }
         validate_target(&mut e, name, &ns.target);
         let r = &ns.retry;
@@ -302,6 +266,123 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     }
 }
 
+fn validate_kafka(e: &mut Errors, name: &str, ns: &NamespaceConfig, k: &KafkaConfig, prefix: &str) {
+    if k.brokers.trim().is_empty() {
+        e.ns(
+            name,
+            &format!("{prefix}.brokers"),
+            "must name at least one host:port",
+        );
+    }
+    let topic = k.topic(name);
+    if !valid_topic_name(&topic) {
+        e.ns(
+            name,
+            &format!("{prefix}.topic"),
+            format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
+        );
+    }
+    let dlq_topic = k.dlq_topic(name);
+    if !valid_topic_name(&dlq_topic) || dlq_topic == topic {
+        e.ns(
+            name,
+            &format!("{prefix}.dlq_topic"),
+            format!("{dlq_topic:?} must be a valid topic name other than the namespace's topic"),
+        );
+    }
+    if let Some(p) = k.partitions
+        && p != ns.shards
+    {
+        e.ns(
+            name,
+            &format!("{prefix}.partitions"),
+            format!(
+                "must equal shards ({}): each shard is one partition (got {p})",
+                ns.shards
+            ),
+        );
+    }
+    // Until the broker-side stores land, nothing of a Kafka namespace
+    // may wait only on one machine's disk.
+    if ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey {
+        e.ns(
+                name,
+                "dlq.on_dead_letter",
+                "\"hold_key\" keeps its holds on local disk, so it is not available on the kafka backend yet",
+            );
+    }
+}
+
+/// A composite namespace: Kafka entries (checked as a Kafka backend, under
+/// `backend.entries`) and an SQS delay queue.
+fn validate_composite(e: &mut Errors, name: &str, ns: &NamespaceConfig, c: &CompositeConfig) {
+    match c.entries.as_ref() {
+        BackendConfig::Kafka(k) => validate_kafka(e, name, ns, k, "backend.entries"),
+        other => e.ns(
+            name,
+            "backend.entries.type",
+            format!(
+                "{:?} cannot hold a composite's entries yet; use \"kafka\" (an SQS namespace keeps its delays on SQS already)",
+                other.kind()
+            ),
+        ),
+    }
+    let DelaysConfig::Sqs(d) = &c.delays;
+    if !valid_queue_name(&d.queue) || d.queue.ends_with(".fifo") {
+        e.ns(
+            name,
+            "backend.delays.queue",
+            format!(
+                "{:?} must be a standard queue name (no `.fifo`: only those delay each message)",
+                d.queue
+            ),
+        );
+    }
+    if d.region.trim().is_empty() {
+        e.ns(
+            name,
+            "backend.delays.region",
+            "must name a region, e.g. \"us-east-1\"",
+        );
+    }
+    if let Some(url) = &d.endpoint_url {
+        check_http_url(e, name, "backend.delays.endpoint_url", url);
+    }
+    for (field, value, range) in [
+        ("backend.delays.wait_time_s", d.wait_time_s, 0..=20),
+        ("backend.delays.delay_hop_s", d.delay_hop_s, 1..=900),
+    ] {
+        check_range(e, name, field, value, range);
+    }
+}
+
+fn check_http_url(e: &mut Errors, name: &str, field: &str, url: &str) {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => e.ns(name, field, format!("{url:?} must be an http(s) URL")),
+    }
+}
+
+fn check_range(
+    e: &mut Errors,
+    name: &str,
+    field: &str,
+    value: u32,
+    range: std::ops::RangeInclusive<u32>,
+) {
+    if !range.contains(&value) {
+        e.ns(
+            name,
+            field,
+            format!(
+                "must be between {} and {} (got {value})",
+                range.start(),
+                range.end()
+            ),
+        );
+    }
+}
+
 fn validate_sqs(e: &mut Errors, name: &str, ns: &NamespaceConfig, q: &SqsConfig) {
     if q.queues.is_empty() {
         e.ns(name, "backend.queues", "must name at least one queue");
@@ -352,14 +433,7 @@ fn validate_sqs(e: &mut Errors, name: &str, ns: &NamespaceConfig, q: &SqsConfig)
         );
     }
     if let Some(url) = &q.endpoint_url {
-        match reqwest::Url::parse(url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-            _ => e.ns(
-                name,
-                "backend.endpoint_url",
-                format!("{url:?} must be an http(s) URL"),
-            ),
-        }
+        check_http_url(e, name, "backend.endpoint_url", url);
     }
     let dlq = q.dlq_queue();
     if !valid_queue_name(&dlq) || q.queues.contains(&dlq) {
@@ -398,17 +472,7 @@ fn validate_sqs(e: &mut Errors, name: &str, ns: &NamespaceConfig, q: &SqsConfig)
         ),
         ("backend.delay_hop_s", q.delay_hop_s, 1..=900),
     ] {
-        if !range.contains(&value) {
-            e.ns(
-                name,
-                field,
-                format!(
-                    "must be between {} and {} (got {value})",
-                    range.start(),
-                    range.end()
-                ),
-            );
-        }
+        check_range(e, name, field, value, range);
     }
     // Holds live on one machine's disk, and an SQS namespace's consumers
     // compete for every queue.

@@ -267,3 +267,21 @@ impl Producer for KafkaProducer {
         })
     }
 }
+
+/// A delay that came due elsewhere (a composite namespace's SQS delay queue)
+/// returns to its partition with its original sequence, as a redrive does.
+impl crate::backends::PutBack for KafkaProducer {
+    fn put_back<'a>(
+        &'a self,
+        shard: u32,
+        entry: &'a Entry,
+        sequence: u64,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let sequence = sequence.to_string();
+            self.produce(Some(shard), entry, &[(super::REDRIVEN_SEQUENCE, sequence)])
+                .await?;
+            Ok(())
+        })
+    }
+}

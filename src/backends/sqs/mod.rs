@@ -105,9 +105,14 @@ impl SqsSettings {
     /// A client for these settings; credentials come from the standard AWS
     /// chain (environment, profile, instance role).
     pub async fn client(&self) -> Client {
+        Self::client_for(&self.region, self.endpoint_url.as_deref()).await
+    }
+
+    /// A client for `region`, at `endpoint_url` if set.
+    pub async fn client_for(region: &str, endpoint_url: Option<&str>) -> Client {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(self.region.clone()));
-        if let Some(url) = &self.endpoint_url {
+            .region(aws_config::Region::new(region.to_string()));
+        if let Some(url) = endpoint_url {
             loader = loader.endpoint_url(url);
         }
         Client::new(&loader.load().await)
@@ -759,17 +764,16 @@ impl SqsConsumer {
 impl Consumer for SqsConsumer {
     type Delivery = SqsDelivery;
 
-    /// Long-polls for up to the queue's `wait_time` (the caller's `timeout`
-    /// only caps it when shorter than a second: SQS waits in whole seconds).
+    /// Long-polls for up to the queue's `wait_time`, whatever `timeout`
+    /// says: SQS waits in whole seconds, and a long poll is what keeps an
+    /// idle queue cheap. A poll that finds nothing then waits out the rest
+    /// of `poll_interval`.
     async fn receive(
         &mut self,
         max: usize,
-        timeout: Duration,
+        _timeout: Duration,
     ) -> Result<Vec<SqsDelivery>, BackendError> {
-        let wait = match timeout < Duration::from_secs(1) {
-            true => timeout.min(self.settings.wait_time).as_secs_f64().ceil() as i32,
-            false => self.settings.wait_time.min(timeout).as_secs() as i32,
-        };
+        let wait = self.settings.wait_time.as_secs().min(20) as i32;
         let max = max.clamp(1, self.settings.max_messages_per_poll.clamp(1, 10) as usize);
         let visibility = self.settings.visibility_timeout;
         let messages = self
