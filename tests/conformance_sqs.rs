@@ -314,3 +314,45 @@ async fn a_native_redrive_policy_moves_messages_walden_lists_and_redrives() {
         Vec::new()
     );
 }
+
+/// A delivery held longer than the visibility timeout (2 s here) stays
+/// hidden from other consumers while it is held, and shows again soon after
+/// it is dropped unacked (a consumer that died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_delivery_stays_hidden_until_dropped() {
+    use walden::backends::{Consumer, Delivery};
+    let Some(h) = Standard::start().await else {
+        return;
+    };
+    let shard = ShardRef::new("conformance", 0);
+    let entry = walden::entry::Entry {
+        id: "held-1".into(),
+        payload: bytes::Bytes::from_static(b"slow"),
+        ..Default::default()
+    };
+    h.producer.send_entry(&entry).await.unwrap();
+    let mut holder = SqsConsumer::new(&h.settings, &shard).await.unwrap();
+    let mut other = SqsConsumer::new(&h.settings, &shard).await.unwrap();
+    let held = holder.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        let seen = other.receive(10, Duration::from_secs(1)).await.unwrap();
+        assert!(
+            seen.is_empty(),
+            "shown while held: {:?}",
+            seen[0].entry().id
+        );
+    }
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = other.receive(10, Duration::from_secs(1)).await.unwrap();
+        if let Some(d) = seen.into_iter().next() {
+            assert_eq!(d.entry().id, "held-1");
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never shown again");
+    }
+}

@@ -266,6 +266,10 @@ impl DeadLetters for SqsDlq {
         };
         let (body, mut attributes) = encode(&letter.entry, letter.origin.sequence);
         attributes.insert(
+            super::ATTEMPTS.to_string(),
+            super::number_attribute(letter.attempts.into()),
+        );
+        attributes.insert(
             LETTER.to_string(),
             super::string_attribute(&serde_json::to_string(&meta).expect("plain struct")),
         );

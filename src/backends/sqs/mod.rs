@@ -6,7 +6,8 @@
 //!   lands on one queue, as it lands on one partition on Kafka.
 //! - The body is the payload, base64-encoded (a body must be text). Message
 //!   attributes carry `walden.id`, `walden.key`, `walden.sequence`,
-//!   `walden.timestamp_ms`, `walden.due_ms` (when delayed), the entry's
+//!   `walden.attempts`, `walden.timestamp_ms`, `walden.due_ms` (when
+//!   delayed), the entry's
 //!   headers as one JSON attribute (`walden.headers`: SQS allows only ten
 //!   attributes), and `traceparent`.
 //! - On a FIFO queue (`.fifo`) the key is the MessageGroupId and the entry id
@@ -73,8 +74,11 @@ const TIMESTAMP: &str = "walden.timestamp_ms";
 const DUE: &str = "walden.due_ms";
 const HEADERS: &str = "walden.headers";
 const TRACEPARENT: &str = "traceparent";
+/// Apply attempts before this send: 0 for a write, a letter's attempts in
+/// the DLQ.
+const ATTEMPTS: &str = "walden.attempts";
 /// Room left for a caller's own attributes (SQS allows ten per message).
-const EXTRA: usize = 3;
+const EXTRA: usize = 2;
 
 /// The most a SendMessage may carry (body and attributes), in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -640,9 +644,10 @@ impl SqsProducer {
 
 /// An entry's message attributes.
 fn attributes(entry: &Entry, sequence: u64) -> HashMap<String, MessageAttributeValue> {
-    let mut a = HashMap::with_capacity(7 + EXTRA);
+    let mut a = HashMap::with_capacity(8 + EXTRA);
     a.insert(ID.to_string(), string_attribute(&entry.id));
     a.insert(SEQUENCE.to_string(), number_attribute(sequence));
+    a.insert(ATTEMPTS.to_string(), number_attribute(0));
     let timestamp = match entry.timestamp_ms {
         0 => now_ms(),
         t => t,
