@@ -156,7 +156,7 @@ fn main() {
         "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions)"
     );
     // `WALDEN_BENCH_CASES=16x1,16x100` picks cases; `WALDEN_BENCH_ONLY=walden`
-    // skips the raw producer (for profiling).
+    // or `=raw` runs one side only (for profiling).
     let cases: Vec<(usize, usize)> = env_or("WALDEN_BENCH_CASES", "1x1,16x1,64x1,16x100")
         .split(',')
         .filter_map(|c| {
@@ -164,23 +164,31 @@ fn main() {
             Some((conns.trim().parse().ok()?, batch.trim().parse().ok()?))
         })
         .collect();
-    let only_walden = env_or("WALDEN_BENCH_ONLY", "") == "walden";
+    let only = env_or("WALDEN_BENCH_ONLY", "");
+    let (only_walden, only_raw) = (only == "walden", only == "raw");
     // Each side runs `rounds` times, alternating (Walden, raw, Walden, ...),
     // so drift in a shared machine or a filling broker hits both alike.
     let rounds: usize = env_or("WALDEN_BENCH_ROUNDS", "2").parse().unwrap_or(2);
     for (conns, batch) in cases {
         let (mut w, mut r) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
-            w.push(walden(&rt, &brokers, conns, batch, secs));
+            if !only_raw {
+                w.push(walden(&rt, &brokers, conns, batch, secs));
+            }
             if !only_walden {
                 r.push(raw(&rt, &brokers, conns, batch, secs));
             }
         }
         let (w, r) = (Run::merge(w), Run::merge(r));
-        if only_walden {
+        if only_walden || only_raw {
+            let (side, run) = if only_raw {
+                ("raw", &r)
+            } else {
+                ("walden", &w)
+            };
             println!(
-                "kafka connections={conns} batch={batch} walden_per_s={:.0}",
-                w.per_s()
+                "kafka connections={conns} batch={batch} {side}_per_s={:.0}",
+                run.per_s()
             );
             continue;
         }

@@ -184,3 +184,47 @@ async fn redrive_returns_the_entry_to_its_partition() {
     dlq.redrive(&live).await.unwrap();
     assert_eq!(dlq.get("conformance", "back-1").await.unwrap(), None);
 }
+
+/// A group member learns each partition's end from librdkafka's statistics,
+/// before it hands anything out, so stats can show entries not read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_knows_the_end_of_its_partitions() {
+    use walden::backends::Producer;
+    let Some(brokers) = common::test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let settings = KafkaSettings {
+        brokers,
+        topic: common::unique("ends"),
+        partitions: 1,
+        librdkafka: BTreeMap::from([("statistics.interval.ms".into(), "200".into())]),
+        ack_timeout: Duration::from_secs(10),
+    };
+    settings.ensure_topic().await.unwrap();
+    let producer = KafkaProducer::new(&settings).unwrap();
+    let shard = ShardRef::new("ends", 0);
+    for i in 0..5 {
+        producer
+            .send(&shard, common::entry(format!("e{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let group = walden::backends::kafka::KafkaGroup::join(
+        &settings,
+        &format!("{}-group", settings.topic),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let consumer = group.shard_consumer(&shard).await.unwrap();
+    let checkpointer = consumer.checkpointer();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while checkpointer.end_offset() != Some(5) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "end never reported: {:?}",
+            checkpointer.end_offset()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(checkpointer.low_watermark(), 0, "nothing handed out yet");
+}

@@ -310,6 +310,8 @@ pub struct ConsumerState {
     pub low_watermark: u64,
     pub outstanding: usize,
     pub oldest_outstanding_ms: Option<u64>,
+    /// The shard's end on a broker, when known.
+    pub end_offset: Option<u64>,
 }
 
 impl Handler<GetState> for ShardConsumer {
@@ -324,6 +326,7 @@ impl Handler<GetState> for ShardConsumer {
                 low_watermark: c.low_watermark(),
                 outstanding: c.outstanding(),
                 oldest_outstanding_ms: c.oldest_outstanding_ms(),
+                end_offset: c.end_offset(),
             })
             .unwrap_or_default();
         actix::MessageResult(state)

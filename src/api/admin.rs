@@ -95,12 +95,13 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
         // Before the consumer has read anything, the committed offset is the
         // best lower bound.
         let applied_through = state.low_watermark.max(state.committed);
-        // On a broker the end of the partition is the broker's to say (see
-        // its consumer-group lag); here pending counts what was read and is
-        // not yet applied.
+        // On Kafka the partition's end comes from librdkafka's statistics
+        // (every few seconds); on SQS, which has no offsets, pending counts
+        // what was read and is not yet applied.
+        let read = applied_through + state.outstanding as u64;
         let next = match &ns.backend {
             NamespaceBackend::Embedded(_) => log.next_offset(&h.shard),
-            _ => applied_through + state.outstanding as u64,
+            _ => state.end_offset.map_or(read, |end| end.max(read)),
         };
         if let Some(ts) = state.oldest_outstanding_ms {
             oldest = Some(oldest.map_or(ts, |o| o.min(ts)));

@@ -249,6 +249,15 @@ impl AnyCheckpointer {
         }
     }
 
+    /// The shard's end on a broker (Kafka's high watermark), when known;
+    /// the embedded log's end is read from the log itself.
+    pub fn end_offset(&self) -> Option<u64> {
+        match self {
+            AnyCheckpointer::Kafka(c) => c.end_offset(),
+            AnyCheckpointer::Embedded(_) | AnyCheckpointer::Sqs(_) => None,
+        }
+    }
+
     /// Commit the low watermark; returns it.
     pub async fn commit(&self) -> Result<u64, BackendError> {
         Ok(match self {

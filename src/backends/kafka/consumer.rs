@@ -88,6 +88,11 @@ impl KafkaCheckpointer {
         self.slot.state.lock().unwrap().committed
     }
 
+    /// The partition's end (its high watermark) when last reported.
+    pub fn end_offset(&self) -> Option<u64> {
+        self.slot.state.lock().unwrap().end
+    }
+
     /// Commit the low watermark (the next offset to read, in Kafka's terms);
     /// returns it. Skipped, not failed, when the partition is not ours.
     pub async fn commit(&self) -> Result<u64, KafkaError> {

@@ -50,6 +50,9 @@ pub(super) struct SlotState {
     pub epoch: u64,
     /// The group's committed offset, as this process last knew it.
     pub committed: Option<u64>,
+    /// The partition's end (high watermark), from librdkafka's statistics
+    /// (every `statistics.interval.ms`, 5 s by default).
+    pub end: Option<u64>,
 }
 
 impl Slot {
@@ -61,6 +64,7 @@ impl Slot {
                 draining: false,
                 epoch: 0,
                 committed,
+                end: None,
             }),
             tracker: Arc::new(Mutex::new(Tracker::starting_at(committed.unwrap_or(0)))),
         })
@@ -73,6 +77,7 @@ impl Slot {
                 draining: false,
                 epoch: 0,
                 committed: None,
+                end: None,
             }),
             tracker: Arc::new(Mutex::new(Tracker::starting_at(0))),
         })
@@ -99,7 +104,21 @@ impl WaldenContext {
     }
 }
 
-impl ClientContext for WaldenContext {}
+impl ClientContext for WaldenContext {
+    /// Keep each partition's end, for the consumer lag in stats.
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        let Some(g) = &self.group else { return };
+        let Some(topic) = statistics.topics.get(&g.topic) else {
+            return;
+        };
+        for (p, partition) in &topic.partitions {
+            let slot = usize::try_from(*p).ok().and_then(|p| g.slots.get(p));
+            if let (Some(slot), Ok(end)) = (slot, u64::try_from(partition.hi_offset)) {
+                slot.state.lock().unwrap().end = Some(end);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WaldenContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -236,6 +255,8 @@ impl KafkaGroup {
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
                 ("auto.offset.reset", "earliest"),
+                // Statistics carry each partition's end, for the lag.
+                ("statistics.interval.ms", "5000"),
             ])
             .create_with_context(context)
             .map_err(|e| KafkaError::client("group consumer", &topic, e))?;
@@ -346,6 +367,7 @@ mod tests {
             draining: false,
             epoch: 0,
             committed,
+            end: None,
         }
     }
 
