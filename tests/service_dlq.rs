@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::post;
 use common::target::HttpTarget;
 use serde_json::{Value, json};
 use walden::service::Spawned;
@@ -42,16 +43,6 @@ max_backoff_ms = 50
 
 async fn get(url: &str) -> (u16, Value) {
     let r = reqwest::get(url).await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
-async fn post(url: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
 }
 

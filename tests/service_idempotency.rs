@@ -6,19 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::target::HttpTarget;
-use common::{free_port, service_config, start_walden, wait_healthy};
+use common::{free_port, post, service_config, start_walden, wait_healthy};
 use serde_json::{Value, json};
 use walden::service::Spawned;
-
-async fn post(url: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
-}
 
 async fn entries_in_log(base: &str) -> u64 {
     let st: Value = reqwest::get(format!("{base}/v1/namespaces/ns"))

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::target::HttpTarget;
-use common::{test_server, unique};
+use common::{post, test_server, unique};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -34,17 +34,6 @@ fn kafka_namespace(name: &str, brokers: &str, topic: &str, target: &str) -> Stri
     format!(
         "[namespaces.{name}]\nshards = 3\n[namespaces.{name}.backend]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"{group}\"\n[namespaces.{name}.target]\n{target}\n"
     )
-}
-
-async fn post(url: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,6 @@ use serde::Deserialize;
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::applier::{Purged, Redrive};
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::shard::AnyDlq;
 use crate::backends::{BackendError, DeadLetter, DeadLetters};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
@@ -173,16 +172,9 @@ pub async fn redrive(
         *l.origin.shard.namespace == *ns.name && l.origin.shard.shard < ns.config.shards
     });
     let unroutable: Vec<String> = unroutable.into_iter().map(|l| l.entry.id).collect();
-    match &ns.dlq {
-        AnyDlq::Kafka(dlq) => {
-            let sends = routable.iter().map(|l| dlq.redrive(l));
-            return put_back(&routable, join_all(sends).await, not_found, unroutable);
-        }
-        AnyDlq::Sqs(dlq) => {
-            let sends = routable.iter().map(|l| dlq.redrive(l));
-            return put_back(&routable, join_all(sends).await, not_found, unroutable);
-        }
-        AnyDlq::Embedded(_) => {}
+    if ns.dlq.redrives_to_broker() {
+        let sends = routable.iter().map(|l| ns.dlq.redrive_to_broker(l));
+        return put_back(&routable, join_all(sends).await, not_found, unroutable);
     }
     let mut by_shard: BTreeMap<u32, Vec<Delivered>> = BTreeMap::new();
     for l in routable {

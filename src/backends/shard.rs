@@ -332,6 +332,25 @@ pub enum AnyDlq {
 }
 
 impl AnyDlq {
+    /// A redrive puts the entry back on the broker itself (a partition or a
+    /// queue), where whichever process reads it applies it; the local DLQ
+    /// hands it to the shard's applier instead.
+    pub fn redrives_to_broker(&self) -> bool {
+        !matches!(self, AnyDlq::Embedded(_))
+    }
+
+    /// Put a letter's entry back on its origin partition or queue, with its
+    /// sequence, then remove the letter.
+    pub async fn redrive_to_broker(&self, letter: &DeadLetter) -> Result<(), BackendError> {
+        match self {
+            AnyDlq::Kafka(d) => d.redrive(letter).await,
+            AnyDlq::Sqs(d) => d.redrive(letter).await,
+            AnyDlq::Embedded(_) => Err(BackendError::NotHere(
+                "the local DLQ redrives through the shard's applier",
+            )),
+        }
+    }
+
     /// How many letters `namespace` has: exact, or SQS's estimate (counting
     /// an SQS queue exactly would mean receiving all of it).
     pub async fn count(&self, namespace: &str) -> Result<u64, BackendError> {

@@ -134,6 +134,18 @@ pub fn mutation(sequence: u64, payload: serde_json::Value) -> walden::entry::Del
     }
 }
 
+/// POST `body` as JSON; the status and the JSON answer (`null` if none).
+pub async fn post(url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// A short random suffix for table names, key prefixes and topics.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())

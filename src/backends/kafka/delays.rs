@@ -168,34 +168,12 @@ impl DelayStore for KafkaDelayTiers {
         })
     }
 
-    fn due_between(
-        &self,
-        _: &ShardRef,
-        _: u64,
-        _: u64,
-        _: usize,
-    ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
-    fn summary(&self, _: &ShardRef) -> BoxFuture<'_, Result<(u64, Option<u64>), BackendError>> {
-        Box::pin(async { Ok((0, None)) })
-    }
-
-    fn undelay(&self, _: Delivered) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async { Ok(()) })
-    }
-
     fn find(&self, _: &str, _: &str) -> BoxFuture<'_, Result<Option<Delivered>, BackendError>> {
         Box::pin(async {
             Err(BackendError::NotHere(
                 "delayed entries on a kafka namespace cannot be listed or cancelled yet",
             ))
         })
-    }
-
-    fn cancel(&self, _: &Delivered) -> BoxFuture<'_, Result<bool, BackendError>> {
-        Box::pin(async { Ok(false) })
     }
 }
 

@@ -26,7 +26,7 @@ use tracing::warn;
 
 use super::{Outgoing, SqsError, SqsQueue, decode, encode, number_attribute, text};
 use crate::backends::{BackendError, DelayStore, PutBack};
-use crate::entry::{Delivered, Entry, ShardRef, now_ms};
+use crate::entry::{Delivered, Entry, now_ms};
 
 /// The shard a delayed entry returns to.
 const SHARD: &str = "walden.shard";
@@ -154,33 +154,11 @@ impl DelayStore for SqsDelays {
         })
     }
 
-    fn due_between(
-        &self,
-        _: &ShardRef,
-        _: u64,
-        _: u64,
-        _: usize,
-    ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
-    fn summary(&self, _: &ShardRef) -> BoxFuture<'_, Result<(u64, Option<u64>), BackendError>> {
-        Box::pin(async { Ok((0, None)) })
-    }
-
-    fn undelay(&self, _: Delivered) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async { Ok(()) })
-    }
-
     fn find(&self, _: &str, _: &str) -> BoxFuture<'_, Result<Option<Delivered>, BackendError>> {
         Box::pin(async {
             Err(BackendError::NotHere(
                 "delayed entries on SQS cannot be listed or cancelled: SQS does not show a delayed message until it is due",
             ))
         })
-    }
-
-    fn cancel(&self, _: &Delivered) -> BoxFuture<'_, Result<bool, BackendError>> {
-        Box::pin(async { Ok(false) })
     }
 }
