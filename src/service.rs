@@ -384,6 +384,7 @@ async fn open_sqs(
     let backend = SqsNamespace {
         client,
         fifo: q.is_fifo(),
+        max_message_bytes: q.max_message_bytes as usize,
         queues,
         producers: server.role.writes().then_some(shards),
     };

@@ -143,6 +143,12 @@ fn every_validation_error_names_its_namespace_and_field() {
             "backend.delay_hop_s",
         ),
         (
+            "sqs messages over 1 MiB",
+            sqs("", "queues = [\"a.fifo\"]\nmax_message_bytes = 2000000"),
+            Some("orders"),
+            "backend.max_message_bytes",
+        ),
+        (
             "sqs FIFO delay queue",
             sqs("", "queues = [\"a.fifo\"]\ndelay_queue = \"a-delay.fifo\""),
             Some("orders"),

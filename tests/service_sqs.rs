@@ -303,6 +303,37 @@ async fn writes_sqs_cannot_take_are_refused_clearly() {
     .await;
     assert_eq!(status, 200, "150 KB fits: {body}");
     svc.stop();
+
+    // A smaller `max_message_bytes` is the bound, and the error names it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut smaller = config(dir.path(), &url, &queues, &target, "");
+    if let walden::config::BackendConfig::Sqs(q) =
+        &mut smaller.namespaces.get_mut("ns").unwrap().backend
+    {
+        q.max_message_bytes = 65_536;
+    }
+    let svc = Spawned::start(smaller).unwrap();
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": "x".repeat(60_000)}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("backend.max_message_bytes"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &format!("{base}/log"),
+        json!({"payload": "x".repeat(40_000)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    svc.stop();
 }
 
 /// The SQS server goes away under the service: writes get 503 `false` (or

@@ -45,10 +45,10 @@ impl NamespaceBackend {
     }
 
     /// Why the backend cannot take `entry`, checked at ingest so the client
-    /// is told at once (an SQS message is at most 256 KiB).
+    /// is told at once (an SQS message is at most 256 KiB or 1 MiB).
     pub fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
         match self {
-            NamespaceBackend::Sqs(ns) => sqs::check_entry(entry, ns.fifo),
+            NamespaceBackend::Sqs(ns) => sqs::check_entry(entry, ns.fifo, ns.max_message_bytes),
             NamespaceBackend::Embedded(_) | NamespaceBackend::Kafka { .. } => Ok(()),
         }
     }

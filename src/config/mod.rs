@@ -263,6 +263,16 @@ pub struct SqsConfig {
     /// until due. Lower it only to test long delays quickly.
     #[serde(default = "default_sqs_delay_hop_s")]
     pub delay_hop_s: u32,
+    /// The largest message the queues take, body (the payload in base64)
+    /// and attributes together; a larger entry is refused at ingest (413).
+    /// 262144 (256 KiB) works on every SQS-compatible server; AWS takes up
+    /// to 1048576 (1 MiB).
+    #[serde(default = "default_sqs_max_message_bytes")]
+    pub max_message_bytes: u32,
+}
+
+fn default_sqs_max_message_bytes() -> u32 {
+    256 * 1024
 }
 
 fn default_sqs_poll_interval_ms() -> u64 {

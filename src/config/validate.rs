@@ -471,6 +471,11 @@ fn validate_sqs(e: &mut Errors, name: &str, ns: &NamespaceConfig, q: &SqsConfig)
             2..=43_200,
         ),
         ("backend.delay_hop_s", q.delay_hop_s, 1..=900),
+        (
+            "backend.max_message_bytes",
+            q.max_message_bytes,
+            16_384..=1_048_576,
+        ),
     ] {
         check_range(e, name, field, value, range);
     }

@@ -80,9 +80,6 @@ const ATTEMPTS: &str = "walden.attempts";
 /// Room left for a caller's own attributes (SQS allows ten per message).
 const EXTRA: usize = 2;
 
-/// The most a SendMessage may carry (body and attributes), in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
-
 /// Where one namespace's queue lives, and how to read it.
 #[derive(Clone, Debug)]
 pub struct SqsSettings {
@@ -533,13 +530,14 @@ fn message_size(body: &str, attributes: &HashMap<String, MessageAttributeValue>)
 /// message (with base64 and the attributes, and room for a DLQ letter's), or
 /// an id a FIFO queue cannot deduplicate on. Checked at ingest, so the client
 /// gets a 413 or a 400 instead of a failed send.
-pub fn check_entry(entry: &Entry, fifo: bool) -> Result<(), EntryRejected> {
+pub fn check_entry(entry: &Entry, fifo: bool, max_bytes: usize) -> Result<(), EntryRejected> {
     let (body, attributes) = encode(entry, u64::MAX);
     let size = message_size(&body, &attributes) + dlq::LETTER_OVERHEAD;
-    if size > MAX_MESSAGE_BYTES {
+    if size > max_bytes {
         return Err(EntryRejected::TooLarge(format!(
             "the entry would be a {size}-byte SQS message (payload {} bytes, base64-encoded, plus its \
-             attributes and room for a dead letter's); SQS takes at most {MAX_MESSAGE_BYTES}",
+             attributes and room for a dead letter's); the queues take at most {max_bytes} \
+             (backend.max_message_bytes)",
             entry.payload.len()
         )));
     }
@@ -685,6 +683,8 @@ pub struct SqsNamespace {
     pub client: Client,
     pub queues: Vec<SqsSettings>,
     pub fifo: bool,
+    /// The largest message the queues take (`backend.max_message_bytes`).
+    pub max_message_bytes: usize,
     /// `None` in a consumer-only process.
     pub producers: Option<Arc<SqsShards>>,
 }
