@@ -356,3 +356,40 @@ async fn a_held_delivery_stays_hidden_until_dropped() {
         assert!(std::time::Instant::now() < deadline, "never shown again");
     }
 }
+
+/// A delivery dropped unsettled (a rewind, a shutdown) shows its message
+/// again at once, not after its visibility timeout (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_delivery_shows_again_at_once() {
+    use walden::backends::{Consumer, Delivery};
+    let Some(mut h) = Standard::start().await else {
+        return;
+    };
+    h.settings.visibility_timeout = Duration::from_secs(30);
+    let shard = ShardRef::new("conformance", 0);
+    let entry = walden::entry::Entry {
+        id: "dropped-1".into(),
+        payload: bytes::Bytes::from_static(b"again"),
+        ..Default::default()
+    };
+    h.producer.send_entry(&entry).await.unwrap();
+    let mut first = SqsConsumer::new(&h.settings, &shard).await.unwrap();
+    let got = first.receive(10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    drop(got);
+    let mut other = SqsConsumer::new(&h.settings, &shard).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(d) = other
+            .receive(10, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .pop()
+        {
+            assert_eq!(d.entry().id, "dropped-1");
+            d.ack().await.map_err(|(e, _)| e).unwrap();
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still hidden");
+    }
+}

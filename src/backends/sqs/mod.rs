@@ -36,10 +36,10 @@
 //! nothing waits `poll_interval` before the next. A received message stays
 //! hidden while its entry is applied: its visibility timeout is extended
 //! every half timeout for as long as the delivery is held, so a slow target
-//! does not get a second copy, and a crashed consumer's messages show again
-//! one timeout later. A message is deleted only when acked (applied, parked
-//! or dead-lettered); a nack makes it visible again at once. There is
-//! nothing to commit.
+//! does not get a second copy. A crashed consumer's messages show again one
+//! timeout later; a delivery dropped unsettled shows again at once. A
+//! message is deleted only when acked (applied, parked or dead-lettered); a
+//! nack makes it visible again at once. There is nothing to commit.
 //!
 //! Delays and dead letters live on queues too ([`delays`], [`dlq`]).
 
@@ -793,14 +793,12 @@ impl Consumer for SqsConsumer {
             };
             let receipt: Arc<str> = receipt.into();
             deliveries.push(SqsDelivery {
-                hold: Hold::start(
+                hold: Box::new(Hold::start(
                     self.queue.clone(),
-                    receipt.clone(),
+                    receipt,
                     visibility,
                     self.held.clone(),
-                ),
-                queue: self.queue.clone(),
-                receipt,
+                )),
                 shard: self.shard.clone(),
                 sequence,
                 entry,
@@ -837,10 +835,16 @@ impl SqsCheckpointer {
 }
 
 /// Keeps a received message hidden while its delivery is held: extends the
-/// visibility timeout every half timeout, until dropped.
+/// visibility timeout every half timeout, until dropped. A delivery dropped
+/// unsettled (a rewind, a shutdown) shows its message again at once, so
+/// another consumer need not wait out the timeout.
 struct Hold {
     keep_alive: tokio::task::AbortHandle,
     held: Arc<AtomicUsize>,
+    queue: SqsQueue,
+    receipt: Arc<str>,
+    /// Acked or nacked: nothing to show again.
+    settled: bool,
 }
 
 impl Hold {
@@ -852,19 +856,26 @@ impl Hold {
     ) -> Self {
         held.fetch_add(1, Ordering::Relaxed);
         let seconds = visibility.as_secs().max(1) as i32;
+        let (q, r) = (queue.clone(), receipt.clone());
         let keep_alive = tokio::spawn(async move {
             let every = (visibility / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(error) = queue.set_visibility(&receipt, seconds).await {
+                if let Err(error) = q.set_visibility(&r, seconds).await {
                     // It shows again when the timeout runs out, and is
                     // delivered again: at least once, never lost.
-                    tracing::warn!(queue = queue.name(), %error, "Cannot extend a message's visibility.");
+                    tracing::warn!(queue = q.name(), %error, "Cannot extend a message's visibility.");
                 }
             }
         })
         .abort_handle();
-        Self { keep_alive, held }
+        Self {
+            keep_alive,
+            held,
+            queue,
+            receipt,
+            settled: false,
+        }
     }
 }
 
@@ -872,17 +883,27 @@ impl Drop for Hold {
     fn drop(&mut self) {
         self.keep_alive.abort();
         self.held.fetch_sub(1, Ordering::Relaxed);
+        if self.settled {
+            return;
+        }
+        // Best effort: if it fails, or the runtime is gone, the message
+        // shows when its timeout runs out.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (queue, receipt) = (self.queue.clone(), self.receipt.clone());
+            runtime.spawn(async move {
+                let _ = queue.set_visibility(&receipt, 0).await;
+            });
+        }
     }
 }
 
 /// One received message; its receipt handle deletes it or shows it again.
 pub struct SqsDelivery {
-    queue: SqsQueue,
-    receipt: Arc<str>,
     shard: ShardRef,
     sequence: u64,
     entry: Entry,
-    hold: Hold,
+    /// Boxed: it keeps every delivery enum small.
+    hold: Box<Hold>,
 }
 
 impl Delivery for SqsDelivery {
@@ -898,18 +919,24 @@ impl Delivery for SqsDelivery {
         self.sequence
     }
 
-    async fn ack(self) -> Result<(), (BackendError, Self)> {
-        match self.queue.delete(&self.receipt).await {
-            Ok(()) => Ok(()),
+    async fn ack(mut self) -> Result<(), (BackendError, Self)> {
+        match self.hold.queue.delete(&self.hold.receipt).await {
+            Ok(()) => {
+                self.hold.settled = true;
+                Ok(())
+            }
             Err(e) => Err((e.into(), self)),
         }
     }
 
-    async fn nack(self) -> Result<(), (BackendError, Self)> {
+    async fn nack(mut self) -> Result<(), (BackendError, Self)> {
         // Stop extending first, so the extension cannot hide it again.
         self.hold.keep_alive.abort();
-        match self.queue.set_visibility(&self.receipt, 0).await {
-            Ok(()) => Ok(()),
+        match self.hold.queue.set_visibility(&self.hold.receipt, 0).await {
+            Ok(()) => {
+                self.hold.settled = true;
+                Ok(())
+            }
             // It shows again anyway once its visibility timeout runs out.
             Err(e) => Err((e.into(), self)),
         }
