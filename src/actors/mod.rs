@@ -84,6 +84,10 @@ pub struct Work {
     pub delivery: AnyDelivery,
 }
 
+/// One line per interval for the acks that fail together in an outage.
+static ACK_LOG: std::sync::Mutex<crate::backends::Throttle> =
+    std::sync::Mutex::new(crate::backends::Throttle::new());
+
 /// Ack a delivery: it is applied, parked or dead-lettered.
 pub(crate) fn ack(d: AnyDelivery) {
     use crate::backends::Delivery;
@@ -102,11 +106,15 @@ pub(crate) fn ack(d: AnyDelivery) {
                 let mut result = acking.await;
                 for attempt in 1..=4u32 {
                     let Err((e, d)) = result else { return };
-                    warn!(error = %e, attempt, "Ack failed; retrying.");
+                    if ACK_LOG.lock().unwrap().ready() {
+                        warn!(error = %e, attempt, "Ack failed; retrying.");
+                    }
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                     result = d.ack().await;
                 }
-                if let Err((e, _)) = result {
+                if let Err((e, _)) = result
+                    && ACK_LOG.lock().unwrap().ready()
+                {
                     error!(error = %e, "Ack failed; the entry will be delivered again.");
                 }
             });

@@ -23,6 +23,28 @@ use futures_util::future::BoxFuture;
 
 use crate::entry::{Delivered, Durable, Entry, ShardRef};
 
+/// Lets a repeated warning through at most once per interval: a broker or
+/// queue server that is down makes every retry fail the same way.
+#[derive(Default)]
+pub(crate) struct Throttle(Option<std::time::Instant>);
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> Self {
+        Self(None)
+    }
+
+    pub(crate) fn ready(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let ready = self.0.is_none_or(|t| now.duration_since(t) >= Self::EVERY);
+        if ready {
+            self.0 = Some(now);
+        }
+        ready
+    }
+}
+
 /// Errors of any backend, each keeping its backend's own typed error.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -15,7 +15,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::group::{Slot, WaldenContext, commit, committed_offset, worth_committing};
-use super::{KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, Throttle, entry_of};
+use super::{KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of};
+use crate::backends::Throttle;
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
 use crate::entry::{Entry, ShardRef};

@@ -48,6 +48,7 @@ pub use producer::KafkaProducer;
 
 use tracing::warn;
 
+use crate::backends::Throttle;
 use crate::entry::{Durable, Entry};
 
 /// Where a namespace lives on Kafka.
@@ -253,24 +254,6 @@ fn serve(
                 }
             }
         }
-    }
-}
-
-/// Lets a repeated warning through at most once per interval: a broker
-/// outage makes librdkafka report an error per reconnect attempt.
-#[derive(Default)]
-struct Throttle(Option<std::time::Instant>);
-
-impl Throttle {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn ready(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let ready = self.0.is_none_or(|t| now.duration_since(t) >= Self::EVERY);
-        if ready {
-            self.0 = Some(now);
-        }
-        ready
     }
 }
 

@@ -25,7 +25,7 @@ use futures_util::future::{BoxFuture, join_all};
 use tracing::warn;
 
 use super::{Outgoing, SqsError, SqsQueue, decode, encode, number_attribute, text};
-use crate::backends::{BackendError, DelayStore, PutBack};
+use crate::backends::{BackendError, DelayStore, PutBack, Throttle};
 use crate::entry::{Delivered, Entry, now_ms};
 
 /// The shard a delayed entry returns to.
@@ -86,11 +86,14 @@ impl SqsDelays {
 
     async fn work(self: Arc<Self>, wait: Duration) {
         let wait_s = wait.as_secs().clamp(1, 20) as i32;
+        let mut error_log = Throttle::new();
         loop {
             let batch = match self.queue.receive(10, wait_s, HIDE_S).await {
                 Ok(batch) => batch,
                 Err(error) => {
-                    warn!(queue = self.queue.name(), %error, "Delay queue read failed; retrying.");
+                    if error_log.ready() {
+                        warn!(queue = self.queue.name(), %error, "Delay queue read failed; retrying.");
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }

@@ -834,6 +834,11 @@ impl SqsCheckpointer {
     }
 }
 
+/// One log line per interval for every keep-alive of the process: in an
+/// outage they all fail at once.
+static KEEP_ALIVE_LOG: std::sync::Mutex<super::Throttle> =
+    std::sync::Mutex::new(super::Throttle::new());
+
 /// Keeps a received message hidden while its delivery is held: extends the
 /// visibility timeout every half timeout, until dropped. A delivery dropped
 /// unsettled (a rewind, a shutdown) shows its message again at once, so
@@ -861,7 +866,9 @@ impl Hold {
             let every = (visibility / 2).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
-                if let Err(error) = q.set_visibility(&r, seconds).await {
+                if let Err(error) = q.set_visibility(&r, seconds).await
+                    && KEEP_ALIVE_LOG.lock().unwrap().ready()
+                {
                     // It shows again when the timeout runs out, and is
                     // delivered again: at least once, never lost.
                     tracing::warn!(queue = q.name(), %error, "Cannot extend a message's visibility.");
