@@ -142,6 +142,39 @@ async fn the_batch_endpoint_answers_each_entry_in_order() {
     let got = target.wait_for(2, WAIT);
     let third = got.iter().find(|r| r.id() == "third").unwrap();
     assert_eq!(third.body["payload_base64"], "aGVsbG8=");
+
+    // An entry that is not a write at all (a number for a key, a field
+    // nobody knows) fails alone, named by its place; the others go in.
+    let (status, body) = post(
+        &client,
+        &url,
+        json!({"entries": [
+            {"payload": 1, "id": "fourth"},
+            {"payload": 2, "key": 7},
+            {"payload": 3, "colour": "red"},
+            {"payload": 4, "id": "fifth"},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 400, 400, 200], "{body}");
+    assert!(
+        results[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("entries[1]"),
+        "{body}"
+    );
+    assert!(
+        results[2]["message"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
+    assert_eq!(results[3]["id"], "fifth");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
