@@ -99,10 +99,6 @@ pub struct SqsSettings {
 }
 
 impl SqsSettings {
-    pub fn is_fifo(&self) -> bool {
-        self.queue.ends_with(".fifo")
-    }
-
     /// A client for these settings; credentials come from the standard AWS
     /// chain (environment, profile, instance role).
     pub async fn client(&self) -> Client {
@@ -574,10 +570,6 @@ impl SqsProducer {
             queue: SqsQueue::open(client, queue).await?,
             clock,
         })
-    }
-
-    pub fn queue(&self) -> &SqsQueue {
-        &self.queue
     }
 
     fn outgoing(&self, entry: &Entry, sequence: u64, dedup: &str) -> Result<Outgoing, SqsError> {
