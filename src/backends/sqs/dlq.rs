@@ -173,9 +173,7 @@ impl SqsDlq {
         let mut seen = HashMap::new();
         while seen.len() < PEEK_MAX {
             let batch = self.queue.receive(10, 0, PEEK_HIDE_S).await?;
-            if batch.is_empty() {
-                break;
-            }
+            let before = seen.len();
             for msg in batch {
                 let Some(receipt) = msg.receipt_handle.clone() else {
                     continue;
@@ -185,6 +183,11 @@ impl SqsDlq {
                     msg.message_id.clone().unwrap_or_default(),
                     Received { letter, receipt },
                 );
+            }
+            // Nothing new: the queue is read out, or a slow peek sees its
+            // first letters again as their hiding runs out.
+            if seen.len() == before {
+                break;
             }
         }
         let mut all: Vec<Received> = seen.into_values().collect();

@@ -510,16 +510,15 @@ fn text(msg: &aws_sdk_sqs::types::Message, name: &str) -> Option<String> {
         .and_then(|v| v.string_value.clone())
 }
 
-/// The size SQS counts for a message: the body, and each attribute's name,
-/// type and value.
-fn message_size(body: &str, attributes: &HashMap<String, MessageAttributeValue>) -> usize {
-    body.len()
-        + attributes
-            .iter()
-            .map(|(k, v)| {
-                k.len() + v.data_type.len() + v.string_value.as_deref().map_or(0, str::len)
-            })
-            .sum::<usize>()
+/// The size SQS counts for an entry's message: the body (the payload in
+/// base64, counted, not encoded: ingest checks every write), and each
+/// attribute's name, type and value.
+fn message_size(entry: &Entry) -> usize {
+    let body = entry.payload.len().div_ceil(3) * 4;
+    body + attributes(entry, u64::MAX)
+        .iter()
+        .map(|(k, v)| k.len() + v.data_type.len() + v.string_value.as_deref().map_or(0, str::len))
+        .sum::<usize>()
 }
 
 /// Why `entry` cannot go onto an SQS queue, if it cannot: too large for a
@@ -527,8 +526,7 @@ fn message_size(body: &str, attributes: &HashMap<String, MessageAttributeValue>)
 /// an id a FIFO queue cannot deduplicate on. Checked at ingest, so the client
 /// gets a 413 or a 400 instead of a failed send.
 pub fn check_entry(entry: &Entry, fifo: bool, max_bytes: usize) -> Result<(), EntryRejected> {
-    let (body, attributes) = encode(entry, u64::MAX);
-    let size = message_size(&body, &attributes) + dlq::LETTER_OVERHEAD;
+    let size = message_size(entry) + dlq::LETTER_OVERHEAD;
     if size > max_bytes {
         return Err(EntryRejected::TooLarge(format!(
             "the entry would be a {size}-byte SQS message (payload {} bytes, base64-encoded, plus its \
@@ -956,6 +954,27 @@ mod tests {
             last = next;
         }
         assert!(last >> Hlc::COUNTER_BITS >= now_ms() - 60_000);
+    }
+
+    #[test]
+    fn the_counted_size_is_the_encoded_size() {
+        for n in [0, 1, 2, 3, 4, 100, 190_001] {
+            let entry = Entry {
+                id: "e".into(),
+                key: Some("k".into()),
+                payload: vec![7u8; n].into(),
+                timestamp_ms: 1_800_000_000_000,
+                ..Entry::default()
+            };
+            let (body, attributes) = encode(&entry, u64::MAX);
+            let attrs: usize = attributes
+                .iter()
+                .map(|(k, v)| {
+                    k.len() + v.data_type.len() + v.string_value.as_deref().map_or(0, str::len)
+                })
+                .sum();
+            assert_eq!(message_size(&entry), body.len() + attrs, "payload of {n}");
+        }
     }
 
     #[test]
