@@ -24,7 +24,7 @@ use crate::backends::sqs::{
 use crate::backends::{BackendError, DelayStore};
 use crate::config::{
     BackendConfig, CompositeConfig, Config, DelaysConfig, KafkaConfig, NamespaceConfig,
-    ServerConfig, SqsConfig,
+    OnDeadLetter, ServerConfig, SqsConfig,
 };
 use crate::entry::ShardRef;
 use crate::sinks::SinkError;
@@ -294,6 +294,11 @@ async fn open_kafka(
         ..settings.clone()
     };
     let dlq = KafkaDlq::open(&dlq_settings, &settings.topic).await?;
+    if let Some(group) = &group
+        && ns.dlq.on_dead_letter == OnDeadLetter::HoldKey
+    {
+        group.follow_holds(dlq.clone());
+    }
     info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
     Ok((
         NamespaceBackend::Kafka {

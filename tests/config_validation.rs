@@ -188,16 +188,6 @@ fn every_validation_error_names_its_namespace_and_field() {
             "backend.brokers",
         ),
         (
-            "kafka hold_key",
-            kafka(
-                "[namespaces.orders.dlq]\non_dead_letter = \"hold_key\"",
-                "",
-                http,
-            ),
-            Some("orders"),
-            "dlq.on_dead_letter",
-        ),
-        (
             "kafka target without a topic name",
             ns(
                 "",

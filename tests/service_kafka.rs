@@ -462,6 +462,177 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     consumer.stop();
 }
 
+/// The ids the DLQ lists, in DLQ order, once `done` holds of them.
+async fn dlq_ids_when(base: &str, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listed: Value = reqwest::get(format!("{base}/v1/namespaces/ns/dlq"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let letters = listed["entries"].as_array().cloned().unwrap_or_default();
+        let ids: Vec<String> = letters
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_string())
+            .collect();
+        if done(&ids) {
+            return letters;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the DLQ lists {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The ids the target applied with key `key`, in the order it got them.
+fn applied(target: &HttpTarget, key: &str) -> Vec<String> {
+    let got = target.received();
+    got.iter()
+        .filter(|r| r.key() == Some(key))
+        .map(|r| r.id().to_string())
+        .collect()
+}
+
+async fn write(base: &str, id: &str, key: &str) {
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/ns/log"),
+        json!({"payload": {"id": id}, "key": key, "id": id}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `hold_key` on Kafka: a dead letter holds its key, and the key's later
+/// entries follow it into the DLQ topic, in order, while other keys flow.
+/// The hold lives in the topic: a second process with an empty data dir
+/// keeps it. Redriving them all applies the key's entries in their order
+/// and releases the key. A purge through a producer-only process releases
+/// it too, and the entries behind the purged letter stay listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    target.reject_key("held", 400);
+    let ns = kafka_namespace(
+        "ns",
+        &brokers,
+        &unique("hold"),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    ) + "[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let first = Spawned::start(config(dir.path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", first.addr);
+    for (id, key) in [
+        ("held-1", "held"),
+        ("held-2", "held"),
+        ("free-1", "free"),
+        ("held-3", "held"),
+    ] {
+        write(&base, id, key).await;
+    }
+    let letters = dlq_ids_when(&base, "the key's entries follow its dead letter", |ids| {
+        ids == ["held-1", "held-2", "held-3"]
+    })
+    .await;
+    assert!(
+        letters[0]["last_error"].as_str().unwrap().contains("400"),
+        "{letters:?}"
+    );
+    for l in &letters[1..] {
+        let error = l["last_error"].as_str().unwrap();
+        assert!(error.contains("held behind dead letter held-1"), "{error}");
+        assert_eq!(l["attempts"], 0, "never tried: {l}");
+    }
+    assert_eq!(applied(&target, "free"), ["free-1"]);
+    first.stop();
+
+    // A new process, with nothing on its disk, finds the hold in the topic.
+    let dir2 = tempfile::tempdir().unwrap();
+    let second = Spawned::start(config(dir2.path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", second.addr);
+    write(&base, "held-4", "held").await;
+    write(&base, "free-2", "free").await;
+    let letters = dlq_ids_when(&base, "a new owner keeps the hold", |ids| {
+        ids == ["held-1", "held-2", "held-3", "held-4"]
+    })
+    .await;
+    let error = letters[3]["last_error"].as_str().unwrap();
+    assert!(error.contains("held behind dead letter held-1"), "{error}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while applied(&target, "free").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "free-2 never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(applied(&target, "held").is_empty());
+
+    // Redrive them all: the holder comes back first, and the rest follow it.
+    target.reject_key("held", 0);
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/ns/dlq/redrive"),
+        json!({"all": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 4, "{body}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while applied(&target, "held").len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redriven entries missing: {:?}",
+            applied(&target, "held")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The holder's letter goes once it is applied, which releases the key.
+    dlq_ids_when(&base, "the DLQ empties", |ids| ids.is_empty()).await;
+    write(&base, "held-5", "held").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while applied(&target, "held").len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "held-5 never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        applied(&target, "held"),
+        ["held-1", "held-2", "held-3", "held-4", "held-5"]
+    );
+
+    // Held again; a producer-only process purges the holder. The consumer
+    // learns it from the topic, and the key flows again.
+    target.reject_key("held", 400);
+    write(&base, "held-6", "held").await;
+    write(&base, "held-7", "held").await;
+    dlq_ids_when(&base, "held again", |ids| ids == ["held-6", "held-7"]).await;
+    target.reject_key("held", 0);
+    let dir3 = tempfile::tempdir().unwrap();
+    let producer = Spawned::start(config(dir3.path(), "producer", &ns)).unwrap();
+    let (status, body) = post(
+        &format!("http://{}/v1/namespaces/ns/dlq/purge", producer.addr),
+        json!({"ids": ["held-6"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged"], 1, "{body}");
+    dlq_ids_when(&base, "the purge reaches the consumer", |ids| {
+        ids == ["held-7"]
+    })
+    .await;
+    write(&base, "held-8", "held").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !applied(&target, "held").contains(&"held-8".to_string()) {
+        assert!(std::time::Instant::now() < deadline, "held-8 never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dlq_ids_when(&base, "held-7 stays listed", |ids| ids == ["held-7"]).await;
+    producer.stop();
+    second.stop();
+}
+
 /// librdkafka's send queue full is load, not failure: those entries get 429
 /// and were never written; every entry answered 200 arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

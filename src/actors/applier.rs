@@ -16,6 +16,13 @@
 //! dropped). With `dlq.on_dead_letter = "hold_key"`, its key is held until the
 //! dead letter is redriven or purged. Redriven dead letters come back here
 //! with their original sequence.
+//!
+//! On Kafka nothing parks on this machine's disk. A hold lives with its dead
+//! letter in the DLQ topic, where any process that takes over the partition
+//! finds it, and the entries behind a held key are dead-lettered behind it
+//! (in order). A redriven entry comes back through the partition: the
+//! holder's return releases its key once applied, and the entries redriven
+//! after it wait behind it in the queue.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -33,6 +40,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::consumer::{Rewind, ShardConsumer};
 use super::dead_letter::{Bury, DeadLetterActor, Done, Doomed, Redriven};
 use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
+use crate::backends::kafka::KafkaDlq;
 use crate::backends::{DelayStore, Delivery};
 use crate::config::{Ordering, RetryConfig};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
@@ -112,6 +120,18 @@ pub struct Policy {
     pub target: String,
     /// Long backoffs may go to the park store (local disk).
     pub may_park: bool,
+    /// Where `hold_key` keeps its holds.
+    pub holds: Holds,
+}
+
+/// Where `hold_key` keeps its holds, and what waits behind them.
+#[derive(Clone)]
+pub enum Holds {
+    /// In the park store, with the entries parked behind each hold.
+    Park,
+    /// In the DLQ topic, as the holding letter itself; the entries behind a
+    /// hold are dead-lettered behind it.
+    Broker(Arc<KafkaDlq>),
 }
 
 /// Why a key cannot deliver its new entries now.
@@ -138,6 +158,9 @@ pub struct Applier {
     stats: Arc<ShardStats>,
     queue: VecDeque<Item>,
     blocked: HashMap<String, Block>,
+    /// Holds on the broker this applier released (its holder applied) whose
+    /// letter the DLQ view may still show: key → the holder's id.
+    released: HashMap<String, String>,
     next_uid: u64,
     generation: u64,
     /// The blocked keys have been loaded from the park store. Until then
@@ -169,6 +192,7 @@ impl Applier {
             stats,
             queue: VecDeque::new(),
             blocked: HashMap::new(),
+            released: HashMap::new(),
             next_uid: 0,
             generation: 0,
             ready: false,
@@ -202,20 +226,64 @@ impl Applier {
     /// Queue an item, or park it behind its key if the key is blocked.
     fn admit(&mut self, item: Item, ctx: &mut Context<Self>) {
         let key = item.order_key(self.policy.ordering).to_string();
-        let bypass = match (&item.source, self.blocked.get(&key)) {
-            (_, None) => true,
-            // Redriven entries are older than anything parked behind their
-            // key, and are retried in place, never parked.
-            (Source::Redrive(_), Some(_)) => true,
-            // Loaded from the store: it is the key's own backlog.
-            (Source::Parked(_), Some(_)) => true,
-            (Source::Log(_) | Source::Delayed(_), Some(_)) => false,
-        };
-        if bypass || !self.ready {
+        if !self.ready || !self.must_wait(&key, &item) {
             self.queue.push_back(item);
         } else {
             self.park_items(key, vec![item], None, ctx);
         }
+    }
+
+    /// Whether `item` of `key` must wait behind its blocked key (parked, or
+    /// on a broker dead-lettered behind the hold) rather than be queued.
+    fn must_wait(&mut self, key: &str, item: &Item) -> bool {
+        match item.source {
+            // Redriven entries are older than anything parked behind their
+            // key, and are retried in place, never parked.
+            Source::Redrive(_) => false,
+            // Loaded from the store: it is the key's own backlog.
+            Source::Parked(_) => false,
+            Source::Log(_) | Source::Delayed(_) => match self.policy.holds.clone() {
+                Holds::Park => self.blocked.contains_key(key),
+                Holds::Broker(dlq) => self.policy.hold_key && self.held_on_broker(&dlq, key, item),
+            },
+        }
+    }
+
+    /// On a broker: whether `item` of `key` waits behind a hold. The hold is
+    /// this applier's own, or one the DLQ view shows (written by an earlier
+    /// owner of the partition). The holder itself passes (it is back from a
+    /// redrive), and so does what follows it while it is queued.
+    fn held_on_broker(&mut self, dlq: &KafkaDlq, key: &str, item: &Item) -> bool {
+        let holder = match self.blocked.get(key).and_then(|b| b.held_by.clone()) {
+            // Purged, perhaps through another process: the hold is over.
+            Some(h) if dlq.hold_purged(&h) => {
+                self.blocked.remove(key);
+                None
+            }
+            Some(h) => Some(h),
+            None => match dlq.holder(self.shard.shard, key) {
+                // Released here; the view has not yet seen its letter go.
+                Some(h) if self.released.get(key) == Some(&h) => None,
+                found => {
+                    self.released.remove(key);
+                    if let Some(h) = &found {
+                        info!(key, held_by = %h, "Key is held (its dead letter is in the DLQ topic).");
+                        let block = self.blocked.entry(key.to_string()).or_default();
+                        block.held_by = Some(h.clone());
+                    }
+                    found
+                }
+            },
+        };
+        let Some(holder) = holder else {
+            return false;
+        };
+        let ordering = self.policy.ordering;
+        item.entry().id != holder
+            && !self
+                .queue
+                .iter()
+                .any(|i| i.order_key(ordering) == key && i.entry().id == holder)
     }
 
     /// Move the blocked keys' entries still in the queue into the store
@@ -226,8 +294,7 @@ impl Applier {
         let queue = std::mem::take(&mut self.queue);
         for item in queue {
             let key = item.order_key(ordering).to_string();
-            let blocked = self.blocked.contains_key(&key) && matches!(item.source, Source::Log(_));
-
+            let blocked = matches!(item.source, Source::Log(_)) && self.must_wait(&key, &item);
             if blocked {
                 behind.entry(key).or_default().push(item);
             } else {
@@ -248,6 +315,9 @@ impl Applier {
         head_due: Option<u64>,
         ctx: &mut Context<Self>,
     ) {
+        if let Holds::Broker(_) = self.policy.holds {
+            return self.bury_behind(&key, items);
+        }
         let block = self.blocked.entry(key.clone()).or_default();
         if head_due.is_some() {
             block.head_due_ms = head_due;
@@ -298,6 +368,42 @@ impl Applier {
                 }
             },
         ));
+    }
+
+    /// On a broker: dead-letter `items` (all of `key`, in order) behind the
+    /// letter that holds the key. They are acked once their letters are on
+    /// the broker, and return with the holder when the DLQ is redriven.
+    fn bury_behind(&mut self, key: &str, items: Vec<Item>) {
+        let holder = self.blocked.get(key).and_then(|b| b.held_by.as_deref());
+        let why = format!(
+            "held behind dead letter {}: its key waits until that letter is redriven and applied, or purged",
+            holder.unwrap_or_default()
+        );
+        let now = now_ms();
+        let mut doomed = Vec::with_capacity(items.len());
+        for item in items {
+            let delivered = item.delivered();
+            let done = match item.source {
+                Source::Log(w) => Done::Ack(w),
+                Source::Delayed(_) => Done::Undelay(self.delays.clone()),
+                Source::Parked(_) | Source::Redrive(_) => {
+                    unreachable!("a broker namespace neither parks nor redrives in place")
+                }
+            };
+            doomed.push(Doomed {
+                delivered,
+                done,
+                attempts: item.attempts,
+                first_failure_ms: Some(item.first_failure_ms)
+                    .filter(|&t| t > 0)
+                    .unwrap_or(now),
+                last_failure_ms: now,
+                last_error: why.clone(),
+                target: self.policy.target.clone(),
+                holds: None,
+            });
+        }
+        self.dead_letter.do_send(Bury(doomed));
     }
 
     /// Load the store's blocked keys for this shard, then start applying.
@@ -542,7 +648,20 @@ impl Applier {
         }
         let key = item.order_key(self.policy.ordering).to_string();
         match item.source {
-            Source::Log(work) => ack(work.delivery),
+            Source::Log(work) => {
+                let id = work.delivery.entry().id.clone();
+                ack(work.delivery);
+                let holder = self.blocked.get(&key).and_then(|b| b.held_by.as_deref());
+                if matches!(self.policy.holds, Holds::Broker(_)) && holder == Some(id.as_str()) {
+                    // The holder is back from a redrive, and applied.
+                    self.blocked.remove(&key);
+                    self.dead_letter.do_send(Redriven {
+                        namespace: self.shard.namespace.to_string(),
+                        id: id.clone(),
+                    });
+                    self.released.insert(key, id);
+                }
+            }
             Source::Redrive(d) => {
                 self.dead_letter.do_send(Redriven {
                     namespace: d.shard.namespace.to_string(),
@@ -603,6 +722,11 @@ impl Applier {
     /// Release a key held by a dead letter (redriven or purged), durably, then
     /// deliver what waited behind it.
     fn release(&mut self, key: String, ctx: &mut Context<Self>) {
+        if let Holds::Broker(_) = self.policy.holds {
+            // Nothing waits here: what was behind it is in the DLQ.
+            self.blocked.remove(&key);
+            return;
+        }
         let (park, shard) = (self.park.clone(), self.shard.clone());
         let k = key.clone();
         ctx.spawn(
@@ -648,6 +772,7 @@ impl Applier {
             last_failure_ms: now_ms(),
             last_error: e.to_string(),
             target: self.policy.target.clone(),
+            holds: None,
         };
         if !self.policy.hold_key {
             let was_parked = matches!(doomed.done, Done::Unpark { .. });
@@ -655,6 +780,20 @@ impl Applier {
             if was_parked {
                 self.drained(key, ctx);
             }
+            return;
+        }
+        if let Holds::Broker(_) = self.policy.holds {
+            // The letter is the hold: it names its key, and the entries behind
+            // it follow it into the DLQ, in order.
+            let block = self.blocked.entry(key.clone()).or_default();
+            block.held_by = Some(doomed.delivered.entry.id.clone());
+            self.released.remove(&key);
+            let doomed = Doomed {
+                holds: Some(key),
+                ..doomed
+            };
+            self.dead_letter.do_send(Bury(vec![doomed]));
+            self.park_queued_behind_blocks(ctx);
             return;
         }
         // Hold the key durably before the entry leaves: its later entries
@@ -733,6 +872,7 @@ impl Supervised for Applier {
         self.stats.restarts.inc();
         self.queue.clear();
         self.blocked.clear();
+        self.released.clear();
         self.ready = false;
         self.busy = false;
         self.timer = None;

@@ -42,6 +42,9 @@ pub struct Doomed {
     pub last_failure_ms: u64,
     pub last_error: String,
     pub target: String,
+    /// The key this letter holds (`hold_key` on a broker, where the hold
+    /// lives with the letter).
+    pub holds: Option<String>,
 }
 
 pub struct DeadLetterActor {
@@ -83,9 +86,9 @@ impl DeadLetterActor {
             last_failure_ms: doomed.last_failure_ms,
             last_error: doomed.last_error.clone(),
         };
-        let dlq = self.dlq.clone();
+        let (dlq, holds) = (self.dlq.clone(), doomed.holds.clone());
         ctx.spawn(
-            async move { dlq.append(letter).await }
+            async move { dlq.append_holding(letter, holds.as_deref()).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(dlq_sequence) => {

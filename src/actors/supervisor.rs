@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::{Actor, Addr, ArbiterHandle, AsyncContext, Context, Supervisor, WrapFuture};
 use tracing::{info, warn};
 
-use super::applier::{Applier, Policy};
+use super::applier::{Applier, Holds, Policy};
 use super::consumer::{Drain, Peers, ShardConsumer, Wire};
 use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
@@ -117,6 +117,10 @@ impl NamespaceRuntime {
                     // A broker namespace never parks on this machine's disk:
                     // a long backoff waits in memory, holding the watermark.
                     may_park: matches!(backend, NamespaceBackend::Embedded(_)),
+                    holds: match dlq {
+                        AnyDlq::Kafka(d) => Holds::Broker(d.clone()),
+                        _ => Holds::Park,
+                    },
                     target: config.target.name().to_string(),
                 };
                 let (stores, shard) = (stores.clone(), shard.clone());

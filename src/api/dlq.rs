@@ -173,6 +173,8 @@ pub async fn redrive(
     });
     let unroutable: Vec<String> = unroutable.into_iter().map(|l| l.entry.id).collect();
     if ns.dlq.redrives_to_broker() {
+        // Each send is queued at its first poll, so the entries go back in
+        // DLQ order: a held key's entries return behind their holder.
         let sends = routable.iter().map(|l| ns.dlq.redrive_to_broker(l));
         return put_back(&routable, join_all(sends).await, not_found, unroutable);
     }

@@ -351,6 +351,20 @@ impl AnyDlq {
         }
     }
 
+    /// Store a letter that holds `holds` (its key, with `hold_key`). Only
+    /// the Kafka DLQ keeps the hold with the letter; the embedded log keeps
+    /// holds in the park store, and SQS has none.
+    pub async fn append_holding(
+        &self,
+        letter: DeadLetter,
+        holds: Option<&str>,
+    ) -> Result<u64, BackendError> {
+        match self {
+            AnyDlq::Kafka(d) => d.append_holding(letter, holds).await,
+            _ => self.append(letter).await,
+        }
+    }
+
     /// How many letters `namespace` has: exact, or SQS's estimate (counting
     /// an SQS queue exactly would mean receiving all of it).
     pub async fn count(&self, namespace: &str) -> Result<u64, BackendError> {

@@ -673,7 +673,8 @@ pub struct DlqConfig {
     pub enabled: bool,
     /// What happens to a key when one of its entries is dead-lettered:
     /// `"continue"` delivers its later entries; `"hold_key"` keeps them (parked
-    /// durably) until the dead letter is redriven or purged.
+    /// durably, or on Kafka dead-lettered behind it) until the dead letter is
+    /// redriven or purged. Not on SQS.
     pub on_dead_letter: OnDeadLetter,
 }
 

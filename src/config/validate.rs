@@ -302,15 +302,6 @@ fn validate_kafka(e: &mut Errors, name: &str, ns: &NamespaceConfig, k: &KafkaCon
             ),
         );
     }
-    // Until the broker-side stores land, nothing of a Kafka namespace
-    // may wait only on one machine's disk.
-    if ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey {
-        e.ns(
-                name,
-                "dlq.on_dead_letter",
-                "\"hold_key\" keeps its holds on local disk, so it is not available on the kafka backend yet",
-            );
-    }
 }
 
 /// A composite namespace: Kafka entries (checked as a Kafka backend, under

@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::group::{Slot, WaldenContext, commit, committed_offset, worth_committing};
-use super::{KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of};
+use super::{KafkaDlq, KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of};
 use crate::backends::Throttle;
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
@@ -52,6 +52,10 @@ pub struct KafkaConsumer {
     /// consumer it replaces may still be taking messages off the shared
     /// partition queue until then.
     rewind: bool,
+    /// With `hold_key`: the DLQ to catch up before reading a new assignment.
+    pub(super) holds: Option<Arc<KafkaDlq>>,
+    /// The assignment (epoch) the DLQ view last caught up for.
+    holds_epoch: Option<u64>,
 }
 
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,6 +206,8 @@ impl KafkaConsumer {
             checkpointer,
             error_log: Throttle::default(),
             rewind: false,
+            holds: None,
+            holds_epoch: None,
         }
     }
 
@@ -360,6 +366,16 @@ impl Consumer for KafkaConsumer {
             tokio::time::sleep(timeout.min(UNOWNED_WAIT)).await;
             return Ok(Vec::new());
         };
+        if let Some(dlq) = &self.holds
+            && self.holds_epoch != Some(epoch)
+        {
+            // A partition's last owner may have held keys just before it
+            // let go: see those holds before applying anything.
+            if let Err(e) = dlq.sync().await {
+                warn!(shard = %self.shard, error = %e, "The DLQ view may miss the newest holds.");
+            }
+            self.holds_epoch = Some(epoch);
+        }
         let redelivered = self.slot.tracker.lock().unwrap().take_redeliveries(max);
         if !redelivered.is_empty() {
             return Ok(redelivered.into_iter().map(|r| self.delivery(r)).collect());

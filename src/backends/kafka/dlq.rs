@@ -18,8 +18,14 @@
 //!   or a remove resolves once the broker has it (`acks=all`) and the view
 //!   has caught up to it, so a process reads its own writes. Letters written
 //!   by other processes show up as the tail reaches them.
+//! - With `dlq.on_dead_letter = "hold_key"`, the letter that holds a key says
+//!   so (`walden.dlq.holds`, the key), so the hold lives on the broker and
+//!   follows the partition to its next owner. The entries behind it become
+//!   letters too. A holding letter is not removed by its redrive: the
+//!   partition's owner removes it once the redriven entry is applied, which
+//!   is what releases the key. A purge releases it at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,35 +54,76 @@ const H_TIMESTAMP: &str = "walden.timestamp_ms";
 const H_REMOVED: &str = "walden.dlq.removed";
 /// On a tombstone: the DLQ sequence of the letter it removes.
 const H_REMOVES: &str = "walden.dlq.removes";
+/// On a letter that holds its key (`hold_key`): the key it holds.
+const H_HOLDS: &str = "walden.dlq.holds";
 
 /// The live letters, by DLQ sequence and by id.
 #[derive(Default)]
 struct View {
     by_sequence: BTreeMap<u64, DeadLetter>,
     by_id: HashMap<String, u64>,
+    /// The live letters that hold a key: shard → key → their DLQ sequences
+    /// (the oldest is the hold).
+    held: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
+    /// The key each of those letters holds, by DLQ sequence.
+    holds_of: HashMap<u64, String>,
+    /// Holding letters that were purged, by id: their holds are over.
+    purged_holds: HashSet<String>,
 }
 
 impl View {
-    fn put(&mut self, letter: DeadLetter) {
+    fn put(&mut self, letter: DeadLetter, holds: Option<String>) {
         let seq = letter.dlq_sequence;
         if let Some(old) = self.by_id.insert(letter.entry.id.clone(), seq)
             && old != seq
         {
-            self.by_sequence.remove(&old);
+            self.drop_letter(old);
+        }
+        if let Some(key) = holds {
+            let shard = letter.origin.shard.shard;
+            let seqs = self.held.entry(shard).or_default();
+            seqs.entry(key.clone()).or_default().insert(seq);
+            self.holds_of.insert(seq, key);
+            self.purged_holds.remove(&letter.entry.id);
         }
         self.by_sequence.insert(seq, letter);
     }
 
     /// Remove the letter `id`; only if it is the one at `only` when given
     /// (tombstones written before that header was added remove any).
-    fn remove(&mut self, id: &str, only: Option<u64>) {
+    fn remove(&mut self, id: &str, only: Option<u64>, reason: Option<&str>) {
         let Some(&seq) = self.by_id.get(id) else {
             return;
         };
         if only.is_none_or(|o| o == seq) {
             self.by_id.remove(id);
-            self.by_sequence.remove(&seq);
+            if self.drop_letter(seq) && reason == Some("purged") {
+                self.purged_holds.insert(id.to_string());
+            }
         }
+    }
+
+    /// Forget the letter at `seq`; true if it held its key.
+    fn drop_letter(&mut self, seq: u64) -> bool {
+        let letter = self.by_sequence.remove(&seq);
+        let Some((letter, key)) = letter.zip(self.holds_of.remove(&seq)) else {
+            return false;
+        };
+        if let Some(keys) = self.held.get_mut(&letter.origin.shard.shard)
+            && let Some(seqs) = keys.get_mut(&key)
+        {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                keys.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// The live letter holding `key` of `shard`, if any: its id.
+    fn holder(&self, shard: u32, key: &str) -> Option<&str> {
+        let seq = self.held.get(&shard)?.get(key)?.first()?;
+        self.by_sequence.get(seq).map(|l| l.entry.id.as_str())
     }
 }
 
@@ -85,6 +132,8 @@ pub struct KafkaDlq {
     /// To the namespace's topic, for redrives (same client as `producer`).
     origin: KafkaProducer,
     topic: String,
+    /// The view's reader (tailed on its own thread), also asked for the end.
+    reader: Arc<StreamConsumer<WaldenContext>>,
     view: Arc<Mutex<View>>,
     /// The next offset the view will apply.
     applied: watch::Receiver<u64>,
@@ -120,18 +169,7 @@ impl KafkaDlq {
         consumer
             .assign(&tpl)
             .map_err(|e| KafkaError::client("dlq reader", &topic, e))?;
-        let (c, t, timeout) = (Arc::new(consumer), topic.clone(), settings.ack_timeout);
-        let end = {
-            let (c, t) = (c.clone(), t.clone());
-            tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, timeout))
-                .await
-                .map_err(|e| KafkaError::Topic {
-                    topic: topic.clone(),
-                    message: format!("reading the DLQ's end panicked: {e}"),
-                })?
-                .map_err(|e| KafkaError::client("dlq watermarks", &topic, e))?
-                .1
-        };
+        let (c, t) = (Arc::new(consumer), topic.clone());
         let view = Arc::new(Mutex::new(View::default()));
         let (applied_tx, applied) = watch::channel(0u64);
         let stop = Arc::new(AtomicBool::new(false));
@@ -139,7 +177,10 @@ impl KafkaDlq {
             let (view, stop) = (view.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("walden-kafka-dlq".into())
-                .spawn(move || tail(c, t, view, applied_tx, stop))
+                .spawn({
+                    let c = c.clone();
+                    move || tail(c, t, view, applied_tx, stop)
+                })
                 .map_err(|e| KafkaError::Topic {
                     topic: topic.clone(),
                     message: format!("cannot start the DLQ reader: {e}"),
@@ -149,12 +190,14 @@ impl KafkaDlq {
             origin: producer.to_topic(origin_topic),
             producer,
             topic,
+            reader: c,
             view,
             applied,
             stop,
             timeout: settings.ack_timeout,
         });
-        if let Err(e) = dlq.caught_up(end.max(0) as u64).await {
+        let end = dlq.end().await?;
+        if let Err(e) = dlq.caught_up(end).await {
             warn!(topic = %dlq.topic, error = %e, "The DLQ view is still catching up; listings may be short for now.");
         }
         info!(topic = %dlq.topic, letters = dlq.view.lock().unwrap().by_id.len(), "Kafka DLQ ready.");
@@ -190,32 +233,7 @@ fn header<'a>(h: &mut OwnedHeaders, key: &'a str, value: &'a str) {
 
 impl DeadLetters for KafkaDlq {
     async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
-        let e = &letter.entry;
-        let o = &letter.origin;
-        let fields = [
-            (H_NAMESPACE, o.shard.namespace.to_string()),
-            (H_SHARD, o.shard.shard.to_string()),
-            (H_SEQUENCE, o.sequence.to_string()),
-            (H_TARGET, o.target.clone()),
-            (H_ATTEMPTS, letter.attempts.to_string()),
-            (H_FIRST, letter.first_failure_ms.to_string()),
-            (H_LAST, letter.last_failure_ms.to_string()),
-            (H_ERROR, letter.last_error.clone()),
-            (H_TIMESTAMP, e.timestamp_ms.to_string()),
-        ];
-        let mut headers = super::headers(e, &[]);
-        for (k, v) in &fields {
-            header(&mut headers, k, v);
-        }
-        if let Some(key) = &e.key {
-            header(&mut headers, H_KEY, key);
-        }
-        let (offset, _) = self
-            .producer
-            .produce_record(Some(0), &e.id, Some(e.payload.as_ref()), headers)
-            .await?;
-        self.caught_up(offset + 1).await?;
-        Ok(offset)
+        self.append_holding(letter, None).await
     }
 
     // The topic is the namespace's own; the filters only guard against a
@@ -261,6 +279,81 @@ impl DeadLetters for KafkaDlq {
 }
 
 impl KafkaDlq {
+    /// Store a letter; with `holds`, it holds that key of its shard (see the
+    /// module docs).
+    pub async fn append_holding(
+        &self,
+        letter: DeadLetter,
+        holds: Option<&str>,
+    ) -> Result<u64, BackendError> {
+        let e = &letter.entry;
+        let o = &letter.origin;
+        let fields = [
+            (H_NAMESPACE, o.shard.namespace.to_string()),
+            (H_SHARD, o.shard.shard.to_string()),
+            (H_SEQUENCE, o.sequence.to_string()),
+            (H_TARGET, o.target.clone()),
+            (H_ATTEMPTS, letter.attempts.to_string()),
+            (H_FIRST, letter.first_failure_ms.to_string()),
+            (H_LAST, letter.last_failure_ms.to_string()),
+            (H_ERROR, letter.last_error.clone()),
+            (H_TIMESTAMP, e.timestamp_ms.to_string()),
+        ];
+        let mut headers = super::headers(e, &[]);
+        for (k, v) in &fields {
+            header(&mut headers, k, v);
+        }
+        if let Some(key) = &e.key {
+            header(&mut headers, H_KEY, key);
+        }
+        if let Some(key) = holds {
+            header(&mut headers, H_HOLDS, key);
+        }
+        let (offset, _) = self
+            .producer
+            .produce_record(Some(0), &e.id, Some(e.payload.as_ref()), headers)
+            .await?;
+        self.caught_up(offset + 1).await?;
+        Ok(offset)
+    }
+
+    /// The live letter holding `key` of `shard` (`hold_key`), if any: its
+    /// id. The view trails the topic, so a hold written a moment ago by
+    /// another process may not show yet.
+    pub fn holder(&self, shard: u32, key: &str) -> Option<String> {
+        self.view
+            .lock()
+            .unwrap()
+            .holder(shard, key)
+            .map(str::to_string)
+    }
+
+    /// Whether the letter `id`, which held its key, was purged (perhaps by
+    /// another process): its hold is over.
+    pub fn hold_purged(&self, id: &str) -> bool {
+        self.view.lock().unwrap().purged_holds.contains(id)
+    }
+
+    /// Wait until the view has read the topic up to its current end.
+    pub async fn sync(&self) -> Result<(), KafkaError> {
+        let end = self.end().await?;
+        self.caught_up(end).await
+    }
+
+    /// The topic's current end (its high watermark).
+    async fn end(&self) -> Result<u64, KafkaError> {
+        let (reader, topic, timeout) = (self.reader.clone(), self.topic.clone(), self.timeout);
+        let (_, high) =
+            tokio::task::spawn_blocking(move || reader.fetch_watermarks(&topic, 0, timeout))
+                .await
+                .map_err(|e| KafkaError::Topic {
+                    topic: self.topic.clone(),
+                    message: format!("reading the DLQ's end panicked: {e}"),
+                })?
+                .map_err(|e| KafkaError::client("dlq watermarks", &self.topic, e))?;
+        Ok(high.max(0) as u64)
+    }
+
     /// Send a letter's entry back to its origin partition, with its original
     /// sequence, then remove the letter. Resolves once both are on the
     /// broker. An error before the entry's produce is acknowledged leaves the
@@ -274,6 +367,15 @@ impl KafkaDlq {
                 &[(super::REDRIVEN_SEQUENCE, sequence)],
             )
             .await?;
+        let holds = {
+            let view = self.view.lock().unwrap();
+            view.holds_of.contains_key(&letter.dlq_sequence)
+        };
+        if holds {
+            // It stays until applied: removing it now would release its key
+            // before the entry is back, letting later entries pass it.
+            return Ok(());
+        }
         self.tombstone(letter, "redriven").await
     }
 
@@ -311,12 +413,15 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
         return;
     };
     let Some(payload) = msg.payload() else {
-        let only = msg.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == H_REMOVES)
-                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-        });
-        view.lock().unwrap().remove(&id, only);
+        let field = |key: &str| {
+            msg.headers().and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == key)
+                    .and_then(|h| std::str::from_utf8(h.value?).ok())
+            })
+        };
+        let only = field(H_REMOVES).and_then(|v| v.parse().ok());
+        view.lock().unwrap().remove(&id, only, field(H_REMOVED));
         return;
     };
     let mut entry = entry_of(
@@ -345,17 +450,75 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
     entry.key = fields.get(H_KEY).cloned();
     entry.timestamp_ms = num(H_TIMESTAMP);
     let namespace = fields.get(H_NAMESPACE).cloned().unwrap_or_default();
-    view.lock().unwrap().put(DeadLetter {
-        dlq_sequence: msg.offset().max(0) as u64,
-        origin: Origin {
-            shard: ShardRef::new(namespace, num(H_SHARD) as u32),
-            sequence: num(H_SEQUENCE),
-            target: fields.get(H_TARGET).cloned().unwrap_or_default(),
+    let holds = fields.get(H_HOLDS).cloned();
+    view.lock().unwrap().put(
+        DeadLetter {
+            dlq_sequence: msg.offset().max(0) as u64,
+            origin: Origin {
+                shard: ShardRef::new(namespace, num(H_SHARD) as u32),
+                sequence: num(H_SEQUENCE),
+                target: fields.get(H_TARGET).cloned().unwrap_or_default(),
+            },
+            attempts: num(H_ATTEMPTS) as u32,
+            first_failure_ms: num(H_FIRST),
+            last_failure_ms: num(H_LAST),
+            last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
+            entry,
         },
-        attempts: num(H_ATTEMPTS) as u32,
-        first_failure_ms: num(H_FIRST),
-        last_failure_ms: num(H_LAST),
-        last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
-        entry,
-    });
+        holds,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::Entry;
+
+    fn letter(seq: u64, id: &str, key: &str) -> DeadLetter {
+        DeadLetter {
+            dlq_sequence: seq,
+            entry: Entry {
+                id: id.into(),
+                key: Some(key.into()),
+                ..Entry::default()
+            },
+            origin: Origin {
+                shard: ShardRef::new("ns", 1),
+                sequence: seq,
+                target: "t".into(),
+            },
+            attempts: 1,
+            first_failure_ms: 0,
+            last_failure_ms: 0,
+            last_error: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_hold_lasts_while_its_letter_does_and_a_purge_is_remembered() {
+        let mut view = View::default();
+        view.put(letter(0, "a", "k"), Some("k".into()));
+        view.put(letter(1, "b", "k"), None);
+        assert_eq!(view.holder(1, "k"), Some("a"));
+        assert_eq!(view.holder(0, "k"), None, "another shard");
+        // Dead-lettered again: the newer letter holds.
+        view.put(letter(2, "a", "k"), Some("k".into()));
+        assert_eq!(view.holder(1, "k"), Some("a"));
+        assert!(!view.holds_of.contains_key(&0));
+        // The letter behind it going changes nothing.
+        view.remove("b", Some(1), Some("redriven"));
+        assert_eq!(view.holder(1, "k"), Some("a"));
+        // Applied after a redrive: the hold ends, and it was not a purge.
+        view.remove("a", Some(2), Some("redriven"));
+        assert_eq!(view.holder(1, "k"), None);
+        assert!(view.purged_holds.is_empty());
+        // A purge ends a hold and is remembered, until the id holds again.
+        view.put(letter(3, "c", "k"), Some("k".into()));
+        view.remove("c", Some(3), Some("purged"));
+        assert_eq!(view.holder(1, "k"), None);
+        assert!(view.purged_holds.contains("c"));
+        view.put(letter(4, "c", "k"), Some("k".into()));
+        assert!(!view.purged_holds.contains("c"));
+        assert!(view.held[&1]["k"].contains(&4));
+    }
 }

@@ -31,7 +31,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::consumer::{KafkaConsumer, Received};
-use super::{KafkaError, KafkaSettings, serve};
+use super::{KafkaDlq, KafkaError, KafkaSettings, serve};
 use crate::backends::tracker::Tracker;
 use crate::entry::ShardRef;
 
@@ -230,6 +230,9 @@ pub struct KafkaGroup {
     queues: Vec<Arc<StreamPartitionQueue<WaldenContext>>>,
     slots: Vec<Arc<Slot>>,
     stop: Arc<AtomicBool>,
+    /// With `hold_key`: the DLQ whose view must be current before a shard
+    /// reads a newly assigned partition.
+    holds: Mutex<Option<Arc<KafkaDlq>>>,
 }
 
 impl KafkaGroup {
@@ -293,6 +296,7 @@ impl KafkaGroup {
             queues,
             slots,
             stop,
+            holds: Mutex::new(None),
         }))
     }
 
@@ -308,13 +312,22 @@ impl KafkaGroup {
                 message: format!("shard {} is outside the topic's partitions", shard.shard),
             });
         };
-        Ok(KafkaConsumer::in_group(
+        let mut c = KafkaConsumer::in_group(
             self.consumer.clone(),
             queue.clone(),
             slot.clone(),
             &self.settings.topic,
             shard,
-        ))
+        );
+        c.holds = self.holds.lock().unwrap().clone();
+        Ok(c)
+    }
+
+    /// Holds live in `dlq` (`hold_key`): before a shard reads a partition
+    /// newly assigned to this process, the DLQ view catches up with the
+    /// topic, so it sees the holds the partition's last owner wrote.
+    pub fn follow_holds(&self, dlq: Arc<KafkaDlq>) {
+        *self.holds.lock().unwrap() = Some(dlq);
     }
 }
 
