@@ -497,6 +497,15 @@ fn applied(target: &HttpTarget, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// Wait until `done` holds, or fail naming `what`.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn write(base: &str, id: &str, key: &str) {
     let (status, body) = post(
         &format!("{base}/v1/namespaces/ns/log"),
@@ -564,11 +573,10 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     .await;
     let error = letters[3]["last_error"].as_str().unwrap();
     assert!(error.contains("held behind dead letter held-1"), "{error}");
-    let deadline = std::time::Instant::now() + WAIT;
-    while applied(&target, "free").len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "free-2 never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("free-2 never arrived", || {
+        applied(&target, "free").len() == 2
+    })
+    .await;
     assert!(applied(&target, "held").is_empty());
 
     // Redrive them all: the holder comes back first, and the rest follow it.
@@ -580,23 +588,17 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["redriven"], 4, "{body}");
-    let deadline = std::time::Instant::now() + WAIT;
-    while applied(&target, "held").len() < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redriven entries missing: {:?}",
-            applied(&target, "held")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the redriven entries never arrived", || {
+        applied(&target, "held").len() >= 4
+    })
+    .await;
     // The holder's letter goes once it is applied, which releases the key.
     dlq_ids_when(&base, "the DLQ empties", |ids| ids.is_empty()).await;
     write(&base, "held-5", "held").await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while applied(&target, "held").len() < 5 {
-        assert!(std::time::Instant::now() < deadline, "held-5 never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("held-5 never arrived", || {
+        applied(&target, "held").len() >= 5
+    })
+    .await;
     assert_eq!(
         applied(&target, "held"),
         ["held-1", "held-2", "held-3", "held-4", "held-5"]
@@ -623,11 +625,10 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     })
     .await;
     write(&base, "held-8", "held").await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while !applied(&target, "held").contains(&"held-8".to_string()) {
-        assert!(std::time::Instant::now() < deadline, "held-8 never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("held-8 never arrived", || {
+        applied(&target, "held").contains(&"held-8".to_string())
+    })
+    .await;
     dlq_ids_when(&base, "held-7 stays listed", |ids| ids == ["held-7"]).await;
     producer.stop();
     second.stop();
