@@ -11,7 +11,8 @@
 //! (default `127.0.0.1:19093`, where `scripts/test.sh` starts tansu).
 //! `WALDEN_BENCH_SECS` per run (default 3); `WALDEN_BENCH_ROUNDS` runs per
 //! side, alternating (default 2); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
-//! (connections x batch).
+//! (connections x batch); `WALDEN_BENCH_LIBRDKAFKA`, e.g. `linger.ms=5`:
+//! extra producer options, given to both sides.
 //!
 //! Use tansu (in-memory), not noida-db: noida-db keeps every topic in one
 //! JSON file that an `autosave` thread rewrites whole, so its CPU cost grows
@@ -35,6 +36,17 @@ const PARTITIONS: u32 = 4;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// `WALDEN_BENCH_LIBRDKAFKA`: `key=value` pairs, comma-separated.
+fn extra_options() -> Vec<(String, String)> {
+    env_or("WALDEN_BENCH_LIBRDKAFKA", "")
+        .split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
 }
 
 fn topic(rt: &tokio::runtime::Runtime, brokers: &str, name: String) -> String {
@@ -78,10 +90,16 @@ dedup_window_ms = 0
 type = "kafka"
 brokers = "{brokers}"
 topic = "{topic}"
+[namespaces.bench.backend.librdkafka]
+{}
 [namespaces.bench.target]
 type = "stdout"
 "#,
-        dir.path().display()
+        dir.path().display(),
+        extra_options()
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .collect::<String>()
     );
     let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
     let run = common::http_load(rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
@@ -97,13 +115,16 @@ fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, 
         brokers,
         format!("raw-bench-{}", uuid::Uuid::now_v7().simple()),
     );
-    let producer: FutureProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("linger.ms", "1")
-        .create()
-        .unwrap();
+        .set("linger.ms", "1");
+    for (k, v) in extra_options() {
+        config.set(k, v);
+    }
+    let producer: FutureProducer = config.create().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let payload = vec![b'p'; PAYLOAD];
     let start = Instant::now();
