@@ -634,6 +634,79 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     second.stop();
 }
 
+/// Entries this process applied, from its namespace stats.
+async fn applied_here(base: &str) -> u64 {
+    let stats: Value = reqwest::get(format!("{base}/v1/namespaces/ns"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["applied"].as_u64().unwrap_or(0)
+}
+
+/// A hold follows its partition through rebalances: a second consumer joins
+/// (taking some partitions), then the first leaves (handing over the rest).
+/// Whoever owns the held key's partition keeps the key held, reading the
+/// hold from the DLQ topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_follows_its_partition_through_rebalances() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let target = HttpTarget::start();
+    target.reject_key("held", 400);
+    let ns = kafka_namespace(
+        "ns",
+        &brokers,
+        &unique("follow"),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    ) + "[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n";
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Spawned::start(config(dirs[0].path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", first.addr);
+    write(&base, "held-1", "held").await;
+    dlq_ids_when(&base, "held-1 is dead-lettered", |ids| ids == ["held-1"]).await;
+
+    let second = Spawned::start(config(dirs[1].path(), "consumer", &ns)).unwrap();
+    let second_base = format!("http://{}", second.addr);
+    // Wait until the second process owns a partition: it applies something.
+    let deadline = std::time::Instant::now() + WAIT;
+    for i in 0.. {
+        write(&base, &format!("free-{i}"), &format!("f{i}")).await;
+        if applied_here(&second_base).await > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second process never took a partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    write(&base, "held-2", "held").await;
+    dlq_ids_when(&base, "held behind after a join", |ids| {
+        ids == ["held-1", "held-2"]
+    })
+    .await;
+
+    // The first leaves; a producer-only process writes from now on.
+    first.stop();
+    let producer = Spawned::start(config(dirs[2].path(), "producer", &ns)).unwrap();
+    let base = format!("http://{}", producer.addr);
+    write(&base, "held-3", "held").await;
+    let letters = dlq_ids_when(&base, "held behind after a leave", |ids| {
+        ids == ["held-1", "held-2", "held-3"]
+    })
+    .await;
+    for l in &letters[1..] {
+        let error = l["last_error"].as_str().unwrap();
+        assert!(error.contains("held behind dead letter held-1"), "{error}");
+    }
+    assert!(applied(&target, "held").is_empty());
+    producer.stop();
+    second.stop();
+}
+
 /// librdkafka's send queue full is load, not failure: those entries get 429
 /// and were never written; every entry answered 200 arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
