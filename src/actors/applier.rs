@@ -141,6 +141,9 @@ struct Block {
     head_due_ms: Option<u64>,
     /// The dead letter holding it.
     held_by: Option<String>,
+    /// On a broker: the DLQ view shows `held_by`'s letter (until then it is
+    /// on its way, and the hold stands regardless).
+    confirmed: bool,
     /// Park writes for it not yet durable.
     parks_in_flight: u32,
     /// A reload from the park store is running.
@@ -254,26 +257,21 @@ impl Applier {
     /// owner of the partition). The holder itself passes (it is back from a
     /// redrive), and so does what follows it while it is queued.
     fn held_on_broker(&mut self, dlq: &KafkaDlq, key: &str, item: &Item) -> bool {
-        let holder = match self.blocked.get(key).and_then(|b| b.held_by.clone()) {
-            // Purged, perhaps through another process: the hold is over.
-            Some(h) if dlq.hold_purged(&h) => {
+        let local = self.blocked.get(key).and_then(|b| {
+            let h = b.held_by.clone()?;
+            Some((h, b.confirmed))
+        });
+        let holder = match local {
+            // Its letter is on its way to the DLQ.
+            Some((h, false)) => Some(h),
+            Some((h, true)) if dlq.is_holding(&h) => Some(h),
+            // Its letter is gone: purged, or applied after a redrive by
+            // another owner of the partition. The hold is over.
+            Some(_) => {
                 self.blocked.remove(key);
-                None
+                self.held_in_view(dlq, key)
             }
-            Some(h) => Some(h),
-            None => match dlq.holder(self.shard.shard, key) {
-                // Released here; the view has not yet seen its letter go.
-                Some(h) if self.released.get(key) == Some(&h) => None,
-                found => {
-                    self.released.remove(key);
-                    if let Some(h) = &found {
-                        info!(key, held_by = %h, "Key is held (its dead letter is in the DLQ topic).");
-                        let block = self.blocked.entry(key.to_string()).or_default();
-                        block.held_by = Some(h.clone());
-                    }
-                    found
-                }
-            },
+            None => self.held_in_view(dlq, key),
         };
         let Some(holder) = holder else {
             return false;
@@ -284,6 +282,52 @@ impl Applier {
                 .queue
                 .iter()
                 .any(|i| i.order_key(ordering) == key && i.entry().id == holder)
+    }
+
+    /// A hold on `key` the DLQ view shows (written by an earlier owner of
+    /// the partition, or before a restart): adopt it.
+    fn held_in_view(&mut self, dlq: &KafkaDlq, key: &str) -> Option<String> {
+        match dlq.holder(self.shard.shard, key) {
+            // Released here; the view has not yet seen its letter go.
+            Some(h) if self.released.get(key) == Some(&h) => None,
+            found => {
+                self.released.remove(key);
+                if let Some(h) = &found {
+                    info!(key, held_by = %h, "Key is held (its dead letter is in the DLQ topic).");
+                    let block = self.blocked.entry(key.to_string()).or_default();
+                    block.held_by = Some(h.clone());
+                    block.confirmed = true;
+                }
+                found
+            }
+        }
+    }
+
+    /// On a broker: once the DLQ view shows the letter `id` holding `key`,
+    /// this applier's hold on it follows the view (so it ends when the
+    /// letter goes, wherever that happens).
+    fn confirm_when_stored(
+        &mut self,
+        dlq: Arc<KafkaDlq>,
+        key: String,
+        id: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let watch = {
+            let id = id.clone();
+            async move {
+                while !dlq.is_holding(&id) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        ctx.spawn(watch.into_actor(self).map(move |(), act, _| {
+            if let Some(b) = act.blocked.get_mut(&key)
+                && b.held_by.as_deref() == Some(id.as_str())
+            {
+                b.confirmed = true;
+            }
+        }));
     }
 
     /// Move the blocked keys' entries still in the queue into the store
@@ -782,12 +826,15 @@ impl Applier {
             }
             return;
         }
-        if let Holds::Broker(_) = self.policy.holds {
+        if let Holds::Broker(dlq) = self.policy.holds.clone() {
             // The letter is the hold: it names its key, and the entries behind
             // it follow it into the DLQ, in order.
+            let id = doomed.delivered.entry.id.clone();
             let block = self.blocked.entry(key.clone()).or_default();
-            block.held_by = Some(doomed.delivered.entry.id.clone());
+            block.held_by = Some(id.clone());
+            block.confirmed = false;
             self.released.remove(&key);
+            self.confirm_when_stored(dlq, key.clone(), id, ctx);
             let doomed = Doomed {
                 holds: Some(key),
                 ..doomed

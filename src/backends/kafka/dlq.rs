@@ -23,9 +23,9 @@
 //!   follows the partition to its next owner. The entries behind it become
 //!   letters too. A holding letter is not removed by its redrive: the
 //!   partition's owner removes it once the redriven entry is applied, which
-//!   is what releases the key. A purge releases it at once.
+//!   is what releases the key. Any removal (that, or a purge) ends the hold.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,8 +67,6 @@ struct View {
     held: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
     /// The key each of those letters holds, by DLQ sequence.
     holds_of: HashMap<u64, String>,
-    /// Holding letters that were purged, by id: their holds are over.
-    purged_holds: HashSet<String>,
 }
 
 impl View {
@@ -84,30 +82,27 @@ impl View {
             let seqs = self.held.entry(shard).or_default();
             seqs.entry(key.clone()).or_default().insert(seq);
             self.holds_of.insert(seq, key);
-            self.purged_holds.remove(&letter.entry.id);
         }
         self.by_sequence.insert(seq, letter);
     }
 
     /// Remove the letter `id`; only if it is the one at `only` when given
     /// (tombstones written before that header was added remove any).
-    fn remove(&mut self, id: &str, only: Option<u64>, reason: Option<&str>) {
+    fn remove(&mut self, id: &str, only: Option<u64>) {
         let Some(&seq) = self.by_id.get(id) else {
             return;
         };
         if only.is_none_or(|o| o == seq) {
             self.by_id.remove(id);
-            if self.drop_letter(seq) && reason == Some("purged") {
-                self.purged_holds.insert(id.to_string());
-            }
+            self.drop_letter(seq);
         }
     }
 
-    /// Forget the letter at `seq`; true if it held its key.
-    fn drop_letter(&mut self, seq: u64) -> bool {
+    /// Forget the letter at `seq`, and the hold it made, if any.
+    fn drop_letter(&mut self, seq: u64) {
         let letter = self.by_sequence.remove(&seq);
         let Some((letter, key)) = letter.zip(self.holds_of.remove(&seq)) else {
-            return false;
+            return;
         };
         if let Some(keys) = self.held.get_mut(&letter.origin.shard.shard)
             && let Some(seqs) = keys.get_mut(&key)
@@ -117,13 +112,19 @@ impl View {
                 keys.remove(&key);
             }
         }
-        true
     }
 
     /// The live letter holding `key` of `shard`, if any: its id.
     fn holder(&self, shard: u32, key: &str) -> Option<&str> {
         let seq = self.held.get(&shard)?.get(key)?.first()?;
         self.by_sequence.get(seq).map(|l| l.entry.id.as_str())
+    }
+
+    /// Whether the live letter `id` holds its key.
+    fn is_holding(&self, id: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|seq| self.holds_of.contains_key(seq))
     }
 }
 
@@ -328,10 +329,11 @@ impl KafkaDlq {
             .map(str::to_string)
     }
 
-    /// Whether the letter `id`, which held its key, was purged (perhaps by
-    /// another process): its hold is over.
-    pub fn hold_purged(&self, id: &str) -> bool {
-        self.view.lock().unwrap().purged_holds.contains(id)
+    /// Whether the live letter `id` holds its key. Once it does not (it was
+    /// purged, or applied after a redrive, perhaps by another process), its
+    /// hold is over.
+    pub fn is_holding(&self, id: &str) -> bool {
+        self.view.lock().unwrap().is_holding(id)
     }
 
     /// Wait until the view has read the topic up to its current end.
@@ -413,15 +415,12 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
         return;
     };
     let Some(payload) = msg.payload() else {
-        let field = |key: &str| {
-            msg.headers().and_then(|hs| {
-                hs.iter()
-                    .find(|h| h.key == key)
-                    .and_then(|h| std::str::from_utf8(h.value?).ok())
-            })
-        };
-        let only = field(H_REMOVES).and_then(|v| v.parse().ok());
-        view.lock().unwrap().remove(&id, only, field(H_REMOVED));
+        let only = msg.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == H_REMOVES)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        });
+        view.lock().unwrap().remove(&id, only);
         return;
     };
     let mut entry = entry_of(
@@ -495,30 +494,27 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_lasts_while_its_letter_does_and_a_purge_is_remembered() {
+    fn a_hold_lasts_while_its_letter_does() {
         let mut view = View::default();
         view.put(letter(0, "a", "k"), Some("k".into()));
         view.put(letter(1, "b", "k"), None);
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holder(0, "k"), None, "another shard");
+        assert!(view.is_holding("a") && !view.is_holding("b"));
         // Dead-lettered again: the newer letter holds.
         view.put(letter(2, "a", "k"), Some("k".into()));
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert!(!view.holds_of.contains_key(&0));
         // The letter behind it going changes nothing.
-        view.remove("b", Some(1), Some("redriven"));
+        view.remove("b", Some(1));
         assert_eq!(view.holder(1, "k"), Some("a"));
-        // Applied after a redrive: the hold ends, and it was not a purge.
-        view.remove("a", Some(2), Some("redriven"));
+        // A tombstone for the older letter leaves the newer one holding.
+        view.remove("a", Some(0));
+        assert!(view.is_holding("a"));
+        // Removed (applied after a redrive, or purged): the hold ends.
+        view.remove("a", Some(2));
         assert_eq!(view.holder(1, "k"), None);
-        assert!(view.purged_holds.is_empty());
-        // A purge ends a hold and is remembered, until the id holds again.
-        view.put(letter(3, "c", "k"), Some("k".into()));
-        view.remove("c", Some(3), Some("purged"));
-        assert_eq!(view.holder(1, "k"), None);
-        assert!(view.purged_holds.contains("c"));
-        view.put(letter(4, "c", "k"), Some("k".into()));
-        assert!(!view.purged_holds.contains("c"));
-        assert!(view.held[&1]["k"].contains(&4));
+        assert!(!view.is_holding("a"));
+        assert!(view.held[&1].is_empty());
     }
 }
