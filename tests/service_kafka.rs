@@ -373,24 +373,8 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
         assert_eq!(status, 200, "{body}");
     }
     target.wait_for(1, WAIT);
-    let deadline = std::time::Instant::now() + WAIT;
-    let listed = loop {
-        let listed: Value = reqwest::get(format!("{base}/v1/namespaces/ns/dlq"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if listed["entries"].as_array().is_some_and(|l| !l.is_empty()) {
-            break listed;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never dead-lettered: {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(listed["entries"][0]["id"], "bad-1", "{listed}");
+    let listed = dlq_ids_when(&base, "never dead-lettered", |ids| !ids.is_empty()).await;
+    assert_eq!(listed[0]["id"], "bad-1", "{listed:?}");
 
     // On the topic: keyed by id, origin in the headers.
     let reader: StreamConsumer = ClientConfig::new()
@@ -418,7 +402,7 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     assert!(get("walden.dlq.last_error").unwrap().contains("400"));
     svc.stop();
 
-    let original_sequence = listed["entries"][0]["sequence"].as_u64().unwrap();
+    let original_sequence = listed[0]["sequence"].as_u64().unwrap();
 
     // A producer-only process (a fresh data dir) sees the letter and
     // redrives it: the entry goes back to its origin partition, where a
@@ -515,6 +499,20 @@ async fn write(base: &str, id: &str, key: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A `hold_key` namespace `ns` on a fresh topic, whose HTTP target rejects
+/// the key `held` (400) for now.
+fn held_key_namespace(brokers: &str, topic: &str) -> (HttpTarget, String) {
+    let target = HttpTarget::start();
+    target.reject_key("held", 400);
+    let ns = kafka_namespace(
+        "ns",
+        brokers,
+        &unique(topic),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+    ) + "[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n";
+    (target, ns)
+}
+
 /// `hold_key` on Kafka: a dead letter holds its key, and the key's later
 /// entries follow it into the DLQ topic, in order, while other keys flow.
 /// The hold lives in the topic: a second process with an empty data dir
@@ -526,14 +524,7 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
-    let target = HttpTarget::start();
-    target.reject_key("held", 400);
-    let ns = kafka_namespace(
-        "ns",
-        &brokers,
-        &unique("hold"),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
-    ) + "[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n";
+    let (target, ns) = held_key_namespace(&brokers, "hold");
     let dir = tempfile::tempdir().unwrap();
     let first = Spawned::start(config(dir.path(), "all", &ns)).unwrap();
     let base = format!("http://{}", first.addr);
@@ -654,14 +645,7 @@ async fn a_hold_follows_its_partition_through_rebalances() {
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
-    let target = HttpTarget::start();
-    target.reject_key("held", 400);
-    let ns = kafka_namespace(
-        "ns",
-        &brokers,
-        &unique("follow"),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
-    ) + "[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n";
+    let (target, ns) = held_key_namespace(&brokers, "follow");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let first = Spawned::start(config(dirs[0].path(), "all", &ns)).unwrap();
     let base = format!("http://{}", first.addr);
