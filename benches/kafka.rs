@@ -17,7 +17,7 @@
 //! five requests in flight with a batch ready, and librdkafka's broker
 //! thread then polls in a loop (timeout 0) until one returns. On two shared
 //! cores that spin takes CPU from the broker and the HTTP workers. On a
-//! shared, filling broker the ratio at 64x1 fell from about 1.0 to 0.6 over
+//! shared, filling broker the ratio at 64x1 fell from 0.87 to 0.56 over
 //! eight runs while the raw side held steady. `WALDEN_BENCH_KAFKA=host:port`
 //! uses that broker for every run instead.
 //! `WALDEN_BENCH_SECS` per run (default 3); `WALDEN_BENCH_ROUNDS` runs per
