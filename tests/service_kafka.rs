@@ -544,7 +544,9 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
         letters[0]["last_error"].as_str().unwrap().contains("400"),
         "{letters:?}"
     );
+    assert_eq!(letters[0]["holds_key"], "held", "{letters:?}");
     for l in &letters[1..] {
+        assert!(l.get("holds_key").is_none(), "{l}");
         let error = l["last_error"].as_str().unwrap();
         assert!(error.contains("held behind dead letter held-1"), "{error}");
         assert_eq!(l["attempts"], 0, "never tried: {l}");
@@ -570,11 +572,12 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     .await;
     assert!(applied(&target, "held").is_empty());
 
-    // Redrive them all: the holder comes back first, and the rest follow it.
+    // Redrive them all (named in any order): the holder comes back first,
+    // and the rest follow it.
     target.reject_key("held", 0);
     let (status, body) = post(
         &format!("{base}/v1/namespaces/ns/dlq/redrive"),
-        json!({"all": true}),
+        json!({"ids": ["held-4", "held-2", "held-3", "held-1"]}),
     )
     .await;
     assert_eq!(status, 200, "{body}");

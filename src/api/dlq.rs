@@ -26,6 +26,7 @@ use serde::Deserialize;
 use super::{ApiError, AppState, read_json_body};
 use crate::actors::applier::{Purged, Redrive};
 use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::shard::AnyDlq;
 use crate::backends::{BackendError, DeadLetter, DeadLetters};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
@@ -54,8 +55,9 @@ fn backend_error(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// The JSON form of a dead letter: the entry as a target would see it, plus
-/// where it came from and why it failed.
-pub fn letter_json(letter: &DeadLetter) -> serde_json::Value {
+/// where it came from and why it failed (and, on Kafka, `holds_key` when it
+/// holds its key).
+fn letter_json(dlq: &AnyDlq, letter: &DeadLetter) -> serde_json::Value {
     let delivered = Delivered {
         shard: letter.origin.shard.clone(),
         sequence: letter.origin.sequence,
@@ -73,6 +75,9 @@ pub fn letter_json(letter: &DeadLetter) -> serde_json::Value {
     v["first_failure_ms"] = letter.first_failure_ms.into();
     v["last_failure_ms"] = letter.last_failure_ms.into();
     v["last_error"] = letter.last_error.clone().into();
+    if let Some(key) = dlq.holds_key(letter) {
+        v["holds_key"] = key.into();
+    }
     v
 }
 
@@ -93,7 +98,7 @@ pub async fn list(
         .then(|| letters.last().map(|l| l.dlq_sequence))
         .flatten();
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "entries": letters.iter().map(letter_json).collect::<Vec<_>>(),
+        "entries": letters.iter().map(|l| letter_json(&ns.dlq, l)).collect::<Vec<_>>(),
         "total": total,
         "next_after": next_after,
     })))
@@ -108,7 +113,7 @@ pub async fn show(
     let ns = state.namespace(&ns)?;
     let letter = ns.dlq.get(&ns.name, &id).await.map_err(backend_error)?;
     match letter {
-        Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&letter))),
+        Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&ns.dlq, &letter))),
         None => Err(ApiError::not_found(format!(
             "no dead letter {id:?} in namespace {:?}",
             ns.name
@@ -137,6 +142,9 @@ async fn select(
                     None => missing.push(id),
                 }
             }
+            // Oldest first, whatever order the ids came in: a held key's
+            // entries go back behind their holder.
+            found.sort_by_key(|l| l.dlq_sequence);
             Ok((found, missing))
         }
         (None, true) => {

@@ -365,6 +365,14 @@ impl AnyDlq {
         }
     }
 
+    /// The key `letter` holds (`hold_key` on Kafka), if it holds one.
+    pub fn holds_key(&self, letter: &DeadLetter) -> Option<String> {
+        match self {
+            AnyDlq::Kafka(d) => d.holds_key(letter.dlq_sequence),
+            _ => None,
+        }
+    }
+
     /// How many letters `namespace` has: exact, or SQS's estimate (counting
     /// an SQS queue exactly would mean receiving all of it).
     pub async fn count(&self, namespace: &str) -> Result<u64, BackendError> {

@@ -329,6 +329,16 @@ impl KafkaDlq {
             .map(str::to_string)
     }
 
+    /// The key the live letter at `dlq_sequence` holds, if it holds one.
+    pub fn holds_key(&self, dlq_sequence: u64) -> Option<String> {
+        self.view
+            .lock()
+            .unwrap()
+            .holds_of
+            .get(&dlq_sequence)
+            .cloned()
+    }
+
     /// Whether the live letter `id` holds its key. Once it does not (it was
     /// purged, or applied after a redrive, perhaps by another process), its
     /// hold is over.
