@@ -245,9 +245,13 @@ impl Applier {
             Source::Redrive(_) => false,
             // Loaded from the store: it is the key's own backlog.
             Source::Parked(_) => false,
-            Source::Log(_) | Source::Delayed(_) => match self.policy.holds.clone() {
+            Source::Log(_) | Source::Delayed(_) => match &self.policy.holds {
                 Holds::Park => self.blocked.contains_key(key),
-                Holds::Broker(dlq) => self.policy.hold_key && self.held_on_broker(&dlq, key, item),
+                Holds::Broker(_) if !self.policy.hold_key => false,
+                Holds::Broker(dlq) => {
+                    let dlq = dlq.clone();
+                    self.held_on_broker(&dlq, key, item)
+                }
             },
         }
     }

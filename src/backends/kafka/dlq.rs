@@ -367,9 +367,9 @@ impl KafkaDlq {
     }
 
     /// Send a letter's entry back to its origin partition, with its original
-    /// sequence, then remove the letter. Resolves once both are on the
-    /// broker. An error before the entry's produce is acknowledged leaves the
-    /// letter listed.
+    /// sequence, then remove the letter (one that holds its key stays until
+    /// its entry is applied). Resolves once both are on the broker. An error
+    /// before the entry's produce is acknowledged leaves the letter listed.
     pub async fn redrive(&self, letter: &DeadLetter) -> Result<(), BackendError> {
         let sequence = letter.origin.sequence.to_string();
         self.origin
@@ -379,11 +379,7 @@ impl KafkaDlq {
                 &[(super::REDRIVEN_SEQUENCE, sequence)],
             )
             .await?;
-        let holds = {
-            let view = self.view.lock().unwrap();
-            view.holds_of.contains_key(&letter.dlq_sequence)
-        };
-        if holds {
+        if self.holds_key(letter.dlq_sequence).is_some() {
             // It stays until applied: removing it now would release its key
             // before the entry is back, letting later entries pass it.
             return Ok(());
