@@ -34,15 +34,11 @@ url = "{target}"
     )
 }
 
+/// POST `body`, which must be answered 200; the JSON answer.
 async fn post(url: &str, body: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let (status, answer) = common::post(url, body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
 }
 
 async fn stats(base: &str) -> Value {

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::target::HttpTarget;
-use common::{post, test_server, unique};
+use common::{get_json, post, test_server, unique};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -189,12 +189,7 @@ async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
         400,
         "listing delays on kafka is not built yet, and says so"
     );
-    let stats: Value = reqwest::get(format!("{base}/v1/namespaces/orders"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("{base}/v1/namespaces/orders")).await;
     assert_eq!(stats["backend"], "kafka");
     svc.stop();
 }
@@ -450,12 +445,7 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
 async fn dlq_ids_when(base: &str, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let listed: Value = reqwest::get(format!("{base}/v1/namespaces/ns/dlq"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: Value = get_json(&format!("{base}/v1/namespaces/ns/dlq")).await;
         let letters = listed["entries"].as_array().cloned().unwrap_or_default();
         let ids: Vec<String> = letters
             .iter()
@@ -630,12 +620,7 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
 
 /// Entries this process applied, from its namespace stats.
 async fn applied_here(base: &str) -> u64 {
-    let stats: Value = reqwest::get(format!("{base}/v1/namespaces/ns"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&format!("{base}/v1/namespaces/ns")).await;
     stats["applied"].as_u64().unwrap_or(0)
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::target::HttpTarget;
-use common::{post, test_server, unique};
+use common::{get_json, post, test_server, unique};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -227,12 +227,7 @@ async fn dead_letters_go_to_the_dlq_queue_and_redrive() {
 
     let deadline = std::time::Instant::now() + WAIT;
     let listed = loop {
-        let listed: Value = reqwest::get(format!("{base}/dlq"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listed: Value = get_json(&format!("{base}/dlq")).await;
         if !listed["entries"].as_array().unwrap().is_empty() {
             break listed;
         }
@@ -246,12 +241,7 @@ async fn dead_letters_go_to_the_dlq_queue_and_redrive() {
         letter["last_error"].as_str().unwrap().contains("400"),
         "{letter}"
     );
-    let shown: Value = reqwest::get(format!("{base}/dlq/bad-1"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = get_json(&format!("{base}/dlq/bad-1")).await;
     assert_eq!(shown["id"], "bad-1");
 
     target.reject_key("poison", 0);
@@ -261,12 +251,7 @@ async fn dead_letters_go_to_the_dlq_queue_and_redrive() {
     let got = target.wait_for(2, WAIT);
     let back = got.iter().find(|r| r.id() == "bad-1").expect("redriven");
     assert_eq!(back.sequence(), sequence, "it keeps its sequence");
-    let listed: Value = reqwest::get(format!("{base}/dlq"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get_json(&format!("{base}/dlq")).await;
     assert_eq!(listed["entries"], json!([]), "{listed}");
     svc.stop();
 }

@@ -146,6 +146,11 @@ pub async fn post(url: &str, body: serde_json::Value) -> (u16, serde_json::Value
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// GET `url`; its JSON answer.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 /// A short random suffix for table names, key prefixes and topics.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
