@@ -175,6 +175,13 @@ async fn the_batch_endpoint_answers_each_entry_in_order() {
         "{body}"
     );
     assert_eq!(results[3]["id"], "fifth");
+    // Entries that went in from a batch parsed entry by entry carry their
+    // own payloads (each a slice of the one request body).
+    let got = target.wait_for(4, WAIT);
+    for (id, payload) in [("fourth", 1), ("fifth", 4)] {
+        let r = got.iter().find(|r| r.id() == id).expect(id);
+        assert_eq!(r.body["payload"], payload, "{id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,10 +36,11 @@ const MAX_HEADER_VALUE: usize = 8192;
 /// The body of one write.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WriteRequest {
-    /// Any JSON value, delivered as written.
-    #[serde(default, deserialize_with = "present")]
-    pub payload: Option<Box<RawValue>>,
+pub struct WriteRequest<'a> {
+    /// Any JSON value, delivered as written. Borrowed from the body, which
+    /// the entry's payload then shares rather than copies.
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub payload: Option<&'a RawValue>,
     /// Opaque bytes, base64-encoded.
     pub payload_base64: Option<String>,
     /// Routes the entry to a shard and orders entries that share it.
@@ -63,21 +64,23 @@ pub struct Lifecycle {
 }
 
 /// `"payload": null` is a payload (JSON null), not a missing one.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(d).map(Some)
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchRequest {
-    entries: Vec<Box<RawValue>>,
+struct BatchRequest<'a> {
+    #[serde(borrow)]
+    entries: Vec<&'a RawValue>,
 }
 
 /// A batch whose every entry parses.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WellFormedBatch {
-    entries: Vec<WriteRequest>,
+struct WellFormedBatch<'a> {
+    #[serde(borrow)]
+    entries: Vec<WriteRequest<'a>>,
 }
 
 /// A successful write.
@@ -111,8 +114,8 @@ struct Prepared {
 
 /// Parse JSON into `T`, naming the field of any error. `what` names the
 /// document in an error; it is only built on one.
-fn parse<T: for<'de> Deserialize<'de>>(
-    bytes: &[u8],
+fn parse<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
     what: impl FnOnce() -> String,
 ) -> Result<T, ApiError> {
     // The plain parse is the fast path; a failed one is parsed again with
@@ -136,11 +139,13 @@ fn parse<T: for<'de> Deserialize<'de>>(
 }
 
 /// Check a request against the namespace's limits and build its entry.
+/// `body` is the request's body, which a JSON payload is a slice of;
+/// `traceparent` is the write's, for the entry's header.
 fn prepare(
     ns: &NamespaceRuntime,
-    req: WriteRequest,
-    span: &Span,
-    incoming_traceparent: Option<&str>,
+    req: WriteRequest<'_>,
+    body: &Bytes,
+    traceparent: Option<&str>,
 ) -> Result<Prepared, ApiError> {
     let limits = &ns.config.limits;
     let (payload, json) = match (req.payload, req.payload_base64) {
@@ -154,7 +159,7 @@ fn prepare(
                 "give exactly one of `payload` (any JSON value) and `payload_base64`",
             ));
         }
-        (Some(raw), None) => (Bytes::copy_from_slice(raw.get().as_bytes()), true),
+        (Some(raw), None) => (share(body, raw.get().as_bytes()), true),
         (None, Some(b64)) => {
             if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
                 return Err(payload_too_large(limits.max_payload_bytes));
@@ -241,12 +246,8 @@ fn prepare(
     if let Some(t) = lifecycle.original_write_time_ms {
         headers.push(("walden.original_write_time_ms".into(), t.to_string()));
     }
-    // The write span's context when tracing export is on; otherwise the
-    // client's own traceparent travels on unchanged.
-    let traceparent =
-        telemetry::traceparent(span).or_else(|| incoming_traceparent.map(str::to_owned));
     if let Some(tp) = traceparent {
-        headers.push(("traceparent".into(), tp));
+        headers.push(("traceparent".into(), tp.to_owned()));
     }
     let shard = shard_of(req.key.as_deref(), &id, ns.config.shards);
     let entry = Entry {
@@ -266,6 +267,18 @@ fn prepare(
         client_id,
         entry,
     })
+}
+
+/// `part` of `body` as a `Bytes` that shares `body`'s buffer; a copy if it
+/// is not a slice of it.
+fn share(body: &Bytes, part: &[u8]) -> Bytes {
+    let within = body.as_ptr_range();
+    let range = part.as_ptr_range();
+    if within.start <= range.start && range.end <= within.end {
+        body.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
 }
 
 fn check_len(field: &str, len: usize, max: usize) -> Result<(), ApiError> {
@@ -444,9 +457,16 @@ async fn append(
             }
         }
     }
-    let deadline = tokio::time::Instant::now() + state.server.ack_timeout();
+    // One timer for the whole request, not one per entry.
+    let deadline = tokio::time::sleep(state.server.ack_timeout());
+    tokio::pin!(deadline);
     for (i, id, shard, mut rx, claim) in waiting {
-        let answer = match tokio::time::timeout_at(deadline, &mut rx).await {
+        let answered = tokio::select! {
+            biased;
+            answer = &mut rx => Ok(answer),
+            () = &mut deadline => Err(()),
+        };
+        let answer = match answered {
             Ok(Ok(Ok(appended))) => {
                 ns.shards[shard as usize].stats.written.inc();
                 record(&state.dedup, &ns.name, &id, shard, &appended, claim);
@@ -522,6 +542,13 @@ fn traceparent_of(req: &HttpRequest) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The traceparent a request's entries carry: the write span's context when
+/// tracing export is on; otherwise the client's own, unchanged. Found once
+/// per request, not per entry.
+fn entry_traceparent(span: &Span, req: &HttpRequest) -> Option<String> {
+    telemetry::traceparent(span).or_else(|| traceparent_of(req).map(str::to_owned))
+}
+
 /// `POST /v1/namespaces/{ns}/log`
 pub async fn write_one(
     state: web::Data<AppState>,
@@ -535,7 +562,8 @@ pub async fn write_one(
     let span =
         info_span!("write_to_log", namespace = %ns.name, shard = field::Empty, id = field::Empty);
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
-    let prepared = prepare(&ns, parsed, &span, traceparent_of(&req))?;
+    let traceparent = entry_traceparent(&span, &req);
+    let prepared = prepare(&ns, parsed, &bytes, traceparent.as_deref())?;
     span.record("shard", prepared.shard);
     span.record("id", prepared.entry.id.as_str());
     let answer = submit(&state, &ns, vec![prepared])
@@ -585,8 +613,9 @@ pub async fn write_batch(
     let mut results: Vec<Option<BatchResult>> = (0..requests.len()).map(|_| None).collect();
     let mut ready = Vec::new();
     let mut slots = Vec::new();
+    let traceparent = entry_traceparent(&span, &req);
     for (i, request) in requests.into_iter().enumerate() {
-        let prepared = request.and_then(|r| prepare(&ns, r, &span, traceparent_of(&req)));
+        let prepared = request.and_then(|r| prepare(&ns, r, &bytes, traceparent.as_deref()));
         match prepared {
             Ok(p) => {
                 slots.push(i);
