@@ -8,7 +8,13 @@
 //! Walden p99 ÷ raw p99 (lower is better).
 //!
 //! The Walden process runs with `role = "producer"`, so applying does not
-//! compete with the write path for the two cores.
+//! compete with the write path for the two cores, and with one HTTP worker
+//! (`server.http_workers = 1`; `WALDEN_BENCH_HTTP_WORKERS` to change it).
+//! On two cores shared with tansu, the load client and librdkafka's broker
+//! thread, a second worker costs more in wakeups and contention than it
+//! adds: in alternating runs, 64x1 gave ratios 1.06 and 0.96 with one worker
+//! against 1.01 and 0.82 with two, and four workers lost a quarter of the
+//! throughput.
 //!
 //! `cargo bench --bench kafka`. Every run (each side, each round) gets a
 //! tansu of its own, started empty on a free port from the binary
@@ -108,6 +114,13 @@ impl Drop for Broker {
     }
 }
 
+/// `WALDEN_BENCH_HTTP_WORKERS`: the Walden side's `server.http_workers`.
+fn http_workers() -> usize {
+    env_or("WALDEN_BENCH_HTTP_WORKERS", "1")
+        .parse()
+        .unwrap_or(1)
+}
+
 /// `WALDEN_BENCH_LIBRDKAFKA`: `key=value` pairs, comma-separated.
 fn extra_options() -> Vec<(String, String)> {
     env_or("WALDEN_BENCH_LIBRDKAFKA", "")
@@ -151,6 +164,7 @@ fn walden(
 listen = "127.0.0.1:0"
 data_dir = "{}"
 role = "producer"
+http_workers = {}
 max_in_flight = 100000
 mailbox_capacity = 100000
 [namespaces.bench]
@@ -166,6 +180,7 @@ topic = "{topic}"
 type = "stdout"
 "#,
         dir.path().display(),
+        http_workers(),
         extra_options()
             .iter()
             .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
@@ -245,7 +260,8 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions)"
+        "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions, {} HTTP worker(s))",
+        http_workers()
     );
     // `WALDEN_BENCH_CASES=16x1,16x100` picks cases; `WALDEN_BENCH_ONLY=walden`
     // or `=raw` runs one side only (for profiling).

@@ -167,6 +167,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
             .configure(api::routes)
     })
     .disable_signals()
+    .workers(http_workers(&config.server))
     .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
     .bind(&config.server.listen)
     .map_err(|source| ServiceError::Bind {
@@ -219,6 +220,14 @@ impl Service {
             a.stop();
         }
         info!("Shutdown complete.");
+    }
+}
+
+/// `server.http_workers`, with 0 meaning one per CPU core.
+fn http_workers(server: &ServerConfig) -> usize {
+    match server.http_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }
 

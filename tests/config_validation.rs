@@ -222,6 +222,12 @@ fn every_validation_error_names_its_namespace_and_field() {
             "server.mailbox_capacity",
         ),
         (
+            "absurd http workers",
+            GOOD.replace("[server]", "[server]\nhttp_workers = 100000"),
+            None,
+            "server.http_workers",
+        ),
+        (
             "bad otel endpoint",
             format!("{GOOD}\n[otel]\nendpoint = \"collector:4318\"\n"),
             None,

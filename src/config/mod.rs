@@ -51,6 +51,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long a graceful shutdown waits for in-flight work.
     pub shutdown_timeout_ms: u64,
+    /// Threads serving HTTP; 0 (the default) means one per CPU core. On a
+    /// small host shared with a busy client library (librdkafka's broker
+    /// thread) or the broker itself, fewer workers mean fewer threads
+    /// competing for the cores and fewer wakeups per answer.
+    pub http_workers: usize,
     /// What this process does: `"all"`, or only `"producer"` (accepts
     /// writes) or `"consumer"` (applies). Split roles need a broker backend.
     /// `walden serve --role` sets it too.
@@ -98,6 +103,7 @@ impl Default for ServerConfig {
             mailbox_capacity: 1024,
             max_body_bytes: 16 << 20,
             shutdown_timeout_ms: 30_000,
+            http_workers: 0,
             role: Role::All,
         }
     }

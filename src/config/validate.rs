@@ -9,6 +9,9 @@ use super::{
 };
 use crate::backends::embedded::format::MAX_BODY;
 
+/// More HTTP worker threads than this is a typo, not a tuning.
+const MAX_HTTP_WORKERS: usize = 1024;
+
 /// One problem in a configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -97,6 +100,15 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         if value == 0 {
             e.server(field, "must be greater than 0");
         }
+    }
+    if s.http_workers > MAX_HTTP_WORKERS {
+        e.server(
+            "server.http_workers",
+            format!(
+                "{} is more than {MAX_HTTP_WORKERS}; 0 means one per CPU core",
+                s.http_workers
+            ),
+        );
     }
     let endpoint = &config.otel.endpoint;
     let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
