@@ -263,9 +263,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let workers = match http_workers() {
+        0 => "one HTTP worker per core".to_string(),
+        n => format!("{n} HTTP worker(s)"),
+    };
     println!(
-        "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions, {} HTTP worker(s))",
-        http_workers()
+        "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions, {workers})"
     );
     // `WALDEN_BENCH_CASES=16x1,16x100` picks cases; `WALDEN_BENCH_ONLY=walden`
     // or `=raw` runs one side only (for profiling).
