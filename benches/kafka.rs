@@ -1,9 +1,9 @@
 //! Kafka write-path benchmark: Walden's write path on the Kafka backend
-//! (HTTP → rdkafka → delivery report → answer: librdkafka queues writes itself,
-//! so there is no Ingest actor hop) beside a raw rdkafka
-//! producer with the same settings (`acks=all`, idempotence, `linger.ms=1`),
-//! the same 100 B payloads and the same concurrency, against the same broker
-//! in the same run. `ratio` = Walden writes/s ÷ raw sends/s over all rounds;
+//! (HTTP → rdkafka → delivery report → answer; librdkafka queues writes
+//! itself, so there is no Ingest actor hop) beside a raw rdkafka producer
+//! with the same settings (`acks=all`, idempotence, `linger.ms=1`), the same
+//! 100 B payloads and the same concurrency, against the same broker in the
+//! same run. `ratio` = Walden writes/s ÷ raw sends/s over all rounds;
 //! `round_ratios` is the range of the rounds' own ratios; `p99_ratio` =
 //! Walden p99 ÷ raw p99 (lower is better).
 //!
