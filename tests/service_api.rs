@@ -124,9 +124,21 @@ async fn the_batch_endpoint_answers_each_entry_in_order() {
     assert_eq!(status, 200);
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
+    // A written entry's result is its write answer plus its status.
+    let first = results[0].as_object().unwrap();
+    let mut fields: Vec<&str> = first.keys().map(String::as_str).collect();
+    fields.sort_unstable();
     assert_eq!(
-        (results[0]["status"].as_u64(), results[0]["id"].as_str()),
+        fields,
+        ["durable", "id", "namespace", "sequence", "shard", "status"]
+    );
+    assert_eq!(
+        (first["status"].as_u64(), first["id"].as_str()),
         (Some(200), Some("first"))
+    );
+    assert_eq!(
+        (&first["durable"], &first["namespace"]),
+        (&json!("true"), &json!("ns"))
     );
     assert_eq!(results[1]["status"], 400);
     assert_eq!(results[1]["durable"], "false");

@@ -83,17 +83,18 @@ struct WellFormedBatch<'a> {
     entries: Vec<WriteRequest<'a>>,
 }
 
-/// A successful write.
+/// A successful write. Borrows its namespace's name: a batch answers with
+/// one per entry.
 #[derive(Debug, Serialize)]
-pub struct Written {
+pub struct Written<'a> {
     pub durable: &'static str,
     pub id: String,
-    pub namespace: String,
+    pub namespace: &'a str,
     pub shard: u32,
     pub sequence: u64,
 }
 
-impl Written {
+impl Written<'_> {
     fn status(&self) -> StatusCode {
         // `fsync = "never"` answers "unknown": accepted, durability not known.
         if self.durable == Durable::True.as_str() {
@@ -315,10 +316,11 @@ fn submit<'a>(
     state: &'a AppState,
     ns: &'a Arc<NamespaceRuntime>,
     items: Vec<Prepared>,
-) -> futures_util::future::BoxFuture<'a, Vec<Result<Written, ApiError>>> {
+) -> futures_util::future::BoxFuture<'a, Vec<Result<Written<'a>, ApiError>>> {
     Box::pin(async move {
         let n = items.len();
-        let mut answers: Vec<Option<Result<Written, ApiError>>> = (0..n).map(|_| None).collect();
+        let mut answers: Vec<Option<Result<Written<'a>, ApiError>>> =
+            (0..n).map(|_| None).collect();
         let window = Duration::from_millis(ns.config.dedup_window_ms);
         let mut to_send = Vec::with_capacity(n);
         let mut waiting = Vec::new();
@@ -375,11 +377,11 @@ fn submit<'a>(
     })
 }
 
-fn accepted_answer(ns: &NamespaceRuntime, id: &str, a: dedup::Accepted) -> Written {
+fn accepted_answer<'a>(ns: &'a NamespaceRuntime, id: &str, a: dedup::Accepted) -> Written<'a> {
     Written {
         durable: Durable::True.as_str(),
         id: id.to_string(),
-        namespace: ns.name.clone(),
+        namespace: &ns.name,
         shard: a.shard,
         sequence: a.sequence,
     }
@@ -399,11 +401,11 @@ type Claimed = Option<(dedup::Claim, u64)>;
 
 /// Hand entries to their shards' Ingest actors and wait for the log's
 /// answers. A claimed id is recorded once its entry is durable.
-async fn append(
+async fn append<'a>(
     state: &AppState,
-    ns: &Arc<NamespaceRuntime>,
+    ns: &'a Arc<NamespaceRuntime>,
     items: Vec<(usize, Prepared, Claimed)>,
-) -> Vec<(usize, Result<Written, ApiError>)> {
+) -> Vec<(usize, Result<Written<'a>, ApiError>)> {
     let n = items.len();
     let mut out = Vec::with_capacity(n);
     if n == 0 {
@@ -473,7 +475,7 @@ async fn append(
                 Ok(Written {
                     durable: appended.durable.as_str(),
                     id,
-                    namespace: ns.name.clone(),
+                    namespace: &ns.name,
                     shard,
                     sequence: appended.offset,
                 })
@@ -629,7 +631,11 @@ pub async fn write_batch(
         results[i] = Some(match answer {
             Ok(written) => BatchResult::Written {
                 status: written.status().as_u16(),
-                written,
+                durable: written.durable,
+                id: written.id,
+                namespace: written.namespace,
+                shard: written.shard,
+                sequence: written.sequence,
             },
             Err(e) => BatchResult::Failed(error_result(&e)),
         });
@@ -639,17 +645,22 @@ pub async fn write_batch(
 }
 
 #[derive(Serialize)]
-struct BatchResponse {
-    results: Vec<BatchResult>,
+struct BatchResponse<'a> {
+    results: Vec<BatchResult<'a>>,
 }
 
-/// One entry's result in a batch: a write with its status, or an error.
+/// One entry's result in a batch: a write's fields and its status, or an
+/// error. The fields are spelled out rather than `#[serde(flatten)]`ed, which
+/// would serialize every result through a map.
 #[derive(Serialize)]
 #[serde(untagged)]
-enum BatchResult {
+enum BatchResult<'a> {
     Written {
-        #[serde(flatten)]
-        written: Written,
+        durable: &'static str,
+        id: String,
+        namespace: &'a str,
+        shard: u32,
+        sequence: u64,
         status: u16,
     },
     Failed(serde_json::Value),
