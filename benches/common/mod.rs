@@ -111,6 +111,21 @@ pub fn http_load(
     finish(rt, tasks, &stop, start, secs)
 }
 
+/// One write to namespace `ns` at `addr`, answered 200, before a timed run:
+/// the backend's connections and producer id are then in place, as a raw
+/// peer's are after its own warm-up send.
+pub fn warm_up(rt: &tokio::runtime::Runtime, addr: SocketAddr, ns: &str) {
+    let body = serde_json::to_vec(&json!({"payload": "warm-up"})).unwrap();
+    let mut req = format!(
+        "POST /v1/namespaces/{ns}/log HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    let status = rt.block_on(async { Conn::open(addr).await.round_trip(&req).await });
+    assert_eq!(status, 200, "the warm-up write failed");
+}
+
 /// One keep-alive HTTP/1.1 connection that sends pre-encoded requests and
 /// reads each response whole (by its Content-Length). A general client
 /// (reqwest) cost a third of the two cores at 64 connections, CPU the
