@@ -1,11 +1,21 @@
 //! Kafka write-path benchmark: Walden's write path on the Kafka backend
 //! (HTTP → rdkafka → delivery report → answer; librdkafka queues writes
-//! itself, so there is no Ingest actor hop) beside a raw rdkafka producer
+//! itself, so there is no Ingest actor hop) beside raw rdkafka producers
 //! with the same settings (`acks=all`, idempotence, `linger.ms=1`), the same
-//! 100 B payloads and the same concurrency, against the same broker in the
-//! same run. `ratio` = Walden writes/s ÷ raw sends/s over all rounds;
-//! `round_ratios` is the range of the rounds' own ratios; `p99_ratio` =
-//! Walden p99 ÷ raw p99 (lower is better).
+//! 100 B payloads and the same concurrency, against the same kind of broker
+//! in the same run. Two peers:
+//! - `peer=raw` writes bare records: the key and the payload.
+//! - `peer=same_records` writes the records Walden writes for the same
+//!   request: the payload's JSON text, a fresh UUIDv7 in `walden.id` and
+//!   `walden.payload: json`. Against it, the ratio is the cost of Walden's
+//!   write path (HTTP, JSON, bookkeeping), apart from what its records carry.
+//!   On tansu those two headers are not cheap: they took the bare producer
+//!   from about 496k to 365-396k records/s at 16x100 (the id alone, to
+//!   400-427k).
+//!
+//! `ratio` = Walden writes/s ÷ the peer's over all rounds; `round_ratios` is
+//! the range of the rounds' own ratios; `p99_ratio` = Walden p99 ÷ the
+//! peer's p99 (lower is better).
 //!
 //! The Walden process runs with `role = "producer"`, so applying does not
 //! compete with the write path for the two cores, and with one HTTP worker
@@ -14,13 +24,16 @@
 //! thread, a second worker costs more in wakeups and contention than it
 //! adds: in alternating runs, 64x1 gave ratios 1.06 and 0.96 with one worker
 //! against 1.01 and 0.82 with two, and four workers lost a quarter of the
-//! throughput.
+//! throughput. At 16x100 one and two came out even (0.75 and 0.73 against
+//! the bare peer with one; 0.74 and 0.80 with two).
 //!
-//! Both sides are warm before the clock starts: Walden answers one write,
-//! the raw producer delivers one record. Without that, the raw side's first
+//! Every side is warm before the clock starts: Walden answers one write, a
+//! raw producer delivers one record. Without that, a raw producer's first
 //! send waited for its broker connection and producer id inside the timed
-//! window (a few hundred ms of each 3 s run), which made the ratios of
-//! earlier runs 5-40% too kind to Walden.
+//! window (a few hundred ms of each 3 s run), and the ratios were 15-30% too
+//! kind to Walden: 1x1 showed 1.15 rather than 0.96, 16x100 0.92 rather
+//! than 0.70. (The worker-count figures above were measured that way; both
+//! Walden variants paid nothing extra, so their comparison stands.)
 //!
 //! `cargo bench --bench kafka`. Every run (each side, each round) gets a
 //! tansu of its own, started empty on a free port from the binary
@@ -40,9 +53,10 @@
 //! eight runs while the raw side held steady. `WALDEN_BENCH_KAFKA=host:port`
 //! uses that broker for every run instead.
 //! `WALDEN_BENCH_SECS` per run (default 3); `WALDEN_BENCH_ROUNDS` runs per
-//! side, alternating (default 3); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
+//! side, taking turns (default 3); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
 //! (connections x batch); `WALDEN_BENCH_LIBRDKAFKA`, e.g. `linger.ms=5`:
-//! extra producer options, given to both sides.
+//! extra producer options, given to every side; `WALDEN_BENCH_ONLY=walden`,
+//! `raw` or `same` runs that side alone.
 //!
 //! Use tansu (in-memory), not noida-db: noida-db keeps every topic in one
 //! JSON file that an `autosave` thread rewrites whole, so its CPU cost grows
@@ -55,6 +69,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use walden::backends::kafka::KafkaSettings;
 use walden::service::Spawned;
@@ -203,9 +218,41 @@ type = "stdout"
     run
 }
 
+/// What the raw producer writes.
+#[derive(Clone, Copy)]
+enum Records {
+    /// The key and the 100 B payload, nothing else.
+    Bare,
+    /// The records Walden writes for the same request: the payload as its
+    /// JSON text (quoted), a fresh UUIDv7 in `walden.id` and
+    /// `walden.payload: json`. Against this peer the ratio is the cost of
+    /// Walden's write path alone, not of what the issue asks its records to
+    /// carry.
+    LikeWalden,
+}
+
+/// The headers of a record like Walden's, with entry id `id`.
+fn walden_headers(id: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(2)
+        .insert(Header {
+            key: walden::backends::kafka::ID,
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: walden::entry::PAYLOAD_ENCODING_HEADER,
+            value: Some("json".as_bytes()),
+        })
+}
+
 /// `conns` tasks, each sending `batch` records at a time and waiting for
 /// their delivery reports, as a Walden connection waits for its answer.
-fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, secs: u64) -> Run {
+fn raw(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    records: Records,
+    (conns, batch): (usize, usize),
+    secs: u64,
+) -> Run {
     let topic = topic(
         rt,
         brokers,
@@ -222,7 +269,10 @@ fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, 
     }
     let producer: FutureProducer = config.create().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let payload = vec![b'p'; PAYLOAD];
+    let payload = match records {
+        Records::Bare => vec![b'p'; PAYLOAD],
+        Records::LikeWalden => format!("\"{}\"", "p".repeat(PAYLOAD)).into_bytes(),
+    };
     // Untimed, as Walden's warm-up write is: the first send waits for the
     // broker connection and the idempotent producer's id.
     rt.block_on(producer.send(
@@ -244,11 +294,18 @@ fn raw(rt: &tokio::runtime::Runtime, brokers: &str, conns: usize, batch: usize, 
                 while !stop.load(Ordering::Relaxed) {
                     let t0 = Instant::now();
                     let keys: Vec<String> = (0..batch).map(|j| format!("{c}-{i}-{j}")).collect();
-                    let sends = keys.iter().map(|k| {
-                        producer.send(
-                            FutureRecord::to(&topic).key(k).payload(&payload),
-                            Duration::from_secs(10),
-                        )
+                    let ids: Vec<String> = match records {
+                        Records::Bare => Vec::new(),
+                        Records::LikeWalden => (0..batch)
+                            .map(|_| uuid::Uuid::now_v7().to_string())
+                            .collect(),
+                    };
+                    let sends = keys.iter().enumerate().map(|(j, k)| {
+                        let mut record = FutureRecord::to(&topic).key(k).payload(&payload);
+                        if let Some(id) = ids.get(j) {
+                            record = record.headers(walden_headers(id));
+                        }
+                        producer.send(record, Duration::from_secs(10))
                     });
                     for r in futures_util::future::join_all(sends).await {
                         r.expect("delivery report");
@@ -293,59 +350,91 @@ fn main() {
             Some((conns.trim().parse().ok()?, batch.trim().parse().ok()?))
         })
         .collect();
-    let only = env_or("WALDEN_BENCH_ONLY", "");
-    let (only_walden, only_raw) = (only == "walden", only == "raw");
-    // Each side runs `rounds` times, alternating (Walden, raw, Walden, ...),
-    // so drift in a shared machine hits both alike.
+    // `WALDEN_BENCH_ONLY=walden`, `=raw` or `=same` runs one side only (for
+    // profiling).
+    let sides: Vec<Side> = match env_or("WALDEN_BENCH_ONLY", "").as_str() {
+        "" => vec![
+            Side::Walden,
+            Side::Raw(Records::Bare),
+            Side::Raw(Records::LikeWalden),
+        ],
+        "walden" => vec![Side::Walden],
+        "raw" => vec![Side::Raw(Records::Bare)],
+        "same" => vec![Side::Raw(Records::LikeWalden)],
+        other => panic!("WALDEN_BENCH_ONLY={other:?}: give walden, raw or same"),
+    };
+    // Each side runs `rounds` times, in turn (Walden, raw, same, Walden,
+    // ...), so drift in a shared machine hits them alike.
     let rounds: usize = env_or("WALDEN_BENCH_ROUNDS", "3").parse().unwrap_or(3);
     for (conns, batch) in cases {
-        let (mut w, mut r) = (Vec::new(), Vec::new());
+        let mut runs: Vec<Vec<Run>> = sides.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
-            if !only_raw {
+            for (side, runs) in sides.iter().zip(&mut runs) {
                 let broker = Broker::for_run();
-                w.push(walden(&rt, broker.addr(), conns, batch, secs));
-            }
-            if !only_walden {
-                let broker = Broker::for_run();
-                r.push(raw(&rt, broker.addr(), conns, batch, secs));
+                runs.push(match side {
+                    Side::Walden => walden(&rt, broker.addr(), conns, batch, secs),
+                    Side::Raw(records) => raw(&rt, broker.addr(), *records, (conns, batch), secs),
+                });
             }
         }
-        // Each round's own ratio, to show how far the machine's noise moves it.
-        let pairs: Vec<f64> = w
-            .iter()
-            .zip(&r)
-            .map(|(w, r)| w.per_s() / r.per_s())
-            .collect();
-        let spread = format!(
-            "{:.2}-{:.2}",
-            pairs.iter().copied().fold(f64::INFINITY, f64::min),
-            pairs.iter().copied().fold(0.0, f64::max)
-        );
-        let (w, r) = (Run::merge(w), Run::merge(r));
-        if only_walden || only_raw {
-            let (side, run) = if only_raw {
-                ("raw", &r)
-            } else {
-                ("walden", &w)
-            };
+        let case = format!("kafka connections={conns} batch={batch}");
+        let [w, peers @ ..] = runs.as_slice() else {
+            unreachable!("at least one side")
+        };
+        if peers.is_empty() {
             println!(
-                "kafka connections={conns} batch={batch} {side}_per_s={:.0}",
-                run.per_s()
+                "{case} {}_per_s={:.0}",
+                sides[0].name(),
+                Run::merge(w).per_s()
             );
             continue;
         }
-        let (w99, r99) = (
-            percentile(&w.latencies_us, 0.99),
-            percentile(&r.latencies_us, 0.99),
-        );
-        println!(
-            "kafka connections={conns} batch={batch} walden_per_s={:.0} walden_p50_us={} walden_p99_us={w99} raw_per_s={:.0} raw_p50_us={} raw_p99_us={r99} ratio={:.2} round_ratios={spread} p99_ratio={:.2}",
-            w.per_s(),
-            percentile(&w.latencies_us, 0.50),
-            r.per_s(),
-            percentile(&r.latencies_us, 0.50),
-            w.per_s() / r.per_s(),
-            f64::from(w99) / f64::from(r99.max(1)),
-        );
+        for (side, peer) in sides[1..].iter().zip(peers) {
+            println!("{case} peer={} {}", side.name(), compare(w, peer));
+        }
     }
+}
+
+/// One side of a comparison.
+enum Side {
+    Walden,
+    Raw(Records),
+}
+
+impl Side {
+    fn name(&self) -> &'static str {
+        match self {
+            Side::Walden => "walden",
+            Side::Raw(Records::Bare) => "raw",
+            Side::Raw(Records::LikeWalden) => "same_records",
+        }
+    }
+}
+
+/// Walden's rounds beside a peer's: throughput, latency and their ratios.
+fn compare(walden: &[Run], peer: &[Run]) -> String {
+    // Each round's own ratio, to show how far the machine's noise moves it.
+    let pairs: Vec<f64> = walden
+        .iter()
+        .zip(peer)
+        .map(|(w, p)| w.per_s() / p.per_s())
+        .collect();
+    let (low, high) = (
+        pairs.iter().copied().fold(f64::INFINITY, f64::min),
+        pairs.iter().copied().fold(0.0, f64::max),
+    );
+    let (w, p) = (Run::merge(walden), Run::merge(peer));
+    let (w99, p99) = (
+        percentile(&w.latencies_us, 0.99),
+        percentile(&p.latencies_us, 0.99),
+    );
+    format!(
+        "walden_per_s={:.0} walden_p50_us={} walden_p99_us={w99} peer_per_s={:.0} peer_p50_us={} peer_p99_us={p99} ratio={:.2} round_ratios={low:.2}-{high:.2} p99_ratio={:.2}",
+        w.per_s(),
+        percentile(&w.latencies_us, 0.50),
+        p.per_s(),
+        percentile(&p.latencies_us, 0.50),
+        w.per_s() / p.per_s(),
+        f64::from(w99) / f64::from(p99.max(1)),
+    )
 }

@@ -20,7 +20,7 @@ impl Run {
     }
 
     /// Several runs as one: writes and time summed, latencies pooled.
-    pub fn merge(runs: Vec<Run>) -> Run {
+    pub fn merge(runs: &[Run]) -> Run {
         let mut all = Run {
             writes: 0,
             elapsed: Duration::ZERO,
@@ -29,7 +29,7 @@ impl Run {
         for r in runs {
             all.writes += r.writes;
             all.elapsed += r.elapsed;
-            all.latencies_us.extend(r.latencies_us);
+            all.latencies_us.extend_from_slice(&r.latencies_us);
         }
         all.latencies_us.sort_unstable();
         all

@@ -257,7 +257,8 @@ fn serve(
     }
 }
 
-const ID: &str = "walden.id";
+/// The header that carries the entry id on every record Walden writes.
+pub const ID: &str = "walden.id";
 const DUE: &str = "walden.due_ms";
 /// On a redriven entry: its sequence before it was dead-lettered. The
 /// consumer delivers it with that sequence, so a target's version guard
