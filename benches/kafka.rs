@@ -32,8 +32,8 @@
 //! send waited for its broker connection and producer id inside the timed
 //! window (a few hundred ms of each 3 s run), and the ratios were 15-30% too
 //! kind to Walden: 1x1 showed 1.15 rather than 0.96, 16x100 0.92 rather
-//! than 0.70. (The worker-count figures above were measured that way; both
-//! Walden variants paid nothing extra, so their comparison stands.)
+//! than 0.70. (The 64x1 worker-count figures above were measured that way;
+//! both Walden variants paid nothing extra, so their comparison stands.)
 //!
 //! `cargo bench --bench kafka`. Every run (each side, each round) gets a
 //! tansu of its own, started empty on a free port from the binary
