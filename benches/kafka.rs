@@ -341,8 +341,7 @@ fn main() {
     println!(
         "kafka benchmark against {brokers} ({secs} s per case, {PAYLOAD} B payloads, {PARTITIONS} partitions, {workers})"
     );
-    // `WALDEN_BENCH_CASES=16x1,16x100` picks cases; `WALDEN_BENCH_ONLY=walden`
-    // or `=raw` runs one side only (for profiling).
+    // `WALDEN_BENCH_CASES=16x1,16x100` picks cases.
     let cases: Vec<(usize, usize)> = env_or("WALDEN_BENCH_CASES", "1x1,16x1,64x1,16x100")
         .split(',')
         .filter_map(|c| {
