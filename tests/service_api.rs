@@ -57,6 +57,15 @@ async fn writes_are_acknowledged_and_delivered_in_key_order() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["durable"], "true");
         assert_eq!(body["namespace"], "ns");
+        // A single write's status is the HTTP status, not a field.
+        let mut fields: Vec<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["durable", "id", "namespace", "sequence", "shard"]);
         ids.push(body["id"].as_str().unwrap().to_string());
     }
     let got = target.wait_for(40, WAIT);

@@ -92,10 +92,13 @@ pub struct Written<'a> {
     pub namespace: &'a str,
     pub shard: u32,
     pub sequence: u64,
+    /// Set in a batch's results, where each entry carries its own status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 impl Written<'_> {
-    fn status(&self) -> StatusCode {
+    fn http_status(&self) -> StatusCode {
         // `fsync = "never"` answers "unknown": accepted, durability not known.
         if self.durable == Durable::True.as_str() {
             StatusCode::OK
@@ -384,6 +387,7 @@ fn accepted_answer<'a>(ns: &'a NamespaceRuntime, id: &str, a: dedup::Accepted) -
         namespace: &ns.name,
         shard: a.shard,
         sequence: a.sequence,
+        status: None,
     }
 }
 
@@ -478,6 +482,7 @@ async fn append<'a>(
                     namespace: &ns.name,
                     shard,
                     sequence: appended.offset,
+                    status: None,
                 })
             }
             Ok(Ok(Err(e))) => Err(append_error(e)),
@@ -574,7 +579,7 @@ pub async fn write_one(
         .pop()
         .expect("one answer");
     let written = answer?;
-    Ok(HttpResponse::build(written.status()).json(written))
+    Ok(HttpResponse::build(written.http_status()).json(written))
 }
 
 /// `POST /v1/namespaces/{ns}/log/batch`: one result per entry, in order, each
@@ -629,14 +634,10 @@ pub async fn write_batch(
     let answers = submit(&state, &ns, ready).instrument(span).await;
     for (i, answer) in slots.into_iter().zip(answers) {
         results[i] = Some(match answer {
-            Ok(written) => BatchResult::Written {
-                status: written.status().as_u16(),
-                durable: written.durable,
-                id: written.id,
-                namespace: written.namespace,
-                shard: written.shard,
-                sequence: written.sequence,
-            },
+            Ok(written) => BatchResult::Written(Written {
+                status: Some(written.http_status().as_u16()),
+                ..written
+            }),
             Err(e) => BatchResult::Failed(error_result(&e)),
         });
     }
@@ -649,20 +650,13 @@ struct BatchResponse<'a> {
     results: Vec<BatchResult<'a>>,
 }
 
-/// One entry's result in a batch: a write's fields and its status, or an
-/// error. The fields are spelled out rather than `#[serde(flatten)]`ed, which
-/// would serialize every result through a map.
+/// One entry's result in a batch: a write with its status, or an error.
+/// The status is a field of `Written`, not a `#[serde(flatten)]` wrapper,
+/// which would serialize every result through a map.
 #[derive(Serialize)]
 #[serde(untagged)]
 enum BatchResult<'a> {
-    Written {
-        durable: &'static str,
-        id: String,
-        namespace: &'a str,
-        shard: u32,
-        sequence: u64,
-        status: u16,
-    },
+    Written(Written<'a>),
     Failed(serde_json::Value),
 }
 
