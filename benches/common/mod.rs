@@ -173,12 +173,13 @@ impl Conn {
         }
     }
 
+    /// Read into `buf`'s spare capacity: a zeroed 16 KiB chunk per read
+    /// was a tenth of the client's CPU at 64 connections.
     async fn read_more(&mut self) {
         use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk).await.expect("read");
+        self.buf.reserve(16 * 1024);
+        let n = self.stream.read_buf(&mut self.buf).await.expect("read");
         assert!(n > 0, "the server closed the connection");
-        self.buf.extend_from_slice(&chunk[..n]);
     }
 }
 
