@@ -3,19 +3,21 @@
 //! itself, so there is no Ingest actor hop) beside raw rdkafka producers
 //! with the same settings (`acks=all`, idempotence, `linger.ms=1`), the same
 //! 100 B payloads and the same concurrency, against the same kind of broker
-//! in the same run. Two peers:
+//! in the same run. Three peers:
 //! - `peer=raw` writes bare records: the key and the payload.
+//! - `peer=id_only` adds the one header the issue requires of every record:
+//!   a fresh UUIDv7 in `walden.id`.
 //! - `peer=same_records` writes the records Walden writes for the same
-//!   request: the payload's JSON text, a fresh UUIDv7 in `walden.id` and
-//!   `walden.payload: json`. Against it, the ratio is the cost of Walden's
-//!   write path (HTTP, JSON, bookkeeping), apart from what its records carry.
-//!   On tansu those two headers are not cheap: they took the bare producer
-//!   from about 496k to 365-396k records/s at 16x100 (the id alone, to
-//!   400-427k).
+//!   request: the payload's JSON text, `walden.id` and `walden.payload:
+//!   json`. Against it, the ratio is the cost of Walden's write path (HTTP,
+//!   JSON, bookkeeping), apart from what its records carry.
 //!
 //! `ratio` = Walden writes/s ÷ the peer's over all rounds; `round_ratios` is
 //! the range of the rounds' own ratios; `p99_ratio` = Walden p99 ÷ the
-//! peer's p99 (lower is better).
+//! peer's p99 (lower is better). A last line per case, `headers`, gives each
+//! raw peer with headers against the bare one: what the headers alone cost
+//! the broker and librdkafka. On tansu that is most visible at 16x100,
+//! where the id header alone cost the bare producer 10-23% (six runs).
 //!
 //! The Walden process runs with `role = "producer"`, so applying does not
 //! compete with the write path for the two cores, and with one HTTP worker
@@ -34,6 +36,17 @@
 //! kind to Walden: 1x1 showed 1.15 rather than 0.96, 16x100 0.92 rather
 //! than 0.70. (The 64x1 worker-count figures above were measured that way;
 //! both Walden variants paid nothing extra, so their comparison stands.)
+//!
+//! How far 64x1 falls depends on the host. Where a core is slow (a host
+//! on which the bare producer made 170-200k records/s at 16x100, not
+//! 496k), 64x1 came out at 0.51-0.60 while 1x1 and 16x1 held at
+//! 0.86-0.95. There the raw side waits on the broker (a third of the two
+//! cores idle), and Walden's one HTTP worker is the bottleneck at about
+//! 42 us of CPU per write: a third of it in the `send` of the response
+//! (loopback TCP runs the client's receive path inline), an eighth in
+//! Walden's own handler, the rest in actix-http and reading the request
+//! (`perf record --call-graph dwarf -t <worker tid>`). Two workers did
+//! worse (10-12k writes/s against 14-16k).
 //!
 //! `cargo bench --bench kafka`. Every run (each side, each round) gets a
 //! tansu of its own, started empty on a free port from the binary
@@ -56,7 +69,7 @@
 //! side, taking turns (default 3); `WALDEN_BENCH_CASES`, e.g. `16x1,16x100`
 //! (connections x batch); `WALDEN_BENCH_LIBRDKAFKA`, e.g. `linger.ms=5`:
 //! extra producer options, given to every side; `WALDEN_BENCH_ONLY=walden`,
-//! `raw` or `same` runs that side alone.
+//! `raw`, `id` or `same` runs that side alone.
 //!
 //! Use tansu (in-memory), not noida-db: noida-db keeps every topic in one
 //! JSON file that an `autosave` thread rewrites whole, so its CPU cost grows
@@ -223,6 +236,10 @@ type = "stdout"
 enum Records {
     /// The key and the 100 B payload, nothing else.
     Bare,
+    /// A bare record plus the one header the issue requires of every
+    /// record: a fresh UUIDv7 in `walden.id`. Between this peer and `Bare`
+    /// is what that header alone costs the broker and librdkafka.
+    IdOnly,
     /// The records Walden writes for the same request: the payload as its
     /// JSON text (quoted), a fresh UUIDv7 in `walden.id` and
     /// `walden.payload: json`. Against this peer the ratio is the cost of
@@ -231,17 +248,24 @@ enum Records {
     LikeWalden,
 }
 
-/// The headers of a record like Walden's, with entry id `id`.
-fn walden_headers(id: &str) -> OwnedHeaders {
-    OwnedHeaders::new_with_capacity(2)
-        .insert(Header {
-            key: walden::backends::kafka::ID,
-            value: Some(id.as_bytes()),
-        })
-        .insert(Header {
-            key: walden::entry::PAYLOAD_ENCODING_HEADER,
-            value: Some("json".as_bytes()),
-        })
+impl Records {
+    /// The headers of one record, with entry id `id`; `None` for bare ones.
+    fn headers(self, id: &str) -> Option<OwnedHeaders> {
+        let with_id = |capacity| {
+            OwnedHeaders::new_with_capacity(capacity).insert(Header {
+                key: walden::backends::kafka::ID,
+                value: Some(id.as_bytes()),
+            })
+        };
+        match self {
+            Records::Bare => None,
+            Records::IdOnly => Some(with_id(1)),
+            Records::LikeWalden => Some(with_id(2).insert(Header {
+                key: walden::entry::PAYLOAD_ENCODING_HEADER,
+                value: Some("json".as_bytes()),
+            })),
+        }
+    }
 }
 
 /// `conns` tasks, each sending `batch` records at a time and waiting for
@@ -270,7 +294,7 @@ fn raw(
     let producer: FutureProducer = config.create().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let payload = match records {
-        Records::Bare => vec![b'p'; PAYLOAD],
+        Records::Bare | Records::IdOnly => vec![b'p'; PAYLOAD],
         Records::LikeWalden => format!("\"{}\"", "p".repeat(PAYLOAD)).into_bytes(),
     };
     // Untimed, as Walden's warm-up write is: the first send waits for the
@@ -296,14 +320,14 @@ fn raw(
                     let keys: Vec<String> = (0..batch).map(|j| format!("{c}-{i}-{j}")).collect();
                     let ids: Vec<String> = match records {
                         Records::Bare => Vec::new(),
-                        Records::LikeWalden => (0..batch)
+                        Records::IdOnly | Records::LikeWalden => (0..batch)
                             .map(|_| uuid::Uuid::now_v7().to_string())
                             .collect(),
                     };
                     let sends = keys.iter().enumerate().map(|(j, k)| {
                         let mut record = FutureRecord::to(&topic).key(k).payload(&payload);
-                        if let Some(id) = ids.get(j) {
-                            record = record.headers(walden_headers(id));
+                        if let Some(headers) = ids.get(j).and_then(|id| records.headers(id)) {
+                            record = record.headers(headers);
                         }
                         producer.send(record, Duration::from_secs(10))
                     });
@@ -349,18 +373,20 @@ fn main() {
             Some((conns.trim().parse().ok()?, batch.trim().parse().ok()?))
         })
         .collect();
-    // `WALDEN_BENCH_ONLY=walden`, `=raw` or `=same` runs one side only (for
+    // `WALDEN_BENCH_ONLY=walden`, `=raw`, `=id` or `=same` runs one side only (for
     // profiling).
     let sides: Vec<Side> = match env_or("WALDEN_BENCH_ONLY", "").as_str() {
         "" => vec![
             Side::Walden,
             Side::Raw(Records::Bare),
+            Side::Raw(Records::IdOnly),
             Side::Raw(Records::LikeWalden),
         ],
         "walden" => vec![Side::Walden],
         "raw" => vec![Side::Raw(Records::Bare)],
+        "id" => vec![Side::Raw(Records::IdOnly)],
         "same" => vec![Side::Raw(Records::LikeWalden)],
-        other => panic!("WALDEN_BENCH_ONLY={other:?}: give walden, raw or same"),
+        other => panic!("WALDEN_BENCH_ONLY={other:?}: give walden, raw, id or same"),
     };
     // Each side runs `rounds` times, in turn (Walden, raw, same, Walden,
     // ...), so drift in a shared machine hits them alike.
@@ -391,6 +417,20 @@ fn main() {
         for (side, peer) in sides[1..].iter().zip(peers) {
             println!("{case} peer={} {}", side.name(), compare(w, peer));
         }
+        // What the headers alone cost: each raw peer against the bare one.
+        if let [bare, with_headers @ ..] = peers
+            && !with_headers.is_empty()
+        {
+            let bare = Run::merge(bare).per_s();
+            let costs: Vec<String> = sides[2..]
+                .iter()
+                .zip(with_headers)
+                .map(|(side, runs)| {
+                    format!("{}/raw={:.2}", side.name(), Run::merge(runs).per_s() / bare)
+                })
+                .collect();
+            println!("{case} headers {}", costs.join(" "));
+        }
     }
 }
 
@@ -405,6 +445,7 @@ impl Side {
         match self {
             Side::Walden => "walden",
             Side::Raw(Records::Bare) => "raw",
+            Side::Raw(Records::IdOnly) => "id_only",
             Side::Raw(Records::LikeWalden) => "same_records",
         }
     }
