@@ -38,6 +38,7 @@ fn kafka_namespace(name: &str, brokers: &str, topic: &str, target: &str) -> Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -196,6 +197,7 @@ async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_process_and_a_consumer_process_split_the_work() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -251,6 +253,7 @@ async fn a_producer_process_and_a_consumer_process_split_the_work() {
 /// write answered `"true"` reaches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_never_gets_a_false_true() {
+    common::show_logs();
     let Some(mut broker) = common::broker::Broker::start() else {
         return;
     };
@@ -344,6 +347,7 @@ async fn a_broker_outage_never_gets_a_false_true() {
 /// partition, where a consumer process applies it with its first sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -511,6 +515,7 @@ fn held_key_namespace(brokers: &str, topic: &str) -> (HttpTarget, String) {
 /// it too, and the entries behind the purged letter stay listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -630,6 +635,7 @@ async fn applied_here(base: &str) -> u64 {
 /// hold from the DLQ topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_follows_its_partition_through_rebalances() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -683,6 +689,7 @@ async fn a_hold_follows_its_partition_through_rebalances() {
 /// and were never written; every entry answered 200 arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_client_queue_answers_429() {
+    common::show_logs();
     let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
