@@ -418,13 +418,17 @@ fn main() {
             println!("{case} peer={} {}", side.name(), compare(w, peer));
         }
         // What the headers alone cost: each raw peer against the bare one.
-        if let [bare, with_headers @ ..] = peers
-            && !with_headers.is_empty()
+        let raw_peers: Vec<(&Side, &Vec<Run>)> = sides[1..].iter().zip(peers).collect();
+        let bare = raw_peers
+            .iter()
+            .find(|(side, _)| matches!(side, Side::Raw(Records::Bare)));
+        if let Some((_, bare)) = bare
+            && raw_peers.len() > 1
         {
             let bare = Run::merge(bare).per_s();
-            let costs: Vec<String> = sides[2..]
+            let costs: Vec<String> = raw_peers
                 .iter()
-                .zip(with_headers)
+                .filter(|(side, _)| !matches!(side, Side::Raw(Records::Bare)))
                 .map(|(side, runs)| {
                     format!("{}/raw={:.2}", side.name(), Run::merge(runs).per_s() / bare)
                 })
