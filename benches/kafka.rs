@@ -388,7 +388,7 @@ fn main() {
         "same" => vec![Side::Raw(Records::LikeWalden)],
         other => panic!("WALDEN_BENCH_ONLY={other:?}: give walden, raw, id or same"),
     };
-    // Each side runs `rounds` times, in turn (Walden, raw, same, Walden,
+    // Each side runs `rounds` times, in turn (Walden, raw, id, same, Walden,
     // ...), so drift in a shared machine hits them alike.
     let rounds: usize = env_or("WALDEN_BENCH_ROUNDS", "3").parse().unwrap_or(3);
     for (conns, batch) in cases {
