@@ -38,6 +38,13 @@ async fn entries_in_log(client: &reqwest::Client, s: &Spawned) -> u64 {
         .sum()
 }
 
+/// A JSON object's field names, sorted.
+fn field_names(v: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_are_acknowledged_and_delivered_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,14 +65,10 @@ async fn writes_are_acknowledged_and_delivered_in_key_order() {
         assert_eq!(body["durable"], "true");
         assert_eq!(body["namespace"], "ns");
         // A single write's status is the HTTP status, not a field.
-        let mut fields: Vec<&str> = body
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        fields.sort_unstable();
-        assert_eq!(fields, ["durable", "id", "namespace", "sequence", "shard"]);
+        assert_eq!(
+            field_names(&body),
+            ["durable", "id", "namespace", "sequence", "shard"]
+        );
         ids.push(body["id"].as_str().unwrap().to_string());
     }
     let got = target.wait_for(40, WAIT);
@@ -134,11 +137,9 @@ async fn the_batch_endpoint_answers_each_entry_in_order() {
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
     // A written entry's result is its write answer plus its status.
-    let first = results[0].as_object().unwrap();
-    let mut fields: Vec<&str> = first.keys().map(String::as_str).collect();
-    fields.sort_unstable();
+    let first = &results[0];
     assert_eq!(
-        fields,
+        field_names(first),
         ["durable", "id", "namespace", "sequence", "shard", "status"]
     );
     assert_eq!(

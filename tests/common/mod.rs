@@ -209,13 +209,9 @@ pub async fn wait_healthy(port: u16) {
     panic!("walden did not come up on port {port}");
 }
 
-/// Walden's logs on stderr, which the test runner keeps and shows when the
-/// test fails. `RUST_LOG` picks what; `walden=info` by default.
+/// Walden's logs on stderr (the service's own subscriber, without OTLP),
+/// which the test runner keeps and shows when the test fails. `RUST_LOG`
+/// picks what; `info` by default.
 pub fn show_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "walden=info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = walden::telemetry::init(&walden::config::OtelConfig::default());
 }
