@@ -193,7 +193,7 @@ impl Service {
         info!("Shutting down: no new requests; finishing the writes in flight.");
         self.server.stop(true).await;
         for ns in self.state.namespaces.values() {
-            ns.drain().await;
+            ns.drain(self.state.server.shutdown_timeout()).await;
             if let NamespaceBackend::Kafka {
                 group,
                 delay_groups,

@@ -496,6 +496,46 @@ async fn after_a_restart_sequences_keep_growing() {
     assert_eq!(target.received().len(), 2);
 }
 
+/// A clean stop while the target is still answering waits for the answer,
+/// and commits it: the entry is not delivered again after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_waits_for_the_delivery_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.answer_after(Duration::from_millis(1500));
+    let config = service_config(dir.path(), &target.url(), 1, "");
+    let client = reqwest::Client::new();
+    {
+        let svc = Spawned::start(config.clone()).unwrap();
+        let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+        let (status, body) = post(&client, &url, json!({"payload": 1, "id": "once"})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(target.wait_for(1, WAIT).len(), 1);
+        // The target has it; its answer is 1.5 s away.
+        let started = std::time::Instant::now();
+        svc.stop();
+        assert!(
+            started.elapsed() >= Duration::from_millis(1000),
+            "the stop did not wait for the answer ({:?})",
+            started.elapsed()
+        );
+    }
+    target.answer_after(Duration::ZERO);
+    let svc = Spawned::start(config).unwrap();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let (status, body) = post(&client, &url, json!({"payload": 2, "id": "after"})).await;
+    assert_eq!(status, 200, "{body}");
+    target.wait_for(2, WAIT);
+    // Time for a second copy of "once", had it come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<String> = target
+        .received()
+        .iter()
+        .map(|r| r.id().to_string())
+        .collect();
+    assert_eq!(ids, ["once", "after"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_the_shard_count_of_a_namespace_with_data_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -171,6 +171,10 @@ pub struct Applier {
     ready: bool,
     /// A sink call is in flight.
     busy: bool,
+    /// Shutting down: no new sink call starts.
+    quiescing: bool,
+    /// Answered once the sink call in flight has settled ([`Quiesce`]).
+    quiesced: Vec<tokio::sync::oneshot::Sender<()>>,
     timer: Option<SpawnHandle>,
 }
 
@@ -200,6 +204,8 @@ impl Applier {
             generation: 0,
             ready: false,
             busy: false,
+            quiescing: false,
+            quiesced: Vec::new(),
             timer: None,
         }
     }
@@ -571,7 +577,7 @@ impl Applier {
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
         crate::failpoint!("applier.apply");
-        if self.busy || self.queue.is_empty() || !self.ready {
+        if self.busy || self.quiescing || self.queue.is_empty() || !self.ready {
             return;
         }
         let now = Instant::now();
@@ -617,6 +623,9 @@ impl Applier {
                 ctx.stop();
                 return;
             }
+        }
+        for tx in self.quiesced.drain(..) {
+            let _ = tx.send(());
         }
         self.pump(ctx);
     }
@@ -926,6 +935,8 @@ impl Supervised for Applier {
         self.released.clear();
         self.ready = false;
         self.busy = false;
+        // Its call's outcome is lost with the queue: nothing left to wait for.
+        self.quiesced.clear();
         self.timer = None;
         self.stats.in_retry.set(0);
         self.consumer.do_send(Rewind);
@@ -992,6 +1003,31 @@ impl Handler<Purged> for Applier {
         if held == Some(entry.id.as_str()) {
             self.release(key, ctx);
         }
+    }
+}
+
+/// Shutdown: start no new sink call, and answer once the one in flight (if
+/// any) has settled, so its acks are in before the shard's last commit.
+/// Without it, an entry the target already has is delivered again after a
+/// clean restart.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Quiesce;
+
+impl Handler<Quiesce> for Applier {
+    type Result = actix::ResponseFuture<()>;
+
+    fn handle(&mut self, _: Quiesce, _: &mut Context<Self>) -> Self::Result {
+        self.quiescing = true;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.busy {
+            self.quiesced.push(tx);
+        } else {
+            let _ = tx.send(());
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use actix::{
 };
 use tracing::{error, info, warn};
 
-use super::applier::{Applier, Apply, Reset};
+use super::applier::{Applier, Apply, Quiesce, Reset};
 use super::dead_letter::DeadLetterActor;
 use super::delay::{Delay, DelayScheduler};
 use super::{ShardStats, Work, guarded};
@@ -276,19 +276,30 @@ impl Handler<Rewind> for ShardConsumer {
     }
 }
 
-/// Stop reading and commit what is done. Answers with the committed offset.
+/// Stop reading, let the sink call in flight settle (waiting at most `.0`),
+/// and commit what is done. Answers with the committed offset.
 #[derive(Message)]
 #[rtype(result = "Option<u64>")]
-pub struct Drain;
+pub struct Drain(pub Duration);
 
 impl Handler<Drain> for ShardConsumer {
     type Result = ResponseActFuture<Self, Option<u64>>;
 
-    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Drain(wait): Drain, _: &mut Context<Self>) -> Self::Result {
         self.stopped = true;
         let cp = self.checkpointer.clone();
+        let applier = self.peers.as_ref().map(|p| p.applier.clone());
+        let shard = self.shard.clone();
         Box::pin(
             async move {
+                if let Some(applier) = applier
+                    && tokio::time::timeout(wait, applier.send(Quiesce))
+                        .await
+                        .is_err()
+                {
+                    warn!(%shard, wait_ms = wait.as_millis() as u64,
+                        "A delivery was still in flight at shutdown; it will be delivered again.");
+                }
                 match cp {
                     Some(cp) => cp.commit().await.ok(),
                     None => None,

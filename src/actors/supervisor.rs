@@ -184,13 +184,15 @@ impl NamespaceRuntime {
         })
     }
 
-    /// Stop reading and commit what each shard has applied.
-    pub async fn drain(&self) {
-        for s in &self.shards {
-            if let Err(error) = s.consumer.send(Drain).await {
+    /// Stop reading and commit what each shard has applied, all shards at
+    /// once; a sink call in flight gets up to `wait` to settle first.
+    pub async fn drain(&self, wait: Duration) {
+        let drains = self.shards.iter().map(|s| async move {
+            if let Err(error) = s.consumer.send(Drain(wait)).await {
                 warn!(shard = %s.shard, %error, "Could not drain a shard.");
             }
-        }
+        });
+        futures_util::future::join_all(drains).await;
     }
 }
 

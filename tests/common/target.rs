@@ -2,7 +2,7 @@
 //! records what it receives and can be told to fail.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ struct Shared {
     fail_status: AtomicU16,
     /// Entries with these keys get this status (and maybe a Retry-After).
     reject: Mutex<std::collections::HashMap<String, (u16, Option<u64>)>>,
+    /// How long an accepted delivery waits, recorded, before its 200.
+    answer_after_ms: AtomicU64,
 }
 
 pub struct HttpTarget {
@@ -76,6 +78,10 @@ async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) 
         idempotency_key: header("idempotency-key"),
         traceparent: header("traceparent"),
     });
+    let wait = shared.answer_after_ms.load(Ordering::SeqCst);
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
     HttpResponse::Ok().finish()
 }
 
@@ -117,6 +123,14 @@ impl HttpTarget {
     /// Answer every request with `status` (0: succeed again).
     pub fn fail_with(&self, status: u16) {
         self.shared.fail_status.store(status, Ordering::SeqCst);
+    }
+
+    /// Record each accepted delivery at once, but answer it only after
+    /// `wait`: a delivery the target has, whose answer is still to come.
+    pub fn answer_after(&self, wait: Duration) {
+        self.shared
+            .answer_after_ms
+            .store(wait.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Answer entries with `key` with `status` (0: accept them again).
