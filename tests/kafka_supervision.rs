@@ -76,11 +76,7 @@ url = "{}"
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got: HashSet<String> = target
-            .received()
-            .iter()
-            .map(|r| r.id().to_string())
-            .collect();
+        let got: HashSet<String> = target.ids();
         let st: Value = reqwest::get(format!("{base}/v1/namespaces/ns"))
             .await
             .unwrap()

@@ -130,11 +130,7 @@ async fn a_killed_consumer_hands_its_partitions_over_and_loses_nothing() {
 
     let deadline = killed + Duration::from_secs(60);
     loop {
-        let seen: HashSet<String> = target
-            .received()
-            .iter()
-            .map(|r| r.id().to_string())
-            .collect();
+        let seen: HashSet<String> = target.ids();
         let missing: Vec<&String> = acked.difference(&seen).collect();
         if missing.is_empty() {
             break;

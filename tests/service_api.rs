@@ -528,11 +528,7 @@ async fn a_clean_stop_waits_for_the_delivery_in_flight() {
     target.wait_for(2, WAIT);
     // Time for a second copy of "once", had it come.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ids: Vec<String> = target
-        .received()
-        .iter()
-        .map(|r| r.id().to_string())
-        .collect();
+    let ids: Vec<String> = target.ids();
     assert_eq!(ids, ["once", "after"]);
 }
 

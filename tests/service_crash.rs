@@ -96,11 +96,7 @@ async fn sigkill_in_flight_loses_no_acknowledged_entry() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got: HashSet<String> = target
-            .received()
-            .iter()
-            .map(|r| r.id().to_string())
-            .collect();
+        let got: HashSet<String> = target.ids();
         let missing: Vec<_> = want.difference(&got).collect();
         if missing.is_empty() {
             break;

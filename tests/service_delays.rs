@@ -201,11 +201,7 @@ async fn a_cancelled_delay_never_fires_even_after_a_restart() {
     let got = target.wait_for(2, WAIT);
     assert!(started.elapsed() >= Duration::from_millis(1500));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let ids: Vec<String> = target
-        .received()
-        .iter()
-        .map(|r| r.id().to_string())
-        .collect();
+    let ids: Vec<String> = target.ids();
     assert_eq!(got.len(), 2);
     assert!(
         !ids.contains(&"c1".to_string()),

@@ -116,13 +116,7 @@ async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
         (200, Some("true")),
         "{body}"
     );
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&replica]).unwrap();
+    let reader = reader(&brokers, &replica);
     let msg = tokio::time::timeout(WAIT, reader.recv())
         .await
         .expect("the replica topic gets the entry")
@@ -324,11 +318,7 @@ async fn a_broker_outage_never_gets_a_false_true() {
     }
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let seen: HashSet<String> = target
-            .received()
-            .iter()
-            .map(|r| r.id().to_string())
-            .collect();
+        let seen: HashSet<String> = target.ids();
         if acked.is_subset(&seen) {
             break;
         }
@@ -347,9 +337,8 @@ async fn a_broker_outage_never_gets_a_false_true() {
     svc.stop();
 }
 
-/// Every record on `topic`, as (partition, offset, `walden.id`), read with a
-/// plain consumer until none has come for 3 s.
-async fn topic_contents(brokers: &str, topic: &str) -> Vec<(i32, i64, String)> {
+/// A plain consumer of `topic` from its start, in a group of its own.
+fn reader(brokers: &str, topic: &str) -> StreamConsumer {
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
@@ -357,6 +346,13 @@ async fn topic_contents(brokers: &str, topic: &str) -> Vec<(i32, i64, String)> {
         .create()
         .unwrap();
     reader.subscribe(&[topic]).unwrap();
+    reader
+}
+
+/// Every record on `topic`, as (partition, offset, `walden.id`), read with a
+/// plain consumer until none has come for 3 s.
+async fn topic_contents(brokers: &str, topic: &str) -> Vec<(i32, i64, String)> {
+    let reader = reader(brokers, topic);
     let mut out = Vec::new();
     while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_secs(3), reader.recv()).await {
         let id = msg
@@ -423,13 +419,7 @@ async fn dead_letters_go_to_the_dlq_topic_and_redrive_from_any_process() {
     assert_eq!(listed[0]["id"], "bad-1", "{listed:?}");
 
     // On the topic: keyed by id, origin in the headers.
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let reader = reader(&brokers, &format!("{topic}.dlq"));
     let msg = tokio::time::timeout(WAIT, reader.recv())
         .await
         .unwrap()

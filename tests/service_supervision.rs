@@ -57,11 +57,7 @@ async fn panicking_actors_are_restarted_and_lose_nothing() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let want: HashSet<String> = ids.into_iter().collect();
     loop {
-        let got: HashSet<String> = target
-            .received()
-            .iter()
-            .map(|r| r.id().to_string())
-            .collect();
+        let got: HashSet<String> = target.ids();
         if want.is_subset(&got) {
             break;
         }

@@ -152,6 +152,13 @@ impl HttpTarget {
         self.shared.received.lock().unwrap().clone()
     }
 
+    /// The ids of the deliveries so far, in arrival order (a `Vec`) or as a
+    /// set.
+    pub fn ids<C: FromIterator<String>>(&self) -> C {
+        let received = self.shared.received.lock().unwrap();
+        received.iter().map(|r| r.id().to_string()).collect()
+    }
+
     /// Wait until at least `n` deliveries arrived; returns them all.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
