@@ -193,14 +193,23 @@ impl Service {
         info!("Shutting down: no new requests; finishing the writes in flight.");
         self.server.stop(true).await;
         for ns in self.state.namespaces.values() {
-            ns.drain(self.state.server.shutdown_timeout()).await;
-            if let NamespaceBackend::Kafka {
-                group,
-                delay_groups,
-                ..
-            } = &ns.backend
-            {
-                let groups: Vec<_> = group.iter().chain(delay_groups).cloned().collect();
+            let groups: Vec<_> = match &ns.backend {
+                NamespaceBackend::Kafka {
+                    group,
+                    delay_groups,
+                    ..
+                } => group.iter().chain(delay_groups).cloned().collect(),
+                _ => Vec::new(),
+            };
+            // Leaving a group revokes its partitions, and a revoke waits for
+            // what is in flight with the appliers still running, then
+            // commits. Without a group, the drain lets the delivery in
+            // flight settle itself.
+            let settle = groups
+                .is_empty()
+                .then(|| self.state.server.shutdown_timeout());
+            ns.drain(settle).await;
+            if !groups.is_empty() {
                 let drain = ns.config.backend.rebalance_drain();
                 let _ = tokio::task::spawn_blocking(move || {
                     for g in groups {

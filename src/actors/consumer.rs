@@ -276,23 +276,25 @@ impl Handler<Rewind> for ShardConsumer {
     }
 }
 
-/// Stop reading, let the sink call in flight settle (waiting at most `.0`),
-/// and commit what is done. Answers with the committed offset.
+/// Stop reading and commit what is done. With a time (`Some`), the Applier
+/// first stops starting sink calls and the one in flight gets up to that
+/// long to settle, so its entries are in the commit. Answers with the
+/// committed offset.
 #[derive(Message)]
 #[rtype(result = "Option<u64>")]
-pub struct Drain(pub Duration);
+pub struct Drain(pub Option<Duration>);
 
 impl Handler<Drain> for ShardConsumer {
     type Result = ResponseActFuture<Self, Option<u64>>;
 
-    fn handle(&mut self, Drain(wait): Drain, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Drain(settle): Drain, _: &mut Context<Self>) -> Self::Result {
         self.stopped = true;
         let cp = self.checkpointer.clone();
         let applier = self.peers.as_ref().map(|p| p.applier.clone());
         let shard = self.shard.clone();
         Box::pin(
             async move {
-                if let Some(applier) = applier
+                if let (Some(wait), Some(applier)) = (settle, applier)
                     && tokio::time::timeout(wait, applier.send(Quiesce))
                         .await
                         .is_err()

@@ -185,10 +185,11 @@ impl NamespaceRuntime {
     }
 
     /// Stop reading and commit what each shard has applied, all shards at
-    /// once; a sink call in flight gets up to `wait` to settle first.
-    pub async fn drain(&self, wait: Duration) {
+    /// once. With `settle`, a sink call in flight gets up to that long to
+    /// finish first, and no new one starts.
+    pub async fn drain(&self, settle: Option<Duration>) {
         let drains = self.shards.iter().map(|s| async move {
-            if let Err(error) = s.consumer.send(Drain(wait)).await {
+            if let Err(error) = s.consumer.send(Drain(settle)).await {
                 warn!(shard = %s.shard, %error, "Could not drain a shard.");
             }
         });
