@@ -29,7 +29,11 @@ enum Command {
     /// Check a config file: prints every error, exits non-zero if there is one.
     Validate {
         /// The config file (TOML or YAML).
-        path: PathBuf,
+        #[arg(value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// The config file, named as `serve` takes it; PATH wins over it.
+        #[arg(long, env = "WALDEN_CONFIG", default_value = "config/walden.toml")]
+        config: PathBuf,
     },
     /// Write one entry through a running service's API.
     Write {
@@ -106,7 +110,7 @@ struct Select {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve { config, role } => serve(config, role),
-        Command::Validate { path } => validate(path),
+        Command::Validate { path, config } => validate(path.unwrap_or(config)),
         Command::Write {
             namespace,
             key,

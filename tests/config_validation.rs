@@ -430,6 +430,122 @@ fn parse_errors_name_the_key() {
     assert!(out.contains("walden.toml"), "{out}");
 }
 
+/// `backend` and `target` tables are chosen by `type`; an error inside one
+/// names its field, not only the table.
+#[test]
+fn errors_inside_backend_and_target_tables_name_the_field() {
+    let kafka = |fields: &str| {
+        GOOD.replace(
+            "type = \"embedded\"",
+            &format!("type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n{fields}"),
+        )
+    };
+    let composite = GOOD.replace(
+        "type = \"embedded\"",
+        "type = \"composite\"\n[namespaces.orders.backend.entries]\ntype = \"kafka\"\nbrokers = 5\n\
+         [namespaces.orders.backend.delays]\ntype = \"sqs\"\nqueue = \"d\"\nregion = \"us-east-1\"",
+    );
+    let cases = [
+        (
+            "a wrong type in the backend",
+            kafka("rebalance_drain_ms = \"ten\""),
+            &[
+                "`rebalance_drain_ms`",
+                "\"ten\"",
+                "namespaces.orders.backend",
+            ][..],
+        ),
+        (
+            "a bad value in the target",
+            GOOD.replace("type = \"http\"", "type = \"http\"\ntimeout_ms = -5"),
+            &["`timeout_ms`", "namespaces.orders.target"],
+        ),
+        (
+            "a librdkafka option that is not a scalar",
+            kafka("librdkafka = { \"linger.ms\" = [1] }"),
+            &["`librdkafka.linger.ms`", "a string, a number or a boolean"],
+        ),
+        (
+            "a field inside a composite's entries",
+            composite,
+            &["`entries`", "`brokers`", "namespaces.orders.backend"],
+        ),
+        (
+            "a type that is not a string",
+            GOOD.replace("type = \"embedded\"", "type = 3"),
+            &["`type`", "namespaces.orders.backend"],
+        ),
+        (
+            "no type",
+            GOOD.replace("type = \"http\"", "tpye = \"http\""),
+            &["namespaces.orders.target.type"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let (ok, out) = run_validate(&text, "toml");
+        assert!(!ok, "{name}");
+        for needle in needles {
+            assert!(out.contains(needle), "{name}: {needle} in {out}");
+        }
+    }
+}
+
+/// librdkafka takes every option as a string; numbers and booleans are
+/// taken as written rather than refused.
+#[test]
+fn librdkafka_options_take_numbers_and_booleans() {
+    let text = GOOD
+        .replace(
+            "type = \"embedded\"",
+            "type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
+             librdkafka = { \"linger.ms\" = 5, \"enable.idempotence\" = true, \"x\" = 0.5, \"y\" = \"z\" }",
+        )
+        .replace(
+            "type = \"http\"\nurl = \"http://127.0.0.1:9000/apply\"",
+            "type = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\"\nlibrdkafka = { \"linger.ms\" = 0 }",
+        );
+    let config = walden::config::from_toml(&text).unwrap();
+    let ns = &config.namespaces["orders"];
+    let walden::config::BackendConfig::Kafka(kafka) = &ns.backend else {
+        panic!("a kafka backend: {:?}", ns.backend)
+    };
+    let options: Vec<(&str, &str)> = kafka
+        .librdkafka
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        options,
+        [
+            ("enable.idempotence", "true"),
+            ("linger.ms", "5"),
+            ("x", "0.5"),
+            ("y", "z")
+        ]
+    );
+    let walden::config::TargetConfig::Kafka { librdkafka, .. } = &ns.target else {
+        panic!("a kafka target: {:?}", ns.target)
+    };
+    assert_eq!(librdkafka.get("linger.ms").map(String::as_str), Some("0"));
+    let (ok, out) = run_validate(&text, "toml");
+    assert!(ok, "{out}");
+}
+
+/// `walden validate --config FILE`, as `serve` takes it, checks FILE.
+#[test]
+fn validate_takes_config_as_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walden.toml");
+    std::fs::write(&path, GOOD.replace("type = \"http\"", "type = \"htp\"")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`htp`"), "{err}");
+}
+
 #[test]
 fn environment_overrides_apply_and_are_validated() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 //! Every field is documented where it is declared: these docs are the
 //! reference for `config/walden.toml`.
 
+mod de;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -152,8 +153,10 @@ pub struct NamespaceConfig {
     #[serde(default)]
     pub ordering: Ordering,
     /// Where entries are stored until applied.
+    #[serde(deserialize_with = "de::by_type")]
     pub backend: BackendConfig,
     /// Where entries are delivered.
+    #[serde(deserialize_with = "de::by_type")]
     pub target: TargetConfig,
     #[serde(default)]
     pub retry: RetryConfig,
@@ -185,9 +188,10 @@ pub enum Ordering {
     None,
 }
 
-/// `[namespaces.NAME.backend]`, chosen by `type`.
+/// `[namespaces.NAME.backend]`, chosen by `type` (read by [`de::by_type`]:
+/// the derive below is the externally tagged form it builds).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackendConfig {
     /// The durable log on local disk, under `server.data_dir`. All embedded
     /// namespaces share one log, so their durability settings must agree.
@@ -209,13 +213,15 @@ pub enum BackendConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompositeConfig {
+    #[serde(deserialize_with = "de::by_type")]
     pub entries: Box<BackendConfig>,
+    #[serde(deserialize_with = "de::by_type")]
     pub delays: DelaysConfig,
 }
 
-/// Where a composite namespace's delayed entries wait.
+/// Where a composite namespace's delayed entries wait, chosen by `type`.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DelaysConfig {
     Sqs(SqsDelaysConfig),
 }
@@ -349,7 +355,7 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub partitions: Option<u32>,
     /// Extra librdkafka options for every client, passed through unchanged.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::options")]
     pub librdkafka: BTreeMap<String, String>,
     /// The consumer group; `walden.{namespace}` if unset.
     #[serde(default)]
@@ -516,10 +522,11 @@ pub enum CorruptionSetting {
     Skip,
 }
 
-/// `[namespaces.NAME.target]`, chosen by `type`. Every target has a `name`
-/// (`"default"` if left out); a write may name it in its `target` field.
+/// `[namespaces.NAME.target]`, chosen by `type` (read by [`de::by_type`]).
+/// Every target has a `name` (`"default"` if left out); a write may name it
+/// in its `target` field.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum TargetConfig {
     /// JSON lines of the delivered entries on standard output.
     Stdout {
@@ -584,7 +591,7 @@ pub enum TargetConfig {
         brokers: String,
         topic: String,
         /// Extra librdkafka producer options, passed through unchanged.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "de::options")]
         librdkafka: BTreeMap<String, String>,
         /// The most one delivery waits for its report.
         #[serde(default = "default_http_timeout_ms")]

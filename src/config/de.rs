@@ -1,0 +1,97 @@
+//! Deserializers for config tables that serde's derive reports badly.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde_json::{Map, Value};
+
+/// An enum written as a table chosen by its `type` field (`type = "kafka"`
+/// beside the variant's fields), for an enum whose derive is externally
+/// tagged (`{"kafka": {...}}`).
+///
+/// serde's own internally tagged enums buffer the table and lose the path
+/// inside it, so a wrong field said only "for key `namespaces.x.backend`".
+/// Here the table is turned into the external form and read with
+/// `serde_path_to_error`, so an error names its field.
+pub(super) fn by_type<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    let mut table = Map::deserialize(d)?;
+    let kind = match table.remove("type") {
+        Some(Value::String(kind)) => kind,
+        Some(other) => {
+            return Err(de::Error::custom(format!(
+                "`type`: expected a string, got {other}"
+            )));
+        }
+        None => return Err(de::Error::missing_field("type")),
+    };
+    let external = Value::Object(Map::from_iter([(kind, Value::Object(table))]));
+    serde_path_to_error::deserialize(external).map_err(|e| {
+        // The first segment is the variant, which the user wrote as `type`.
+        let field: Vec<String> = e.path().iter().skip(1).map(|s| s.to_string()).collect();
+        let field = format!("`{}`", field.join("."));
+        let inner = e.inner().to_string();
+        let at = match e.path().iter().count() {
+            0 => "`type`: ".to_string(),
+            // At the table itself, or an error that names the field already
+            // (an unknown one).
+            1 => String::new(),
+            _ if inner.contains(&field) => String::new(),
+            _ => format!("{field}: "),
+        };
+        de::Error::custom(format!("{at}{inner}"))
+    })
+}
+
+/// A map of client options (`librdkafka`), whose values are strings to the
+/// library; numbers and booleans are taken as written (`"linger.ms" = 5`).
+pub(super) fn options<'de, D>(d: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let map = BTreeMap::<String, OptionValue>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+struct OptionValue(String);
+
+impl<'de> Deserialize<'de> for OptionValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(OptionVisitor)
+    }
+}
+
+struct OptionVisitor;
+
+impl Visitor<'_> for OptionVisitor {
+    type Value = OptionValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string, a number or a boolean")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<OptionValue, E> {
+        Ok(OptionValue(v.to_string()))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<OptionValue, E> {
+        Ok(OptionValue(v.to_string()))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<OptionValue, E> {
+        Ok(OptionValue(v.to_string()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<OptionValue, E> {
+        Ok(OptionValue(v.to_string()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<OptionValue, E> {
+        Ok(OptionValue(v.to_string()))
+    }
+}
