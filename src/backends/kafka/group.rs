@@ -105,6 +105,10 @@ impl WaldenContext {
 }
 
 impl ClientContext for WaldenContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::log(level, facility, message);
+    }
+
     /// Keep each partition's end, for the consumer lag in stats.
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         let Some(g) = &self.group else { return };

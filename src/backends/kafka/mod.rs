@@ -33,12 +33,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::{ClientConfig, ClientContext};
 
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use delays::{KafkaDelayTiers, TIERS};
@@ -50,6 +51,34 @@ use tracing::warn;
 
 use crate::backends::Throttle;
 use crate::entry::{Durable, Entry};
+
+/// The context of a client with nothing of its own to handle (an admin
+/// client). Its log is every Walden Kafka client's: see [`log`].
+pub(crate) struct Logs;
+
+impl ClientContext for Logs {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log(level, facility, message);
+    }
+}
+
+/// librdkafka's log lines, forwarded as rdkafka does by default, except the
+/// warning that an option does not apply to this kind of client: Walden
+/// gives a namespace's `librdkafka` map to its producers, consumers and
+/// admin clients alike, so that warning points at nothing wrong.
+pub(crate) fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    if is_option_for_other_clients(facility, message) {
+        tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        return;
+    }
+    DefaultClientContext.log(level, facility, message);
+}
+
+/// librdkafka's "Configuration property X is a consumer property and will be
+/// ignored by this producer instance" (or the other way round).
+fn is_option_for_other_clients(facility: &str, message: &str) -> bool {
+    facility == "CONFWARN" && message.contains("property and will be ignored by this")
+}
 
 /// Where a namespace lives on Kafka.
 #[derive(Clone, Debug)]
@@ -131,9 +160,9 @@ impl KafkaSettings {
     /// Create the topic with `partitions` partitions if it does not exist;
     /// if it does, check that it has that many.
     pub async fn ensure_topic(&self) -> Result<(), KafkaError> {
-        let admin: AdminClient<DefaultClientContext> = self
+        let admin: AdminClient<Logs> = self
             .client_config(&[])
-            .create()
+            .create_with_context(Logs)
             .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
         let topic = NewTopic::new(
             &self.topic,
@@ -171,9 +200,9 @@ impl KafkaSettings {
 
     /// Whether the broker answers and knows the topic.
     pub async fn topic_exists(&self) -> Result<(), KafkaError> {
-        let admin: AdminClient<DefaultClientContext> = self
+        let admin: AdminClient<Logs> = self
             .client_config(&[])
-            .create()
+            .create_with_context(Logs)
             .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
         let (topic, timeout) = (self.topic.clone(), self.ack_timeout);
         tokio::task::spawn_blocking(move || {
@@ -196,10 +225,7 @@ impl KafkaSettings {
         })?
     }
 
-    async fn partition_count(
-        &self,
-        admin: &AdminClient<DefaultClientContext>,
-    ) -> Result<u32, KafkaError> {
+    async fn partition_count(&self, admin: &AdminClient<Logs>) -> Result<u32, KafkaError> {
         let (client, topic, timeout) = (admin.inner(), self.topic.clone(), self.ack_timeout);
         // Metadata calls block; a newly created topic may take a moment to
         // show up, so look a few times.
@@ -320,4 +346,30 @@ fn entry_of(
         entry.id = format!("{topic}-{partition}-{offset}");
     }
     entry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_option_for_other_clients;
+
+    #[test]
+    fn only_the_warning_about_another_kind_of_client_is_quieted() {
+        // As librdkafka 2.12 words them.
+        assert!(is_option_for_other_clients(
+            "CONFWARN",
+            "[thrd:app]: Configuration property session.timeout.ms is a consumer property and will be ignored by this producer instance"
+        ));
+        assert!(is_option_for_other_clients(
+            "CONFWARN",
+            "[thrd:app]: Configuration property acks is a producer property and will be ignored by this consumer instance"
+        ));
+        assert!(!is_option_for_other_clients(
+            "CONFWARN",
+            "[thrd:app]: Configuration property queue.buffering.max.ms is deprecated: use linger.ms"
+        ));
+        assert!(!is_option_for_other_clients(
+            "FAIL",
+            "property and will be ignored by this producer instance"
+        ));
+    }
 }

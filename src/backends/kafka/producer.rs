@@ -29,7 +29,11 @@ enum Waiter {
 /// Routes each delivery report to the send waiting for it.
 struct Reports;
 
-impl ClientContext for Reports {}
+impl ClientContext for Reports {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        super::log(level, facility, message);
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = Box<Waiter>;
