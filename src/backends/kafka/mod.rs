@@ -157,13 +157,16 @@ impl KafkaSettings {
         c
     }
 
+    fn admin(&self) -> Result<AdminClient<Logs>, KafkaError> {
+        self.client_config(&[])
+            .create_with_context(Logs)
+            .map_err(|e| KafkaError::client("admin client", &self.topic, e))
+    }
+
     /// Create the topic with `partitions` partitions if it does not exist;
     /// if it does, check that it has that many.
     pub async fn ensure_topic(&self) -> Result<(), KafkaError> {
-        let admin: AdminClient<Logs> = self
-            .client_config(&[])
-            .create_with_context(Logs)
-            .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
+        let admin = self.admin()?;
         let topic = NewTopic::new(
             &self.topic,
             self.partitions as i32,
@@ -200,10 +203,7 @@ impl KafkaSettings {
 
     /// Whether the broker answers and knows the topic.
     pub async fn topic_exists(&self) -> Result<(), KafkaError> {
-        let admin: AdminClient<Logs> = self
-            .client_config(&[])
-            .create_with_context(Logs)
-            .map_err(|e| KafkaError::client("admin client", &self.topic, e))?;
+        let admin = self.admin()?;
         let (topic, timeout) = (self.topic.clone(), self.ack_timeout);
         tokio::task::spawn_blocking(move || {
             let md = admin
