@@ -46,11 +46,14 @@
 //! 5. **A failed fsync poisons the log.** The appends it covered are answered
 //!    "unknown"; every later append fails at once and is never acknowledged,
 //!    because the kernel may already have dropped the dirty pages.
-//! 6. **Recovery truncates only a torn tail**: a bad frame on the last segment
+//! 6. **Recovery fsyncs what it keeps** before any reader sees it: a kill
+//!    leaves unfsynced records in the page cache, and recovery publishes
+//!    them, so they must not be lost to a later power cut (invariant 3).
+//! 7. **Recovery truncates only a torn tail**: a bad frame on the last segment
 //!    with no valid frame after it. A bad frame with valid frames after it is
 //!    corruption: it stays on disk, readers never deliver it, and
 //!    [`OnCorruption`] decides whether its shard stops or skips it.
-//! 7. **Checkpoints are atomic**: write a temp file, fsync, rename, fsync the
+//! 8. **Checkpoints are atomic**: write a temp file, fsync, rename, fsync the
 //!    directory.
 //!
 //! # Durability modes ([`FsyncMode`])

@@ -234,9 +234,12 @@ pub(crate) fn recover(
             "Truncating a torn tail."
         );
         file.set_len(end).map_err(LogError::io("truncate", &path))?;
-        if sync {
-            file.sync_data().map_err(LogError::io("fsync", &path))?;
-        }
+    }
+    // What the scan keeps may be only in the page cache (a kill between a
+    // write and its fsync). Readers will see it, so it must survive a power
+    // cut before they do, or its offsets could be given to other records.
+    if sync {
+        file.sync_data().map_err(LogError::io("fsync", &path))?;
     }
     if let Some(info) = index.segments.get_mut(&last) {
         info.len = end;
