@@ -641,3 +641,130 @@ async fn the_walden_write_command_writes_through_the_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("unknown namespace"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_nested_past_the_limit_is_refused_naming_payload() {
+    let target = HttpTarget::start();
+    let client = reqwest::Client::new();
+    let nested = |depth: usize, open: &str, close: &str| {
+        format!(
+            r#"{{"payload": {}1{}}}"#,
+            open.repeat(depth),
+            close.repeat(depth)
+        )
+    };
+    let send = |url: String, body: String| {
+        client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let refused = |resp: reqwest::Response, limit: &'static str| async move {
+        assert_eq!(resp.status(), 400);
+        let answer: Value = resp.json().await.unwrap();
+        let msg = answer["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("`payload`") && msg.contains(limit), "{msg}");
+    };
+
+    // The default limit is 128; 100,000 arrays deep is refused, not delivered.
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 1, "")).unwrap();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    refused(
+        send(url.clone(), nested(100_000, "[", "]")).await.unwrap(),
+        "128",
+    )
+    .await;
+    refused(
+        send(url.clone(), nested(129, "[", "]")).await.unwrap(),
+        "128",
+    )
+    .await;
+    assert_eq!(
+        send(url, nested(128, "[", "]")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(target.wait_for(1, WAIT).len(), 1);
+    drop(svc);
+
+    // A namespace's own limit; objects count as arrays do, and brackets
+    // inside strings do not count.
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[namespaces.ns.limits]\nmax_payload_depth = 16\n";
+    let svc = Spawned::start(service_config(dir.path(), &target.url(), 2, extra)).unwrap();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    refused(send(url.clone(), nested(17, "[", "]")).await.unwrap(), "16").await;
+    refused(
+        send(url.clone(), nested(17, r#"{"a":"#, "}"))
+            .await
+            .unwrap(),
+        "16",
+    )
+    .await;
+    assert_eq!(
+        send(url.clone(), nested(16, "[", "]"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let brackets = json!({"payload": {"s": "[[[[[[[[[[[[[[[[[[[[[[[[[[\"{{{{{{{{{{{{{{{{{{{{{{"}});
+    assert_eq!(post(&client, &url, brackets).await.0, 200);
+    assert_eq!(target.wait_for(3, WAIT).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_to_a_write_carries_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let mut config = service_config(dir.path(), &target.url(), 1, "");
+    config.server.ack_timeout_ms = 150;
+    common::interval_fsync(&mut config, 1500);
+    let svc = Spawned::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log", base(&svc));
+    let (status, first) = post(&client, &url, json!({"payload": 0})).await;
+    assert_eq!(status, 200);
+    assert!(first["id"].as_str().is_some_and(|id| !id.is_empty()));
+    // No id given, and the answer is "unknown": the generated id comes back,
+    // so a retry with it is safe.
+    let (status, body) = post(&client, &url, json!({"payload": 1})).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["durable"], "unknown");
+    let id = body["id"]
+        .as_str()
+        .expect("a 504 carries the id")
+        .to_string();
+    let (status, retry) = post(&client, &url, json!({"payload": 1, "id": id})).await;
+    assert!(status == 200 || status == 504, "{retry}");
+    assert_eq!(retry["id"], id.as_str());
+    target.wait_for(2, WAIT);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let copies = target.received().iter().filter(|r| r.id() == id).count();
+    assert_eq!(
+        copies, 1,
+        "the retry was deduplicated against the first write"
+    );
+    // A refused write names the id it was given.
+    let (status, body) = post(
+        &client,
+        &url,
+        json!({"payload": 1, "id": "mine", "target": "elsewhere"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["id"], "mine");
+    // In a batch, each result carries its id.
+    let (status, body) = post(
+        &client,
+        &format!("{url}/batch"),
+        json!({"entries": [{"payload": 1, "target": "elsewhere"}, {"payload": 2, "id": "b"}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results[0]["status"], 400);
+    assert!(results[0]["id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(results[1]["id"], "b");
+}

@@ -1,6 +1,6 @@
 //! The API's error type: every failure is a status and a JSON body
-//! `{"durable": "false" | "unknown", "message": ...}`; never a panic or a bare
-//! 500.
+//! `{"durable": "false" | "unknown", "message": ...}` (with the entry's `id`
+//! on an answer to a write); never a panic or a bare 500.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -15,12 +15,17 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429 and 503).
     pub retry_after: Option<u64>,
+    /// The entry's id, on an answer to a write: a client that got
+    /// `"unknown"` retries with it safely.
+    pub id: Option<String>,
 }
 
 #[derive(Serialize)]
 struct Body<'a> {
     durable: &'static str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
 }
 
 impl ApiError {
@@ -31,6 +36,15 @@ impl ApiError {
             durable: Durable::False,
             message: message.into(),
             retry_after: None,
+            id: None,
+        }
+    }
+
+    /// The same error, answering the write of entry `id`.
+    pub fn with_id(self, id: &str) -> Self {
+        Self {
+            id: Some(id.to_string()),
+            ..self
         }
     }
 
@@ -60,6 +74,7 @@ impl ApiError {
             durable,
             message: message.into(),
             retry_after: Some(1),
+            id: None,
         }
     }
 
@@ -70,11 +85,20 @@ impl ApiError {
             durable: Durable::Unknown,
             message: message.into(),
             retry_after: None,
+            id: None,
         }
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({ "durable": self.durable.as_str(), "message": self.message })
+        serde_json::to_value(self.body()).expect("plain struct")
+    }
+
+    fn body(&self) -> Body<'_> {
+        Body {
+            durable: self.durable.as_str(),
+            message: &self.message,
+            id: self.id.as_deref(),
+        }
     }
 }
 
@@ -94,9 +118,6 @@ impl ResponseError for ApiError {
         if let Some(secs) = self.retry_after {
             resp.insert_header(("Retry-After", secs.to_string()));
         }
-        resp.json(Body {
-            durable: self.durable.as_str(),
-            message: &self.message,
-        })
+        resp.json(self.body())
     }
 }

@@ -144,13 +144,58 @@ fn parse<'a, T: Deserialize<'a>>(
 
 /// Check a request against the namespace's limits and build its entry.
 /// `body` is the request's body, which a JSON payload is a slice of;
-/// `traceparent` is the write's, for the entry's header.
+/// `traceparent` is the write's, for the entry's header. An error names the
+/// entry's id (given or generated).
 fn prepare(
     ns: &NamespaceRuntime,
-    req: WriteRequest<'_>,
+    mut req: WriteRequest<'_>,
     body: &Bytes,
     traceparent: Option<&str>,
 ) -> Result<Prepared, ApiError> {
+    let client_id = req.id.is_some();
+    let id = req
+        .id
+        .take()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let parts = check(ns, req, &id, body, traceparent).map_err(|e| e.with_id(&id))?;
+    let shard = shard_of(parts.key.as_deref(), &id, ns.config.shards);
+    let entry = Entry {
+        id,
+        key: parts.key,
+        headers: parts.headers,
+        payload: parts.payload,
+        timestamp_ms: 0,
+        due_ms: parts.due_ms,
+    };
+    ns.backend.check_entry(&entry).map_err(|e| {
+        match e {
+            EntryRejected::TooLarge(why) => ApiError::too_large(why),
+            EntryRejected::Invalid(why) => ApiError::bad_request(why),
+        }
+        .with_id(&entry.id)
+    })?;
+    Ok(Prepared {
+        shard,
+        client_id,
+        entry,
+    })
+}
+
+/// What a valid request makes of its entry, besides the id.
+struct Parts {
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    due_ms: u64,
+}
+
+fn check(
+    ns: &NamespaceRuntime,
+    req: WriteRequest<'_>,
+    id: &str,
+    body: &Bytes,
+    traceparent: Option<&str>,
+) -> Result<Parts, ApiError> {
     let limits = &ns.config.limits;
     let (payload, json) = match (req.payload, req.payload_base64) {
         (Some(_), Some(_)) => {
@@ -163,7 +208,15 @@ fn prepare(
                 "give exactly one of `payload` (any JSON value) and `payload_base64`",
             ));
         }
-        (Some(raw), None) => (share(body, raw.get().as_bytes()), true),
+        (Some(raw), None) => {
+            if nested_deeper_than(raw.get().as_bytes(), limits.max_payload_depth) {
+                return Err(ApiError::bad_request(format!(
+                    "`payload` is nested deeper than limits.max_payload_depth ({})",
+                    limits.max_payload_depth
+                )));
+            }
+            (share(body, raw.get().as_bytes()), true)
+        }
         (None, Some(b64)) => {
             if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
                 return Err(payload_too_large(limits.max_payload_bytes));
@@ -182,15 +235,10 @@ fn prepare(
     if let Some(key) = &req.key {
         check_len("key", key.len(), limits.max_key_bytes)?;
     }
-    let client_id = req.id.is_some();
-    let id = match req.id {
-        Some(id) if id.is_empty() => return Err(ApiError::bad_request("`id` must not be empty")),
-        Some(id) => {
-            check_len("id", id.len(), limits.max_id_bytes)?;
-            id
-        }
-        None => uuid::Uuid::now_v7().to_string(),
-    };
+    if id.is_empty() {
+        return Err(ApiError::bad_request("`id` must not be empty"));
+    }
+    check_len("id", id.len(), limits.max_id_bytes)?;
     if let Some(target) = &req.target {
         let ours = ns.config.target.name();
         if target != ours {
@@ -253,24 +301,41 @@ fn prepare(
     if let Some(tp) = traceparent {
         headers.push(("traceparent".into(), tp.to_owned()));
     }
-    let shard = shard_of(req.key.as_deref(), &id, ns.config.shards);
-    let entry = Entry {
-        id,
+    Ok(Parts {
         key: req.key,
         headers,
         payload,
-        timestamp_ms: 0,
         due_ms,
-    };
-    ns.backend.check_entry(&entry).map_err(|e| match e {
-        EntryRejected::TooLarge(why) => ApiError::too_large(why),
-        EntryRejected::Invalid(why) => ApiError::bad_request(why),
-    })?;
-    Ok(Prepared {
-        shard,
-        client_id,
-        entry,
     })
+}
+
+/// Whether the arrays and objects of valid JSON `text` nest deeper than
+/// `max`. One pass over the bytes, skipping strings.
+fn nested_deeper_than(text: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// `part` of `body` as a `Bytes` that shares `body`'s buffer; a copy if it
@@ -356,11 +421,14 @@ fn submit<'a>(
                 Ok(Check::Duplicate(a)) => {
                     answers[i] = Some(Ok(accepted_answer(ns, &p.entry.id, a)))
                 }
-                Ok(Check::Conflict(a)) => answers[i] = Some(Err(conflict(&p.entry.id, a))),
+                Ok(Check::Conflict(a)) => {
+                    answers[i] = Some(Err(conflict(&p.entry.id, a).with_id(&p.entry.id)))
+                }
                 Ok(Check::Wait(rx)) => waiting.push((i, p, rx)),
                 Ok(Check::Claimed(claim)) => to_send.push((i, p, Some((claim, fingerprint)))),
                 Err(e) => {
-                    answers[i] = Some(Err(ApiError::unavailable(Durable::False, e.to_string())))
+                    let e = ApiError::unavailable(Durable::False, e.to_string());
+                    answers[i] = Some(Err(e.with_id(&p.entry.id)))
                 }
             }
         }
@@ -419,9 +487,10 @@ async fn append<'a>(
         let e = ApiError::shed("too many writes in flight (server.max_in_flight); retry later");
         return items
             .into_iter()
-            .map(|(i, _, _)| (i, Err(e.clone())))
+            .map(|(i, p, _)| (i, Err(e.clone().with_id(&p.entry.id))))
             .collect();
     };
+    let dedups = ns.config.dedup_window_ms > 0;
     let mut waiting = Vec::with_capacity(n);
     let mut by_shard: BTreeMap<u32, Vec<(usize, Entry, Claimed)>> = BTreeMap::new();
     for (i, p, claim) in items {
@@ -436,7 +505,10 @@ async fn append<'a>(
         let mut rxs = Vec::with_capacity(entries.len());
         for (i, entry, claim) in entries {
             let (tx, rx) = oneshot::channel();
-            rxs.push((i, entry.id.clone(), rx, claim));
+            // A generated id is claimed only if its answer is "unknown", so
+            // that a retry with it is safe: keep what the claim needs.
+            let fingerprint = (claim.is_none() && dedups).then(|| dedup::fingerprint(&entry));
+            rxs.push((i, entry.id.clone(), rx, claim, fingerprint));
             msg.push((entry, tx));
         }
         let sent = match ns.backend.queues_writes_itself() {
@@ -447,7 +519,10 @@ async fn append<'a>(
             false => handle.ingest.try_send(Write(msg)),
         };
         match sent {
-            Ok(()) => waiting.extend(rxs.into_iter().map(|(i, id, rx, c)| (i, id, shard, rx, c))),
+            Ok(()) => waiting.extend(
+                rxs.into_iter()
+                    .map(|(i, id, rx, c, fp)| (i, id, shard, rx, c, fp)),
+            ),
             Err(e) => {
                 let err = match e {
                     actix::prelude::SendError::Full(_) => ApiError::shed(format!(
@@ -459,14 +534,17 @@ async fn append<'a>(
                         format!("shard {shard} of {:?} is restarting; retry", ns.name),
                     ),
                 };
-                out.extend(rxs.into_iter().map(|(i, ..)| (i, Err(err.clone()))));
+                out.extend(
+                    rxs.into_iter()
+                        .map(|(i, id, ..)| (i, Err(err.clone().with_id(&id)))),
+                );
             }
         }
     }
     // One timer for the whole request, not one per entry.
     let deadline = tokio::time::sleep(state.server.ack_timeout());
     tokio::pin!(deadline);
-    for (i, id, shard, mut rx, claim) in waiting {
+    for (i, id, shard, mut rx, claim, fingerprint) in waiting {
         let answered = tokio::select! {
             biased;
             answer = &mut rx => Ok(answer),
@@ -485,14 +563,23 @@ async fn append<'a>(
                     status: None,
                 })
             }
-            Ok(Ok(Err(e))) => Err(append_error(e)),
+            Ok(Ok(Err(e))) => Err(append_error(e).with_id(&id)),
             Ok(Err(_)) => Err(ApiError::unavailable(
                 Durable::Unknown,
                 "the write was lost in flight (an actor restarted); its outcome is unknown",
-            )),
+            )
+            .with_id(&id)),
             Err(_) => {
+                // A generated id is claimed now, before the client hears
+                // "unknown" and may retry with it.
+                let claim = claim.or_else(|| claim_late(state, ns, &id, fingerprint?));
                 // Keep the id claimed until the log answers, so a retry
                 // with the same id waits for the real outcome.
+                let err = ApiError::timeout(format!(
+                    "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
+                    state.server.ack_timeout_ms
+                ))
+                .with_id(&id);
                 if claim.is_some() {
                     let (dedup, ns_name) = (state.dedup.clone(), ns.name.clone());
                     actix::spawn(async move {
@@ -501,15 +588,23 @@ async fn append<'a>(
                         }
                     });
                 }
-                Err(ApiError::timeout(format!(
-                    "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
-                    state.server.ack_timeout_ms
-                )))
+                Err(err)
             }
         };
         out.push((i, answer));
     }
     out
+}
+
+/// Claim a generated id whose write timed out, so that a retry with it
+/// waits for the real outcome rather than appending again.
+fn claim_late(state: &AppState, ns: &NamespaceRuntime, id: &str, fingerprint: u64) -> Claimed {
+    let window = Duration::from_millis(ns.config.dedup_window_ms);
+    match state.dedup.check(&ns.name, id, fingerprint, window) {
+        Ok(Check::Claimed(claim)) => Some((claim, fingerprint)),
+        // A fresh UUID is known nowhere else.
+        _ => None,
+    }
 }
 
 /// Record a durable write under its claimed id, then release the claim (on

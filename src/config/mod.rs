@@ -751,6 +751,9 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Most entries in one batch request.
     pub max_batch_entries: usize,
+    /// Deepest nesting of arrays and objects in a JSON `payload`; deeper is a
+    /// 400. Many JSON parsers downstream refuse (or overflow on) deep input.
+    pub max_payload_depth: usize,
 }
 
 impl Default for LimitsConfig {
@@ -761,6 +764,7 @@ impl Default for LimitsConfig {
             max_id_bytes: 256,
             max_headers: 64,
             max_batch_entries: 1000,
+            max_payload_depth: 128,
         }
     }
 }

@@ -261,6 +261,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             ("limits.max_id_bytes", l.max_id_bytes, 60_000),
             ("limits.max_headers", l.max_headers, 60_000),
             ("limits.max_batch_entries", l.max_batch_entries, 100_000),
+            ("limits.max_payload_depth", l.max_payload_depth, 10_000),
         ] {
             if value == 0 || value > max {
                 e.ns(

@@ -90,16 +90,21 @@ fn key(namespace: &str, id: &str) -> Vec<u8> {
 
 /// A stable 64-bit digest of what makes two writes "the same": key, payload
 /// and headers (not `traceparent`, which differs on every retry). Computed
-/// the same way from a request and from a log record.
+/// the same way from a request and from a log record, as two CRC32Cs with
+/// different seeds, streamed over the parts without copying them.
 pub fn fingerprint(entry: &Entry) -> u64 {
-    let mut bytes = Vec::with_capacity(entry.payload.len() + 64);
+    let (mut lo, mut hi) = (0u32, 0x9e37_79b9u32);
+    let mut feed = |bytes: &[u8]| {
+        lo = crc32c::crc32c_append(lo, bytes);
+        hi = crc32c::crc32c_append(hi, bytes);
+    };
     match &entry.key {
         Some(k) => {
-            bytes.push(1);
-            bytes.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(k.as_bytes());
+            feed(&[1]);
+            feed(&(k.len() as u32).to_le_bytes());
+            feed(k.as_bytes());
         }
-        None => bytes.push(0),
+        None => feed(&[0]),
     }
     let mut headers: Vec<_> = entry
         .headers
@@ -109,15 +114,12 @@ pub fn fingerprint(entry: &Entry) -> u64 {
     headers.sort();
     for (k, v) in headers {
         for part in [k, v] {
-            bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(part.as_bytes());
+            feed(&(part.len() as u32).to_le_bytes());
+            feed(part.as_bytes());
         }
     }
-    bytes.extend_from_slice(&entry.payload);
-    // Two CRC32Cs with different seeds make 64 bits.
-    let lo = crc32c::crc32c(&bytes) as u64;
-    let hi = crc32c::crc32c_append(0x9e37_79b9, &bytes) as u64;
-    hi << 32 | lo
+    feed(&entry.payload);
+    (hi as u64) << 32 | lo as u64
 }
 
 impl DedupIndex {
@@ -259,6 +261,28 @@ mod tests {
         let mut no_key = base.clone();
         no_key.key = None;
         assert_ne!(fingerprint(&base), fingerprint(&no_key));
+    }
+
+    #[test]
+    fn the_digest_is_the_one_indexes_already_hold() {
+        // Computed over one buffer, as earlier versions stored it.
+        let e = Entry {
+            key: Some("k".into()),
+            headers: vec![("a".into(), "1".into())],
+            payload: bytes::Bytes::from_static(b"{}"),
+            ..Entry::default()
+        };
+        let mut buf = vec![1];
+        buf.extend_from_slice(&1u32.to_le_bytes());
+        buf.extend_from_slice(b"k");
+        for part in ["a", "1"] {
+            buf.extend_from_slice(&1u32.to_le_bytes());
+            buf.extend_from_slice(part.as_bytes());
+        }
+        buf.extend_from_slice(b"{}");
+        let lo = crc32c::crc32c(&buf) as u64;
+        let hi = crc32c::crc32c_append(0x9e37_79b9, &buf) as u64;
+        assert_eq!(fingerprint(&e), hi << 32 | lo);
     }
 
     #[test]
