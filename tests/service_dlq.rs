@@ -113,7 +113,7 @@ async fn a_poisoned_key_waits_in_the_dlq_and_redrive_delivers_it_in_order() {
     }
     let (status, one) = get(&format!("{base}/v1/namespaces/ns/dlq/A-2")).await;
     assert_eq!(status, 200);
-    assert_eq!(one["payload"]["n"], 2);
+    assert_eq!(one["entries"][0]["payload"]["n"], 2);
     let st = get(&format!("{base}/v1/namespaces/ns")).await.1;
     assert_eq!(st["dead_lettered"], 5, "{st}");
     assert_eq!(
@@ -162,6 +162,7 @@ async fn transient_errors_use_up_max_attempts_and_statuses_can_be_made_permanent
     .await;
     until("x in the DLQ", || async { dlq_total(&base).await == 1 }).await;
     let (_, x) = get(&format!("{base}/v1/namespaces/ns/dlq/x")).await;
+    let x = &x["entries"][0];
     assert_eq!(x["attempts"], 3);
     assert!(x["last_error"].as_str().unwrap().contains("503"));
     drop(svc);
@@ -177,7 +178,7 @@ async fn transient_errors_use_up_max_attempts_and_statuses_can_be_made_permanent
     .await;
     until("y in the DLQ", || async { dlq_total(&base).await == 1 }).await;
     let (_, y) = get(&format!("{base}/v1/namespaces/ns/dlq/y")).await;
-    assert_eq!(y["attempts"], 1, "503 was made permanent");
+    assert_eq!(y["entries"][0]["attempts"], 1, "503 was made permanent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,4 +283,130 @@ async fn with_the_dlq_off_nothing_is_dropped() {
     target.reject_key("K", 0);
     let got = target.wait_for(1, WAIT);
     assert_eq!(got[0].id(), "k");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_letters_with_one_id_are_both_kept_and_acted_on_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("dup", 422);
+    let mut cfg = config(dir.path(), &target.url(), "", "");
+    // Without dedup the same client id can be written twice.
+    cfg.namespaces.get_mut("ns").unwrap().dedup_window_ms = 0;
+    let svc = Spawned::start(cfg).unwrap();
+    let base = format!("http://{}", svc.addr);
+    let url = format!("{base}/v1/namespaces/ns/log");
+    for (id, n) in [("same", 1), ("same", 2), ("again", 3), ("again", 4)] {
+        let (status, _) = post(&url, json!({"payload": n, "key": "dup", "id": id})).await;
+        assert_eq!(status, 200);
+    }
+    until("four dead letters", || async {
+        dlq_total(&base).await == 4
+    })
+    .await;
+    let (_, list) = get(&format!("{base}/v1/namespaces/ns/dlq")).await;
+    let ns: Vec<u64> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["payload"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, [1, 2, 3, 4], "a second letter with an id hides nothing");
+    let (status, same) = get(&format!("{base}/v1/namespaces/ns/dlq/same")).await;
+    assert_eq!(status, 200);
+    let both: Vec<u64> = same["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["payload"].as_u64().unwrap())
+        .collect();
+    assert_eq!(both, [1, 2], "{same}");
+
+    // Purge and redrive by id act on every letter of the id.
+    let (status, r) = post(
+        &format!("{base}/v1/namespaces/ns/dlq/purge"),
+        json!({"ids": ["again"]}),
+    )
+    .await;
+    assert_eq!((status, r["purged"].as_u64()), (200, Some(2)), "{r}");
+    target.reject_key("dup", 0);
+    let (status, r) = post(
+        &format!("{base}/v1/namespaces/ns/dlq/redrive"),
+        json!({"ids": ["same"]}),
+    )
+    .await;
+    assert_eq!((status, r["redriven"].as_u64()), (200, Some(2)), "{r}");
+    let got = target.wait_for(2, WAIT);
+    let payloads: Vec<u64> = got
+        .iter()
+        .map(|r| r.body["payload"].as_u64().unwrap())
+        .collect();
+    assert_eq!(payloads, [1, 2], "both, in their order");
+    until("an empty DLQ", || async { dlq_total(&base).await == 0 }).await;
+    assert_eq!(
+        get(&format!("{base}/v1/namespaces/ns/dlq/same")).await.0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_after_the_largest_sequence_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("bad", 422);
+    let svc = Spawned::start(config(dir.path(), &target.url(), "", "")).unwrap();
+    let base = format!("http://{}", svc.addr);
+    post(
+        &format!("{base}/v1/namespaces/ns/log"),
+        json!({"payload": 1, "key": "bad"}),
+    )
+    .await;
+    until("a dead letter", || async { dlq_total(&base).await == 1 }).await;
+    let (status, list) = get(&format!("{base}/v1/namespaces/ns/dlq?after={}", u64::MAX)).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["entries"].as_array().unwrap().len(), 0);
+    assert_eq!(list["total"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_target_s_credentials_never_reach_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("bad", 422);
+    // The target answers an error; then a port where nothing listens.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = refused.local_addr().unwrap();
+    drop(refused);
+    for url in [
+        format!("http://walden:s3cret@{}/apply?token=t0ken&x=1", target.addr),
+        format!("http://walden:s3cret@{closed}/apply?token=t0ken"),
+    ] {
+        let dir = dir
+            .path()
+            .join(closed.port().to_string() + &url.len().to_string());
+        let svc = Spawned::start(config(&dir, &url, "max_attempts = 2", "")).unwrap();
+        let base = format!("http://{}", svc.addr);
+        post(
+            &format!("{base}/v1/namespaces/ns/log"),
+            json!({"payload": 1, "key": "bad", "id": "b"}),
+        )
+        .await;
+        until("a dead letter", || async { dlq_total(&base).await == 1 }).await;
+        let (_, letter) = get(&format!("{base}/v1/namespaces/ns/dlq/b")).await;
+        let error = letter["entries"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!error.is_empty(), "{letter}");
+        for secret in ["s3cret", "t0ken"] {
+            assert!(!error.contains(secret), "{secret} leaked: {error}");
+        }
+        let stats = get(&format!("{base}/v1/namespaces/ns")).await.1.to_string();
+        for secret in ["s3cret", "t0ken"] {
+            assert!(
+                !stats.contains(secret),
+                "{secret} leaked into stats: {stats}"
+            );
+        }
+    }
 }

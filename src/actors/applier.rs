@@ -56,7 +56,7 @@ enum Source {
     /// Read from the log: success acks it, so the watermark can pass it.
     Log(Work),
     /// Sent back from the DLQ: success removes its dead letter.
-    Redrive(Delivered),
+    Redrive(RedrivenLetter),
     /// Loaded from the park store: success removes it there.
     Parked(Delivered),
     /// Fired from the delay store: success removes it there.
@@ -82,14 +82,16 @@ impl Item {
                 sequence: w.delivery.sequence(),
                 entry: w.delivery.entry().clone(),
             },
-            Source::Redrive(d) | Source::Parked(d) | Source::Delayed(d) => d.clone(),
+            Source::Redrive(r) => r.delivered.clone(),
+            Source::Parked(d) | Source::Delayed(d) => d.clone(),
         }
     }
 
     fn entry(&self) -> &Entry {
         match &self.source {
             Source::Log(w) => w.delivery.entry(),
-            Source::Redrive(d) | Source::Parked(d) | Source::Delayed(d) => &d.entry,
+            Source::Redrive(r) => &r.delivered.entry,
+            Source::Parked(d) | Source::Delayed(d) => &d.entry,
         }
     }
 
@@ -709,23 +711,28 @@ impl Applier {
                 let id = work.delivery.entry().id.clone();
                 ack(work.delivery);
                 let holder = self.blocked.get(&key).and_then(|b| b.held_by.as_deref());
-                if matches!(self.policy.holds, Holds::Broker(_)) && holder == Some(id.as_str()) {
-                    // The holder is back from a redrive, and applied.
+                if let Holds::Broker(dlq) = &self.policy.holds
+                    && holder == Some(id.as_str())
+                {
+                    // The holder is back from a redrive, and applied: its
+                    // holding letter goes, which ends the hold everywhere.
+                    if let Some(dlq_sequence) = dlq.holding_letter(&id) {
+                        self.dead_letter.do_send(Redriven {
+                            namespace: self.shard.namespace.to_string(),
+                            dlq_sequence,
+                        });
+                    }
                     self.blocked.remove(&key);
-                    self.dead_letter.do_send(Redriven {
-                        namespace: self.shard.namespace.to_string(),
-                        id: id.clone(),
-                    });
                     self.released.insert(key, id);
                 }
             }
-            Source::Redrive(d) => {
+            Source::Redrive(r) => {
                 self.dead_letter.do_send(Redriven {
-                    namespace: d.shard.namespace.to_string(),
-                    id: d.entry.id.clone(),
+                    namespace: r.delivered.shard.namespace.to_string(),
+                    dlq_sequence: r.dlq_sequence,
                 });
                 if self.blocked.get(&key).and_then(|b| b.held_by.as_deref())
-                    == Some(d.entry.id.as_str())
+                    == Some(r.delivered.entry.id.as_str())
                 {
                     self.release(key, ctx);
                 }
@@ -814,10 +821,10 @@ impl Applier {
                 order_key: key.clone(),
                 sequence: d.sequence,
             },
-            Source::Redrive(d) => {
+            Source::Redrive(r) => {
                 // Its dead letter was never removed: it simply stays.
                 self.stats.redrive_failed.inc();
-                warn!(id = %d.entry.id, error = %e, "A redriven entry failed again; it stays in the DLQ.");
+                warn!(id = %r.delivered.entry.id, error = %e, "A redriven entry failed again; it stays in the DLQ.");
                 return;
             }
         };
@@ -979,7 +986,15 @@ impl Handler<ApplyDelayed> for Applier {
 /// attempts. Each is removed from the DLQ once applied.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Redrive(pub Vec<Delivered>);
+pub struct Redrive(pub Vec<RedrivenLetter>);
+
+/// A dead letter sent back to its shard's applier.
+pub struct RedrivenLetter {
+    /// The letter's place in the DLQ: the one removed once it applies.
+    pub dlq_sequence: u64,
+    /// Its entry, with its original shard and sequence.
+    pub delivered: Delivered,
+}
 
 impl Handler<Redrive> for Applier {
     type Result = ();

@@ -174,7 +174,7 @@ impl Handler<Bury> for DeadLetterActor {
 #[rtype(result = "()")]
 pub struct Redriven {
     pub namespace: String,
-    pub id: String,
+    pub dlq_sequence: u64,
 }
 
 impl Handler<Redriven> for DeadLetterActor {
@@ -184,10 +184,10 @@ impl Handler<Redriven> for DeadLetterActor {
         let dlq = self.dlq.clone();
         ctx.spawn(
             async move {
-                if let Err(error) = dlq.remove(&msg.namespace, &msg.id, "redriven").await {
+                if let Err(error) = dlq.remove(&msg.namespace, msg.dlq_sequence, "redriven").await {
                     // It stays listed; a later redrive applies it again, which the
                     // version guard or idempotency key makes harmless.
-                    error!(%error, id = %msg.id, "Could not remove a redriven dead letter.");
+                    error!(%error, dlq_sequence = msg.dlq_sequence, "Could not remove a redriven dead letter.");
                 }
             }
             .into_actor(self),

@@ -1,7 +1,7 @@
 //! The dead-letter admin API:
 //!
 //! - `GET  /v1/namespaces/{ns}/dlq?limit=&after=`: live letters in DLQ order
-//! - `GET  /v1/namespaces/{ns}/dlq/{id}`
+//! - `GET  /v1/namespaces/{ns}/dlq/{id}`: every live letter of that entry id
 //! - `POST /v1/namespaces/{ns}/dlq/redrive` `{"ids": [...]}` or `{"all": true}`
 //! - `POST /v1/namespaces/{ns}/dlq/purge`, the same body
 //!
@@ -24,7 +24,7 @@ use futures_util::future::join_all;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::applier::{Purged, Redrive};
+use crate::actors::applier::{Purged, Redrive, RedrivenLetter};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::shard::AnyDlq;
 use crate::backends::{BackendError, DeadLetter, DeadLetters};
@@ -111,14 +111,18 @@ pub async fn show(
 ) -> Result<HttpResponse, ApiError> {
     let (ns, id) = path.into_inner();
     let ns = state.namespace(&ns)?;
-    let letter = ns.dlq.get(&ns.name, &id).await.map_err(backend_error)?;
-    match letter {
-        Some(letter) => Ok(HttpResponse::Ok().json(letter_json(&ns.dlq, &letter))),
-        None => Err(ApiError::not_found(format!(
+    let letters = ns.dlq.get(&ns.name, &id).await.map_err(backend_error)?;
+    if letters.is_empty() {
+        return Err(ApiError::not_found(format!(
             "no dead letter {id:?} in namespace {:?}",
             ns.name
-        ))),
+        )));
     }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": id,
+        "entries": letters.iter().map(|l| letter_json(&ns.dlq, l)).collect::<Vec<_>>(),
+        "total": letters.len(),
+    })))
 }
 
 /// The letters a request selects, and the ids it named that are not live.
@@ -137,14 +141,17 @@ async fn select(
             let mut found = Vec::new();
             let mut missing = Vec::new();
             for id in ids {
-                match dlq.get(name, &id).await.map_err(backend_error)? {
-                    Some(l) => found.push(l),
-                    None => missing.push(id),
+                let letters = dlq.get(name, &id).await.map_err(backend_error)?;
+                if letters.is_empty() {
+                    missing.push(id);
                 }
+                found.extend(letters);
             }
+            // An id named twice is acted on once.
+            found.sort_by_key(|l| l.dlq_sequence);
+            found.dedup_by_key(|l| l.dlq_sequence);
             // Oldest first, whatever order the ids came in: a held key's
             // entries go back behind their holder.
-            found.sort_by_key(|l| l.dlq_sequence);
             Ok((found, missing))
         }
         (None, true) => {
@@ -186,15 +193,18 @@ pub async fn redrive(
         let sends = routable.iter().map(|l| ns.dlq.redrive_to_broker(l));
         return put_back(&routable, join_all(sends).await, not_found, unroutable);
     }
-    let mut by_shard: BTreeMap<u32, Vec<Delivered>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<u32, Vec<RedrivenLetter>> = BTreeMap::new();
     for l in routable {
         by_shard
             .entry(l.origin.shard.shard)
             .or_default()
-            .push(Delivered {
-                shard: l.origin.shard,
-                sequence: l.origin.sequence,
-                entry: l.entry,
+            .push(RedrivenLetter {
+                dlq_sequence: l.dlq_sequence,
+                delivered: Delivered {
+                    shard: l.origin.shard,
+                    sequence: l.origin.sequence,
+                    entry: l.entry,
+                },
             });
     }
     let mut redriven = 0;
@@ -251,7 +261,7 @@ pub async fn purge(
     let (letters, mut not_found) = select(&state, &ns, &req, body).await?;
     let mut purged = 0;
     for l in letters {
-        match ns.dlq.remove(&ns.name, &l.entry.id, "purged").await {
+        match ns.dlq.remove(&ns.name, l.dlq_sequence, "purged").await {
             Ok(true) => {
                 purged += 1;
                 // If it held its key, the key's waiting entries may go.
@@ -259,7 +269,9 @@ pub async fn purge(
                     h.applier.do_send(Purged(l.entry.clone()));
                 }
             }
-            Ok(false) => not_found.push(l.entry.id),
+            // Gone meanwhile (redriven and applied, or purged by another).
+            Ok(false) if !not_found.contains(&l.entry.id) => not_found.push(l.entry.id),
+            Ok(false) => {}
             Err(e) => return Err(backend_error(e)),
         }
     }

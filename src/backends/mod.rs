@@ -127,6 +127,10 @@ pub struct DeadLetter {
 }
 
 /// A dead-letter queue. Appends are durable before they resolve.
+///
+/// Each letter is its own, named by its DLQ sequence: an entry id that is
+/// dead-lettered twice (a client reusing it, or an entry failing again after
+/// a redrive) has two letters, and neither hides the other.
 pub trait DeadLetters: Send + Sync {
     /// Store a letter; resolves with its DLQ sequence once durable.
     fn append(&self, letter: DeadLetter) -> impl Future<Output = Result<u64, BackendError>> + Send;
@@ -140,20 +144,30 @@ pub trait DeadLetters: Send + Sync {
         limit: usize,
     ) -> impl Future<Output = Result<(Vec<DeadLetter>, usize), BackendError>> + Send;
 
+    /// Every live letter of entry `id`, oldest first.
     fn get(
         &self,
         namespace: &str,
         id: &str,
-    ) -> impl Future<Output = Result<Option<DeadLetter>, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BackendError>> + Send;
 
-    /// Remove a letter (purged, or redriven and applied); false if it was not
-    /// live. Durable before it resolves.
+    /// Remove the letter at `dlq_sequence` (purged, or redriven and
+    /// applied); false if it was not live. Durable before it resolves.
     fn remove(
         &self,
         namespace: &str,
-        id: &str,
+        dlq_sequence: u64,
         reason: &str,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+}
+
+/// The first DLQ sequence a listing `after` starts at; `None` when nothing
+/// can follow (`after` is the largest sequence).
+pub(crate) fn listing_start(after: Option<u64>) -> Option<u64> {
+    match after {
+        None => Some(0),
+        Some(a) => a.checked_add(1),
+    }
 }
 
 /// Appends entries to a backend.

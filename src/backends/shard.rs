@@ -411,7 +411,7 @@ impl DeadLetters for AnyDlq {
         }
     }
 
-    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
         match self {
             AnyDlq::Embedded(d) => {
                 let (d, namespace, id) = (d.clone(), namespace.to_string(), id.to_string());
@@ -424,11 +424,16 @@ impl DeadLetters for AnyDlq {
         }
     }
 
-    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
+    async fn remove(
+        &self,
+        namespace: &str,
+        dlq_sequence: u64,
+        reason: &str,
+    ) -> Result<bool, BackendError> {
         match self {
-            AnyDlq::Embedded(d) => d.remove(namespace, id, reason).await,
-            AnyDlq::Kafka(d) => d.remove(namespace, id, reason).await,
-            AnyDlq::Sqs(d) => d.remove(namespace, id, reason).await,
+            AnyDlq::Embedded(d) => d.remove(namespace, dlq_sequence, reason).await,
+            AnyDlq::Kafka(d) => d.remove(namespace, dlq_sequence, reason).await,
+            AnyDlq::Sqs(d) => d.remove(namespace, dlq_sequence, reason).await,
         }
     }
 }

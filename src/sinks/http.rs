@@ -1,6 +1,9 @@
 //! `type = "http"`: POST each entry as JSON, with `Idempotency-Key` (the
 //! entry id) and `traceparent`. 2xx is success; 5xx, 408, 429, timeouts and
 //! connection errors are transient; other 4xx are permanent.
+//!
+//! Errors name the URL without its user info and query, where credentials
+//! and tokens ride: they reach logs and the DLQ's `last_error`.
 
 use std::time::Duration;
 
@@ -13,14 +16,32 @@ use crate::entry::Delivered;
 pub struct HttpSink {
     name: String,
     url: reqwest::Url,
+    /// The URL as errors show it ([`redacted`]).
+    shown: String,
     client: reqwest::Client,
     timeout: Duration,
 }
 
+/// `url` without its user info and query: `https://host:port/path?…`.
+fn redacted(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    let query = shown.query().is_some();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut shown = shown.to_string();
+    if query {
+        shown.push_str("?…");
+    }
+    shown
+}
+
 impl HttpSink {
     pub fn new(name: &str, url: &str, timeout: Duration) -> Result<Self, SinkError> {
+        // The parse error alone: the text may hold credentials.
         let url = reqwest::Url::parse(url)
-            .map_err(|e| SinkError::permanent(name, format!("bad url {url:?}: {e}")))?;
+            .map_err(|e| SinkError::permanent(name, format!("bad url: {e}")))?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .tcp_nodelay(true)
@@ -28,6 +49,7 @@ impl HttpSink {
             .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))?;
         Ok(Self {
             name: name.into(),
+            shown: redacted(&url),
             url,
             client,
             timeout,
@@ -44,10 +66,10 @@ impl HttpSink {
         if let Some(tp) = d.entry.header("traceparent") {
             req = req.header("traceparent", tp);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| SinkError::transient(&self.name, format!("POST {}: {e}", self.url)))?;
+        let resp = req.send().await.map_err(|e| {
+            let e = e.without_url();
+            SinkError::transient(&self.name, format!("POST {}: {e}", self.shown))
+        })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(Outcome::Applied);
@@ -61,7 +83,7 @@ impl HttpSink {
         let body = resp.text().await.unwrap_or_default();
         let message = format!(
             "POST {} answered {status}: {}",
-            self.url,
+            self.shown,
             truncate(&body, 200)
         );
         let transient = status.is_server_error()
@@ -114,5 +136,20 @@ impl Sink for HttpSink {
                 )),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_show_the_url_without_secrets() {
+        let shown = |u: &str| redacted(&reqwest::Url::parse(u).unwrap());
+        assert_eq!(
+            shown("https://me:s3cret@hooks.example:8443/in/x?token=t0ken#f"),
+            "https://hooks.example:8443/in/x?…"
+        );
+        assert_eq!(shown("http://127.0.0.1:80/apply"), "http://127.0.0.1/apply");
     }
 }

@@ -414,23 +414,41 @@ pub async fn dead_letters_append_list_get_remove<D: walden::backends::DeadLetter
     );
     let (rest, _) = dlq.list(ns, Some(page[1].dlq_sequence), 10).await.unwrap();
     assert_eq!(rest.len(), 3);
+    let (none, total) = dlq.list(ns, Some(u64::MAX), 10).await.unwrap();
+    assert_eq!(
+        (none.len(), total),
+        (0, 5),
+        "nothing is after the largest sequence"
+    );
     let mut want = letter(3);
     want.dlq_sequence = seqs[3];
-    assert_eq!(dlq.get(ns, "dead-3").await.unwrap(), Some(want));
-    assert_eq!(dlq.get(ns, "nope").await.unwrap(), None);
+    assert_eq!(dlq.get(ns, "dead-3").await.unwrap(), [want]);
+    assert_eq!(dlq.get(ns, "nope").await.unwrap(), []);
     assert_eq!(dlq.list("another-namespace", None, 10).await.unwrap().1, 0);
 
     // Removing takes a letter out of the listing, once.
-    assert!(dlq.remove(ns, "dead-1", "purged").await.unwrap());
-    assert!(!dlq.remove(ns, "dead-1", "purged").await.unwrap());
-    assert_eq!(dlq.get(ns, "dead-1").await.unwrap(), None);
+    assert!(dlq.remove(ns, seqs[1], "purged").await.unwrap());
+    assert!(!dlq.remove(ns, seqs[1], "purged").await.unwrap());
+    assert_eq!(dlq.get(ns, "dead-1").await.unwrap(), []);
     let (all, total) = dlq.list(ns, None, 10).await.unwrap();
     assert_eq!(total, 4);
     assert!(all.iter().all(|l| l.entry.id != "dead-1"));
 
-    // The same id dead-lettered again replaces the older letter.
-    dlq.append(letter(2)).await.unwrap();
+    // The same id dead-lettered again is a second letter: it hides nothing,
+    // and each goes on its own.
+    let again = dlq.append(letter(2)).await.unwrap();
     let (all, total) = dlq.list(ns, None, 10).await.unwrap();
-    assert_eq!(total, 4);
-    assert_eq!(all.last().unwrap().entry.id, "dead-2");
+    assert_eq!(total, 5);
+    let ids: Vec<_> = all.iter().map(|l| l.entry.id.as_str()).collect();
+    assert_eq!(ids, ["dead-0", "dead-2", "dead-3", "dead-4", "dead-2"]);
+    let both = dlq.get(ns, "dead-2").await.unwrap();
+    assert_eq!(
+        both.iter().map(|l| l.dlq_sequence).collect::<Vec<_>>(),
+        [seqs[2], again],
+        "every letter of the id, oldest first"
+    );
+    assert!(dlq.remove(ns, seqs[2], "redriven").await.unwrap());
+    let left = dlq.get(ns, "dead-2").await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].dlq_sequence, again, "the newer letter stays");
 }

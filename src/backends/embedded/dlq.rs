@@ -3,11 +3,12 @@
 //!
 //! A dead letter is the original entry, unchanged, with its origin and failure
 //! history in `walden.dlq.*` headers. A log cannot forget, so purge and a
-//! successful redrive append a tombstone for the id. At open the log is read
-//! once to rebuild which letters are live; letters are read back from the log
-//! on demand, so memory holds only their ids and positions.
+//! successful redrive append a tombstone naming the letter's DLQ sequence. At
+//! open the log is read once to rebuild which letters are live; letters are
+//! read back from the log on demand, so memory holds only their ids and
+//! positions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -17,29 +18,42 @@ use crate::entry::{Entry, ShardRef};
 
 const PREFIX: &str = "walden.dlq.";
 const TOMBSTONE: &str = "walden.dlq.tombstone";
+/// On a tombstone: the DLQ sequence of the letter it removes. Tombstones
+/// written before it existed remove every letter of their id.
+const REMOVES: &str = "walden.dlq.removes";
 
 #[derive(Default)]
 struct Live {
     /// DLQ sequence → id, in order.
     by_seq: BTreeMap<u64, String>,
-    by_id: HashMap<String, u64>,
+    /// id → the DLQ sequences of its letters.
+    by_id: HashMap<String, BTreeSet<u64>>,
 }
 
 impl Live {
     fn insert(&mut self, seq: u64, id: &str) {
-        if let Some(old) = self.by_id.insert(id.to_string(), seq) {
-            self.by_seq.remove(&old);
-        }
+        self.by_id.entry(id.to_string()).or_default().insert(seq);
         self.by_seq.insert(seq, id.to_string());
     }
 
-    fn remove(&mut self, id: &str) -> bool {
-        match self.by_id.remove(id) {
-            Some(seq) => {
-                self.by_seq.remove(&seq);
-                true
+    /// Remove the letter at `seq`; false if it was not live.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some(id) = self.by_seq.remove(&seq) else {
+            return false;
+        };
+        if let Some(seqs) = self.by_id.get_mut(&id) {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                self.by_id.remove(&id);
             }
-            None => false,
+        }
+        true
+    }
+
+    /// Remove every letter of `id`.
+    fn remove_id(&mut self, id: &str) {
+        for seq in self.by_id.remove(id).unwrap_or_default() {
+            self.by_seq.remove(&seq);
         }
     }
 }
@@ -67,10 +81,15 @@ impl EmbeddedDlq {
                     break;
                 }
                 for r in batch {
-                    if r.entry.header(TOMBSTONE).is_some() {
-                        ns.remove(&r.entry.id);
-                    } else {
+                    if r.entry.header(TOMBSTONE).is_none() {
                         ns.insert(r.offset, &r.entry.id);
+                    } else {
+                        match r.entry.header(REMOVES).and_then(|s| s.parse().ok()) {
+                            Some(seq) => {
+                                ns.remove(seq);
+                            }
+                            None => ns.remove_id(&r.entry.id),
+                        }
                     }
                 }
             }
@@ -110,15 +129,16 @@ impl EmbeddedDlq {
             let Some(ns) = live.get(namespace) else {
                 return Ok((Vec::new(), 0));
             };
-            let from = after.map_or(0, |a| a + 1);
-            (
-                ns.by_seq
+            let page = match crate::backends::listing_start(after) {
+                Some(from) => ns
+                    .by_seq
                     .range(from..)
                     .take(limit)
                     .map(|(s, _)| *s)
                     .collect(),
-                ns.by_seq.len(),
-            )
+                None => Vec::new(),
+            };
+            (page, ns.by_seq.len())
         };
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
@@ -129,15 +149,19 @@ impl EmbeddedDlq {
         Ok((out, total))
     }
 
-    pub fn get_now(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
-        let seq = {
+    pub fn get_now(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
+        let seqs: Vec<u64> = {
             let live = self.live.lock().unwrap();
-            live.get(namespace).and_then(|ns| ns.by_id.get(id).copied())
+            live.get(namespace)
+                .and_then(|ns| ns.by_id.get(id))
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
         };
-        match seq {
-            Some(seq) => Ok(self.read(namespace, seq)?),
-            None => Ok(None),
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            out.extend(self.read(namespace, seq)?);
         }
+        Ok(out)
     }
 }
 
@@ -164,27 +188,38 @@ impl DeadLetters for EmbeddedDlq {
         self.list_now(namespace, after, limit)
     }
 
-    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
         self.get_now(namespace, id)
     }
 
-    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
-        let is_live = {
+    async fn remove(
+        &self,
+        namespace: &str,
+        dlq_sequence: u64,
+        reason: &str,
+    ) -> Result<bool, BackendError> {
+        let id = {
             let live = self.live.lock().unwrap();
             live.get(namespace)
-                .is_some_and(|ns| ns.by_id.contains_key(id))
+                .and_then(|ns| ns.by_seq.get(&dlq_sequence))
+                .cloned()
         };
-        if !is_live {
+        let Some(id) = id else {
             return Ok(false);
-        }
+        };
         let tombstone = Entry {
-            id: id.to_string(),
-            headers: vec![(TOMBSTONE.into(), reason.into())],
+            id,
+            headers: vec![
+                (TOMBSTONE.into(), reason.into()),
+                (REMOVES.into(), dlq_sequence.to_string()),
+            ],
             ..Entry::default()
         };
         self.log.append(&shard(namespace), tombstone).await?;
         let mut live = self.live.lock().unwrap();
-        Ok(live.get_mut(namespace).is_some_and(|ns| ns.remove(id)))
+        Ok(live
+            .get_mut(namespace)
+            .is_some_and(|ns| ns.remove(dlq_sequence)))
     }
 }
 

@@ -61,7 +61,8 @@ const H_HOLDS: &str = "walden.dlq.holds";
 #[derive(Default)]
 struct View {
     by_sequence: BTreeMap<u64, DeadLetter>,
-    by_id: HashMap<String, u64>,
+    /// id → the DLQ sequences of its letters.
+    by_id: HashMap<String, BTreeSet<u64>>,
     /// The live letters that hold a key: shard → key → their DLQ sequences
     /// (the oldest is the hold).
     held: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
@@ -72,11 +73,10 @@ struct View {
 impl View {
     fn put(&mut self, letter: DeadLetter, holds: Option<String>) {
         let seq = letter.dlq_sequence;
-        if let Some(old) = self.by_id.insert(letter.entry.id.clone(), seq)
-            && old != seq
-        {
-            self.drop_letter(old);
-        }
+        self.by_id
+            .entry(letter.entry.id.clone())
+            .or_default()
+            .insert(seq);
         if let Some(key) = holds {
             let shard = letter.origin.shard.shard;
             let seqs = self.held.entry(shard).or_default();
@@ -86,14 +86,21 @@ impl View {
         self.by_sequence.insert(seq, letter);
     }
 
-    /// Remove the letter `id`; only if it is the one at `only` when given
-    /// (tombstones written before that header was added remove any).
+    /// Remove the letter of `id` at `only`; every letter of `id` when not
+    /// given (tombstones written before that header existed).
     fn remove(&mut self, id: &str, only: Option<u64>) {
-        let Some(&seq) = self.by_id.get(id) else {
+        let Some(seqs) = self.by_id.get_mut(id) else {
             return;
         };
-        if only.is_none_or(|o| o == seq) {
+        let gone: Vec<u64> = match only {
+            Some(seq) if seqs.remove(&seq) => vec![seq],
+            Some(_) => Vec::new(),
+            None => std::mem::take(seqs).into_iter().collect(),
+        };
+        if seqs.is_empty() {
             self.by_id.remove(id);
+        }
+        for seq in gone {
             self.drop_letter(seq);
         }
     }
@@ -120,11 +127,19 @@ impl View {
         self.by_sequence.get(seq).map(|l| l.entry.id.as_str())
     }
 
-    /// Whether the live letter `id` holds its key.
-    fn is_holding(&self, id: &str) -> bool {
+    /// The live letters of `id` that hold their key, oldest first.
+    fn holding(&self, id: &str) -> impl Iterator<Item = u64> + '_ {
         self.by_id
             .get(id)
-            .is_some_and(|seq| self.holds_of.contains_key(seq))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|seq| self.holds_of.contains_key(seq))
+    }
+
+    /// Whether a live letter of `id` holds its key.
+    fn is_holding(&self, id: &str) -> bool {
+        self.holding(id).next().is_some()
     }
 }
 
@@ -201,7 +216,7 @@ impl KafkaDlq {
         if let Err(e) = dlq.caught_up(end).await {
             warn!(topic = %dlq.topic, error = %e, "The DLQ view is still catching up; listings may be short for now.");
         }
-        info!(topic = %dlq.topic, letters = dlq.view.lock().unwrap().by_id.len(), "Kafka DLQ ready.");
+        info!(topic = %dlq.topic, letters = dlq.view.lock().unwrap().by_sequence.len(), "Kafka DLQ ready.");
         Ok(dlq)
     }
 
@@ -246,32 +261,49 @@ impl DeadLetters for KafkaDlq {
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
         let view = self.view.lock().unwrap();
-        let from = after.map_or(0, |a| a + 1);
         let ours = |l: &&DeadLetter| &*l.origin.shard.namespace == namespace;
-        let page = view
-            .by_sequence
-            .range(from..)
-            .map(|(_, l)| l)
-            .filter(ours)
-            .take(limit)
-            .cloned()
-            .collect();
+        let page = match crate::backends::listing_start(after) {
+            Some(from) => view
+                .by_sequence
+                .range(from..)
+                .map(|(_, l)| l)
+                .filter(ours)
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let total = view.by_sequence.values().filter(ours).count();
         Ok((page, total))
     }
 
-    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
         let view = self.view.lock().unwrap();
         Ok(view
             .by_id
             .get(id)
-            .and_then(|s| view.by_sequence.get(s))
+            .into_iter()
+            .flatten()
+            .filter_map(|s| view.by_sequence.get(s))
             .filter(|l| &*l.origin.shard.namespace == namespace)
-            .cloned())
+            .cloned()
+            .collect())
     }
 
-    async fn remove(&self, namespace: &str, id: &str, reason: &str) -> Result<bool, BackendError> {
-        let Some(letter) = self.get(namespace, id).await? else {
+    async fn remove(
+        &self,
+        namespace: &str,
+        dlq_sequence: u64,
+        reason: &str,
+    ) -> Result<bool, BackendError> {
+        let letter = {
+            let view = self.view.lock().unwrap();
+            view.by_sequence
+                .get(&dlq_sequence)
+                .filter(|l| &*l.origin.shard.namespace == namespace)
+                .cloned()
+        };
+        let Some(letter) = letter else {
             return Ok(false);
         };
         self.tombstone(&letter, reason).await?;
@@ -339,11 +371,17 @@ impl KafkaDlq {
             .cloned()
     }
 
-    /// Whether the live letter `id` holds its key. Once it does not (it was
+    /// Whether a live letter of `id` holds its key. Once none does (it was
     /// purged, or applied after a redrive, perhaps by another process), its
     /// hold is over.
     pub fn is_holding(&self, id: &str) -> bool {
         self.view.lock().unwrap().is_holding(id)
+    }
+
+    /// The DLQ sequence of the oldest live letter of `id` that holds its
+    /// key: the one its redriven entry's success removes.
+    pub fn holding_letter(&self, id: &str) -> Option<u64> {
+        self.view.lock().unwrap().holding(id).next()
     }
 
     /// Wait until the view has read the topic up to its current end.
@@ -507,20 +545,22 @@ mod tests {
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holder(0, "k"), None, "another shard");
         assert!(view.is_holding("a") && !view.is_holding("b"));
-        // Dead-lettered again: the newer letter holds.
+        // Dead-lettered again: a second letter, and both hold.
         view.put(letter(2, "a", "k"), Some("k".into()));
         assert_eq!(view.holder(1, "k"), Some("a"));
-        assert!(!view.holds_of.contains_key(&0));
+        assert_eq!(view.holding("a").collect::<Vec<_>>(), [0, 2]);
         // The letter behind it going changes nothing.
         view.remove("b", Some(1));
         assert_eq!(view.holder(1, "k"), Some("a"));
         // A tombstone for the older letter leaves the newer one holding.
         view.remove("a", Some(0));
         assert!(view.is_holding("a"));
+        assert_eq!(view.by_id["a"].len(), 1);
         // Removed (applied after a redrive, or purged): the hold ends.
         view.remove("a", Some(2));
         assert_eq!(view.holder(1, "k"), None);
         assert!(!view.is_holding("a"));
         assert!(view.held[&1].is_empty());
+        assert!(view.by_id.is_empty());
     }
 }

@@ -110,12 +110,9 @@ impl SqsDlq {
                 &format!("r{}", letter.dlq_sequence),
             )
             .await?;
-        // Older letters of the id go too; a newer one (it failed again since
-        // this listing) stays.
         self.remove_where(|l| {
             l.origin.shard.namespace == letter.origin.shard.namespace
-                && l.entry.id == letter.entry.id
-                && l.dlq_sequence <= letter.dlq_sequence
+                && l.dlq_sequence == letter.dlq_sequence
         })
         .await?;
         Ok(())
@@ -195,22 +192,6 @@ impl SqsDlq {
         Ok(all)
     }
 
-    /// The live letters: the newest per id (an id dead-lettered again
-    /// replaces its older letter, which stays in the queue until removed).
-    fn live(all: Vec<Received>) -> Vec<DeadLetter> {
-        let mut newest: HashMap<(Arc<str>, String), DeadLetter> = HashMap::new();
-        for r in all {
-            let key = (
-                r.letter.origin.shard.namespace.clone(),
-                r.letter.entry.id.clone(),
-            );
-            newest.insert(key, r.letter); // In DLQ order: the last is the newest.
-        }
-        let mut live: Vec<DeadLetter> = newest.into_values().collect();
-        live.sort_by_key(|l| l.dlq_sequence);
-        live
-    }
-
     /// Show received letters again at once.
     async fn release(&self, letters: &[Received]) {
         let shows = letters
@@ -229,7 +210,7 @@ impl SqsDlq {
     async fn peek(&self) -> Result<Vec<DeadLetter>, SqsError> {
         let all = self.gather().await?;
         self.release(&all).await;
-        Ok(Self::live(all))
+        Ok(all.into_iter().map(|r| r.letter).collect())
     }
 
     /// Delete the letters that match; how many were deleted.
@@ -310,27 +291,36 @@ impl DeadLetters for SqsDlq {
             .filter(|l| &*l.origin.shard.namespace == namespace)
             .collect();
         let total = all.len();
-        let from = after.map_or(0, |a| a + 1);
-        let page = all
-            .into_iter()
-            .filter(|l| l.dlq_sequence >= from)
-            .take(limit)
-            .collect();
+        let page = match crate::backends::listing_start(after) {
+            Some(from) => all
+                .into_iter()
+                .filter(|l| l.dlq_sequence >= from)
+                .take(limit)
+                .collect(),
+            None => Vec::new(),
+        };
         Ok((page, total))
     }
 
-    async fn get(&self, namespace: &str, id: &str) -> Result<Option<DeadLetter>, BackendError> {
+    async fn get(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
         Ok(self
             .peek()
             .await?
             .into_iter()
             .filter(|l| &*l.origin.shard.namespace == namespace && l.entry.id == id)
-            .max_by_key(|l| l.dlq_sequence))
+            .collect())
     }
 
-    async fn remove(&self, namespace: &str, id: &str, _reason: &str) -> Result<bool, BackendError> {
+    async fn remove(
+        &self,
+        namespace: &str,
+        dlq_sequence: u64,
+        _reason: &str,
+    ) -> Result<bool, BackendError> {
         let removed = self
-            .remove_where(|l| &*l.origin.shard.namespace == namespace && l.entry.id == id)
+            .remove_where(|l| {
+                &*l.origin.shard.namespace == namespace && l.dlq_sequence == dlq_sequence
+            })
             .await?;
         Ok(removed > 0)
     }
