@@ -17,6 +17,8 @@
 //!   delayed entries).
 //! - [`service`]: wiring: config → log → actors → HTTP server, and shutdown.
 //! - [`telemetry`]: logging, tracing and OTLP export.
+//! - [`fs`]: the filesystem seam (real, or simulated with faults and power
+//!   cuts) under the embedded log and the file target.
 //! - [`stats`]: counters and gauges; [`failpoints`]: test-only panics.
 //!
 //! The arrows point one way: api → actors → backends and sinks → entry.
@@ -34,6 +36,7 @@ pub mod backends;
 pub mod config;
 pub mod entry;
 pub mod failpoints;
+pub mod fs;
 pub mod service;
 pub mod sinks;
 pub mod state;

@@ -7,8 +7,8 @@ mod common;
 use common::{entry, open_sim, payloads, read_all};
 use walden::backends::embedded::LogConfig;
 use walden::backends::embedded::LogError;
-use walden::backends::embedded::fs::SimFs;
 use walden::entry::{Durable, ShardRef};
+use walden::fs::SimFs;
 
 #[test]
 fn a_full_disk_refuses_cleanly_and_recovers() {

@@ -5,9 +5,9 @@ mod common;
 
 use common::{entry, open_sim, read_all};
 use walden::backends::embedded::LogError;
-use walden::backends::embedded::fs::SimFs;
 use walden::backends::embedded::{FsyncMode, LogConfig};
 use walden::entry::{Durable, ShardRef};
+use walden::fs::SimFs;
 
 #[test]
 fn a_failed_fsync_poisons_the_log() {

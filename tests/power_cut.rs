@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use common::{entry, open_sim, read_all};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
-use walden::backends::embedded::fs::SimFs;
 use walden::backends::embedded::{FsyncMode, LogConfig};
 use walden::entry::{Durable, ShardRef};
+use walden::fs::SimFs;
 
 const ROUNDS: u64 = 40;
 

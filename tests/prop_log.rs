@@ -10,8 +10,8 @@ use common::{DIR, entry, open_sim, read_all, segment};
 use proptest::prelude::*;
 use walden::backends::embedded::LogConfig;
 use walden::backends::embedded::format::{Frame, decode_frame, encode_record};
-use walden::backends::embedded::fs::{Fs, SimFs};
 use walden::entry::{Entry, ShardRef};
+use walden::fs::{Fs, SimFs};
 
 fn arb_entry() -> impl Strategy<Value = Entry> {
     (

@@ -5,9 +5,9 @@ mod common;
 
 use common::{DIR, entry, open_sim, payloads, read_all, segment, small_segments};
 use std::path::Path;
-use walden::backends::embedded::fs::SimFs;
 use walden::backends::embedded::{LogConfig, LogError, OnCorruption};
 use walden::entry::ShardRef;
+use walden::fs::SimFs;
 
 /// 60 records over two shards in small segments; then one payload byte of
 /// shard 0's record 5 (in sealed segment 1) has one bit flipped.

@@ -7,9 +7,9 @@ use common::{DIR, open_sim};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use walden::backends::embedded::fs::SimFs;
 use walden::backends::embedded::{EmbeddedLog, LogConfig, LogError};
 use walden::entry::ShardRef;
+use walden::fs::SimFs;
 
 fn ckpt(name: &str) -> std::path::PathBuf {
     Path::new(DIR).join("checkpoints").join(name)

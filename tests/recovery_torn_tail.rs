@@ -5,8 +5,8 @@ mod common;
 use common::{DIR, entry, open_sim, payloads, read_all, segment};
 use std::path::Path;
 use walden::backends::embedded::LogConfig;
-use walden::backends::embedded::fs::SimFs;
 use walden::entry::ShardRef;
+use walden::fs::SimFs;
 
 fn write_ten(fs: &SimFs, shard: &ShardRef) -> Vec<u8> {
     let log = open_sim(fs, LogConfig::default());

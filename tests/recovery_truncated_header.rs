@@ -5,9 +5,9 @@ mod common;
 use common::{DIR, entry, open_sim, read_all, segment, small_segments};
 use std::path::Path;
 use std::sync::Arc;
-use walden::backends::embedded::fs::SimFs;
 use walden::backends::embedded::{EmbeddedLog, LogError};
 use walden::entry::ShardRef;
+use walden::fs::SimFs;
 
 fn rolled_log(fs: &SimFs, shard: &ShardRef) -> u64 {
     let log = open_sim(fs, small_segments());

@@ -10,8 +10,8 @@ mod common;
 
 use common::{entry, open_sim, payloads, read_all};
 use walden::backends::embedded::LogConfig;
-use walden::backends::embedded::fs::SimFs;
 use walden::entry::ShardRef;
+use walden::fs::SimFs;
 
 #[test]
 fn what_recovery_lets_readers_see_survives_a_power_cut() {

@@ -1,7 +1,19 @@
 //! `type = "file"`: JSON lines appended to a file. A batch counts as applied
 //! only after `fdatasync`, so an acknowledged delivery survives a power cut.
+//!
+//! - A file the sink creates is made durable in its directory too (the
+//!   directory is fsynced), or a power cut could take the whole file.
+//! - A failed write (a full disk) is cut back to where it started, so the
+//!   retry never follows a torn line. A file found ending in a partial line
+//!   (a crash mid-write, nothing of it acknowledged) is cut back to its last
+//!   whole line when opened.
+//! - A file rotated away (renamed or deleted, as logrotate does) is let go:
+//!   the next batch goes to a new file at the path. A file truncated in place
+//!   (`copytruncate`) is written from its new end.
+//!
+//! All of it goes through the [`Fs`] seam, so the power-cut model tests it.
 
-use std::io::Write;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -9,49 +21,131 @@ use futures_util::future::BoxFuture;
 
 use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
+use crate::fs::{Fs, FsFile, StdFs};
 
 pub struct FileSink {
     name: String,
     path: PathBuf,
+    fs: Arc<dyn Fs>,
     /// Opened on first use, so a missing directory is a delivery error (and
     /// retried), not a startup failure.
-    file: Arc<Mutex<Option<std::fs::File>>>,
+    open: Arc<Mutex<Option<Open>>>,
+}
+
+/// The file being appended to, and where its next line goes.
+struct Open {
+    file: Arc<dyn FsFile>,
+    identity: u64,
+    end: u64,
 }
 
 impl FileSink {
     pub fn new(name: &str, path: &Path) -> Result<Self, SinkError> {
+        Self::with_fs(name, path, Arc::new(StdFs))
+    }
+
+    /// A file target on a filesystem seam (tests use the simulated one).
+    pub fn with_fs(name: &str, path: &Path, fs: Arc<dyn Fs>) -> Result<Self, SinkError> {
         if path.as_os_str().is_empty() {
             return Err(SinkError::permanent(name, "file target needs a path"));
         }
         Ok(Self {
             name: name.into(),
             path: path.to_path_buf(),
-            file: Arc::default(),
+            fs,
+            open: Arc::default(),
         })
     }
 
-    fn write(
-        path: &Path,
-        slot: &Mutex<Option<std::fs::File>>,
-        bytes: &[u8],
-    ) -> std::io::Result<()> {
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            );
+    fn dir(path: &Path) -> &Path {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    /// The file at `path`, creating it (durably) if it is missing, with its
+    /// end after its last whole line.
+    fn open(fs: &dyn Fs, path: &Path) -> io::Result<Open> {
+        let file = match fs.open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let f = fs.create(path)?;
+                f.sync_data()?;
+                fs.sync_dir(Self::dir(path))?;
+                f
+            }
+            Err(e) => return Err(e),
+        };
+        let end = whole_lines_end(file.as_ref())?;
+        if end < file.len()? {
+            file.set_len(end)?;
+            file.sync_data()?;
         }
-        let file = slot.as_mut().expect("opened above");
-        let result = file.write_all(bytes).and_then(|()| file.sync_data());
-        if result.is_err() {
-            // Reopen next time: the handle may be in a bad state.
+        Ok(Open {
+            identity: file.identity()?,
+            file,
+            end,
+        })
+    }
+
+    /// Append `bytes` and fsync, reopening first if the file was rotated
+    /// away; a failed write is cut back.
+    fn write(fs: &dyn Fs, path: &Path, slot: &Mutex<Option<Open>>, bytes: &[u8]) -> io::Result<()> {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let rotated = match (&*slot, fs.identity(path)) {
+            (Some(open), Ok(now)) => open.identity != now,
+            (Some(_), Err(_)) => true,
+            (None, _) => false,
+        };
+        if rotated {
             *slot = None;
         }
-        result
+        if slot.is_none() {
+            *slot = Some(Self::open(fs, path)?);
+        }
+        let open = slot.as_mut().expect("opened above");
+        // Truncated in place (copytruncate): go on from its new end, not past
+        // it, which would leave a hole of zeros.
+        open.end = open.end.min(open.file.len()?);
+        let result = open
+            .file
+            .write_all_at(bytes, open.end)
+            .and_then(|()| open.file.sync_data());
+        match result {
+            Ok(()) => {
+                open.end += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Cut back what was written; if even that fails, the reopen
+                // cuts the torn line.
+                let _ = open.file.set_len(open.end);
+                *slot = None;
+                Err(e)
+            }
+        }
     }
+}
+
+/// Where the last whole line of `file` ends: its length, or just after its
+/// last newline when it ends in a partial line.
+fn whole_lines_end(file: &dyn FsFile) -> io::Result<u64> {
+    let len = file.len()?;
+    let mut end = len;
+    let mut chunk = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(buf, start)?;
+        if end == len && buf.last() == Some(&b'\n') {
+            return Ok(len);
+        }
+        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 impl Sink for FileSink {
@@ -65,26 +159,23 @@ impl Sink for FileSink {
             for d in batch {
                 bytes.extend(DeliveredJson::line(d));
             }
-            let (path, file) = (self.path.clone(), self.file.clone());
+            let (fs, path, open) = (self.fs.clone(), self.path.clone(), self.open.clone());
             // File I/O and fsync never run on an arbiter thread.
-            let result = tokio::task::spawn_blocking(move || Self::write(&path, &file, &bytes))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-                .map(|()| Outcome::Applied)
-                .map_err(|e| {
-                    SinkError::transient(&self.name, format!("{}: {e}", self.path.display()))
-                });
+            let result =
+                tokio::task::spawn_blocking(move || Self::write(fs.as_ref(), &path, &open, &bytes))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                    .map(|()| Outcome::Applied)
+                    .map_err(|e| {
+                        SinkError::transient(&self.name, format!("{}: {e}", self.path.display()))
+                    });
             vec![result; batch.len()]
         })
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            let dir = self
-                .path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
+            let dir = Self::dir(&self.path);
             if dir.is_dir() {
                 Ok(())
             } else {

@@ -39,7 +39,7 @@ pub fn payloads(records: &[Record]) -> Vec<String> {
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use walden::backends::embedded::LogConfig;
-use walden::backends::embedded::fs::SimFs;
+use walden::fs::SimFs;
 
 pub const DIR: &str = "/data";
 
@@ -110,10 +110,15 @@ pub fn interval_fsync(config: &mut walden::config::Config, ms: u64) {
 }
 
 /// The URL of a test server from `var`, or `None` after saying loudly which
-/// variable enables the test. `scripts/test.sh` always sets these.
+/// variable enables the test. `scripts/test.sh` always sets these; under
+/// `CI=true` a missing one fails the test, so a broken install step cannot
+/// pass unseen.
 pub fn test_server(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{var} is not set, and CI=true: scripts/test.sh must start the server")
+        }
         _ => {
             eprintln!("SKIPPED: {var} is not set; scripts/test.sh sets it and starts the server");
             None

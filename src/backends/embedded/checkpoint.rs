@@ -13,9 +13,9 @@ use tracing::warn;
 
 use super::committer::write_atomic;
 use super::format::Cursor;
-use super::fs::Fs;
 use super::{LogError, Shared};
 use crate::entry::ShardRef;
+use crate::fs::Fs;
 
 const MAGIC: &[u8; 8] = b"WALDENCK";
 const SUFFIX: &str = ".ckpt";

@@ -15,13 +15,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tracing::{error, warn};
 
 use super::format;
-use super::fs::FsFile;
 use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
 use super::{
     AppendReply, AppendRequest, Appended, Command, FsyncMode, LogError, RetentionReport, Shared,
     recovery, retention,
 };
 use crate::entry::{Durable, ShardRef, now_ms};
+use crate::fs::FsFile;
 
 /// How often age-based retention is checked when nothing else wakes us.
 const RETENTION_TICK: Duration = Duration::from_secs(1);
@@ -503,7 +503,7 @@ pub(crate) fn copy_io_error(e: &io::Error) -> io::Error {
 /// Replace `path` with `bytes` atomically: write a temp file, fsync it,
 /// rename it over `path`, fsync the directory.
 pub(crate) fn write_atomic(
-    fs: &dyn super::fs::Fs,
+    fs: &dyn crate::fs::Fs,
     dir: &Path,
     path: &Path,
     bytes: &[u8],

@@ -70,7 +70,7 @@ mod checkpoint;
 mod committer;
 mod dlq;
 pub mod format;
-pub mod fs;
+pub use crate::fs;
 mod index;
 mod queue;
 mod reader;

@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use tracing::{error, warn};
 
 use super::format::{self, FRAME_PREFIX, MAX_BODY, MIN_BODY, Record};
-use super::fs::FsFile;
 use super::index::DurableMark;
 use super::{LogError, OnCorruption, Shared};
 use crate::entry::ShardRef;
+use crate::fs::FsFile;
 
 /// Bytes read from a segment at a time.
 const CHUNK: usize = 256 << 10;

@@ -9,10 +9,10 @@ use tracing::{error, info, warn};
 
 use super::committer::{WriterState, write_atomic};
 use super::format::{self, Claimed, Frame, SegmentHeader};
-use super::fs::{Fs, FsFile};
 use super::index::{self, DurableMark, Index, SegmentInfo, SparsePoint};
 use super::{FsyncMode, LogConfig, LogError, index_path, segment_path};
 use crate::entry::{ShardRef, now_ms};
+use crate::fs::{Fs, FsFile};
 
 /// What recovery found and did.
 #[derive(Clone, Debug, Default)]

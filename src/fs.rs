@@ -1,8 +1,8 @@
-//! The filesystem seam. The log does all of its file I/O through [`Fs`], so
-//! tests can swap in [`SimFs`]: an in-memory model that injects faults (EIO on
-//! fsync, ENOSPC, short writes) and simulates a power cut, at which every write
-//! that no fsync covered, and every directory entry that no directory fsync
-//! covered, is lost.
+//! The filesystem seam. The embedded log and the file target do all of their
+//! file I/O through [`Fs`], so tests can swap in [`SimFs`]: an in-memory model
+//! that injects faults (EIO on fsync, ENOSPC, short writes) and simulates a
+//! power cut, at which every write that no fsync covered, and every directory
+//! entry that no directory fsync covered, is lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -19,6 +19,9 @@ pub trait FsFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// Which file this is (device and inode): a path that names another now
+    /// was renamed or deleted away from this handle.
+    fn identity(&self) -> io::Result<u64>;
 
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -53,6 +56,14 @@ pub trait Fs: Send + Sync + 'static {
     /// fsync the directory, making its entries (creates, renames, deletes)
     /// durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// The [`FsFile::identity`] of the file `path` names now.
+    fn identity(&self, path: &Path) -> io::Result<u64>;
+}
+
+/// One number for a device and inode.
+fn dev_ino(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.dev().rotate_left(32) ^ m.ino()
 }
 
 /// The real filesystem.
@@ -76,6 +87,9 @@ impl FsFile for StdFile {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+    fn identity(&self) -> io::Result<u64> {
+        Ok(dev_ino(&self.0.metadata()?))
     }
 }
 
@@ -114,6 +128,9 @@ impl Fs for StdFs {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
+    }
+    fn identity(&self, path: &Path) -> io::Result<u64> {
+        Ok(dev_ino(&std::fs::metadata(path)?))
     }
 }
 
@@ -320,6 +337,10 @@ impl FsFile for SimHandle {
     fn len(&self) -> io::Result<u64> {
         Ok(self.fs.lock().files[&self.id].data.len() as u64)
     }
+
+    fn identity(&self) -> io::Result<u64> {
+        Ok(self.id)
+    }
 }
 
 impl Fs for SimFs {
@@ -403,5 +424,13 @@ impl Fs for SimFs {
             .collect();
         s.durable_names.extend(current);
         Ok(())
+    }
+
+    fn identity(&self, path: &Path) -> io::Result<u64> {
+        self.lock()
+            .names
+            .get(path)
+            .copied()
+            .ok_or_else(|| enoent(path))
     }
 }
