@@ -595,3 +595,57 @@ fn every_example_config_is_valid() {
     }
     assert!(seen >= 4, "found {seen} example configs");
 }
+
+#[test]
+fn two_namespaces_may_not_write_one_table_or_overlapping_keys() {
+    let ns = |name: &str, target: &str| {
+        format!(
+            "[namespaces.{name}.backend]\ntype = \"embedded\"\n[namespaces.{name}.target]\n{target}\n"
+        )
+    };
+    let pg = |table: &str| {
+        format!("type = \"postgres\"\nurl = \"postgres://u@db1:5432/app\"\ntable = \"{table}\"")
+    };
+    let redis = |db: u32, prefix: &str| {
+        format!("type = \"redis\"\nurl = \"redis://cache:6379/{db}\"\nkey_prefix = \"{prefix}\"")
+    };
+    let cases = [
+        (
+            ns("a", &pg("kv")) + &ns("b", &pg("kv")),
+            Some(("b", "target.table")),
+        ),
+        (
+            ns("a", &pg("kv")) + &ns("b", &pg("public.kv")),
+            Some(("b", "target.table")),
+        ),
+        (
+            ns("a", &redis(0, "app:")) + &ns("b", &redis(0, "app:users:")),
+            Some(("b", "target.key_prefix")),
+        ),
+        (
+            ns("a", &redis(0, "")) + &ns("b", &redis(0, "x:")),
+            Some(("b", "target.key_prefix")),
+        ),
+        // Apart: other tables, other prefixes, another database.
+        (ns("a", &pg("kv")) + &ns("b", &pg("kv2")), None),
+        (ns("a", &redis(0, "a:")) + &ns("b", &redis(0, "b:")), None),
+        (
+            ns("a", &redis(0, "app:")) + &ns("b", &redis(1, "app:")),
+            None,
+        ),
+    ];
+    for (tables, want) in cases {
+        let (ok, out) = run_validate(&with_namespace(&tables), "toml");
+        match want {
+            None => assert!(ok, "{tables}\n{out}"),
+            Some((name, field)) => {
+                assert!(!ok, "{tables}");
+                assert!(
+                    out.contains(&format!("namespace `{name}`: `{field}`"))
+                        && out.contains("namespace `a`"),
+                    "{out}"
+                );
+            }
+        }
+    }
+}

@@ -186,15 +186,13 @@ async fn redis_ends_equal_to_in_order_application() {
     let _ = &mut conn;
 }
 
-/// Reads a store's state: key → the `i` of its stored value.
-type Reader = Box<dyn Fn() -> futures_util::future::BoxFuture<'static, HashMap<String, i64>>>;
+/// Reads a store's state: key → the `i` of its stored value (`None`: the
+/// key is deleted).
+type Reader =
+    Box<dyn Fn() -> futures_util::future::BoxFuture<'static, HashMap<String, Option<i64>>>>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_while_applying_leaves_postgres_equal_to_in_order_application() {
-    let Some(url) = test_server(PG) else { return };
-    let table = create_table(&url).await;
-    let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
-    let read: Reader = Box::new(move || {
+fn pg_reader(url: String, table: String) -> Reader {
+    Box::new(move || {
         let (url, table) = (url.clone(), table.clone());
         Box::pin(async move {
             pg(&url)
@@ -204,13 +202,40 @@ async fn sigkill_while_applying_leaves_postgres_equal_to_in_order_application() 
                 .unwrap()
                 .into_iter()
                 .map(|r| {
-                    let v: Value = r.get(1);
-                    (r.get(0), v["i"].as_i64().unwrap())
+                    let v: Option<Value> = r.get(1);
+                    (r.get(0), v.map(|v| v["i"].as_i64().unwrap()))
                 })
                 .collect()
         })
-    });
-    sigkill_while_applying(&target, read).await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_applying_leaves_postgres_equal_to_in_order_application() {
+    let Some(url) = test_server(PG) else { return };
+    let table = create_table(&url).await;
+    let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
+    let run = Crashes {
+        routing_key: true,
+        deletes: false,
+        kills: 1,
+    };
+    sigkill_while_applying(&target, pg_reader(url, table), run).await;
+}
+
+/// The case a harness found: puts and deletes with each row's key only in
+/// the payload, four writers over 40 rows, three kill -9s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_keyed_only_in_payloads_end_at_their_last_writes_across_three_sigkills() {
+    let Some(url) = test_server(PG) else { return };
+    let table = create_table(&url).await;
+    let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
+    let run = Crashes {
+        routing_key: false,
+        deletes: true,
+        kills: 3,
+    };
+    sigkill_while_applying(&target, pg_reader(url, table), run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,19 +258,38 @@ async fn sigkill_while_applying_leaves_redis_equal_to_in_order_application() {
             for k in keys.into_iter().filter(|k| !k.ends_with(":walden-version")) {
                 let v: String = conn.get(&k).await.unwrap();
                 let v: Value = serde_json::from_str(&v).unwrap();
-                out.insert(k[prefix.len()..].to_string(), v["i"].as_i64().unwrap());
+                out.insert(k[prefix.len()..].to_string(), v["i"].as_i64());
             }
             out
         })
     });
-    sigkill_while_applying(&target, read).await;
+    let run = Crashes {
+        routing_key: true,
+        deletes: false,
+        kills: 1,
+    };
+    sigkill_while_applying(&target, read, run).await;
 }
 
-/// Writers own their keys and write one entry at a time, so per key the
+/// How a crash test writes and crashes.
+struct Crashes {
+    /// Writes give the row's key as their routing `key` too.
+    routing_key: bool,
+    /// One write in four is a delete.
+    deletes: bool,
+    /// SIGKILLs while writing, each followed by a restart.
+    kills: u32,
+}
+
+/// What one writer did to one row: every attempted write in order, with
+/// whether it was acknowledged, and what it left (`None`: a delete).
+type History = Vec<(i64, Option<i64>, bool)>;
+
+/// Writers own their rows and write one entry at a time, so per row the
 /// acknowledged entries are known exactly; the process is killed mid-stream
-/// and restarted; the store must end at the last acknowledged write (or the
-/// one in flight at the kill), never an older one.
-async fn sigkill_while_applying(target: &str, read: Reader) {
+/// and restarted, `kills` times; the store must end at the last acknowledged
+/// write (or a later one that was in flight at a kill), never an older one.
+async fn sigkill_while_applying(target: &str, read: Reader, run: Crashes) {
     let dir = tempfile::tempdir().unwrap();
     let start = |port: u16| {
         let path = dir.path().join("walden.toml");
@@ -258,63 +302,78 @@ async fn sigkill_while_applying(target: &str, read: Reader) {
         start_walden(&path)
     };
     let client = reqwest::Client::new();
-
-    // Each writer owns its keys and writes one entry at a time, so per key
-    // the acknowledged entries are known exactly, in order.
-    let port = free_port();
-    let mut child = start(port);
-    wait_healthy(port).await;
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let client = client.clone();
-            let url = format!("http://127.0.0.1:{port}/v1/namespaces/kv/log");
-            tokio::spawn(async move {
-                // key → (last acknowledged i, last attempted i)
-                let mut seen: HashMap<String, (Option<i64>, i64)> = HashMap::new();
-                for i in 0i64.. {
-                    let key = format!("w{w}-k{}", i % 3);
-                    let m = json!({"op": "put", "key": key, "value": {"i": i}});
-                    seen.entry(key.clone()).or_insert((None, i)).1 = i;
-                    match client
-                        .post(&url)
-                        .json(&json!({"payload": m, "key": key}))
-                        .send()
-                        .await
-                    {
-                        Ok(r) if r.status() == 200 => seen.get_mut(&key).unwrap().0 = Some(i),
-                        Ok(_) => {}
-                        Err(_) => return seen,
+    let mut history: HashMap<String, History> = HashMap::new();
+    let mut next_i = 0i64;
+    for _ in 0..run.kills {
+        let port = free_port();
+        let mut child = start(port);
+        wait_healthy(port).await;
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let client = client.clone();
+                let url = format!("http://127.0.0.1:{port}/v1/namespaces/kv/log");
+                let (routing_key, deletes) = (run.routing_key, run.deletes);
+                // Each round's writers number their writes past the last
+                // round's, so a write's `i` names it.
+                let base = next_i + w * 1_000_000;
+                tokio::spawn(async move {
+                    let mut seen: HashMap<String, History> = HashMap::new();
+                    for n in 0i64.. {
+                        let i = base + n;
+                        let key = format!("w{w}-k{}", n % 10);
+                        let delete = deletes && n % 4 == 3;
+                        let m = match delete {
+                            true => json!({"op": "delete", "key": key}),
+                            false => json!({"op": "put", "key": key, "value": {"i": i}}),
+                        };
+                        let body = match routing_key {
+                            true => json!({"payload": m, "key": key}),
+                            false => json!({"payload": m}),
+                        };
+                        let left = (!delete).then_some(i);
+                        let rows = seen.entry(key.clone()).or_default();
+                        match client.post(&url).json(&body).send().await {
+                            Ok(r) => rows.push((i, left, r.status() == 200)),
+                            Err(_) => {
+                                rows.push((i, left, false));
+                                return seen;
+                            }
+                        }
                     }
-                }
-                unreachable!()
+                    unreachable!()
+                })
             })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    child.kill().unwrap(); // SIGKILL while entries are being applied
-    child.wait().unwrap();
-    let mut seen = HashMap::new();
-    for w in writers {
-        seen.extend(w.await.unwrap());
+            .collect();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        child.kill().unwrap(); // SIGKILL while entries are being applied
+        child.wait().unwrap();
+        for w in writers {
+            for (key, rows) in w.await.unwrap() {
+                history.entry(key).or_default().extend(rows);
+            }
+        }
+        next_i += 10_000_000;
     }
-    assert!(seen.values().any(|(acked, _)| acked.is_some()));
+    assert!(history.values().flatten().any(|(_, _, acked)| *acked));
 
     let port = free_port();
     let mut child = start(port);
     wait_healthy(port).await;
-    eventually("the store after a SIGKILL", || async {
+    eventually("the store after the SIGKILLs", || async {
         let got = read().await;
-        for (key, (acked, attempted)) in &seen {
-            let Some(acked) = acked else { continue };
-            match got.get(key) {
-                // The last acknowledged write, or the one in flight at the
-                // kill if it too became durable; never an older one.
-                Some(i) if i >= acked && i <= attempted => {}
-                other => {
-                    return Err(format!(
-                        "{key}: stored {other:?}, acknowledged {acked}, attempted {attempted}"
-                    ));
-                }
+        for (key, rows) in &history {
+            let Some(last_acked) = rows.iter().rposition(|(_, _, acked)| *acked) else {
+                continue;
+            };
+            // The last acknowledged write, or one after it that was in
+            // flight at a kill and became durable too; never an older one.
+            let stored = got.get(key).copied().flatten();
+            let allowed: Vec<Option<i64>> = rows[last_acked..].iter().map(|(_, l, _)| *l).collect();
+            if !allowed.contains(&stored) {
+                return Err(format!(
+                    "{key}: stored {stored:?}; the last acknowledged write left {:?}",
+                    rows[last_acked].1
+                ));
             }
         }
         Ok(())
@@ -325,7 +384,7 @@ async fn sigkill_while_applying(target: &str, read: Reader) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_mutation_goes_to_the_dlq_not_a_crash() {
+async fn a_write_a_database_target_cannot_version_is_refused_at_ingest() {
     let Some(url) = test_server(PG) else { return };
     let table = create_table(&url).await;
     let dir = tempfile::tempdir().unwrap();
@@ -333,57 +392,127 @@ async fn a_malformed_mutation_goes_to_the_dlq_not_a_crash() {
     let config =
         walden::config::from_toml(&config_text(dir.path(), "127.0.0.1:0", &target)).unwrap();
     let svc = Spawned::start(config).unwrap();
-    let base = format!("http://{}", svc.addr);
-    let client = reqwest::Client::new();
-    for body in [
-        json!({"payload": "not a mutation", "key": "k1", "id": "bad-1"}),
-        json!({"payload": {"op": "put", "key": "k2"}, "key": "k2", "id": "bad-2"}),
-        json!({"payload": {"op": "put", "key": "k3", "value": 3}, "key": "k3", "id": "good"}),
+    let url_log = format!("http://{}/v1/namespaces/kv/log", svc.addr);
+    for (body, needle) in [
+        (
+            json!({"payload": "not a mutation", "id": "bad-1"}),
+            "not a mutation",
+        ),
+        (
+            json!({"payload": {"op": "put", "key": "k2"}, "id": "bad-2"}),
+            "needs a value",
+        ),
+        (
+            json!({"payload": {"op": "put", "key": "", "value": 1}}),
+            "empty",
+        ),
+        (
+            json!({"payload": {"op": "put", "key": "k3", "value": 3}, "key": "other"}),
+            "mutation's key",
+        ),
     ] {
-        let r = client
-            .post(format!("{base}/v1/namespaces/kv/log"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let (status, answer) = common::post(&url_log, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let msg = answer["message"].as_str().unwrap();
+        assert!(
+            msg.contains(needle) && msg.contains("payload") || msg.contains("`key`"),
+            "{msg}"
+        );
+        assert!(msg.contains(needle), "{msg}");
     }
-    eventually(
-        "the good entry applied and the bad ones dead-lettered",
-        || async {
-            let list: Value = client
-                .get(format!("{base}/v1/namespaces/kv/dlq"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let state = pg_state(&url, &table).await;
-            if list["total"] == 2 && state.get("k3") == Some(&Some(json!(3))) {
-                let errors: Vec<&str> = list["entries"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["last_error"].as_str().unwrap())
-                    .collect();
-                assert!(
-                    errors
-                        .iter()
-                        .any(|e| e.contains("bad-1") && e.contains("not a mutation")),
-                    "{errors:?}"
-                );
-                assert!(
-                    errors
-                        .iter()
-                        .any(|e| e.contains("bad-2") && e.contains("needs a value")),
-                    "{errors:?}"
-                );
-                Ok(())
-            } else {
-                Err(format!("dlq {} entries, state {state:?}", list["total"]))
-            }
-        },
-    )
+    let good = json!({"payload": {"op": "put", "key": "k3", "value": 3}, "key": "k3"});
+    assert_eq!(common::post(&url_log, good).await.0, 200);
+    eventually("the good entry applied", || async {
+        match pg_state(&url, &table).await.get("k3") {
+            Some(Some(v)) if *v == json!(3) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
     .await;
+}
+
+/// Ids that route (without a key) to `shard` of 4.
+fn ids_on_shard(shard: u32, n: usize, tag: &str) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .filter(|id| walden::entry::shard_of(None, id, 4) == shard)
+        .take(n)
+        .collect()
+}
+
+/// The row's key only in the payload: its writes still share one shard, so
+/// the version guard compares sequences of one shard and the last write wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_keyed_only_in_its_payload_ends_at_its_last_write() {
+    let Some(url) = test_server(PG) else { return };
+    let table = create_table(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
+    let config =
+        walden::config::from_toml(&config_text(dir.path(), "127.0.0.1:0", &target)).unwrap();
+    let svc = Spawned::start(config).unwrap();
+    let log = format!("http://{}/v1/namespaces/kv/log", svc.addr);
+    // Five writes whose ids route to shard 0, then the last ones with ids
+    // that route to shard 1, where sequences are still low: by id alone the
+    // newest writes would rank below the old ones.
+    let mut ids = ids_on_shard(0, 5, "early");
+    ids.extend(ids_on_shard(1, 2, "late"));
+    for (i, id) in ids.iter().enumerate() {
+        let payload = match i {
+            5 => json!({"op": "delete", "key": "row"}),
+            _ => json!({"op": "put", "key": "row", "value": i}),
+        };
+        let (status, answer) = common::post(&log, json!({"payload": payload, "id": id})).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    eventually("the row holds its last write", || async {
+        match pg_state(&url, &table).await.get("row") {
+            Some(Some(v)) if *v == json!(6) => Ok(()),
+            other => Err(format!("row is {other:?}, the last write put 6")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_key_that_names_another_key_s_version_is_refused() {
+    let Some(url) = test_server(REDIS) else {
+        return;
+    };
+    let prefix = format!("{}:", unique("walden_e2e"));
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("type = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"");
+    let config =
+        walden::config::from_toml(&config_text(dir.path(), "127.0.0.1:0", &target)).unwrap();
+    let svc = Spawned::start(config).unwrap();
+    let log = format!("http://{}/v1/namespaces/kv/log", svc.addr);
+    let put = |key: &str, value: i64| json!({"payload": {"op": "put", "key": key, "value": value}});
+    assert_eq!(common::post(&log, put("x", 1)).await.0, 200);
+    let (status, answer) = common::post(&log, put("x:walden-version", 0)).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains(":walden-version"),
+        "{answer}"
+    );
+    assert_eq!(common::post(&log, put("x", 2)).await.0, 200);
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    eventually("x holds its last write", || {
+        let (mut conn, prefix) = (conn.clone(), prefix.clone());
+        async move {
+            let got: Option<String> = conn.get(format!("{prefix}x")).await.unwrap();
+            match got.as_deref() {
+                Some("2") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let _ = &mut conn;
 }

@@ -24,6 +24,7 @@ use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::embedded::{Appended, LogError};
 use crate::backends::{BackendError, EntryRejected};
 use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms, shard_of};
+use crate::sinks::mutation;
 use crate::state::dedup::{self, Check};
 use crate::telemetry;
 use std::time::Duration;
@@ -232,7 +233,8 @@ fn check(
     if payload.len() > limits.max_payload_bytes {
         return Err(payload_too_large(limits.max_payload_bytes));
     }
-    if let Some(key) = &req.key {
+    let key = routing_key(ns, req.key, &payload)?;
+    if let Some(key) = &key {
         check_len("key", key.len(), limits.max_key_bytes)?;
     }
     if id.is_empty() {
@@ -302,11 +304,39 @@ fn check(
         headers.push(("traceparent".into(), tp.to_owned()));
     }
     Ok(Parts {
-        key: req.key,
+        key,
         headers,
         payload,
         due_ms,
     })
+}
+
+/// The key a write is routed by. A namespace whose target versions rows
+/// routes by the mutation's key, so every write to a row shares one shard
+/// and its sequence orders them; a `key` that differs is refused.
+fn routing_key(
+    ns: &NamespaceRuntime,
+    key: Option<String>,
+    payload: &[u8],
+) -> Result<Option<String>, ApiError> {
+    let target = &ns.config.target;
+    let why = || {
+        format!(
+            "namespace {:?} applies to a {} target, which versions each row by its shard's sequence",
+            ns.name,
+            target.kind()
+        )
+    };
+    match (mutation::row_of(target, payload), key) {
+        (Ok(None), key) => Ok(key),
+        (Err(e), _) => Err(ApiError::bad_request(format!("`payload`: {e} ({})", why()))),
+        (Ok(Some(row)), None) => Ok(Some(row)),
+        (Ok(Some(row)), Some(key)) if key == row => Ok(Some(key)),
+        (Ok(Some(row)), Some(key)) => Err(ApiError::bad_request(format!(
+            "`key` {key:?} is not the mutation's key {row:?}: {}, so its writes are routed by the mutation's key; leave `key` out or make it equal",
+            why()
+        ))),
+    }
 }
 
 /// Whether the arrays and objects of valid JSON `text` nest deeper than

@@ -623,6 +623,16 @@ impl TargetConfig {
         }
     }
 
+    /// Whether the target keeps a version per row, guarded by the entry's
+    /// sequence (the database targets). Writes to such a namespace are
+    /// routed by their mutation's key (see `sinks::mutation::row_of`).
+    pub fn versions_rows(&self) -> bool {
+        matches!(
+            self,
+            TargetConfig::Postgres { .. } | TargetConfig::Redis { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             TargetConfig::Stdout { .. } => "stdout",

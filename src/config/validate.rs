@@ -272,10 +272,105 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             }
         }
     }
+    shared_row_spaces(&mut e, config);
     if e.0.is_empty() {
         Ok(())
     } else {
         Err(ConfigErrors(e.0))
+    }
+}
+
+/// Where a database target keeps its rows, as far as the config shows.
+#[derive(Debug, PartialEq, Eq)]
+enum RowSpace {
+    /// A Postgres table: hosts, ports, database, `schema.table`.
+    Table(String),
+    /// A Redis database and the key prefix within it.
+    Keys { server: String, prefix: String },
+}
+
+impl RowSpace {
+    fn of(target: &TargetConfig) -> Option<Self> {
+        match target {
+            TargetConfig::Postgres { url, table, .. } => {
+                let pg: tokio_postgres::Config = url.parse().ok()?;
+                let hosts: Vec<String> = pg
+                    .get_hosts()
+                    .iter()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .collect();
+                let db = pg.get_dbname().or(pg.get_user()).unwrap_or_default();
+                let table = match table.contains('.') {
+                    true => table.clone(),
+                    false => format!("public.{table}"),
+                };
+                Some(RowSpace::Table(format!(
+                    "{} {:?} {db} {table}",
+                    hosts.join(","),
+                    pg.get_ports()
+                )))
+            }
+            TargetConfig::Redis {
+                url, key_prefix, ..
+            } => {
+                let info = redis::Client::open(url.as_str())
+                    .ok()?
+                    .get_connection_info()
+                    .clone();
+                Some(RowSpace::Keys {
+                    server: format!("{} db {}", info.addr(), info.redis_settings().db()),
+                    prefix: key_prefix.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Two targets could write one row.
+    fn overlaps(&self, other: &RowSpace) -> bool {
+        match (self, other) {
+            (RowSpace::Table(a), RowSpace::Table(b)) => a == b,
+            (
+                RowSpace::Keys { server, prefix },
+                RowSpace::Keys {
+                    server: s2,
+                    prefix: p2,
+                },
+            ) => {
+                server == s2 && (prefix.starts_with(p2.as_str()) || p2.starts_with(prefix.as_str()))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// No two namespaces may write one table, or overlapping Redis keys: a row's
+/// version is its namespace's shard sequence, which another namespace's
+/// cannot be compared with, so one namespace's older write could win. Hosts
+/// are compared as written (`localhost` and `127.0.0.1` look different).
+fn shared_row_spaces(e: &mut Errors, config: &Config) {
+    let spaces: Vec<(&str, RowSpace)> = config
+        .namespaces
+        .iter()
+        .filter_map(|(name, ns)| Some((name.as_str(), RowSpace::of(&ns.target)?)))
+        .collect();
+    for (i, (name, space)) in spaces.iter().enumerate() {
+        if let Some((first, _)) = spaces[..i].iter().find(|(_, s)| s.overlaps(space)) {
+            let field = match space {
+                RowSpace::Table(_) => "target.table",
+                RowSpace::Keys { .. } => "target.key_prefix",
+            };
+            e.ns(
+                name,
+                field,
+                format!(
+                    "namespace `{first}`'s target writes the same rows; each row's version is its namespace's shard sequence, which cannot be compared across namespaces, so give each namespace its own table or a key prefix that does not overlap"
+                ),
+            );
+        }
     }
 }
 

@@ -3,9 +3,12 @@
 //!
 //! Each apply is guarded by the entry's sequence (its version), so applying
 //! an entry twice, or replaying an old one, never moves stored state back.
+//! That holds because a row's writes all share one shard ([`row_of`]) and no
+//! two namespaces write one table or key space (config validation).
 
 use serde::Deserialize;
 
+use crate::config::TargetConfig;
 use crate::entry::Delivered;
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -29,24 +32,43 @@ impl Mutation {
     /// Parse an entry's payload. An error here is permanent: retrying the
     /// same bytes cannot succeed.
     pub fn parse(d: &Delivered) -> Result<Self, String> {
-        let m: Mutation = serde_json::from_slice(&d.entry.payload).map_err(|e| {
-            format!(
-                "entry {} is not a mutation {{\"op\": \"put\"|\"delete\", \"key\", \"value\"}}: {e}",
-                d.entry.id
-            )
+        Self::from_payload(&d.entry.payload).map_err(|why| format!("entry {}: {why}", d.entry.id))
+    }
+
+    /// Parse a payload as a mutation.
+    pub fn from_payload(payload: &[u8]) -> Result<Self, String> {
+        let m: Mutation = serde_json::from_slice(payload).map_err(|e| {
+            format!("the payload is not a mutation {{\"op\": \"put\"|\"delete\", \"key\", \"value\"}}: {e}")
         })?;
         if m.key.is_empty() {
-            return Err(format!("entry {}: the mutation's key is empty", d.entry.id));
+            return Err("the mutation's key is empty".into());
         }
         if m.op == Op::Put && m.value.is_none() {
-            return Err(format!("entry {}: a put needs a value", d.entry.id));
+            return Err("a put needs a value".into());
         }
         Ok(m)
     }
 }
 
+/// The row a write changes, for a namespace whose target versions rows
+/// (`None` for other targets), checked at ingest. Such a target guards each
+/// row with the entry's sequence, which only orders entries of one shard, so
+/// every write to a row must go to one shard: the write is routed by its
+/// mutation's key, and an error says why a payload cannot be a row's write.
+pub fn row_of(target: &TargetConfig, payload: &[u8]) -> Result<Option<String>, String> {
+    if !target.versions_rows() {
+        return Ok(None);
+    }
+    let m = Mutation::from_payload(payload)?;
+    if let TargetConfig::Redis { .. } = target {
+        super::redis::check_key(&m.key)?;
+    }
+    Ok(Some(m.key))
+}
+
 /// The version stored with a mutation: the entry's sequence. Sequences only
-/// grow, so a larger version is a newer write.
+/// grow within a shard, and every write to a row is routed to one shard
+/// ([`row_of`]), so a larger version is a newer write.
 pub fn version(d: &Delivered) -> i64 {
     // Sequences stay far below 2^63.
     d.sequence.min(i64::MAX as u64) as i64

@@ -4,7 +4,9 @@
 //!
 //! A mutation of key `k` writes the value at `{key_prefix}k` and its version at
 //! `{key_prefix}k:walden-version`; a delete removes the value and keeps the
-//! version as a tombstone. (On Redis Cluster both must land in one slot: put a
+//! version as a tombstone. A key ending in `:walden-version` is refused (at
+//! ingest, and here as a permanent error): it would overwrite another key's
+//! version. (On Redis Cluster both must land in one slot: put a
 //! hash tag in the prefix or the keys.) A JSON string value is stored as the
 //! string itself; any other JSON value as its JSON text.
 //!
@@ -36,6 +38,20 @@ end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
 "#;
+
+/// A key's version lives beside it, at the key plus this suffix.
+pub(crate) const VERSION_SUFFIX: &str = ":walden-version";
+
+/// A mutation key may not end in [`VERSION_SUFFIX`]: its value would be
+/// another key's version.
+pub(crate) fn check_key(key: &str) -> Result<(), String> {
+    if key.ends_with(VERSION_SUFFIX) {
+        return Err(format!(
+            "the mutation's key {key:?} ends in {VERSION_SUFFIX:?}, which is reserved for the versions Redis keeps beside each key"
+        ));
+    }
+    Ok(())
+}
 
 pub struct RedisSink {
     name: String,
@@ -97,6 +113,9 @@ impl RedisSink {
 
     async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> ApplyResult {
         let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
+        // Refused at ingest; this catches entries written before that.
+        check_key(&m.key)
+            .map_err(|e| SinkError::permanent(&self.name, format!("entry {}: {e}", d.entry.id)))?;
         let key = format!("{}{}", self.prefix, m.key);
         let value = match &m.value {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -109,7 +128,7 @@ impl RedisSink {
         };
         let mut invocation = self.script.key(&key);
         invocation
-            .key(format!("{key}:walden-version"))
+            .key(format!("{key}{VERSION_SUFFIX}"))
             .arg(format!("{:020}", version(d)))
             .arg(op)
             .arg(value);
