@@ -353,18 +353,32 @@ fn every_validation_error_names_its_namespace_and_field() {
 }
 
 #[test]
-fn embedded_namespaces_must_agree_on_fsync() {
-    let text = format!(
-        "{GOOD}\n[namespaces.users.backend]\ntype = \"embedded\"\nfsync = \"never\"\n[namespaces.users.target]\ntype = \"stdout\"\n"
-    );
-    let config = walden::config::from_toml(&text).unwrap();
-    let errors = walden::config::validate(&config).unwrap_err().0;
-    let e = errors
-        .iter()
-        .find(|e| e.field == "backend.fsync")
-        .expect("fsync conflict");
-    assert_eq!(e.namespace.as_deref(), Some("users"));
-    assert!(e.message.contains("orders"), "{}", e.message);
+fn embedded_namespaces_must_agree_on_the_log_s_settings() {
+    // One log serves every embedded namespace: its settings cannot differ.
+    for (setting, field) in [
+        ("fsync = \"never\"", "backend.fsync"),
+        ("segment_bytes = 131072", "backend.segment_bytes"),
+        (
+            "retention_hard_max_bytes = 134217728",
+            "backend.retention_hard_max_bytes",
+        ),
+        (
+            "retention_hard_max_policy = \"drop_oldest\"",
+            "backend.retention_hard_max_policy",
+        ),
+    ] {
+        let text = format!(
+            "{GOOD}\n[namespaces.users.backend]\ntype = \"embedded\"\n{setting}\n[namespaces.users.target]\ntype = \"stdout\"\n"
+        );
+        let config = walden::config::from_toml(&text).unwrap();
+        let errors = walden::config::validate(&config).unwrap_err().0;
+        let e = errors
+            .iter()
+            .find(|e| e.field == field)
+            .unwrap_or_else(|| panic!("{setting}: {errors:?}"));
+        assert_eq!(e.namespace.as_deref(), Some("users"));
+        assert!(e.message.contains("orders"), "{}", e.message);
+    }
 }
 
 #[test]

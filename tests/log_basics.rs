@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{entry, payloads, read_all};
-use walden::backends::embedded::{EmbeddedLog, FsyncMode, LogConfig, LogError, Retention};
+use walden::backends::embedded::{EmbeddedLog, FsyncMode, HardMax, LogConfig, LogError, Retention};
 use walden::entry::{Durable, ShardRef};
 
 fn small_segments() -> LogConfig {
@@ -232,10 +232,12 @@ async fn retention_keeps_uncommitted_segments_until_the_hard_cap() {
     );
     drop(log);
 
-    // A hard cap deletes even uncommitted segments, and counts it.
+    // A hard cap that drops the oldest deletes even uncommitted segments,
+    // and counts it.
     let hard = LogConfig {
         retention: Retention {
             hard_max_bytes: Some(1),
+            on_hard_max: HardMax::DropOldest,
             ..Retention::default()
         },
         ..small_segments()

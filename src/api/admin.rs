@@ -36,6 +36,9 @@ pub struct ShardView {
     pub parked: u64,
     /// Overdue delayed entries fired under the catch-up rate since start.
     pub caught_up: u64,
+    /// Entries skipped because the hard retention cap (`drop_oldest`)
+    /// deleted them before they were applied, since start.
+    pub lost_to_retention: u64,
 }
 
 #[derive(Serialize)]
@@ -71,6 +74,8 @@ pub struct NamespaceView {
     pub consumer_lag: u64,
     pub oldest_pending_age_ms: Option<u64>,
     pub failed_deliveries: u64,
+    /// Entries lost to the hard retention cap since start (all shards).
+    pub lost_to_retention: u64,
     pub per_shard: Vec<ShardView>,
 }
 
@@ -124,6 +129,10 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             restarts: h.stats.restarts.get(),
             parked: h.stats.parked.get(),
             caught_up: h.stats.caught_up.get(),
+            lost_to_retention: match &ns.backend {
+                NamespaceBackend::Embedded(log) => log.lost_to_retention(&h.shard),
+                _ => 0,
+            },
         });
     }
     let (healthy, last_error) = ns.sink_health.healthy();
@@ -149,6 +158,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
         consumer_lag: sum(|s| s.consumer_lag),
         oldest_pending_age_ms: oldest.map(|ts| now_ms().saturating_sub(ts)),
         failed_deliveries: failed,
+        lost_to_retention: sum(|s| s.lost_to_retention),
         per_shard,
     }
 }
@@ -182,6 +192,12 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         return HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "ready": false,
             "reason": "the embedded log is poisoned after a failed fsync; restart Walden after checking the disk",
+        }));
+    }
+    if state.log.is_full() {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "ready": false,
+            "reason": "the embedded log is at backend.retention_hard_max_bytes with entries not yet applied; writes are refused until they are",
         }));
     }
     HttpResponse::Ok().json(serde_json::json!({ "ready": true }))
@@ -239,6 +255,18 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "counter",
         "Uncommitted segments deleted by the hard size cap.",
         one(log.retention_forced.get()),
+    );
+    metric(
+        "walden_log_refused_full_total",
+        "counter",
+        "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").",
+        one(log.refused_full.get()),
+    );
+    metric(
+        "walden_log_retention_lost_total",
+        "counter",
+        "Entries consumers skipped because the hard size cap deleted them first.",
+        one(log.retention_lost.get()),
     );
     metric(
         "walden_log_size_bytes",

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 pub use validate::{ConfigError, ConfigErrors, validate};
 
-use crate::backends::embedded::{FsyncMode, LogConfig, OnCorruption, Retention};
+use crate::backends::embedded::{FsyncMode, HardMax, LogConfig, OnCorruption, Retention};
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -461,9 +461,24 @@ pub struct EmbeddedConfig {
     /// Delete the oldest committed segments while the log is larger. 0: no
     /// limit.
     pub retention_max_bytes: u64,
-    /// Delete the oldest segments while the log is larger, even uncommitted
-    /// ones (logged and counted). 0: no limit.
+    /// The most the log may hold. 0: no limit. Committed segments are
+    /// deleted first; what happens when that is not enough is
+    /// `retention_hard_max_policy`.
     pub retention_hard_max_bytes: u64,
+    /// At `retention_hard_max_bytes` with the oldest entries not yet applied:
+    /// `"refuse_writes"` (the default) answers writes 503 `"false"` until
+    /// they are, and loses nothing; `"drop_oldest"` deletes them anyway, and a
+    /// shard skips to the earliest entry left, counting what it lost
+    /// (`lost_to_retention` in stats).
+    pub retention_hard_max_policy: HardMaxPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HardMaxPolicy {
+    #[default]
+    RefuseWrites,
+    DropOldest,
 }
 
 impl Default for EmbeddedConfig {
@@ -476,6 +491,7 @@ impl Default for EmbeddedConfig {
             retention_max_age_ms: 0,
             retention_max_bytes: 0,
             retention_hard_max_bytes: 0,
+            retention_hard_max_policy: HardMaxPolicy::RefuseWrites,
         }
     }
 }
@@ -501,6 +517,10 @@ impl EmbeddedConfig {
                 max_age: nonzero(self.retention_max_age_ms).map(Duration::from_millis),
                 max_bytes: nonzero(self.retention_max_bytes),
                 hard_max_bytes: nonzero(self.retention_hard_max_bytes),
+                on_hard_max: match self.retention_hard_max_policy {
+                    HardMaxPolicy::RefuseWrites => HardMax::RefuseWrites,
+                    HardMaxPolicy::DropOldest => HardMax::DropOldest,
+                },
             },
             ..LogConfig::default()
         }

@@ -123,7 +123,8 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     }
 
     // All embedded namespaces share one log, so one durability setting.
-    let mut embedded_fsync: Option<(&str, FsyncSetting, u64)> = None;
+    // The first embedded namespace's log-wide settings, to hold the rest to.
+    let mut embedded: Option<(&str, &super::EmbeddedConfig)> = None;
 
     for (name, ns) in &config.namespaces {
         if !valid_namespace_name(name) {
@@ -165,21 +166,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                         "must be 0 or at least backend.segment_bytes",
                     );
                 }
-                match embedded_fsync {
-                    None => embedded_fsync = Some((name, b.fsync, b.fsync_interval_ms)),
-                    Some((other, fsync, interval))
-                        if fsync != b.fsync || interval != b.fsync_interval_ms =>
-                    {
-                        e.ns(
-                            name,
-                            "backend.fsync",
-                            format!(
-                                "embedded namespaces share one log, and namespace `{other}` sets \
-                                 fsync = {fsync:?} / fsync_interval_ms = {interval}; these must match"
-                            ),
-                        );
+                match embedded {
+                    None => embedded = Some((name, b)),
+                    Some((other, first)) => {
+                        if let Some(field) = log_wide_difference(first, b) {
+                            e.ns(
+                                name,
+                                &format!("backend.{field}"),
+                                format!(
+                                    "embedded namespaces share one log, and namespace `{other}` sets \
+                                     {field} otherwise; the log's settings (fsync, fsync_interval_ms, \
+                                     segment_bytes, on_corruption and the retention_ fields) must match"
+                                ),
+                            );
+                        }
                     }
-                    Some(_) => {}
                 }
             }
         }
@@ -278,6 +279,42 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
     } else {
         Err(ConfigErrors(e.0))
     }
+}
+
+/// The first setting of the one shared log that two embedded namespaces set
+/// differently, if any.
+fn log_wide_difference(
+    a: &super::EmbeddedConfig,
+    b: &super::EmbeddedConfig,
+) -> Option<&'static str> {
+    [
+        ("fsync", a.fsync == b.fsync),
+        (
+            "fsync_interval_ms",
+            a.fsync_interval_ms == b.fsync_interval_ms,
+        ),
+        ("segment_bytes", a.segment_bytes == b.segment_bytes),
+        ("on_corruption", a.on_corruption == b.on_corruption),
+        (
+            "retention_max_age_ms",
+            a.retention_max_age_ms == b.retention_max_age_ms,
+        ),
+        (
+            "retention_max_bytes",
+            a.retention_max_bytes == b.retention_max_bytes,
+        ),
+        (
+            "retention_hard_max_bytes",
+            a.retention_hard_max_bytes == b.retention_hard_max_bytes,
+        ),
+        (
+            "retention_hard_max_policy",
+            a.retention_hard_max_policy == b.retention_hard_max_policy,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(field, _)| field)
 }
 
 /// Where a database target keeps its rows, as far as the config shows.

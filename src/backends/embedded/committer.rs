@@ -17,8 +17,8 @@ use tracing::{error, warn};
 use super::format;
 use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
 use super::{
-    AppendReply, AppendRequest, Appended, Command, FsyncMode, LogError, RetentionReport, Shared,
-    recovery, retention,
+    AppendReply, AppendRequest, Appended, Command, FsyncMode, HardMax, LogError, RetentionReport,
+    Shared, recovery, retention,
 };
 use crate::entry::{Durable, ShardRef, now_ms};
 use crate::fs::FsFile;
@@ -177,6 +177,7 @@ impl Committer {
         let segment_bytes = self.shared.config.segment_bytes;
         let mut staged = Vec::with_capacity(batch.len());
         self.buf.clear();
+        let mut freed = false;
         for AppendRequest {
             shard,
             mut entry,
@@ -184,6 +185,24 @@ impl Committer {
         } in batch
         {
             let len = format::encoded_len(&shard.namespace, &entry) as u64;
+            if self.room().is_some_and(|room| len > room) {
+                // Once per batch: delete what consumers are done with to make
+                // room, then look again.
+                if !freed {
+                    freed = true;
+                    let need = len + self.unpublished();
+                    if let Err(error) = retention::apply(&self.shared, self.w.segment, need) {
+                        warn!(%error, "Retention failed.");
+                    }
+                }
+                if let (Some(cap), Some(room)) = (self.cap(), self.room())
+                    && len > room
+                {
+                    self.shared.stats.refused_full.inc();
+                    let _ = reply.send(Err(LogError::Full { cap }));
+                    continue;
+                }
+            }
             let end = self.w.pos + self.buf.len() as u64;
             if end + len > segment_bytes
                 && end > self.header_len()
@@ -219,6 +238,30 @@ impl Committer {
             });
         }
         self.write_buf(&mut staged);
+    }
+
+    /// The hard size cap, when appends are refused at it
+    /// ([`HardMax::RefuseWrites`]).
+    fn cap(&self) -> Option<u64> {
+        let r = self.shared.config.retention;
+        r.hard_max_bytes
+            .filter(|_| r.on_hard_max == HardMax::RefuseWrites)
+    }
+
+    /// Bytes left under the cap, counting what is written or staged but not
+    /// yet published; `None` without a cap to refuse at.
+    fn room(&self) -> Option<u64> {
+        let cap = self.cap()?;
+        let published = self.shared.index.read().unwrap().total_bytes();
+        Some(cap.saturating_sub(published + self.unpublished()))
+    }
+
+    /// Bytes of the active segment written or staged, not yet published to
+    /// the index.
+    fn unpublished(&self) -> u64 {
+        let idx = self.shared.index.read().unwrap();
+        let published = idx.segments.get(&self.w.segment).map_or(0, |s| s.len);
+        self.w.pos.saturating_sub(published) + self.buf.len() as u64
     }
 
     fn refusal(&self) -> LogError {
@@ -440,7 +483,7 @@ impl Committer {
     }
 
     fn retention(&mut self) -> Result<RetentionReport, LogError> {
-        retention::apply(&self.shared, self.w.segment)
+        retention::apply(&self.shared, self.w.segment, 0)
     }
 
     fn flush(&mut self) -> Result<(), LogError> {

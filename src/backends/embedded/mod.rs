@@ -123,13 +123,28 @@ pub enum OnCorruption {
 /// Retention limits. Unset limits never delete anything.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Retention {
-    /// Delete sealed segments whose newest record is older than this.
+    /// Delete sealed segments whose newest record is older than this, once
+    /// every consumer group has committed them.
     pub max_age: Option<Duration>,
-    /// Delete the oldest sealed segments while the log is larger than this.
+    /// Delete the oldest committed segments while the log is larger than this.
     pub max_bytes: Option<u64>,
-    /// Like `max_bytes`, but deletes even segments that a consumer group has
-    /// not committed. Each such deletion is logged and counted.
+    /// The most the log may hold; what happens there is `on_hard_max`.
     pub hard_max_bytes: Option<u64>,
+    pub on_hard_max: HardMax,
+}
+
+/// What the log does at `hard_max_bytes` when its oldest segments are not
+/// yet committed by every consumer group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HardMax {
+    /// Refuse appends ([`LogError::Full`]) until consumers commit and
+    /// retention can delete what they are done with. Nothing is lost.
+    #[default]
+    RefuseWrites,
+    /// Delete the oldest segments anyway (logged and counted); a consumer
+    /// whose next record is gone skips to the earliest one left and counts
+    /// what it lost.
+    DropOldest,
 }
 
 /// Settings of one embedded log.
@@ -189,6 +204,10 @@ pub enum LogError {
     Poisoned { cause: String },
     #[error("the log's append queue is full")]
     Busy,
+    #[error(
+        "the log is full: it holds backend.retention_hard_max_bytes ({cap} bytes) and its oldest entries are not yet applied; writes are refused until they are (retention_hard_max_policy = \"drop_oldest\" drops them instead)"
+    )]
+    Full { cap: u64 },
     #[error("the log is closed")]
     Closed,
     #[error("the committer stopped before answering; the outcome of this append is unknown")]
@@ -269,6 +288,10 @@ pub struct LogStats {
     pub retention_deleted: Counter,
     /// Segments deleted by the hard size cap before every group committed them.
     pub retention_forced: Counter,
+    /// Appends refused because the log was at its hard size cap.
+    pub refused_full: Counter,
+    /// Records consumers skipped because the hard cap deleted them first.
+    pub retention_lost: Counter,
 }
 
 /// State shared by the committer, readers and the handle.
@@ -286,6 +309,9 @@ pub(crate) struct Shared {
     pub checkpoints: Mutex<BTreeMap<String, BTreeMap<ShardRef, u64>>>,
     /// Serialises checkpoint writers.
     pub checkpoint_write: Mutex<()>,
+    /// Records each shard's consumers skipped because retention deleted them
+    /// first, since the log was opened.
+    pub lost: Mutex<BTreeMap<ShardRef, u64>>,
 }
 
 impl Shared {
@@ -404,6 +430,7 @@ impl EmbeddedLog {
             stats: LogStats::default(),
             checkpoints: Mutex::new(checkpoints),
             checkpoint_write: Mutex::new(()),
+            lost: Mutex::new(BTreeMap::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.config.queue_capacity);
         let committer = committer::Committer::new(shared.clone(), rx, recovered.writer);
@@ -530,6 +557,32 @@ impl EmbeddedLog {
 
     pub fn is_poisoned(&self) -> bool {
         self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Whether the log is at its hard size cap with the oldest entries not
+    /// yet committed, refusing appends (`HardMax::RefuseWrites`).
+    pub fn is_full(&self) -> bool {
+        let r = self.shared.config.retention;
+        r.on_hard_max == HardMax::RefuseWrites
+            && r.hard_max_bytes.is_some_and(|cap| self.size_bytes() >= cap)
+    }
+
+    /// Records of `shard` its consumers skipped because retention deleted
+    /// them before they were committed, since the log was opened.
+    pub fn lost_to_retention(&self, shard: &ShardRef) -> u64 {
+        let lost = self.shared.lost.lock().unwrap();
+        lost.get(shard).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn count_lost(&self, shard: &ShardRef, n: u64) {
+        *self
+            .shared
+            .lost
+            .lock()
+            .unwrap()
+            .entry(shard.clone())
+            .or_default() += n;
+        self.shared.stats.retention_lost.add(n);
     }
 
     /// Finish the appends already queued, fsync, and stop the committer.

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing::error;
+
 use super::{EmbeddedLog, LogError, Record, ShardReader};
 use crate::backends::{BackendError, Consumer, Delivery, Producer, Sent};
 use crate::entry::{Entry, ShardRef};
@@ -91,13 +93,12 @@ pub struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// Start at the group's committed offset (or the start of the shard).
+    /// Start at the group's committed offset (or the start of the shard). If
+    /// retention deleted it first, start at the earliest record left.
     pub fn new(log: Arc<EmbeddedLog>, group: &str, shard: &ShardRef) -> Result<Self, LogError> {
-        let from = log
-            .committed(group)
-            .get(shard)
-            .copied()
-            .unwrap_or_else(|| log.earliest_offset(shard));
+        let committed = log.committed(group).get(shard).copied();
+        let from = committed.unwrap_or_else(|| log.earliest_offset(shard));
+        let from = skip_lost(&log, shard, from);
         let reader = log.reader(shard, from)?;
         let durable_rx = log.durable_marks();
         let tracker = Tracker::starting_at(from);
@@ -154,7 +155,19 @@ impl EmbeddedConsumer {
             .map_err(|_| LogError::Closed)?;
             let next = reader.next_offset();
             self.reader = Some(reader);
-            let records = result?;
+            let records = match result {
+                // Deleted under the reader by the hard cap (`drop_oldest`):
+                // go on from what is left rather than stop for good.
+                Err(LogError::OffsetOutOfRange { .. } | LogError::MissingSegment { .. })
+                    if self.log.earliest_offset(&self.shard) > next =>
+                {
+                    let from = skip_lost(&self.log, &self.shard, next);
+                    self.reader = Some(self.log.reader(&self.shard, from)?);
+                    self.tracker.lock().unwrap().delivered([], from);
+                    continue;
+                }
+                other => other?,
+            };
             if !records.is_empty() {
                 let delivered = records.iter().map(|r| (r.offset, r.entry.timestamp_ms));
                 self.tracker.lock().unwrap().delivered(delivered, next);
@@ -167,6 +180,26 @@ impl EmbeddedConsumer {
             }
         }
     }
+}
+
+/// Where a consumer of `shard` that is to read from `from` can start: there,
+/// or at the earliest record left if retention deleted `from` (the hard cap's
+/// `drop_oldest`). What it skips is logged and counted.
+fn skip_lost(log: &EmbeddedLog, shard: &ShardRef, from: u64) -> u64 {
+    let earliest = log.earliest_offset(shard);
+    if from >= earliest {
+        return from;
+    }
+    let lost = earliest - from;
+    error!(
+        %shard,
+        from,
+        earliest,
+        lost,
+        "Entries were deleted by the hard retention cap before they were applied; skipping them."
+    );
+    log.count_lost(shard, lost);
+    earliest
 }
 
 impl Consumer for EmbeddedConsumer {

@@ -1,8 +1,10 @@
 //! Retention: delete the oldest sealed segments by age and by total size.
 //!
 //! A segment is deleted only when every consumer group has committed past
-//! every record in it, unless `hard_max_bytes` is exceeded; then it goes
-//! anyway, and the deletion is logged and counted. Segments are deleted
+//! every record in it. Past `hard_max_bytes`, committed segments go first;
+//! with [`HardMax::DropOldest`] uncommitted ones go too, and each such
+//! deletion is logged and counted, while with [`HardMax::RefuseWrites`] (the
+//! default) the committer refuses appends instead. Segments are deleted
 //! oldest first and the active segment never, so the remaining segments stay
 //! numbered without gaps.
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{LogError, Shared, index_path};
+use super::{HardMax, LogError, Shared, index_path};
 use crate::entry::now_ms;
 
 /// What one retention pass did.
@@ -22,7 +24,9 @@ pub struct RetentionReport {
     pub forced: Vec<u64>,
 }
 
-pub(crate) fn apply(shared: &Shared, active: u64) -> Result<RetentionReport, LogError> {
+/// Delete what the limits allow. `need` is room wanted under the hard cap
+/// (an append that does not fit yet): committed segments go to make it.
+pub(crate) fn apply(shared: &Shared, active: u64, need: u64) -> Result<RetentionReport, LogError> {
     let limits = shared.config.retention;
     let mut report = RetentionReport::default();
     if limits.max_age.is_none() && limits.max_bytes.is_none() && limits.hard_max_bytes.is_none() {
@@ -30,7 +34,7 @@ pub(crate) fn apply(shared: &Shared, active: u64) -> Result<RetentionReport, Log
     }
     let now = now_ms();
     loop {
-        let (segment, len, committed, over_hard) = {
+        let (segment, len, committed, may_force) = {
             let idx = shared.index.read().unwrap();
             let Some((&segment, info)) = idx.segments.iter().next() else {
                 break;
@@ -43,7 +47,10 @@ pub(crate) fn apply(shared: &Shared, active: u64) -> Result<RetentionReport, Log
                 info.max_ts < now.saturating_sub(Duration::as_millis(&age) as u64)
             });
             let too_big = limits.max_bytes.is_some_and(|max| total > max);
-            let over_hard = limits.hard_max_bytes.is_some_and(|max| total > max);
+            let over_hard = limits
+                .hard_max_bytes
+                .is_some_and(|max| total.saturating_add(need) > max);
+            let may_force = over_hard && limits.on_hard_max == HardMax::DropOldest;
             if !(too_old || too_big || over_hard) {
                 break;
             }
@@ -56,9 +63,9 @@ pub(crate) fn apply(shared: &Shared, active: u64) -> Result<RetentionReport, Log
                         .values()
                         .all(|g| g.get(shard).is_some_and(|&next| next > part.last))
                 });
-            (segment, info.len, committed, over_hard)
+            (segment, info.len, committed, may_force)
         };
-        if !committed && !over_hard {
+        if !committed && !may_force {
             break;
         }
         if !committed {
