@@ -15,6 +15,35 @@ mod armed {
     }
 
     static ARMED: Mutex<Option<HashMap<String, (u32, Action)>>> = Mutex::new(None);
+    /// Failpoints armed for one subject (an entry's key), until disarmed.
+    static ON: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+    /// Make every hit of `name` for `subject` panic, until [`disarm_on`].
+    pub fn arm_on(name: &str, subject: &str) {
+        let mut on = ON.lock().unwrap_or_else(|p| p.into_inner());
+        on.get_or_insert_with(HashMap::new)
+            .insert(name.into(), subject.into());
+    }
+
+    pub fn disarm_on(name: &str) {
+        let mut on = ON.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = on.as_mut() {
+            m.remove(name);
+        }
+    }
+
+    /// Panic if `name` is armed for `subject`.
+    pub fn hit_on(name: &str, subject: &str) {
+        let armed = {
+            let on = ON.lock().unwrap_or_else(|p| p.into_inner());
+            on.as_ref()
+                .and_then(|m| m.get(name))
+                .is_some_and(|s| s == subject)
+        };
+        if armed {
+            panic!("failpoint {name} hit for {subject}");
+        }
+    }
 
     fn set(name: &str, times: u32, action: Action) {
         let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
@@ -54,13 +83,18 @@ mod armed {
 }
 
 #[cfg(feature = "failpoints")]
-pub use armed::{arm, arm_sleep, hit};
+pub use armed::{arm, arm_on, arm_sleep, disarm_on, hit, hit_on};
 
-/// Panic or stall here while the named failpoint is armed (tests only).
+/// Panic or stall here while the named failpoint is armed (tests only); with
+/// a subject, panic while it is armed for that subject.
 #[macro_export]
 macro_rules! failpoint {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]
         $crate::failpoints::hit($name);
+    };
+    ($name:literal, $subject:expr) => {
+        #[cfg(feature = "failpoints")]
+        $crate::failpoints::hit_on($name, $subject);
     };
 }

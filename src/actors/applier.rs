@@ -17,6 +17,10 @@
 //! dead letter is redriven or purged. Redriven dead letters come back here
 //! with their original sequence.
 //!
+//! A target that panics is caught where it is called: the call's entries are
+//! applied again one per call, and an entry that panics alone three times is
+//! poison and goes to the DLQ with the panic's message. Nothing restarts.
+//!
 //! On Kafka nothing parks on this machine's disk. A hold lives with its dead
 //! letter in the DLQ topic, where any process that takes over the partition
 //! finds it, and the entries behind a held key are dead-lettered behind it
@@ -50,6 +54,9 @@ use crate::telemetry;
 
 /// Entries per sink call, at most.
 const MAX_BATCH: usize = 64;
+/// A target that panics on an entry applied alone this many times has met a
+/// poison entry: it goes to the DLQ with the panic's message.
+const POISON_AFTER: u32 = 3;
 
 /// Where an item came from, which decides what its success means.
 enum Source {
@@ -72,6 +79,10 @@ struct Item {
     /// Not to be tried before this (after a failure).
     not_before: Option<Instant>,
     first_failure_ms: u64,
+    /// Applied in a sink call of its own: a call it was in panicked.
+    alone: bool,
+    /// Sink calls that panicked with it alone in them.
+    panics: u32,
 }
 
 impl Item {
@@ -178,6 +189,8 @@ pub struct Applier {
     /// Answered once the sink call in flight has settled ([`Quiesce`]).
     quiesced: Vec<tokio::sync::oneshot::Sender<()>>,
     timer: Option<SpawnHandle>,
+    /// How long a restart waits before working ([`super::RestartBackoff`]).
+    pause: Duration,
 }
 
 impl Applier {
@@ -209,6 +222,7 @@ impl Applier {
             quiescing: false,
             quiesced: Vec::new(),
             timer: None,
+            pause: Duration::ZERO,
         }
     }
 
@@ -220,6 +234,8 @@ impl Applier {
             attempts: 0,
             not_before: None,
             first_failure_ms: 0,
+            alone: false,
+            panics: 0,
         }
     }
 
@@ -558,7 +574,7 @@ impl Applier {
     }
 
     /// Pick the next batch: in queue order, the first entry of each key that
-    /// is ready now.
+    /// is ready now. An entry to be applied alone gets a call of its own.
     fn next_batch(&self, now: Instant) -> Vec<usize> {
         let mut seen: HashSet<&str> = HashSet::new();
         let mut batch = Vec::new();
@@ -567,6 +583,12 @@ impl Applier {
                 continue;
             }
             if item.not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            if item.alone {
+                if batch.is_empty() {
+                    return vec![i];
+                }
                 continue;
             }
             batch.push(i);
@@ -617,19 +639,57 @@ impl Applier {
         self.busy = false;
         match result {
             Ok(results) => self.settle(uids, results, ctx),
-            Err(panic) => {
-                error!(
-                    panic = panic_message(&panic),
-                    "The sink panicked; restarting the applier."
-                );
-                ctx.stop();
-                return;
-            }
+            Err(panic) => self.panicked(uids, panic_message(&panic), ctx),
         }
         for tx in self.quiesced.drain(..) {
             let _ = tx.send(());
         }
         self.pump(ctx);
+    }
+
+    /// The target panicked in a call. The panic was caught there, so nothing
+    /// restarts or is redelivered: the call's entries are applied again one
+    /// per call, and an entry that panics alone [`POISON_AFTER`] times goes
+    /// to the DLQ with the panic's message (with the DLQ off, it is retried
+    /// with backoff, forever).
+    fn panicked(&mut self, uids: &[u64], message: &str, ctx: &mut Context<Self>) {
+        let alone = uids.len() == 1;
+        error!(
+            panic = message,
+            entries = uids.len(),
+            "The target panicked; applying those entries one by one."
+        );
+        for uid in uids {
+            let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
+                continue;
+            };
+            let item = &mut self.queue[pos];
+            item.alone = true;
+            if !alone {
+                continue;
+            }
+            item.panics += 1;
+            item.attempts += 1;
+            if item.first_failure_ms == 0 {
+                item.first_failure_ms = now_ms();
+            }
+            let e = SinkError::permanent(
+                &self.policy.target,
+                format!(
+                    "the target panicked on entry {} ({} times alone): {message}",
+                    item.entry().id,
+                    item.panics
+                ),
+            );
+            if item.panics >= POISON_AFTER && self.policy.dlq {
+                let item = self.queue.remove(pos).expect("found above");
+                self.give_up(item, &e, ctx);
+            } else {
+                let wait = backoff(&self.policy.retry, item.panics, &e);
+                item.not_before = Some(Instant::now() + wait);
+            }
+        }
+        self.arm(ctx);
     }
 
     /// Ack what succeeded; retry, park, dead-letter or keep what failed.
@@ -929,7 +989,12 @@ impl Actor for Applier {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.load_blocked(ctx);
+        match std::mem::take(&mut self.pause) {
+            pause if pause.is_zero() => self.load_blocked(ctx),
+            pause => {
+                ctx.run_later(pause, |act, ctx| act.load_blocked(ctx));
+            }
+        }
     }
 }
 
@@ -937,6 +1002,7 @@ impl Supervised for Applier {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!("Restarting an applier; its shard rewinds.");
         self.stats.restarts.inc();
+        self.pause = self.stats.restart_backoff.restarted();
         self.queue.clear();
         self.blocked.clear();
         self.released.clear();

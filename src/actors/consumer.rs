@@ -80,7 +80,8 @@ impl ShardConsumer {
     }
 
     /// (Re)open the consumer at the committed offset, under a new generation,
-    /// and tell the peers to drop older work. Reading starts once it is open.
+    /// and tell the peers to drop older work. Reading starts once it is open,
+    /// after the pause of a restart in a storm ([`super::RestartBackoff`]).
     fn reopen(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         self.consumer = None;
@@ -93,6 +94,21 @@ impl ShardConsumer {
         }
         self.opening = true;
         let generation = self.generation;
+        let pause = self.stats.restart_backoff.remaining();
+        if pause.is_zero() {
+            self.open(generation, ctx);
+        } else {
+            warn!(shard = %self.shard, pause_ms = pause.as_millis() as u64,
+                "The shard's actors keep restarting; pausing before reading again.");
+            ctx.run_later(pause, move |act, ctx| {
+                if act.generation == generation {
+                    act.open(generation, ctx);
+                }
+            });
+        }
+    }
+
+    fn open(&mut self, generation: u64, ctx: &mut Context<Self>) {
         let (backend, group, shard) =
             (self.backend.clone(), self.group.clone(), self.shard.clone());
         ctx.spawn(
@@ -241,6 +257,8 @@ impl Supervised for ShardConsumer {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!(shard = %self.shard, "Restarting the shard consumer.");
         self.stats.restarts.inc();
+        // Its reopen waits out the pause.
+        self.stats.restart_backoff.restarted();
         self.reading = false;
         self.opening = false;
         self.committing = false;

@@ -150,6 +150,8 @@ impl Supervised for DeadLetterActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!("Restarting a dead-letter actor; its shard rewinds.");
         self.stats.restarts.inc();
+        // It has nothing to start: the shard's rewind waits out the pause.
+        self.stats.restart_backoff.restarted();
         self.consumer.do_send(Rewind);
     }
 }

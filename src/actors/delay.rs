@@ -73,6 +73,8 @@ pub struct DelayScheduler {
     /// Cancelled before they were loaded: a refill already in flight may
     /// still bring them back, so it skips these.
     cancelled: HashSet<(u64, u64)>,
+    /// How long a restart waits before working ([`super::RestartBackoff`]).
+    pause: Duration,
 }
 
 impl DelayScheduler {
@@ -99,6 +101,7 @@ impl DelayScheduler {
             refilled_tokens_at: Instant::now(),
             timer: None,
             cancelled: HashSet::new(),
+            pause: Duration::ZERO,
         }
     }
 
@@ -204,10 +207,9 @@ impl DelayScheduler {
     }
 }
 
-impl Actor for DelayScheduler {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
+impl DelayScheduler {
+    /// Count what the store holds, then load the window and keep it filled.
+    fn start(&mut self, ctx: &mut Context<Self>) {
         let (store, shard) = (self.store.clone(), self.shard.clone());
         ctx.spawn(async move { store.summary(&shard).await }.into_actor(self).map(
             |result, act, ctx| {
@@ -224,10 +226,24 @@ impl Actor for DelayScheduler {
     }
 }
 
+impl Actor for DelayScheduler {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        match std::mem::take(&mut self.pause) {
+            pause if pause.is_zero() => self.start(ctx),
+            pause => {
+                ctx.run_later(pause, |act, ctx| act.start(ctx));
+            }
+        }
+    }
+}
+
 impl Supervised for DelayScheduler {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!("Restarting a delay scheduler; its window reloads from the store.");
         self.stats.restarts.inc();
+        self.pause = self.stats.restart_backoff.restarted();
         self.window.clear();
         self.loaded_until = 0;
         self.timer = None;

@@ -55,6 +55,8 @@ pub struct ShardStats {
     pub next_due_ms: Gauge,
     /// Actor restarts since start.
     pub restarts: Counter,
+    /// The shard's restart history, which paces its restarts.
+    pub restart_backoff: RestartBackoff,
     /// Entries moved to the DLQ since start.
     pub dead_lettered: Counter,
     /// Entries the target already held a newer version of.
@@ -68,6 +70,58 @@ pub struct ShardStats {
     pub caught_up: Counter,
     /// How late delayed entries fired, against their due time.
     pub fire_lateness: Histogram,
+}
+
+/// A shard's restarts. The first in a while goes at once; each one within
+/// [`RestartBackoff::QUIET`] of the last makes the restarted actor wait twice
+/// as long before it works again (100 ms, 200 ms, … up to 30 s), and the
+/// shard's consumer waits with it before reading again. So a failure that
+/// repeats at once (a store that keeps erroring, a bug on a start path)
+/// cannot spin, rewinding the shard thousands of times a second.
+#[derive(Debug, Default)]
+pub struct RestartBackoff(std::sync::Mutex<BackoffState>);
+
+#[derive(Debug, Default)]
+struct BackoffState {
+    /// Restarts in a row, each within `QUIET` of the one before.
+    streak: u32,
+    last: Option<std::time::Instant>,
+    /// When the latest restart's pause ends.
+    resume_at: Option<std::time::Instant>,
+}
+
+impl RestartBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(30);
+    /// A restart this long after the last one starts a new streak.
+    pub const QUIET: Duration = Duration::from_secs(60);
+
+    /// Record a restart; how long the restarted actor waits before working.
+    pub fn restarted(&self) -> Duration {
+        let now = std::time::Instant::now();
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.streak = match s.last {
+            Some(t) if now.duration_since(t) < Self::QUIET => s.streak + 1,
+            _ => 1,
+        };
+        s.last = Some(now);
+        let pause = match s.streak {
+            0 | 1 => Duration::ZERO,
+            n => Self::FIRST
+                .saturating_mul(1 << (n - 2).min(16))
+                .min(Self::MAX),
+        };
+        s.resume_at = Some(now + pause);
+        pause
+    }
+
+    /// What is left of the latest restart's pause.
+    pub fn remaining(&self) -> Duration {
+        let s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.resume_at.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(std::time::Instant::now())
+        })
+    }
 }
 
 /// Where a namespace's entries wait outside the log: parked keys (always

@@ -57,6 +57,7 @@ impl HttpSink {
     }
 
     async fn post(&self, d: &Delivered) -> ApplyResult {
+        crate::failpoint!("sink.http.key", d.entry.key.as_deref().unwrap_or_default());
         let mut req = self
             .client
             .post(self.url.clone())

@@ -102,19 +102,7 @@ impl PostgresSink {
             ),
             None => format!("table {}: {e}", self.table),
         };
-        let transient = match e.code() {
-            // No SQL state: the connection or the protocol failed.
-            None => true,
-            Some(code) => {
-                let class = &code.code()[..2];
-                *code == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *code == SqlState::T_R_DEADLOCK_DETECTED
-                    || *code == SqlState::UNDEFINED_TABLE
-                    || *code == SqlState::UNDEFINED_COLUMN
-                    || matches!(class, "08" | "53" | "57" | "58" | "40")
-            }
-        };
-        if transient {
+        if transient(e.code()) {
             SinkError::transient(&self.name, message)
         } else {
             SinkError::permanent(&self.name, message)
@@ -256,6 +244,21 @@ impl PostgresSink {
     }
 }
 
+/// Whether an error with this SQL state is worth retrying: no state (the
+/// connection or the protocol failed), a serialization failure or deadlock,
+/// a missing table or column (a migration not yet run), or the classes of
+/// connection (08), resources (53), operator intervention (57), system (58)
+/// and rollback (40) errors. Any state is read safely, however short.
+fn transient(code: Option<&SqlState>) -> bool {
+    let Some(code) = code else { return true };
+    let class = code.code().get(..2).unwrap_or_default();
+    *code == SqlState::T_R_SERIALIZATION_FAILURE
+        || *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::UNDEFINED_TABLE
+        || *code == SqlState::UNDEFINED_COLUMN
+        || matches!(class, "08" | "53" | "57" | "58" | "40")
+}
+
 /// One mutation as the columns it writes.
 struct Row {
     key: String,
@@ -341,6 +344,17 @@ impl Sink for PostgresSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_sql_state_is_classified_without_panicking() {
+        assert!(transient(None));
+        assert!(transient(Some(&SqlState::from_code("08006"))));
+        assert!(!transient(Some(&SqlState::from_code("23505"))));
+        // A server that sends a short or empty state.
+        for short in ["", "0", "4"] {
+            assert!(!transient(Some(&SqlState::from_code(short))), "{short:?}");
+        }
+    }
 
     #[test]
     fn table_names_are_checked_and_quoted() {
