@@ -304,7 +304,9 @@ async fn a_native_redrive_policy_moves_messages_walden_lists_and_redrives() {
     assert_eq!(letter.origin.shard, shard);
     assert_eq!(letter.origin.sequence, sequence);
 
-    dlq.redrive(&letter).await.unwrap();
+    let picks = walden::backends::Selection::Ids(vec!["native-1".into()]);
+    let report = dlq.redrive_selected("conformance", &picks).await.unwrap();
+    assert_eq!((report.redriven, report.failed.len()), (1, 0), "{report:?}");
     let back = consumer.receive(10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].entry().id, "native-1");

@@ -498,3 +498,74 @@ async fn standard_queues_may_be_added_fifo_ones_not() {
         }
     }
 }
+
+/// A FIFO namespace: key `bad` is refused until its 30 entries are in the
+/// DLQ, while 570 entries of other keys flow; the target is fixed and the
+/// whole DLQ redriven. The 30 arrive in the order they were written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_puts_a_key_s_letters_back_in_the_order_they_were_written() {
+    let Some(url) = test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key("bad", 422);
+    let queues = [unique("redrive-a") + ".fifo", unique("redrive-b") + ".fifo"];
+    let mut cfg = config(dir.path(), &url, &queues, &target, "");
+    // moto is slow under a full test run; a late answer is not the point.
+    cfg.server.ack_timeout_ms = 60_000;
+    let svc = Spawned::start(cfg).unwrap();
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+    let client = reqwest::Client::new();
+    let mut entries = Vec::new();
+    for i in 0..600 {
+        let key = if i % 20 == 7 {
+            "bad".to_string()
+        } else {
+            format!("k{}", i % 13)
+        };
+        entries.push(json!({"payload": {"i": i}, "key": key, "id": format!("e{i}")}));
+    }
+    for chunk in entries.chunks(25) {
+        let r: Value = client
+            .post(format!("{base}/log/batch"))
+            .json(&json!({ "entries": chunk }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            r["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == 200),
+            "{r}"
+        );
+    }
+    target.wait_for(570, WAIT);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let listed: Value = get_json(&format!("{base}/dlq?limit=1000")).await;
+        if listed["entries"].as_array().unwrap().len() == 30 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    target.reject_key("bad", 0);
+    let (status, body) = post(&format!("{base}/dlq/redrive"), json!({"all": true})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redriven"], 30, "{body}");
+    let got = target.wait_for(600, WAIT);
+    let bad: Vec<u64> = got
+        .iter()
+        .filter(|r| r.key() == Some("bad"))
+        .map(|r| r.body["payload"]["i"].as_u64().unwrap())
+        .collect();
+    let written: Vec<u64> = (0..600).filter(|i| i % 20 == 7).collect();
+    assert_eq!(bad, written, "redriven out of order");
+    svc.stop();
+}

@@ -1070,6 +1070,22 @@ impl Handler<Redrive> for Applier {
     }
 }
 
+/// How many redriven entries the applier holds, not yet settled.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct RedriveBacklog;
+
+impl Handler<RedriveBacklog> for Applier {
+    type Result = usize;
+
+    fn handle(&mut self, _: RedriveBacklog, _: &mut Context<Self>) -> usize {
+        self.queue
+            .iter()
+            .filter(|i| matches!(i.source, Source::Redrive(_)))
+            .count()
+    }
+}
+
 /// This dead letter was purged: if it held its key, release the key.
 #[derive(Message)]
 #[rtype(result = "()")]

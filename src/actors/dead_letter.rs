@@ -1,8 +1,10 @@
 //! DeadLetter: stores one shard's undeliverable entries in the DLQ, then
-//! acks them so the watermark can pass. An append that fails is retried; the
+//! acks them so the watermark can pass. A key's letters are stored one after
+//! another, in order. An append that fails is retried; the
 //! entry stays unacked meanwhile, so a crash reads it again from the log.
 //! It also removes a dead letter once its redrive has been applied.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +54,11 @@ pub struct DeadLetterActor {
     consumer: Addr<ShardConsumer>,
     stats: Arc<ShardStats>,
     generation: u64,
+    /// Keys with a letter being stored, and their letters waiting behind it.
+    /// A key's letters are stored one after another, so the DLQ takes them
+    /// in their order: an SQS queue keeps the order in which sends finish,
+    /// and two sends in flight at once may finish either way round.
+    storing: HashMap<String, VecDeque<Doomed>>,
 }
 
 impl DeadLetterActor {
@@ -61,17 +68,49 @@ impl DeadLetterActor {
             consumer,
             stats,
             generation: 0,
+            storing: HashMap::new(),
         }
     }
 
+    /// The shard rewound past it: it will be read again.
+    fn stale(&self, doomed: &Doomed) -> bool {
+        matches!(&doomed.done, Done::Ack(w) if w.generation < self.generation)
+    }
+
     fn store(&mut self, doomed: Doomed, ctx: &mut Context<Self>) {
-        crate::failpoint!("dead_letter.store");
-        if let Done::Ack(w) = &doomed.done
-            && w.generation < self.generation
-        {
-            // The shard rewound: it will read this entry again.
+        if self.stale(&doomed) {
             return;
         }
+        let e = &doomed.delivered.entry;
+        let key = e.key.clone().unwrap_or_else(|| e.id.clone());
+        match self.storing.get_mut(&key) {
+            Some(waiting) => waiting.push_back(doomed),
+            None => {
+                self.storing.insert(key.clone(), VecDeque::new());
+                self.append(key, doomed, ctx);
+            }
+        }
+    }
+
+    /// The next letter of `key`, now that the one before it is stored.
+    fn next(&mut self, key: String, ctx: &mut Context<Self>) {
+        loop {
+            let Some(waiting) = self.storing.get_mut(&key) else {
+                return;
+            };
+            match waiting.pop_front() {
+                None => {
+                    self.storing.remove(&key);
+                    return;
+                }
+                Some(d) if self.stale(&d) => continue,
+                Some(d) => return self.append(key, d, ctx),
+            }
+        }
+    }
+
+    fn append(&mut self, key: String, doomed: Doomed, ctx: &mut Context<Self>) {
+        crate::failpoint!("dead_letter.store");
         let d = &doomed.delivered;
         let letter = DeadLetter {
             dlq_sequence: 0,
@@ -104,11 +143,16 @@ impl DeadLetterActor {
                             "Entry dead-lettered."
                         );
                         finish(doomed.done, doomed.delivered);
+                        guarded(act, ctx, |act, ctx| act.next(key, ctx));
                     }
                     Err(error) => {
+                        // Its key's later letters keep waiting behind it.
                         error!(%error, "Could not store a dead letter; retrying in 1 s.");
                         ctx.run_later(Duration::from_secs(1), move |act, ctx| {
-                            guarded(act, ctx, |act, ctx| act.store(doomed, ctx));
+                            guarded(act, ctx, |act, ctx| match act.stale(&doomed) {
+                                true => act.next(key, ctx),
+                                false => act.append(key, doomed, ctx),
+                            });
                         });
                     }
                 }),
@@ -150,6 +194,8 @@ impl Supervised for DeadLetterActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         warn!("Restarting a dead-letter actor; its shard rewinds.");
         self.stats.restarts.inc();
+        // What it was storing is read again after the rewind.
+        self.storing.clear();
         // It has nothing to start: the shard's rewind waits out the pause.
         self.stats.restart_backoff.restarted();
         self.consumer.do_send(Rewind);

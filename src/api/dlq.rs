@@ -24,10 +24,10 @@ use futures_util::future::join_all;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::applier::{Purged, Redrive, RedrivenLetter};
+use crate::actors::applier::{Purged, Redrive, RedriveBacklog, RedrivenLetter};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::shard::AnyDlq;
-use crate::backends::{BackendError, DeadLetter, DeadLetters};
+use crate::backends::{DeadLetter, DeadLetters, RedriveReport, Selection};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
 
@@ -125,52 +125,71 @@ pub async fn show(
     })))
 }
 
-/// The letters a request selects, and the ids it named that are not live.
-async fn select(
+/// Which letters a request's body picks.
+async fn selection(
     state: &AppState,
-    ns: &NamespaceRuntime,
     req: &HttpRequest,
     body: web::Payload,
-) -> Result<(Vec<DeadLetter>, Vec<String>), ApiError> {
+) -> Result<Selection, ApiError> {
     let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let (dlq, name) = (&ns.dlq, &ns.name);
     match (select.ids, select.all) {
-        (Some(ids), false) => {
-            let mut found = Vec::new();
-            let mut missing = Vec::new();
-            for id in ids {
-                let letters = dlq.get(name, &id).await.map_err(backend_error)?;
-                if letters.is_empty() {
-                    missing.push(id);
-                }
-                found.extend(letters);
-            }
-            // An id named twice is acted on once.
-            found.sort_by_key(|l| l.dlq_sequence);
-            found.dedup_by_key(|l| l.dlq_sequence);
-            // Oldest first, whatever order the ids came in: a held key's
-            // entries go back behind their holder.
-            Ok((found, missing))
-        }
-        (None, true) => {
-            let mut all = Vec::new();
-            let mut after = None;
-            loop {
-                let (page, _) = dlq
-                    .list(name, after, MAX_LIMIT)
-                    .await
-                    .map_err(backend_error)?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.dlq_sequence);
-                all.extend(page);
-            }
-            Ok((all, Vec::new()))
-        }
+        (Some(ids), false) => Ok(Selection::Ids(ids)),
+        (None, true) => Ok(Selection::All),
         _ => Err(ApiError::bad_request(
             "give either `ids` (a list) or `all: true`",
         )),
+    }
+}
+
+/// The letters a selection picks, a page at a time and oldest first, so a
+/// large DLQ is never held in memory at once. Named ids are one page (every
+/// letter of each, whatever order the ids came in).
+struct Pages<'a> {
+    ns: &'a NamespaceRuntime,
+    selection: &'a Selection,
+    after: Option<u64>,
+    done: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(ns: &'a NamespaceRuntime, selection: &'a Selection) -> Self {
+        Self {
+            ns,
+            selection,
+            after: None,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<DeadLetter>>, ApiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let (dlq, name) = (&self.ns.dlq, &self.ns.name);
+        match self.selection {
+            Selection::Ids(ids) => {
+                self.done = true;
+                let mut found = Vec::new();
+                for id in ids {
+                    found.extend(dlq.get(name, id).await.map_err(backend_error)?);
+                }
+                // An id named twice is acted on once.
+                found.sort_by_key(|l| l.dlq_sequence);
+                found.dedup_by_key(|l| l.dlq_sequence);
+                Ok(Some(found))
+            }
+            Selection::All => {
+                let (page, _) = dlq
+                    .list(name, self.after, MAX_LIMIT)
+                    .await
+                    .map_err(backend_error)?;
+                self.after = page.last().map(|l| l.dlq_sequence);
+                self.done = page.len() < MAX_LIMIT;
+                Ok((!page.is_empty()).then_some(page))
+            }
+        }
     }
 }
 
@@ -182,75 +201,94 @@ pub async fn redrive(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let (letters, not_found) = select(&state, &ns, &req, body).await?;
-    let (routable, unroutable): (Vec<_>, Vec<_>) = letters.into_iter().partition(|l| {
-        *l.origin.shard.namespace == *ns.name && l.origin.shard.shard < ns.config.shards
-    });
-    let unroutable: Vec<String> = unroutable.into_iter().map(|l| l.entry.id).collect();
-    if ns.dlq.redrives_to_broker() {
-        // Each send is queued at its first poll, so the entries go back in
-        // DLQ order: a held key's entries return behind their holder.
-        let sends = routable.iter().map(|l| ns.dlq.redrive_to_broker(l));
-        return put_back(&routable, join_all(sends).await, not_found, unroutable);
-    }
-    let mut by_shard: BTreeMap<u32, Vec<RedrivenLetter>> = BTreeMap::new();
-    for l in routable {
-        by_shard
-            .entry(l.origin.shard.shard)
-            .or_default()
-            .push(RedrivenLetter {
-                dlq_sequence: l.dlq_sequence,
-                delivered: Delivered {
-                    shard: l.origin.shard,
-                    sequence: l.origin.sequence,
-                    entry: l.entry,
-                },
-            });
-    }
-    let mut redriven = 0;
-    for (shard, entries) in by_shard {
-        redriven += entries.len();
-        ns.shards[shard as usize].applier.do_send(Redrive(entries));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "redriven": redriven,
-        "not_found": not_found,
-        "unroutable": unroutable,
-    })))
-}
-
-/// On a broker a redrive puts each entry back on its origin partition or
-/// queue, where whichever process reads it applies it. Answered once every
-/// entry is back; 503 naming the ids that are not (they stay in the DLQ).
-fn put_back(
-    letters: &[DeadLetter],
-    results: Vec<Result<(), BackendError>>,
-    not_found: Vec<String>,
-    unroutable: Vec<String>,
-) -> Result<HttpResponse, ApiError> {
-    let mut redriven = 0;
-    let mut failed = Vec::new();
-    for (letter, result) in letters.iter().zip(results) {
-        match result {
-            Ok(()) => redriven += 1,
-            Err(e) => {
-                failed.push(serde_json::json!({"id": letter.entry.id, "error": e.to_string()}))
-            }
-        }
-    }
+    let selection = selection(&state, &req, body).await?;
+    let report = if ns.dlq.redrives_to_broker() {
+        ns.dlq
+            .redrive_on_broker(&ns.name, ns.config.shards, &selection)
+            .await
+            .map_err(backend_error)?
+    } else {
+        redrive_in_place(&ns, &selection).await?
+    };
+    let failed: Vec<_> = report
+        .failed
+        .iter()
+        .map(|(id, error)| serde_json::json!({"id": id, "error": error}))
+        .collect();
     let body = serde_json::json!({
-        "redriven": redriven,
-        "not_found": not_found,
-        "unroutable": unroutable,
+        "redriven": report.redriven,
+        "not_found": report.not_found,
+        "unroutable": report.unroutable,
         "failed": failed,
     });
+    // 503 names the entries not put back (their letters stay).
     Ok(match failed.is_empty() {
         true => HttpResponse::Ok().json(body),
         false => HttpResponse::ServiceUnavailable().json(body),
     })
 }
 
-/// `POST /v1/namespaces/{ns}/dlq/purge`
+/// Redriven entries an applier may hold before the next page goes to it.
+const REDRIVE_BACKLOG: usize = MAX_LIMIT;
+
+/// The local DLQ: each page goes to its shards' appliers, which retry the
+/// entries in place and remove their letters once applied. The next page
+/// waits until no applier holds more than [`REDRIVE_BACKLOG`] of them.
+async fn redrive_in_place(
+    ns: &NamespaceRuntime,
+    selection: &Selection,
+) -> Result<RedriveReport, ApiError> {
+    let mut report = RedriveReport::default();
+    let mut pages = Pages::new(ns, selection);
+    let mut seen = Vec::new();
+    while let Some(page) = pages.next().await? {
+        if matches!(selection, Selection::Ids(_)) {
+            seen.extend(page.iter().map(|l| l.entry.id.clone()));
+        }
+        let mut by_shard: BTreeMap<u32, Vec<RedrivenLetter>> = BTreeMap::new();
+        for l in page {
+            if *l.origin.shard.namespace != *ns.name || l.origin.shard.shard >= ns.config.shards {
+                report.unroutable.push(l.entry.id);
+                continue;
+            }
+            by_shard
+                .entry(l.origin.shard.shard)
+                .or_default()
+                .push(RedrivenLetter {
+                    dlq_sequence: l.dlq_sequence,
+                    delivered: Delivered {
+                        shard: l.origin.shard,
+                        sequence: l.origin.sequence,
+                        entry: l.entry,
+                    },
+                });
+        }
+        for (shard, entries) in by_shard {
+            report.redriven += entries.len();
+            let applier = &ns.shards[shard as usize].applier;
+            applier.do_send(Redrive(entries));
+            // Backpressure: the applier holds what it was sent until applied.
+            while applier
+                .send(RedriveBacklog)
+                .await
+                .is_ok_and(|n| n > REDRIVE_BACKLOG)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+    if let Selection::Ids(ids) = selection {
+        report.not_found = ids
+            .iter()
+            .filter(|id| !seen.contains(id))
+            .cloned()
+            .collect();
+    }
+    Ok(report)
+}
+
+/// `POST /v1/namespaces/{ns}/dlq/purge`, a page at a time; the removals of a
+/// page go together, so one fsync covers many.
 pub async fn purge(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -258,22 +296,34 @@ pub async fn purge(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let (letters, mut not_found) = select(&state, &ns, &req, body).await?;
+    let selection = selection(&state, &req, body).await?;
+    let mut pages = Pages::new(&ns, &selection);
     let mut purged = 0;
-    for l in letters {
-        match ns.dlq.remove(&ns.name, l.dlq_sequence, "purged").await {
-            Ok(true) => {
+    let mut gone = Vec::new();
+    while let Some(page) = pages.next().await? {
+        let removals = page
+            .iter()
+            .map(|l| ns.dlq.remove(&ns.name, l.dlq_sequence, "purged"));
+        for (l, result) in page.iter().zip(join_all(removals).await) {
+            // Not removed: gone meanwhile (redriven and applied, or purged
+            // by another).
+            if result.map_err(backend_error)? {
                 purged += 1;
+                gone.push(l.entry.id.clone());
                 // If it held its key, the key's waiting entries may go.
                 if let Some(h) = ns.shards.get(l.origin.shard.shard as usize) {
                     h.applier.do_send(Purged(l.entry.clone()));
                 }
             }
-            // Gone meanwhile (redriven and applied, or purged by another).
-            Ok(false) if !not_found.contains(&l.entry.id) => not_found.push(l.entry.id),
-            Ok(false) => {}
-            Err(e) => return Err(backend_error(e)),
         }
     }
+    let not_found = match &selection {
+        Selection::Ids(ids) => ids
+            .iter()
+            .filter(|id| !gone.contains(id))
+            .cloned()
+            .collect(),
+        Selection::All => Vec::new(),
+    };
     Ok(HttpResponse::Ok().json(serde_json::json!({ "purged": purged, "not_found": not_found })))
 }

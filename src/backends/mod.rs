@@ -161,6 +161,51 @@ pub trait DeadLetters: Send + Sync {
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
+/// Which dead letters an admin action picks.
+#[derive(Clone, Debug)]
+pub enum Selection {
+    /// Every letter of these entry ids.
+    Ids(Vec<String>),
+    All,
+}
+
+impl Selection {
+    pub fn picks(&self, letter: &DeadLetter) -> bool {
+        match self {
+            Selection::Ids(ids) => ids.contains(&letter.entry.id),
+            Selection::All => true,
+        }
+    }
+
+    /// The named ids no letter in `found` has.
+    pub fn missing<'a>(&self, found: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<String> {
+        let Selection::Ids(ids) = self else {
+            return Vec::new();
+        };
+        let found: std::collections::HashSet<&str> =
+            found.into_iter().map(|l| l.entry.id.as_str()).collect();
+        let mut missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains(id.as_str()))
+            .cloned()
+            .collect();
+        missing.dedup();
+        missing
+    }
+}
+
+/// What a redrive onto a broker did.
+#[derive(Debug, Default)]
+pub struct RedriveReport {
+    pub redriven: usize,
+    /// Named ids with no letter.
+    pub not_found: Vec<String>,
+    /// Letters whose origin is not one of the namespace's shards.
+    pub unroutable: Vec<String>,
+    /// Entry ids not put back, and why; their letters stay.
+    pub failed: Vec<(String, String)>,
+}
+
 /// The first DLQ sequence a listing `after` starts at; `None` when nothing
 /// can follow (`after` is the largest sequence).
 pub(crate) fn listing_start(after: Option<u64>) -> Option<u64> {

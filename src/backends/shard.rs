@@ -13,7 +13,10 @@ use super::kafka::{
     KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaDlq, KafkaGroup, KafkaProducer,
 };
 use super::sqs::{self, SqsCheckpointer, SqsConsumer, SqsDelivery, SqsDlq, SqsNamespace};
-use super::{BackendError, Consumer, DeadLetter, DeadLetters, Delivery, EntryRejected};
+use super::{
+    BackendError, Consumer, DeadLetter, DeadLetters, Delivery, EntryRejected, RedriveReport,
+    Selection,
+};
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
 /// Where the answer to a write goes.
@@ -339,12 +342,18 @@ impl AnyDlq {
         !matches!(self, AnyDlq::Embedded(_))
     }
 
-    /// Put a letter's entry back on its origin partition or queue, with its
-    /// sequence, then remove the letter.
-    pub async fn redrive_to_broker(&self, letter: &DeadLetter) -> Result<(), BackendError> {
+    /// Put the letters `selection` picks back on their origin partitions or
+    /// queues, with their sequences, keeping each key's order, and remove
+    /// them. `shards` is the namespace's shard count.
+    pub async fn redrive_on_broker(
+        &self,
+        namespace: &str,
+        shards: u32,
+        selection: &Selection,
+    ) -> Result<RedriveReport, BackendError> {
         match self {
-            AnyDlq::Kafka(d) => d.redrive(letter).await,
-            AnyDlq::Sqs(d) => d.redrive(letter).await,
+            AnyDlq::Kafka(d) => d.redrive_selected(namespace, shards, selection).await,
+            AnyDlq::Sqs(d) => Ok(d.redrive_selected(namespace, selection).await?),
             AnyDlq::Embedded(_) => Err(BackendError::NotHere(
                 "the local DLQ redrives through the shard's applier",
             )),

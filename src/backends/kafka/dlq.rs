@@ -38,7 +38,7 @@ use tracing::{info, warn};
 
 use super::group::WaldenContext;
 use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of, serve};
-use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
+use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin, RedriveReport, Selection};
 use crate::entry::ShardRef;
 
 const H_NAMESPACE: &str = "walden.dlq.namespace";
@@ -402,6 +402,45 @@ impl KafkaDlq {
                 })?
                 .map_err(|e| KafkaError::client("dlq watermarks", &self.topic, e))?;
         Ok(high.max(0) as u64)
+    }
+
+    /// Redrive the letters of `namespace` that `selection` picks, in DLQ
+    /// order (the order the topic took them, so a key's letters go back in
+    /// its order): each produce is queued at its first poll, in turn, and
+    /// librdkafka keeps a partition's records in the order they are queued.
+    pub async fn redrive_selected(
+        &self,
+        namespace: &str,
+        shards: u32,
+        selection: &Selection,
+    ) -> Result<RedriveReport, BackendError> {
+        let picked: Vec<DeadLetter> = {
+            let view = self.view.lock().unwrap();
+            view.by_sequence
+                .values()
+                .filter(|l| &*l.origin.shard.namespace == namespace && selection.picks(l))
+                .cloned()
+                .collect()
+        };
+        let mut report = RedriveReport {
+            not_found: selection.missing(&picked),
+            ..RedriveReport::default()
+        };
+        let (routable, unroutable): (Vec<_>, Vec<_>) = picked
+            .into_iter()
+            .partition(|l| l.origin.shard.shard < shards);
+        report.unroutable = unroutable.into_iter().map(|l| l.entry.id).collect();
+        let sends = routable.iter().map(|l| self.redrive(l));
+        for (letter, result) in routable
+            .iter()
+            .zip(futures_util::future::join_all(sends).await)
+        {
+            match result {
+                Ok(()) => report.redriven += 1,
+                Err(e) => report.failed.push((letter.entry.id.clone(), e.to_string())),
+            }
+        }
+        Ok(report)
     }
 
     /// Send a letter's entry back to its origin partition, with its original

@@ -6,7 +6,9 @@
 //! `walden.dlq`: origin shard and target, attempts, failure times, the last
 //! error and the letter's DLQ sequence (a clock reading, so letters list in
 //! the order they died). On a FIFO DLQ each letter is its own message group,
-//! so one letter never hides the others.
+//! so one letter never hides the others. A shard stores a key's letters one
+//! after another, so the queue takes them in the key's order, and a redrive
+//! puts them back in that order ([`SqsDlq::redrive_selected`]).
 //!
 //! # Listing is a best-effort peek
 //! SQS cannot read a queue without receiving it, and a receive hides what it
@@ -22,14 +24,16 @@
 //! `attempts = 0` and the error "moved by the queue's RedrivePolicy", and
 //! redrive like any other letter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_sdk_sqs::Client;
 use serde::{Deserialize, Serialize};
 
 use super::{Hlc, Outgoing, SqsError, SqsProducer, SqsQueue, decode, encode, later_dedup, text};
-use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin};
+use futures_util::StreamExt;
+
+use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin, RedriveReport, Selection};
 use crate::entry::ShardRef;
 
 const LETTER: &str = "walden.dlq";
@@ -42,6 +46,10 @@ pub const LETTER_OVERHEAD: usize = MAX_ERROR + 512;
 const PEEK_HIDE_S: i32 = 10;
 /// Most letters one peek gathers.
 const PEEK_MAX: usize = 10_000;
+/// How long a redrive hides the letters it took while it puts them back.
+const REDRIVE_HIDE_S: i32 = 300;
+/// Keys a redrive puts back at once (each key's letters one at a time).
+const REDRIVE_KEYS_AT_ONCE: usize = 8;
 
 /// What a letter adds to its entry's message.
 #[derive(Serialize, Deserialize)]
@@ -65,10 +73,11 @@ pub struct SqsDlq {
     namespace: String,
 }
 
-/// A received letter and its receipt handle.
+/// A received letter, its receipt handle, and when the DLQ queue took it.
 struct Received {
     letter: DeadLetter,
     receipt: String,
+    sent_ms: u64,
 }
 
 impl SqsDlq {
@@ -93,29 +102,97 @@ impl SqsDlq {
         &self.queue
     }
 
-    /// Put a letter's entry back on its origin queue with its original
-    /// sequence, then remove the letter. Any process can do this; whichever
-    /// consumer receives the entry applies it.
-    pub async fn redrive(&self, letter: &DeadLetter) -> Result<(), BackendError> {
-        let origin =
-            self.origins
-                .get(letter.origin.shard.shard as usize)
-                .ok_or(BackendError::NotHere(
-                    "the letter's shard is not one of this namespace's queues",
-                ))?;
-        origin
-            .put_back(
-                &letter.entry,
-                letter.origin.sequence,
-                &format!("r{}", letter.dlq_sequence),
-            )
-            .await?;
-        self.remove_where(|l| {
-            l.origin.shard.namespace == letter.origin.shard.namespace
-                && l.dlq_sequence == letter.dlq_sequence
-        })
-        .await?;
-        Ok(())
+    /// Redrive the letters of `namespace` that `selection` picks: each
+    /// entry goes back to its origin queue with its original sequence, then
+    /// its letter is deleted. Any process can do this; whichever consumer
+    /// receives an entry applies it.
+    ///
+    /// A key's letters go back one after another, in the order the DLQ queue
+    /// took them (its SentTimestamp, then the letter's DLQ sequence), so a
+    /// FIFO queue keeps the key's order; keys go several at once. Sorting by
+    /// the entries' own sequences would not do: with several producers, the
+    /// clock that stamps them is not the queue's order. A letter that cannot
+    /// be put back stays, and so do the later letters of its key. The queue
+    /// is taken in windows of up to 10,000 letters, each hidden while it is
+    /// worked on; SQS hands out the oldest first.
+    pub async fn redrive_selected(
+        &self,
+        namespace: &str,
+        selection: &Selection,
+    ) -> Result<RedriveReport, SqsError> {
+        let mut report = RedriveReport::default();
+        let mut picked_ids = Vec::new();
+        loop {
+            let window = self.gather(REDRIVE_HIDE_S).await?;
+            let full = window.len() >= PEEK_MAX;
+            let (picked, rest): (Vec<_>, Vec<_>) = window.into_iter().partition(|r| {
+                *r.letter.origin.shard.namespace == *namespace && selection.picks(&r.letter)
+            });
+            self.release(&rest).await;
+            if picked.is_empty() {
+                break;
+            }
+            picked_ids.extend(picked.iter().map(|r| r.letter.entry.id.clone()));
+            let (routable, unroutable): (Vec<_>, Vec<_>) = picked
+                .into_iter()
+                .partition(|r| (r.letter.origin.shard.shard as usize) < self.origins.len());
+            report
+                .unroutable
+                .extend(unroutable.iter().map(|r| r.letter.entry.id.clone()));
+            self.release(&unroutable).await;
+            let mut by_key: BTreeMap<String, Vec<Received>> = BTreeMap::new();
+            for r in routable {
+                let e = &r.letter.entry;
+                let key = e.key.clone().unwrap_or_else(|| e.id.clone());
+                by_key.entry(key).or_default().push(r);
+            }
+            let keys = by_key.into_values().map(|mut letters| {
+                letters.sort_by_key(|r| (r.sent_ms, r.letter.dlq_sequence));
+                self.put_back_in_order(letters)
+            });
+            let mut failed = false;
+            let mut done = futures_util::stream::iter(keys).buffer_unordered(REDRIVE_KEYS_AT_ONCE);
+            while let Some((redriven, failure)) = done.next().await {
+                report.redriven += redriven;
+                if let Some(f) = failure {
+                    failed = true;
+                    report.failed.push(f);
+                }
+            }
+            if !full || failed {
+                break;
+            }
+        }
+        report.not_found = match selection {
+            Selection::Ids(ids) => ids
+                .iter()
+                .filter(|id| !picked_ids.contains(id))
+                .cloned()
+                .collect(),
+            Selection::All => Vec::new(),
+        };
+        Ok(report)
+    }
+
+    /// Put one key's letters back, in order: how many went back, and the
+    /// first that did not (the rest of the key stays behind it).
+    async fn put_back_in_order(&self, letters: Vec<Received>) -> (usize, Option<(String, String)>) {
+        for (i, r) in letters.iter().enumerate() {
+            let l = &r.letter;
+            let origin = &self.origins[l.origin.shard.shard as usize];
+            let why = format!("r{}", l.dlq_sequence);
+            if let Err(e) = origin.put_back(&l.entry, l.origin.sequence, &why).await {
+                self.release(&letters[i..]).await;
+                return (i, Some((l.entry.id.clone(), e.to_string())));
+            }
+            if let Err(error) = self.queue.delete(&r.receipt).await {
+                // The entry is back; its letter shows again when its hiding
+                // ends, and a second redrive of it is harmless (the version
+                // guard, the idempotency key).
+                tracing::warn!(id = %l.entry.id, %error, "A redriven letter could not be deleted.");
+            }
+        }
+        (letters.len(), None)
     }
 
     /// The shard `entry`'s key routes to.
@@ -123,16 +200,20 @@ impl SqsDlq {
         crate::entry::shard_of(entry.key.as_deref(), &entry.id, self.origins.len() as u32)
     }
 
+    /// When the queue took `msg` (its SentTimestamp), in ms.
+    fn sent_ms(msg: &aws_sdk_sqs::types::Message) -> u64 {
+        msg.attributes
+            .as_ref()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    }
+
     fn letter_of(&self, msg: &aws_sdk_sqs::types::Message) -> DeadLetter {
         let (entry, sequence) = decode(msg);
         let meta: Option<LetterMeta> =
             text(msg, LETTER).and_then(|j| serde_json::from_str(&j).ok());
-        let sent_ms = msg
-            .attributes
-            .as_ref()
-            .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::SentTimestamp))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        let sent_ms = Self::sent_ms(msg);
         match meta {
             Some(m) => DeadLetter {
                 dlq_sequence: m.dlq_sequence,
@@ -165,11 +246,12 @@ impl SqsDlq {
         }
     }
 
-    /// Receive every letter that can be had, hidden for a few seconds.
-    async fn gather(&self) -> Result<Vec<Received>, SqsError> {
+    /// Receive every letter that can be had (up to [`PEEK_MAX`]), hidden for
+    /// `hide_s` seconds.
+    async fn gather(&self, hide_s: i32) -> Result<Vec<Received>, SqsError> {
         let mut seen = HashMap::new();
         while seen.len() < PEEK_MAX {
-            let batch = self.queue.receive(10, 0, PEEK_HIDE_S).await?;
+            let batch = self.queue.receive(10, 0, hide_s).await?;
             let before = seen.len();
             for msg in batch {
                 let Some(receipt) = msg.receipt_handle.clone() else {
@@ -178,7 +260,11 @@ impl SqsDlq {
                 let letter = self.letter_of(&msg);
                 seen.insert(
                     msg.message_id.clone().unwrap_or_default(),
-                    Received { letter, receipt },
+                    Received {
+                        letter,
+                        receipt,
+                        sent_ms: Self::sent_ms(&msg),
+                    },
                 );
             }
             // Nothing new: the queue is read out, or a slow peek sees its
@@ -208,14 +294,14 @@ impl SqsDlq {
     /// A peek: the live letters, in DLQ order, shown again before this
     /// returns.
     async fn peek(&self) -> Result<Vec<DeadLetter>, SqsError> {
-        let all = self.gather().await?;
+        let all = self.gather(PEEK_HIDE_S).await?;
         self.release(&all).await;
         Ok(all.into_iter().map(|r| r.letter).collect())
     }
 
     /// Delete the letters that match; how many were deleted.
     async fn remove_where(&self, matches: impl Fn(&DeadLetter) -> bool) -> Result<usize, SqsError> {
-        let all = self.gather().await?;
+        let all = self.gather(PEEK_HIDE_S).await?;
         let (gone, keep): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| matches(&r.letter));
         self.release(&keep).await;
         let mut deleted = 0;
