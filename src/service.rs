@@ -16,12 +16,14 @@ use crate::actors::Stores;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
-use crate::backends::kafka::{KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings};
+use crate::backends::kafka::{
+    KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings, Membership,
+};
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::backends::sqs::{
     Hlc, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
 };
-use crate::backends::{BackendError, DelayStore};
+use crate::backends::{BackendError, DelayStore, Fatal};
 use crate::config::{
     BackendConfig, CompositeConfig, Config, DelaysConfig, KafkaConfig, NamespaceConfig,
     OnDeadLetter, ServerConfig, SqsConfig,
@@ -55,6 +57,9 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     State(crate::state::StateError),
+    /// A backend can no longer work (fenced out of its consumer group).
+    #[error("{0}")]
+    Fatal(String),
     #[error("listening on {listen}: {source}")]
     Bind {
         listen: String,
@@ -76,6 +81,8 @@ pub struct Service {
     server: actix_web::dev::ServerHandle,
     state: Arc<AppState>,
     arbiters: Vec<Arbiter>,
+    /// Why a backend can no longer work (fenced out of a group).
+    fatal: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 /// Start everything. Must run inside an actix `System`.
@@ -127,9 +134,17 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         delays: Arc::new(park.clone()),
         park,
     };
+    let (fatal, fatal_rx) = Fatal::channel();
+    let membership = Membership {
+        instance_id: uses_groups(&config)
+            .then(|| instance_id(&config.server))
+            .transpose()?,
+        fatal,
+    };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let (backend, ns_dlq, delays) = open_backend(name, ns, &config.server, &log, &dlq).await?;
+        let (backend, ns_dlq, delays) =
+            open_backend(name, ns, &config.server, &log, &dlq, &membership).await?;
         // A broker namespace's delays go to its tiers; the rest share fjall.
         let stores = Stores {
             park: stores.park.clone(),
@@ -184,10 +199,63 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         server: handle,
         state,
         arbiters,
+        fatal: fatal_rx,
     })
 }
 
+/// Whether this process joins consumer groups (it applies a Kafka
+/// namespace) as a static member.
+fn uses_groups(config: &Config) -> bool {
+    config.server.static_membership
+        && config.server.role.applies()
+        && config
+            .namespaces
+            .values()
+            .any(|ns| matches!(ns.backend.entries(), BackendConfig::Kafka(_)))
+}
+
+/// This process's stable `group.instance.id`: `server.instance_id`, or one
+/// generated at first start and kept in `data_dir/instance-id`, so a
+/// restarted process takes its partitions back at once.
+fn instance_id(server: &ServerConfig) -> Result<String, ServiceError> {
+    if !server.instance_id.is_empty() {
+        return Ok(server.instance_id.clone());
+    }
+    let path = server.data_dir.join("instance-id");
+    let io = |what| {
+        let path = path.clone();
+        move |source| ServiceError::Io { what, path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading")(e)),
+    }
+    let id = format!("walden-{}", uuid::Uuid::now_v7().simple());
+    // Written whole or not at all: a torn name would split the process in two.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &id).map_err(io("writing"))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsyncing"))?;
+    std::fs::rename(&tmp, &path).map_err(io("renaming"))?;
+    std::fs::File::open(&server.data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsyncing the directory of"))?;
+    info!(instance_id = %id, "Generated this process's group.instance.id.");
+    Ok(id)
+}
+
 impl Service {
+    /// Wait until a backend can no longer work; why.
+    pub async fn fatal(&mut self) -> String {
+        match self.fatal.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stop accepting, finish in-flight writes, commit progress, close the log.
     pub async fn shutdown(self) {
         info!("Shutting down: no new requests; finishing the writes in flight.");
@@ -250,6 +318,7 @@ async fn open_backend(
     server: &ServerConfig,
     log: &Arc<EmbeddedLog>,
     local_dlq: &Arc<EmbeddedDlq>,
+    membership: &Membership,
 ) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), ServiceError> {
     let backend_error = |source: BackendError| ServiceError::Backend {
         namespace: name.to_string(),
@@ -261,13 +330,13 @@ async fn open_backend(
             AnyDlq::Embedded(local_dlq.clone()),
             None,
         )),
-        BackendConfig::Kafka(k) => open_kafka(name, ns, k, server, true)
+        BackendConfig::Kafka(k) => open_kafka(name, ns, k, server, true, membership)
             .await
             .map_err(backend_error),
         BackendConfig::Sqs(q) => open_sqs(name, ns, q, server)
             .await
             .map_err(|e| backend_error(e.into())),
-        BackendConfig::Composite(c) => open_composite(name, ns, c, server)
+        BackendConfig::Composite(c) => open_composite(name, ns, c, server, membership)
             .await
             .map_err(backend_error),
     }
@@ -283,6 +352,7 @@ async fn open_kafka(
     k: &KafkaConfig,
     server: &ServerConfig,
     tiers: bool,
+    membership: &Membership,
 ) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
     let settings = k.settings(name, ns.shards, server.ack_timeout());
     settings.ensure_topic().await?;
@@ -298,9 +368,9 @@ async fn open_kafka(
         true => {
             let id = k.group(name);
             let drain = Duration::from_millis(k.rebalance_drain_ms);
-            let group = KafkaGroup::join(&settings, &id, drain)?;
+            let group = KafkaGroup::join(&settings, &id, drain, membership)?;
             let tier_groups = match &tiers {
-                Some(tiers) => tiers.start_workers(&id, drain)?,
+                Some(tiers) => tiers.start_workers(&id, drain, membership)?,
                 None => Vec::new(),
             };
             (Some(group), tier_groups)
@@ -336,6 +406,7 @@ async fn open_composite(
     ns: &NamespaceConfig,
     c: &CompositeConfig,
     server: &ServerConfig,
+    membership: &Membership,
 ) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
     let BackendConfig::Kafka(k) = c.entries.as_ref() else {
         return Err(BackendError::NotHere(
@@ -343,7 +414,7 @@ async fn open_composite(
         ));
     };
     let DelaysConfig::Sqs(d) = &c.delays;
-    let (backend, dlq, _) = open_kafka(name, ns, k, server, false).await?;
+    let (backend, dlq, _) = open_kafka(name, ns, k, server, false, membership).await?;
     let back = KafkaProducer::new(&k.settings(name, ns.shards, server.ack_timeout()))?;
     let client = SqsSettings::client_for(&d.region, d.endpoint_url.as_deref()).await;
     let delays = SqsDelays::open(
@@ -474,14 +545,21 @@ async fn open_dedup(
     Ok(dedup)
 }
 
-/// Run until SIGTERM or SIGINT, then shut down gracefully.
+/// Run until SIGTERM or SIGINT, or a fatal backend error, then shut down
+/// gracefully; a fatal error is the result.
 pub fn run(config: Config) -> Result<(), ServiceError> {
     let system = actix::System::new();
     system.block_on(async move {
-        let service = start(config).await?;
-        wait_for_signal().await;
+        let mut service = start(config).await?;
+        let fatal = tokio::select! {
+            () = wait_for_signal() => None,
+            why = service.fatal() => Some(why),
+        };
         service.shutdown().await;
-        Ok(())
+        match fatal {
+            Some(why) => Err(ServiceError::Fatal(why)),
+            None => Ok(()),
+        }
     })
 }
 

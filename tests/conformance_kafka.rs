@@ -74,7 +74,7 @@ impl conformance::Harness for Kafka {
         let tiers = self.tiers.as_ref().expect("open_delays first");
         let group = format!("{}-tiers", self.settings.topic);
         self.tier_groups = tiers
-            .start_workers(&group, Duration::from_secs(1))
+            .start_workers(&group, Duration::from_secs(1), &Default::default())
             .expect("tier workers");
     }
 }
@@ -216,6 +216,7 @@ async fn a_group_member_knows_the_end_of_its_partitions() {
         &settings,
         &format!("{}-group", settings.topic),
         Duration::from_secs(1),
+        &Default::default(),
     )
     .unwrap();
     let consumer = group.shard_consumer(&shard).await.unwrap();

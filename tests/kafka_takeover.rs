@@ -1,8 +1,10 @@
 //! Two consumer processes in one group split a Kafka namespace's partitions
 //! (the second joins mid-stream); SIGKILL one in the middle of a stream, and
 //! the other takes over its partitions: every acknowledged entry is
-//! delivered. Runs on tansu, which
-//! evicts a killed member (noida-db never does).
+//! delivered. Runs on tansu, which evicts a killed dynamic member (noida-db
+//! never does); neither test broker ever evicts a killed static member (real
+//! Kafka does, after `session.timeout.ms`), so these consumers join as
+//! dynamic members.
 
 mod common;
 
@@ -38,7 +40,7 @@ url = "{target}"
 fn consumer_config(dir: &std::path::Path, port: u16, ns: &str) -> std::path::PathBuf {
     let path = dir.join("walden.toml");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nrole = \"consumer\"\n{ns}",
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nrole = \"consumer\"\nstatic_membership = false\n{ns}",
         dir.join("data").display()
     );
     std::fs::write(&path, text).unwrap();

@@ -45,6 +45,25 @@ impl Throttle {
     }
 }
 
+/// Where a part of a backend that can no longer work says why (a consumer
+/// fenced out of its group); the service then stops with that error.
+#[derive(Clone, Debug, Default)]
+pub struct Fatal(Option<tokio::sync::mpsc::UnboundedSender<String>>);
+
+impl Fatal {
+    pub fn channel() -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Self(Some(tx)), rx)
+    }
+
+    pub fn report(&self, why: String) {
+        tracing::error!(error = %why, "Fatal: the service stops.");
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(why);
+        }
+    }
+}
+
 /// Errors of any backend, each keeping its backend's own typed error.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

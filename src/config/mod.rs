@@ -61,6 +61,17 @@ pub struct ServerConfig {
     /// writes) or `"consumer"` (applies). Split roles need a broker backend.
     /// `walden serve --role` sets it too.
     pub role: Role,
+    /// This process's stable name in Kafka consumer groups
+    /// (`group.instance.id`, static membership): restarted under the same
+    /// name, it takes its partitions back at once instead of waiting out its
+    /// old session. Empty (the default): one is generated at first start and
+    /// kept in `data_dir/instance-id`. Two processes must never share one:
+    /// the group fences the older out, and it stops with an error.
+    pub instance_id: String,
+    /// Join Kafka consumer groups as a static member (under `instance_id`).
+    /// Off: a dynamic member, whose partitions move to the others as soon
+    /// as the broker notices it is gone, and which a restart must wait out.
+    pub static_membership: bool,
 }
 
 /// What a process does with its namespaces.
@@ -106,6 +117,8 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 30_000,
             http_workers: 0,
             role: Role::All,
+            instance_id: String::new(),
+            static_membership: true,
         }
     }
 }

@@ -101,6 +101,13 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             e.server(field, "must be greater than 0");
         }
     }
+    let id = &s.instance_id;
+    if id.len() > 200 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        e.server(
+            "server.instance_id",
+            format!("{id:?} must be at most 200 printable ASCII characters without spaces"),
+        );
+    }
     if s.http_workers > MAX_HTTP_WORKERS {
         e.server(
             "server.http_workers",

@@ -87,3 +87,49 @@ impl Drop for Broker {
         self.kill();
     }
 }
+
+/// A fresh tansu (from `WALDEN_TEST_TANSU_BIN`) on a free port, in memory,
+/// owned by one test: group state left by other runs slows its joins down.
+pub struct Tansu {
+    pub port: u16,
+    child: Child,
+}
+
+impl Tansu {
+    /// Start one, or `None` (said loudly) when the binary is not known.
+    pub fn start() -> Option<Self> {
+        let bin = super::test_server("WALDEN_TEST_TANSU_BIN")?;
+        let port = super::free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self { port, child })
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

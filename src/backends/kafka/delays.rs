@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, join_all};
 use tracing::warn;
 
-use super::{KafkaError, KafkaGroup, KafkaProducer, KafkaSettings};
+use super::{KafkaError, KafkaGroup, KafkaProducer, KafkaSettings, Membership};
 use crate::backends::{BackendError, Consumer, DelayStore, Delivery};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
 
@@ -92,11 +92,13 @@ impl KafkaDelayTiers {
         self: &Arc<Self>,
         group: &str,
         drain: Duration,
+        membership: &Membership,
     ) -> Result<Vec<Arc<KafkaGroup>>, KafkaError> {
         let mut groups = Vec::new();
         for (name, ms) in TIERS {
             let tier = Self::tier_settings(&self.settings, name);
-            let member = KafkaGroup::join(&tier, &format!("{group}.delay-{name}"), drain)?;
+            let id = format!("{group}.delay-{name}");
+            let member = KafkaGroup::join(&tier, &id, drain, membership)?;
             for p in 0..tier.partitions {
                 let shard = ShardRef::new(tier.topic.as_str(), p);
                 let (this, member) = (self.clone(), member.clone());

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use super::consumer::{KafkaConsumer, Received};
 use super::{KafkaDlq, KafkaError, KafkaSettings, serve};
+use crate::backends::Fatal;
 use crate::backends::tracker::Tracker;
 use crate::entry::ShardRef;
 
@@ -227,6 +228,18 @@ pub(super) fn committed_offset<C: ConsumerContext>(
     }
 }
 
+/// How this process belongs to consumer groups.
+#[derive(Clone, Debug, Default)]
+pub struct Membership {
+    /// `group.instance.id` (static membership): a process that restarts
+    /// under it takes its partitions back at once, instead of waiting for
+    /// its old session to time out and the group to rebalance.
+    pub instance_id: Option<String>,
+    /// Told when the group fences this process out: another process joined
+    /// with the same `instance_id`.
+    pub fatal: Fatal,
+}
+
 /// This process's membership in a namespace's consumer group.
 pub struct KafkaGroup {
     consumer: Arc<StreamConsumer<WaldenContext>>,
@@ -245,6 +258,7 @@ impl KafkaGroup {
         settings: &KafkaSettings,
         group: &str,
         drain: Duration,
+        membership: &Membership,
     ) -> Result<Arc<Self>, KafkaError> {
         let topic = settings.topic.clone();
         let slots: Vec<Arc<Slot>> = (0..settings.partitions).map(|_| Slot::unowned()).collect();
@@ -256,15 +270,19 @@ impl KafkaGroup {
                 timeout: settings.ack_timeout,
             }),
         };
+        let mut base = vec![
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            // Statistics carry each partition's end, for the lag.
+            ("statistics.interval.ms", "5000"),
+        ];
+        if let Some(id) = &membership.instance_id {
+            base.push(("group.instance.id", id));
+        }
         let consumer: StreamConsumer<WaldenContext> = settings
-            .client_config(&[
-                ("group.id", group),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "earliest"),
-                // Statistics carry each partition's end, for the lag.
-                ("statistics.interval.ms", "5000"),
-            ])
+            .client_config(&base)
             .create_with_context(context)
             .map_err(|e| KafkaError::client("group consumer", &topic, e))?;
         let consumer = Arc::new(consumer);
@@ -285,10 +303,22 @@ impl KafkaGroup {
             .subscribe(&[&topic])
             .map_err(|e| KafkaError::client("subscribe", &topic, e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, s, t) = (consumer.clone(), stop.clone(), topic.clone());
+        let (c, s, t, owned) = (consumer.clone(), stop.clone(), topic.clone(), slots.clone());
+        let fenced = {
+            let (fatal, group, id) = (
+                membership.fatal.clone(),
+                group.to_string(),
+                membership.instance_id.clone().unwrap_or_default(),
+            );
+            move |reason: String| {
+                fatal.report(format!(
+                    "kafka consumer group {group}: this process was fenced out ({reason}); another process joined with the same group.instance.id {id:?} (server.instance_id): give each process its own"
+                ))
+            }
+        };
         std::thread::Builder::new()
             .name("walden-kafka-group".into())
-            .spawn(move || poll_group(c, s, t))
+            .spawn(move || poll_group(c, s, t, owned, fenced))
             .map_err(|e| KafkaError::Topic {
                 topic: topic.clone(),
                 message: format!("cannot start the group's polling thread: {e}"),
@@ -358,9 +388,16 @@ impl Drop for KafkaGroup {
 }
 
 /// Serve the consumer's main queue: rebalances, errors and logs. Runs on its
-/// own thread because a revoke may wait out the drain there.
-fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool>, topic: String) {
-    serve(&consumer, &stop, &topic, "group consumer", |msg| {
+/// own thread because a revoke may wait out the drain there. A fatal error
+/// (fenced out of the group) goes to `fatal`.
+fn poll_group(
+    consumer: Arc<StreamConsumer<WaldenContext>>,
+    stop: Arc<AtomicBool>,
+    topic: String,
+    slots: Vec<Arc<Slot>>,
+    fatal: impl FnOnce(String),
+) {
+    let fatal_error = serve(&consumer, &stop, &topic, "group consumer", |msg| {
         // Cannot happen while every partition has its own queue; if it
         // does, fetch it again rather than skip it.
         use rdkafka::Message;
@@ -371,6 +408,17 @@ fn poll_group(consumer: Arc<StreamConsumer<WaldenContext>>, stop: Arc<AtomicBool
             warn!(%topic, partition = p, error = %e, "Seek failed.");
         }
     });
+    if let Some(reason) = fatal_error {
+        // Fenced: another member owns the partitions now; this one hands
+        // out and commits nothing more.
+        for slot in &slots {
+            let mut st = slot.state.lock().unwrap();
+            st.owned = false;
+            st.epoch += 1;
+        }
+        fatal(reason);
+        return;
+    }
     consumer.unsubscribe();
 }
 

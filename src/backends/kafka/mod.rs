@@ -44,7 +44,7 @@ use rdkafka::{ClientConfig, ClientContext};
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use delays::{KafkaDelayTiers, TIERS};
 pub use dlq::KafkaDlq;
-pub use group::{KafkaGroup, WaldenContext};
+pub use group::{KafkaGroup, Membership, WaldenContext};
 pub use producer::KafkaProducer;
 
 use tracing::warn;
@@ -255,7 +255,7 @@ fn serve(
     topic: &str,
     what: &str,
     mut on_message: impl FnMut(BorrowedMessage<'_>),
-) {
+) -> Option<String> {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -263,7 +263,7 @@ fn serve(
         Ok(rt) => rt,
         Err(e) => {
             warn!(%topic, error = %e, "Cannot start the Kafka {what}.");
-            return;
+            return None;
         }
     };
     let mut error_log = Throttle::default();
@@ -275,12 +275,19 @@ fn serve(
             Err(_) => {}
             Ok(Ok(msg)) => on_message(msg),
             Ok(Err(e)) => {
+                // A fatal error (fenced out of a group) is not retried.
+                if let Some((code, reason)) =
+                    rdkafka::consumer::Consumer::client(consumer).fatal_error()
+                {
+                    return Some(format!("{code}: {reason}"));
+                }
                 if error_log.ready() {
                     warn!(%topic, error = %e, "Kafka {what} error; librdkafka retries.");
                 }
             }
         }
     }
+    None
 }
 
 /// The header that carries the entry id on every record Walden writes.
