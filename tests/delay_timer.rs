@@ -18,12 +18,23 @@ use walden::actors::ShardStats;
 use walden::actors::applier::ApplyDelayed;
 use walden::actors::consumer::Rewind;
 use walden::actors::delay::{Cancel, CancelOutcome, DelayScheduler, clock_ms};
-use walden::backends::{BackendError, DelayStore};
+use walden::backends::{BackendError, DelayStore, Limit};
 use walden::entry::{Delivered, Entry, ShardRef};
 
 /// (due ms, sequence) → entry, for one shard.
+/// A delay store in memory, which remembers every entry it has handed out.
 #[derive(Default)]
-struct MemoryDelays(Mutex<BTreeMap<(u64, u64), Delivered>>);
+struct MemoryDelays(
+    Mutex<BTreeMap<(u64, u64), Delivered>>,
+    Mutex<std::collections::HashSet<(u64, u64)>>,
+);
+
+impl MemoryDelays {
+    /// How many distinct entries the scheduler has loaded.
+    fn loaded(&self) -> usize {
+        self.1.lock().unwrap().len()
+    }
+}
 
 impl DelayStore for MemoryDelays {
     fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>> {
@@ -39,14 +50,17 @@ impl DelayStore for MemoryDelays {
         _: &ShardRef,
         from_ms: u64,
         until_ms: u64,
-        limit: usize,
+        limit: Limit,
     ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
         let map = self.0.lock().unwrap();
-        let found = map
+        let in_range = map
             .range((from_ms, 0)..(until_ms, 0))
-            .take(limit)
-            .map(|(_, d)| d.clone())
-            .collect();
+            .map(|(_, d)| d.clone());
+        let found: Vec<Delivered> = limit.take(in_range, |d| d.entry.payload.len());
+        self.1
+            .lock()
+            .unwrap()
+            .extend(found.iter().map(|d| (d.entry.due_ms, d.sequence)));
         Box::pin(async { Ok(found) })
     }
 
@@ -300,5 +314,37 @@ fn a_cancel_never_races_a_fire() {
             .collect();
         assert_eq!(left, vec![1], "only the fired one, still being delivered");
         assert_eq!(h.stats.delayed.get(), 0);
+    });
+}
+
+/// 100,000 overdue entries of 1 KiB after a restart: the scheduler holds at
+/// most its window's bound in memory (16 MiB of payload), and loads more as
+/// the catch-up rate fires them, instead of loading the whole backlog.
+#[test]
+fn an_overdue_backlog_stays_in_the_store_and_comes_in_as_it_fires() {
+    paused(async || {
+        let t0 = clock_ms();
+        let store = Arc::new(MemoryDelays::default());
+        let items: Vec<Delivered> = (0..100_000u64)
+            .map(|i| {
+                let mut d = entry(i, t0 - 60_000 + i / 100);
+                d.entry.payload = Bytes::from(vec![b'x'; 1024]);
+                d
+            })
+            .collect();
+        store.delay(items).await.unwrap();
+        let h = start(store.clone(), 500);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let fired = h.fired.lock().unwrap().len();
+        assert!(
+            (4_000..=5_600).contains(&fired),
+            "{fired} fired at 500/s in 10 s"
+        );
+        let held = store.loaded() - fired;
+        assert!(
+            held * 1024 <= (16 << 20) + 1024,
+            "{held} entries of 1 KiB held in memory"
+        );
+        assert!(held > 0, "the window is kept filled");
     });
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{Broker, Tansu};
 use common::target::HttpTarget;
-use common::{free_port, unique, wait_healthy};
+use common::{Walden, free_port, unique, wait_healthy};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -50,14 +50,17 @@ fn consumer(dir: &std::path::Path, port: u16, ns: &str, extra: &str) -> std::pat
     path
 }
 
-fn start(config: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+/// A consumer process, its errors kept for the test to read.
+fn start(config: &std::path::Path) -> Walden {
+    Walden(
+        std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Keep writing batches until `stop`; the ids acknowledged.

@@ -3,7 +3,8 @@
 //! Delayed entries are written to the delay store (fjall, fsynced), and only
 //! then acked, so they never hold up the entries behind them or the
 //! consumer's watermark. Memory holds only the near-term window (entries due
-//! within [`WINDOW_MS`]), refilled from the store as time passes; one timer
+//! within [`WINDOW_MS`], at most [`WINDOW_MAX_ENTRIES`] and
+//! [`WINDOW_MAX_BYTES`]), refilled from the store as time passes; one timer
 //! per shard fires them in due order (sequence order for equal due times).
 //! Entries found overdue, after a restart or an outage, fire at no more than
 //! `delay.catch_up_per_s`, and are counted.
@@ -30,7 +31,7 @@ use tracing::{error, info, warn};
 use super::applier::{ApplyDelayed, Reset};
 use super::consumer::Rewind;
 use super::{ShardStats, Work, ack, guarded};
-use crate::backends::{BackendError, DelayStore, Delivery};
+use crate::backends::{BackendError, DelayStore, Delivery, Limit};
 use crate::entry::{Delivered, ShardRef, now_ms};
 
 /// Milliseconds since the epoch on a monotonic clock: the wall clock at the
@@ -45,8 +46,11 @@ pub fn clock_ms() -> u64 {
 const WINDOW_MS: u64 = 10_000;
 /// How often the window is refilled from the store.
 const REFILL_EVERY: Duration = Duration::from_secs(1);
-/// Most entries loaded into memory by one refill.
-const REFILL_LIMIT: usize = 20_000;
+/// The most entries, and payload bytes, the window holds from the store: a
+/// backlog of overdue entries (after a restart or an outage) stays on disk
+/// and comes in as the window empties at the catch-up rate.
+const WINDOW_MAX_ENTRIES: usize = 20_000;
+const WINDOW_MAX_BYTES: usize = 16 << 20;
 /// An entry due longer ago than this is overdue: it fires under the
 /// catch-up rate.
 const OVERDUE_MS: u64 = 1_000;
@@ -60,6 +64,8 @@ pub struct DelayScheduler {
     catch_up_per_s: u64,
     /// (due ms, sequence) → entry, for entries due before `loaded_until`.
     window: BTreeMap<(u64, u64), Delivered>,
+    /// Payload bytes in `window`.
+    window_bytes: usize,
     /// Every stored entry due before this is in `window` (or has fired).
     loaded_until: u64,
     /// Entries in the store, not yet fired.
@@ -94,6 +100,7 @@ impl DelayScheduler {
             shard,
             catch_up_per_s,
             window: BTreeMap::new(),
+            window_bytes: 0,
             loaded_until: 0,
             stored: 0,
             generation: 0,
@@ -105,21 +112,44 @@ impl DelayScheduler {
         }
     }
 
-    /// Load the store's entries due within the window into memory.
+    fn insert(&mut self, key: (u64, u64), d: Delivered) {
+        self.window_bytes += d.entry.payload.len();
+        if let Some(old) = self.window.insert(key, d) {
+            self.window_bytes -= old.entry.payload.len();
+        }
+    }
+
+    fn remove(&mut self, key: &(u64, u64)) -> Option<Delivered> {
+        let d = self.window.remove(key)?;
+        self.window_bytes -= d.entry.payload.len();
+        Some(d)
+    }
+
+    /// Load the store's entries due within the window into memory, as far
+    /// as the window has room.
     fn refill(&mut self, ctx: &mut Context<Self>) {
+        let limit = Limit {
+            entries: WINDOW_MAX_ENTRIES.saturating_sub(self.window.len()),
+            bytes: WINDOW_MAX_BYTES.saturating_sub(self.window_bytes),
+        };
+        if limit.entries == 0 || limit.bytes == 0 {
+            return;
+        }
         let (store, shard) = (self.store.clone(), self.shard.clone());
         let (from, until) = (self.loaded_until, clock_ms() + WINDOW_MS);
         ctx.spawn(
-            async move { store.due_between(&shard, from, until, REFILL_LIMIT).await }
+            async move { store.due_between(&shard, from, until, limit).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(loaded) => {
-                        let full = loaded.len() == REFILL_LIMIT;
+                        // A load cut short by the limit stops mid-range.
+                        let bytes: usize = loaded.iter().map(|d| d.entry.payload.len()).sum();
+                        let full = loaded.len() == limit.entries || bytes >= limit.bytes;
                         let last_due = loaded.last().map(|d| d.entry.due_ms);
                         for d in loaded {
                             let key = (d.entry.due_ms, d.sequence);
                             if !act.cancelled.contains(&key) {
-                                act.window.insert(key, d);
+                                act.insert(key, d);
                             }
                         }
                         // A full load stops mid-range: continue from its last
@@ -162,7 +192,9 @@ impl DelayScheduler {
                 overdue += 1;
             }
             self.stats.fire_lateness.record(now - at);
-            due.push(entry.remove());
+            let d = entry.remove();
+            self.window_bytes -= d.entry.payload.len();
+            due.push(d);
         }
         if overdue > 0 {
             self.stats.caught_up.add(overdue);
@@ -245,6 +277,7 @@ impl Supervised for DelayScheduler {
         self.stats.restarts.inc();
         self.pause = self.stats.restart_backoff.restarted();
         self.window.clear();
+        self.window_bytes = 0;
         self.loaded_until = 0;
         self.timer = None;
         // Entries handed over but not yet stored were not acked: read again.
@@ -293,7 +326,7 @@ impl Handler<Delay> for DelayScheduler {
                         for d in items {
                             let key = (d.entry.due_ms, d.sequence);
                             if key.0 < act.loaded_until && !act.cancelled.contains(&key) {
-                                act.window.insert(key, d);
+                                act.insert(key, d);
                             }
                         }
                         for w in works {
@@ -331,7 +364,7 @@ impl Handler<Cancel> for DelayScheduler {
 
     fn handle(&mut self, Cancel(d): Cancel, _: &mut Context<Self>) -> Self::Result {
         let key = (d.entry.due_ms, d.sequence);
-        let in_window = self.window.remove(&key).is_some();
+        let in_window = self.remove(&key).is_some();
         let store = self.store.clone();
         if !in_window && key.0 < self.loaded_until {
             // Everything stored that is due before `loaded_until` was in
@@ -364,7 +397,7 @@ impl Handler<Cancel> for DelayScheduler {
                         // Still stored: it must still fire.
                         act.cancelled.remove(&key);
                         if in_window {
-                            act.window.insert(key, d);
+                            act.insert(key, d);
                         }
                         return Err(e);
                     }

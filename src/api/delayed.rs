@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::{ApiError, AppState};
 use crate::actors::delay::{Cancel, CancelOutcome};
 use crate::actors::supervisor::NamespaceRuntime;
+use crate::backends::Limit;
 use crate::backends::shard::NamespaceBackend;
 use crate::entry::Durable;
 
@@ -52,7 +53,7 @@ pub async fn list(
     for h in &ns.shards {
         let waiting = ns
             .delays
-            .due_between(&h.shard, 0, u64::MAX, limit)
+            .due_between(&h.shard, 0, u64::MAX, Limit::entries(limit))
             .await
             .map_err(store_error)?;
         upcoming.extend(waiting);

@@ -284,6 +284,38 @@ pub trait PutBack: Send + Sync {
     ) -> BoxFuture<'a, Result<(), BackendError>>;
 }
 
+/// How much one read may bring into memory: at most `entries`, and no more
+/// entries once their payloads reach `bytes` (the first always comes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+impl Limit {
+    /// At most `n` entries, whatever their size.
+    pub const fn entries(n: usize) -> Self {
+        Self {
+            entries: n,
+            bytes: usize::MAX,
+        }
+    }
+
+    /// Take `items` (in order) while the limit allows.
+    pub fn take<T>(self, items: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in items.into_iter().take(self.entries) {
+            if !out.is_empty() && bytes >= self.bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(size(&item));
+            out.push(item);
+        }
+        out
+    }
+}
+
 /// Where delayed entries wait until they are due, so that a shard's
 /// DelayScheduler keeps only the near-term window in memory. Each store keeps
 /// a full copy of an entry, since log retention may delete its segment first.
@@ -306,13 +338,13 @@ pub trait DelayStore: Send + Sync {
     // nothing, and forgets an entry once it has fired it.
 
     /// Entries of `shard` due in `[from_ms, until_ms)`, in (due, sequence)
-    /// order, at most `limit`.
+    /// order, within `limit`.
     fn due_between(
         &self,
         _shard: &ShardRef,
         _from_ms: u64,
         _until_ms: u64,
-        _limit: usize,
+        _limit: Limit,
     ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
         Box::pin(async { Ok(Vec::new()) })
     }

@@ -24,8 +24,8 @@ use tracing::error;
 
 use super::{StateError, StateStore};
 use crate::backends::BackendError;
-use crate::backends::DelayStore;
 use crate::backends::embedded::format::{self, Frame};
+use crate::backends::{DelayStore, Limit};
 use crate::entry::{Delivered, ShardRef};
 
 /// A parked entry and its retry state.
@@ -366,7 +366,7 @@ impl DelayStore for ParkStore {
         shard: &ShardRef,
         from_ms: u64,
         until_ms: u64,
-        limit: usize,
+        limit: Limit,
     ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
         let lo = delayed_key(shard, from_ms, 0);
         let hi = delayed_key(shard, until_ms, 0);
@@ -374,8 +374,13 @@ impl DelayStore for ParkStore {
             let found = self
                 .run(move |s| {
                     let mut out = Vec::new();
-                    for item in s.delayed.range(lo..hi).take(limit) {
+                    let mut bytes = 0;
+                    for item in s.delayed.range(lo..hi).take(limit.entries) {
+                        if !out.is_empty() && bytes >= limit.bytes {
+                            break;
+                        }
                         let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
+                        bytes += v.len();
                         if let Some(p) = decode(&v) {
                             out.push(p.delivered);
                         }

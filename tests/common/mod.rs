@@ -191,14 +191,40 @@ pub fn start_moto(bin: &str, port: u16) -> std::process::Child {
 }
 
 /// Start the real `walden serve` binary on a config file.
-pub fn start_walden(config: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+pub fn start_walden(config: &Path) -> Walden {
+    Walden(
+        std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A `walden serve` child process, SIGKILLed when dropped, so a test that
+/// fails half-way leaves none running.
+pub struct Walden(pub std::process::Child);
+
+impl std::ops::Deref for Walden {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Walden {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Walden {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Wait until a service answers `/healthz` on `port`.

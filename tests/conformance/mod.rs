@@ -315,7 +315,12 @@ pub async fn delays_come_back_when_due<H: Harness>() {
             }
         } else {
             let due = store
-                .due_between(&shard, 0, now_ms() + 1, 10)
+                .due_between(
+                    &shard,
+                    0,
+                    now_ms() + 1,
+                    walden::backends::Limit::entries(10),
+                )
                 .await
                 .expect("due_between");
             for d in due {
