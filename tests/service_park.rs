@@ -393,3 +393,64 @@ async fn a_redrive_into_a_parked_key_is_retried_in_place() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A long backlog behind one parked key comes back a page at a time (1,000
+/// entries), in order, through restarts of the head's wait, and none is
+/// lost or delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_parked_backlog_comes_back_in_pages_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    target.reject_key_for("P", 503, Some(1));
+    let text = config_text(dir.path(), "127.0.0.1:0", &target.url(), "");
+    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let base = format!("http://{}", svc.addr);
+    let client = reqwest::Client::new();
+    for chunk in 0..5 {
+        let entries: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
+            .map(|n| json!({"payload": {"n": n}, "key": "P"}))
+            .collect();
+        let r: Value = client
+            .post(format!("{base}/v1/namespaces/ns/log/batch"))
+            .json(&json!({ "entries": entries }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            r["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == 200)
+        );
+    }
+    until("the backlog to park", || {
+        std::thread::sleep(Duration::from_millis(100));
+        target.received().is_empty()
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = stats(&base).await;
+        if st["pending"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never parked: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    target.reject_key("P", 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while values_of(&target, "P").len() < 2500 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 2500 came back",
+            values_of(&target, "P").len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(values_of(&target, "P"), (0..2500).collect::<Vec<i64>>());
+}

@@ -45,7 +45,7 @@ use super::consumer::{Rewind, ShardConsumer};
 use super::dead_letter::{Bury, DeadLetterActor, Done, Doomed, Redriven};
 use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
 use crate::backends::kafka::KafkaDlq;
-use crate::backends::{DelayStore, Delivery};
+use crate::backends::{DelayStore, Delivery, Limit};
 use crate::config::{Ordering, RetryConfig};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
 use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
@@ -54,6 +54,11 @@ use crate::telemetry;
 
 /// Entries per sink call, at most.
 const MAX_BATCH: usize = 64;
+/// A parked key's backlog comes back a page at a time.
+const PARK_PAGE: Limit = Limit {
+    entries: 1000,
+    bytes: 4 << 20,
+};
 /// A target that panics on an entry applied alone this many times has met a
 /// poison entry: it goes to the DLQ with the panic's message.
 const POISON_AFTER: u32 = 3;
@@ -161,6 +166,9 @@ struct Block {
     parks_in_flight: u32,
     /// A reload from the park store is running.
     loading: bool,
+    /// The last sequence of the page loaded last: the next page starts
+    /// after it. `None`: load from the key's first parked entry.
+    resume_after: Option<u64>,
 }
 
 pub struct Applier {
@@ -239,25 +247,29 @@ impl Applier {
         }
     }
 
-    /// Admit new work, in order, then apply what is ready.
+    /// Admit new work, in order: queue each item, or park it behind its key
+    /// if the key is blocked (one park per key for the lot). Then apply what
+    /// is ready.
     fn take_in(&mut self, sources: Vec<Source>, ctx: &mut Context<Self>) {
         guarded(self, ctx, |act, ctx| {
+            let mut behind: Vec<(String, Vec<Item>)> = Vec::new();
             for source in sources {
                 let item = act.item(source);
-                act.admit(item, ctx);
+                let key = item.order_key(act.policy.ordering).to_string();
+                if !act.ready || !act.must_wait(&key, &item) {
+                    act.queue.push_back(item);
+                } else {
+                    match behind.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, items)) => items.push(item),
+                        None => behind.push((key, vec![item])),
+                    }
+                }
+            }
+            for (key, items) in behind {
+                act.park_items(key, items, None, ctx);
             }
             act.pump(ctx);
         });
-    }
-
-    /// Queue an item, or park it behind its key if the key is blocked.
-    fn admit(&mut self, item: Item, ctx: &mut Context<Self>) {
-        let key = item.order_key(self.policy.ordering).to_string();
-        if !self.ready || !self.must_wait(&key, &item) {
-            self.queue.push_back(item);
-        } else {
-            self.park_items(key, vec![item], None, ctx);
-        }
     }
 
     /// Whether `item` of `key` must wait behind its blocked key (parked, or
@@ -393,12 +405,19 @@ impl Applier {
         let block = self.blocked.entry(key.clone()).or_default();
         if head_due.is_some() {
             block.head_due_ms = head_due;
+            // It comes back from its first parked entry, its new head.
+            block.resume_after = None;
         }
         block.parks_in_flight += 1;
         let mut parked = Vec::with_capacity(items.len());
         let mut acks = Vec::new();
         let mut undelay = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
+            // Loaded from the store and never tried: it is still there, as
+            // it was. Only a head that failed has new retry state to write.
+            if i > 0 && matches!(item.source, Source::Parked(_)) {
+                continue;
+            }
             let due = if i == 0 { head_due.unwrap_or(0) } else { 0 };
             parked.push(Parked {
                 delivered: item.delivered(),
@@ -538,39 +557,42 @@ impl Applier {
         }
         b.loading = true;
         b.head_due_ms = None;
+        let after = b.resume_after;
         let (park, shard) = (self.park.clone(), self.shard.clone());
         let k = key.clone();
-        ctx.spawn(async move { park.load(shard, k).await }.into_actor(self).map(
-            move |result, act, ctx| {
-                let Some(b) = act.blocked.get_mut(&key) else { return };
-                b.loading = false;
-                match result {
-                    Ok(parked) if parked.is_empty() => {
-                        if b.parks_in_flight == 0 && b.held_by.is_none() {
-                            act.blocked.remove(&key);
-                        } else if b.held_by.is_none() {
-                            // A park for it is landing; look again then.
-                            b.head_due_ms = Some(now_ms() + 10);
-                            act.arm(ctx);
-                        }
-                    }
-                    Ok(parked) => {
-                        for p in parked {
-                            let mut item = act.item(Source::Parked(p.delivered));
-                            item.attempts = p.attempts;
-                            item.first_failure_ms = p.first_failure_ms;
-                            act.queue.push_back(item);
-                        }
-                        guarded(act, ctx, |act, ctx| act.pump(ctx));
-                    }
-                    Err(e) => {
-                        error!(error = %e, key = %key, "Cannot load parked entries; retrying in 1 s.");
-                        b.head_due_ms = Some(now_ms() + 1000);
+        let load = async move { park.load(shard, k, after, PARK_PAGE).await };
+        ctx.spawn(load.into_actor(self).map(move |result, act, ctx| {
+            let Some(b) = act.blocked.get_mut(&key) else {
+                return;
+            };
+            b.loading = false;
+            match result {
+                Ok(parked) if parked.is_empty() => {
+                    if b.parks_in_flight == 0 && b.held_by.is_none() {
+                        act.blocked.remove(&key);
+                    } else if b.held_by.is_none() {
+                        // A park for it is landing; look again then.
+                        b.head_due_ms = Some(now_ms() + 10);
                         act.arm(ctx);
                     }
                 }
-            },
-        ));
+                Ok(parked) => {
+                    b.resume_after = parked.last().map(|p| p.delivered.sequence);
+                    for p in parked {
+                        let mut item = act.item(Source::Parked(p.delivered));
+                        item.attempts = p.attempts;
+                        item.first_failure_ms = p.first_failure_ms;
+                        act.queue.push_back(item);
+                    }
+                    guarded(act, ctx, |act, ctx| act.pump(ctx));
+                }
+                Err(e) => {
+                    error!(error = %e, key = %key, "Cannot load parked entries; retrying in 1 s.");
+                    b.head_due_ms = Some(now_ms() + 1000);
+                    act.arm(ctx);
+                }
+            }
+        }));
     }
 
     /// Pick the next batch: in queue order, the first entry of each key that
@@ -860,6 +882,7 @@ impl Applier {
                     Ok(()) => {
                         if let Some(b) = act.blocked.get_mut(&key) {
                             b.held_by = None;
+                            b.resume_after = None;
                         }
                         act.reload(key, ctx);
                     }

@@ -209,16 +209,30 @@ impl ParkStore {
         .await
     }
 
-    /// Every parked entry of one key, in sequence order.
+    /// One key's parked entries after sequence `after` (from its first when
+    /// `None`), in sequence order, within `limit`: a long backlog comes back
+    /// a page at a time.
     pub async fn load(
         &self,
         shard: ShardRef,
         order_key: String,
+        after: Option<u64>,
+        limit: Limit,
     ) -> Result<Vec<Parked>, StateError> {
         self.run(move |s| {
+            let lo = match after {
+                Some(seq) => entry_key(&shard, &order_key, seq.saturating_add(1)),
+                None => key_prefix(&shard, &order_key),
+            };
+            let hi = entry_key(&shard, &order_key, u64::MAX);
             let mut out = Vec::new();
-            for item in s.parked.prefix(key_prefix(&shard, &order_key)) {
+            let mut bytes = 0;
+            for item in s.parked.range(lo..hi).take(limit.entries) {
+                if !out.is_empty() && bytes >= limit.bytes {
+                    break;
+                }
                 let (_, v) = item.into_inner().map_err(|e| s.err(e))?;
+                bytes += v.len();
                 if let Some(p) = decode(&v) {
                     out.push(p);
                 }
