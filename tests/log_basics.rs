@@ -340,3 +340,23 @@ fn age_retention_runs_on_its_own_and_only_past_commits() {
         100
     );
 }
+
+#[test]
+fn a_read_stops_at_its_byte_limit_but_always_brings_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap();
+    let shard = ShardRef::new("ns", 0);
+    for i in 0..10 {
+        log.append(&shard, entry(i.to_string(), vec![b'x'; 1000]))
+            .wait()
+            .unwrap();
+    }
+    let mut reader = log.reader(&shard, 0).unwrap();
+    let limit = |bytes| walden::backends::Limit {
+        entries: 100,
+        bytes,
+    };
+    assert_eq!(reader.read_within(limit(2500)).unwrap().len(), 3);
+    assert_eq!(reader.read_within(limit(1)).unwrap().len(), 1);
+    assert_eq!(reader.read_within(limit(usize::MAX)).unwrap().len(), 6);
+}

@@ -52,8 +52,9 @@ use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
 use crate::state::park::{ParkStore, Parked};
 use crate::telemetry;
 
-/// Entries per sink call, at most.
+/// Entries per sink call, at most, and payload bytes (one entry always).
 const MAX_BATCH: usize = 64;
+const MAX_BATCH_BYTES: usize = 4 << 20;
 /// A parked key's backlog comes back a page at a time.
 const PARK_PAGE: Limit = Limit {
     entries: 1000,
@@ -600,7 +601,11 @@ impl Applier {
     fn next_batch(&self, now: Instant) -> Vec<usize> {
         let mut seen: HashSet<&str> = HashSet::new();
         let mut batch = Vec::new();
+        let mut bytes = 0;
         for (i, item) in self.queue.iter().enumerate() {
+            if bytes >= MAX_BATCH_BYTES {
+                break;
+            }
             if !seen.insert(item.order_key(self.policy.ordering)) {
                 continue;
             }
@@ -614,6 +619,7 @@ impl Applier {
                 continue;
             }
             batch.push(i);
+            bytes += item.entry().payload.len();
             if batch.len() == MAX_BATCH {
                 break;
             }

@@ -1,6 +1,7 @@
 //! ShardConsumer: reads one shard in order and routes each entry to the
 //! Applier (due now) or the DelayScheduler (due later). Commits the low
-//! watermark every 100 ms when it moved, and bounds how far it reads ahead.
+//! watermark every 100 ms when it moved, and bounds how far it reads ahead,
+//! in entries and in payload bytes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,9 @@ use crate::backends::{Consumer, Delivery};
 use crate::entry::{ShardRef, now_ms};
 
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// Payload bytes a shard holds unacked, at most: with the count bound
+/// (`max_outstanding`), its read-ahead bound. Reading pauses past either.
+pub const MAX_OUTSTANDING_BYTES: usize = 16 << 20;
 const READ_BATCH: usize = 256;
 const READ_WAIT: Duration = Duration::from_millis(500);
 
@@ -142,8 +146,11 @@ impl ShardConsumer {
             ctx.run_later(Duration::from_secs(1), |act, ctx| act.reopen(ctx));
             return;
         };
-        let outstanding = self.checkpointer.as_ref().map_or(0, |c| c.outstanding());
-        if outstanding >= self.max_outstanding {
+        let (outstanding, bytes) = self
+            .checkpointer
+            .as_ref()
+            .map_or((0, 0), |c| (c.outstanding(), c.outstanding_bytes()));
+        if outstanding >= self.max_outstanding || bytes >= MAX_OUTSTANDING_BYTES {
             self.consumer = Some(consumer);
             ctx.run_later(Duration::from_millis(10), |act, ctx| act.schedule_read(ctx));
             return;

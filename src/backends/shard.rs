@@ -236,6 +236,15 @@ impl AnyCheckpointer {
         }
     }
 
+    /// Payload bytes of the deliveries not yet acked.
+    pub fn outstanding_bytes(&self) -> usize {
+        match self {
+            AnyCheckpointer::Embedded(c) => c.outstanding_bytes(),
+            AnyCheckpointer::Kafka(c) => c.outstanding_bytes(),
+            AnyCheckpointer::Sqs(c) => c.outstanding_bytes(),
+        }
+    }
+
     pub fn oldest_outstanding_ms(&self) -> Option<u64> {
         match self {
             AnyCheckpointer::Embedded(c) => c.oldest_outstanding_ms(),

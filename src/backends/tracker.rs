@@ -5,9 +5,11 @@
 use std::collections::{BTreeMap, VecDeque};
 
 pub(crate) struct Tracker<R> {
-    /// Delivered and not yet acked (sequence → timestamp ms); a nacked entry
-    /// stays here until acked.
-    outstanding: BTreeMap<u64, u64>,
+    /// Delivered and not yet acked (sequence → timestamp ms and payload
+    /// bytes); a nacked entry stays here until acked.
+    outstanding: BTreeMap<u64, (u64, usize)>,
+    /// Payload bytes of `outstanding`: what the shard holds in memory.
+    outstanding_bytes: usize,
     redeliver: VecDeque<R>,
     /// One past the last sequence delivered.
     delivered_end: u64,
@@ -20,6 +22,7 @@ impl<R> Tracker<R> {
     pub fn starting_at(from: u64) -> Self {
         Self {
             outstanding: BTreeMap::new(),
+            outstanding_bytes: 0,
             redeliver: VecDeque::new(),
             delivered_end: from,
             any_delivered: false,
@@ -35,10 +38,15 @@ impl<R> Tracker<R> {
             .unwrap_or(self.delivered_end)
     }
 
-    /// These (sequence, timestamp) were handed out; the next read starts at
-    /// `end`.
-    pub fn delivered(&mut self, items: impl IntoIterator<Item = (u64, u64)>, end: u64) {
-        self.outstanding.extend(items);
+    /// These (sequence, timestamp, payload bytes) were handed out; the next
+    /// read starts at `end`.
+    pub fn delivered(&mut self, items: impl IntoIterator<Item = (u64, u64, usize)>, end: u64) {
+        for (sequence, ts, bytes) in items {
+            if let Some((_, old)) = self.outstanding.insert(sequence, (ts, bytes)) {
+                self.outstanding_bytes -= old;
+            }
+            self.outstanding_bytes += bytes;
+        }
         self.delivered_end = self.delivered_end.max(end);
         self.any_delivered = true;
     }
@@ -50,7 +58,9 @@ impl<R> Tracker<R> {
     }
 
     pub fn ack(&mut self, sequence: u64) {
-        self.outstanding.remove(&sequence);
+        if let Some((_, bytes)) = self.outstanding.remove(&sequence) {
+            self.outstanding_bytes -= bytes;
+        }
     }
 
     /// Hand `record` out again; it stays outstanding until acked.
@@ -68,8 +78,35 @@ impl<R> Tracker<R> {
         self.outstanding.len()
     }
 
+    /// Payload bytes delivered and not yet acked.
+    pub fn outstanding_bytes(&self) -> usize {
+        self.outstanding_bytes
+    }
+
     /// Timestamp of the oldest delivery not yet acked.
     pub fn oldest_outstanding_ms(&self) -> Option<u64> {
-        self.outstanding.values().next().copied()
+        self.outstanding.values().next().map(|(ts, _)| *ts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_held_follow_deliveries_and_acks() {
+        let mut t: Tracker<()> = Tracker::starting_at(10);
+        t.delivered([(10, 1, 100), (11, 2, 50), (12, 3, 7)], 13);
+        assert_eq!((t.outstanding(), t.outstanding_bytes()), (3, 157));
+        t.ack(11);
+        assert_eq!((t.outstanding(), t.outstanding_bytes()), (2, 107));
+        // Delivered again (a redelivery): counted once.
+        t.delivered([(10, 1, 100)], 13);
+        assert_eq!(t.outstanding_bytes(), 107);
+        t.ack(10);
+        t.ack(12);
+        t.ack(12);
+        assert_eq!((t.outstanding(), t.outstanding_bytes()), (0, 0));
+        assert_eq!(t.low_watermark(), 13);
     }
 }

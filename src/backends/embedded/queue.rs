@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::error;
 
 use super::{EmbeddedLog, LogError, Record, ShardReader};
-use crate::backends::{BackendError, Consumer, Delivery, Producer, Sent};
+use crate::backends::{BackendError, Consumer, Delivery, Limit, Producer, Sent};
 use crate::entry::{Entry, ShardRef};
 
 /// Appends to the embedded log.
@@ -36,6 +36,9 @@ impl Producer for EmbeddedProducer {
 
 type Tracker = crate::backends::tracker::Tracker<Record>;
 
+/// Payload bytes one read brings into memory, at most (one record always).
+const READ_MAX_BYTES: usize = 4 << 20;
+
 /// Commits a consumer's progress without holding the consumer, so a commit
 /// can run while a read is waiting for new records.
 #[derive(Clone)]
@@ -55,6 +58,11 @@ impl EmbeddedCheckpointer {
     /// Deliveries not yet acked.
     pub fn outstanding(&self) -> usize {
         self.tracker.lock().unwrap().outstanding()
+    }
+
+    /// Payload bytes of the deliveries not yet acked.
+    pub fn outstanding_bytes(&self) -> usize {
+        self.tracker.lock().unwrap().outstanding_bytes()
     }
 
     /// Timestamp of the oldest delivery not yet acked.
@@ -147,8 +155,12 @@ impl EmbeddedConsumer {
             // change after the read wakes the wait below.
             self.durable_rx.borrow_and_update();
             let mut reader = self.reader.take().ok_or(LogError::Closed)?;
+            let limit = Limit {
+                entries: max,
+                bytes: READ_MAX_BYTES,
+            };
             let (reader, result) = tokio::task::spawn_blocking(move || {
-                let result = reader.read_batch(max);
+                let result = reader.read_within(limit);
                 (reader, result)
             })
             .await
@@ -169,7 +181,9 @@ impl EmbeddedConsumer {
                 other => other?,
             };
             if !records.is_empty() {
-                let delivered = records.iter().map(|r| (r.offset, r.entry.timestamp_ms));
+                let delivered = records
+                    .iter()
+                    .map(|r| (r.offset, r.entry.timestamp_ms, r.entry.payload.len()));
                 self.tracker.lock().unwrap().delivered(delivered, next);
                 return Ok(records);
             }

@@ -15,6 +15,7 @@ use tracing::{error, warn};
 use super::format::{self, FRAME_PREFIX, MAX_BODY, MIN_BODY, Record};
 use super::index::DurableMark;
 use super::{LogError, OnCorruption, Shared};
+use crate::backends::Limit;
 use crate::entry::ShardRef;
 use crate::fs::FsFile;
 
@@ -104,9 +105,16 @@ impl ShardReader {
 
     /// Up to `max` records that are durable now; empty when caught up.
     pub fn read_batch(&mut self, max: usize) -> Result<Vec<Record>, LogError> {
+        self.read_within(Limit::entries(max))
+    }
+
+    /// Records that are durable now, within `limit`; empty when caught up.
+    pub fn read_within(&mut self, limit: Limit) -> Result<Vec<Record>, LogError> {
         self.durable_rx.borrow_and_update();
-        let mut out = Vec::new();
-        while out.len() < max {
+        let mut out: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        while out.len() < limit.entries && (out.is_empty() || bytes < limit.bytes) {
+            let before = out.len();
             let bounds = self.bounds()?;
             if self.pos >= bounds.end {
                 if !bounds.more {
@@ -122,6 +130,10 @@ impl ShardReader {
                 // the next call because the cursor did not move.
                 Err(_) => break,
             }
+            bytes += out[before..]
+                .iter()
+                .map(|r| r.entry.payload.len())
+                .sum::<usize>();
         }
         Ok(out)
     }

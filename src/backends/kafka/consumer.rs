@@ -84,6 +84,10 @@ impl KafkaCheckpointer {
         self.slot.tracker.lock().unwrap().outstanding()
     }
 
+    pub fn outstanding_bytes(&self) -> usize {
+        self.slot.tracker.lock().unwrap().outstanding_bytes()
+    }
+
     pub fn oldest_outstanding_ms(&self) -> Option<u64> {
         self.slot.tracker.lock().unwrap().oldest_outstanding_ms()
     }
@@ -396,7 +400,9 @@ impl Consumer for KafkaConsumer {
                 return Ok(Vec::new());
             }
             let end = out.last().map_or(0, |r| r.offset + 1);
-            let delivered = out.iter().map(|r| (r.offset, r.entry.timestamp_ms));
+            let delivered = out
+                .iter()
+                .map(|r| (r.offset, r.entry.timestamp_ms, r.entry.payload.len()));
             self.slot.tracker.lock().unwrap().delivered(delivered, end);
         }
         Ok(out.into_iter().map(|r| self.delivery(r)).collect())

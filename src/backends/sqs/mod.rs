@@ -726,7 +726,15 @@ pub struct SqsConsumer {
     queue: SqsQueue,
     settings: SqsSettings,
     shard: ShardRef,
-    held: Arc<AtomicUsize>,
+    held: Arc<Held>,
+}
+
+/// The deliveries a shard holds (received, not yet acked or nacked), and
+/// their payload bytes.
+#[derive(Debug, Default)]
+struct Held {
+    count: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 impl SqsConsumer {
@@ -788,6 +796,7 @@ impl Consumer for SqsConsumer {
                     receipt,
                     visibility,
                     self.held.clone(),
+                    entry.payload.len(),
                 )),
                 shard: self.shard.clone(),
                 sequence,
@@ -811,16 +820,20 @@ impl Consumer for SqsConsumer {
     }
 }
 
-/// An SQS shard's progress: only how many deliveries are held (received,
-/// not yet acked or nacked), which bounds how far the shard reads ahead.
+/// An SQS shard's progress: only what deliveries are held (received, not
+/// yet acked or nacked), which bounds how far the shard reads ahead.
 #[derive(Clone)]
 pub struct SqsCheckpointer {
-    held: Arc<AtomicUsize>,
+    held: Arc<Held>,
 }
 
 impl SqsCheckpointer {
     pub fn outstanding(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
+        self.held.count.load(Ordering::Relaxed)
+    }
+
+    pub fn outstanding_bytes(&self) -> usize {
+        self.held.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -835,7 +848,9 @@ static KEEP_ALIVE_LOG: std::sync::Mutex<super::Throttle> =
 /// another consumer need not wait out the timeout.
 struct Hold {
     keep_alive: tokio::task::AbortHandle,
-    held: Arc<AtomicUsize>,
+    held: Arc<Held>,
+    /// Payload bytes of the held message.
+    bytes: usize,
     queue: SqsQueue,
     receipt: Arc<str>,
     /// Acked or nacked: nothing to show again.
@@ -847,9 +862,11 @@ impl Hold {
         queue: SqsQueue,
         receipt: Arc<str>,
         visibility: Duration,
-        held: Arc<AtomicUsize>,
+        held: Arc<Held>,
+        bytes: usize,
     ) -> Self {
-        held.fetch_add(1, Ordering::Relaxed);
+        held.count.fetch_add(1, Ordering::Relaxed);
+        held.bytes.fetch_add(bytes, Ordering::Relaxed);
         let seconds = visibility.as_secs().max(1) as i32;
         let (q, r) = (queue.clone(), receipt.clone());
         let keep_alive = tokio::spawn(async move {
@@ -869,6 +886,7 @@ impl Hold {
         Self {
             keep_alive,
             held,
+            bytes,
             queue,
             receipt,
             settled: false,
@@ -879,7 +897,8 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         self.keep_alive.abort();
-        self.held.fetch_sub(1, Ordering::Relaxed);
+        self.held.count.fetch_sub(1, Ordering::Relaxed);
+        self.held.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
         if self.settled {
             return;
         }
