@@ -14,10 +14,13 @@
 //!   with its entry also back on the topic: a second redrive repeats it, and
 //!   the version guard or the idempotency key makes that harmless.
 //! - Each process keeps a view of the live letters by reading the topic from
-//!   the start and then tailing it; `list` and `get` read the view. An append
-//!   or a remove resolves once the broker has it (`acks=all`) and the view
-//!   has caught up to it, so a process reads its own writes. Letters written
-//!   by other processes show up as the tail reaches them.
+//!   the start and then tailing it. The view is an index: each live letter's
+//!   offset, id, shard and the key it holds, never its payload or headers;
+//!   `list`, `get` and a redrive read the letters themselves from the topic,
+//!   a page at a time. An append or a remove resolves once the broker has it
+//!   (`acks=all`) and the view has caught up to it, so a process reads its
+//!   own writes. Letters written by other processes show up as the tail
+//!   reaches them.
 //! - With `dlq.on_dead_letter = "hold_key"`, the letter that holds a key says
 //!   so (`walden.dlq.holds`, the key), so the hold lives on the broker and
 //!   follows the partition to its next owner. The entries behind it become
@@ -25,12 +28,12 @@
 //!   partition's owner removes it once the redriven entry is applied, which
 //!   is what releases the key. Any removal (that, or a purge) ends the hold.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -57,33 +60,56 @@ const H_REMOVES: &str = "walden.dlq.removes";
 /// On a letter that holds its key (`hold_key`): the key it holds.
 const H_HOLDS: &str = "walden.dlq.holds";
 
+/// What the view keeps of a live letter: enough to find, order and hold it,
+/// not its contents.
+#[derive(Clone, Debug)]
+struct Meta {
+    id: Arc<str>,
+    namespace: Arc<str>,
+    shard: u32,
+}
+
 /// The live letters, by DLQ sequence and by id.
 #[derive(Default)]
 struct View {
-    by_sequence: BTreeMap<u64, DeadLetter>,
+    by_sequence: BTreeMap<u64, Meta>,
     /// id → the DLQ sequences of its letters.
-    by_id: HashMap<String, BTreeSet<u64>>,
+    by_id: HashMap<Arc<str>, BTreeSet<u64>>,
     /// The live letters that hold a key: shard → key → their DLQ sequences
     /// (the oldest is the hold).
     held: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
     /// The key each of those letters holds, by DLQ sequence.
     holds_of: HashMap<u64, String>,
+    /// Namespace names, shared by every letter of each.
+    namespaces: HashSet<Arc<str>>,
 }
 
 impl View {
-    fn put(&mut self, letter: DeadLetter, holds: Option<String>) {
-        let seq = letter.dlq_sequence;
-        self.by_id
-            .entry(letter.entry.id.clone())
-            .or_default()
-            .insert(seq);
+    fn put(&mut self, seq: u64, id: &str, namespace: &str, shard: u32, holds: Option<String>) {
+        let namespace = match self.namespaces.get(namespace) {
+            Some(ns) => ns.clone(),
+            None => {
+                let ns: Arc<str> = namespace.into();
+                self.namespaces.insert(ns.clone());
+                ns
+            }
+        };
+        let id: Arc<str> = match self.by_id.get_key_value(id) {
+            Some((id, _)) => id.clone(),
+            None => id.into(),
+        };
+        self.by_id.entry(id.clone()).or_default().insert(seq);
         if let Some(key) = holds {
-            let shard = letter.origin.shard.shard;
             let seqs = self.held.entry(shard).or_default();
             seqs.entry(key.clone()).or_default().insert(seq);
             self.holds_of.insert(seq, key);
         }
-        self.by_sequence.insert(seq, letter);
+        let meta = Meta {
+            id,
+            namespace,
+            shard,
+        };
+        self.by_sequence.insert(seq, meta);
     }
 
     /// Remove the letter of `id` at `only`; every letter of `id` when not
@@ -107,11 +133,11 @@ impl View {
 
     /// Forget the letter at `seq`, and the hold it made, if any.
     fn drop_letter(&mut self, seq: u64) {
-        let letter = self.by_sequence.remove(&seq);
-        let Some((letter, key)) = letter.zip(self.holds_of.remove(&seq)) else {
+        let meta = self.by_sequence.remove(&seq);
+        let Some((meta, key)) = meta.zip(self.holds_of.remove(&seq)) else {
             return;
         };
-        if let Some(keys) = self.held.get_mut(&letter.origin.shard.shard)
+        if let Some(keys) = self.held.get_mut(&meta.shard)
             && let Some(seqs) = keys.get_mut(&key)
         {
             seqs.remove(&seq);
@@ -124,7 +150,7 @@ impl View {
     /// The live letter holding `key` of `shard`, if any: its id.
     fn holder(&self, shard: u32, key: &str) -> Option<&str> {
         let seq = self.held.get(&shard)?.get(key)?.first()?;
-        self.by_sequence.get(seq).map(|l| l.entry.id.as_str())
+        self.by_sequence.get(seq).map(|m| &*m.id)
     }
 
     /// The live letters of `id` that hold their key, oldest first.
@@ -141,6 +167,20 @@ impl View {
     fn is_holding(&self, id: &str) -> bool {
         self.holding(id).next().is_some()
     }
+
+    /// The DLQ sequences of `namespace`'s live letters from `from` on, in
+    /// order, that `picks` takes.
+    fn sequences<'a>(
+        &'a self,
+        namespace: &'a str,
+        from: u64,
+        picks: impl Fn(&Meta) -> bool + 'a,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.by_sequence
+            .range(from..)
+            .filter(move |(_, m)| &*m.namespace == namespace && picks(m))
+            .map(|(seq, _)| *seq)
+    }
 }
 
 pub struct KafkaDlq {
@@ -150,6 +190,8 @@ pub struct KafkaDlq {
     topic: String,
     /// The view's reader (tailed on its own thread), also asked for the end.
     reader: Arc<StreamConsumer<WaldenContext>>,
+    /// Reads letters back from the topic for `list`, `get` and a redrive.
+    fetcher: Arc<Mutex<BaseConsumer<WaldenContext>>>,
     view: Arc<Mutex<View>>,
     /// The next offset the view will apply.
     applied: watch::Receiver<u64>,
@@ -185,6 +227,14 @@ impl KafkaDlq {
         consumer
             .assign(&tpl)
             .map_err(|e| KafkaError::client("dlq reader", &topic, e))?;
+        let fetcher: BaseConsumer<WaldenContext> = settings
+            .client_config(&[
+                ("group.id", "walden-dlq-fetch"),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "true"),
+            ])
+            .create_with_context(WaldenContext::assigned())
+            .map_err(|e| KafkaError::client("dlq fetcher", &topic, e))?;
         let (c, t) = (Arc::new(consumer), topic.clone());
         let view = Arc::new(Mutex::new(View::default()));
         let (applied_tx, applied) = watch::channel(0u64);
@@ -207,6 +257,7 @@ impl KafkaDlq {
             producer,
             topic,
             reader: c,
+            fetcher: Arc::new(Mutex::new(fetcher)),
             view,
             applied,
             stop,
@@ -260,34 +311,37 @@ impl DeadLetters for KafkaDlq {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, usize), BackendError> {
-        let view = self.view.lock().unwrap();
-        let ours = |l: &&DeadLetter| &*l.origin.shard.namespace == namespace;
-        let page = match crate::backends::listing_start(after) {
-            Some(from) => view
-                .by_sequence
-                .range(from..)
-                .map(|(_, l)| l)
-                .filter(ours)
-                .take(limit)
-                .cloned()
-                .collect(),
-            None => Vec::new(),
+        let (page, total): (Vec<u64>, usize) = {
+            let view = self.view.lock().unwrap();
+            let page = match crate::backends::listing_start(after) {
+                Some(from) => view
+                    .sequences(namespace, from, |_| true)
+                    .take(limit)
+                    .collect(),
+                None => Vec::new(),
+            };
+            (page, view.sequences(namespace, 0, |_| true).count())
         };
-        let total = view.by_sequence.values().filter(ours).count();
-        Ok((page, total))
+        Ok((self.fetch(page).await?, total))
     }
 
     async fn get(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
-        let view = self.view.lock().unwrap();
-        Ok(view
-            .by_id
-            .get(id)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| view.by_sequence.get(s))
-            .filter(|l| &*l.origin.shard.namespace == namespace)
-            .cloned()
-            .collect())
+        let seqs: Vec<u64> = {
+            let view = self.view.lock().unwrap();
+            let ours = |s: &&u64| {
+                view.by_sequence
+                    .get(s)
+                    .is_some_and(|m| &*m.namespace == namespace)
+            };
+            view.by_id
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter(ours)
+                .copied()
+                .collect()
+        };
+        self.fetch(seqs).await
     }
 
     async fn remove(
@@ -296,17 +350,17 @@ impl DeadLetters for KafkaDlq {
         dlq_sequence: u64,
         reason: &str,
     ) -> Result<bool, BackendError> {
-        let letter = {
+        let id = {
             let view = self.view.lock().unwrap();
             view.by_sequence
                 .get(&dlq_sequence)
-                .filter(|l| &*l.origin.shard.namespace == namespace)
-                .cloned()
+                .filter(|m| &*m.namespace == namespace)
+                .map(|m| m.id.clone())
         };
-        let Some(letter) = letter else {
+        let Some(id) = id else {
             return Ok(false);
         };
-        self.tombstone(&letter, reason).await?;
+        self.tombstone(&id, dlq_sequence, reason).await?;
         Ok(true)
     }
 }
@@ -414,31 +468,41 @@ impl KafkaDlq {
         shards: u32,
         selection: &Selection,
     ) -> Result<RedriveReport, BackendError> {
-        let picked: Vec<DeadLetter> = {
+        let picked: Vec<u64> = {
             let view = self.view.lock().unwrap();
-            view.by_sequence
-                .values()
-                .filter(|l| &*l.origin.shard.namespace == namespace && selection.picks(l))
-                .cloned()
-                .collect()
+            let picks = |m: &Meta| match selection {
+                Selection::Ids(ids) => ids.iter().any(|id| **id == *m.id),
+                Selection::All => true,
+            };
+            view.sequences(namespace, 0, picks).collect()
         };
-        let mut report = RedriveReport {
-            not_found: selection.missing(&picked),
-            ..RedriveReport::default()
-        };
-        let (routable, unroutable): (Vec<_>, Vec<_>) = picked
-            .into_iter()
-            .partition(|l| l.origin.shard.shard < shards);
-        report.unroutable = unroutable.into_iter().map(|l| l.entry.id).collect();
-        let sends = routable.iter().map(|l| self.redrive(l));
-        for (letter, result) in routable
-            .iter()
-            .zip(futures_util::future::join_all(sends).await)
-        {
-            match result {
-                Ok(()) => report.redriven += 1,
-                Err(e) => report.failed.push((letter.entry.id.clone(), e.to_string())),
+        let mut report = RedriveReport::default();
+        let mut found = HashSet::new();
+        // A page of letters in memory at a time, in DLQ order.
+        for page in picked.chunks(REDRIVE_PAGE) {
+            let letters = self.fetch(page.to_vec()).await?;
+            found.extend(letters.iter().map(|l| l.entry.id.clone()));
+            let (routable, unroutable): (Vec<_>, Vec<_>) = letters
+                .into_iter()
+                .partition(|l| l.origin.shard.shard < shards);
+            report
+                .unroutable
+                .extend(unroutable.into_iter().map(|l| l.entry.id));
+            let sends = routable.iter().map(|l| self.redrive(l));
+            let results = futures_util::future::join_all(sends).await;
+            for (letter, result) in routable.iter().zip(results) {
+                match result {
+                    Ok(()) => report.redriven += 1,
+                    Err(e) => report.failed.push((letter.entry.id.clone(), e.to_string())),
+                }
             }
+        }
+        if let Selection::Ids(ids) = selection {
+            report.not_found = ids
+                .iter()
+                .filter(|id| !found.contains(*id))
+                .cloned()
+                .collect();
         }
         Ok(report)
     }
@@ -461,20 +525,104 @@ impl KafkaDlq {
             // before the entry is back, letting later entries pass it.
             return Ok(());
         }
-        self.tombstone(letter, "redriven").await
+        self.tombstone(&letter.entry.id, letter.dlq_sequence, "redriven")
+            .await
     }
 
-    async fn tombstone(&self, letter: &DeadLetter, reason: &str) -> Result<(), BackendError> {
-        let removes = letter.dlq_sequence.to_string();
+    async fn tombstone(
+        &self,
+        id: &str,
+        dlq_sequence: u64,
+        reason: &str,
+    ) -> Result<(), BackendError> {
+        let removes = dlq_sequence.to_string();
         let mut headers = OwnedHeaders::new();
         header(&mut headers, H_REMOVED, reason);
         header(&mut headers, H_REMOVES, &removes);
         let (offset, _) = self
             .producer
-            .produce_record(Some(0), &letter.entry.id, None, headers)
+            .produce_record(Some(0), id, None, headers)
             .await?;
         self.caught_up(offset + 1).await?;
         Ok(())
+    }
+
+    /// The letters at these DLQ sequences (offsets), read from the topic in
+    /// one pass from the first to the last. A letter removed meanwhile is
+    /// still read (the topic keeps it); one the topic no longer has (its
+    /// retention deleted it) is an error.
+    async fn fetch(&self, mut offsets: Vec<u64>) -> Result<Vec<DeadLetter>, BackendError> {
+        offsets.sort_unstable();
+        offsets.dedup();
+        if offsets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (fetcher, topic, timeout) = (self.fetcher.clone(), self.topic.clone(), self.timeout);
+        let read = tokio::task::spawn_blocking(move || {
+            let fetcher = fetcher.lock().unwrap();
+            read_letters(&fetcher, &topic, &offsets, timeout)
+        });
+        let letters = read.await.map_err(|e| KafkaError::Topic {
+            topic: self.topic.clone(),
+            message: format!("reading letters panicked: {e}"),
+        })??;
+        Ok(letters)
+    }
+}
+
+/// Letters a redrive reads back into memory at a time.
+const REDRIVE_PAGE: usize = 1000;
+
+/// Read the letters at `wanted` (sorted, not empty) from partition 0 of
+/// `topic`, in one pass.
+fn read_letters(
+    fetcher: &BaseConsumer<WaldenContext>,
+    topic: &str,
+    wanted: &[u64],
+    timeout: Duration,
+) -> Result<Vec<DeadLetter>, KafkaError> {
+    let (first, last) = (wanted[0], wanted[wanted.len() - 1]);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(first as i64))
+        .map_err(|e| KafkaError::client("dlq fetcher", topic, e))?;
+    fetcher
+        .assign(&tpl)
+        .map_err(|e| KafkaError::client("dlq fetcher", topic, e))?;
+    let problem = |message: String| KafkaError::Topic {
+        topic: topic.to_string(),
+        message,
+    };
+    let missing = |at: u64| {
+        problem(format!(
+            "the letter at offset {at} is no longer in the topic (did its retention delete it?)"
+        ))
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::with_capacity(wanted.len());
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(problem(format!(
+                "reading letters {first} to {last} timed out"
+            )));
+        }
+        match fetcher.poll(left.min(Duration::from_millis(200))) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                return Err(missing(wanted[out.len()]));
+            }
+            Some(Err(e)) => return Err(KafkaError::client("dlq fetcher", topic, e)),
+            Some(Ok(msg)) => {
+                let at = msg.offset().max(0) as u64;
+                if wanted.binary_search(&at).is_ok() {
+                    let (letter, _) = letter_of(topic, &msg).ok_or_else(|| missing(at))?;
+                    out.push(letter);
+                }
+                if at >= last {
+                    return Ok(out);
+                }
+            }
+        }
     }
 }
 
@@ -498,7 +646,7 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
     let Some(id) = msg.key().map(|k| String::from_utf8_lossy(k).into_owned()) else {
         return;
     };
-    let Some(payload) = msg.payload() else {
+    if msg.payload().is_none() {
         let only = msg.headers().and_then(|hs| {
             hs.iter()
                 .find(|h| h.key == H_REMOVES)
@@ -506,13 +654,30 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
         });
         view.lock().unwrap().remove(&id, only);
         return;
+    }
+    let Some((letter, holds)) = letter_of(topic, msg) else {
+        return;
     };
+    let o = &letter.origin;
+    view.lock().unwrap().put(
+        letter.dlq_sequence,
+        &letter.entry.id,
+        &o.shard.namespace,
+        o.shard.shard,
+        holds,
+    );
+}
+
+/// The letter a record of the DLQ topic holds, and the key it holds; `None`
+/// for a tombstone or a record without a key.
+fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Option<String>)> {
+    msg.key()?;
     let mut entry = entry_of(
         topic,
         msg.partition(),
         msg.offset(),
         None,
-        Some(payload),
+        Some(msg.payload()?),
         msg.headers(),
         msg.timestamp().to_millis(),
     );
@@ -534,59 +699,36 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
     entry.timestamp_ms = num(H_TIMESTAMP);
     let namespace = fields.get(H_NAMESPACE).cloned().unwrap_or_default();
     let holds = fields.get(H_HOLDS).cloned();
-    view.lock().unwrap().put(
-        DeadLetter {
-            dlq_sequence: msg.offset().max(0) as u64,
-            origin: Origin {
-                shard: ShardRef::new(namespace, num(H_SHARD) as u32),
-                sequence: num(H_SEQUENCE),
-                target: fields.get(H_TARGET).cloned().unwrap_or_default(),
-            },
-            attempts: num(H_ATTEMPTS) as u32,
-            first_failure_ms: num(H_FIRST),
-            last_failure_ms: num(H_LAST),
-            last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
-            entry,
+    let letter = DeadLetter {
+        dlq_sequence: msg.offset().max(0) as u64,
+        origin: Origin {
+            shard: ShardRef::new(namespace, num(H_SHARD) as u32),
+            sequence: num(H_SEQUENCE),
+            target: fields.get(H_TARGET).cloned().unwrap_or_default(),
         },
-        holds,
-    );
+        attempts: num(H_ATTEMPTS) as u32,
+        first_failure_ms: num(H_FIRST),
+        last_failure_ms: num(H_LAST),
+        last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
+        entry,
+    };
+    Some((letter, holds))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::Entry;
-
-    fn letter(seq: u64, id: &str, key: &str) -> DeadLetter {
-        DeadLetter {
-            dlq_sequence: seq,
-            entry: Entry {
-                id: id.into(),
-                key: Some(key.into()),
-                ..Entry::default()
-            },
-            origin: Origin {
-                shard: ShardRef::new("ns", 1),
-                sequence: seq,
-                target: "t".into(),
-            },
-            attempts: 1,
-            first_failure_ms: 0,
-            last_failure_ms: 0,
-            last_error: String::new(),
-        }
-    }
 
     #[test]
     fn a_hold_lasts_while_its_letter_does() {
         let mut view = View::default();
-        view.put(letter(0, "a", "k"), Some("k".into()));
-        view.put(letter(1, "b", "k"), None);
+        view.put(0, "a", "ns", 1, Some("k".into()));
+        view.put(1, "b", "ns", 1, None);
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holder(0, "k"), None, "another shard");
         assert!(view.is_holding("a") && !view.is_holding("b"));
         // Dead-lettered again: a second letter, and both hold.
-        view.put(letter(2, "a", "k"), Some("k".into()));
+        view.put(2, "a", "ns", 1, Some("k".into()));
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holding("a").collect::<Vec<_>>(), [0, 2]);
         // The letter behind it going changes nothing.
