@@ -318,7 +318,7 @@ fn a_cancel_never_races_a_fire() {
 }
 
 /// 100,000 overdue entries of 1 KiB after a restart: the scheduler holds at
-/// most its window's bound in memory (16 MiB of payload), and loads more as
+/// most its window's bound in memory (8 MiB of payload), and loads more as
 /// the catch-up rate fires them, instead of loading the whole backlog.
 #[test]
 fn an_overdue_backlog_stays_in_the_store_and_comes_in_as_it_fires() {
@@ -342,7 +342,7 @@ fn an_overdue_backlog_stays_in_the_store_and_comes_in_as_it_fires() {
         );
         let held = store.loaded() - fired;
         assert!(
-            held * 1024 <= (16 << 20) + 1024,
+            held * 1024 <= (8 << 20) + 1024,
             "{held} entries of 1 KiB held in memory"
         );
         assert!(held > 0, "the window is kept filled");

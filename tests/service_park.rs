@@ -405,27 +405,11 @@ async fn a_long_parked_backlog_comes_back_in_pages_and_in_order() {
     let text = config_text(dir.path(), "127.0.0.1:0", &target.url(), "");
     let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
     let base = format!("http://{}", svc.addr);
-    let client = reqwest::Client::new();
     for chunk in 0..5 {
         let entries: Vec<Value> = (chunk * 500..(chunk + 1) * 500)
             .map(|n| json!({"payload": {"n": n}, "key": "P"}))
             .collect();
-        let r: Value = client
-            .post(format!("{base}/v1/namespaces/ns/log/batch"))
-            .json(&json!({ "entries": entries }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(
-            r["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|r| r["status"] == 200)
-        );
+        common::write_batch(&format!("{base}/v1/namespaces/ns/log/batch"), &entries).await;
     }
     until("the backlog to park", || {
         std::thread::sleep(Duration::from_millis(100));

@@ -516,7 +516,6 @@ async fn a_redrive_puts_a_key_s_letters_back_in_the_order_they_were_written() {
     cfg.server.ack_timeout_ms = 60_000;
     let svc = Spawned::start(cfg).unwrap();
     let base = format!("http://{}/v1/namespaces/ns", svc.addr);
-    let client = reqwest::Client::new();
     let mut entries = Vec::new();
     for i in 0..600 {
         let key = if i % 20 == 7 {
@@ -527,23 +526,7 @@ async fn a_redrive_puts_a_key_s_letters_back_in_the_order_they_were_written() {
         entries.push(json!({"payload": {"i": i}, "key": key, "id": format!("e{i}")}));
     }
     for chunk in entries.chunks(25) {
-        let r: Value = client
-            .post(format!("{base}/log/batch"))
-            .json(&json!({ "entries": chunk }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(
-            r["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|r| r["status"] == 200),
-            "{r}"
-        );
+        common::write_batch(&format!("{base}/log/batch"), chunk).await;
     }
     target.wait_for(570, WAIT);
     let deadline = std::time::Instant::now() + WAIT;

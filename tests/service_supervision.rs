@@ -230,21 +230,8 @@ async fn a_target_that_panics_on_one_key_dead_letters_that_key_alone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     walden::failpoints::disarm_on("sink.http.key");
-    let stats: Value = client
-        .get(format!("{base}/v1/namespaces/ns"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let restarts: u64 = stats["per_shard"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["restarts"].as_u64().unwrap())
-        .sum();
-    assert_eq!(restarts, 0, "a target's panic restarts nothing: {stats}");
+    let restarts = common::restarts(&base, "ns").await;
+    assert_eq!(restarts, 0, "a target's panic restarts nothing");
     // Nothing was delivered twice: no rewind redelivered the batch.
     let received = target.ids::<Vec<String>>();
     assert_eq!(received.len(), good.len(), "{received:?}");
@@ -261,21 +248,10 @@ async fn restarts_back_off_and_the_shard_recovers() {
     let svc = Spawned::start(service_config(dir.path(), &target.url(), 1, "")).unwrap();
     let client = reqwest::Client::new();
     let base = format!("http://{}", svc.addr);
-    let restarts = || async {
-        let stats: Value = client
-            .get(format!("{base}/v1/namespaces/ns"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        stats["per_shard"][0]["restarts"].as_u64().unwrap()
-    };
     walden::failpoints::arm("applier.apply", 1_000_000);
     let ids = write_n(&client, &format!("{base}/v1/namespaces/ns/log"), 0, 10).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let n = restarts().await;
+    let n = common::restarts(&base, "ns").await;
     assert!(
         (3..=12).contains(&n),
         "{n} restarts in 3 s: a restart storm, or none at all"

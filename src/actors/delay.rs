@@ -49,8 +49,8 @@ const REFILL_EVERY: Duration = Duration::from_secs(1);
 /// The most entries, and payload bytes, the window holds from the store: a
 /// backlog of overdue entries (after a restart or an outage) stays on disk
 /// and comes in as the window empties at the catch-up rate.
-const WINDOW_MAX_ENTRIES: usize = 20_000;
-const WINDOW_MAX_BYTES: usize = 16 << 20;
+const WINDOW_MAX_ENTRIES: usize = 10_000;
+const WINDOW_MAX_BYTES: usize = 8 << 20;
 /// An entry due longer ago than this is overdue: it fires under the
 /// catch-up rate.
 const OVERDUE_MS: u64 = 1_000;
@@ -66,6 +66,8 @@ pub struct DelayScheduler {
     window: BTreeMap<(u64, u64), Delivered>,
     /// Payload bytes in `window`.
     window_bytes: usize,
+    /// A refill is in flight.
+    refilling: bool,
     /// Every stored entry due before this is in `window` (or has fired).
     loaded_until: u64,
     /// Entries in the store, not yet fired.
@@ -101,6 +103,7 @@ impl DelayScheduler {
             catch_up_per_s,
             window: BTreeMap::new(),
             window_bytes: 0,
+            refilling: false,
             loaded_until: 0,
             stored: 0,
             generation: 0,
@@ -132,37 +135,50 @@ impl DelayScheduler {
             entries: WINDOW_MAX_ENTRIES.saturating_sub(self.window.len()),
             bytes: WINDOW_MAX_BYTES.saturating_sub(self.window_bytes),
         };
-        if limit.entries == 0 || limit.bytes == 0 {
+        if limit.entries == 0 || limit.bytes == 0 || self.refilling {
             return;
         }
+        self.refilling = true;
         let (store, shard) = (self.store.clone(), self.shard.clone());
         let (from, until) = (self.loaded_until, clock_ms() + WINDOW_MS);
         ctx.spawn(
             async move { store.due_between(&shard, from, until, limit).await }
                 .into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok(loaded) => {
-                        // A load cut short by the limit stops mid-range.
-                        let bytes: usize = loaded.iter().map(|d| d.entry.payload.len()).sum();
-                        let full = loaded.len() == limit.entries || bytes >= limit.bytes;
-                        let last_due = loaded.last().map(|d| d.entry.due_ms);
-                        for d in loaded {
-                            let key = (d.entry.due_ms, d.sequence);
-                            if !act.cancelled.contains(&key) {
-                                act.insert(key, d);
-                            }
-                        }
-                        // A full load stops mid-range: continue from its last
-                        // due time next time (reloading that instant is harmless).
-                        act.loaded_until = act.loaded_until.max(match (full, last_due) {
-                            (true, Some(due)) => due,
-                            _ => until,
-                        });
-                        act.arm(ctx);
-                    }
-                    Err(e) => error!(error = %e, "Cannot read the delay store; retrying."),
+                .map(move |result, act, ctx| {
+                    act.refilling = false;
+                    act.loaded(result, limit, until, ctx);
                 }),
         );
+    }
+
+    /// A refill came back: take what it loaded into the window.
+    fn loaded(
+        &mut self,
+        result: Result<Vec<Delivered>, BackendError>,
+        limit: Limit,
+        until: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let loaded = match result {
+            Ok(loaded) => loaded,
+            Err(e) => return error!(error = %e, "Cannot read the delay store; retrying."),
+        };
+        // A load cut short by the limit stops mid-range: continue from its
+        // last due time next time (reloading that instant is harmless).
+        let bytes: usize = loaded.iter().map(|d| d.entry.payload.len()).sum();
+        let full = loaded.len() == limit.entries || bytes >= limit.bytes;
+        let last_due = loaded.last().map(|d| d.entry.due_ms);
+        for d in loaded {
+            let key = (d.entry.due_ms, d.sequence);
+            if !self.cancelled.contains(&key) {
+                self.insert(key, d);
+            }
+        }
+        self.loaded_until = self.loaded_until.max(match (full, last_due) {
+            (true, Some(due)) => due,
+            _ => until,
+        });
+        self.arm(ctx);
     }
 
     /// Fire what is due, in due order; overdue entries only as the catch-up
@@ -202,6 +218,11 @@ impl DelayScheduler {
         if !due.is_empty() {
             self.stored -= due.len() as i64;
             self.applier.do_send(ApplyDelayed(due));
+        }
+        // An overdue backlog beyond the window comes in as soon as half of
+        // it has fired, not only at the next tick.
+        if self.window.len() < WINDOW_MAX_ENTRIES / 2 && self.loaded_until <= now {
+            self.refill(ctx);
         }
         self.arm(ctx);
     }
@@ -278,6 +299,7 @@ impl Supervised for DelayScheduler {
         self.pause = self.stats.restart_backoff.restarted();
         self.window.clear();
         self.window_bytes = 0;
+        self.refilling = false;
         self.loaded_until = 0;
         self.timer = None;
         // Entries handed over but not yet stored were not acked: read again.

@@ -242,6 +242,7 @@ async fn redrive_in_place(
     let mut pages = Pages::new(ns, selection);
     let mut seen = Vec::new();
     while let Some(page) = pages.next().await? {
+        // Only named ids need looking for (all of a large DLQ would not).
         if matches!(selection, Selection::Ids(_)) {
             seen.extend(page.iter().map(|l| l.entry.id.clone()));
         }
@@ -277,13 +278,7 @@ async fn redrive_in_place(
             }
         }
     }
-    if let Selection::Ids(ids) = selection {
-        report.not_found = ids
-            .iter()
-            .filter(|id| !seen.contains(id))
-            .cloned()
-            .collect();
-    }
+    report.not_found = selection.missing(seen.iter().map(String::as_str));
     Ok(report)
 }
 
@@ -309,7 +304,10 @@ pub async fn purge(
             // by another).
             if result.map_err(backend_error)? {
                 purged += 1;
-                gone.push(l.entry.id.clone());
+                // Only named ids need looking for (all of a large DLQ would not).
+                if matches!(selection, Selection::Ids(_)) {
+                    gone.push(l.entry.id.clone());
+                }
                 // If it held its key, the key's waiting entries may go.
                 if let Some(h) = ns.shards.get(l.origin.shard.shard as usize) {
                     h.applier.do_send(Purged(l.entry.clone()));
@@ -317,13 +315,6 @@ pub async fn purge(
             }
         }
     }
-    let not_found = match &selection {
-        Selection::Ids(ids) => ids
-            .iter()
-            .filter(|id| !gone.contains(id))
-            .cloned()
-            .collect(),
-        Selection::All => Vec::new(),
-    };
+    let not_found = selection.missing(gone.iter().map(String::as_str));
     Ok(HttpResponse::Ok().json(serde_json::json!({ "purged": purged, "not_found": not_found })))
 }

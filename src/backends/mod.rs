@@ -196,19 +196,19 @@ impl Selection {
         }
     }
 
-    /// The named ids no letter in `found` has.
-    pub fn missing<'a>(&self, found: impl IntoIterator<Item = &'a DeadLetter>) -> Vec<String> {
+    /// The named ids that are not among `found` (the ids of the letters an
+    /// action found); none for `All`.
+    pub fn missing<'a>(&self, found: impl IntoIterator<Item = &'a str>) -> Vec<String> {
         let Selection::Ids(ids) = self else {
             return Vec::new();
         };
-        let found: std::collections::HashSet<&str> =
-            found.into_iter().map(|l| l.entry.id.as_str()).collect();
-        let mut missing: Vec<String> = ids
-            .iter()
-            .filter(|id| !found.contains(id.as_str()))
-            .cloned()
-            .collect();
-        missing.dedup();
+        let found: std::collections::HashSet<&str> = found.into_iter().collect();
+        let mut missing: Vec<String> = Vec::new();
+        for id in ids {
+            if !found.contains(id.as_str()) && !missing.contains(id) {
+                missing.push(id.clone());
+            }
+        }
         missing
     }
 }

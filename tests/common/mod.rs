@@ -151,6 +151,27 @@ pub async fn post(url: &str, body: serde_json::Value) -> (u16, serde_json::Value
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// POST `entries` to a batch endpoint (`…/log/batch`); the answer, after
+/// checking that every entry was written.
+pub async fn write_batch(url: &str, entries: &[serde_json::Value]) -> serde_json::Value {
+    let (status, body) = post(url, serde_json::json!({ "entries": entries })).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("a batch answer");
+    assert!(results.iter().all(|r| r["status"] == 200), "{body}");
+    body
+}
+
+/// Actor restarts in every shard of namespace `ns` of the service at `base`.
+pub async fn restarts(base: &str, ns: &str) -> u64 {
+    let stats = get_json(&format!("{base}/v1/namespaces/{ns}")).await;
+    stats["per_shard"]
+        .as_array()
+        .expect("per-shard stats")
+        .iter()
+        .map(|s| s["restarts"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// GET `url`; its JSON answer.
 pub async fn get_json(url: &str) -> serde_json::Value {
     reqwest::get(url).await.unwrap().json().await.unwrap()
@@ -229,7 +250,12 @@ impl Drop for Walden {
 
 /// Wait until a service answers `/healthz` on `port`.
 pub async fn wait_healthy(port: u16) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    wait_healthy_within(port, std::time::Duration::from_secs(20)).await
+}
+
+/// Wait up to `limit` until a service answers `/healthz` on `port`.
+pub async fn wait_healthy_within(port: u16, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
     let url = format!("http://127.0.0.1:{port}/healthz");
     while std::time::Instant::now() < deadline {
         if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {

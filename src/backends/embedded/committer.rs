@@ -190,7 +190,7 @@ impl Committer {
                 // room, then look again.
                 if !freed {
                     freed = true;
-                    let need = len + self.unpublished();
+                    let need = len + self.size().1;
                     if let Err(error) = retention::apply(&self.shared, self.w.segment, need) {
                         warn!(%error, "Retention failed.");
                     }
@@ -252,16 +252,17 @@ impl Committer {
     /// yet published; `None` without a cap to refuse at.
     fn room(&self) -> Option<u64> {
         let cap = self.cap()?;
-        let published = self.shared.index.read().unwrap().total_bytes();
-        Some(cap.saturating_sub(published + self.unpublished()))
+        let (published, unpublished) = self.size();
+        Some(cap.saturating_sub(published + unpublished))
     }
 
-    /// Bytes of the active segment written or staged, not yet published to
-    /// the index.
-    fn unpublished(&self) -> u64 {
+    /// The log's size as the index has it (published), and the bytes of the
+    /// active segment written or staged since.
+    fn size(&self) -> (u64, u64) {
         let idx = self.shared.index.read().unwrap();
-        let published = idx.segments.get(&self.w.segment).map_or(0, |s| s.len);
-        self.w.pos.saturating_sub(published) + self.buf.len() as u64
+        let active = idx.segments.get(&self.w.segment).map_or(0, |s| s.len);
+        let unpublished = self.w.pos.saturating_sub(active) + self.buf.len() as u64;
+        (idx.total_bytes(), unpublished)
     }
 
     fn refusal(&self) -> LogError {

@@ -5,10 +5,10 @@
 //! history in `walden.dlq.*` headers. A log cannot forget, so purge and a
 //! successful redrive append a tombstone naming the letter's DLQ sequence. At
 //! open the log is read once to rebuild which letters are live; letters are
-//! read back from the log on demand, so memory holds only their ids and
-//! positions.
+//! read back from the log on demand, so memory holds only an index: each
+//! live letter's position and a hash of its id, a few dozen bytes a letter.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -22,39 +22,95 @@ const TOMBSTONE: &str = "walden.dlq.tombstone";
 /// written before it existed remove every letter of their id.
 const REMOVES: &str = "walden.dlq.removes";
 
+/// The live letters of one namespace: each one's DLQ sequence and a hash of
+/// its id, and the letters of each id hash. A hash collision only costs a
+/// read: a letter read back is checked for its id.
 #[derive(Default)]
 struct Live {
-    /// DLQ sequence → id, in order.
-    by_seq: BTreeMap<u64, String>,
-    /// id → the DLQ sequences of its letters.
-    by_id: HashMap<String, BTreeSet<u64>>,
+    /// DLQ sequence → id hash, in order.
+    by_seq: BTreeMap<u64, u64>,
+    by_id: HashMap<u64, Seqs>,
+}
+
+/// The DLQ sequences of one id hash: nearly always one.
+enum Seqs {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Seqs {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Seqs::One(seq) => std::slice::from_ref(seq),
+            Seqs::Many(seqs) => seqs,
+        }
+    }
+}
+
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 impl Live {
     fn insert(&mut self, seq: u64, id: &str) {
-        self.by_id.entry(id.to_string()).or_default().insert(seq);
-        self.by_seq.insert(seq, id.to_string());
+        let hash = id_hash(id);
+        self.by_seq.insert(seq, hash);
+        match self.by_id.remove(&hash) {
+            None => self.by_id.insert(hash, Seqs::One(seq)),
+            Some(Seqs::One(first)) => self.by_id.insert(hash, Seqs::Many(vec![first, seq])),
+            Some(Seqs::Many(mut seqs)) => {
+                seqs.push(seq);
+                self.by_id.insert(hash, Seqs::Many(seqs))
+            }
+        };
     }
 
     /// Remove the letter at `seq`; false if it was not live.
     fn remove(&mut self, seq: u64) -> bool {
-        let Some(id) = self.by_seq.remove(&seq) else {
+        let Some(hash) = self.by_seq.remove(&seq) else {
             return false;
         };
-        if let Some(seqs) = self.by_id.get_mut(&id) {
-            seqs.remove(&seq);
-            if seqs.is_empty() {
-                self.by_id.remove(&id);
+        let left: Vec<u64> = match self.by_id.remove(&hash) {
+            Some(s) => s.as_slice().iter().copied().filter(|s| *s != seq).collect(),
+            None => Vec::new(),
+        };
+        match left[..] {
+            [] => {}
+            [one] => {
+                self.by_id.insert(hash, Seqs::One(one));
+            }
+            _ => {
+                self.by_id.insert(hash, Seqs::Many(left));
             }
         }
         true
     }
 
-    /// Remove every letter of `id`.
+    /// Remove every letter of `id` (a tombstone written before tombstones
+    /// named their letter).
     fn remove_id(&mut self, id: &str) {
-        for seq in self.by_id.remove(id).unwrap_or_default() {
-            self.by_seq.remove(&seq);
+        let seqs: Vec<u64> = self
+            .by_id
+            .get(&id_hash(id))
+            .map(|s| s.as_slice().to_vec())
+            .unwrap_or_default();
+        for seq in seqs {
+            self.remove(seq);
         }
+    }
+
+    /// The sequences that may be letters of `id`, in order.
+    fn candidates(&self, id: &str) -> Vec<u64> {
+        let mut seqs = self
+            .by_id
+            .get(&id_hash(id))
+            .map(|s| s.as_slice().to_vec())
+            .unwrap_or_default();
+        seqs.sort_unstable();
+        seqs
     }
 }
 
@@ -100,13 +156,26 @@ impl EmbeddedDlq {
         }))
     }
 
-    fn read(&self, namespace: &str, seq: u64) -> Result<Option<DeadLetter>, LogError> {
-        let mut reader = self.log.reader(&shard(namespace), seq)?;
-        Ok(reader
-            .read_batch(1)?
-            .into_iter()
-            .next()
-            .and_then(|r| decode(r.offset, r.entry)))
+    /// The letters at `seqs` (in order), read in one pass from the first to
+    /// the last.
+    fn read(&self, namespace: &str, seqs: &[u64]) -> Result<Vec<DeadLetter>, LogError> {
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            return Ok(Vec::new());
+        };
+        let mut reader = self.log.reader(&shard(namespace), first)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        while reader.next_offset() <= last {
+            let batch = reader.read_batch(256)?;
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch {
+                if r.offset <= last && seqs.binary_search(&r.offset).is_ok() {
+                    out.extend(decode(r.offset, r.entry));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Stop the DLQ log (flush and join its committer).
@@ -140,27 +209,22 @@ impl EmbeddedDlq {
             };
             (page, ns.by_seq.len())
         };
-        let mut out = Vec::with_capacity(seqs.len());
-        for seq in seqs {
-            if let Some(letter) = self.read(namespace, seq)? {
-                out.push(letter);
-            }
-        }
-        Ok((out, total))
+        Ok((self.read(namespace, &seqs)?, total))
     }
 
     pub fn get_now(&self, namespace: &str, id: &str) -> Result<Vec<DeadLetter>, BackendError> {
         let seqs: Vec<u64> = {
             let live = self.live.lock().unwrap();
             live.get(namespace)
-                .and_then(|ns| ns.by_id.get(id))
-                .map(|s| s.iter().copied().collect())
+                .map(|ns| ns.candidates(id))
                 .unwrap_or_default()
         };
         let mut out = Vec::with_capacity(seqs.len());
+        // Letters of one id are few, and may lie far apart: one read each.
         for seq in seqs {
-            out.extend(self.read(namespace, seq)?);
+            out.extend(self.read(namespace, &[seq])?);
         }
+        out.retain(|l| l.entry.id == id);
         Ok(out)
     }
 }
@@ -198,17 +262,16 @@ impl DeadLetters for EmbeddedDlq {
         dlq_sequence: u64,
         reason: &str,
     ) -> Result<bool, BackendError> {
-        let id = {
+        let live_now = {
             let live = self.live.lock().unwrap();
             live.get(namespace)
-                .and_then(|ns| ns.by_seq.get(&dlq_sequence))
-                .cloned()
+                .is_some_and(|ns| ns.by_seq.contains_key(&dlq_sequence))
         };
-        let Some(id) = id else {
+        if !live_now {
             return Ok(false);
-        };
+        }
+        // It names its letter by sequence; the index has the rest.
         let tombstone = Entry {
-            id,
             headers: vec![
                 (TOMBSTONE.into(), reason.into()),
                 (REMOVES.into(), dlq_sequence.to_string()),

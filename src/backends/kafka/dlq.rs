@@ -481,7 +481,10 @@ impl KafkaDlq {
         // A page of letters in memory at a time, in DLQ order.
         for page in picked.chunks(REDRIVE_PAGE) {
             let letters = self.fetch(page.to_vec()).await?;
-            found.extend(letters.iter().map(|l| l.entry.id.clone()));
+            // Only named ids need looking for (all of a large DLQ would not).
+            if matches!(selection, Selection::Ids(_)) {
+                found.extend(letters.iter().map(|l| l.entry.id.clone()));
+            }
             let (routable, unroutable): (Vec<_>, Vec<_>) = letters
                 .into_iter()
                 .partition(|l| l.origin.shard.shard < shards);
@@ -497,13 +500,7 @@ impl KafkaDlq {
                 }
             }
         }
-        if let Selection::Ids(ids) = selection {
-            report.not_found = ids
-                .iter()
-                .filter(|id| !found.contains(*id))
-                .cloned()
-                .collect();
-        }
+        report.not_found = selection.missing(found.iter().map(String::as_str));
         Ok(report)
     }
 

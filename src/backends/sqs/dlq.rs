@@ -132,7 +132,10 @@ impl SqsDlq {
             if picked.is_empty() {
                 break;
             }
-            picked_ids.extend(picked.iter().map(|r| r.letter.entry.id.clone()));
+            // Only named ids need looking for (all of a large DLQ would not).
+            if matches!(selection, Selection::Ids(_)) {
+                picked_ids.extend(picked.iter().map(|r| r.letter.entry.id.clone()));
+            }
             let (routable, unroutable): (Vec<_>, Vec<_>) = picked
                 .into_iter()
                 .partition(|r| (r.letter.origin.shard.shard as usize) < self.origins.len());
@@ -163,14 +166,7 @@ impl SqsDlq {
                 break;
             }
         }
-        report.not_found = match selection {
-            Selection::Ids(ids) => ids
-                .iter()
-                .filter(|id| !picked_ids.contains(id))
-                .cloned()
-                .collect(),
-            Selection::All => Vec::new(),
-        };
+        report.not_found = selection.missing(picked_ids.iter().map(String::as_str));
         Ok(report)
     }
 
