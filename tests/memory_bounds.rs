@@ -200,12 +200,17 @@ async fn a_gigabyte_of_overdue_delays_stays_on_disk() {
     let port = free_port();
     let first = start_walden(&config(&data, port, &target.url(), extra));
     wait_healthy(port).await;
+    // Due well after the last is written (writing takes about two minutes),
+    // so none fires before the stop.
+    let delay = Duration::from_secs(240);
+    let delay_ms = delay.as_millis() as u64;
     write(
         port,
         n,
-        |i| json!({"key": format!("k{i}"), "lifecycle": {"delay_ms": 20_000}}),
+        move |i| json!({"key": format!("k{i}"), "lifecycle": {"delay_ms": delay_ms}}),
     )
     .await;
+    let written = tokio::time::Instant::now();
     until(
         "every entry delayed",
         Duration::from_secs(600),
@@ -213,7 +218,8 @@ async fn a_gigabyte_of_overdue_delays_stays_on_disk() {
     )
     .await;
     stop(first);
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Overdue when it starts again, the last one written too.
+    tokio::time::sleep_until(written + delay + Duration::from_secs(5)).await;
     let idle = idle(&target.url(), extra).await;
     peak_after_restart(
         "overdue delays",

@@ -186,7 +186,7 @@ impl DedupIndex {
     }
 
     /// Rebuild the window of `shards` from the log, so ids that a crash kept
-    /// out of the index are known again. Returns how many were recorded.
+    /// out of the index are known again. Returns how many it lacked.
     pub fn rebuild(
         &self,
         log: &EmbeddedLog,
@@ -199,11 +199,18 @@ impl DedupIndex {
             let from = log.offset_for_time(shard, since)?;
             let mut reader = log.reader(shard, from)?;
             loop {
-                let batch = reader.read_batch(1024)?;
+                let batch = reader.read_within(crate::backends::embedded::SCAN)?;
                 if batch.is_empty() {
                     break;
                 }
+                self.store.wait_for_flushes();
                 for r in batch {
+                    // Ids recorded when written stay: only what a crash kept
+                    // out of the index is written, not the whole window again.
+                    let k = key(&shard.namespace, &r.entry.id);
+                    if self.keyspace.contains_key(&k).unwrap_or(false) {
+                        continue;
+                    }
                     let accepted = Accepted {
                         fingerprint: fingerprint(&r.entry),
                         shard: shard.shard,
@@ -216,7 +223,10 @@ impl DedupIndex {
                 }
             }
         }
-        info!(ids = n, "Rebuilt the idempotency index from the log.");
+        info!(
+            ids = n,
+            "Rebuilt the idempotency index from the log (ids it lacked)."
+        );
         Ok(n)
     }
 

@@ -200,6 +200,7 @@ impl ParkStore {
     /// Park these entries (or update their retry state), durably.
     pub async fn park(&self, items: Vec<Parked>) -> Result<(), StateError> {
         self.run(move |s| {
+            s.store.wait_for_flushes();
             for p in &items {
                 let k = entry_key(&p.delivered.shard, &p.order_key, p.delivered.sequence);
                 s.parked.insert(k, encode(p)).map_err(|e| s.err(e))?;
@@ -359,6 +360,7 @@ impl DelayStore for ParkStore {
     fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             self.run(move |s| {
+                s.store.wait_for_flushes();
                 for d in &items {
                     let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
                     s.delayed

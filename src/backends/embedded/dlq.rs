@@ -132,7 +132,7 @@ impl EmbeddedDlq {
             let ns = live.entry(s.namespace.to_string()).or_default();
             let mut reader = log.reader(&s, log.earliest_offset(&s))?;
             loop {
-                let batch = reader.read_batch(1024)?;
+                let batch = reader.read_within(super::SCAN)?;
                 if batch.is_empty() {
                     break;
                 }
@@ -165,7 +165,7 @@ impl EmbeddedDlq {
         let mut reader = self.log.reader(&shard(namespace), first)?;
         let mut out = Vec::with_capacity(seqs.len());
         while reader.next_offset() <= last {
-            let batch = reader.read_batch(256)?;
+            let batch = reader.read_within(super::SCAN)?;
             if batch.is_empty() {
                 break;
             }

@@ -101,6 +101,14 @@ pub use reader::ShardReader;
 pub use recovery::RecoveryReport;
 pub use retention::RetentionReport;
 
+/// What one read of a scan (a rebuild at open, a search by time) brings into
+/// memory at most: records are up to 16 MiB each, so a count alone is no
+/// bound.
+pub(crate) const SCAN: crate::backends::Limit = crate::backends::Limit {
+    entries: 1024,
+    bytes: 4 << 20,
+};
+
 /// When the committer calls `fdatasync`. See the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FsyncMode {

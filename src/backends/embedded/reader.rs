@@ -382,7 +382,7 @@ pub(crate) fn offset_for_time(
     };
     let mut reader = ShardReader::open(shared.clone(), shard.clone(), start)?;
     loop {
-        let batch = reader.read_batch(1024)?;
+        let batch = reader.read_within(super::SCAN)?;
         if batch.is_empty() {
             return Ok(reader.next_offset());
         }
