@@ -165,7 +165,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
-    let dedup = open_dedup(state_store, &data_dir, &config, &log).await?;
+    let dedup = open_dedup(state_store.clone(), &data_dir, &config, &log).await?;
     let state = Arc::new(AppState {
         namespaces,
         log,
@@ -173,6 +173,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         dedup,
         dlq,
+        state: state_store,
     });
 
     let app_state = web::Data::from(state.clone());

@@ -108,6 +108,9 @@ async fn writes_are_acknowledged_and_delivered_in_key_order() {
         text.contains("walden_applied_total{namespace=\"ns\""),
         "{text}"
     );
+    for lag in ["walden_state_memtable_bytes ", "walden_state_journals "] {
+        assert!(text.contains(lag), "no {lag}in {text}");
+    }
     let ready = client
         .get(format!("{}/readyz", base(&svc)))
         .send()

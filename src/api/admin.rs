@@ -274,6 +274,25 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "Size of the embedded log.",
         one(state.log.size_bytes()),
     );
+    let (memtables, flushes, journals) = state.state.lag();
+    metric(
+        "walden_state_memtable_bytes",
+        "gauge",
+        "Bytes the state store holds in memtables, not yet flushed to disk.",
+        one(memtables),
+    );
+    metric(
+        "walden_state_flushes_queued",
+        "gauge",
+        "Memtable flushes the state store has queued.",
+        one(flushes as u64),
+    );
+    metric(
+        "walden_state_journals",
+        "gauge",
+        "Journal files the state store keeps until their memtables are flushed.",
+        one(journals as u64),
+    );
     metric(
         "walden_log_poisoned",
         "gauge",

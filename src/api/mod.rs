@@ -37,6 +37,8 @@ pub struct AppState {
     pub dedup: Arc<crate::state::DedupIndex>,
     /// Dead letters of every namespace.
     pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
+    /// Walden's own state (parked and delayed entries, idempotency keys).
+    pub state: Arc<crate::state::StateStore>,
 }
 
 impl AppState {

@@ -75,6 +75,16 @@ impl StateStore {
         }
     }
 
+    /// Bytes in memtables not yet flushed, flushes queued, and journal
+    /// files: how far fjall's flushes lag its writers.
+    pub fn lag(&self) -> (u64, usize, usize) {
+        (
+            self.db.write_buffer_size(),
+            self.db.outstanding_flushes(),
+            self.db.journal_count(),
+        )
+    }
+
     /// fsync fjall's journal: everything written so far survives a power cut.
     pub(crate) fn persist(&self) -> Result<(), StateError> {
         self.db

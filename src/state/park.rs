@@ -287,18 +287,30 @@ impl ParkStore {
     }
 
     /// The keys of a shard that cannot deliver now: parked heads and holds.
+    /// Only each key's head is read: the scan seeks past the rest of its
+    /// backlog, however long.
     pub async fn blocked(&self, shard: ShardRef) -> Result<Vec<Blocked>, StateError> {
         self.run(move |s| {
             let prefix = shard_prefix(&shard);
             let mut out: Vec<Blocked> = Vec::new();
-            for item in s.parked.prefix(&prefix) {
+            let mut from = prefix.clone();
+            loop {
+                let Some(item) = s.parked.range(from.clone()..).next() else {
+                    break;
+                };
                 let (k, v) = item.into_inner().map_err(|e| s.err(e))?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
                 let Some(key) = order_key_of(&k, prefix.len()) else {
+                    // Not a parked entry's key: step over it.
+                    from = k.to_vec();
+                    from.push(0);
                     continue;
                 };
-                if out.last().is_some_and(|b| b.order_key == key) {
-                    continue; // only the head's due time matters
-                }
+                // Past every sequence of this key.
+                from = entry_key(&shard, &key, u64::MAX);
+                from.push(0);
                 let due = decode(&v).map(|p| p.due_ms).unwrap_or(0);
                 out.push(Blocked {
                     order_key: key,
@@ -512,6 +524,16 @@ mod tests {
             due_ms: 99,
         };
         assert_eq!(decode(&encode(&p)), Some(p));
+    }
+
+    #[test]
+    fn past_a_key_s_last_sequence_comes_the_next_key() {
+        let s = ShardRef::new("ns", 1);
+        let mut past_a = entry_key(&s, "a", u64::MAX);
+        past_a.push(0);
+        assert!(entry_key(&s, "a", u64::MAX) < past_a);
+        assert!(past_a < entry_key(&s, "b", 0));
+        assert!(past_a < entry_key(&s, "aa", 0));
     }
 
     #[test]

@@ -218,10 +218,20 @@ pub fn start_walden(config: &Path) -> Walden {
             .args(["serve", "--config"])
             .arg(config)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(child_logs())
             .spawn()
             .unwrap(),
     )
+}
+
+/// A child's logs are dropped unless `WALDEN_TEST_CHILD_LOGS` is set, then
+/// they go to the test's stderr.
+fn child_logs() -> std::process::Stdio {
+    if std::env::var_os("WALDEN_TEST_CHILD_LOGS").is_some() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    }
 }
 
 /// A `walden serve` child process, SIGKILLed when dropped, so a test that
