@@ -94,13 +94,6 @@ impl Durable {
     }
 }
 
-/// The shard an entry goes to: the hash of its key (its id if it has none),
-/// so a key always lands on one shard.
-pub fn shard_of(key: Option<&str>, id: &str, shards: u32) -> u32 {
-    let route = key.unwrap_or(id);
-    crc32c::crc32c(route.as_bytes()) % shards.max(1)
-}
-
 /// The current wall-clock time in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

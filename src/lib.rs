@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`entry`]: the `Entry` every layer shares, and the three-valued `Durable`.
+//! - [`routing`]: which shard a key goes to (murmur2, crc32 or crc32c).
 //! - [`config`]: typed configuration and its pure validation.
 //! - [`api`]: the HTTP API (actix-web) and its JSON error type.
 //! - [`actors`]: per-shard actors (ingest, consumer, delay scheduler,
@@ -37,6 +38,7 @@ pub mod config;
 pub mod entry;
 pub mod failpoints;
 pub mod fs;
+pub mod routing;
 pub mod service;
 pub mod sinks;
 pub mod state;

@@ -29,6 +29,7 @@ use crate::config::{
     OnDeadLetter, ServerConfig, SqsConfig,
 };
 use crate::entry::ShardRef;
+use crate::routing::RouteHash;
 use crate::sinks::SinkError;
 use crate::state::{DedupIndex, ParkStore, StateStore};
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub enum ServiceError {
     },
     #[error("namespace `{namespace}`: `shards`: {message}")]
     ShardsChanged { namespace: String, message: String },
+    #[error("namespace `{namespace}`: `routing.hash`: {message}")]
+    RoutingChanged { namespace: String, message: String },
     #[error("namespace `{namespace}`: `target`: {source}")]
     Target {
         namespace: String,
@@ -86,7 +89,7 @@ pub struct Service {
 }
 
 /// Start everything. Must run inside an actix `System`.
-pub async fn start(config: Config) -> Result<Service, ServiceError> {
+pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     let data_dir = config.server.data_dir.clone();
     let log_config = config
         .namespaces
@@ -107,7 +110,7 @@ pub async fn start(config: Config) -> Result<Service, ServiceError> {
             })?
     };
     let log = Arc::new(log);
-    check_shard_counts(&data_dir, &config, &log)?;
+    check_layouts(&data_dir, &mut config, &log)?;
 
     let dlq = {
         let dir = data_dir.join("dlq");
@@ -463,7 +466,15 @@ async fn open_sqs(
         producers.push(SqsProducer::with_client(&client, &settings.queue, clock.clone()).await?);
     }
     let shards = Arc::new(SqsShards(producers.clone()));
-    let dlq = SqsDlq::open(&client, &q.dlq_queue(), name, producers, clock.clone()).await?;
+    let dlq = SqsDlq::open(
+        &client,
+        &q.dlq_queue(),
+        name,
+        producers,
+        ns.route_hash(),
+        clock.clone(),
+    )
+    .await?;
     let delays = SqsDelays::open(
         &client,
         &q.delay_queue(),
@@ -636,15 +647,42 @@ impl Drop for Spawned {
     }
 }
 
-/// A namespace's shard count is fixed once it holds data: a key's shard is
-/// its hash modulo the count, so changing it would reorder keys.
-fn check_shard_counts(
+/// How a namespace's keys map to shards, as `data_dir/namespaces.json`
+/// records it. Files written before `hash` was recorded hold a bare shard
+/// count: those namespaces routed with crc32c.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Layout {
+    Routed { shards: u32, hash: RouteHash },
+    Crc32c(u32),
+}
+
+impl Layout {
+    fn shards(self) -> u32 {
+        match self {
+            Layout::Routed { shards, .. } | Layout::Crc32c(shards) => shards,
+        }
+    }
+
+    fn hash(self) -> RouteHash {
+        match self {
+            Layout::Routed { hash, .. } => hash,
+            Layout::Crc32c(_) => RouteHash::Crc32c,
+        }
+    }
+}
+
+/// A namespace's shard count and hash are fixed once it holds data: a key's
+/// shard is its hash modulo the count, so changing either would move keys
+/// between shards and lose their order. Fills in each namespace's
+/// `routing.hash` from the record, and records new namespaces.
+fn check_layouts(
     data_dir: &Path,
-    config: &Config,
+    config: &mut Config,
     log: &EmbeddedLog,
 ) -> Result<(), ServiceError> {
     let path = data_dir.join("namespaces.json");
-    let mut known: BTreeMap<String, u32> = match std::fs::read(&path) {
+    let mut known: BTreeMap<String, Layout> = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ServiceError::Io {
             what: "reading",
             path: path.clone(),
@@ -666,49 +704,107 @@ fn check_shard_counts(
         *n = (*n).max(shard.shard + 1);
     }
     let mut changed = false;
-    for (name, ns) in &config.namespaces {
-        match known.get(name) {
+    for (name, ns) in config.namespaces.iter_mut() {
+        let unordered = ns.ordering == crate::config::Ordering::None;
+        let embedded = matches!(ns.backend, BackendConfig::Embedded(_));
+        let shards_changed = |message: String| ServiceError::ShardsChanged {
+            namespace: name.clone(),
+            message,
+        };
+        let hash_changed = |message: String| ServiceError::RoutingChanged {
+            namespace: name.clone(),
+            message,
+        };
+        let layout = match known.get(name).copied() {
             // Unordered SQS queues may grow on the fly (Netflix's operators
             // add queues to a namespace's list): with no order to keep,
             // keys may move.
-            Some(&n)
-                if ns.shards > n
-                    && ns.ordering == crate::config::Ordering::None
+            Some(l)
+                if ns.shards > l.shards()
+                    && unordered
                     && matches!(ns.backend, BackendConfig::Sqs(_)) =>
             {
-                known.insert(name.clone(), ns.shards);
-                changed = true;
+                Layout::Routed {
+                    shards: ns.shards,
+                    hash: ns.routing.hash.unwrap_or(l.hash()),
+                }
             }
-            Some(&n) if n != ns.shards => {
-                return Err(ServiceError::ShardsChanged {
-                    namespace: name.clone(),
-                    message: format!(
-                        "the namespace holds data in {n} shards and cannot change to {}: keys would move \
-                         between shards and lose their order. Keep shards = {n}, or write to a new namespace.",
-                        ns.shards
-                    ),
-                });
+            Some(l) if l.shards() != ns.shards => {
+                return Err(shards_changed(format!(
+                    "the namespace holds data in {n} shards and cannot change to {}: keys would move \
+                     between shards and lose their order. Keep shards = {n}, or write to a new namespace.",
+                    ns.shards,
+                    n = l.shards()
+                )));
             }
-            Some(_) => {}
+            Some(l) => match ns.routing.hash {
+                Some(h) if h != l.hash() && !unordered => {
+                    return Err(hash_changed(format!(
+                        "the namespace's keys were routed with {was} and cannot change to {h}: keys would \
+                         move between shards and lose their order. Set routing.hash = \"{was}\", or write \
+                         to a new namespace.",
+                        was = l.hash()
+                    )));
+                }
+                Some(h) => Layout::Routed {
+                    shards: ns.shards,
+                    hash: h,
+                },
+                // An embedded namespace keeps its hash: the record is the
+                // only place it lives.
+                None if embedded => Layout::Routed {
+                    shards: ns.shards,
+                    hash: l.hash(),
+                },
+                // On a broker every process must route alike, and this
+                // record is one process's: the config must say.
+                None if l.hash() != RouteHash::default() && !unordered => {
+                    return Err(hash_changed(format!(
+                        "the namespace routed keys with {was} before, and the default is now {new}. Set \
+                         routing.hash = \"{was}\" in every process to keep keys where they are (or \
+                         \"{new}\" to move them, with nothing in flight).",
+                        was = l.hash(),
+                        new = RouteHash::default()
+                    )));
+                }
+                None => Layout::Routed {
+                    shards: ns.shards,
+                    hash: RouteHash::default(),
+                },
+            },
             None => {
-                if let Some(&used) = in_log.get(name).filter(|&&u| u > ns.shards) {
-                    return Err(ServiceError::ShardsChanged {
-                        namespace: name.clone(),
-                        message: format!(
+                if let Some(&used) = in_log.get(name) {
+                    if used > ns.shards {
+                        return Err(shards_changed(format!(
                             "the log holds data in shard {} of this namespace, so shards must be at least {used}",
                             used - 1
-                        ),
-                    });
+                        )));
+                    }
+                    if ns.routing.hash.is_none() {
+                        return Err(hash_changed(format!(
+                            "the log holds data of this namespace, but {} does not say how its keys \
+                             were routed. Set routing.hash (\"crc32c\" for data written before \
+                             murmur2 became the default).",
+                            path.display()
+                        )));
+                    }
                 }
-                known.insert(name.clone(), ns.shards);
-                changed = true;
+                Layout::Routed {
+                    shards: ns.shards,
+                    hash: ns.route_hash(),
+                }
             }
+        };
+        ns.routing.hash = Some(layout.hash());
+        if known.get(name) != Some(&layout) {
+            known.insert(name.clone(), layout);
+            changed = true;
         }
     }
     if changed {
         write_file_atomic(
             &path,
-            &serde_json::to_vec_pretty(&known).expect("a map of numbers"),
+            &serde_json::to_vec_pretty(&known).expect("a map of layouts"),
         )?;
     }
     Ok(())

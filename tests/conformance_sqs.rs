@@ -200,6 +200,7 @@ async fn dead_letters() {
         &settings.queue,
         "conformance",
         Vec::new(),
+        walden::routing::RouteHash::default(),
         Arc::new(Hlc::default()),
     )
     .await
@@ -258,6 +259,7 @@ async fn a_native_redrive_policy_moves_messages_walden_lists_and_redrives() {
         &dlq_name,
         "conformance",
         vec![producer.clone()],
+        walden::routing::RouteHash::default(),
         clock,
     )
     .await

@@ -12,6 +12,7 @@ use common::{free_port, start_walden, test_server, unique, wait_healthy};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
+use walden::routing::RouteHash;
 use walden::service::Spawned;
 
 const PG: &str = "WALDEN_TEST_POSTGRES_URL";
@@ -435,7 +436,7 @@ async fn a_write_a_database_target_cannot_version_is_refused_at_ingest() {
 fn ids_on_shard(shard: u32, n: usize, tag: &str) -> Vec<String> {
     (0..)
         .map(|i| format!("{tag}-{i}"))
-        .filter(|id| walden::entry::shard_of(None, id, 4) == shard)
+        .filter(|id| walden::routing::shard_of(RouteHash::default(), None, id, 4) == shard)
         .take(n)
         .collect()
 }

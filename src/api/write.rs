@@ -23,7 +23,8 @@ use crate::actors::ingest::Write;
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::embedded::{Appended, LogError};
 use crate::backends::{BackendError, EntryRejected};
-use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms, shard_of};
+use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, now_ms};
+use crate::routing::shard_of;
 use crate::sinks::mutation;
 use crate::state::dedup::{self, Check};
 use crate::telemetry;
@@ -159,7 +160,12 @@ fn prepare(
         .take()
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let parts = check(ns, req, &id, body, traceparent).map_err(|e| e.with_id(&id))?;
-    let shard = shard_of(parts.key.as_deref(), &id, ns.config.shards);
+    let shard = shard_of(
+        ns.config.route_hash(),
+        parts.key.as_deref(),
+        &id,
+        ns.config.shards,
+    );
     let entry = Entry {
         id,
         key: parts.key,

@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub use validate::{ConfigError, ConfigErrors, validate};
 
 use crate::backends::embedded::{FsyncMode, HardMax, LogConfig, OnCorruption, Retention};
+pub use crate::routing::RouteHash;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Deserialize)]
@@ -165,6 +166,9 @@ pub struct NamespaceConfig {
     /// `"none"`: no ordering.
     #[serde(default)]
     pub ordering: Ordering,
+    /// How keys map to shards.
+    #[serde(default)]
+    pub routing: RoutingConfig,
     /// Where entries are stored until applied.
     #[serde(deserialize_with = "de::by_type")]
     pub backend: BackendConfig,
@@ -191,6 +195,27 @@ fn default_dedup_window_ms() -> u64 {
 
 fn default_shards() -> u32 {
     4
+}
+
+/// `[namespaces.NAME.routing]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// `"murmur2"` (Kafka's, the default for a new namespace), `"crc32"`
+    /// (librdkafka's default) or `"crc32c"` (Walden's before murmur2). An
+    /// embedded namespace keeps the hash it was created with (recorded in
+    /// `data_dir/namespaces.json`); a Kafka or SQS namespace written before
+    /// must set `"crc32c"` to keep its keys where they are.
+    #[serde(default)]
+    pub hash: Option<RouteHash>,
+}
+
+impl NamespaceConfig {
+    /// The hash this namespace routes keys with (the service fills in what
+    /// the data directory recorded).
+    pub fn route_hash(&self) -> RouteHash {
+        self.routing.hash.unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

@@ -35,6 +35,7 @@ use futures_util::StreamExt;
 
 use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin, RedriveReport, Selection};
 use crate::entry::ShardRef;
+use crate::routing::RouteHash;
 
 const LETTER: &str = "walden.dlq";
 /// Longest last error kept in a letter, in bytes.
@@ -70,6 +71,8 @@ pub struct SqsDlq {
     clock: Arc<Hlc>,
     /// Shard `n`'s queue, for redrive.
     origins: Vec<SqsProducer>,
+    /// How the namespace routes keys to `origins`.
+    hash: RouteHash,
     namespace: String,
 }
 
@@ -82,18 +85,20 @@ struct Received {
 
 impl SqsDlq {
     /// Open (creating if missing) DLQ queue `name` of `namespace`, whose
-    /// shards are `origins`.
+    /// shards are `origins`, routed to by `hash`.
     pub async fn open(
         client: &Client,
         name: &str,
         namespace: &str,
         origins: Vec<SqsProducer>,
+        hash: RouteHash,
         clock: Arc<Hlc>,
     ) -> Result<Arc<Self>, SqsError> {
         Ok(Arc::new(Self {
             queue: SqsQueue::open(client, name).await?,
             clock,
             origins,
+            hash,
             namespace: namespace.to_string(),
         }))
     }
@@ -193,7 +198,12 @@ impl SqsDlq {
 
     /// The shard `entry`'s key routes to.
     fn route(&self, entry: &crate::entry::Entry) -> u32 {
-        crate::entry::shard_of(entry.key.as_deref(), &entry.id, self.origins.len() as u32)
+        crate::routing::shard_of(
+            self.hash,
+            entry.key.as_deref(),
+            &entry.id,
+            self.origins.len() as u32,
+        )
     }
 
     /// When the queue took `msg` (its SentTimestamp), in ms.

@@ -35,7 +35,7 @@
 //! rebalancing. A receive long-polls for up to `wait_time`; a poll that finds
 //! nothing waits `poll_interval` before the next. A received message stays
 //! hidden while its entry is applied: its visibility timeout is extended
-//! every half timeout for as long as the delivery is held, so a slow target
+//! every third of the timeout for as long as the delivery is held, so a slow target
 //! does not get a second copy. A crashed consumer's messages show again one
 //! timeout later; a delivery dropped unsettled shows again at once. A
 //! message is deleted only when acked (applied, parked or dead-lettered); a
@@ -843,7 +843,7 @@ static KEEP_ALIVE_LOG: std::sync::Mutex<super::Throttle> =
     std::sync::Mutex::new(super::Throttle::new());
 
 /// Keeps a received message hidden while its delivery is held: extends the
-/// visibility timeout every half timeout, until dropped. A delivery dropped
+/// visibility timeout every third of the timeout, until dropped. A delivery dropped
 /// unsettled (a rewind, a shutdown) shows its message again at once, so
 /// another consumer need not wait out the timeout.
 struct Hold {
@@ -870,7 +870,9 @@ impl Hold {
         let seconds = visibility.as_secs().max(1) as i32;
         let (q, r) = (queue.clone(), receipt.clone());
         let keep_alive = tokio::spawn(async move {
-            let every = (visibility / 2).max(Duration::from_millis(500));
+            // A third, not a half: a slow server's answer must not outlast
+            // the margin, or the message shows and is delivered twice.
+            let every = (visibility / 3).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(error) = q.set_visibility(&r, seconds).await
