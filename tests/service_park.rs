@@ -30,7 +30,8 @@ type = "http"
 url = "{target}"
 [namespaces.ns.retry]
 initial_backoff_ms = 10
-max_backoff_ms = 50
+# Room for the targets' Retry-After (1-2 s), which is capped here.
+max_backoff_ms = 2000
 max_attempts = 1000
 park_after_ms = 100
 {extra}

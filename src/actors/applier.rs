@@ -1007,11 +1007,14 @@ impl Applier {
 }
 
 /// Full jitter on the namespace's backoff, or the target's `Retry-After` if it
-/// asked for longer.
+/// asked for longer, up to `max_backoff_ms`: a target that asks for an hour
+/// does not stall its keys past what the namespace allows.
 fn backoff(retry: &RetryConfig, attempts: u32, e: &SinkError) -> Duration {
     let cap = retry.backoff(attempts);
     let jittered = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
-    e.retry_after.map_or(jittered, |ra| ra.max(jittered))
+    let most = Duration::from_millis(retry.max_backoff_ms);
+    e.retry_after
+        .map_or(jittered, |ra| ra.min(most).max(jittered))
 }
 
 impl Actor for Applier {
@@ -1173,5 +1176,33 @@ impl Handler<Reset> for Applier {
         });
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asked(ra: Duration) -> SinkError {
+        let mut e = SinkError::transient("default", "503");
+        e.retry_after = Some(ra);
+        e
+    }
+
+    #[test]
+    fn a_retry_after_is_kept_up_to_the_longest_backoff() {
+        let retry = RetryConfig {
+            initial_backoff_ms: 10,
+            max_backoff_ms: 2_000,
+            ..RetryConfig::default()
+        };
+        assert!(
+            backoff(&retry, 1, &asked(Duration::from_millis(1_500)))
+                >= Duration::from_millis(1_500)
+        );
+        for _ in 0..100 {
+            let b = backoff(&retry, 1, &asked(Duration::from_secs(3_600)));
+            assert_eq!(b, Duration::from_millis(2_000));
+        }
     }
 }
