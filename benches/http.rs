@@ -1,18 +1,34 @@
-//! End-to-end HTTP benchmark: N keep-alive connections send WriteToLog
-//! requests (single writes, and batches of 100) to a Walden on the embedded
-//! backend. Beside each case, the same number of appenders append straight to
-//! an embedded log in the same run, so `ratio` = HTTP writes/s ÷ log-only
-//! appends/s shows what the API and actors cost.
+//! The write path against its bounds, in one process and one run, on the
+//! embedded backend with a file target (100 B payloads):
+//!
+//! - **ceiling**: a bare actix-web server with Walden's worker count that
+//!   answers every write with Walden's answer and does nothing else: what
+//!   HTTP alone allows;
+//! - **fsync bound**: the same concurrency appending straight to an embedded
+//!   log (group commit, fdatasync), with no HTTP and no actors;
+//! - **redis**: `redis-server --appendonly yes --appendfsync always` on a
+//!   port of its own, when the binary is installed: a durable peer;
+//! - Walden's single writes at 1 and 64 in flight, and batches of 100 at 16
+//!   in flight;
+//! - **sustained**: batches offered at 80% of what the batch case accepted,
+//!   for `WALDEN_BENCH_SUSTAIN_SECS` (60): applied/s ÷ accepted/s, and the
+//!   backlog left at the end in seconds of input.
+//!
+//! Each case prints one line with `ratio=` against its bound, and the
+//! service's CPU time per write (the process's user + system time, less the
+//! client's threads).
 //!
 //! `cargo bench --bench http`. Environment: `WALDEN_BENCH_DIR`,
-//! `WALDEN_BENCH_SECS` (per case, default 3).
+//! `WALDEN_BENCH_SECS` (per case, default 3), `WALDEN_BENCH_SUSTAIN_SECS`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::{Value, json};
 use walden::backends::embedded::{EmbeddedLog, LogConfig};
 use walden::entry::{Entry, ShardRef};
 use walden::service::Spawned;
@@ -21,6 +37,8 @@ mod common;
 use common::{Run, percentile};
 
 const PAYLOAD: usize = 100;
+/// The client's threads: their CPU is not the service's.
+const CLIENT_THREADS: &str = "bench-client";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -51,22 +69,124 @@ path = "{data}/delivered.jsonl"
     walden::config::from_toml(&text).expect("bench config")
 }
 
-fn http(rt: &tokio::runtime::Runtime, base: &Path, conns: usize, batch: usize, secs: u64) -> Run {
-    let dir = tempfile::tempdir_in(base).unwrap();
-    let svc = Spawned::start(config(dir.path())).unwrap();
-    let run = common::http_load(rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
-    svc.stop();
-    run
+/// CPU time (user + system) of this process, less the client's threads, in
+/// clock ticks (Linux's 100 a second). Exited threads count in the process.
+fn service_ticks() -> u64 {
+    let ticks = |stat: &str| -> u64 {
+        // After the command's closing parenthesis: state is field 3, utime
+        // and stime fields 14 and 15.
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let all = std::fs::read_to_string("/proc/self/stat").map_or(0, |s| ticks(&s));
+    let mut client = 0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end().starts_with(CLIENT_THREADS) {
+                client += std::fs::read_to_string(t.path().join("stat")).map_or(0, |s| ticks(&s));
+            }
+        }
+    }
+    all.saturating_sub(client)
 }
 
-/// The same concurrency appending straight to the log, no HTTP, no actors.
-fn log_only(
+/// Microseconds of service CPU per write over a run.
+struct Cpu(u64);
+
+impl Cpu {
+    fn start() -> Self {
+        Cpu(service_ticks())
+    }
+
+    fn per_write_us(&self, writes: u64) -> f64 {
+        (service_ticks() - self.0) as f64 * 10_000.0 / writes.max(1) as f64
+    }
+}
+
+/// A bare actix-web server with Walden's worker count that answers every
+/// write as Walden does, with no work behind it.
+struct Ceiling {
+    addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ceiling {
+    fn start(workers: usize) -> Self {
+        let one = json!({"durable": "true", "id": "01a24c33-9057-735d-9735-baa16c7ea4b8",
+            "namespace": "bench", "shard": 1, "sequence": 0});
+        let mut result = one.clone();
+        result["status"] = json!(200);
+        let single = Bytes::from(serde_json::to_vec(&one).unwrap());
+        let batch =
+            Bytes::from(serde_json::to_vec(&json!({"results": vec![result; 100]})).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                use actix_web::{App, HttpResponse, HttpServer, web};
+                let server = HttpServer::new(move || {
+                    let (single, batch) = (single.clone(), batch.clone());
+                    App::new()
+                        .route(
+                            "/v1/namespaces/{ns}/log",
+                            web::post().to(move |_body: Bytes| {
+                                let single = single.clone();
+                                async move {
+                                    HttpResponse::Ok()
+                                        .content_type("application/json")
+                                        .body(single)
+                                }
+                            }),
+                        )
+                        .route(
+                            "/v1/namespaces/{ns}/log/batch",
+                            web::post().to(move |_body: Bytes| {
+                                let batch = batch.clone();
+                                async move {
+                                    HttpResponse::Ok()
+                                        .content_type("application/json")
+                                        .body(batch)
+                                }
+                            }),
+                        )
+                })
+                .workers(workers)
+                .bind("127.0.0.1:0")
+                .unwrap();
+                let addr = server.addrs()[0];
+                let server = server.run();
+                tx.send((addr, server.handle())).unwrap();
+                server.await.unwrap();
+            })
+        });
+        let (addr, handle) = rx.recv().unwrap();
+        Self {
+            addr,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.handle.stop(true));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The same concurrency appending straight to the log: `appenders` tasks,
+/// each appending `batch` at a time and waiting for them all.
+fn fsync_bound(
     rt: &tokio::runtime::Runtime,
     base: &Path,
     appenders: usize,
     batch: usize,
     secs: u64,
-) -> f64 {
+) -> Run {
     let dir = tempfile::tempdir_in(base).unwrap();
     let log = Arc::new(EmbeddedLog::open(dir.path(), LogConfig::default()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
@@ -77,8 +197,9 @@ fn log_only(
             rt.spawn(async move {
                 let shard = ShardRef::new("bench", (t % 4) as u32);
                 let payload = Bytes::from(vec![b'p'; PAYLOAD]);
-                let mut n = 0u64;
+                let (mut n, mut lat) = (0u64, Vec::new());
                 while !stop.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
                     let pending: Vec<_> = (0..batch)
                         .map(|i| {
                             log.append(
@@ -94,16 +215,148 @@ fn log_only(
                     for p in pending {
                         p.await.expect("append");
                     }
+                    lat.push(t0.elapsed().as_micros() as u32);
                     n += batch as u64;
                 }
-                n
+                (n, lat)
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    let total: u64 = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).sum();
-    total as f64 / start.elapsed().as_secs_f64()
+    common::finish(rt, tasks, &stop, start, secs)
+}
+
+/// A durable Redis (`appendfsync always`) on a port of its own, if
+/// `redis-server` is installed.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start(base: &Path) -> Option<Self> {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// `conns` connections, each SETting `batch` keys (one pipeline) at a time.
+    fn load(&self, rt: &tokio::runtime::Runtime, conns: usize, batch: usize, secs: u64) -> Run {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..conns)
+            .map(|c| {
+                let (url, stop) = (url.clone(), stop.clone());
+                rt.spawn(async move {
+                    let client = redis::Client::open(url).unwrap();
+                    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                    let value = vec![b'p'; PAYLOAD];
+                    let (mut n, mut lat) = (0u64, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        let t0 = Instant::now();
+                        let mut pipe = redis::pipe();
+                        for i in 0..batch {
+                            pipe.set(format!("{c}-{}", (n as usize + i) % 4096), &value)
+                                .ignore();
+                        }
+                        let () = pipe.query_async(&mut conn).await.unwrap();
+                        lat.push(t0.elapsed().as_micros() as u32);
+                        n += batch as u64;
+                    }
+                    (n, lat)
+                })
+            })
+            .collect();
+        common::finish(rt, tasks, &stop, start, secs)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn stats(addr: SocketAddr) -> Value {
+    reqwest::get(format!("http://{addr}/v1/namespaces/bench"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Batches of 100 on 16 connections, paced to `rate` entries a second
+/// overall, for `secs`. Returns what was accepted.
+fn paced(rt: &tokio::runtime::Runtime, addr: SocketAddr, rate: f64, secs: u64) -> u64 {
+    let conns = 16;
+    let every = Duration::from_secs_f64(100.0 * conns as f64 / rate);
+    let accepted = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let accepted = accepted.clone();
+            rt.spawn(async move {
+                let client = reqwest::Client::new();
+                let url = format!("http://{addr}/v1/namespaces/bench/log/batch");
+                let payload = "p".repeat(PAYLOAD);
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    tick.tick().await;
+                    let entries: Vec<Value> = (0..100)
+                        .map(|j| json!({"payload": payload, "key": format!("{c}-{}", (n + j) % 997)}))
+                        .collect();
+                    let resp = client
+                        .post(&url)
+                        .json(&json!({ "entries": entries }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(resp.status(), 200);
+                    accepted.fetch_add(100, Ordering::Relaxed);
+                    n += 100;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        rt.block_on(t).unwrap();
+    }
+    accepted.load(Ordering::Relaxed)
 }
 
 fn main() {
@@ -115,24 +368,106 @@ fn main() {
         .map(Into::into)
         .unwrap_or_else(|_| std::env::temp_dir());
     let secs = env_u64("WALDEN_BENCH_SECS", 3);
+    let sustain = env_u64("WALDEN_BENCH_SUSTAIN_SECS", 60);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(CLIENT_THREADS)
         .enable_all()
         .build()
         .unwrap();
+    // Walden's default: one HTTP worker per core.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!(
-        "http benchmark in {} ({secs} s per case, {PAYLOAD} B payloads)",
+        "http benchmark in {} ({secs} s per case, {PAYLOAD} B payloads, {workers} HTTP workers)",
         base.display()
     );
-    for (conns, batch) in [(1, 1), (16, 1), (64, 1), (1, 100), (16, 100)] {
-        let run = http(&rt, &base, conns, batch, secs);
-        let wps = run.writes as f64 / run.elapsed.as_secs_f64();
-        let log_wps = log_only(&rt, &base, conns, batch, secs);
-        println!(
-            "http connections={conns} batch={batch} writes_per_s={wps:.0} p50_us={} p99_us={} log_only_per_s={log_wps:.0} ratio={:.2}",
-            percentile(&run.latencies_us, 0.50),
-            percentile(&run.latencies_us, 0.99),
-            wps / log_wps,
-        );
+    let ceiling = Ceiling::start(workers);
+    let redis = Redis::start(&base);
+    if redis.is_none() {
+        println!("redis: redis-server not found; its cases are left out");
     }
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    let svc = Spawned::start(config(dir.path())).unwrap();
+    common::warm_up(&rt, svc.addr, "bench");
+
+    let walden = |conns, batch| {
+        let cpu = Cpu::start();
+        let run = common::http_load(&rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
+        let us = cpu.per_write_us(run.writes);
+        (run, us)
+    };
+
+    // One in flight: latency against the ceiling's plus an fsync's.
+    let (one, cpu_one) = walden(1, 1);
+    let ceil_one = common::http_load(&rt, ceiling.addr, "bench", 1, 1, PAYLOAD, secs);
+    let fsync_one = fsync_bound(&rt, &base, 1, 1, secs);
+    let p50 = |r: &Run| percentile(&r.latencies_us, 0.50);
+    let bound = p50(&ceil_one) + p50(&fsync_one) + 100;
+    println!(
+        "single in_flight=1 walden_p50_us={} ceiling_p50_us={} fsync_p50_us={} bound_us={bound} walden_per_s={:.0} cpu_us_per_write={cpu_one:.1} ratio={:.2} (goal <= 1)",
+        p50(&one),
+        p50(&ceil_one),
+        p50(&fsync_one),
+        one.per_s(),
+        p50(&one) as f64 / bound as f64,
+    );
+
+    // 64 in flight: throughput against the ceiling (and a durable Redis).
+    let (many, cpu_many) = walden(64, 1);
+    let ceil_many = common::http_load(&rt, ceiling.addr, "bench", 64, 1, PAYLOAD, secs);
+    let redis_many = redis.as_ref().map(|r| r.load(&rt, 64, 1, secs));
+    println!(
+        "single in_flight=64 walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_many:.1} ratio={:.2} (goal >= 0.8){}",
+        many.per_s(),
+        percentile(&many.latencies_us, 0.99),
+        ceil_many.per_s(),
+        redis_many
+            .as_ref()
+            .map_or("-".into(), |r| format!("{:.0}", r.per_s())),
+        many.per_s() / ceil_many.per_s(),
+        redis_many.as_ref().map_or(String::new(), |r| format!(
+            " redis_ratio={:.2}",
+            many.per_s() / r.per_s()
+        )),
+    );
+
+    // Batches of 100 at 16 in flight: against the fsync bound with the same
+    // 1,600 entries in flight.
+    let (batches, cpu_batch) = walden(16, 100);
+    let fsync_batch = fsync_bound(&rt, &base, 16, 100, secs);
+    let redis_batch = redis.as_ref().map(|r| r.load(&rt, 16, 100, secs));
+    println!(
+        "batch in_flight=16x100 walden_per_s={:.0} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_batch:.1} ratio={:.2} (goal >= 0.4)",
+        batches.per_s(),
+        fsync_batch.per_s(),
+        redis_batch
+            .as_ref()
+            .map_or("-".into(), |r| format!("{:.0}", r.per_s())),
+        batches.per_s() / fsync_batch.per_s(),
+    );
+    ceiling.stop(&rt);
+    drop(redis);
+    svc.stop();
+
+    // Sustained: a fresh service, offered 80% of what the batch case
+    // accepted, for `sustain` seconds.
+    let dir = tempfile::tempdir_in(&base).unwrap();
+    let svc = Spawned::start(config(dir.path())).unwrap();
+    let rate = 0.8 * batches.per_s();
+    let start = Instant::now();
+    let cpu = Cpu::start();
+    let accepted = paced(&rt, svc.addr, rate, sustain);
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu_sustained = cpu.per_write_us(accepted);
+    let st = rt.block_on(stats(svc.addr));
+    let applied = st["applied"].as_u64().unwrap_or(0);
+    let backlog = accepted.saturating_sub(applied);
+    let accepted_per_s = accepted as f64 / elapsed;
+    println!(
+        "sustained secs={sustain} offered_per_s={rate:.0} accepted_per_s={accepted_per_s:.0} applied_per_s={:.0} backlog_entries={backlog} backlog_s={:.2} (goal <= 1) cpu_us_per_write={cpu_sustained:.1} ratio={:.2} (goal >= 0.95)",
+        applied as f64 / elapsed,
+        backlog as f64 / accepted_per_s.max(1.0),
+        applied as f64 / accepted.max(1) as f64,
+    );
+    svc.stop();
 }
