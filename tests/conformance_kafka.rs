@@ -115,7 +115,7 @@ async fn dead_letters() {
 
 /// A redrive puts the entry back on its origin partition, delivered with its
 /// original sequence, and removes only the letter it redrove: a newer letter
-/// for the same id (dead-lettered again meanwhile) stays.
+/// for the same id (another entry, dead-lettered meanwhile) stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redrive_returns_the_entry_to_its_partition() {
     use walden::backends::{Consumer, DeadLetter, DeadLetters, Delivery, Origin};
@@ -154,8 +154,11 @@ async fn redrive_returns_the_entry_to_its_partition() {
     let first = dlq.append(letter.clone()).await.unwrap();
     let stale = dlq.get("conformance", "back-1").await.unwrap().remove(0);
     assert_eq!(stale.dlq_sequence, first);
-    // Dead-lettered again before the first redrive's tombstone is written.
-    let newer = dlq.append(letter.clone()).await.unwrap();
+    // Another entry with the same id, dead-lettered before the first
+    // redrive's tombstone is written. (The same entry twice is one letter.)
+    let mut other = letter.clone();
+    other.origin.sequence = 7778;
+    let newer = dlq.append(other).await.unwrap();
     dlq.redrive(&stale).await.unwrap();
     let left = dlq.get("conformance", "back-1").await.unwrap();
     assert_eq!(

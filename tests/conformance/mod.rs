@@ -439,9 +439,11 @@ pub async fn dead_letters_append_list_get_remove<D: walden::backends::DeadLetter
     assert_eq!(total, 4);
     assert!(all.iter().all(|l| l.entry.id != "dead-1"));
 
-    // The same id dead-lettered again is a second letter: it hides nothing,
-    // and each goes on its own.
-    let again = dlq.append(letter(2)).await.unwrap();
+    // Another entry with the same id (written again past the dedup window)
+    // is a second letter: it hides nothing, and each goes on its own.
+    let mut other = letter(2);
+    other.origin.sequence = 99;
+    let again = dlq.append(other).await.unwrap();
     let (all, total) = dlq.list(ns, None, 10).await.unwrap();
     assert_eq!(total, 5);
     let ids: Vec<_> = all.iter().map(|l| l.entry.id.as_str()).collect();

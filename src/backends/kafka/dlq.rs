@@ -67,6 +67,8 @@ struct Meta {
     id: Arc<str>,
     namespace: Arc<str>,
     shard: u32,
+    /// The entry's sequence in its shard.
+    origin: u64,
 }
 
 /// The live letters, by DLQ sequence and by id.
@@ -85,7 +87,20 @@ struct View {
 }
 
 impl View {
-    fn put(&mut self, seq: u64, id: &str, namespace: &str, shard: u32, holds: Option<String>) {
+    /// Index the letter at `seq`: entry `id`, at `origin` in `shard` of
+    /// `namespace`. A second letter of the same entry (delivered again in a
+    /// rebalance, and dead-lettered by both owners) is not one more letter:
+    /// it is left out, and the first stands for both.
+    fn put(&mut self, seq: u64, id: &str, at: (&str, u32, u64), holds: Option<String>) {
+        let (namespace, shard, origin) = at;
+        let again = self.by_id.get(id).into_iter().flatten().any(|s| {
+            self.by_sequence.get(s).is_some_and(|m| {
+                m.origin == origin && m.shard == shard && &*m.namespace == namespace
+            })
+        });
+        if again {
+            return;
+        }
         let namespace = match self.namespaces.get(namespace) {
             Some(ns) => ns.clone(),
             None => {
@@ -108,6 +123,7 @@ impl View {
             id,
             namespace,
             shard,
+            origin,
         };
         self.by_sequence.insert(seq, meta);
     }
@@ -659,8 +675,7 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
     view.lock().unwrap().put(
         letter.dlq_sequence,
         &letter.entry.id,
-        &o.shard.namespace,
-        o.shard.shard,
+        (&o.shard.namespace, o.shard.shard, o.sequence),
         holds,
     );
 }
@@ -719,13 +734,13 @@ mod tests {
     #[test]
     fn a_hold_lasts_while_its_letter_does() {
         let mut view = View::default();
-        view.put(0, "a", "ns", 1, Some("k".into()));
-        view.put(1, "b", "ns", 1, None);
+        view.put(0, "a", ("ns", 1, 10), Some("k".into()));
+        view.put(1, "b", ("ns", 1, 11), None);
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holder(0, "k"), None, "another shard");
         assert!(view.is_holding("a") && !view.is_holding("b"));
-        // Dead-lettered again: a second letter, and both hold.
-        view.put(2, "a", "ns", 1, Some("k".into()));
+        // Another entry with the same id: a second letter, and both hold.
+        view.put(2, "a", ("ns", 1, 12), Some("k".into()));
         assert_eq!(view.holder(1, "k"), Some("a"));
         assert_eq!(view.holding("a").collect::<Vec<_>>(), [0, 2]);
         // The letter behind it going changes nothing.
@@ -741,5 +756,23 @@ mod tests {
         assert!(!view.is_holding("a"));
         assert!(view.held[&1].is_empty());
         assert!(view.by_id.is_empty());
+    }
+
+    #[test]
+    fn an_entry_dead_lettered_twice_is_one_letter() {
+        let mut view = View::default();
+        view.put(0, "a", ("ns", 1, 10), Some("k".into()));
+        // Its partition moved mid-delivery; the new owner buried it too.
+        view.put(1, "a", ("ns", 1, 10), Some("k".into()));
+        assert_eq!(view.by_id["a"].len(), 1);
+        assert_eq!(view.by_sequence.len(), 1);
+        // The same id at another place, or in another shard, is its own.
+        view.put(2, "a", ("ns", 1, 20), None);
+        view.put(3, "a", ("ns", 2, 10), None);
+        assert_eq!(view.by_id["a"].len(), 3);
+        // Once the first is gone, the entry may be dead-lettered anew.
+        view.remove("a", Some(0));
+        view.put(4, "a", ("ns", 1, 10), None);
+        assert_eq!(view.by_id["a"].len(), 3);
     }
 }
