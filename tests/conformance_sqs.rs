@@ -208,6 +208,60 @@ async fn dead_letters() {
     conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
 }
 
+/// One entry dead-lettered twice (its message shown again when a
+/// visibility extension came late, and buried by both deliveries) lists as
+/// one letter, and the second is deleted; another entry with the same id
+/// stays a letter of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_dead_lettered_twice_is_one_letter() {
+    use walden::backends::{DeadLetter, DeadLetters, Origin};
+    let Some(url) = common::test_server("WALDEN_TEST_SQS_URL") else {
+        return;
+    };
+    let settings = settings(url, common::unique("twice") + "-dlq");
+    let client = settings.client().await;
+    let dlq = SqsDlq::open(
+        &client,
+        &settings.queue,
+        "conformance",
+        Vec::new(),
+        walden::routing::RouteHash::default(),
+        Arc::new(Hlc::default()),
+    )
+    .await
+    .unwrap();
+    let letter = |sequence: u64| DeadLetter {
+        dlq_sequence: 0,
+        entry: walden::entry::Entry {
+            id: "twice".into(),
+            key: Some("k".into()),
+            payload: bytes::Bytes::from_static(b"p"),
+            ..Default::default()
+        },
+        origin: Origin {
+            shard: ShardRef::new("conformance", 0),
+            sequence,
+            target: "default".into(),
+        },
+        attempts: 1,
+        first_failure_ms: 1,
+        last_failure_ms: 2,
+        last_error: "boom".into(),
+    };
+    let first = dlq.append(letter(7)).await.unwrap();
+    dlq.append(letter(7)).await.unwrap();
+    let other = dlq.append(letter(8)).await.unwrap();
+    let seqs = |ls: Vec<DeadLetter>| ls.iter().map(|l| l.dlq_sequence).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(dlq.get("conformance", "twice").await.unwrap()),
+        [first, other]
+    );
+    // The second letter was deleted, not only left out.
+    let (all, total) = dlq.list("conformance", None, 10).await.unwrap();
+    assert_eq!((seqs(all), total), (vec![first, other], 2));
+    assert_eq!(dlq.queue().approximate_len().await.unwrap(), 2);
+}
+
 /// A native RedrivePolicy on the queue is respected: SQS moves a message
 /// received too often to the DLQ queue, where it lists as a letter (attempts
 /// 0, "moved by the queue's RedrivePolicy") and redrives to its queue with

@@ -24,7 +24,7 @@
 //! `attempts = 0` and the error "moved by the queue's RedrivePolicy", and
 //! redrive like any other letter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use aws_sdk_sqs::Client;
@@ -281,7 +281,32 @@ impl SqsDlq {
         }
         let mut all: Vec<Received> = seen.into_values().collect();
         all.sort_by_key(|r| r.letter.dlq_sequence);
-        Ok(all)
+        Ok(self.one_letter_per_entry(all).await)
+    }
+
+    /// One entry dead-lettered twice (shown again when its visibility ran
+    /// out, and buried by both deliveries) is one letter: the oldest stays,
+    /// in its place in its key's order, and the later ones are deleted, so
+    /// a redrive does not deliver the entry twice. Another entry with the
+    /// same id (another origin) is a letter of its own.
+    async fn one_letter_per_entry(&self, all: Vec<Received>) -> Vec<Received> {
+        let mut firsts = HashSet::new();
+        let (keep, again): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| {
+            let (l, o) = (&r.letter, &r.letter.origin);
+            firsts.insert((
+                o.shard.namespace.clone(),
+                o.shard.shard,
+                o.sequence,
+                l.entry.id.clone(),
+            ))
+        });
+        for r in &again {
+            if let Err(error) = self.queue.delete(&r.receipt).await {
+                // It is left out again by the next read.
+                tracing::debug!(%error, "Cannot delete a second letter of one entry.");
+            }
+        }
+        keep
     }
 
     /// Show received letters again at once.
