@@ -187,13 +187,10 @@ async fn batches_on_a_fifo_queue() {
     batches::<true>().await;
 }
 
-/// The DLQ half of the suite on a DLQ queue (a best-effort peek lists it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters() {
-    let Some(url) = common::test_server("WALDEN_TEST_SQS_URL") else {
-        return;
-    };
-    let settings = settings(url, common::unique("conformance") + "-dlq");
+/// A DLQ queue of its own, with no origin queues; `None` without a server.
+async fn dlq_queue(prefix: &str) -> Option<Arc<SqsDlq>> {
+    let url = common::test_server("WALDEN_TEST_SQS_URL")?;
+    let settings = settings(url, common::unique(prefix) + "-dlq");
     let client = settings.client().await;
     let dlq = SqsDlq::open(
         &client,
@@ -205,6 +202,15 @@ async fn dead_letters() {
     )
     .await
     .unwrap();
+    Some(dlq)
+}
+
+/// The DLQ half of the suite on a DLQ queue (a best-effort peek lists it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters() {
+    let Some(dlq) = dlq_queue("conformance").await else {
+        return;
+    };
     conformance::dead_letters_append_list_get_remove(dlq.as_ref(), "conformance").await;
 }
 
@@ -215,21 +221,9 @@ async fn dead_letters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_dead_lettered_twice_is_one_letter() {
     use walden::backends::{DeadLetter, DeadLetters, Origin};
-    let Some(url) = common::test_server("WALDEN_TEST_SQS_URL") else {
+    let Some(dlq) = dlq_queue("twice").await else {
         return;
     };
-    let settings = settings(url, common::unique("twice") + "-dlq");
-    let client = settings.client().await;
-    let dlq = SqsDlq::open(
-        &client,
-        &settings.queue,
-        "conformance",
-        Vec::new(),
-        walden::routing::RouteHash::default(),
-        Arc::new(Hlc::default()),
-    )
-    .await
-    .unwrap();
     let letter = |sequence: u64| DeadLetter {
         dlq_sequence: 0,
         entry: walden::entry::Entry {
