@@ -458,4 +458,15 @@ pub async fn dead_letters_append_list_get_remove<D: walden::backends::DeadLetter
     let left = dlq.get(ns, "dead-2").await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].dlq_sequence, again, "the newer letter stays");
+
+    // One entry dead-lettered twice (delivered again after a crash or a
+    // rebalance, and buried both times) is one letter.
+    dlq.append(letter(4)).await.unwrap();
+    let (_, total) = dlq.list(ns, None, 10).await.unwrap();
+    assert_eq!(total, 4);
+    let fours = dlq.get(ns, "dead-4").await.unwrap();
+    assert_eq!(
+        fours.iter().map(|l| l.dlq_sequence).collect::<Vec<_>>(),
+        [seqs[4]]
+    );
 }

@@ -233,6 +233,17 @@ impl DeadLetters for EmbeddedDlq {
     async fn append(&self, letter: DeadLetter) -> Result<u64, BackendError> {
         let namespace = letter.origin.shard.namespace.clone();
         let id = letter.entry.id.clone();
+        // One entry dead-lettered twice (delivered again after a crash
+        // between its bury and its ack) is one letter. Only an id that has
+        // letters already is read back.
+        let o = &letter.origin;
+        if let Some(l) = self
+            .get_now(&namespace, &id)?
+            .into_iter()
+            .find(|l| l.origin.shard == o.shard && l.origin.sequence == o.sequence)
+        {
+            return Ok(l.dlq_sequence);
+        }
         let ack = self.log.append(&shard(&namespace), encode(letter)).await?;
         self.live
             .lock()
