@@ -219,11 +219,16 @@ impl KafkaConsumer {
     /// tracker there; reads begun before belong to the old position. False if
     /// the seek failed: the tracker is left alone (restarting it without the
     /// seek would let the watermark pass messages never handed out).
+    ///
+    /// False too while the partition is not owned: the rewind waits for the
+    /// next assign. A batch dropped across a revoke may have taken messages
+    /// off the queue that the reassigned fetch does not bring back, so the
+    /// seek is made even after an assign.
     async fn rewind_to_committed(&self) -> bool {
         let from = {
             let st = self.slot.state.lock().unwrap();
-            if !st.owned {
-                return true; // An assign sets the position.
+            if !st.owned || st.draining {
+                return false;
             }
             st.committed.unwrap_or(0)
         };
