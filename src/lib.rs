@@ -3,10 +3,15 @@
 //! # Layout
 //! - [`entry`]: the `Entry` every layer shares, and the three-valued `Durable`.
 //! - [`routing`]: which shard a key goes to (murmur2, crc32 or crc32c).
-//! - [`config`]: typed configuration and its pure validation.
-//! - [`api`]: the HTTP API (actix-web) and its JSON error type.
-//! - [`actors`]: per-shard actors (ingest, consumer, delay scheduler,
-//!   applier) under a per-namespace supervisor.
+//! - [`config`]: typed configuration and its pure validation; plain data
+//!   that imports nothing above it.
+//! - [`api`]: the HTTP API (actix-web) and its JSON error type; it only
+//!   turns HTTP into calls and answers back.
+//! - [`actors`]: [`actors::ingest`], the one write path (a plain call, every
+//!   backend through one `Producer`); per-shard actors (consumer, delay
+//!   scheduler, applier, dead letter) whose messages live in
+//!   [`actors::messages`]; the target's circuit breaker
+//!   ([`actors::breaker`]); and the per-namespace supervisor.
 //! - [`backends`]: queue backends behind capability traits;
 //!   [`backends::embedded`] is the durable log on local disk, the default;
 //!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer
@@ -22,7 +27,11 @@
 //!   cuts) under the embedded log and the file target.
 //! - [`stats`]: counters and gauges; [`failpoints`]: test-only panics.
 //!
-//! The arrows point one way: api → actors → backends and sinks → entry.
+//! The arrows point one way: api → actors → state → backends and sinks →
+//! config → entry. `tests/layering.rs` holds the actors free of circles,
+//! config free of upward imports, and the concrete backends to
+//! `src/backends/` and `service.rs` (with a list, shrinking, of the places
+//! that still name one).
 
 /// mimalloc, for every binary that links Walden (the service, its tests and
 /// benchmarks): entries are allocated on HTTP workers and freed on the

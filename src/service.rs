@@ -13,9 +13,10 @@ use tokio::sync::{Semaphore, oneshot};
 use tracing::{info, warn};
 
 use crate::actors::Stores;
-use crate::actors::supervisor::NamespaceRuntime;
+use crate::actors::ingest::Writes;
+use crate::actors::supervisor::{NamespaceRuntime, Parts};
 use crate::api::{self, AppState};
-use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogError};
+use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogConfig, LogError};
 use crate::backends::kafka::{
     KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings, Membership,
 };
@@ -95,7 +96,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         .namespaces
         .values()
         .find_map(|ns| match &ns.backend {
-            BackendConfig::Embedded(e) => Some(e.log_config()),
+            BackendConfig::Embedded(e) => Some(LogConfig::from_config(e)),
             _ => None,
         })
         .unwrap_or_default();
@@ -144,6 +145,12 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
             .transpose()?,
         fatal,
     };
+    let writes = Writes {
+        dedup: open_dedup(state_store.clone(), &data_dir, &config, &log).await?,
+        in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+        ack_timeout: config.server.ack_timeout(),
+        per_shard: config.server.mailbox_capacity,
+    };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
         let (backend, ns_dlq, delays) =
@@ -157,9 +164,12 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
             name,
             ns,
             &config.server,
-            &backend,
-            &ns_dlq,
-            &stores,
+            Parts {
+                backend: &backend,
+                dlq: &ns_dlq,
+                stores: &stores,
+            },
+            &writes,
             &handles,
         )
         .map_err(|source| ServiceError::Target {
@@ -168,13 +178,10 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
-    let dedup = open_dedup(state_store.clone(), &data_dir, &config, &log).await?;
     let state = Arc::new(AppState {
         namespaces,
         log,
         server: config.server.clone(),
-        in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
-        dedup,
         dlq,
         state: state_store,
     });
@@ -358,7 +365,7 @@ async fn open_kafka(
     tiers: bool,
     membership: &Membership,
 ) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
-    let settings = k.settings(name, ns.shards, server.ack_timeout());
+    let settings = KafkaSettings::of(k, name, ns.shards, server.ack_timeout());
     settings.ensure_topic().await?;
     let producer = match server.role.writes() {
         true => Some(KafkaProducer::new(&settings)?),
@@ -419,7 +426,7 @@ async fn open_composite(
     };
     let DelaysConfig::Sqs(d) = &c.delays;
     let (backend, dlq, _) = open_kafka(name, ns, k, server, false, membership).await?;
-    let back = KafkaProducer::new(&k.settings(name, ns.shards, server.ack_timeout()))?;
+    let back = KafkaProducer::new(&KafkaSettings::of(k, name, ns.shards, server.ack_timeout()))?;
     let client = SqsSettings::client_for(&d.region, d.endpoint_url.as_deref()).await;
     let delays = SqsDelays::open(
         &client,

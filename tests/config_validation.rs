@@ -314,6 +314,22 @@ fn every_validation_error_names_its_namespace_and_field() {
             "retry.max_attempts",
         ),
         (
+            "a breaker that one key trips",
+            ns("[namespaces.orders.breaker]\ntrip_after_keys = 1", "", http),
+            Some("orders"),
+            "breaker.trip_after_keys",
+        ),
+        (
+            "probe cap below the first probe",
+            ns(
+                "[namespaces.orders.breaker]\nprobe_initial_ms = 500\nprobe_max_ms = 100",
+                "",
+                http,
+            ),
+            Some("orders"),
+            "breaker.probe_max_ms",
+        ),
+        (
             "zero payload limit",
             ns(
                 "[namespaces.orders.limits]\nmax_payload_bytes = 0",

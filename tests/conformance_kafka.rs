@@ -195,7 +195,6 @@ async fn redrive_returns_the_entry_to_its_partition() {
 /// before it hands anything out, so stats can show entries not read yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_member_knows_the_end_of_its_partitions() {
-    use walden::backends::Producer;
     let Some(brokers) = common::test_server("WALDEN_TEST_KAFKA_BROKERS") else {
         return;
     };
@@ -210,8 +209,7 @@ async fn a_group_member_knows_the_end_of_its_partitions() {
     let producer = KafkaProducer::new(&settings).unwrap();
     let shard = ShardRef::new("ends", 0);
     for i in 0..5 {
-        producer
-            .send(&shard, common::entry(format!("e{i}"), "x"))
+        walden::backends::append_one(&producer, &shard, common::entry(format!("e{i}"), "x"))
             .await
             .unwrap();
     }

@@ -56,7 +56,7 @@ type Fifo = Sqs<true>;
 macro_rules! harness {
     ($h:ty, ordered: $ordered:expr) => {
         impl conformance::Harness for $h {
-            type P = SqsProducer;
+            type P = SqsShards;
             type C = SqsConsumer;
             const ORDERED: bool = $ordered;
             const LOG: bool = false;
@@ -69,8 +69,9 @@ macro_rules! harness {
                 ShardRef::new("conformance", 0)
             }
 
-            fn producer(&self) -> SqsProducer {
-                self.producer.clone()
+            /// The namespace's write path: shard 0 is this queue.
+            fn producer(&self) -> SqsShards {
+                SqsShards(vec![self.producer.clone()])
             }
 
             async fn consumer(&self, _group: &str) -> SqsConsumer {

@@ -52,7 +52,7 @@ fn crash_child() {
                     let ack = ack.wait().expect("append");
                     assert_eq!(ack.durable, Durable::True);
                     let mut out = out.lock().unwrap();
-                    writeln!(out, "ACK {} {} {payload}", shard.shard, ack.offset).unwrap();
+                    writeln!(out, "ACK {} {} {payload}", shard.shard, ack.sequence).unwrap();
                     out.flush().unwrap();
                 }
             })
@@ -144,6 +144,6 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             .append(shard, entry(payload.clone(), &payload))
             .wait()
             .unwrap();
-        acked.insert((shard.shard, ack.offset), payload);
+        acked.insert((shard.shard, ack.sequence), payload);
     }
 }

@@ -15,9 +15,8 @@ use actix::{Actor, Addr, Context, Handler, Supervisor};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use walden::actors::ShardStats;
-use walden::actors::applier::ApplyDelayed;
-use walden::actors::consumer::Rewind;
-use walden::actors::delay::{Cancel, CancelOutcome, DelayScheduler, clock_ms};
+use walden::actors::delay::{DelayScheduler, clock_ms};
+use walden::actors::messages::{ApplyDelayed, Cancel, CancelOutcome, Rewind};
 use walden::backends::{BackendError, DelayStore, Limit};
 use walden::entry::{Delivered, Entry, ShardRef};
 

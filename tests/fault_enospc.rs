@@ -46,7 +46,7 @@ fn a_full_disk_refuses_cleanly_and_recovers() {
 
     fs.set_capacity(None);
     let ack = log.append(&shard, entry("2", "after")).wait().unwrap();
-    assert_eq!(ack.offset, 1, "the refused record gave its offset back");
+    assert_eq!(ack.sequence, 1, "the refused record gave its offset back");
     assert_eq!(payloads(&read_all(&log, &shard, 0)), vec!["fits", "after"]);
 
     let after = fs.power_cut();

@@ -49,7 +49,7 @@ fn a_failed_fsync_poisons_the_log() {
     let log = open_sim(&after, LogConfig::default());
     assert_eq!(read_all(&log, &shard, 0).len(), 3);
     let ack = log.append(&shard, entry("again", "x")).wait().unwrap();
-    assert_eq!((ack.offset, ack.durable), (3, Durable::True));
+    assert_eq!((ack.sequence, ack.durable), (3, Durable::True));
 }
 
 #[test]

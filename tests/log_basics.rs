@@ -28,13 +28,13 @@ fn appends_are_durable_dense_and_read_back_in_order() {
             .append(&a, entry(format!("a{i}"), format!("a{i}")))
             .wait()
             .unwrap();
-        assert_eq!(ack.offset, i);
+        assert_eq!(ack.sequence, i);
         assert_eq!(ack.durable, Durable::True);
         let ack = log
             .append(&b, entry(format!("b{i}"), format!("b{i}")))
             .wait()
             .unwrap();
-        assert_eq!(ack.offset, i);
+        assert_eq!(ack.sequence, i);
     }
     let got = read_all(&log, &a, 0);
     assert_eq!(got.len(), 10);
@@ -73,7 +73,7 @@ fn offsets_continue_after_reopen_and_across_segment_rolls() {
     );
     assert_eq!(log.next_offset(&shard), 200);
     let ack = log.append(&shard, entry("next", "n")).wait().unwrap();
-    assert_eq!(ack.offset, 200);
+    assert_eq!(ack.sequence, 200);
     let all = read_all(&log, &shard, 0);
     assert_eq!(all.len(), 201);
     assert!(all.iter().enumerate().all(|(i, r)| r.offset == i as u64));
@@ -227,7 +227,7 @@ async fn retention_keeps_uncommitted_segments_until_the_hard_cap() {
     // Offsets stay monotonic after the segments that held them are gone.
     let log = EmbeddedLog::open(dir.path(), config).unwrap();
     assert_eq!(
-        log.append(&shard, entry("x", "x")).await.unwrap().offset,
+        log.append(&shard, entry("x", "x")).await.unwrap().sequence,
         100
     );
     drop(log);
@@ -266,7 +266,7 @@ fn interval_mode_acknowledges_only_after_the_timed_fsync() {
         .collect();
     for (i, p) in pending.into_iter().enumerate() {
         let ack = p.wait().unwrap();
-        assert_eq!((ack.offset, ack.durable), (i as u64, Durable::True));
+        assert_eq!((ack.sequence, ack.durable), (i as u64, Durable::True));
     }
     // Far fewer fsyncs than appends.
     assert!(log.stats().fsyncs.get() < 50);
@@ -300,7 +300,10 @@ fn an_oversized_id_is_refused_and_the_log_goes_on() {
     assert_eq!(err.durable(), Durable::False);
     // The refused record took no offset.
     assert_eq!(
-        log.append(&shard, entry("ok", "x")).wait().unwrap().offset,
+        log.append(&shard, entry("ok", "x"))
+            .wait()
+            .unwrap()
+            .sequence,
         0
     );
 }
@@ -336,7 +339,7 @@ fn age_retention_runs_on_its_own_and_only_past_commits() {
     assert_eq!(log.stats().retention_forced.get(), 0);
     // The active segment stays, and so do the offsets.
     assert_eq!(
-        log.append(&shard, entry("n", "n")).wait().unwrap().offset,
+        log.append(&shard, entry("n", "n")).wait().unwrap().sequence,
         100
     );
 }

@@ -81,7 +81,7 @@ fn run_round(round: u64) {
                         acked
                             .lock()
                             .unwrap()
-                            .insert((shard.clone(), ack.offset), payload);
+                            .insert((shard.clone(), ack.sequence), payload);
                     }
                     Err(_) => break,
                 }
@@ -168,7 +168,7 @@ fn run_round(round: u64) {
     let next = log.next_offset(&shard);
     let ack = log.append(&shard, entry("after", "x")).wait().unwrap();
     assert_eq!(
-        ack.offset, next,
+        ack.sequence, next,
         "round {round}: the log accepts appends again"
     );
 }

@@ -111,6 +111,6 @@ proptest! {
         }
         // And it takes appends again.
         let next = log.append(&shard, entry("next", "x")).wait().unwrap();
-        prop_assert!(next.offset >= got.len() as u64);
+        prop_assert!(next.sequence >= got.len() as u64);
     }
 }

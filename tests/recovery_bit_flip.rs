@@ -113,7 +113,7 @@ fn a_bad_record_in_the_active_segment_keeps_its_offset_reserved() {
         log.append(&shard, entry("new", "new"))
             .wait()
             .unwrap()
-            .offset,
+            .sequence,
         3
     );
     let mut r = log.reader(&shard, 0).unwrap();

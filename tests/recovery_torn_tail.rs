@@ -42,7 +42,7 @@ fn a_partial_last_frame_is_truncated_and_offsets_continue() {
         log.append(&shard, entry("n", "next"))
             .wait()
             .unwrap()
-            .offset,
+            .sequence,
         10
     );
 }

@@ -35,7 +35,7 @@ fn a_torn_header_on_a_new_active_segment_is_rewritten() {
     assert!(log.recovery_report().rewrote_header);
     assert_eq!(read_all(&log, &shard, 0).len(), 100);
     assert_eq!(
-        log.append(&shard, entry("n", "n")).wait().unwrap().offset,
+        log.append(&shard, entry("n", "n")).wait().unwrap().sequence,
         100
     );
     drop(log);
@@ -52,7 +52,7 @@ fn an_empty_new_segment_file_is_rewritten() {
     let log = open_sim(&fs, small_segments());
     assert!(log.recovery_report().rewrote_header);
     assert_eq!(
-        log.append(&shard, entry("n", "n")).wait().unwrap().offset,
+        log.append(&shard, entry("n", "n")).wait().unwrap().sequence,
         100
     );
 }

@@ -46,5 +46,5 @@ fn what_recovery_lets_readers_see_survives_a_power_cut() {
         "a record readers saw was lost in a power cut after recovery"
     );
     let next = log.append(&shard, entry("4", "p4")).wait().unwrap();
-    assert_eq!(next.offset, 4, "offsets a reader saw are never reused");
+    assert_eq!(next.sequence, 4, "offsets a reader saw are never reused");
 }

@@ -17,6 +17,10 @@
 //! dead letter is redriven or purged. Redriven dead letters come back here
 //! with their original sequence.
 //!
+//! While the target is down, the namespace's [`Breaker`] is open: no sink
+//! call starts and no entry spends an attempt; one entry at a time goes as a
+//! probe. Attempts and the DLQ are for entries that fail on a healthy target.
+//!
 //! A target that panics is caught where it is called: the call's entries are
 //! applied again one per call, and an entry that panics alone three times is
 //! poison and goes to the DLQ with the panic's message. Nothing restarts.
@@ -34,15 +38,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{
-    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message,
-    SpawnHandle, Supervised, WrapFuture,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Recipient, SpawnHandle,
+    Supervised, WrapFuture,
 };
 use futures_util::FutureExt;
 use rand::RngExt;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::consumer::{Rewind, ShardConsumer};
-use super::dead_letter::{Bury, DeadLetterActor, Done, Doomed, Redriven};
+use super::breaker::{Admit, Breaker};
+use super::messages::{
+    Apply, ApplyDelayed, Bury, Done, Doomed, Purged, Quiesce, Redrive, RedriveBacklog, Redriven,
+    RedrivenLetter, Reset, Rewind,
+};
 use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
 use crate::backends::kafka::KafkaDlq;
 use crate::backends::{DelayStore, Delivery, Limit};
@@ -141,6 +148,8 @@ pub struct Policy {
     pub may_park: bool,
     /// Where `hold_key` keeps its holds.
     pub holds: Holds,
+    /// The target's breaker, shared by the namespace's shards.
+    pub breaker: Arc<Breaker>,
 }
 
 /// Where `hold_key` keeps its holds, and what waits behind them.
@@ -172,11 +181,19 @@ struct Block {
     resume_after: Option<u64>,
 }
 
+/// The actors an applier talks to.
+pub struct ApplierPeers {
+    /// Its shard's consumer, told to rewind when the applier restarts.
+    pub rewind: Recipient<Rewind>,
+    /// Its shard's DeadLetter actor: letters to store, redrives to remove.
+    pub bury: Recipient<Bury>,
+    pub redriven: Recipient<Redriven>,
+}
+
 pub struct Applier {
     sink: Arc<dyn Sink>,
     shard: ShardRef,
-    consumer: Addr<ShardConsumer>,
-    dead_letter: Addr<DeadLetterActor>,
+    peers: ApplierPeers,
     park: ParkStore,
     delays: Arc<dyn DelayStore>,
     policy: Policy,
@@ -193,6 +210,12 @@ pub struct Applier {
     ready: bool,
     /// A sink call is in flight.
     busy: bool,
+    /// The call in flight is the breaker's probe, on this key.
+    probing: Option<String>,
+    /// Waiting for the breaker: a timer for the next probe, and whether a
+    /// watch for its closing is running.
+    breaker_timer: Option<SpawnHandle>,
+    watching_breaker: bool,
     /// Shutting down: no new sink call starts.
     quiescing: bool,
     /// Answered once the sink call in flight has settled ([`Quiesce`]).
@@ -206,8 +229,7 @@ impl Applier {
     pub fn new(
         sink: Arc<dyn Sink>,
         shard: ShardRef,
-        consumer: Addr<ShardConsumer>,
-        dead_letter: Addr<DeadLetterActor>,
+        peers: ApplierPeers,
         stores: Stores,
         policy: Policy,
         stats: Arc<ShardStats>,
@@ -215,8 +237,7 @@ impl Applier {
         Self {
             sink,
             shard,
-            consumer,
-            dead_letter,
+            peers,
             park: stores.park,
             delays: stores.delays,
             policy,
@@ -228,6 +249,9 @@ impl Applier {
             generation: 0,
             ready: false,
             busy: false,
+            probing: None,
+            breaker_timer: None,
+            watching_breaker: false,
             quiescing: false,
             quiesced: Vec::new(),
             timer: None,
@@ -495,7 +519,7 @@ impl Applier {
                 holds: None,
             });
         }
-        self.dead_letter.do_send(Bury(doomed));
+        self.peers.bury.do_send(Bury(doomed));
     }
 
     /// Load the store's blocked keys for this shard, then start applying.
@@ -633,7 +657,16 @@ impl Applier {
             return;
         }
         let now = Instant::now();
-        let batch = self.next_batch(now);
+        let breaker = self.policy.breaker.clone();
+        let batch = match breaker.admit(now, |avoid| self.probe_item(Some(avoid)).1) {
+            Admit::Deliver => self.next_batch(now),
+            Admit::Probe => {
+                let (i, _) = self.probe_item(breaker.avoid().as_deref());
+                self.probing = Some(self.queue[i].order_key(self.policy.ordering).to_string());
+                vec![i]
+            }
+            Admit::Wait(at) => return self.wait_for_breaker(at, ctx),
+        };
         if batch.is_empty() {
             self.arm(ctx);
             return;
@@ -657,6 +690,67 @@ impl Applier {
         }));
     }
 
+    /// The probe: the first entry of a key (so per-key order holds), ready
+    /// or not, preferring a key the last probe did not fail on, so a poison
+    /// key does not keep a healthy target's breaker open. Also whether it is
+    /// such a fresh key. The queue is not empty.
+    fn probe_item(&self, avoid: Option<&str>) -> (usize, bool) {
+        let ordering = self.policy.ordering;
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut first = None;
+        for (i, item) in self.queue.iter().enumerate() {
+            let key = item.order_key(ordering);
+            if !seen.insert(key) {
+                continue;
+            }
+            if avoid != Some(key) {
+                return (i, true);
+            }
+            first.get_or_insert(i);
+        }
+        (first.unwrap_or(0), false)
+    }
+
+    /// The breaker is open: try again when the next probe is due, or at
+    /// once when another applier's probe closes it.
+    fn wait_for_breaker(&mut self, at: Instant, ctx: &mut Context<Self>) {
+        if let Some(h) = self.breaker_timer.take() {
+            ctx.cancel_future(h);
+        }
+        let wait = at.saturating_duration_since(Instant::now());
+        self.breaker_timer = Some(ctx.run_later(wait, |act, ctx| {
+            act.breaker_timer = None;
+            guarded(act, ctx, |act, ctx| act.pump(ctx));
+        }));
+        if !self.watching_breaker {
+            self.watching_breaker = true;
+            let mut closed = self.policy.breaker.subscribe();
+            closed.mark_unchanged();
+            let watch = async move {
+                let _ = closed.changed().await;
+            };
+            ctx.spawn(watch.into_actor(self).map(|(), act, ctx| {
+                act.watching_breaker = false;
+                guarded(act, ctx, |act, ctx| act.pump(ctx));
+            }));
+        }
+    }
+
+    /// Run the target's healthcheck for the breaker (after failures).
+    fn check_health(&mut self, ctx: &mut Context<Self>) {
+        let (sink, breaker) = (self.sink.clone(), self.policy.breaker.clone());
+        ctx.spawn(
+            async move {
+                let result = sink.healthcheck().await;
+                breaker.health(&result);
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| {
+                guarded(act, ctx, |act, ctx| act.pump(ctx));
+            }),
+        );
+    }
+
     /// A sink call finished: settle its entries, then apply what is next.
     fn applied(
         &mut self,
@@ -665,9 +759,16 @@ impl Applier {
         ctx: &mut Context<Self>,
     ) {
         self.busy = false;
+        let probe = self.probing.take();
         match result {
-            Ok(results) => self.settle(uids, results, ctx),
-            Err(panic) => self.panicked(uids, panic_message(&panic), ctx),
+            Ok(results) => self.settle(uids, results, probe, ctx),
+            Err(panic) => {
+                if let Some(key) = probe {
+                    // The target's code answered, if by panicking.
+                    self.policy.breaker.probed(&key, None);
+                }
+                self.panicked(uids, panic_message(&panic), ctx)
+            }
         }
         for tx in self.quiesced.drain(..) {
             let _ = tx.send(());
@@ -722,9 +823,17 @@ impl Applier {
 
     /// Ack what succeeded; retry, park, dead-letter or keep what failed.
     /// Items dropped by a rewind while their call was in flight no longer
-    /// match a uid, and are skipped.
-    fn settle(&mut self, uids: &[u64], results: Vec<ApplyResult>, ctx: &mut Context<Self>) {
+    /// match a uid, and are skipped. While the breaker is open, transient
+    /// failures spend no attempts: the entries wait for the target.
+    fn settle(
+        &mut self,
+        uids: &[u64],
+        results: Vec<ApplyResult>,
+        probe: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
         let now = Instant::now();
+        let outage = self.tell_breaker(uids, &results, probe, ctx);
         for (uid, result) in uids.iter().zip(results) {
             let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
                 continue;
@@ -737,14 +846,17 @@ impl Applier {
                 Err(e) => {
                     self.stats.apply_errors.inc();
                     let item = &mut self.queue[pos];
+                    if outage && transient(&self.policy.retry, &e) {
+                        // The target's fault, not the entry's.
+                        item.not_before = None;
+                        continue;
+                    }
                     item.attempts += 1;
                     if item.first_failure_ms == 0 {
                         item.first_failure_ms = now_ms();
                     }
                     let retry = &self.policy.retry;
-                    let permanent = !e.is_transient()
-                        || e.http_status
-                            .is_some_and(|s| retry.permanent_http_statuses.contains(&s));
+                    let permanent = !transient(retry, &e);
                     let exhausted = item.attempts >= retry.max_attempts;
                     if (permanent || exhausted) && self.policy.dlq {
                         let item = self.queue.remove(pos).expect("found above");
@@ -777,6 +889,53 @@ impl Applier {
         self.stats.in_retry.set(in_retry as i64);
     }
 
+    /// Report a settled call to the breaker; answers whether it is open (the
+    /// call's transient failures then spend no attempts). Transient failures
+    /// also run a healthcheck (at most one a second), so a target that
+    /// refuses connections opens it before a lone key spends its attempts.
+    fn tell_breaker(
+        &mut self,
+        uids: &[u64],
+        results: &[ApplyResult],
+        probe: Option<String>,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        let breaker = self.policy.breaker.clone();
+        let ordering = self.policy.ordering;
+        let mut ok = 0;
+        let mut failed: Vec<String> = Vec::new();
+        let mut error = None;
+        for (uid, result) in uids.iter().zip(results) {
+            match result {
+                Ok(_) => ok += 1,
+                Err(e) if transient(&self.policy.retry, e) => {
+                    if let Some(item) = self.queue.iter().find(|i| i.uid == *uid) {
+                        failed.push(item.order_key(ordering).to_string());
+                    }
+                    error.get_or_insert(e);
+                }
+                Err(_) => {}
+            }
+        }
+        let open = match probe {
+            Some(key) => {
+                breaker.probed(&key, error);
+                breaker.is_open()
+            }
+            None => {
+                let keys: Vec<&str> = failed.iter().map(String::as_str).collect();
+                breaker.delivered(ok, &keys, error)
+            }
+        };
+        let check = !failed.is_empty()
+            && (!open || breaker.stuck_on_one_key())
+            && breaker.should_check(Instant::now());
+        if check {
+            self.check_health(ctx);
+        }
+        open
+    }
+
     /// Remove and return the queued items of `key` that may park, in order.
     fn take_key(&mut self, key: &str) -> Vec<Item> {
         let ordering = self.policy.ordering;
@@ -805,7 +964,7 @@ impl Applier {
                     // The holder is back from a redrive, and applied: its
                     // holding letter goes, which ends the hold everywhere.
                     if let Some(dlq_sequence) = dlq.holding_letter(&id) {
-                        self.dead_letter.do_send(Redriven {
+                        self.peers.redriven.do_send(Redriven {
                             namespace: self.shard.namespace.to_string(),
                             dlq_sequence,
                         });
@@ -815,7 +974,7 @@ impl Applier {
                 }
             }
             Source::Redrive(r) => {
-                self.dead_letter.do_send(Redriven {
+                self.peers.redriven.do_send(Redriven {
                     namespace: r.delivered.shard.namespace.to_string(),
                     dlq_sequence: r.dlq_sequence,
                 });
@@ -929,7 +1088,7 @@ impl Applier {
         };
         if !self.policy.hold_key {
             let was_parked = matches!(doomed.done, Done::Unpark { .. });
-            self.dead_letter.do_send(Bury(vec![doomed]));
+            self.peers.bury.do_send(Bury(vec![doomed]));
             if was_parked {
                 self.drained(key, ctx);
             }
@@ -948,7 +1107,7 @@ impl Applier {
                 holds: Some(key),
                 ..doomed
             };
-            self.dead_letter.do_send(Bury(vec![doomed]));
+            self.peers.bury.do_send(Bury(vec![doomed]));
             self.park_queued_behind_blocks(ctx);
             return;
         }
@@ -964,7 +1123,7 @@ impl Applier {
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(()) => {
-                        act.dead_letter.do_send(Bury(vec![doomed]));
+                        act.peers.bury.do_send(Bury(vec![doomed]));
                         act.park_queued_behind_blocks(ctx);
                     }
                     Err(e) => {
@@ -1006,6 +1165,15 @@ impl Applier {
     }
 }
 
+/// Whether retrying `e` can help (the namespace may make HTTP statuses
+/// permanent).
+fn transient(retry: &RetryConfig, e: &SinkError) -> bool {
+    e.is_transient()
+        && !e
+            .http_status
+            .is_some_and(|s| retry.permanent_http_statuses.contains(&s))
+}
+
 /// Full jitter on the namespace's backoff, or the target's `Retry-After` if it
 /// asked for longer, up to `max_backoff_ms`: a target that asks for an hour
 /// does not stall its keys past what the namespace allows.
@@ -1040,18 +1208,18 @@ impl Supervised for Applier {
         self.released.clear();
         self.ready = false;
         self.busy = false;
+        if self.probing.take().is_some() {
+            self.policy.breaker.abandon_probe();
+        }
+        self.breaker_timer = None;
+        self.watching_breaker = false;
         // Its call's outcome is lost with the queue: nothing left to wait for.
         self.quiesced.clear();
         self.timer = None;
         self.stats.in_retry.set(0);
-        self.consumer.do_send(Rewind);
+        self.peers.rewind.do_send(Rewind);
     }
 }
-
-/// Deliver these entries (in order).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Apply(pub Vec<Work>);
 
 impl Handler<Apply> for Applier {
     type Result = ();
@@ -1067,31 +1235,12 @@ impl Handler<Apply> for Applier {
     }
 }
 
-/// Deliver these entries, fired from the delay store (in due order).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ApplyDelayed(pub Vec<Delivered>);
-
 impl Handler<ApplyDelayed> for Applier {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyDelayed, ctx: &mut Context<Self>) {
         self.take_in(msg.0.into_iter().map(Source::Delayed).collect(), ctx);
     }
-}
-
-/// Deliver these dead letters again, with their original sequences and fresh
-/// attempts. Each is removed from the DLQ once applied.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Redrive(pub Vec<RedrivenLetter>);
-
-/// A dead letter sent back to its shard's applier.
-pub struct RedrivenLetter {
-    /// The letter's place in the DLQ: the one removed once it applies.
-    pub dlq_sequence: u64,
-    /// Its entry, with its original shard and sequence.
-    pub delivered: Delivered,
 }
 
 impl Handler<Redrive> for Applier {
@@ -1101,11 +1250,6 @@ impl Handler<Redrive> for Applier {
         self.take_in(msg.0.into_iter().map(Source::Redrive).collect(), ctx);
     }
 }
-
-/// How many redriven entries the applier holds, not yet settled.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct RedriveBacklog;
 
 impl Handler<RedriveBacklog> for Applier {
     type Result = usize;
@@ -1118,11 +1262,6 @@ impl Handler<RedriveBacklog> for Applier {
     }
 }
 
-/// This dead letter was purged: if it held its key, release the key.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Purged(pub Entry);
-
 impl Handler<Purged> for Applier {
     type Result = ();
 
@@ -1134,14 +1273,6 @@ impl Handler<Purged> for Applier {
         }
     }
 }
-
-/// Shutdown: start no new sink call, and answer once the one in flight (if
-/// any) has settled, so its acks are in before the shard's last commit.
-/// Without it, an entry the target already has is delivered again after a
-/// clean restart.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Quiesce;
 
 impl Handler<Quiesce> for Applier {
     type Result = actix::ResponseFuture<()>;
@@ -1159,11 +1290,6 @@ impl Handler<Quiesce> for Applier {
         })
     }
 }
-
-/// The consumer rewound: drop work read before generation `.0`.
-#[derive(Message, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct Reset(pub u64);
 
 impl Handler<Reset> for Applier {
     type Result = ();

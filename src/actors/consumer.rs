@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, Supervised,
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFuture, Supervised,
     WrapFuture,
 };
 use tracing::{error, info, warn};
 
-use super::applier::{Applier, Apply, Quiesce, Reset};
-use super::dead_letter::DeadLetterActor;
-use super::delay::{Delay, DelayScheduler};
+use super::messages::{
+    Apply, ConsumerState, Delay, Drain, GetState, Peers, Quiesce, Reset, Rewind, Wire,
+};
 use super::{ShardStats, Work, guarded};
 use crate::backends::shard::{AnyCheckpointer, AnyConsumer, AnyDelivery, NamespaceBackend};
 use crate::backends::{Consumer, Delivery};
@@ -26,14 +26,6 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 pub const MAX_OUTSTANDING_BYTES: usize = 16 << 20;
 const READ_BATCH: usize = 256;
 const READ_WAIT: Duration = Duration::from_millis(500);
-
-/// The actors a consumer feeds.
-#[derive(Clone)]
-pub struct Peers {
-    pub delay: actix::Addr<DelayScheduler>,
-    pub applier: actix::Addr<Applier>,
-    pub dead_letter: actix::Addr<DeadLetterActor>,
-}
 
 pub struct ShardConsumer {
     backend: NamespaceBackend,
@@ -92,9 +84,9 @@ impl ShardConsumer {
         self.checkpointer = None;
         if let Some(p) = &self.peers {
             let reset = Reset(self.generation);
-            p.delay.do_send(reset);
-            p.applier.do_send(reset);
-            p.dead_letter.do_send(reset);
+            for peer in &p.resets {
+                peer.do_send(reset);
+            }
         }
         self.opening = true;
         let generation = self.generation;
@@ -216,7 +208,7 @@ impl ShardConsumer {
             }
         }
         if !due.is_empty() {
-            peers.applier.do_send(Apply(due));
+            peers.apply.do_send(Apply(due));
         }
         if !later.is_empty() {
             peers.delay.do_send(Delay(later));
@@ -273,11 +265,6 @@ impl Supervised for ShardConsumer {
     }
 }
 
-/// Connect the consumer to its peers and start reading.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Wire(pub Peers);
-
 impl Handler<Wire> for ShardConsumer {
     type Result = ();
 
@@ -286,11 +273,6 @@ impl Handler<Wire> for ShardConsumer {
         self.reopen(ctx);
     }
 }
-
-/// A peer lost its work (it restarted): read again from the committed offset.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Rewind;
 
 impl Handler<Rewind> for ShardConsumer {
     type Result = ();
@@ -301,21 +283,13 @@ impl Handler<Rewind> for ShardConsumer {
     }
 }
 
-/// Stop reading and commit what is done. With a time (`Some`), the Applier
-/// first stops starting sink calls and the one in flight gets up to that
-/// long to settle, so its entries are in the commit. Answers with the
-/// committed offset.
-#[derive(Message)]
-#[rtype(result = "Option<u64>")]
-pub struct Drain(pub Option<Duration>);
-
 impl Handler<Drain> for ShardConsumer {
     type Result = ResponseActFuture<Self, Option<u64>>;
 
     fn handle(&mut self, Drain(settle): Drain, _: &mut Context<Self>) -> Self::Result {
         self.stopped = true;
         let cp = self.checkpointer.clone();
-        let applier = self.peers.as_ref().map(|p| p.applier.clone());
+        let applier = self.peers.as_ref().map(|p| p.quiesce.clone());
         let shard = self.shard.clone();
         Box::pin(
             async move {
@@ -335,21 +309,6 @@ impl Handler<Drain> for ShardConsumer {
             .into_actor(self),
         )
     }
-}
-
-/// Stats the API reads: the committed offset and the oldest unacked entry.
-#[derive(Message)]
-#[rtype(result = "ConsumerState")]
-pub struct GetState;
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ConsumerState {
-    pub committed: u64,
-    pub low_watermark: u64,
-    pub outstanding: usize,
-    pub oldest_outstanding_ms: Option<u64>,
-    /// The shard's end on a broker, when known.
-    pub end_offset: Option<u64>,
 }
 
 impl Handler<GetState> for ShardConsumer {

@@ -9,49 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Supervised, WrapFuture,
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Recipient, Supervised, WrapFuture,
 };
 use tracing::{error, info, warn};
 
-use super::applier::Reset;
-use super::consumer::{Rewind, ShardConsumer};
-use super::{ShardStats, Work, ack, guarded};
+use super::messages::{Bury, Done, Doomed, Redriven, Reset, Rewind};
+use super::{ShardStats, ack, guarded};
 use crate::backends::shard::AnyDlq;
-use crate::backends::{DeadLetter, DeadLetters, DelayStore, Origin};
+use crate::backends::{DeadLetter, DeadLetters, Origin};
 use crate::entry::Delivered;
-use crate::state::ParkStore;
-
-/// What finishes an entry once its dead letter is durable.
-pub enum Done {
-    /// It came from the log: ack it, so the watermark can pass.
-    Ack(Work),
-    /// It came from the delay store: remove it there.
-    Undelay(Arc<dyn DelayStore>),
-    /// It came from the park store: remove it there.
-    Unpark {
-        store: ParkStore,
-        order_key: String,
-        sequence: u64,
-    },
-}
-
-/// An entry the applier gave up on.
-pub struct Doomed {
-    pub delivered: Delivered,
-    pub done: Done,
-    pub attempts: u32,
-    pub first_failure_ms: u64,
-    pub last_failure_ms: u64,
-    pub last_error: String,
-    pub target: String,
-    /// The key this letter holds (`hold_key` on a broker, where the hold
-    /// lives with the letter).
-    pub holds: Option<String>,
-}
 
 pub struct DeadLetterActor {
     dlq: AnyDlq,
-    consumer: Addr<ShardConsumer>,
+    /// Its shard's consumer, told to rewind when this actor restarts.
+    rewind: Recipient<Rewind>,
     stats: Arc<ShardStats>,
     generation: u64,
     /// Keys with a letter being stored, and their letters waiting behind it.
@@ -62,10 +33,10 @@ pub struct DeadLetterActor {
 }
 
 impl DeadLetterActor {
-    pub fn new(dlq: AnyDlq, consumer: Addr<ShardConsumer>, stats: Arc<ShardStats>) -> Self {
+    pub fn new(dlq: AnyDlq, rewind: Recipient<Rewind>, stats: Arc<ShardStats>) -> Self {
         Self {
             dlq,
-            consumer,
+            rewind,
             stats,
             generation: 0,
             storing: HashMap::new(),
@@ -198,14 +169,9 @@ impl Supervised for DeadLetterActor {
         self.storing.clear();
         // It has nothing to start: the shard's rewind waits out the pause.
         self.stats.restart_backoff.restarted();
-        self.consumer.do_send(Rewind);
+        self.rewind.do_send(Rewind);
     }
 }
-
-/// Store these entries in the DLQ, then ack them.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Bury(pub Vec<Doomed>);
 
 impl Handler<Bury> for DeadLetterActor {
     type Result = ();
@@ -215,14 +181,6 @@ impl Handler<Bury> for DeadLetterActor {
             guarded(self, ctx, |act, ctx| act.store(doomed, ctx));
         }
     }
-}
-
-/// A redriven dead letter was applied: remove it from the DLQ.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Redriven {
-    pub namespace: String,
-    pub dlq_sequence: u64,
 }
 
 impl Handler<Redriven> for DeadLetterActor {

@@ -22,14 +22,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, Recipient,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Recipient,
     ResponseActFuture, SpawnHandle, Supervised, WrapFuture,
 };
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::applier::{ApplyDelayed, Reset};
-use super::consumer::Rewind;
+use super::messages::{ApplyDelayed, Cancel, CancelOutcome, Delay, Reset, Rewind};
 use super::{ShardStats, Work, ack, guarded};
 use crate::backends::{BackendError, DelayStore, Delivery, Limit};
 use crate::entry::{Delivered, ShardRef, now_ms};
@@ -307,11 +306,6 @@ impl Supervised for DelayScheduler {
     }
 }
 
-/// Hold these entries until they are due: store them, then ack them.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Delay(pub Vec<Work>);
-
 impl Handler<Delay> for DelayScheduler {
     type Result = ();
 
@@ -364,21 +358,6 @@ impl Handler<Delay> for DelayScheduler {
                 }),
         );
     }
-}
-
-/// Cancel this waiting entry (as found in the store by its id).
-#[derive(Message)]
-#[rtype(result = "Result<CancelOutcome, BackendError>")]
-pub struct Cancel(pub Delivered);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CancelOutcome {
-    /// It will never fire; the store no longer has it.
-    Cancelled,
-    /// It already fired and is being delivered (or was): too late.
-    Fired,
-    /// The store no longer has it (delivered, or cancelled already).
-    Gone,
 }
 
 impl Handler<Cancel> for DelayScheduler {

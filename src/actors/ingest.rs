@@ -1,56 +1,774 @@
-//! Ingest: the write side of one shard. Its mailbox is bounded; the HTTP
-//! handler uses `try_send`, so a full mailbox answers 429 instead of growing
-//! memory. It hands each append, with the handler's reply channel, straight
-//! to the backend (the embedded log's committer). A Kafka namespace's writes
-//! skip it: librdkafka queues them itself
-//! ([`NamespaceBackend::queues_writes_itself`]).
+//! Ingest: the one write path. Every write to every namespace, whatever its
+//! backend, goes through here: validate it against the namespace's limits,
+//! route it to its shard, dedup its id, append it through the namespace's
+//! [`Producer`], and answer. The HTTP API only turns a request into these
+//! calls and the answer back into HTTP.
+//!
+//! It is a plain call on the task that took the request, with no mailbox hop:
+//! the producer hands each entry to the backend's own queue (the embedded
+//! log's committer, librdkafka, the SQS client), and the answer comes back
+//! from its completion. An entry is answered `durable: "true"` only once the
+//! backend says it is durable; past `server.ack_timeout_ms` the answer is
+//! `"unknown"`, and its id stays claimed until the backend answers, so a retry
+//! with it is safe.
+//!
+//! Load is shed (429) by `server.max_in_flight` across the server, by
+//! `server.mailbox_capacity` hand-offs waiting on one shard, and by the
+//! backend's own queue.
 
-use actix::{Actor, Context, Handler, Message, Supervised};
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use super::guarded;
-use crate::backends::shard::{NamespaceBackend, WriteReply};
-use crate::entry::{Entry, ShardRef};
+use base64::Engine;
+use bytes::Bytes;
+use rand::RngExt;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use tokio::sync::{Semaphore, oneshot};
+use tracing::error;
 
-pub struct Ingest {
-    backend: NamespaceBackend,
-    shard: ShardRef,
-    mailbox_capacity: usize,
+use super::ShardStats;
+use crate::backends::{Appended, BackendError, EntryRejected, Producer};
+use crate::config::NamespaceConfig;
+use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, ShardRef, now_ms};
+use crate::routing::shard_of;
+use crate::sinks::mutation;
+use crate::state::DedupIndex;
+use crate::state::dedup::{self, Check};
+
+/// Header names under this prefix are Walden's own.
+const RESERVED_PREFIX: &str = "walden.";
+const MAX_HEADER_NAME: usize = 256;
+const MAX_HEADER_VALUE: usize = 8192;
+
+/// The body of one write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteRequest<'a> {
+    /// Any JSON value, delivered as written. Borrowed from the body, which
+    /// the entry's payload then shares rather than copies.
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub payload: Option<&'a RawValue>,
+    /// Opaque bytes, base64-encoded.
+    pub payload_base64: Option<String>,
+    /// Routes the entry to a shard and orders entries that share it.
+    pub key: Option<String>,
+    /// Client id; a UUIDv7 is generated if absent.
+    pub id: Option<String>,
+    pub lifecycle: Option<Lifecycle>,
+    /// The name of one of the namespace's targets.
+    pub target: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
 }
 
-impl Ingest {
-    pub fn new(backend: NamespaceBackend, shard: ShardRef, mailbox_capacity: usize) -> Self {
+/// When the entry may be delivered, and when it was first written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    pub delay_ms: Option<u64>,
+    /// A uniform random extra delay in `[0, jitter_ms]`.
+    pub jitter_ms: Option<u64>,
+    pub original_write_time_ms: Option<u64>,
+}
+
+/// `"payload": null` is a payload (JSON null), not a missing one.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A write answered by the backend: durable (`True`), or accepted with its
+/// durability not known (`Unknown`, with `fsync = "never"`).
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub durable: Durable,
+    pub id: String,
+    pub shard: u32,
+    pub sequence: u64,
+}
+
+/// Why a write was refused, or why its outcome is not known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request is not a valid write (400).
+    Invalid,
+    /// Larger than a limit (413).
+    TooLarge,
+    /// The id was accepted before with another body (409).
+    Conflict,
+    /// Shed for load; nothing was written (429).
+    Shed,
+    /// The backend could not take it now (503).
+    Unavailable,
+    /// Handed to the backend, with no answer in time (504).
+    Timeout,
+}
+
+/// A write not answered `durable: "true"`, and what the client should know.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct IngestError {
+    pub refusal: Refusal,
+    pub durable: Durable,
+    pub message: String,
+    /// The entry's id (given or generated): a client that got `"unknown"`
+    /// retries with it safely.
+    pub id: Option<String>,
+}
+
+impl IngestError {
+    fn new(refusal: Refusal, durable: Durable, message: impl Into<String>) -> Self {
         Self {
-            backend,
-            shard,
-            mailbox_capacity,
+            refusal,
+            durable,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Invalid, Durable::False, message)
+    }
+
+    fn too_large(message: impl Into<String>) -> Self {
+        Self::new(Refusal::TooLarge, Durable::False, message)
+    }
+
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Conflict, Durable::False, message)
+    }
+
+    fn shed(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Shed, Durable::False, message)
+    }
+
+    fn unavailable(durable: Durable, message: impl Into<String>) -> Self {
+        Self::new(Refusal::Unavailable, durable, message)
+    }
+
+    fn timeout(message: impl Into<String>) -> Self {
+        Self::new(Refusal::Timeout, Durable::Unknown, message)
+    }
+
+    /// The same error, answering the write of entry `id`.
+    pub fn with_id(self, id: &str) -> Self {
+        Self {
+            id: Some(id.to_string()),
+            ..self
         }
     }
 }
 
-impl Actor for Ingest {
-    type Context = Context<Self>;
+/// An entry ready to append: valid, routed, its id given or generated.
+pub struct Prepared {
+    pub shard: u32,
+    pub entry: Entry,
+    /// The client chose the id, so it is an idempotency key.
+    client_id: bool,
+}
 
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+/// What every namespace's Ingest shares.
+#[derive(Clone)]
+pub struct Writes {
+    /// Idempotency keys of every namespace.
+    pub dedup: Arc<DedupIndex>,
+    /// Writes in flight across the server (`server.max_in_flight`).
+    pub in_flight: Arc<Semaphore>,
+    /// `server.ack_timeout_ms`.
+    pub ack_timeout: Duration,
+    /// `server.mailbox_capacity`: hand-offs waiting on one shard, at most.
+    pub per_shard: usize,
+}
+
+/// One namespace's write path.
+pub struct Ingest {
+    name: String,
+    config: NamespaceConfig,
+    producer: Arc<dyn Producer>,
+    shards: Vec<ShardRef>,
+    stats: Vec<Arc<ShardStats>>,
+    /// Hand-offs waiting on each shard.
+    waiting: Vec<AtomicUsize>,
+    dedup: Arc<DedupIndex>,
+    in_flight: Arc<Semaphore>,
+    ack_timeout: Duration,
+    per_shard: usize,
+}
+
+/// A hand-off waiting on a shard; the slot frees when it is answered.
+struct ShardSlot<'a>(&'a AtomicUsize);
+
+impl Drop for ShardSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-impl Supervised for Ingest {}
-
-/// Append these entries; each answer goes to its own reply channel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Write(pub Vec<(Entry, WriteReply)>);
-
-impl Handler<Write> for Ingest {
-    type Result = ();
-
-    fn handle(&mut self, msg: Write, ctx: &mut Context<Self>) {
-        // A panic here drops the reply channels still in `msg`: those writes
-        // are answered "unknown" by the handler, never "true".
-        guarded(self, ctx, |act, _| {
-            crate::failpoint!("ingest.write");
-            act.backend.append_all(&act.shard, msg.0);
-        });
+impl Ingest {
+    pub fn new(
+        name: &str,
+        config: &NamespaceConfig,
+        producer: Arc<dyn Producer>,
+        stats: Vec<Arc<ShardStats>>,
+        writes: &Writes,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            config: config.clone(),
+            producer,
+            shards: (0..config.shards).map(|i| ShardRef::new(name, i)).collect(),
+            waiting: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
+            stats,
+            dedup: writes.dedup.clone(),
+            in_flight: writes.in_flight.clone(),
+            ack_timeout: writes.ack_timeout,
+            per_shard: writes.per_shard,
+        }
     }
+
+    /// Check a request against the namespace's limits, and build and route
+    /// its entry. `body` is the request's body, which a JSON payload shares;
+    /// `traceparent` is the write's. An error names the entry's id.
+    pub fn prepare(
+        &self,
+        req: WriteRequest<'_>,
+        body: &Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Prepared, IngestError> {
+        prepare(self, req, body, traceparent)
+    }
+
+    /// Append prepared entries; one answer per entry, in order. A client id
+    /// seen within the namespace's dedup window gets its original answer.
+    pub async fn submit(&self, items: Vec<Prepared>) -> Vec<Result<Accepted, IngestError>> {
+        submit(self, items).await
+    }
+
+    fn shard_slot(&self, shard: u32) -> Option<ShardSlot<'_>> {
+        let waiting = &self.waiting[shard as usize];
+        if waiting.fetch_add(1, Ordering::AcqRel) >= self.per_shard {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ShardSlot(waiting))
+    }
+}
+
+/// Check a request against the namespace's limits and build its entry.
+/// `body` is the request's body, which a JSON payload is a slice of;
+/// `traceparent` is the write's, for the entry's header. An error names the
+/// entry's id (given or generated).
+fn prepare(
+    ns: &Ingest,
+    mut req: WriteRequest<'_>,
+    body: &Bytes,
+    traceparent: Option<&str>,
+) -> Result<Prepared, IngestError> {
+    let client_id = req.id.is_some();
+    let id = req
+        .id
+        .take()
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let parts = check(ns, req, &id, body, traceparent).map_err(|e| e.with_id(&id))?;
+    let shard = shard_of(
+        ns.config.route_hash(),
+        parts.key.as_deref(),
+        &id,
+        ns.config.shards,
+    );
+    let entry = Entry {
+        id,
+        key: parts.key,
+        headers: parts.headers,
+        payload: parts.payload,
+        timestamp_ms: 0,
+        due_ms: parts.due_ms,
+    };
+    ns.producer.check_entry(&entry).map_err(|e| {
+        match e {
+            EntryRejected::TooLarge(why) => IngestError::too_large(why),
+            EntryRejected::Invalid(why) => IngestError::bad_request(why),
+        }
+        .with_id(&entry.id)
+    })?;
+    Ok(Prepared {
+        shard,
+        client_id,
+        entry,
+    })
+}
+
+/// What a valid request makes of its entry, besides the id.
+struct Parts {
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    due_ms: u64,
+}
+
+fn check(
+    ns: &Ingest,
+    req: WriteRequest<'_>,
+    id: &str,
+    body: &Bytes,
+    traceparent: Option<&str>,
+) -> Result<Parts, IngestError> {
+    let limits = &ns.config.limits;
+    let (payload, json) = match (req.payload, req.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(IngestError::bad_request(
+                "give exactly one of `payload` and `payload_base64`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(IngestError::bad_request(
+                "give exactly one of `payload` (any JSON value) and `payload_base64`",
+            ));
+        }
+        (Some(raw), None) => {
+            if nested_deeper_than(raw.get().as_bytes(), limits.max_payload_depth) {
+                return Err(IngestError::bad_request(format!(
+                    "`payload` is nested deeper than limits.max_payload_depth ({})",
+                    limits.max_payload_depth
+                )));
+            }
+            (share(body, raw.get().as_bytes()), true)
+        }
+        (None, Some(b64)) => {
+            if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
+                return Err(payload_too_large(limits.max_payload_bytes));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    IngestError::bad_request(format!("`payload_base64` is not valid base64: {e}"))
+                })?;
+            (Bytes::from(bytes), false)
+        }
+    };
+    if payload.len() > limits.max_payload_bytes {
+        return Err(payload_too_large(limits.max_payload_bytes));
+    }
+    let key = routing_key(ns, req.key, &payload)?;
+    if let Some(key) = &key {
+        check_len("key", key.len(), limits.max_key_bytes)?;
+    }
+    if id.is_empty() {
+        return Err(IngestError::bad_request("`id` must not be empty"));
+    }
+    check_len("id", id.len(), limits.max_id_bytes)?;
+    if let Some(target) = &req.target {
+        let ours = ns.config.target.name();
+        if target != ours {
+            return Err(IngestError::bad_request(format!(
+                "`target`: namespace {:?} has no target {target:?} (its target is {ours:?})",
+                ns.name
+            )));
+        }
+    }
+    let user_headers = req.headers.unwrap_or_default();
+    if user_headers.len() > limits.max_headers {
+        return Err(IngestError::bad_request(format!(
+            "`headers`: {} headers; the limit is {}",
+            user_headers.len(),
+            limits.max_headers
+        )));
+    }
+    let mut headers = Vec::with_capacity(user_headers.len() + 3);
+    for (name, value) in user_headers {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME || value.len() > MAX_HEADER_VALUE {
+            return Err(IngestError::bad_request(format!(
+                "`headers`: names must be 1 to {MAX_HEADER_NAME} bytes and values at most {MAX_HEADER_VALUE}"
+            )));
+        }
+        if name.starts_with(RESERVED_PREFIX) || name == "traceparent" {
+            return Err(IngestError::bad_request(format!(
+                "`headers.{name}`: headers named traceparent or starting with {RESERVED_PREFIX:?} are reserved"
+            )));
+        }
+        headers.push((name, value));
+    }
+    let lifecycle = req.lifecycle.unwrap_or_default();
+    let delay = lifecycle.delay_ms.unwrap_or(0);
+    // A delayed write without its own jitter gets the namespace's.
+    let default_jitter = if delay > 0 {
+        ns.config.delay.jitter_ms
+    } else {
+        0
+    };
+    let jitter = lifecycle.jitter_ms.unwrap_or(default_jitter);
+    let max_delay = ns.config.delay.max_delay_ms;
+    if delay.saturating_add(jitter) > max_delay {
+        return Err(IngestError::bad_request(format!(
+            "`lifecycle`: delay_ms + jitter_ms is {}; delay.max_delay_ms is {max_delay}",
+            delay.saturating_add(jitter)
+        )));
+    }
+    // Computed once, here, and stored: a replay fires at a known time.
+    let due_ms = if delay == 0 && jitter == 0 {
+        0
+    } else {
+        now_ms() + delay + rand::rng().random_range(0..=jitter)
+    };
+    if json {
+        headers.push((PAYLOAD_ENCODING_HEADER.into(), "json".into()));
+    }
+    if let Some(t) = lifecycle.original_write_time_ms {
+        headers.push(("walden.original_write_time_ms".into(), t.to_string()));
+    }
+    if let Some(tp) = traceparent {
+        headers.push(("traceparent".into(), tp.to_owned()));
+    }
+    Ok(Parts {
+        key,
+        headers,
+        payload,
+        due_ms,
+    })
+}
+
+/// The key a write is routed by. A namespace whose target versions rows
+/// routes by the mutation's key, so every write to a row shares one shard
+/// and its sequence orders them; a `key` that differs is refused.
+fn routing_key(
+    ns: &Ingest,
+    key: Option<String>,
+    payload: &[u8],
+) -> Result<Option<String>, IngestError> {
+    let target = &ns.config.target;
+    let why = || {
+        format!(
+            "namespace {:?} applies to a {} target, which versions each row by its shard's sequence",
+            ns.name,
+            target.kind()
+        )
+    };
+    match (mutation::row_of(target, payload), key) {
+        (Ok(None), key) => Ok(key),
+        (Err(e), _) => Err(IngestError::bad_request(format!(
+            "`payload`: {e} ({})",
+            why()
+        ))),
+        (Ok(Some(row)), None) => Ok(Some(row)),
+        (Ok(Some(row)), Some(key)) if key == row => Ok(Some(key)),
+        (Ok(Some(row)), Some(key)) => Err(IngestError::bad_request(format!(
+            "`key` {key:?} is not the mutation's key {row:?}: {}, so its writes are routed by the mutation's key; leave `key` out or make it equal",
+            why()
+        ))),
+    }
+}
+
+/// Whether the arrays and objects of valid JSON `text` nest deeper than
+/// `max`. One pass over the bytes, skipping strings.
+fn nested_deeper_than(text: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// `part` of `body` as a `Bytes` that shares `body`'s buffer; a copy if it
+/// is not a slice of it.
+fn share(body: &Bytes, part: &[u8]) -> Bytes {
+    let within = body.as_ptr_range();
+    let range = part.as_ptr_range();
+    if within.start <= range.start && range.end <= within.end {
+        body.slice_ref(part)
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
+
+fn check_len(field: &str, len: usize, max: usize) -> Result<(), IngestError> {
+    if len > max {
+        return Err(IngestError::bad_request(format!(
+            "`{field}` is {len} bytes; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn payload_too_large(max: usize) -> IngestError {
+    IngestError::too_large(format!(
+        "the payload is larger than limits.max_payload_bytes ({max})"
+    ))
+}
+
+/// What the client is told about a failed append.
+fn append_error(e: BackendError) -> IngestError {
+    match e {
+        e if e.is_busy() => IngestError::shed(format!("{e}; retry later")),
+        e if e.is_invalid() => IngestError::bad_request(e.to_string()),
+        // The backend may have it: 504, as for an answer that never came.
+        e if e.durable() == Durable::Unknown => {
+            IngestError::timeout(format!("{e}; the outcome is unknown"))
+        }
+        e => IngestError::unavailable(e.durable(), e.to_string()),
+    }
+}
+
+/// Append prepared entries; one answer per entry, in order. A client id
+/// seen within the namespace's dedup window gets its original answer.
+fn submit<'a>(
+    ns: &'a Ingest,
+    items: Vec<Prepared>,
+) -> futures_util::future::BoxFuture<'a, Vec<Result<Accepted, IngestError>>> {
+    Box::pin(async move {
+        let n = items.len();
+        let mut answers: Vec<Option<Result<Accepted, IngestError>>> =
+            (0..n).map(|_| None).collect();
+        let window = Duration::from_millis(ns.config.dedup_window_ms);
+        let mut to_send = Vec::with_capacity(n);
+        let mut waiting = Vec::new();
+        let mut lookups = Vec::new();
+        let mut keyed = Vec::new();
+        for (i, p) in items.into_iter().enumerate() {
+            if !p.client_id || window.is_zero() {
+                to_send.push((i, p, None));
+            } else {
+                lookups.push((p.entry.id.clone(), dedup::fingerprint(&p.entry)));
+                keyed.push((i, p));
+            }
+        }
+        // The index lives in fjall: look ids up off the HTTP worker thread.
+        let checks = if lookups.is_empty() {
+            Vec::new()
+        } else {
+            let (index, name) = (ns.dedup.clone(), ns.name.clone());
+            tokio::task::spawn_blocking(move || {
+                lookups
+                    .into_iter()
+                    .map(|(id, fp)| (fp, index.check(&name, &id, fp, window)))
+                    .collect()
+            })
+            .await
+            .expect("dedup checks do not panic")
+        };
+        for ((i, p), (fingerprint, check)) in keyed.into_iter().zip(checks) {
+            match check {
+                Ok(Check::Duplicate(a)) => answers[i] = Some(Ok(accepted_answer(&p.entry.id, a))),
+                Ok(Check::Conflict(a)) => {
+                    answers[i] = Some(Err(conflict(&p.entry.id, a).with_id(&p.entry.id)))
+                }
+                Ok(Check::Wait(rx)) => waiting.push((i, p, rx)),
+                Ok(Check::Claimed(claim)) => to_send.push((i, p, Some((claim, fingerprint)))),
+                Err(e) => {
+                    let e = IngestError::unavailable(Durable::False, e.to_string());
+                    answers[i] = Some(Err(e.with_id(&p.entry.id)))
+                }
+            }
+        }
+        for (i, answer) in append(ns, to_send).await {
+            answers[i] = Some(answer);
+        }
+        // Duplicates of writes that were in flight: wait for those, then
+        // answer as they were answered (or write, if they failed).
+        for (i, p, mut rx) in waiting {
+            while rx.changed().await.is_ok() {}
+            answers[i] = Some(submit(ns, vec![p]).await.remove(0));
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every entry is answered"))
+            .collect()
+    })
+}
+
+fn accepted_answer(id: &str, a: dedup::Accepted) -> Accepted {
+    Accepted {
+        durable: Durable::True,
+        id: id.to_string(),
+        shard: a.shard,
+        sequence: a.sequence,
+    }
+}
+
+fn conflict(id: &str, a: dedup::Accepted) -> IngestError {
+    IngestError::conflict(format!(
+        "id {id:?} was already accepted (sequence {}) with a different body; use a new id",
+        a.sequence
+    ))
+}
+
+type Claimed = Option<(dedup::Claim, u64)>;
+
+/// Hand entries to the backend, shard by shard, and wait for its answers. A claimed id is recorded once its entry is durable.
+async fn append(
+    ns: &Ingest,
+    items: Vec<(usize, Prepared, Claimed)>,
+) -> Vec<(usize, Result<Accepted, IngestError>)> {
+    let n = items.len();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let Ok(_permits) = ns.in_flight.clone().try_acquire_many_owned(n as u32) else {
+        let e = IngestError::shed("too many writes in flight (server.max_in_flight); retry later");
+        return items
+            .into_iter()
+            .map(|(i, p, _)| (i, Err(e.clone().with_id(&p.entry.id))))
+            .collect();
+    };
+    let dedups = ns.config.dedup_window_ms > 0;
+    let mut waiting = Vec::with_capacity(n);
+    let mut by_shard: BTreeMap<u32, Vec<(usize, Entry, Claimed)>> = BTreeMap::new();
+    for (i, p, claim) in items {
+        by_shard
+            .entry(p.shard)
+            .or_default()
+            .push((i, p.entry, claim));
+    }
+    let mut slots = Vec::new();
+    for (shard, entries) in by_shard {
+        let mut msg = Vec::with_capacity(entries.len());
+        let mut rxs = Vec::with_capacity(entries.len());
+        for (i, entry, claim) in entries {
+            let (tx, rx) = oneshot::channel();
+            // A generated id is claimed only if its answer is "unknown", so
+            // that a retry with it is safe: keep what the claim needs.
+            let fingerprint = (claim.is_none() && dedups).then(|| dedup::fingerprint(&entry));
+            rxs.push((i, entry.id.clone(), rx, claim, fingerprint));
+            msg.push((entry, tx));
+        }
+        let Some(slot) = ns.shard_slot(shard) else {
+            let err = IngestError::shed(format!(
+                "shard {shard} of {:?} is overloaded (server.mailbox_capacity); retry later",
+                ns.name
+            ));
+            out.extend(
+                rxs.into_iter()
+                    .map(|(i, id, ..)| (i, Err(err.clone().with_id(&id)))),
+            );
+            continue;
+        };
+        slots.push(slot);
+        // The hand-off runs on this task. A panic in it drops the replies
+        // it still holds: those writes are answered "unknown", never "true".
+        let handed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::failpoint!("ingest.write");
+            ns.producer.append(&ns.shards[shard as usize], msg);
+        }));
+        if let Err(panic) = handed {
+            error!(namespace = %ns.name, shard, panic = crate::actors::panic_message(&panic), "Handing writes to the backend panicked.");
+        }
+        waiting.extend(
+            rxs.into_iter()
+                .map(|(i, id, rx, c, fp)| (i, id, shard, rx, c, fp)),
+        );
+    }
+    // One timer for the whole request, not one per entry.
+    let deadline = tokio::time::sleep(ns.ack_timeout);
+    tokio::pin!(deadline);
+    for (i, id, shard, mut rx, claim, fingerprint) in waiting {
+        let answered = tokio::select! {
+            biased;
+            answer = &mut rx => Ok(answer),
+            () = &mut deadline => Err(()),
+        };
+        let answer = match answered {
+            Ok(Ok(Ok(appended))) => {
+                ns.stats[shard as usize].written.inc();
+                record(&ns.dedup, &ns.name, &id, shard, &appended, claim);
+                Ok(Accepted {
+                    durable: appended.durable,
+                    id,
+                    shard,
+                    sequence: appended.sequence,
+                })
+            }
+            Ok(Ok(Err(e))) => Err(append_error(e).with_id(&id)),
+            Ok(Err(_)) => Err(IngestError::unavailable(
+                Durable::Unknown,
+                "the write was lost in flight (its hand-off to the backend failed); its outcome is unknown",
+            )
+            .with_id(&id)),
+            Err(_) => {
+                // A generated id is claimed now, before the client hears
+                // "unknown" and may retry with it.
+                let claim = claim.or_else(|| claim_late(ns, &id, fingerprint?));
+                // Keep the id claimed until the log answers, so a retry
+                // with the same id waits for the real outcome.
+                let err = IngestError::timeout(format!(
+                    "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
+                    ns.ack_timeout.as_millis()
+                ))
+                .with_id(&id);
+                if claim.is_some() {
+                    let (dedup, ns_name) = (ns.dedup.clone(), ns.name.clone());
+                    actix::spawn(async move {
+                        if let Ok(Ok(appended)) = rx.await {
+                            record(&dedup, &ns_name, &id, shard, &appended, claim);
+                        }
+                    });
+                }
+                Err(err)
+            }
+        };
+        out.push((i, answer));
+    }
+    out
+}
+
+/// Claim a generated id whose write timed out, so that a retry with it
+/// waits for the real outcome rather than appending again.
+fn claim_late(ns: &Ingest, id: &str, fingerprint: u64) -> Claimed {
+    let window = Duration::from_millis(ns.config.dedup_window_ms);
+    match ns.dedup.check(&ns.name, id, fingerprint, window) {
+        Ok(Check::Claimed(claim)) => Some((claim, fingerprint)),
+        // A fresh UUID is known nowhere else.
+        _ => None,
+    }
+}
+
+/// Record a durable write under its claimed id, then release the claim (on
+/// the blocking pool: the index lives in fjall). A duplicate waiting on the
+/// claim wakes after the record is written.
+fn record(
+    dedup: &Arc<crate::state::DedupIndex>,
+    namespace: &str,
+    id: &str,
+    shard: u32,
+    appended: &Appended,
+    claim: Claimed,
+) {
+    let Some((claim, fingerprint)) = claim else {
+        return;
+    };
+    let accepted = (appended.durable == Durable::True).then_some(dedup::Accepted {
+        fingerprint,
+        shard,
+        sequence: appended.sequence,
+        written_ms: appended.timestamp_ms,
+    });
+    let (dedup, namespace, id) = (dedup.clone(), namespace.to_string(), id.to_string());
+    tokio::task::spawn_blocking(move || {
+        if let Some(accepted) = accepted
+            && let Err(error) = dedup.record(&namespace, &id, accepted)
+        {
+            tracing::warn!(%error, namespace, id, "Could not record an idempotency key.");
+        }
+        drop(claim);
+    });
 }

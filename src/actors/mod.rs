@@ -1,11 +1,16 @@
-//! The actor pipeline. Each namespace shard runs four actors on one arbiter:
+//! The pipeline. Writes take one path, a plain call with no mailbox hop;
+//! each namespace shard then runs four actors on one arbiter:
 //!
 //! ```text
-//! HTTP handler --try_send--> Ingest --append--> log   (the handler awaits the
-//!                                                      committer's answer)
-//! log --> ShardConsumer --due--> Applier --> Sink
-//!                      \-later-> DelayScheduler --due--> Applier
+//! HTTP handler --> Ingest --Producer::append--> backend   (the handler awaits
+//!                                                          the backend's answer)
+//! backend --> ShardConsumer --due--> Applier --> Sink
+//!                          \-later-> DelayScheduler --due--> Applier
+//!                                      Applier --failed--> DeadLetter --> DLQ
 //! ```
+//!
+//! The actors' messages live in [`messages`]; each actor holds its peers as
+//! `Recipient`s, so no actor imports another.
 //!
 //! Every actor is `Supervised`: a panic in a handler is caught and turned
 //! into a stop, and the supervisor restarts the actor. Actors keep no state
@@ -19,10 +24,12 @@
 //! dead-lettered.
 
 pub mod applier;
+pub mod breaker;
 pub mod consumer;
 pub mod dead_letter;
 pub mod delay;
 pub mod ingest;
+pub mod messages;
 pub mod supervisor;
 
 use std::any::Any;

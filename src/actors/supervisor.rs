@@ -9,11 +9,13 @@ use std::time::Duration;
 use actix::{Actor, Addr, ArbiterHandle, AsyncContext, Context, Supervisor, WrapFuture};
 use tracing::{info, warn};
 
-use super::applier::{Applier, Holds, Policy};
-use super::consumer::{Drain, Peers, ShardConsumer, Wire};
+use super::applier::{Applier, ApplierPeers, Holds, Policy};
+use super::breaker::Breaker;
+use super::consumer::ShardConsumer;
 use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
-use super::ingest::Ingest;
+use super::ingest::{Ingest, Writes};
+use super::messages::{Drain, Peers, Wire};
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
@@ -50,7 +52,6 @@ impl SinkHealth {
 /// One shard's actors, as the API sees them.
 pub struct ShardHandle {
     pub shard: ShardRef,
-    pub ingest: Addr<Ingest>,
     pub consumer: Addr<ShardConsumer>,
     /// Takes redriven dead letters.
     pub applier: Addr<Applier>,
@@ -64,7 +65,11 @@ pub struct NamespaceRuntime {
     pub name: String,
     pub config: NamespaceConfig,
     pub shards: Vec<ShardHandle>,
+    /// The namespace's write path.
+    pub ingest: Ingest,
     pub sink_health: Arc<SinkHealth>,
+    /// The target's circuit breaker.
+    pub breaker: Arc<Breaker>,
     /// Where this namespace's delayed entries wait.
     pub delays: Arc<dyn DelayStore>,
     pub backend: NamespaceBackend,
@@ -73,18 +78,30 @@ pub struct NamespaceRuntime {
     _supervisor: Addr<NamespaceSupervisor>,
 }
 
+/// What a namespace runs on: its backend and DLQ as opened, and the stores
+/// for what waits (parked and delayed entries).
+pub struct Parts<'a> {
+    pub backend: &'a NamespaceBackend,
+    pub dlq: &'a AnyDlq,
+    pub stores: &'a Stores,
+}
+
 impl NamespaceRuntime {
     /// Build the sink and start every shard's actors, spread over `arbiters`.
     pub fn start(
         name: &str,
         config: &NamespaceConfig,
         server: &ServerConfig,
-        backend: &NamespaceBackend,
-        dlq: &AnyDlq,
-        stores: &Stores,
+        Parts {
+            backend,
+            dlq,
+            stores,
+        }: Parts<'_>,
+        writes: &Writes,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
         let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
+        let breaker = Arc::new(Breaker::new(config.breaker.clone()));
         let mut shards = Vec::with_capacity(config.shards as usize);
         for i in 0..config.shards {
             let arbiter = &arbiters[i as usize % arbiters.len()];
@@ -102,13 +119,18 @@ impl NamespaceRuntime {
             };
             let dead_letter = {
                 let (dlq, consumer, stats) = (dlq.clone(), consumer.clone(), stats.clone());
+                let rewind = consumer.recipient();
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DeadLetterActor::new(dlq, consumer, stats)
+                    DeadLetterActor::new(dlq, rewind, stats)
                 })
             };
             let applier = {
-                let (sink, consumer, stats) = (sink.clone(), consumer.clone(), stats.clone());
-                let dead_letter = dead_letter.clone();
+                let (sink, stats) = (sink.clone(), stats.clone());
+                let peers = ApplierPeers {
+                    rewind: consumer.clone().recipient(),
+                    bury: dead_letter.clone().recipient(),
+                    redriven: dead_letter.clone().recipient(),
+                };
                 let policy = Policy {
                     retry: config.retry.clone(),
                     ordering: config.ordering,
@@ -122,10 +144,11 @@ impl NamespaceRuntime {
                         _ => Holds::Park,
                     },
                     target: config.target.name().to_string(),
+                    breaker: breaker.clone(),
                 };
                 let (stores, shard) = (stores.clone(), shard.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    Applier::new(sink, shard, consumer, dead_letter, stores, policy, stats)
+                    Applier::new(sink, shard, peers, stores, policy, stats)
                 })
             };
             let delay = {
@@ -140,30 +163,32 @@ impl NamespaceRuntime {
             // A producer-only process never reads: its consumers stay unwired.
             if server.role.applies() {
                 consumer.do_send(Wire(Peers {
-                    delay: delay.clone(),
-                    applier: applier.clone(),
-                    dead_letter,
+                    apply: applier.clone().recipient(),
+                    quiesce: applier.clone().recipient(),
+                    delay: delay.clone().recipient(),
+                    resets: vec![
+                        delay.clone().recipient(),
+                        applier.clone().recipient(),
+                        dead_letter.recipient(),
+                    ],
                 }));
             }
-            let ingest = {
-                let (backend, shard, cap) =
-                    (backend.clone(), shard.clone(), server.mailbox_capacity);
-                Supervisor::start_in_arbiter(arbiter, move |_| Ingest::new(backend, shard, cap))
-            };
             shards.push(ShardHandle {
                 shard,
-                ingest,
                 consumer,
                 applier,
                 delay,
                 stats,
             });
         }
+        let stats = shards.iter().map(|s| s.stats.clone()).collect();
+        let ingest = Ingest::new(name, config, backend.producer(), stats, writes);
         let sink_health = Arc::new(SinkHealth::default());
         let supervisor = NamespaceSupervisor {
             name: name.into(),
             sink,
             health: sink_health.clone(),
+            breaker: breaker.clone(),
         }
         .start();
         info!(
@@ -176,7 +201,9 @@ impl NamespaceRuntime {
             name: name.into(),
             config: config.clone(),
             shards,
+            ingest,
             sink_health,
+            breaker,
             delays: stores.delays.clone(),
             backend: backend.clone(),
             dlq: dlq.clone(),
@@ -202,17 +229,20 @@ struct NamespaceSupervisor {
     name: String,
     sink: Arc<dyn Sink>,
     health: Arc<SinkHealth>,
+    breaker: Arc<Breaker>,
 }
 
 impl NamespaceSupervisor {
     fn check(&mut self, ctx: &mut Context<Self>) {
         let (sink, health, name) = (self.sink.clone(), self.health.clone(), self.name.clone());
+        let breaker = self.breaker.clone();
         ctx.spawn(
             async move {
                 let result = sink.healthcheck().await;
                 if let Err(error) = &result {
                     warn!(namespace = %name, %error, "Target is unhealthy; entries wait in the log.");
                 }
+                breaker.health(&result);
                 health.set(result);
             }
             .into_actor(self),

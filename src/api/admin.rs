@@ -11,7 +11,8 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 
 use super::{ApiError, AppState};
-use crate::actors::consumer::{ConsumerState, GetState};
+use crate::actors::breaker::{BreakerView, State as BreakerState};
+use crate::actors::messages::{ConsumerState, GetState};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::shard::NamespaceBackend;
 use crate::entry::now_ms;
@@ -48,6 +49,9 @@ pub struct TargetView {
     pub kind: &'static str,
     pub healthy: bool,
     pub last_error: Option<String>,
+    /// The circuit breaker: `closed`, `open` (delivery paused, entries
+    /// wait) or `half_open` (a probe is in flight).
+    pub breaker: BreakerView,
 }
 
 #[derive(Serialize)]
@@ -146,6 +150,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             kind: ns.config.target.kind(),
             healthy,
             last_error,
+            breaker: ns.breaker.view(),
         },
         written: sum(|s| s.written),
         applied: sum(|s| s.applied),
@@ -384,6 +389,39 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "gauge",
         "1 if the target's last healthcheck passed.",
         health,
+    );
+    let breaker_metric = |f: &dyn Fn(&BreakerView) -> f64| {
+        let v: Vec<_> = state
+            .namespaces
+            .values()
+            .map(|ns| {
+                let labels = format!(
+                    "{{namespace=\"{}\",target=\"{}\"}}",
+                    ns.name,
+                    ns.config.target.name()
+                );
+                (labels, f(&ns.breaker.view()))
+            })
+            .collect();
+        v
+    };
+    metric(
+        "walden_breaker_open",
+        "gauge",
+        "1 while the target's breaker is open or half-open: delivery is paused.",
+        breaker_metric(&|b| (b.state != BreakerState::Closed) as u64 as f64),
+    );
+    metric(
+        "walden_breaker_trips_total",
+        "counter",
+        "Times the target's breaker opened.",
+        breaker_metric(&|b| b.trips as f64),
+    );
+    metric(
+        "walden_breaker_probes_total",
+        "counter",
+        "Probes sent while the target's breaker was open.",
+        breaker_metric(&|b| b.probes as f64),
     );
     // How late delayed entries fired: a Prometheus histogram per namespace.
     let _ = writeln!(

@@ -8,7 +8,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::{ApiError, AppState};
-use crate::actors::delay::{Cancel, CancelOutcome};
+use crate::actors::messages::{Cancel, CancelOutcome};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::Limit;
 use crate::backends::shard::NamespaceBackend;

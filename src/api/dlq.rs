@@ -24,7 +24,7 @@ use futures_util::future::join_all;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::applier::{Purged, Redrive, RedriveBacklog, RedrivenLetter};
+use crate::actors::messages::{Purged, Redrive, RedriveBacklog, RedrivenLetter};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::shard::AnyDlq;
 use crate::backends::{DeadLetter, DeadLetters, RedriveReport, Selection};

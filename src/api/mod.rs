@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use actix_web::web;
 use futures_util::StreamExt;
-use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 
@@ -31,10 +30,6 @@ pub struct AppState {
     pub namespaces: BTreeMap<String, Arc<NamespaceRuntime>>,
     pub log: Arc<EmbeddedLog>,
     pub server: ServerConfig,
-    /// Writes in flight across the server.
-    pub in_flight: Arc<Semaphore>,
-    /// Idempotency keys of every namespace.
-    pub dedup: Arc<crate::state::DedupIndex>,
     /// Dead letters of every namespace.
     pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
     /// Walden's own state (parked and delayed entries, idempotency keys).

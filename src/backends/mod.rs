@@ -73,11 +73,16 @@ pub enum BackendError {
     Kafka(#[from] kafka::KafkaError),
     #[error(transparent)]
     Sqs(#[from] sqs::SqsError),
+    /// The local state store (park, delay and dedup) failed. Boxed, so the
+    /// backends know nothing of the store that sits above them.
     #[error(transparent)]
-    State(#[from] crate::state::StateError),
+    State(Box<dyn std::error::Error + Send + Sync>),
     /// This process's role does not do that.
     #[error("{0}")]
     NotHere(&'static str),
+    /// The backend dropped a write without answering: it may have it.
+    #[error("{0}; its outcome is unknown")]
+    Lost(&'static str),
 }
 
 impl BackendError {
@@ -89,7 +94,17 @@ impl BackendError {
             BackendError::Sqs(e) => e.durable(),
             // The state store is only written after the entry is durable.
             BackendError::State(_) | BackendError::NotHere(_) => Durable::False,
+            BackendError::Lost(_) => Durable::Unknown,
         }
+    }
+
+    /// The backend refused the entry itself (it can never be written): the
+    /// client is told 400.
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Embedded(embedded::LogError::InvalidRecord(_))
+        )
     }
 
     /// The backend refused the write for load (nothing was written): the
@@ -98,7 +113,10 @@ impl BackendError {
         match self {
             BackendError::Embedded(e) => matches!(e, embedded::LogError::Busy),
             BackendError::Kafka(e) => e.is_queue_full(),
-            BackendError::Sqs(_) | BackendError::State(_) | BackendError::NotHere(_) => false,
+            BackendError::Sqs(_)
+            | BackendError::State(_)
+            | BackendError::NotHere(_)
+            | BackendError::Lost(_) => false,
         }
     }
 }
@@ -112,14 +130,22 @@ pub enum EntryRejected {
     Invalid(String),
 }
 
-/// A send that the backend has made durable (or, in an unsafe mode, written).
+/// A backend's answer for an appended entry: the one answer type of the
+/// write path, on every backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sent {
-    /// The entry's position in its shard; it only grows, so targets can use
-    /// it as a version.
+pub struct Appended {
+    /// The entry's position in its shard (the log offset, the Kafka offset,
+    /// or an HLC on SQS); it only grows, so targets can use it as a version.
     pub sequence: u64,
+    /// When it was written, ms since the epoch.
+    pub timestamp_ms: u64,
+    /// `True` once durable (fsync, acks=all, SendMessage); `Unknown` when the
+    /// backend does not say (the embedded log with `fsync = "never"`).
     pub durable: Durable,
 }
+
+/// Where the answer to one append goes.
+pub type WriteReply = tokio::sync::oneshot::Sender<Result<Appended, BackendError>>;
 
 /// Where a dead letter came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,14 +260,47 @@ pub(crate) fn listing_start(after: Option<u64>) -> Option<u64> {
     }
 }
 
-/// Appends entries to a backend.
+/// Appends entries to a backend: the one write path. Ingest calls it for
+/// every client write, and the conformance suite calls it too.
 pub trait Producer: Send + Sync {
-    /// Append `entry` to `shard`; resolves once the backend says it is durable.
-    fn send(
-        &self,
-        shard: &ShardRef,
-        entry: Entry,
-    ) -> impl Future<Output = Result<Sent, BackendError>> + Send;
+    /// Hand `writes` to the backend for `shard`, in order. Each answer goes to
+    /// its reply once the backend has made that entry durable, or failed to.
+    /// Does not wait: the backend queues them itself (the embedded log's
+    /// committer, librdkafka, the SQS client), so it is called on the task
+    /// that took the request. A reply dropped unanswered means the outcome
+    /// is unknown.
+    fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>);
+
+    /// Why the backend cannot take `entry`, asked before it is appended so
+    /// the client is told at once (an SQS message is at most 256 KiB).
+    fn check_entry(&self, _entry: &Entry) -> Result<(), EntryRejected> {
+        Ok(())
+    }
+}
+
+/// Append one entry through `producer` and wait for its answer.
+pub async fn append_one(
+    producer: &dyn Producer,
+    shard: &ShardRef,
+    entry: Entry,
+) -> Result<Appended, BackendError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    producer.append(shard, vec![(entry, tx)]);
+    rx.await
+        .unwrap_or(Err(BackendError::Lost("the backend dropped the write")))
+}
+
+/// The producer of a process that takes no writes (`--role consumer`).
+pub struct NoWrites;
+
+impl Producer for NoWrites {
+    fn append(&self, _shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
+        for (_, tx) in writes {
+            let _ = tx.send(Err(BackendError::NotHere(
+                "this process does not accept writes (--role consumer)",
+            )));
+        }
+    }
 }
 
 /// Reads one shard's entries in order for a consumer group.

@@ -6,21 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::embedded::{
-    AppendReply, Appended, EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedDlq,
-    EmbeddedLog,
+    EmbeddedCheckpointer, EmbeddedConsumer, EmbeddedDelivery, EmbeddedDlq, EmbeddedLog,
+    EmbeddedProducer,
 };
 use super::kafka::{
     KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaDlq, KafkaGroup, KafkaProducer,
 };
-use super::sqs::{self, SqsCheckpointer, SqsConsumer, SqsDelivery, SqsDlq, SqsNamespace};
+use super::sqs::{SqsCheckpointer, SqsConsumer, SqsDelivery, SqsDlq, SqsNamespace};
 use super::{
-    BackendError, Consumer, DeadLetter, DeadLetters, Delivery, EntryRejected, RedriveReport,
+    BackendError, Consumer, DeadLetter, DeadLetters, Delivery, NoWrites, Producer, RedriveReport,
     Selection,
 };
-use crate::entry::{Durable, Entry, ShardRef, now_ms};
-
-/// Where the answer to a write goes.
-pub type WriteReply = tokio::sync::oneshot::Sender<Result<Appended, BackendError>>;
+use crate::entry::{Entry, ShardRef};
 
 /// Where a namespace's entries live.
 #[derive(Clone)]
@@ -47,86 +44,16 @@ impl NamespaceBackend {
         }
     }
 
-    /// Why the backend cannot take `entry`, checked at ingest so the client
-    /// is told at once (an SQS message is at most 256 KiB or 1 MiB).
-    pub fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
+    /// How this namespace takes writes: the one [`Producer`] of its backend
+    /// (one that refuses them in a consumer-only process).
+    pub fn producer(&self) -> Arc<dyn Producer> {
         match self {
-            NamespaceBackend::Sqs(ns) => sqs::check_entry(entry, ns.fifo, ns.max_message_bytes),
-            NamespaceBackend::Embedded(_) | NamespaceBackend::Kafka { .. } => Ok(()),
-        }
-    }
-
-    /// The backend's client queues writes itself and is safe to call from
-    /// any thread (librdkafka, the async SQS client), so the HTTP worker
-    /// hands entries straight to it: a hop through the shard's Ingest actor
-    /// would add two thread wakeups per write and nothing else. Load is
-    /// still shed by `server.max_in_flight`, and by the client's own limits.
-    pub fn queues_writes_itself(&self) -> bool {
-        matches!(
-            self,
-            NamespaceBackend::Kafka { .. } | NamespaceBackend::Sqs(_)
-        )
-    }
-
-    /// Append entries to `shard`; each answer goes to its own reply once
-    /// the backend has made that entry durable (or failed to).
-    pub fn append_all(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
-        match self {
-            NamespaceBackend::Embedded(log) => {
-                for (entry, tx) in writes {
-                    log.append_to(shard, entry, AppendReply::Backend(tx));
-                }
-            }
-            NamespaceBackend::Kafka { producer, .. } => {
-                let Some(producer) = producer.clone() else {
-                    for (_, tx) in writes {
-                        let _ = tx.send(Err(BackendError::NotHere(
-                            "this process does not accept writes (--role consumer)",
-                        )));
-                    }
-                    return;
-                };
-                // Each write is answered from its delivery report.
-                for (entry, tx) in writes {
-                    producer.write(shard.shard, &entry, tx);
-                }
-            }
-            NamespaceBackend::Sqs(ns) => {
-                let Some(producer) = ns.producer(shard.shard) else {
-                    for (_, tx) in writes {
-                        let _ = tx.send(Err(BackendError::NotHere(
-                            "this process does not accept writes (--role consumer)",
-                        )));
-                    }
-                    return;
-                };
-                let timestamp_ms = now_ms();
-                let (entries, replies): (Vec<Entry>, Vec<WriteReply>) = writes
-                    .into_iter()
-                    .map(|(entry, tx)| {
-                        (
-                            Entry {
-                                timestamp_ms,
-                                ..entry
-                            },
-                            tx,
-                        )
-                    })
-                    .unzip();
-                // SendMessageBatch, ten at a time; each answer once SQS has
-                // stored that entry (or refused it).
-                tokio::spawn(async move {
-                    let answers = producer.send_batch(&entries).await;
-                    for (tx, answer) in replies.into_iter().zip(answers) {
-                        let _ =
-                            tx.send(answer.map_err(BackendError::from).map(|offset| Appended {
-                                offset,
-                                timestamp_ms,
-                                durable: Durable::True,
-                            }));
-                    }
-                });
-            }
+            NamespaceBackend::Embedded(log) => Arc::new(EmbeddedProducer::new(log.clone())),
+            NamespaceBackend::Kafka {
+                producer: Some(p), ..
+            } => Arc::new(p.clone()),
+            NamespaceBackend::Kafka { producer: None, .. } => Arc::new(NoWrites),
+            NamespaceBackend::Sqs(ns) => ns.clone(),
         }
     }
 

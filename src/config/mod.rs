@@ -16,7 +16,6 @@ use serde::Deserialize;
 
 pub use validate::{ConfigError, ConfigErrors, validate};
 
-use crate::backends::embedded::{FsyncMode, HardMax, LogConfig, OnCorruption, Retention};
 pub use crate::routing::RouteHash;
 
 /// The whole configuration file.
@@ -46,8 +45,8 @@ pub struct ServerConfig {
     pub ack_timeout_ms: u64,
     /// Writes in flight across the whole server; past it, writes get 429.
     pub max_in_flight: usize,
-    /// Capacity of each actor mailbox. A write whose shard's mailbox is full
-    /// gets 429 rather than growing memory.
+    /// Writes handed to one shard's backend and not yet answered, at most
+    /// (counted per request); past it a write gets 429 rather than queueing.
     pub mailbox_capacity: usize,
     /// Largest request body, in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
@@ -177,6 +176,8 @@ pub struct NamespaceConfig {
     pub target: TargetConfig,
     #[serde(default)]
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
     #[serde(default)]
     pub dlq: DlqConfig,
     #[serde(default)]
@@ -441,22 +442,6 @@ impl BackendConfig {
 }
 
 impl KafkaConfig {
-    /// The client settings of namespace `namespace` with `shards` shards.
-    pub fn settings(
-        &self,
-        namespace: &str,
-        shards: u32,
-        ack_timeout: Duration,
-    ) -> crate::backends::kafka::KafkaSettings {
-        crate::backends::kafka::KafkaSettings {
-            brokers: self.brokers.clone(),
-            topic: self.topic(namespace),
-            partitions: shards,
-            librdkafka: self.librdkafka.clone(),
-            ack_timeout,
-        }
-    }
-
     /// The consumer group of namespace `namespace`.
     pub fn group(&self, namespace: &str) -> String {
         self.group
@@ -530,37 +515,6 @@ impl Default for EmbeddedConfig {
             retention_max_bytes: 0,
             retention_hard_max_bytes: 0,
             retention_hard_max_policy: HardMaxPolicy::RefuseWrites,
-        }
-    }
-}
-
-impl EmbeddedConfig {
-    /// The log settings this backend asks for.
-    pub fn log_config(&self) -> LogConfig {
-        let nonzero = |v: u64| (v > 0).then_some(v);
-        LogConfig {
-            fsync: match self.fsync {
-                FsyncSetting::Always => FsyncMode::Always,
-                FsyncSetting::Interval => {
-                    FsyncMode::Interval(Duration::from_millis(self.fsync_interval_ms))
-                }
-                FsyncSetting::Never => FsyncMode::Never,
-            },
-            segment_bytes: self.segment_bytes,
-            on_corruption: match self.on_corruption {
-                CorruptionSetting::Stop => OnCorruption::Stop,
-                CorruptionSetting::Skip => OnCorruption::Skip,
-            },
-            retention: Retention {
-                max_age: nonzero(self.retention_max_age_ms).map(Duration::from_millis),
-                max_bytes: nonzero(self.retention_max_bytes),
-                hard_max_bytes: nonzero(self.retention_hard_max_bytes),
-                on_hard_max: match self.retention_hard_max_policy {
-                    HardMaxPolicy::RefuseWrites => HardMax::RefuseWrites,
-                    HardMaxPolicy::DropOldest => HardMax::DropOldest,
-                },
-            },
-            ..LogConfig::default()
         }
     }
 }
@@ -749,6 +703,40 @@ impl RetryConfig {
     }
 }
 
+/// `[namespaces.NAME.breaker]`: the circuit breaker in front of the target.
+///
+/// A target that is down is not the entries' fault. When the target's
+/// healthcheck fails, or transient failures come from `trip_after_keys`
+/// distinct keys with no success between them, the breaker opens: delivery
+/// pauses and no entry spends attempts. One entry at a time is tried as a
+/// probe (after `probe_initial_ms`, doubling up to `probe_max_ms`), and it
+/// spends no attempt either. When a probe succeeds, delivery resumes in order.
+/// `retry.max_attempts` and the DLQ are for entries that fail while the
+/// target is healthy; one key failing alone is never an outage.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// With false, every failure spends an attempt (the old behaviour).
+    pub enabled: bool,
+    /// Distinct failing keys, with no success between them, that open it.
+    pub trip_after_keys: u32,
+    /// The wait before the first probe.
+    pub probe_initial_ms: u64,
+    /// Probe waits double up to this.
+    pub probe_max_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            trip_after_keys: 2,
+            probe_initial_ms: 500,
+            probe_max_ms: 30_000,
+        }
+    }
+}
+
 /// `[namespaces.NAME.dlq]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -804,6 +792,10 @@ impl Default for DelayConfig {
         }
     }
 }
+
+/// The largest `limits.max_payload_bytes`: half the embedded log's largest
+/// record body, so the entry's id, key and headers fit beside it.
+pub const MAX_PAYLOAD_LIMIT: usize = 32 << 20;
 
 /// `[namespaces.NAME.limits]`: what a write may carry.
 #[derive(Clone, Debug, Deserialize)]
@@ -892,4 +884,17 @@ pub fn load_as(path: &Path, role: Option<Role>) -> Result<Config, LoadError> {
         errors,
     })?;
     Ok(config)
+}
+
+/// Whether `table` is a valid `table` or `schema.table` name: plain
+/// identifiers only, so it can be quoted into SQL safely.
+pub fn valid_table_name(table: &str) -> bool {
+    let ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let parts: Vec<&str> = table.split('.').collect();
+    parts.len() <= 2 && parts.iter().all(|p| ident(p))
 }

@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 
 use super::{
     BackendConfig, CompositeConfig, Config, DelaysConfig, FsyncSetting, KafkaConfig,
-    NamespaceConfig, SqsConfig, TargetConfig,
+    MAX_PAYLOAD_LIMIT, NamespaceConfig, SqsConfig, TargetConfig,
 };
-use crate::backends::embedded::format::MAX_BODY;
 
 /// More HTTP worker threads than this is a typo, not a tuning.
 const MAX_HTTP_WORKERS: usize = 1024;
@@ -230,6 +229,25 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         if r.max_attempts == 0 {
             e.ns(name, "retry.max_attempts", "must be at least 1");
         }
+        let b = &ns.breaker;
+        if b.trip_after_keys < 2 {
+            // One key failing alone may be poison: it must reach the DLQ.
+            e.ns(
+                name,
+                "breaker.trip_after_keys",
+                "must be at least 2 (one failing key alone is treated as poison, not an outage)",
+            );
+        }
+        if b.probe_initial_ms == 0 {
+            e.ns(name, "breaker.probe_initial_ms", "must be greater than 0");
+        }
+        if b.probe_max_ms < b.probe_initial_ms {
+            e.ns(
+                name,
+                "breaker.probe_max_ms",
+                "must be at least breaker.probe_initial_ms",
+            );
+        }
         if ns.delay.catch_up_per_s == 0 {
             e.ns(name, "delay.catch_up_per_s", "must be greater than 0");
         }
@@ -253,14 +271,13 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 ),
             );
         }
-        if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_BODY / 2 {
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_PAYLOAD_LIMIT {
             e.ns(
                 name,
                 "limits.max_payload_bytes",
                 format!(
                     "must be between 1 and {} (got {})",
-                    MAX_BODY / 2,
-                    l.max_payload_bytes
+                    MAX_PAYLOAD_LIMIT, l.max_payload_bytes
                 ),
             );
         }
@@ -677,7 +694,7 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
             if let Err(err) = url.parse::<tokio_postgres::Config>() {
                 e.ns(ns, "target.url", format!("not a postgres URL: {err}"));
             }
-            if !crate::sinks::postgres::valid_table_name(table) {
+            if !super::valid_table_name(table) {
                 e.ns(
                     ns,
                     "target.table",

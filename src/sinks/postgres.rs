@@ -284,17 +284,10 @@ impl Row {
 
 /// Quote `table` or `schema.table` as identifiers; `None` if it isn't one.
 fn quote_table(table: &str) -> Option<String> {
-    let ident = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    let parts: Vec<&str> = table.split('.').collect();
-    if parts.len() > 2 || !parts.iter().all(|p| ident(p)) {
+    if !crate::config::valid_table_name(table) {
         return None;
     }
+    let parts: Vec<&str> = table.split('.').collect();
     Some(
         parts
             .iter()
@@ -302,11 +295,6 @@ fn quote_table(table: &str) -> Option<String> {
             .collect::<Vec<_>>()
             .join("."),
     )
-}
-
-/// Whether `table` is a valid `table` or `schema.table` name.
-pub fn valid_table_name(table: &str) -> bool {
-    quote_table(table).is_some()
 }
 
 impl Sink for PostgresSink {

@@ -17,6 +17,12 @@ pub struct StateError {
     pub source: fjall::Error,
 }
 
+impl From<StateError> for crate::backends::BackendError {
+    fn from(e: StateError) -> Self {
+        crate::backends::BackendError::State(Box::new(e))
+    }
+}
+
 /// The most a keyspace keeps in memory before flushing to disk.
 const MEMTABLE_BYTES: u64 = 8 << 20;
 /// fjall's block cache. Recent writes are still in memtables, and lookups of

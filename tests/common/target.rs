@@ -33,6 +33,8 @@ impl Received {
 #[derive(Default)]
 struct Shared {
     received: Mutex<Vec<Received>>,
+    /// Every request, answered 200 or not.
+    requests: AtomicU64,
     /// 0: answer 200; otherwise answer this status.
     fail_status: AtomicU16,
     /// Entries with these keys get this status (and maybe a Retry-After).
@@ -49,6 +51,7 @@ pub struct HttpTarget {
 }
 
 async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    shared.requests.fetch_add(1, Ordering::SeqCst);
     let status = shared.fail_status.load(Ordering::SeqCst);
     if status != 0 {
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
@@ -146,6 +149,11 @@ impl HttpTarget {
         } else {
             reject.insert(key.to_string(), (status, retry_after));
         }
+    }
+
+    /// Requests so far, answered 200 or not.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use walden::backends::{Consumer, DelayStore, Delivery, Producer};
+use walden::backends::{Consumer, DelayStore, Delivery, Producer, append_one};
 use walden::entry::{Delivered, Durable, Entry, ShardRef, now_ms};
 
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Sets up one backend for a test. Each harness uses its own fresh names.
+/// Its producer is the one the service writes through (Ingest calls the
+/// same [`Producer::append`]).
 pub trait Harness: Sized {
     type P: Producer;
     type C: Consumer;
@@ -56,7 +58,9 @@ async fn send_n<H: Harness>(h: &H, n: usize, key: impl Fn(usize) -> String) -> V
     let p = h.producer();
     let mut seqs = Vec::new();
     for i in 0..n {
-        let sent = p.send(&h.shard(), entry(i, &key(i))).await.expect("send");
+        let sent = append_one(&p, &h.shard(), entry(i, &key(i)))
+            .await
+            .expect("append");
         assert_eq!(sent.durable, Durable::True);
         seqs.push(sent.sequence);
     }

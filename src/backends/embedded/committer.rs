@@ -381,7 +381,7 @@ impl Committer {
         self.shared.durable_tx.send_replace(mark);
         for p in self.pending.drain(..) {
             let _ = p.reply.send(Ok(Appended {
-                offset: p.offset,
+                sequence: p.offset,
                 timestamp_ms: p.ts,
                 durable,
             }));

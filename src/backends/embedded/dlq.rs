@@ -250,8 +250,8 @@ impl DeadLetters for EmbeddedDlq {
             .unwrap()
             .entry(namespace.to_string())
             .or_default()
-            .insert(ack.offset, &id);
-        Ok(ack.offset)
+            .insert(ack.sequence, &id);
+        Ok(ack.sequence)
     }
 
     async fn list(

@@ -18,6 +18,8 @@ const BODY_FIXED: usize = 1 + 4 + 8 + 8 + 8;
 pub const MIN_BODY: usize = BODY_FIXED + 2 + 2 + 4 + 2;
 /// No body is larger; a larger `len` is damage, not a record.
 pub const MAX_BODY: usize = 64 << 20;
+// The largest payload config allows leaves room for the id, key and headers.
+const _: () = assert!(crate::config::MAX_PAYLOAD_LIMIT * 2 <= MAX_BODY);
 const RECORD_KIND_ENTRY: u8 = 1;
 const NO_KEY: u32 = u32::MAX;
 

@@ -90,6 +90,7 @@ use std::time::Duration;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::{oneshot, watch};
 
+use crate::config::{CorruptionSetting, EmbeddedConfig, FsyncSetting, HardMaxPolicy};
 use crate::entry::{Durable, Entry, ShardRef};
 pub use crate::stats::Counter;
 pub use dlq::EmbeddedDlq;
@@ -167,6 +168,37 @@ pub struct LogConfig {
     pub queue_capacity: usize,
     /// The most bytes written by one `write` call.
     pub max_batch_bytes: usize,
+}
+
+impl LogConfig {
+    /// The log settings an embedded backend's config asks for.
+    pub fn from_config(c: &EmbeddedConfig) -> Self {
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        LogConfig {
+            fsync: match c.fsync {
+                FsyncSetting::Always => FsyncMode::Always,
+                FsyncSetting::Interval => {
+                    FsyncMode::Interval(Duration::from_millis(c.fsync_interval_ms))
+                }
+                FsyncSetting::Never => FsyncMode::Never,
+            },
+            segment_bytes: c.segment_bytes,
+            on_corruption: match c.on_corruption {
+                CorruptionSetting::Stop => OnCorruption::Stop,
+                CorruptionSetting::Skip => OnCorruption::Skip,
+            },
+            retention: Retention {
+                max_age: nonzero(c.retention_max_age_ms).map(Duration::from_millis),
+                max_bytes: nonzero(c.retention_max_bytes),
+                hard_max_bytes: nonzero(c.retention_hard_max_bytes),
+                on_hard_max: match c.retention_hard_max_policy {
+                    HardMaxPolicy::RefuseWrites => HardMax::RefuseWrites,
+                    HardMaxPolicy::DropOldest => HardMax::DropOldest,
+                },
+            },
+            ..LogConfig::default()
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -274,14 +306,8 @@ impl LogError {
     }
 }
 
-/// A successful append.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Appended {
-    pub offset: u64,
-    pub timestamp_ms: u64,
-    /// `True`, or `Unknown` in `never` mode.
-    pub durable: Durable,
-}
+/// A successful append: its sequence is the record's offset in its shard.
+pub use crate::backends::Appended;
 
 /// Counters since the log was opened.
 #[derive(Debug, Default)]

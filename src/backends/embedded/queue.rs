@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tracing::error;
 
-use super::{EmbeddedLog, LogError, Record, ShardReader};
-use crate::backends::{BackendError, Consumer, Delivery, Limit, Producer, Sent};
+use super::{AppendReply, EmbeddedLog, LogError, Record, ShardReader};
+use crate::backends::{BackendError, Consumer, Delivery, Limit, Producer, WriteReply};
 use crate::entry::{Entry, ShardRef};
 
 /// Appends to the embedded log.
@@ -25,12 +25,12 @@ impl EmbeddedProducer {
 }
 
 impl Producer for EmbeddedProducer {
-    async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
-        let ack = self.log.append(shard, entry).await?;
-        Ok(Sent {
-            sequence: ack.offset,
-            durable: ack.durable,
-        })
+    /// Each entry goes to the committer's queue; its reply is answered once
+    /// an fsync covers it (group commit), or at once when the queue is full.
+    fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
+        for (entry, tx) in writes {
+            self.log.append_to(shard, entry, AppendReply::Backend(tx));
+        }
     }
 }
 

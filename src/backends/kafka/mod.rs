@@ -94,6 +94,24 @@ pub struct KafkaSettings {
     pub ack_timeout: Duration,
 }
 
+impl KafkaSettings {
+    /// The client settings of namespace `namespace` with `shards` shards.
+    pub fn of(
+        config: &crate::config::KafkaConfig,
+        namespace: &str,
+        shards: u32,
+        ack_timeout: Duration,
+    ) -> Self {
+        Self {
+            brokers: config.brokers.clone(),
+            topic: config.topic(namespace),
+            partitions: shards,
+            librdkafka: config.librdkafka.clone(),
+            ack_timeout,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
     #[error("kafka {what} ({topic}): {source}")]

@@ -7,9 +7,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use tokio::sync::oneshot;
 
 use super::{KafkaError, KafkaSettings, headers};
-use crate::backends::embedded::Appended;
-use crate::backends::shard::WriteReply;
-use crate::backends::{BackendError, Producer, Sent};
+use crate::backends::{Appended, BackendError, Producer, WriteReply};
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
 type Report = Result<i64, (rdkafka::error::KafkaError, Durable)>;
@@ -64,7 +62,7 @@ impl ProducerContext for Reports {
             } => {
                 let answer = match report {
                     Ok(offset) => Ok(Appended {
-                        offset: offset as u64,
+                        sequence: offset as u64,
                         timestamp_ms,
                         durable: Durable::True,
                     }),
@@ -263,12 +261,12 @@ impl PendingReport {
 }
 
 impl Producer for KafkaProducer {
-    async fn send(&self, shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
-        let (sequence, _) = self.produce(Some(shard.shard), &entry, &[]).await?;
-        Ok(Sent {
-            sequence,
-            durable: Durable::True,
-        })
+    /// Each entry goes to librdkafka's queue for the shard's partition; its
+    /// reply is answered from the delivery report (acks=all).
+    fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
+        for (entry, tx) in writes {
+            self.write(shard.shard, &entry, tx);
+        }
     }
 }
 

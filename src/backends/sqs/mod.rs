@@ -58,7 +58,9 @@ use base64::Engine;
 
 use futures_util::future::BoxFuture;
 
-use super::{BackendError, Consumer, Delivery, EntryRejected, Producer, PutBack, Sent};
+use super::{
+    Appended, BackendError, Consumer, Delivery, EntryRejected, Producer, PutBack, WriteReply,
+};
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
 pub mod delays;
@@ -657,16 +659,6 @@ fn attributes(entry: &Entry, sequence: u64) -> HashMap<String, MessageAttributeV
     a
 }
 
-impl Producer for SqsProducer {
-    async fn send(&self, _shard: &ShardRef, entry: Entry) -> Result<Sent, BackendError> {
-        let sequence = self.send_entry(&entry).await?;
-        Ok(Sent {
-            sequence,
-            durable: Durable::True,
-        })
-    }
-}
-
 /// A namespace on SQS as the service runs it: one client, and shard `n`'s
 /// queue settings at `queues[n]`.
 pub struct SqsNamespace {
@@ -679,11 +671,20 @@ pub struct SqsNamespace {
     pub producers: Option<Arc<SqsShards>>,
 }
 
-impl SqsNamespace {
-    pub fn producer(&self, shard: u32) -> Option<SqsProducer> {
-        self.producers.as_ref()?.0.get(shard as usize).cloned()
+impl Producer for SqsNamespace {
+    fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
+        match &self.producers {
+            Some(shards) => shards.append(shard, writes),
+            None => super::NoWrites.append(shard, writes),
+        }
     }
 
+    fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
+        check_entry(entry, self.fifo, self.max_message_bytes)
+    }
+}
+
+impl SqsNamespace {
     pub async fn consumer(&self, shard: &ShardRef) -> Result<SqsConsumer, SqsError> {
         let settings = self
             .queues
@@ -696,9 +697,47 @@ impl SqsNamespace {
     }
 }
 
-/// A namespace's queues, shard `n` being queue `n`: the way back for
-/// delayed entries that come due.
+/// A namespace's queues, shard `n` being queue `n`: where writes go, and
+/// the way back for delayed entries that come due.
 pub struct SqsShards(pub Vec<SqsProducer>);
+
+impl Producer for SqsShards {
+    /// SendMessageBatch, ten at a time, on a task of its own; each reply is
+    /// answered once SQS has stored that entry (or refused it).
+    fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
+        let Some(producer) = self.0.get(shard.shard as usize).cloned() else {
+            for (_, tx) in writes {
+                let _ = tx.send(Err(BackendError::NotHere(
+                    "a write names a shard the namespace does not have",
+                )));
+            }
+            return;
+        };
+        let timestamp_ms = now_ms();
+        let (entries, replies): (Vec<Entry>, Vec<WriteReply>) = writes
+            .into_iter()
+            .map(|(entry, tx)| {
+                (
+                    Entry {
+                        timestamp_ms,
+                        ..entry
+                    },
+                    tx,
+                )
+            })
+            .unzip();
+        tokio::spawn(async move {
+            let answers = producer.send_batch(&entries).await;
+            for (tx, answer) in replies.into_iter().zip(answers) {
+                let _ = tx.send(answer.map_err(BackendError::from).map(|sequence| Appended {
+                    sequence,
+                    timestamp_ms,
+                    durable: Durable::True,
+                }));
+            }
+        });
+    }
+}
 
 impl PutBack for SqsShards {
     fn put_back<'a>(
