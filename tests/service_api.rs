@@ -771,3 +771,68 @@ async fn every_answer_to_a_write_carries_its_id() {
     assert!(results[0]["id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(results[1]["id"], "b");
 }
+
+/// The file target applies a batch whole and in order, so it takes several
+/// entries of one key per call: each key's entries still land in the order
+/// they were written, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_target_takes_a_key_s_entries_together_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.jsonl");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[namespaces.ns]
+shards = 2
+[namespaces.ns.backend]
+type = "embedded"
+[namespaces.ns.target]
+type = "file"
+path = "{}"
+"#,
+        dir.path().join("data").display(),
+        path.display()
+    );
+    let config = walden::config::from_toml(&text).unwrap();
+    let svc = Spawned::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/ns/log/batch", base(&svc));
+    let (keys, per_batch, batches) = (3, 300, 4);
+    for b in 0..batches {
+        let entries: Vec<Value> = (0..per_batch)
+            .map(|i| {
+                let n = b * per_batch + i;
+                json!({"payload": {"n": n}, "key": format!("k{}", n % keys)})
+            })
+            .collect();
+        let (status, body) = post(&client, &url, json!({ "entries": entries })).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let total = per_batch * batches;
+    let deadline = Instant::now() + WAIT;
+    let lines = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= total || Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), total, "each entry once");
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for l in &lines {
+        let (key, n) = (
+            l["key"].as_str().unwrap(),
+            l["payload"]["n"].as_i64().unwrap(),
+        );
+        if let Some(prev) = last.insert(key.to_string(), n) {
+            assert!(prev < n, "{key}: {n} after {prev}");
+        }
+    }
+    svc.stop();
+}

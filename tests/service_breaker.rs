@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
+use common::proxy::{Proxy, addr_of, through};
 use common::target::HttpTarget;
 use common::{get_json, test_server, unique};
 use serde_json::{Value, json};
@@ -308,17 +307,6 @@ async fn a_ten_minute_outage_under_the_defaults_loses_nothing() {
     svc.stop();
 }
 
-fn addr_of(url: &str) -> SocketAddr {
-    let u = reqwest::Url::parse(url).unwrap();
-    let host = match u.host_str().unwrap() {
-        "localhost" => "127.0.0.1",
-        h => h,
-    };
-    format!("{host}:{}", u.port().unwrap_or(5432))
-        .parse()
-        .unwrap()
-}
-
 /// The Postgres target cut through the test's proxy for 30 s (the shared
 /// server is never stopped): every row ends at its last write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,10 +314,8 @@ async fn a_postgres_target_cut_for_30_s_under_the_defaults_loses_nothing() {
     let Some(url) = test_server("WALDEN_TEST_POSTGRES_URL") else {
         return;
     };
-    let proxy = Proxy::start(addr_of(&url)).await;
-    let mut via = reqwest::Url::parse(&url).unwrap();
-    via.set_port(Some(proxy.addr.port())).unwrap();
-    via.set_host(Some("127.0.0.1")).unwrap();
+    let proxy = Proxy::start(addr_of(&url, 5432)).await;
+    let via = through(&url, &proxy);
     let table = unique("walden_breaker");
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await

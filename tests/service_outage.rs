@@ -6,10 +6,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
+use common::proxy::{Proxy, addr_of, through};
 use common::target::HttpTarget;
 use common::{test_server, unique};
 use redis::AsyncCommands;
@@ -163,28 +162,13 @@ async fn an_http_target_outage_loses_nothing_and_keeps_key_order() {
     assert_no_dead_letters(&base).await;
 }
 
-fn addr_of(url: &str, default_port: u16) -> SocketAddr {
-    let u = reqwest::Url::parse(url).unwrap();
-    let host = u.host_str().unwrap();
-    let host = if host == "localhost" {
-        "127.0.0.1"
-    } else {
-        host
-    };
-    format!("{host}:{}", u.port().unwrap_or(default_port))
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_loses_nothing() {
     let Some(url) = test_server("WALDEN_TEST_POSTGRES_URL") else {
         return;
     };
     let proxy = Proxy::start(addr_of(&url, 5432)).await;
-    let mut via = reqwest::Url::parse(&url).unwrap();
-    via.set_port(Some(proxy.addr.port())).unwrap();
-    via.set_host(Some("127.0.0.1")).unwrap();
+    let via = through(&url, &proxy);
     let table = unique("walden_outage");
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await

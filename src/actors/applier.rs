@@ -3,7 +3,8 @@
 //! A transient failure is retried with the namespace's backoff and full
 //! jitter. The applier never sleeps: while one key waits to retry, other keys
 //! keep flowing. With `ordering = "per_key"`, later entries of a waiting key
-//! wait behind it, and a sink batch holds at most one entry per key.
+//! wait behind it, and a sink batch holds at most one entry per key, unless
+//! the sink applies a batch whole and in order.
 //!
 //! A backoff longer than `retry.park_after_ms` parks the entry, with the later
 //! entries of its key, in the park store (fsynced before they are acked), so a
@@ -51,16 +52,15 @@ use super::messages::{
     RedrivenLetter, Reset, Rewind,
 };
 use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
-use crate::backends::kafka::KafkaDlq;
-use crate::backends::{DelayStore, Delivery, Limit};
+use crate::backends::{DelayStore, Delivery, KeyHolds, Limit};
 use crate::config::{Ordering, RetryConfig};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
 use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
 use crate::state::park::{ParkStore, Parked};
 use crate::telemetry;
 
-/// Entries per sink call, at most, and payload bytes (one entry always).
-const MAX_BATCH: usize = 64;
+/// Payload bytes per sink call, at most (one entry always); the entries
+/// per call are the sink's [`Sink::max_batch`].
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// A parked key's backlog comes back a page at a time.
 const PARK_PAGE: Limit = Limit {
@@ -159,7 +159,7 @@ pub enum Holds {
     Park,
     /// In the DLQ topic, as the holding letter itself; the entries behind a
     /// hold are dead-lettered behind it.
-    Broker(Arc<KafkaDlq>),
+    Broker(Arc<dyn KeyHolds>),
 }
 
 /// Why a key cannot deliver its new entries now.
@@ -311,7 +311,7 @@ impl Applier {
                 Holds::Broker(_) if !self.policy.hold_key => false,
                 Holds::Broker(dlq) => {
                     let dlq = dlq.clone();
-                    self.held_on_broker(&dlq, key, item)
+                    self.held_on_broker(dlq.as_ref(), key, item)
                 }
             },
         }
@@ -321,7 +321,7 @@ impl Applier {
     /// this applier's own, or one the DLQ view shows (written by an earlier
     /// owner of the partition). The holder itself passes (it is back from a
     /// redrive), and so does what follows it while it is queued.
-    fn held_on_broker(&mut self, dlq: &KafkaDlq, key: &str, item: &Item) -> bool {
+    fn held_on_broker(&mut self, dlq: &dyn KeyHolds, key: &str, item: &Item) -> bool {
         let local = self.blocked.get(key).and_then(|b| {
             let h = b.held_by.clone()?;
             Some((h, b.confirmed))
@@ -351,7 +351,7 @@ impl Applier {
 
     /// A hold on `key` the DLQ view shows (written by an earlier owner of
     /// the partition, or before a restart): adopt it.
-    fn held_in_view(&mut self, dlq: &KafkaDlq, key: &str) -> Option<String> {
+    fn held_in_view(&mut self, dlq: &dyn KeyHolds, key: &str) -> Option<String> {
         match dlq.holder(self.shard.shard, key) {
             // Released here; the view has not yet seen its letter go.
             Some(h) if self.released.get(key) == Some(&h) => None,
@@ -373,7 +373,7 @@ impl Applier {
     /// letter goes, wherever that happens).
     fn confirm_when_stored(
         &mut self,
-        dlq: Arc<KafkaDlq>,
+        dlq: Arc<dyn KeyHolds>,
         key: String,
         id: String,
         ctx: &mut Context<Self>,
@@ -620,31 +620,44 @@ impl Applier {
         }));
     }
 
-    /// Pick the next batch: in queue order, the first entry of each key that
-    /// is ready now. An entry to be applied alone gets a call of its own.
+    /// Pick the next batch, in queue order: the first entry of each key that
+    /// is ready now and, for a sink that applies in order, the entries of its
+    /// key that follow it while each is ready. An entry to be applied alone
+    /// gets a call of its own.
     fn next_batch(&self, now: Instant) -> Vec<usize> {
-        let mut seen: HashSet<&str> = HashSet::new();
+        let in_order = self.sink.applies_in_order();
+        let max = self.sink.max_batch().max(1);
+        // Per key seen: whether every entry of it so far is in the batch.
+        let mut seen: HashMap<&str, bool> = HashMap::new();
         let mut batch = Vec::new();
         let mut bytes = 0;
         for (i, item) in self.queue.iter().enumerate() {
             if bytes >= MAX_BATCH_BYTES {
                 break;
             }
-            if !seen.insert(item.order_key(self.policy.ordering)) {
-                continue;
-            }
-            if item.not_before.is_some_and(|t| t > now) {
-                continue;
-            }
-            if item.alone {
-                if batch.is_empty() {
-                    return vec![i];
+            let ready = item.not_before.is_none_or(|t| t <= now);
+            match seen.get_mut(item.order_key(self.policy.ordering)) {
+                // A later entry of its key: only right behind the ones taken.
+                Some(chain) => {
+                    if !(in_order && *chain && ready && !item.alone) {
+                        *chain = false;
+                        continue;
+                    }
                 }
-                continue;
+                None => {
+                    let first = ready && !item.alone;
+                    seen.insert(item.order_key(self.policy.ordering), first);
+                    if item.alone && ready && batch.is_empty() {
+                        return vec![i];
+                    }
+                    if !first {
+                        continue;
+                    }
+                }
             }
             batch.push(i);
             bytes += item.entry().payload.len();
-            if batch.len() == MAX_BATCH {
+            if batch.len() == max {
                 break;
             }
         }

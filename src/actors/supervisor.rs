@@ -138,11 +138,8 @@ impl NamespaceRuntime {
                     hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
                     // A broker namespace never parks on this machine's disk:
                     // a long backoff waits in memory, holding the watermark.
-                    may_park: matches!(backend, NamespaceBackend::Embedded(_)),
-                    holds: match dlq {
-                        AnyDlq::Kafka(d) => Holds::Broker(d.clone()),
-                        _ => Holds::Park,
-                    },
+                    may_park: backend.parks_locally(),
+                    holds: dlq.key_holds().map_or(Holds::Park, Holds::Broker),
                     target: config.target.name().to_string(),
                     breaker: breaker.clone(),
                 };

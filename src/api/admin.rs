@@ -14,7 +14,6 @@ use super::{ApiError, AppState};
 use crate::actors::breaker::{BreakerView, State as BreakerState};
 use crate::actors::messages::{ConsumerState, GetState};
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::shard::NamespaceBackend;
 use crate::entry::now_ms;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,8 +82,7 @@ pub struct NamespaceView {
     pub per_shard: Vec<ShardView>,
 }
 
-async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
-    let log = &state.log;
+async fn view(ns: &NamespaceRuntime) -> NamespaceView {
     // A DLQ that cannot be counted right now shows 0, not a failed view.
     let dead_lettered = tokio::time::timeout(STATE_TIMEOUT, ns.dlq.count(&ns.name))
         .await
@@ -108,10 +106,10 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
         // (every few seconds); on SQS, which has no offsets, pending counts
         // what was read and is not yet applied.
         let read = applied_through + state.outstanding as u64;
-        let next = match &ns.backend {
-            NamespaceBackend::Embedded(_) => log.next_offset(&h.shard),
-            _ => state.end_offset.map_or(read, |end| end.max(read)),
-        };
+        let next = ns
+            .backend
+            .next_sequence(&h.shard)
+            .unwrap_or_else(|| state.end_offset.map_or(read, |end| end.max(read)));
         if let Some(ts) = state.oldest_outstanding_ms {
             oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
         }
@@ -133,10 +131,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
             restarts: h.stats.restarts.get(),
             parked: h.stats.parked.get(),
             caught_up: h.stats.caught_up.get(),
-            lost_to_retention: match &ns.backend {
-                NamespaceBackend::Embedded(log) => log.lost_to_retention(&h.shard),
-                _ => 0,
-            },
+            lost_to_retention: ns.backend.lost_to_retention(&h.shard),
         });
     }
     let (healthy, last_error) = ns.sink_health.healthy();
@@ -172,7 +167,7 @@ async fn view(ns: &NamespaceRuntime, state: &AppState) -> NamespaceView {
 pub async fn list_namespaces(state: web::Data<AppState>) -> HttpResponse {
     let mut out = Vec::new();
     for ns in state.namespaces.values() {
-        out.push(view(ns, &state).await);
+        out.push(view(ns).await);
     }
     HttpResponse::Ok().json(serde_json::json!({ "namespaces": out }))
 }
@@ -183,7 +178,7 @@ pub async fn namespace_stats(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
-    Ok(HttpResponse::Ok().json(view(ns, &state).await))
+    Ok(HttpResponse::Ok().json(view(ns).await))
 }
 
 /// `GET /healthz`: the process is up.
@@ -356,17 +351,14 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut lag = Vec::new();
     let mut health = Vec::new();
     for ns in state.namespaces.values() {
-        let local = matches!(ns.backend, NamespaceBackend::Embedded(_));
-        for h in ns.shards.iter().filter(|_| local) {
-            let committed = state
-                .log
-                .committed(crate::actors::supervisor::CONSUMER_GROUP);
-            let c = committed.get(&h.shard).copied().unwrap_or(0);
-            let next = state.log.next_offset(&h.shard);
-            lag.push((
-                format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
-                next.saturating_sub(c) as f64,
-            ));
+        for h in &ns.shards {
+            let group = crate::actors::supervisor::CONSUMER_GROUP;
+            if let Some(n) = ns.backend.local_lag(group, &h.shard) {
+                lag.push((
+                    format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
+                    n as f64,
+                ));
+            }
         }
         let (healthy, _) = ns.sink_health.healthy();
         health.push((

@@ -11,7 +11,6 @@ use super::{ApiError, AppState};
 use crate::actors::messages::{Cancel, CancelOutcome};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::Limit;
-use crate::backends::shard::NamespaceBackend;
 use crate::entry::Durable;
 
 const DEFAULT_LIMIT: usize = 100;
@@ -26,9 +25,9 @@ pub struct ListQuery {
 /// A broker namespace's delayed entries hop through its delay-tier topics,
 /// which have no index by id or due time yet.
 fn not_on_a_broker(ns: &NamespaceRuntime) -> Result<(), ApiError> {
-    match ns.backend {
-        NamespaceBackend::Embedded(_) => Ok(()),
-        _ => Err(ApiError::bad_request(format!(
+    match ns.delays.fires_itself() {
+        false => Ok(()),
+        true => Err(ApiError::bad_request(format!(
             "namespace {:?} is on the {} backend, whose delayed entries cannot be listed or cancelled yet",
             ns.name,
             ns.backend.kind()

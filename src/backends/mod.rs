@@ -260,6 +260,19 @@ pub(crate) fn listing_start(after: Option<u64>) -> Option<u64> {
     }
 }
 
+/// Key holds that live with their dead letters on a broker (`hold_key` on
+/// Kafka), where any process that takes a partition over finds them. The
+/// applier asks this capability; it never names the backend.
+pub trait KeyHolds: Send + Sync {
+    /// The id of the live letter holding `key` of `shard`, if any. The view
+    /// may trail the broker by a moment.
+    fn holder(&self, shard: u32, key: &str) -> Option<String>;
+    /// Whether a live letter of `id` holds its key.
+    fn is_holding(&self, id: &str) -> bool;
+    /// The DLQ sequence of the oldest live letter of `id` that holds its key.
+    fn holding_letter(&self, id: &str) -> Option<u64>;
+}
+
 /// Appends entries to a backend: the one write path. Ingest calls it for
 /// every client write, and the conformance suite calls it too.
 pub trait Producer: Send + Sync {

@@ -44,6 +44,44 @@ impl NamespaceBackend {
         }
     }
 
+    /// A long backoff may park entries on this machine's disk (the park
+    /// store). A broker namespace never does: its entries wait in memory,
+    /// holding the watermark, so another process can take the shard over.
+    pub fn parks_locally(&self) -> bool {
+        matches!(self, NamespaceBackend::Embedded(_))
+    }
+
+    /// The sequence the next entry of `shard` will get, where the backend
+    /// knows it locally (the embedded log); a broker's comes from its
+    /// consumer's statistics instead.
+    pub fn next_sequence(&self, shard: &ShardRef) -> Option<u64> {
+        match self {
+            NamespaceBackend::Embedded(log) => Some(log.next_offset(shard)),
+            _ => None,
+        }
+    }
+
+    /// Entries of `shard` the hard retention cap deleted before they were
+    /// applied, since start (only the embedded log has such a cap).
+    pub fn lost_to_retention(&self, shard: &ShardRef) -> u64 {
+        match self {
+            NamespaceBackend::Embedded(log) => log.lost_to_retention(shard),
+            _ => 0,
+        }
+    }
+
+    /// Entries of `shard` after `group`'s committed offset, where the
+    /// backend keeps both locally (the embedded log).
+    pub fn local_lag(&self, group: &str, shard: &ShardRef) -> Option<u64> {
+        match self {
+            NamespaceBackend::Embedded(log) => {
+                let committed = log.committed(group).get(shard).copied().unwrap_or(0);
+                Some(log.next_offset(shard).saturating_sub(committed))
+            }
+            _ => None,
+        }
+    }
+
     /// How this namespace takes writes: the one [`Producer`] of its backend
     /// (one that refuses them in a consumer-only process).
     pub fn producer(&self) -> Arc<dyn Producer> {
@@ -271,6 +309,15 @@ pub enum AnyDlq {
 }
 
 impl AnyDlq {
+    /// Where `hold_key` keeps its holds when they live on the broker (with
+    /// the letters in a Kafka DLQ topic); `None`: in the local park store.
+    pub fn key_holds(&self) -> Option<Arc<dyn super::KeyHolds>> {
+        match self {
+            AnyDlq::Kafka(d) => Some(d.clone()),
+            AnyDlq::Embedded(_) | AnyDlq::Sqs(_) => None,
+        }
+    }
+
     /// A redrive puts the entry back on the broker itself (a partition or a
     /// queue), where whichever process reads it applies it; the local DLQ
     /// hands it to the shard's applier instead.

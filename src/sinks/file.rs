@@ -153,6 +153,15 @@ impl Sink for FileSink {
         &self.name
     }
 
+    /// One write (and, for a file, one fsync) per batch: whole or not at all.
+    fn applies_in_order(&self) -> bool {
+        true
+    }
+
+    fn max_batch(&self) -> usize {
+        1024
+    }
+
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             let mut bytes = Vec::new();

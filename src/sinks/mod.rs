@@ -95,10 +95,26 @@ pub trait Sink: Send + Sync {
     /// The target's name, as configured.
     fn name(&self) -> &str;
 
-    /// Deliver a batch. The answer has one result per entry, in order. A
-    /// batch holds at most one entry per key, so entries may be applied
-    /// concurrently.
+    /// Deliver a batch. The answer has one result per entry, in order.
+    /// Unless the sink [applies in order](Sink::applies_in_order), a batch
+    /// holds at most one entry per key, so its entries may be applied
+    /// concurrently (an HTTP request each) or as a set (a database upsert).
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>>;
+
+    /// The sink applies a batch in its order, whole or not at all (one
+    /// append and one fsync for the file target). Such a sink may get
+    /// several entries of one key in a batch, in their order: a failure
+    /// fails them all, so none overtakes another.
+    fn applies_in_order(&self) -> bool {
+        false
+    }
+
+    /// The most entries one call takes. A sink whose entries go out
+    /// concurrently keeps this small; one that writes a batch in one go
+    /// takes more, so a call's fixed cost (an fsync) is shared.
+    fn max_batch(&self) -> usize {
+        64
+    }
 
     /// Whether the target can take deliveries now.
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>>;

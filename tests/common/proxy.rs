@@ -58,3 +58,24 @@ impl Proxy {
         self.down.store(false, Ordering::SeqCst);
     }
 }
+
+/// The address a server URL names (`localhost` as 127.0.0.1), for a proxy
+/// in front of it.
+pub fn addr_of(url: &str, default_port: u16) -> SocketAddr {
+    let u = reqwest::Url::parse(url).unwrap();
+    let host = match u.host_str().unwrap() {
+        "localhost" => "127.0.0.1",
+        h => h,
+    };
+    format!("{host}:{}", u.port().unwrap_or(default_port))
+        .parse()
+        .unwrap()
+}
+
+/// `url` with the proxy's address in place of the server's.
+pub fn through(url: &str, proxy: &Proxy) -> reqwest::Url {
+    let mut via = reqwest::Url::parse(url).unwrap();
+    via.set_port(Some(proxy.addr.port())).unwrap();
+    via.set_host(Some("127.0.0.1")).unwrap();
+    via
+}

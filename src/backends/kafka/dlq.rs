@@ -727,6 +727,20 @@ fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Opti
     Some((letter, holds))
 }
 
+impl crate::backends::KeyHolds for KafkaDlq {
+    fn holder(&self, shard: u32, key: &str) -> Option<String> {
+        KafkaDlq::holder(self, shard, key)
+    }
+
+    fn is_holding(&self, id: &str) -> bool {
+        KafkaDlq::is_holding(self, id)
+    }
+
+    fn holding_letter(&self, id: &str) -> Option<u64> {
+        KafkaDlq::holding_letter(self, id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
