@@ -106,78 +106,6 @@ impl Cpu {
     }
 }
 
-/// A bare actix-web server with Walden's worker count that answers every
-/// write as Walden does, with no work behind it.
-struct Ceiling {
-    addr: SocketAddr,
-    handle: actix_web::dev::ServerHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Ceiling {
-    fn start(workers: usize) -> Self {
-        let one = json!({"durable": "true", "id": "01a24c33-9057-735d-9735-baa16c7ea4b8",
-            "namespace": "bench", "shard": 1, "sequence": 0});
-        let mut result = one.clone();
-        result["status"] = json!(200);
-        let single = Bytes::from(serde_json::to_vec(&one).unwrap());
-        let batch =
-            Bytes::from(serde_json::to_vec(&json!({"results": vec![result; 100]})).unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            actix_rt::System::new().block_on(async move {
-                use actix_web::{App, HttpResponse, HttpServer, web};
-                let server = HttpServer::new(move || {
-                    let (single, batch) = (single.clone(), batch.clone());
-                    App::new()
-                        .route(
-                            "/v1/namespaces/{ns}/log",
-                            web::post().to(move |_body: Bytes| {
-                                let single = single.clone();
-                                async move {
-                                    HttpResponse::Ok()
-                                        .content_type("application/json")
-                                        .body(single)
-                                }
-                            }),
-                        )
-                        .route(
-                            "/v1/namespaces/{ns}/log/batch",
-                            web::post().to(move |_body: Bytes| {
-                                let batch = batch.clone();
-                                async move {
-                                    HttpResponse::Ok()
-                                        .content_type("application/json")
-                                        .body(batch)
-                                }
-                            }),
-                        )
-                })
-                .workers(workers)
-                .bind("127.0.0.1:0")
-                .unwrap();
-                let addr = server.addrs()[0];
-                let server = server.run();
-                tx.send((addr, server.handle())).unwrap();
-                server.await.unwrap();
-            })
-        });
-        let (addr, handle) = rx.recv().unwrap();
-        Self {
-            addr,
-            handle,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self, rt: &tokio::runtime::Runtime) {
-        rt.block_on(self.handle.stop(true));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The same concurrency appending straight to the log: `appenders` tasks,
 /// each appending `batch` at a time and waiting for them all.
 fn fsync_bound(
@@ -381,7 +309,7 @@ fn main() {
         "http benchmark in {} ({secs} s per case, {PAYLOAD} B payloads, {workers} HTTP workers)",
         base.display()
     );
-    let ceiling = Ceiling::start(workers);
+    let ceiling = common::Ceiling::start(workers);
     let redis = Redis::start(&base);
     if redis.is_none() {
         println!("redis: redis-server not found; its cases are left out");

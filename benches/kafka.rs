@@ -1,6 +1,6 @@
 //! Kafka write-path benchmark: Walden's write path on the Kafka backend
-//! (HTTP → rdkafka → delivery report → answer; librdkafka queues writes
-//! itself, so there is no Ingest actor hop) beside raw rdkafka producers
+//! (HTTP → Ingest on the worker's task → librdkafka's queue → delivery report
+//! → answer) beside raw rdkafka producers
 //! with the same settings (`acks=all`, idempotence, `linger.ms=1`), the same
 //! 100 B payloads and the same concurrency, against the same kind of broker
 //! in the same run. Three peers:
@@ -11,6 +11,9 @@
 //!   request: the payload's JSON text, `walden.id` and `walden.payload:
 //!   json`. Against it, the ratio is the cost of Walden's write path (HTTP,
 //!   JSON, bookkeeping), apart from what its records carry.
+//! - `peer=http_ceiling` is not a producer: a bare actix-web server with
+//!   Walden's worker count answering the same JSON, driven by the same
+//!   client. Against it, the ratio shows what the broker costs beyond HTTP.
 //!
 //! `ratio` = Walden writes/s ÷ the peer's over all rounds; `round_ratios` is
 //! the range of the rounds' own ratios; `p99_ratio` = Walden p99 ÷ the
@@ -417,6 +420,23 @@ fn main() {
         for (side, peer) in sides[1..].iter().zip(peers) {
             println!("{case} peer={} {}", side.name(), compare(w, peer));
         }
+        // The same client against a bare HTTP server with Walden's worker
+        // count, answering with no work behind it: what HTTP alone allows,
+        // so the per-request cost shows beside the broker's.
+        let workers = match http_workers() {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let ceiling = common::Ceiling::start(workers);
+        common::warm_up(&rt, ceiling.addr, "bench");
+        let ceil = common::http_load(&rt, ceiling.addr, "bench", conns, batch, PAYLOAD, secs);
+        ceiling.stop(&rt);
+        let walden_per_s = Run::merge(w).per_s();
+        println!(
+            "{case} peer=http_ceiling walden_per_s={walden_per_s:.0} ceiling_per_s={:.0} ratio={:.2}",
+            ceil.per_s(),
+            walden_per_s / ceil.per_s()
+        );
         // What the headers alone cost: each raw peer against the bare one.
         let raw_peers: Vec<(&Side, &Vec<Run>)> = sides[1..].iter().zip(peers).collect();
         let bare = raw_peers

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::json;
 
 pub struct Run {
@@ -207,4 +208,76 @@ pub fn finish(
     run.elapsed = start.elapsed();
     run.latencies_us.sort_unstable();
     run
+}
+
+/// A bare actix-web server with Walden's worker count that answers every
+/// write as Walden does, with no work behind it.
+pub struct Ceiling {
+    pub addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ceiling {
+    pub fn start(workers: usize) -> Self {
+        let one = json!({"durable": "true", "id": "01a24c33-9057-735d-9735-baa16c7ea4b8",
+            "namespace": "bench", "shard": 1, "sequence": 0});
+        let mut result = one.clone();
+        result["status"] = json!(200);
+        let single = Bytes::from(serde_json::to_vec(&one).unwrap());
+        let batch =
+            Bytes::from(serde_json::to_vec(&json!({"results": vec![result; 100]})).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                use actix_web::{App, HttpResponse, HttpServer, web};
+                let server = HttpServer::new(move || {
+                    let (single, batch) = (single.clone(), batch.clone());
+                    App::new()
+                        .route(
+                            "/v1/namespaces/{ns}/log",
+                            web::post().to(move |_body: Bytes| {
+                                let single = single.clone();
+                                async move {
+                                    HttpResponse::Ok()
+                                        .content_type("application/json")
+                                        .body(single)
+                                }
+                            }),
+                        )
+                        .route(
+                            "/v1/namespaces/{ns}/log/batch",
+                            web::post().to(move |_body: Bytes| {
+                                let batch = batch.clone();
+                                async move {
+                                    HttpResponse::Ok()
+                                        .content_type("application/json")
+                                        .body(batch)
+                                }
+                            }),
+                        )
+                })
+                .workers(workers)
+                .bind("127.0.0.1:0")
+                .unwrap();
+                let addr = server.addrs()[0];
+                let server = server.run();
+                tx.send((addr, server.handle())).unwrap();
+                server.await.unwrap();
+            })
+        });
+        let (addr, handle) = rx.recv().unwrap();
+        Self {
+            addr,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.handle.stop(true));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -61,7 +61,7 @@ pub fn row_of(target: &TargetConfig, payload: &[u8]) -> Result<Option<String>, S
     }
     let m = Mutation::from_payload(payload)?;
     if let TargetConfig::Redis { .. } = target {
-        super::redis::check_key(&m.key)?;
+        check_redis_key(&m.key)?;
     }
     Ok(Some(m.key))
 }
@@ -72,4 +72,18 @@ pub fn row_of(target: &TargetConfig, payload: &[u8]) -> Result<Option<String>, S
 pub fn version(d: &Delivered) -> i64 {
     // Sequences stay far below 2^63.
     d.sequence.min(i64::MAX as u64) as i64
+}
+
+/// On Redis, a key's version lives beside it, at the key plus this suffix.
+pub(crate) const VERSION_SUFFIX: &str = ":walden-version";
+
+/// A Redis mutation's key may not end in [`VERSION_SUFFIX`]: its value
+/// would be another key's version.
+pub(crate) fn check_redis_key(key: &str) -> Result<(), String> {
+    if key.ends_with(VERSION_SUFFIX) {
+        return Err(format!(
+            "the mutation's key {key:?} ends in {VERSION_SUFFIX:?}, which is reserved for the versions Redis keeps beside each key"
+        ));
+    }
+    Ok(())
 }

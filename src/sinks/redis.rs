@@ -19,7 +19,7 @@ use futures_util::future::{BoxFuture, join_all};
 use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 
-use super::mutation::{Mutation, Op, version};
+use super::mutation::{Mutation, Op, VERSION_SUFFIX, check_redis_key, version};
 use super::{ApplyResult, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
@@ -38,20 +38,6 @@ end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
 "#;
-
-/// A key's version lives beside it, at the key plus this suffix.
-pub(crate) const VERSION_SUFFIX: &str = ":walden-version";
-
-/// A mutation key may not end in [`VERSION_SUFFIX`]: its value would be
-/// another key's version.
-pub(crate) fn check_key(key: &str) -> Result<(), String> {
-    if key.ends_with(VERSION_SUFFIX) {
-        return Err(format!(
-            "the mutation's key {key:?} ends in {VERSION_SUFFIX:?}, which is reserved for the versions Redis keeps beside each key"
-        ));
-    }
-    Ok(())
-}
 
 pub struct RedisSink {
     name: String,
@@ -114,7 +100,7 @@ impl RedisSink {
     async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> ApplyResult {
         let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
         // Refused at ingest; this catches entries written before that.
-        check_key(&m.key)
+        check_redis_key(&m.key)
             .map_err(|e| SinkError::permanent(&self.name, format!("entry {}: {e}", d.entry.id)))?;
         let key = format!("{}{}", self.prefix, m.key);
         let value = match &m.value {
