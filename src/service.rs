@@ -84,6 +84,8 @@ pub struct Service {
     pub addr: SocketAddr,
     server: actix_web::dev::ServerHandle,
     state: Arc<AppState>,
+    /// The local DLQ, closed last.
+    dlq: Arc<EmbeddedDlq>,
     arbiters: Vec<Arbiter>,
     /// Why a backend can no longer work (fenced out of a group).
     fatal: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -182,7 +184,6 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         namespaces,
         log,
         server: config.server.clone(),
-        dlq,
         state: state_store,
     });
 
@@ -209,6 +210,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         addr,
         server: handle,
         state,
+        dlq,
         arbiters,
         fatal: fatal_rx,
     })
@@ -272,33 +274,19 @@ impl Service {
         info!("Shutting down: no new requests; finishing the writes in flight.");
         self.server.stop(true).await;
         for ns in self.state.namespaces.values() {
-            let groups: Vec<_> = match &ns.backend {
-                NamespaceBackend::Kafka {
-                    group,
-                    delay_groups,
-                    ..
-                } => group.iter().chain(delay_groups).cloned().collect(),
-                _ => Vec::new(),
-            };
             // Leaving a group revokes its partitions, and a revoke waits for
             // what is in flight with the appliers still running, then
             // commits. Without a group, the drain lets the delivery in
             // flight settle itself.
-            let settle = groups
-                .is_empty()
-                .then(|| self.state.server.shutdown_timeout());
+            let in_groups = ns.backend.in_groups();
+            let settle = (!in_groups).then(|| self.state.server.shutdown_timeout());
             ns.drain(settle).await;
-            if !groups.is_empty() {
-                let drain = ns.config.backend.rebalance_drain();
-                let _ = tokio::task::spawn_blocking(move || {
-                    for g in groups {
-                        g.leave(drain);
-                    }
-                })
-                .await;
+            if in_groups {
+                let (backend, drain) = (ns.backend.clone(), ns.config.backend.rebalance_drain());
+                let _ = tokio::task::spawn_blocking(move || backend.leave_groups(drain)).await;
             }
         }
-        let (log, dlq) = (self.state.log.clone(), self.state.dlq.clone());
+        let (log, dlq) = (self.state.log.clone(), self.dlq.clone());
         let _ = tokio::task::spawn_blocking(move || {
             log.close();
             dlq.close();

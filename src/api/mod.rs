@@ -30,8 +30,6 @@ pub struct AppState {
     pub namespaces: BTreeMap<String, Arc<NamespaceRuntime>>,
     pub log: Arc<EmbeddedLog>,
     pub server: ServerConfig,
-    /// Dead letters of every namespace.
-    pub dlq: Arc<crate::backends::embedded::EmbeddedDlq>,
     /// Walden's own state (parked and delayed entries, idempotency keys).
     pub state: Arc<crate::state::StateStore>,
 }

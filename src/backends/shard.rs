@@ -82,6 +82,30 @@ impl NamespaceBackend {
         }
     }
 
+    /// This process is a member of consumer groups for the namespace (a
+    /// broker that splits its shards between processes): shutting down
+    /// leaves them, which hands the shards over.
+    pub fn in_groups(&self) -> bool {
+        matches!(self, NamespaceBackend::Kafka { group: Some(_), .. })
+            || matches!(self, NamespaceBackend::Kafka { delay_groups, .. } if !delay_groups.is_empty())
+    }
+
+    /// Leave every group this process is in for the namespace, each revoke
+    /// waiting up to `drain` for the entries in flight, then committing.
+    /// Blocking.
+    pub fn leave_groups(&self, drain: Duration) {
+        if let NamespaceBackend::Kafka {
+            group,
+            delay_groups,
+            ..
+        } = self
+        {
+            for g in group.iter().chain(delay_groups) {
+                g.leave(drain);
+            }
+        }
+    }
+
     /// How this namespace takes writes: the one [`Producer`] of its backend
     /// (one that refuses them in a consumer-only process).
     pub fn producer(&self) -> Arc<dyn Producer> {
