@@ -9,7 +9,8 @@
 //! - **redis**: `redis-server --appendonly yes --appendfsync always` on a
 //!   port of its own, when the binary is installed: a durable peer;
 //! - Walden's single writes at 1 and 64 in flight, and batches of 100 at 16
-//!   in flight;
+//!   in flight; 64 in flight again to a producer-only process, which applies
+//!   nothing: the write path without delivery sharing the cores;
 //! - **sustained**: batches offered at 80% of what the batch case accepted,
 //!   for `WALDEN_BENCH_SUSTAIN_SECS` (60): applied/s ÷ accepted/s, and the
 //!   backlog left at the end in seconds of input.
@@ -357,6 +358,30 @@ fn main() {
             " redis_ratio={:.2}",
             many.per_s() / r.per_s()
         )),
+    );
+
+    // The write path alone: the same 64 in flight to a producer-only
+    // process, which reads and applies nothing (above, delivery to the file
+    // target shares the two cores).
+    let alone = {
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let mut config = config(dir.path());
+        config.server.role = walden::config::Role::Producer;
+        let svc = Spawned::start(config).unwrap();
+        common::warm_up(&rt, svc.addr, "bench");
+        let cpu = Cpu::start();
+        let run = common::http_load(&rt, svc.addr, "bench", 64, 1, PAYLOAD, secs);
+        let us = cpu.per_write_us(run.writes);
+        svc.stop();
+        (run, us)
+    };
+    println!(
+        "single in_flight=64 write_path_only walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} cpu_us_per_write={:.1} ratio={:.2} (goal >= 0.8, with delivery above)",
+        alone.0.per_s(),
+        percentile(&alone.0.latencies_us, 0.99),
+        ceil_many.per_s(),
+        alone.1,
+        alone.0.per_s() / ceil_many.per_s(),
     );
 
     // Batches of 100 at 16 in flight: against the fsync bound with the same
