@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{Proxy, addr_of, through};
 use common::target::HttpTarget;
-use common::{get_json, test_server, unique};
+use common::{get_json, test_server};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -161,6 +161,26 @@ fn assert_all_in_key_order(received: &[(String, i64)], written: &HashMap<String,
     assert_eq!(got, want);
 }
 
+/// Wait up to `limit` until every written value has arrived, then check
+/// each key's order.
+async fn assert_all_delivered(
+    target: &HttpTarget,
+    written: &HashMap<String, Vec<i64>>,
+    limit: Duration,
+) {
+    let want = written.values().map(Vec::len).sum::<usize>();
+    eventually("every entry delivered", limit, || async {
+        let got: HashSet<i64> = received(target).into_iter().map(|(_, n)| n).collect();
+        if got.len() >= want {
+            Ok(())
+        } else {
+            Err(format!("{} of {want}", got.len()))
+        }
+    })
+    .await;
+    assert_all_in_key_order(&received(target), written);
+}
+
 fn received(target: &HttpTarget) -> Vec<(String, i64)> {
     target
         .received()
@@ -208,16 +228,7 @@ async fn an_http_target_failing_for_30_s_under_the_defaults_loses_nothing() {
     );
     let during = target.requests();
     target.fail_with(0);
-    eventually("every entry delivered", Duration::from_secs(60), || async {
-        let n = target.received().len();
-        if n >= WRITES {
-            Ok(())
-        } else {
-            Err(format!("{n} of {WRITES}"))
-        }
-    })
-    .await;
-    assert_all_in_key_order(&received(&target), &written);
+    assert_all_delivered(&target, &written, Duration::from_secs(60)).await;
     assert_breaker_opened_and_closed(&base).await;
     assert!(
         during < 100,
@@ -243,16 +254,7 @@ async fn an_http_target_down_for_30_s_under_the_defaults_loses_nothing() {
         || proxy.restore(),
     )
     .await;
-    eventually("every entry delivered", Duration::from_secs(60), || async {
-        let n: HashSet<_> = received(&target).into_iter().map(|(_, n)| n).collect();
-        if n.len() >= WRITES {
-            Ok(())
-        } else {
-            Err(format!("{} of {WRITES}", n.len()))
-        }
-    })
-    .await;
-    assert_all_in_key_order(&received(&target), &written);
+    assert_all_delivered(&target, &written, Duration::from_secs(60)).await;
     assert_breaker_opened_and_closed(&base).await;
     svc.stop();
 }
@@ -280,20 +282,7 @@ async fn a_ten_minute_outage_under_the_defaults_loses_nothing() {
     .await;
     let during = stats(&base).await;
     let restored = Instant::now();
-    eventually(
-        "every entry delivered",
-        Duration::from_secs(120),
-        || async {
-            let n: HashSet<_> = received(&target).into_iter().map(|(_, n)| n).collect();
-            if n.len() >= 600 {
-                Ok(())
-            } else {
-                Err(format!("{} of 600", n.len()))
-            }
-        },
-    )
-    .await;
-    assert_all_in_key_order(&received(&target), &written);
+    assert_all_delivered(&target, &written, Duration::from_secs(120)).await;
     assert_breaker_opened_and_closed(&base).await;
     let st = stats(&base).await;
     println!(
@@ -316,17 +305,7 @@ async fn a_postgres_target_cut_for_30_s_under_the_defaults_loses_nothing() {
     };
     let proxy = Proxy::start(addr_of(&url, 5432)).await;
     let via = through(&url, &proxy);
-    let table = unique("walden_breaker");
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false)"
-        ))
-        .await
-        .unwrap();
+    let (client, table) = common::postgres_table(&url, "walden_breaker").await;
     let dir = tempfile::tempdir().unwrap();
     let target = format!("type = \"postgres\"\nurl = \"{via}\"\ntable = \"{table}\"");
     let svc = Spawned::start(config(dir.path(), &target, "")).unwrap();
@@ -344,19 +323,7 @@ async fn a_postgres_target_cut_for_30_s_under_the_defaults_loses_nothing() {
         .map(|(k, v)| (k.clone(), *v.last().unwrap()))
         .collect();
     eventually("postgres caught up", Duration::from_secs(60), || async {
-        let rows = client
-            .query(&format!("SELECT key, value FROM {table}"), &[])
-            .await
-            .unwrap();
-        let got: HashMap<String, i64> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    r.get::<_, Value>(1).as_i64().unwrap(),
-                )
-            })
-            .collect();
+        let got = common::postgres_values(&client, &table).await;
         if got == last {
             Ok(())
         } else {

@@ -169,36 +169,14 @@ async fn a_postgres_outage_loses_nothing() {
     };
     let proxy = Proxy::start(addr_of(&url, 5432)).await;
     let via = through(&url, &proxy);
-    let table = unique("walden_outage");
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false)"
-        ))
-        .await
-        .unwrap();
+    let (client, table) = common::postgres_table(&url, "walden_outage").await;
     let dir = tempfile::tempdir().unwrap();
     let target = format!("type = \"postgres\"\nurl = \"{via}\"\ntable = \"{table}\"");
     let svc = Spawned::start(config(dir.path(), &target)).unwrap();
     let base = format!("http://{}", svc.addr);
     let last = write_through_outage(&base, &proxy, 120, true).await;
     eventually("postgres caught up", || async {
-        let rows = client
-            .query(&format!("SELECT key, value FROM {table}"), &[])
-            .await
-            .unwrap();
-        let got: HashMap<String, i64> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, String>(0),
-                    r.get::<_, Value>(1).as_i64().unwrap(),
-                )
-            })
-            .collect();
+        let got = common::postgres_values(&client, &table).await;
         if got == last {
             Ok(())
         } else {

@@ -228,24 +228,6 @@ impl Ingest {
         }
     }
 
-    /// Check a request against the namespace's limits, and build and route
-    /// its entry. `body` is the request's body, which a JSON payload shares;
-    /// `traceparent` is the write's. An error names the entry's id.
-    pub fn prepare(
-        &self,
-        req: WriteRequest<'_>,
-        body: &Bytes,
-        traceparent: Option<&str>,
-    ) -> Result<Prepared, IngestError> {
-        prepare(self, req, body, traceparent)
-    }
-
-    /// Append prepared entries; one answer per entry, in order. A client id
-    /// seen within the namespace's dedup window gets its original answer.
-    pub async fn submit(&self, items: Vec<Prepared>) -> Vec<Result<Accepted, IngestError>> {
-        submit(self, items).await
-    }
-
     fn shard_slot(&self, shard: u32) -> Option<ShardSlot<'_>> {
         let waiting = &self.waiting[shard as usize];
         if waiting.fetch_add(1, Ordering::AcqRel) >= self.per_shard {
@@ -254,50 +236,405 @@ impl Ingest {
         }
         Some(ShardSlot(waiting))
     }
-}
 
-/// Check a request against the namespace's limits and build its entry.
-/// `body` is the request's body, which a JSON payload is a slice of;
-/// `traceparent` is the write's, for the entry's header. An error names the
-/// entry's id (given or generated).
-fn prepare(
-    ns: &Ingest,
-    mut req: WriteRequest<'_>,
-    body: &Bytes,
-    traceparent: Option<&str>,
-) -> Result<Prepared, IngestError> {
-    let client_id = req.id.is_some();
-    let id = req
-        .id
-        .take()
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let parts = check(ns, req, &id, body, traceparent).map_err(|e| e.with_id(&id))?;
-    let shard = shard_of(
-        ns.config.route_hash(),
-        parts.key.as_deref(),
-        &id,
-        ns.config.shards,
-    );
-    let entry = Entry {
-        id,
-        key: parts.key,
-        headers: parts.headers,
-        payload: parts.payload,
-        timestamp_ms: 0,
-        due_ms: parts.due_ms,
-    };
-    ns.producer.check_entry(&entry).map_err(|e| {
-        match e {
-            EntryRejected::TooLarge(why) => IngestError::too_large(why),
-            EntryRejected::Invalid(why) => IngestError::bad_request(why),
+    /// Check a request against the namespace's limits and build its entry.
+    /// `body` is the request's body, which a JSON payload is a slice of;
+    /// `traceparent` is the write's, for the entry's header. An error names the
+    /// entry's id (given or generated).
+    pub fn prepare(
+        &self,
+        mut req: WriteRequest<'_>,
+        body: &Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Prepared, IngestError> {
+        let client_id = req.id.is_some();
+        let id = req
+            .id
+            .take()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let parts = self
+            .check(req, &id, body, traceparent)
+            .map_err(|e| e.with_id(&id))?;
+        let shard = shard_of(
+            self.config.route_hash(),
+            parts.key.as_deref(),
+            &id,
+            self.config.shards,
+        );
+        let entry = Entry {
+            id,
+            key: parts.key,
+            headers: parts.headers,
+            payload: parts.payload,
+            timestamp_ms: 0,
+            due_ms: parts.due_ms,
+        };
+        self.producer.check_entry(&entry).map_err(|e| {
+            match e {
+                EntryRejected::TooLarge(why) => IngestError::too_large(why),
+                EntryRejected::Invalid(why) => IngestError::bad_request(why),
+            }
+            .with_id(&entry.id)
+        })?;
+        Ok(Prepared {
+            shard,
+            client_id,
+            entry,
+        })
+    }
+
+    fn check(
+        &self,
+        req: WriteRequest<'_>,
+        id: &str,
+        body: &Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<Parts, IngestError> {
+        let limits = &self.config.limits;
+        let (payload, json) = match (req.payload, req.payload_base64) {
+            (Some(_), Some(_)) => {
+                return Err(IngestError::bad_request(
+                    "give exactly one of `payload` and `payload_base64`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(IngestError::bad_request(
+                    "give exactly one of `payload` (any JSON value) and `payload_base64`",
+                ));
+            }
+            (Some(raw), None) => {
+                if nested_deeper_than(raw.get().as_bytes(), limits.max_payload_depth) {
+                    return Err(IngestError::bad_request(format!(
+                        "`payload` is nested deeper than limits.max_payload_depth ({})",
+                        limits.max_payload_depth
+                    )));
+                }
+                (share(body, raw.get().as_bytes()), true)
+            }
+            (None, Some(b64)) => {
+                if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
+                    return Err(payload_too_large(limits.max_payload_bytes));
+                }
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|e| {
+                        IngestError::bad_request(format!(
+                            "`payload_base64` is not valid base64: {e}"
+                        ))
+                    })?;
+                (Bytes::from(bytes), false)
+            }
+        };
+        if payload.len() > limits.max_payload_bytes {
+            return Err(payload_too_large(limits.max_payload_bytes));
         }
-        .with_id(&entry.id)
-    })?;
-    Ok(Prepared {
-        shard,
-        client_id,
-        entry,
-    })
+        let key = self.routing_key(req.key, &payload)?;
+        if let Some(key) = &key {
+            check_len("key", key.len(), limits.max_key_bytes)?;
+        }
+        if id.is_empty() {
+            return Err(IngestError::bad_request("`id` must not be empty"));
+        }
+        check_len("id", id.len(), limits.max_id_bytes)?;
+        if let Some(target) = &req.target {
+            let ours = self.config.target.name();
+            if target != ours {
+                return Err(IngestError::bad_request(format!(
+                    "`target`: namespace {:?} has no target {target:?} (its target is {ours:?})",
+                    self.name
+                )));
+            }
+        }
+        let user_headers = req.headers.unwrap_or_default();
+        if user_headers.len() > limits.max_headers {
+            return Err(IngestError::bad_request(format!(
+                "`headers`: {} headers; the limit is {}",
+                user_headers.len(),
+                limits.max_headers
+            )));
+        }
+        let mut headers = Vec::with_capacity(user_headers.len() + 3);
+        for (name, value) in user_headers {
+            if name.is_empty() || name.len() > MAX_HEADER_NAME || value.len() > MAX_HEADER_VALUE {
+                return Err(IngestError::bad_request(format!(
+                    "`headers`: names must be 1 to {MAX_HEADER_NAME} bytes and values at most {MAX_HEADER_VALUE}"
+                )));
+            }
+            if name.starts_with(RESERVED_PREFIX) || name == "traceparent" {
+                return Err(IngestError::bad_request(format!(
+                    "`headers.{name}`: headers named traceparent or starting with {RESERVED_PREFIX:?} are reserved"
+                )));
+            }
+            headers.push((name, value));
+        }
+        let lifecycle = req.lifecycle.unwrap_or_default();
+        let delay = lifecycle.delay_ms.unwrap_or(0);
+        // A delayed write without its own jitter gets the namespace's.
+        let default_jitter = if delay > 0 {
+            self.config.delay.jitter_ms
+        } else {
+            0
+        };
+        let jitter = lifecycle.jitter_ms.unwrap_or(default_jitter);
+        let max_delay = self.config.delay.max_delay_ms;
+        if delay.saturating_add(jitter) > max_delay {
+            return Err(IngestError::bad_request(format!(
+                "`lifecycle`: delay_ms + jitter_ms is {}; delay.max_delay_ms is {max_delay}",
+                delay.saturating_add(jitter)
+            )));
+        }
+        // Computed once, here, and stored: a replay fires at a known time.
+        let due_ms = if delay == 0 && jitter == 0 {
+            0
+        } else {
+            now_ms() + delay + rand::rng().random_range(0..=jitter)
+        };
+        if json {
+            headers.push((PAYLOAD_ENCODING_HEADER.into(), "json".into()));
+        }
+        if let Some(t) = lifecycle.original_write_time_ms {
+            headers.push(("walden.original_write_time_ms".into(), t.to_string()));
+        }
+        if let Some(tp) = traceparent {
+            headers.push(("traceparent".into(), tp.to_owned()));
+        }
+        Ok(Parts {
+            key,
+            headers,
+            payload,
+            due_ms,
+        })
+    }
+
+    /// The key a write is routed by. A namespace whose target versions rows
+    /// routes by the mutation's key, so every write to a row shares one shard
+    /// and its sequence orders them; a `key` that differs is refused.
+    fn routing_key(
+        &self,
+        key: Option<String>,
+        payload: &[u8],
+    ) -> Result<Option<String>, IngestError> {
+        let target = &self.config.target;
+        let why = || {
+            format!(
+                "namespace {:?} applies to a {} target, which versions each row by its shard's sequence",
+                self.name,
+                target.kind()
+            )
+        };
+        match (mutation::row_of(target, payload), key) {
+            (Ok(None), key) => Ok(key),
+            (Err(e), _) => Err(IngestError::bad_request(format!(
+                "`payload`: {e} ({})",
+                why()
+            ))),
+            (Ok(Some(row)), None) => Ok(Some(row)),
+            (Ok(Some(row)), Some(key)) if key == row => Ok(Some(key)),
+            (Ok(Some(row)), Some(key)) => Err(IngestError::bad_request(format!(
+                "`key` {key:?} is not the mutation's key {row:?}: {}, so its writes are routed by the mutation's key; leave `key` out or make it equal",
+                why()
+            ))),
+        }
+    }
+
+    /// Append prepared entries; one answer per entry, in order. A client id
+    /// seen within the namespace's dedup window gets its original answer.
+    pub fn submit<'a>(
+        &'a self,
+        items: Vec<Prepared>,
+    ) -> futures_util::future::BoxFuture<'a, Vec<Result<Accepted, IngestError>>> {
+        Box::pin(async move {
+            let n = items.len();
+            let mut answers: Vec<Option<Result<Accepted, IngestError>>> =
+                (0..n).map(|_| None).collect();
+            let window = Duration::from_millis(self.config.dedup_window_ms);
+            let mut to_send = Vec::with_capacity(n);
+            let mut waiting = Vec::new();
+            let mut lookups = Vec::new();
+            let mut keyed = Vec::new();
+            for (i, p) in items.into_iter().enumerate() {
+                if !p.client_id || window.is_zero() {
+                    to_send.push((i, p, None));
+                } else {
+                    lookups.push((p.entry.id.clone(), dedup::fingerprint(&p.entry)));
+                    keyed.push((i, p));
+                }
+            }
+            // The index lives in fjall: look ids up off the HTTP worker thread.
+            let checks = if lookups.is_empty() {
+                Vec::new()
+            } else {
+                let (index, name) = (self.dedup.clone(), self.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    lookups
+                        .into_iter()
+                        .map(|(id, fp)| (fp, index.check(&name, &id, fp, window)))
+                        .collect()
+                })
+                .await
+                .expect("dedup checks do not panic")
+            };
+            for ((i, p), (fingerprint, check)) in keyed.into_iter().zip(checks) {
+                match check {
+                    Ok(Check::Duplicate(a)) => {
+                        answers[i] = Some(Ok(accepted_answer(&p.entry.id, a)))
+                    }
+                    Ok(Check::Conflict(a)) => {
+                        answers[i] = Some(Err(conflict(&p.entry.id, a).with_id(&p.entry.id)))
+                    }
+                    Ok(Check::Wait(rx)) => waiting.push((i, p, rx)),
+                    Ok(Check::Claimed(claim)) => to_send.push((i, p, Some((claim, fingerprint)))),
+                    Err(e) => {
+                        let e = IngestError::unavailable(Durable::False, e.to_string());
+                        answers[i] = Some(Err(e.with_id(&p.entry.id)))
+                    }
+                }
+            }
+            for (i, answer) in self.append(to_send).await {
+                answers[i] = Some(answer);
+            }
+            // Duplicates of writes that were in flight: wait for those, then
+            // answer as they were answered (or write, if they failed).
+            for (i, p, mut rx) in waiting {
+                while rx.changed().await.is_ok() {}
+                answers[i] = Some(self.submit(vec![p]).await.remove(0));
+            }
+            answers
+                .into_iter()
+                .map(|a| a.expect("every entry is answered"))
+                .collect()
+        })
+    }
+
+    /// Hand entries to the backend, shard by shard, and wait for its
+    /// answers. A claimed id is recorded once its entry is durable.
+    async fn append(
+        &self,
+        items: Vec<(usize, Prepared, Claimed)>,
+    ) -> Vec<(usize, Result<Accepted, IngestError>)> {
+        let n = items.len();
+        let mut out = Vec::with_capacity(n);
+        if n == 0 {
+            return out;
+        }
+        let Ok(_permits) = self.in_flight.clone().try_acquire_many_owned(n as u32) else {
+            let e =
+                IngestError::shed("too many writes in flight (server.max_in_flight); retry later");
+            return items
+                .into_iter()
+                .map(|(i, p, _)| (i, Err(e.clone().with_id(&p.entry.id))))
+                .collect();
+        };
+        let dedups = self.config.dedup_window_ms > 0;
+        let mut waiting = Vec::with_capacity(n);
+        let mut by_shard: BTreeMap<u32, Vec<(usize, Entry, Claimed)>> = BTreeMap::new();
+        for (i, p, claim) in items {
+            by_shard
+                .entry(p.shard)
+                .or_default()
+                .push((i, p.entry, claim));
+        }
+        let mut slots = Vec::new();
+        for (shard, entries) in by_shard {
+            let mut msg = Vec::with_capacity(entries.len());
+            let mut rxs = Vec::with_capacity(entries.len());
+            for (i, entry, claim) in entries {
+                let (tx, rx) = oneshot::channel();
+                // A generated id is claimed only if its answer is "unknown", so
+                // that a retry with it is safe: keep what the claim needs.
+                let fingerprint = (claim.is_none() && dedups).then(|| dedup::fingerprint(&entry));
+                rxs.push((i, entry.id.clone(), rx, claim, fingerprint));
+                msg.push((entry, tx));
+            }
+            let Some(slot) = self.shard_slot(shard) else {
+                let err = IngestError::shed(format!(
+                    "shard {shard} of {:?} is overloaded (server.mailbox_capacity); retry later",
+                    self.name
+                ));
+                out.extend(
+                    rxs.into_iter()
+                        .map(|(i, id, ..)| (i, Err(err.clone().with_id(&id)))),
+                );
+                continue;
+            };
+            slots.push(slot);
+            // The hand-off runs on this task. A panic in it drops the replies
+            // it still holds: those writes are answered "unknown", never "true".
+            let handed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                crate::failpoint!("ingest.write");
+                self.producer.append(&self.shards[shard as usize], msg);
+            }));
+            if let Err(panic) = handed {
+                error!(namespace = %self.name, shard, panic = crate::actors::panic_message(&panic), "Handing writes to the backend panicked.");
+            }
+            waiting.extend(
+                rxs.into_iter()
+                    .map(|(i, id, rx, c, fp)| (i, id, shard, rx, c, fp)),
+            );
+        }
+        // One timer for the whole request, not one per entry.
+        let deadline = tokio::time::sleep(self.ack_timeout);
+        tokio::pin!(deadline);
+        for (i, id, shard, mut rx, claim, fingerprint) in waiting {
+            let answered = tokio::select! {
+                biased;
+                answer = &mut rx => Ok(answer),
+                () = &mut deadline => Err(()),
+            };
+            let answer = match answered {
+                Ok(Ok(Ok(appended))) => {
+                    self.stats[shard as usize].written.inc();
+                    record(&self.dedup, &self.name, &id, shard, &appended, claim);
+                    Ok(Accepted {
+                        durable: appended.durable,
+                        id,
+                        shard,
+                        sequence: appended.sequence,
+                    })
+                }
+                Ok(Ok(Err(e))) => Err(append_error(e).with_id(&id)),
+                Ok(Err(_)) => Err(IngestError::unavailable(
+                    Durable::Unknown,
+                    "the write was lost in flight (its hand-off to the backend failed); its outcome is unknown",
+                )
+                .with_id(&id)),
+                Err(_) => {
+                    // A generated id is claimed now, before the client hears
+                    // "unknown" and may retry with it.
+                    let claim = claim.or_else(|| self.claim_late(&id, fingerprint?));
+                    // Keep the id claimed until the log answers, so a retry
+                    // with the same id waits for the real outcome.
+                    let err = IngestError::timeout(format!(
+                        "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
+                        self.ack_timeout.as_millis()
+                    ))
+                    .with_id(&id);
+                    if claim.is_some() {
+                        let (dedup, ns_name) = (self.dedup.clone(), self.name.clone());
+                        actix::spawn(async move {
+                            if let Ok(Ok(appended)) = rx.await {
+                                record(&dedup, &ns_name, &id, shard, &appended, claim);
+                            }
+                        });
+                    }
+                    Err(err)
+                }
+            };
+            out.push((i, answer));
+        }
+        out
+    }
+
+    /// Claim a generated id whose write timed out, so that a retry with it
+    /// waits for the real outcome rather than appending again.
+    fn claim_late(&self, id: &str, fingerprint: u64) -> Claimed {
+        let window = Duration::from_millis(self.config.dedup_window_ms);
+        match self.dedup.check(&self.name, id, fingerprint, window) {
+            Ok(Check::Claimed(claim)) => Some((claim, fingerprint)),
+            // A fresh UUID is known nowhere else.
+            _ => None,
+        }
+    }
 }
 
 /// What a valid request makes of its entry, besides the id.
@@ -306,158 +643,6 @@ struct Parts {
     headers: Vec<(String, String)>,
     payload: Bytes,
     due_ms: u64,
-}
-
-fn check(
-    ns: &Ingest,
-    req: WriteRequest<'_>,
-    id: &str,
-    body: &Bytes,
-    traceparent: Option<&str>,
-) -> Result<Parts, IngestError> {
-    let limits = &ns.config.limits;
-    let (payload, json) = match (req.payload, req.payload_base64) {
-        (Some(_), Some(_)) => {
-            return Err(IngestError::bad_request(
-                "give exactly one of `payload` and `payload_base64`, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(IngestError::bad_request(
-                "give exactly one of `payload` (any JSON value) and `payload_base64`",
-            ));
-        }
-        (Some(raw), None) => {
-            if nested_deeper_than(raw.get().as_bytes(), limits.max_payload_depth) {
-                return Err(IngestError::bad_request(format!(
-                    "`payload` is nested deeper than limits.max_payload_depth ({})",
-                    limits.max_payload_depth
-                )));
-            }
-            (share(body, raw.get().as_bytes()), true)
-        }
-        (None, Some(b64)) => {
-            if b64.len() / 4 * 3 > limits.max_payload_bytes + 3 {
-                return Err(payload_too_large(limits.max_payload_bytes));
-            }
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.as_bytes())
-                .map_err(|e| {
-                    IngestError::bad_request(format!("`payload_base64` is not valid base64: {e}"))
-                })?;
-            (Bytes::from(bytes), false)
-        }
-    };
-    if payload.len() > limits.max_payload_bytes {
-        return Err(payload_too_large(limits.max_payload_bytes));
-    }
-    let key = routing_key(ns, req.key, &payload)?;
-    if let Some(key) = &key {
-        check_len("key", key.len(), limits.max_key_bytes)?;
-    }
-    if id.is_empty() {
-        return Err(IngestError::bad_request("`id` must not be empty"));
-    }
-    check_len("id", id.len(), limits.max_id_bytes)?;
-    if let Some(target) = &req.target {
-        let ours = ns.config.target.name();
-        if target != ours {
-            return Err(IngestError::bad_request(format!(
-                "`target`: namespace {:?} has no target {target:?} (its target is {ours:?})",
-                ns.name
-            )));
-        }
-    }
-    let user_headers = req.headers.unwrap_or_default();
-    if user_headers.len() > limits.max_headers {
-        return Err(IngestError::bad_request(format!(
-            "`headers`: {} headers; the limit is {}",
-            user_headers.len(),
-            limits.max_headers
-        )));
-    }
-    let mut headers = Vec::with_capacity(user_headers.len() + 3);
-    for (name, value) in user_headers {
-        if name.is_empty() || name.len() > MAX_HEADER_NAME || value.len() > MAX_HEADER_VALUE {
-            return Err(IngestError::bad_request(format!(
-                "`headers`: names must be 1 to {MAX_HEADER_NAME} bytes and values at most {MAX_HEADER_VALUE}"
-            )));
-        }
-        if name.starts_with(RESERVED_PREFIX) || name == "traceparent" {
-            return Err(IngestError::bad_request(format!(
-                "`headers.{name}`: headers named traceparent or starting with {RESERVED_PREFIX:?} are reserved"
-            )));
-        }
-        headers.push((name, value));
-    }
-    let lifecycle = req.lifecycle.unwrap_or_default();
-    let delay = lifecycle.delay_ms.unwrap_or(0);
-    // A delayed write without its own jitter gets the namespace's.
-    let default_jitter = if delay > 0 {
-        ns.config.delay.jitter_ms
-    } else {
-        0
-    };
-    let jitter = lifecycle.jitter_ms.unwrap_or(default_jitter);
-    let max_delay = ns.config.delay.max_delay_ms;
-    if delay.saturating_add(jitter) > max_delay {
-        return Err(IngestError::bad_request(format!(
-            "`lifecycle`: delay_ms + jitter_ms is {}; delay.max_delay_ms is {max_delay}",
-            delay.saturating_add(jitter)
-        )));
-    }
-    // Computed once, here, and stored: a replay fires at a known time.
-    let due_ms = if delay == 0 && jitter == 0 {
-        0
-    } else {
-        now_ms() + delay + rand::rng().random_range(0..=jitter)
-    };
-    if json {
-        headers.push((PAYLOAD_ENCODING_HEADER.into(), "json".into()));
-    }
-    if let Some(t) = lifecycle.original_write_time_ms {
-        headers.push(("walden.original_write_time_ms".into(), t.to_string()));
-    }
-    if let Some(tp) = traceparent {
-        headers.push(("traceparent".into(), tp.to_owned()));
-    }
-    Ok(Parts {
-        key,
-        headers,
-        payload,
-        due_ms,
-    })
-}
-
-/// The key a write is routed by. A namespace whose target versions rows
-/// routes by the mutation's key, so every write to a row shares one shard
-/// and its sequence orders them; a `key` that differs is refused.
-fn routing_key(
-    ns: &Ingest,
-    key: Option<String>,
-    payload: &[u8],
-) -> Result<Option<String>, IngestError> {
-    let target = &ns.config.target;
-    let why = || {
-        format!(
-            "namespace {:?} applies to a {} target, which versions each row by its shard's sequence",
-            ns.name,
-            target.kind()
-        )
-    };
-    match (mutation::row_of(target, payload), key) {
-        (Ok(None), key) => Ok(key),
-        (Err(e), _) => Err(IngestError::bad_request(format!(
-            "`payload`: {e} ({})",
-            why()
-        ))),
-        (Ok(Some(row)), None) => Ok(Some(row)),
-        (Ok(Some(row)), Some(key)) if key == row => Ok(Some(key)),
-        (Ok(Some(row)), Some(key)) => Err(IngestError::bad_request(format!(
-            "`key` {key:?} is not the mutation's key {row:?}: {}, so its writes are routed by the mutation's key; leave `key` out or make it equal",
-            why()
-        ))),
-    }
 }
 
 /// Whether the arrays and objects of valid JSON `text` nest deeper than
@@ -529,73 +714,6 @@ fn append_error(e: BackendError) -> IngestError {
     }
 }
 
-/// Append prepared entries; one answer per entry, in order. A client id
-/// seen within the namespace's dedup window gets its original answer.
-fn submit<'a>(
-    ns: &'a Ingest,
-    items: Vec<Prepared>,
-) -> futures_util::future::BoxFuture<'a, Vec<Result<Accepted, IngestError>>> {
-    Box::pin(async move {
-        let n = items.len();
-        let mut answers: Vec<Option<Result<Accepted, IngestError>>> =
-            (0..n).map(|_| None).collect();
-        let window = Duration::from_millis(ns.config.dedup_window_ms);
-        let mut to_send = Vec::with_capacity(n);
-        let mut waiting = Vec::new();
-        let mut lookups = Vec::new();
-        let mut keyed = Vec::new();
-        for (i, p) in items.into_iter().enumerate() {
-            if !p.client_id || window.is_zero() {
-                to_send.push((i, p, None));
-            } else {
-                lookups.push((p.entry.id.clone(), dedup::fingerprint(&p.entry)));
-                keyed.push((i, p));
-            }
-        }
-        // The index lives in fjall: look ids up off the HTTP worker thread.
-        let checks = if lookups.is_empty() {
-            Vec::new()
-        } else {
-            let (index, name) = (ns.dedup.clone(), ns.name.clone());
-            tokio::task::spawn_blocking(move || {
-                lookups
-                    .into_iter()
-                    .map(|(id, fp)| (fp, index.check(&name, &id, fp, window)))
-                    .collect()
-            })
-            .await
-            .expect("dedup checks do not panic")
-        };
-        for ((i, p), (fingerprint, check)) in keyed.into_iter().zip(checks) {
-            match check {
-                Ok(Check::Duplicate(a)) => answers[i] = Some(Ok(accepted_answer(&p.entry.id, a))),
-                Ok(Check::Conflict(a)) => {
-                    answers[i] = Some(Err(conflict(&p.entry.id, a).with_id(&p.entry.id)))
-                }
-                Ok(Check::Wait(rx)) => waiting.push((i, p, rx)),
-                Ok(Check::Claimed(claim)) => to_send.push((i, p, Some((claim, fingerprint)))),
-                Err(e) => {
-                    let e = IngestError::unavailable(Durable::False, e.to_string());
-                    answers[i] = Some(Err(e.with_id(&p.entry.id)))
-                }
-            }
-        }
-        for (i, answer) in append(ns, to_send).await {
-            answers[i] = Some(answer);
-        }
-        // Duplicates of writes that were in flight: wait for those, then
-        // answer as they were answered (or write, if they failed).
-        for (i, p, mut rx) in waiting {
-            while rx.changed().await.is_ok() {}
-            answers[i] = Some(submit(ns, vec![p]).await.remove(0));
-        }
-        answers
-            .into_iter()
-            .map(|a| a.expect("every entry is answered"))
-            .collect()
-    })
-}
-
 fn accepted_answer(id: &str, a: dedup::Accepted) -> Accepted {
     Accepted {
         durable: Durable::True,
@@ -613,134 +731,6 @@ fn conflict(id: &str, a: dedup::Accepted) -> IngestError {
 }
 
 type Claimed = Option<(dedup::Claim, u64)>;
-
-/// Hand entries to the backend, shard by shard, and wait for its answers. A claimed id is recorded once its entry is durable.
-async fn append(
-    ns: &Ingest,
-    items: Vec<(usize, Prepared, Claimed)>,
-) -> Vec<(usize, Result<Accepted, IngestError>)> {
-    let n = items.len();
-    let mut out = Vec::with_capacity(n);
-    if n == 0 {
-        return out;
-    }
-    let Ok(_permits) = ns.in_flight.clone().try_acquire_many_owned(n as u32) else {
-        let e = IngestError::shed("too many writes in flight (server.max_in_flight); retry later");
-        return items
-            .into_iter()
-            .map(|(i, p, _)| (i, Err(e.clone().with_id(&p.entry.id))))
-            .collect();
-    };
-    let dedups = ns.config.dedup_window_ms > 0;
-    let mut waiting = Vec::with_capacity(n);
-    let mut by_shard: BTreeMap<u32, Vec<(usize, Entry, Claimed)>> = BTreeMap::new();
-    for (i, p, claim) in items {
-        by_shard
-            .entry(p.shard)
-            .or_default()
-            .push((i, p.entry, claim));
-    }
-    let mut slots = Vec::new();
-    for (shard, entries) in by_shard {
-        let mut msg = Vec::with_capacity(entries.len());
-        let mut rxs = Vec::with_capacity(entries.len());
-        for (i, entry, claim) in entries {
-            let (tx, rx) = oneshot::channel();
-            // A generated id is claimed only if its answer is "unknown", so
-            // that a retry with it is safe: keep what the claim needs.
-            let fingerprint = (claim.is_none() && dedups).then(|| dedup::fingerprint(&entry));
-            rxs.push((i, entry.id.clone(), rx, claim, fingerprint));
-            msg.push((entry, tx));
-        }
-        let Some(slot) = ns.shard_slot(shard) else {
-            let err = IngestError::shed(format!(
-                "shard {shard} of {:?} is overloaded (server.mailbox_capacity); retry later",
-                ns.name
-            ));
-            out.extend(
-                rxs.into_iter()
-                    .map(|(i, id, ..)| (i, Err(err.clone().with_id(&id)))),
-            );
-            continue;
-        };
-        slots.push(slot);
-        // The hand-off runs on this task. A panic in it drops the replies
-        // it still holds: those writes are answered "unknown", never "true".
-        let handed = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            crate::failpoint!("ingest.write");
-            ns.producer.append(&ns.shards[shard as usize], msg);
-        }));
-        if let Err(panic) = handed {
-            error!(namespace = %ns.name, shard, panic = crate::actors::panic_message(&panic), "Handing writes to the backend panicked.");
-        }
-        waiting.extend(
-            rxs.into_iter()
-                .map(|(i, id, rx, c, fp)| (i, id, shard, rx, c, fp)),
-        );
-    }
-    // One timer for the whole request, not one per entry.
-    let deadline = tokio::time::sleep(ns.ack_timeout);
-    tokio::pin!(deadline);
-    for (i, id, shard, mut rx, claim, fingerprint) in waiting {
-        let answered = tokio::select! {
-            biased;
-            answer = &mut rx => Ok(answer),
-            () = &mut deadline => Err(()),
-        };
-        let answer = match answered {
-            Ok(Ok(Ok(appended))) => {
-                ns.stats[shard as usize].written.inc();
-                record(&ns.dedup, &ns.name, &id, shard, &appended, claim);
-                Ok(Accepted {
-                    durable: appended.durable,
-                    id,
-                    shard,
-                    sequence: appended.sequence,
-                })
-            }
-            Ok(Ok(Err(e))) => Err(append_error(e).with_id(&id)),
-            Ok(Err(_)) => Err(IngestError::unavailable(
-                Durable::Unknown,
-                "the write was lost in flight (its hand-off to the backend failed); its outcome is unknown",
-            )
-            .with_id(&id)),
-            Err(_) => {
-                // A generated id is claimed now, before the client hears
-                // "unknown" and may retry with it.
-                let claim = claim.or_else(|| claim_late(ns, &id, fingerprint?));
-                // Keep the id claimed until the log answers, so a retry
-                // with the same id waits for the real outcome.
-                let err = IngestError::timeout(format!(
-                    "no answer from the backend within server.ack_timeout_ms ({} ms); the outcome is unknown",
-                    ns.ack_timeout.as_millis()
-                ))
-                .with_id(&id);
-                if claim.is_some() {
-                    let (dedup, ns_name) = (ns.dedup.clone(), ns.name.clone());
-                    actix::spawn(async move {
-                        if let Ok(Ok(appended)) = rx.await {
-                            record(&dedup, &ns_name, &id, shard, &appended, claim);
-                        }
-                    });
-                }
-                Err(err)
-            }
-        };
-        out.push((i, answer));
-    }
-    out
-}
-
-/// Claim a generated id whose write timed out, so that a retry with it
-/// waits for the real outcome rather than appending again.
-fn claim_late(ns: &Ingest, id: &str, fingerprint: u64) -> Claimed {
-    let window = Duration::from_millis(ns.config.dedup_window_ms);
-    match ns.dedup.check(&ns.name, id, fingerprint, window) {
-        Ok(Check::Claimed(claim)) => Some((claim, fingerprint)),
-        // A fresh UUID is known nowhere else.
-        _ => None,
-    }
-}
 
 /// Record a durable write under its claimed id, then release the claim (on
 /// the blocking pool: the index lives in fjall). A duplicate waiting on the

@@ -86,8 +86,8 @@ impl NamespaceBackend {
     /// broker that splits its shards between processes): shutting down
     /// leaves them, which hands the shards over.
     pub fn in_groups(&self) -> bool {
-        matches!(self, NamespaceBackend::Kafka { group: Some(_), .. })
-            || matches!(self, NamespaceBackend::Kafka { delay_groups, .. } if !delay_groups.is_empty())
+        matches!(self, NamespaceBackend::Kafka { group, delay_groups, .. }
+            if group.is_some() || !delay_groups.is_empty())
     }
 
     /// Leave every group this process is in for the namespace, each revoke

@@ -282,3 +282,38 @@ pub async fn wait_healthy_within(port: u16, limit: std::time::Duration) {
 pub fn show_logs() {
     let _ = walden::telemetry::init(&walden::config::OtelConfig::default());
 }
+
+/// A fresh table for a Postgres target (named from `prefix`), with a client
+/// of the test's own that reads it.
+pub async fn postgres_table(url: &str, prefix: &str) -> (tokio_postgres::Client, String) {
+    let table = unique(prefix);
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false)"
+        ))
+        .await
+        .unwrap();
+    (client, table)
+}
+
+/// Each row of a Postgres target's table whose value is an integer: key →
+/// value.
+pub async fn postgres_values(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> std::collections::HashMap<String, i64> {
+    let rows = client
+        .query(&format!("SELECT key, value FROM {table}"), &[])
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            let value: serde_json::Value = r.get(1);
+            (r.get::<_, String>(0), value.as_i64().unwrap())
+        })
+        .collect()
+}
