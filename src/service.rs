@@ -17,19 +17,11 @@ use crate::actors::ingest::Writes;
 use crate::actors::supervisor::{NamespaceRuntime, Parts};
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogConfig, LogError};
-use crate::backends::kafka::{
-    KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings, Membership,
-};
-use crate::backends::shard::{AnyDlq, NamespaceBackend};
-use crate::backends::sqs::{
-    Hlc, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
-};
-use crate::backends::{BackendError, DelayStore, Fatal};
-use crate::config::{
-    BackendConfig, CompositeConfig, Config, DelaysConfig, KafkaConfig, NamespaceConfig,
-    OnDeadLetter, ServerConfig, SqsConfig,
-};
-use crate::entry::ShardRef;
+use crate::backends::kafka::Membership;
+use crate::backends::open::{self, Opened};
+use crate::backends::{BackendError, Fatal};
+use crate::config::{BackendConfig, Config, ServerConfig};
+use crate::entry::{ShardRef, now_ms};
 use crate::routing::RouteHash;
 use crate::sinks::SinkError;
 use crate::state::{DedupIndex, ParkStore, StateStore};
@@ -84,7 +76,8 @@ pub struct Service {
     pub addr: SocketAddr,
     server: actix_web::dev::ServerHandle,
     state: Arc<AppState>,
-    /// The local DLQ, closed last.
+    /// The local log and DLQ, closed last.
+    log: Arc<EmbeddedLog>,
     dlq: Arc<EmbeddedDlq>,
     arbiters: Vec<Arbiter>,
     /// Why a backend can no longer work (fenced out of a group).
@@ -155,8 +148,16 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     };
     let mut namespaces = BTreeMap::new();
     for (name, ns) in &config.namespaces {
-        let (backend, ns_dlq, delays) =
-            open_backend(name, ns, &config.server, &log, &dlq, &membership).await?;
+        let Opened {
+            backend,
+            dlq: ns_dlq,
+            delays,
+        } = open::namespace(name, ns, &config.server, &log, &dlq, &membership)
+            .await
+            .map_err(|source| ServiceError::Backend {
+                namespace: name.clone(),
+                source,
+            })?;
         // A broker namespace's delays go to its tiers; the rest share fjall.
         let stores = Stores {
             park: stores.park.clone(),
@@ -182,7 +183,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     }
     let state = Arc::new(AppState {
         namespaces,
-        log,
+        log: log.clone(),
         server: config.server.clone(),
         state: state_store,
     });
@@ -210,6 +211,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         addr,
         server: handle,
         state,
+        log,
         dlq,
         arbiters,
         fatal: fatal_rx,
@@ -286,7 +288,7 @@ impl Service {
                 let _ = tokio::task::spawn_blocking(move || backend.leave_groups(drain)).await;
             }
         }
-        let (log, dlq) = (self.state.log.clone(), self.dlq.clone());
+        let (log, dlq) = (self.log.clone(), self.dlq.clone());
         let _ = tokio::task::spawn_blocking(move || {
             log.close();
             dlq.close();
@@ -305,195 +307,6 @@ fn http_workers(server: &ServerConfig) -> usize {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
-}
-
-/// A namespace's backend, DLQ and (if not the shared local one) delay store:
-/// the shared embedded log and local DLQ, or its Kafka topic (created with
-/// `shards` partitions if missing, and checked otherwise), DLQ topic and
-/// delay tiers.
-async fn open_backend(
-    name: &str,
-    ns: &NamespaceConfig,
-    server: &ServerConfig,
-    log: &Arc<EmbeddedLog>,
-    local_dlq: &Arc<EmbeddedDlq>,
-    membership: &Membership,
-) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), ServiceError> {
-    let backend_error = |source: BackendError| ServiceError::Backend {
-        namespace: name.to_string(),
-        source,
-    };
-    match &ns.backend {
-        BackendConfig::Embedded(_) => Ok((
-            NamespaceBackend::Embedded(log.clone()),
-            AnyDlq::Embedded(local_dlq.clone()),
-            None,
-        )),
-        BackendConfig::Kafka(k) => open_kafka(name, ns, k, server, true, membership)
-            .await
-            .map_err(backend_error),
-        BackendConfig::Sqs(q) => open_sqs(name, ns, q, server)
-            .await
-            .map_err(|e| backend_error(e.into())),
-        BackendConfig::Composite(c) => open_composite(name, ns, c, server, membership)
-            .await
-            .map_err(backend_error),
-    }
-}
-
-/// A Kafka namespace: its topic (created with `shards` partitions if
-/// missing, and checked otherwise), a producer in a writing process, the
-/// group membership of a consuming one, the DLQ topic, and (`tiers`) the
-/// delay-tier topics with their workers.
-async fn open_kafka(
-    name: &str,
-    ns: &NamespaceConfig,
-    k: &KafkaConfig,
-    server: &ServerConfig,
-    tiers: bool,
-    membership: &Membership,
-) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
-    let settings = KafkaSettings::of(k, name, ns.shards, server.ack_timeout());
-    settings.ensure_topic().await?;
-    let producer = match server.role.writes() {
-        true => Some(KafkaProducer::new(&settings)?),
-        false => None,
-    };
-    let tiers = match tiers {
-        true => Some(KafkaDelayTiers::open(&settings).await?),
-        false => None,
-    };
-    let (group, delay_groups) = match server.role.applies() {
-        true => {
-            let id = k.group(name);
-            let drain = Duration::from_millis(k.rebalance_drain_ms);
-            let group = KafkaGroup::join(&settings, &id, drain, membership)?;
-            let tier_groups = match &tiers {
-                Some(tiers) => tiers.start_workers(&id, drain, membership)?,
-                None => Vec::new(),
-            };
-            (Some(group), tier_groups)
-        }
-        false => (None, Vec::new()),
-    };
-    let dlq_settings = KafkaSettings {
-        topic: k.dlq_topic(name),
-        ..settings.clone()
-    };
-    let dlq = KafkaDlq::open(&dlq_settings, &settings.topic).await?;
-    if let Some(group) = &group
-        && ns.dlq.on_dead_letter == OnDeadLetter::HoldKey
-    {
-        group.follow_holds(dlq.clone());
-    }
-    info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
-    Ok((
-        NamespaceBackend::Kafka {
-            producer,
-            group,
-            delay_groups,
-        },
-        AnyDlq::Kafka(dlq),
-        tiers.map(|t| t as Arc<dyn DelayStore>),
-    ))
-}
-
-/// A composite namespace: Kafka for entries and its DLQ, an SQS queue for
-/// delays. Due entries go back to their partition with their sequence.
-async fn open_composite(
-    name: &str,
-    ns: &NamespaceConfig,
-    c: &CompositeConfig,
-    server: &ServerConfig,
-    membership: &Membership,
-) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), BackendError> {
-    let BackendConfig::Kafka(k) = c.entries.as_ref() else {
-        return Err(BackendError::NotHere(
-            "a composite's entries must be on kafka (validation says so)",
-        ));
-    };
-    let DelaysConfig::Sqs(d) = &c.delays;
-    let (backend, dlq, _) = open_kafka(name, ns, k, server, false, membership).await?;
-    let back = KafkaProducer::new(&KafkaSettings::of(k, name, ns.shards, server.ack_timeout()))?;
-    let client = SqsSettings::client_for(&d.region, d.endpoint_url.as_deref()).await;
-    let delays = SqsDelays::open(
-        &client,
-        &d.queue,
-        name,
-        Duration::from_secs(d.delay_hop_s.into()),
-        Arc::new(back),
-    )
-    .await?;
-    if server.role.applies() {
-        delays.start_worker(Duration::from_secs(d.wait_time_s.into()));
-    }
-    info!(namespace = name, delays = %d.queue, "Composite: entries on Kafka, delays on SQS.");
-    Ok((backend, dlq, Some(delays as Arc<dyn DelayStore>)))
-}
-
-/// An SQS namespace: its queues (created if missing), the producers of a
-/// writing process, the DLQ queue, and the delay queue with its worker in a
-/// consuming process.
-async fn open_sqs(
-    name: &str,
-    ns: &NamespaceConfig,
-    q: &SqsConfig,
-    server: &ServerConfig,
-) -> Result<(NamespaceBackend, AnyDlq, Option<Arc<dyn DelayStore>>), SqsError> {
-    let queues: Vec<SqsSettings> = q
-        .queues
-        .iter()
-        .map(|queue| SqsSettings {
-            queue: queue.clone(),
-            region: q.region.clone(),
-            endpoint_url: q.endpoint_url.clone(),
-            wait_time: Duration::from_secs(q.wait_time_s.into()),
-            visibility_timeout: Duration::from_secs(q.visibility_timeout_s.into()),
-            max_messages_per_poll: q.max_messages_per_poll,
-            poll_interval: Duration::from_millis(q.poll_interval_ms),
-        })
-        .collect();
-    let client = queues[0].client().await;
-    // One clock for the namespace's sequences, its letters and its delays.
-    let clock = Arc::new(Hlc::default());
-    let mut producers = Vec::with_capacity(queues.len());
-    for settings in &queues {
-        producers.push(SqsProducer::with_client(&client, &settings.queue, clock.clone()).await?);
-    }
-    let shards = Arc::new(SqsShards(producers.clone()));
-    let dlq = SqsDlq::open(
-        &client,
-        &q.dlq_queue(),
-        name,
-        producers,
-        ns.route_hash(),
-        clock.clone(),
-    )
-    .await?;
-    let delays = SqsDelays::open(
-        &client,
-        &q.delay_queue(),
-        name,
-        Duration::from_secs(q.delay_hop_s.into()),
-        shards.clone(),
-    )
-    .await?;
-    if server.role.applies() {
-        delays.start_worker(Duration::from_secs(q.wait_time_s.into()));
-    }
-    info!(namespace = name, queues = ?q.queues, dlq = %q.dlq_queue(), delays = %q.delay_queue(), shards = ns.shards, "SQS queues ready.");
-    let backend = SqsNamespace {
-        client,
-        fifo: q.is_fifo(),
-        max_message_bytes: q.max_message_bytes as usize,
-        queues,
-        producers: server.role.writes().then_some(shards),
-    };
-    Ok((
-        NamespaceBackend::Sqs(Arc::new(backend)),
-        AnyDlq::Sqs(dlq),
-        Some(delays as Arc<dyn DelayStore>),
-    ))
 }
 
 /// Open the idempotency index, rebuild its window from the log, and purge
@@ -524,9 +337,17 @@ async fn open_dedup(
     {
         let (dedup, log) = (dedup.clone(), log.clone());
         tokio::task::spawn_blocking(move || {
-            windows
-                .iter()
-                .try_for_each(|(shards, window)| dedup.rebuild(&log, shards, *window).map(|_| ()))
+            let mut ids = 0;
+            for (shards, window) in &windows {
+                let since = now_ms().saturating_sub(window.as_millis() as u64);
+                for shard in shards {
+                    log.scan_since(shard, since, |records| {
+                        ids += dedup.remember(shard, records.iter().map(|r| (r.offset, &r.entry)));
+                    })?;
+                }
+            }
+            info!(ids, "Rebuilt the idempotency index from the log.");
+            Ok::<_, LogError>(())
         })
         .await
         .expect("rebuild does not panic")

@@ -5,9 +5,8 @@
 //! - `config` is plain data: it imports nothing from the layers above it.
 //! - A concrete backend (embedded, kafka, sqs) is named only inside
 //!   `src/backends/` and in the one file that wires the service together,
-//!   `src/service.rs`. The places that still name one are listed in
-//!   [`NOT_YET_BEHIND_CAPABILITIES`]; the list may only shrink: a new place
-//!   fails, and so does a listed one that no longer names it.
+//!   `src/service.rs`. Elsewhere code asks for a capability (a trait in
+//!   `backends/mod.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -206,27 +205,6 @@ fn config_imports_nothing_above_it() {
 /// The one file that wires the service together.
 const WIRING: &str = "service.rs";
 
-/// Files outside `src/backends/` that still name a concrete backend, and
-/// what they name: the rest of "backends behind capabilities". Remove a
-/// line when its file stops naming it; add none.
-const NOT_YET_BEHIND_CAPABILITIES: &[(&str, &str)] = &[
-    // Readiness and log metrics read the process's embedded log.
-    ("api/mod.rs", "EmbeddedLog"),
-    ("api/mod.rs", "backends::embedded"),
-    // The Kafka target reuses the Kafka backend's client.
-    ("sinks/kafka.rs", "KafkaError"),
-    ("sinks/kafka.rs", "KafkaProducer"),
-    ("sinks/kafka.rs", "KafkaSettings"),
-    ("sinks/kafka.rs", "backends::kafka"),
-    // The state store rebuilds idempotency keys from the embedded log, and
-    // frames parked entries with its format.
-    ("state/dedup.rs", "EmbeddedLog"),
-    ("state/dedup.rs", "LogError"),
-    ("state/dedup.rs", "backends::embedded"),
-    ("state/park.rs", "Frame"),
-    ("state/park.rs", "backends::embedded"),
-];
-
 /// The names of the concrete backends: their modules, the enum variants
 /// that stand for them, and the types their folders declare (less the
 /// names that code outside `src/backends/` declares for itself).
@@ -296,18 +274,8 @@ fn concrete_backends_are_named_only_in_backends_and_the_wiring() {
             }
         }
     }
-    let allowed: BTreeSet<(String, String)> = NOT_YET_BEHIND_CAPABILITIES
-        .iter()
-        .map(|(f, n)| (f.to_string(), n.to_string()))
-        .collect();
-    let new: Vec<_> = found.difference(&allowed).collect();
-    let gone: Vec<_> = allowed.difference(&found).collect();
     assert!(
-        new.is_empty(),
-        "a concrete backend is named outside src/backends/ and {WIRING}; ask for a capability instead: {new:?}"
-    );
-    assert!(
-        gone.is_empty(),
-        "no longer named there: remove these from NOT_YET_BEHIND_CAPABILITIES: {gone:?}"
+        found.is_empty(),
+        "a concrete backend is named outside src/backends/ and {WIRING}; ask for a capability instead: {found:?}"
     );
 }

@@ -705,11 +705,11 @@ fn payload_too_large(max: usize) -> IngestError {
 fn append_error(e: BackendError) -> IngestError {
     match e {
         e if e.is_busy() => IngestError::shed(format!("{e}; retry later")),
-        e if e.is_invalid() => IngestError::bad_request(e.to_string()),
         // The backend may have it: 504, as for an answer that never came.
         e if e.durable() == Durable::Unknown => {
             IngestError::timeout(format!("{e}; the outcome is unknown"))
         }
+        e if e.is_invalid() => IngestError::bad_request(e.to_string()),
         e => IngestError::unavailable(e.durable(), e.to_string()),
     }
 }

@@ -188,16 +188,10 @@ pub async fn healthz() -> HttpResponse {
 
 /// `GET /readyz`: writes can be accepted.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.log.is_poisoned() {
+    if let Err(reason) = state.log.ready() {
         return HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "ready": false,
-            "reason": "the embedded log is poisoned after a failed fsync; restart Walden after checking the disk",
-        }));
-    }
-    if state.log.is_full() {
-        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
-            "ready": false,
-            "reason": "the embedded log is at backend.retention_hard_max_bytes with entries not yet applied; writes are refused until they are",
+            "reason": reason,
         }));
     }
     HttpResponse::Ok().json(serde_json::json!({ "ready": true }))
@@ -206,7 +200,6 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut out = String::new();
-    let log = state.log.stats();
     let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, v) in samples {
@@ -214,66 +207,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         }
     };
     let one = |v: u64| vec![(String::new(), v as f64)];
-    metric(
-        "walden_log_appends_total",
-        "counter",
-        "Records appended to the embedded log.",
-        one(log.appends.get()),
-    );
-    metric(
-        "walden_log_bytes_total",
-        "counter",
-        "Bytes appended to the embedded log.",
-        one(log.bytes.get()),
-    );
-    metric(
-        "walden_log_fsyncs_total",
-        "counter",
-        "fdatasync calls of the embedded log.",
-        one(log.fsyncs.get()),
-    );
-    metric(
-        "walden_log_segments_rolled_total",
-        "counter",
-        "Segments rolled.",
-        one(log.segments_rolled.get()),
-    );
-    metric(
-        "walden_log_corrupt_skipped_total",
-        "counter",
-        "Damaged records skipped.",
-        one(log.corrupt_skipped.get()),
-    );
-    metric(
-        "walden_log_retention_deleted_total",
-        "counter",
-        "Segments deleted by retention.",
-        one(log.retention_deleted.get()),
-    );
-    metric(
-        "walden_log_retention_forced_total",
-        "counter",
-        "Uncommitted segments deleted by the hard size cap.",
-        one(log.retention_forced.get()),
-    );
-    metric(
-        "walden_log_refused_full_total",
-        "counter",
-        "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").",
-        one(log.refused_full.get()),
-    );
-    metric(
-        "walden_log_retention_lost_total",
-        "counter",
-        "Entries consumers skipped because the hard size cap deleted them first.",
-        one(log.retention_lost.get()),
-    );
-    metric(
-        "walden_log_size_bytes",
-        "gauge",
-        "Size of the embedded log.",
-        one(state.log.size_bytes()),
-    );
+    for m in state.log.metrics() {
+        metric(m.name, m.kind, m.help, one(m.value));
+    }
     let (memtables, flushes, journals) = state.state.lag();
     metric(
         "walden_state_memtable_bytes",
@@ -292,12 +228,6 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "gauge",
         "Journal files the state store keeps until their memtables are flushed.",
         one(journals as u64),
-    );
-    metric(
-        "walden_log_poisoned",
-        "gauge",
-        "1 if the log refuses appends after a failed fsync.",
-        one(state.log.is_poisoned() as u64),
     );
 
     let shard_metric = |f: &dyn Fn(&crate::actors::ShardStats) -> f64| {

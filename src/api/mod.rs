@@ -22,13 +22,14 @@ use futures_util::StreamExt;
 pub use error::ApiError;
 
 use crate::actors::supervisor::NamespaceRuntime;
-use crate::backends::embedded::EmbeddedLog;
+use crate::backends::LogHealth;
 use crate::config::ServerConfig;
 
 /// What every handler shares.
 pub struct AppState {
     pub namespaces: BTreeMap<String, Arc<NamespaceRuntime>>,
-    pub log: Arc<EmbeddedLog>,
+    /// The process's own log (readiness, `/metrics`).
+    pub log: Arc<dyn LogHealth>,
     pub server: ServerConfig,
     /// Walden's own state (parked and delayed entries, idempotency keys).
     pub state: Arc<crate::state::StateStore>,

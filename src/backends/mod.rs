@@ -12,6 +12,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod open;
 pub mod shard;
 pub mod sqs;
 pub(crate) mod tracker;
@@ -101,10 +102,17 @@ impl BackendError {
     /// The backend refused the entry itself (it can never be written): the
     /// client is told 400.
     pub fn is_invalid(&self) -> bool {
-        matches!(
-            self,
-            BackendError::Embedded(embedded::LogError::InvalidRecord(_))
-        )
+        match self {
+            BackendError::Embedded(e) => matches!(e, embedded::LogError::InvalidRecord(_)),
+            BackendError::Kafka(e) => e.is_invalid(),
+            _ => false,
+        }
+    }
+
+    /// Retrying cannot change this answer: the entry is invalid, or the
+    /// broker refuses this client (not authorized).
+    pub fn is_permanent(&self) -> bool {
+        self.is_invalid() || matches!(self, BackendError::Kafka(e) if e.is_unauthorized())
     }
 
     /// The backend refused the write for load (nothing was written): the
@@ -354,6 +362,57 @@ pub trait PutBack: Send + Sync {
         entry: &'a Entry,
         sequence: u64,
     ) -> BoxFuture<'a, Result<(), BackendError>>;
+}
+
+/// The process's own log, shared by its namespaces, as `/readyz` and
+/// `/metrics` see it.
+pub trait LogHealth: Send + Sync {
+    /// `Err(why)` while the log refuses writes.
+    fn ready(&self) -> Result<(), String>;
+
+    /// Its figures for `/metrics`.
+    fn metrics(&self) -> Vec<Metric>;
+}
+
+/// One Prometheus sample without labels.
+#[derive(Clone, Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    /// `counter` or `gauge`.
+    pub kind: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+/// A topic outside every namespace's own log, for a target that publishes
+/// entries to a broker (the Kafka target): the broker client stays in its
+/// backend, and the sink asks only for this.
+pub trait Topic: Send + Sync {
+    /// Publish `entry` keyed by its key (its id when it has none), with
+    /// `extra` headers after its own; resolves once the broker has it.
+    fn publish<'a>(
+        &'a self,
+        entry: &'a Entry,
+        extra: &'a [(&'a str, String)],
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
+
+    /// Ok when the topic exists and the broker answers.
+    fn check(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+}
+
+/// Where a [`Topic`] lives: a Kafka cluster's `brokers`, with librdkafka
+/// options, answering within `timeout`.
+pub struct TopicAddress<'a> {
+    pub brokers: &'a str,
+    pub topic: &'a str,
+    pub options: &'a std::collections::BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+/// A producer for `address` (idempotent, acks=all). Checks the options;
+/// does not connect.
+pub fn open_topic(address: TopicAddress<'_>) -> Result<Box<dyn Topic>, BackendError> {
+    Ok(Box::new(kafka::KafkaTopic::open(address)?))
 }
 
 /// How much one read may bring into memory: at most `entries`, and no more

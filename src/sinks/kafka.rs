@@ -18,16 +18,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, join_all};
-use rdkafka::error::RDKafkaErrorCode;
 
 use super::{ApplyResult, Outcome, Sink, SinkError};
-use crate::backends::kafka::{KafkaError, KafkaProducer, KafkaSettings};
+use crate::backends::{self, BackendError, Topic, TopicAddress};
 use crate::entry::Delivered;
 
 pub struct KafkaSink {
     name: String,
-    settings: KafkaSettings,
-    producer: KafkaProducer,
+    topic: Box<dyn Topic>,
 }
 
 impl KafkaSink {
@@ -38,42 +36,21 @@ impl KafkaSink {
         librdkafka: &BTreeMap<String, String>,
         timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let settings = KafkaSettings {
-            brokers: brokers.into(),
-            topic: topic.into(),
-            // Unused: the target topic is the user's, with its own layout.
-            partitions: 0,
-            librdkafka: librdkafka.clone(),
-            ack_timeout: timeout,
-        };
-        // Creating a producer checks the options; it does not connect.
-        let producer = KafkaProducer::new(&settings)
-            .map_err(|e| SinkError::permanent(name, format!("kafka producer: {e}")))?;
+        let topic = backends::open_topic(TopicAddress {
+            brokers,
+            topic,
+            options: librdkafka,
+            timeout,
+        })
+        .map_err(|e| SinkError::permanent(name, format!("kafka producer: {e}")))?;
         Ok(Self {
             name: name.into(),
-            settings,
-            producer,
+            topic,
         })
     }
 
-    fn classify(&self, e: &KafkaError) -> SinkError {
-        let code = match e {
-            KafkaError::Produce { source, .. } | KafkaError::Client { source, .. } => {
-                source.rdkafka_error_code()
-            }
-            KafkaError::Topic { .. } => None,
-        };
-        let permanent = matches!(
-            code,
-            Some(
-                RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::InvalidMessage
-                    | RDKafkaErrorCode::InvalidMessageSize
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::InvalidRecord
-            )
-        );
-        if permanent {
+    fn classify(&self, e: &BackendError) -> SinkError {
+        if e.is_permanent() {
             SinkError::permanent(&self.name, e.to_string())
         } else {
             SinkError::transient(&self.name, e.to_string())
@@ -85,8 +62,8 @@ impl KafkaSink {
             ("walden.namespace", d.shard.namespace.to_string()),
             ("walden.sequence", d.sequence.to_string()),
         ];
-        match self.producer.produce(None, &d.entry, &extra).await {
-            Ok(_) => Ok(Outcome::Applied),
+        match self.topic.publish(&d.entry, &extra).await {
+            Ok(()) => Ok(Outcome::Applied),
             Err(e) => Err(self.classify(&e)),
         }
     }
@@ -103,11 +80,6 @@ impl Sink for KafkaSink {
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async move {
-            self.settings
-                .topic_exists()
-                .await
-                .map_err(|e| self.classify(&e))
-        })
+        Box::pin(async move { self.topic.check().await.map_err(|e| self.classify(&e)) })
     }
 }

@@ -13,10 +13,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::watch;
-use tracing::info;
 
 use super::{StateError, StateStore};
-use crate::backends::embedded::EmbeddedLog;
 use crate::entry::{Entry, ShardRef, now_ms};
 
 /// What a write with a known id was answered.
@@ -185,43 +183,31 @@ impl DedupIndex {
             .map_err(|e| self.store.error(e))
     }
 
-    /// Rebuild the window of `shards` from the log, so ids that a crash kept
-    /// out of the index are known again. Returns how many it wrote.
-    pub fn rebuild(
+    /// Record ids the log holds as accepted (its records of the window,
+    /// read at open), so that ids a crash kept out of the index are known
+    /// again. Returns how many it wrote.
+    pub fn remember<'a>(
         &self,
-        log: &EmbeddedLog,
-        shards: &[ShardRef],
-        window: Duration,
-    ) -> Result<usize, crate::backends::embedded::LogError> {
-        let since = now_ms().saturating_sub(window.as_millis() as u64);
+        shard: &ShardRef,
+        records: impl IntoIterator<Item = (u64, &'a Entry)>,
+    ) -> usize {
+        self.store.wait_for_flushes();
         let mut n = 0;
-        for shard in shards {
-            let from = log.offset_for_time(shard, since)?;
-            let mut reader = log.reader(shard, from)?;
-            loop {
-                let batch = reader.read_within(crate::backends::embedded::SCAN)?;
-                if batch.is_empty() {
-                    break;
-                }
-                self.store.wait_for_flushes();
-                for r in batch {
-                    // Written blind: the same value as when it was written.
-                    // (Asking first costs a table lookup per id, slower than
-                    // the write, and most ids were generated, so absent.)
-                    let accepted = Accepted {
-                        fingerprint: fingerprint(&r.entry),
-                        shard: shard.shard,
-                        sequence: r.offset,
-                        written_ms: r.entry.timestamp_ms,
-                    };
-                    // A failed index write only loses dedup for that id.
-                    let _ = self.record(&shard.namespace, &r.entry.id, accepted);
-                    n += 1;
-                }
-            }
+        for (sequence, entry) in records {
+            // Written blind: the same value as when it was written. (Asking
+            // first costs a table lookup per id, slower than the write, and
+            // most ids were generated, so absent.)
+            let accepted = Accepted {
+                fingerprint: fingerprint(entry),
+                shard: shard.shard,
+                sequence,
+                written_ms: entry.timestamp_ms,
+            };
+            // A failed index write only loses dedup for that id.
+            let _ = self.record(&shard.namespace, &entry.id, accepted);
+            n += 1;
         }
-        info!(ids = n, "Rebuilt the idempotency index from the log.");
-        Ok(n)
+        n
     }
 
     /// Forget ids older than `window`.

@@ -24,8 +24,8 @@ use tracing::error;
 
 use super::{StateError, StateStore};
 use crate::backends::BackendError;
-use crate::backends::embedded::format::{self, Frame};
 use crate::backends::{DelayStore, Limit};
+use crate::entry::frame::{self, Frame};
 use crate::entry::{Delivered, ShardRef};
 
 /// A parked entry and its retry state.
@@ -107,7 +107,7 @@ fn encode(p: &Parked) -> Vec<u8> {
     v.extend_from_slice(&(p.order_key.len() as u32).to_le_bytes());
     v.extend_from_slice(p.order_key.as_bytes());
     let d = &p.delivered;
-    format::encode_record(
+    frame::encode_record(
         &mut v,
         &d.shard.namespace,
         d.shard.shard,
@@ -124,7 +124,7 @@ fn decode(v: &[u8]) -> Option<Parked> {
     let due_ms = u64::from_le_bytes(v.get(12..20)?.try_into().ok()?);
     let klen = u32::from_le_bytes(v.get(20..24)?.try_into().ok()?) as usize;
     let order_key = String::from_utf8(v.get(24..24 + klen)?.to_vec()).ok()?;
-    match format::decode_frame(v.get(24 + klen..)?) {
+    match frame::decode_frame(v.get(24 + klen..)?) {
         Frame::Valid { record, .. } => Some(Parked {
             delivered: Delivered {
                 shard: ShardRef {

@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::committer::write_atomic;
 use super::format::Cursor;
-use super::{LogError, Shared};
+use super::{LogError, Shared, write_atomic};
 use crate::entry::ShardRef;
 use crate::fs::Fs;
 

@@ -5,9 +5,7 @@
 //! answers the appenders. Offsets are assigned here, so they are dense per
 //! shard without any locking.
 
-use std::collections::HashMap;
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,25 +14,16 @@ use tracing::{error, warn};
 
 use super::format;
 use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
+use super::recovery::{self, WriterState};
 use super::{
     AppendReply, AppendRequest, Appended, Command, FsyncMode, HardMax, LogError, RetentionReport,
-    Shared, recovery, retention,
+    Shared, retention, write_atomic,
 };
 use crate::entry::{Durable, ShardRef, now_ms};
 use crate::fs::FsFile;
 
 /// How often age-based retention is checked when nothing else wakes us.
 const RETENTION_TICK: Duration = Duration::from_secs(1);
-
-/// What the committer needs to continue writing where the log left off.
-pub(crate) struct WriterState {
-    pub next_offsets: HashMap<ShardRef, u64>,
-    pub segment: u64,
-    pub file: Arc<dyn FsFile>,
-    /// End of the active segment: where the next write goes.
-    pub pos: u64,
-    pub last_ts: u64,
-}
 
 /// An append that is written but not yet answered.
 struct Pending {
@@ -542,29 +531,4 @@ pub(crate) fn copy_io_error(e: &io::Error) -> io::Error {
         Some(code) => io::Error::from_raw_os_error(code),
         None => io::Error::new(e.kind(), e.to_string()),
     }
-}
-
-/// Replace `path` with `bytes` atomically: write a temp file, fsync it,
-/// rename it over `path`, fsync the directory.
-pub(crate) fn write_atomic(
-    fs: &dyn crate::fs::Fs,
-    dir: &Path,
-    path: &Path,
-    bytes: &[u8],
-    sync: bool,
-) -> Result<(), LogError> {
-    let tmp = path.with_extension("tmp");
-    let file = fs.create(&tmp).map_err(LogError::io("create", &tmp))?;
-    file.write_all_at(bytes, 0)
-        .map_err(LogError::io("write", &tmp))?;
-    if sync {
-        file.sync_data().map_err(LogError::io("fsync", &tmp))?;
-    }
-    fs.rename(&tmp, path)
-        .map_err(LogError::io("rename", &tmp))?;
-    if sync {
-        fs.sync_dir(dir)
-            .map_err(LogError::io("fsync directory", dir))?;
-    }
-    Ok(())
 }

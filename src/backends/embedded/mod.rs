@@ -518,6 +518,25 @@ impl EmbeddedLog {
         ShardReader::open(self.shared.clone(), shard.clone(), offset)
     }
 
+    /// Hand `each` the records of `shard` written at or after `since_ms`,
+    /// a bounded read at a time, oldest first.
+    pub fn scan_since(
+        &self,
+        shard: &ShardRef,
+        since_ms: u64,
+        mut each: impl FnMut(&[Record]),
+    ) -> Result<(), LogError> {
+        let from = self.offset_for_time(shard, since_ms)?;
+        let mut reader = self.reader(shard, from)?;
+        loop {
+            let batch = reader.read_within(SCAN)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            each(&batch);
+        }
+    }
+
     /// The first offset of `shard` whose timestamp is at or after
     /// `timestamp_ms`, or the shard's next offset if there is none.
     pub fn offset_for_time(&self, shard: &ShardRef, timestamp_ms: u64) -> Result<u64, LogError> {
@@ -656,5 +675,119 @@ impl Future for Appending {
         Pin::new(&mut self.0)
             .poll(cx)
             .map(|r| r.unwrap_or(Err(LogError::CommitterGone)))
+    }
+}
+/// Replace `path` with `bytes` atomically: write a temp file, fsync it,
+/// rename it over `path`, fsync the directory.
+pub(crate) fn write_atomic(
+    fs: &dyn crate::fs::Fs,
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    sync: bool,
+) -> Result<(), LogError> {
+    let tmp = path.with_extension("tmp");
+    let file = fs.create(&tmp).map_err(LogError::io("create", &tmp))?;
+    file.write_all_at(bytes, 0)
+        .map_err(LogError::io("write", &tmp))?;
+    if sync {
+        file.sync_data().map_err(LogError::io("fsync", &tmp))?;
+    }
+    fs.rename(&tmp, path)
+        .map_err(LogError::io("rename", &tmp))?;
+    if sync {
+        fs.sync_dir(dir)
+            .map_err(LogError::io("fsync directory", dir))?;
+    }
+    Ok(())
+}
+
+impl crate::backends::LogHealth for EmbeddedLog {
+    fn ready(&self) -> Result<(), String> {
+        if self.is_poisoned() {
+            return Err("the embedded log is poisoned after a failed fsync; restart Walden after checking the disk".into());
+        }
+        if self.is_full() {
+            return Err("the embedded log is at backend.retention_hard_max_bytes with entries not yet applied; writes are refused until they are".into());
+        }
+        Ok(())
+    }
+
+    fn metrics(&self) -> Vec<crate::backends::Metric> {
+        let s = self.stats();
+        let m = |name, kind, help, value| crate::backends::Metric {
+            name,
+            kind,
+            help,
+            value,
+        };
+        vec![
+            m(
+                "walden_log_appends_total",
+                "counter",
+                "Records appended to the embedded log.",
+                s.appends.get(),
+            ),
+            m(
+                "walden_log_bytes_total",
+                "counter",
+                "Bytes appended to the embedded log.",
+                s.bytes.get(),
+            ),
+            m(
+                "walden_log_fsyncs_total",
+                "counter",
+                "fdatasync calls of the embedded log.",
+                s.fsyncs.get(),
+            ),
+            m(
+                "walden_log_segments_rolled_total",
+                "counter",
+                "Segments rolled.",
+                s.segments_rolled.get(),
+            ),
+            m(
+                "walden_log_corrupt_skipped_total",
+                "counter",
+                "Damaged records skipped.",
+                s.corrupt_skipped.get(),
+            ),
+            m(
+                "walden_log_retention_deleted_total",
+                "counter",
+                "Segments deleted by retention.",
+                s.retention_deleted.get(),
+            ),
+            m(
+                "walden_log_retention_forced_total",
+                "counter",
+                "Uncommitted segments deleted by the hard size cap.",
+                s.retention_forced.get(),
+            ),
+            m(
+                "walden_log_refused_full_total",
+                "counter",
+                "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").",
+                s.refused_full.get(),
+            ),
+            m(
+                "walden_log_retention_lost_total",
+                "counter",
+                "Entries consumers skipped because the hard size cap deleted them first.",
+                s.retention_lost.get(),
+            ),
+            m(
+                "walden_log_size_bytes",
+                "gauge",
+                "Size of the embedded log.",
+                self.size_bytes(),
+            ),
+            m(
+                "walden_log_poisoned",
+                "gauge",
+                "1 if the log refuses appends after a failed fsync.",
+                self.is_poisoned() as u64,
+            ),
+        ]
     }
 }

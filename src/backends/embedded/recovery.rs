@@ -7,12 +7,21 @@ use std::sync::Arc;
 
 use tracing::{error, info, warn};
 
-use super::committer::{WriterState, write_atomic};
 use super::format::{self, Claimed, Frame, SegmentHeader};
 use super::index::{self, DurableMark, Index, SegmentInfo, SparsePoint};
-use super::{FsyncMode, LogConfig, LogError, index_path, segment_path};
+use super::{FsyncMode, LogConfig, LogError, index_path, segment_path, write_atomic};
 use crate::entry::{ShardRef, now_ms};
 use crate::fs::{Fs, FsFile};
+
+/// What the committer needs to continue writing where the log left off.
+pub(crate) struct WriterState {
+    pub next_offsets: HashMap<ShardRef, u64>,
+    pub segment: u64,
+    pub file: Arc<dyn FsFile>,
+    /// End of the active segment: where the next write goes.
+    pub pos: u64,
+    pub last_ts: u64,
+}
 
 /// What recovery found and did.
 #[derive(Clone, Debug, Default)]

@@ -14,21 +14,14 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use super::group::{Slot, WaldenContext, commit, committed_offset, worth_committing};
+use super::group::{
+    KafkaGroup, Received, Slot, WaldenContext, commit, committed_offset, worth_committing,
+};
 use super::{KafkaDlq, KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of};
 use crate::backends::Throttle;
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
 use crate::entry::{Entry, ShardRef};
-
-/// An entry read from the partition, its offset, and its sequence (the
-/// offset, or the original sequence of a redriven entry).
-#[derive(Clone, Debug)]
-pub(super) struct Received {
-    offset: u64,
-    sequence: u64,
-    entry: Entry,
-}
 
 type Client = StreamConsumer<WaldenContext>;
 
@@ -175,18 +168,6 @@ impl KafkaConsumer {
             &topic,
             shard,
         ))
-    }
-
-    pub(super) fn in_group(
-        client: Arc<Client>,
-        queue: Arc<StreamPartitionQueue<WaldenContext>>,
-        slot: Arc<Slot>,
-        topic: &str,
-        shard: &ShardRef,
-    ) -> Self {
-        let mut c = Self::with(Source::Group(queue), client, slot, topic, shard);
-        c.rewind = true;
-        c
     }
 
     fn with(
@@ -349,6 +330,27 @@ impl KafkaConsumer {
             self.transient(&e);
         }
         out
+    }
+}
+
+/// A group member hands out the consumer of each of its shards.
+impl KafkaGroup {
+    /// The consumer of one shard (partition): it reads only while this
+    /// process owns the partition. Opened again after a rewind (an actor
+    /// restarted and lost its work), it starts over at the committed offset
+    /// (at its first receive).
+    pub async fn shard_consumer(&self, shard: &ShardRef) -> Result<KafkaConsumer, KafkaError> {
+        let share = self.share(shard)?;
+        let mut c = KafkaConsumer::with(
+            Source::Group(share.queue),
+            share.client,
+            share.slot,
+            &share.topic,
+            shard,
+        );
+        c.rewind = true;
+        c.holds = share.holds;
+        Ok(c)
     }
 }
 

@@ -30,11 +30,19 @@ use rdkafka::consumer::{
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::consumer::{KafkaConsumer, Received};
 use super::{KafkaDlq, KafkaError, KafkaSettings, serve};
 use crate::backends::Fatal;
 use crate::backends::tracker::Tracker;
-use crate::entry::ShardRef;
+use crate::entry::{Entry, ShardRef};
+
+/// An entry read from the partition, its offset, and its sequence (the
+/// offset, or the original sequence of a redriven entry).
+#[derive(Clone, Debug)]
+pub(super) struct Received {
+    pub offset: u64,
+    pub sequence: u64,
+    pub entry: Entry,
+}
 
 /// One partition, as this process sees it.
 pub(super) struct Slot {
@@ -240,6 +248,15 @@ pub struct Membership {
     pub fatal: Fatal,
 }
 
+/// A shard's part of a group membership ([`KafkaGroup::share`]).
+pub(super) struct Share {
+    pub client: Arc<StreamConsumer<WaldenContext>>,
+    pub queue: Arc<StreamPartitionQueue<WaldenContext>>,
+    pub slot: Arc<Slot>,
+    pub topic: String,
+    pub holds: Option<Arc<KafkaDlq>>,
+}
+
 /// This process's membership in a namespace's consumer group.
 pub struct KafkaGroup {
     consumer: Arc<StreamConsumer<WaldenContext>>,
@@ -334,11 +351,9 @@ impl KafkaGroup {
         }))
     }
 
-    /// The consumer of one shard (partition): it reads only while this
-    /// process owns the partition. Opened again after a rewind (an actor
-    /// restarted and lost its work), it starts over at the committed offset
-    /// (at its first receive).
-    pub async fn shard_consumer(&self, shard: &ShardRef) -> Result<KafkaConsumer, KafkaError> {
+    /// What the consumer of one shard reads through: the group's client,
+    /// the partition's queue and slot, and the DLQ holds it follows.
+    pub(super) fn share(&self, shard: &ShardRef) -> Result<Share, KafkaError> {
         let p = shard.shard as usize;
         let (Some(queue), Some(slot)) = (self.queues.get(p), self.slots.get(p)) else {
             return Err(KafkaError::Topic {
@@ -346,15 +361,13 @@ impl KafkaGroup {
                 message: format!("shard {} is outside the topic's partitions", shard.shard),
             });
         };
-        let mut c = KafkaConsumer::in_group(
-            self.consumer.clone(),
-            queue.clone(),
-            slot.clone(),
-            &self.settings.topic,
-            shard,
-        );
-        c.holds = self.holds.lock().unwrap().clone();
-        Ok(c)
+        Ok(Share {
+            client: self.consumer.clone(),
+            queue: queue.clone(),
+            slot: slot.clone(),
+            topic: self.settings.topic.clone(),
+            holds: self.holds.lock().unwrap().clone(),
+        })
     }
 
     /// Holds live in `dlq` (`hold_key`): before a shard reads a partition

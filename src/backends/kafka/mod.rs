@@ -45,7 +45,7 @@ pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use delays::{KafkaDelayTiers, TIERS};
 pub use dlq::KafkaDlq;
 pub use group::{KafkaGroup, Membership, WaldenContext};
-pub use producer::KafkaProducer;
+pub use producer::{KafkaProducer, KafkaTopic};
 
 use tracing::warn;
 
@@ -149,6 +149,34 @@ impl KafkaError {
     pub fn is_queue_full(&self) -> bool {
         matches!(self, KafkaError::Produce { source, .. }
             if source.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull))
+    }
+
+    /// The broker refuses the record itself (too large, malformed): it
+    /// can never be written.
+    pub fn is_invalid(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::InvalidRecord
+            )
+        )
+    }
+
+    /// The broker refuses this client the topic.
+    pub fn is_unauthorized(&self) -> bool {
+        self.code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    }
+
+    fn code(&self) -> Option<RDKafkaErrorCode> {
+        match self {
+            KafkaError::Produce { source, .. } | KafkaError::Client { source, .. } => {
+                source.rdkafka_error_code()
+            }
+            KafkaError::Topic { .. } => None,
+        }
     }
 
     fn client(what: &'static str, topic: &str, source: rdkafka::error::KafkaError) -> Self {

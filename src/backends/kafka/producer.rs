@@ -287,3 +287,41 @@ impl crate::backends::PutBack for KafkaProducer {
         })
     }
 }
+
+/// A user's topic that a target publishes to (see [`crate::backends::Topic`]).
+pub struct KafkaTopic {
+    settings: KafkaSettings,
+    producer: KafkaProducer,
+}
+
+impl KafkaTopic {
+    pub fn open(address: crate::backends::TopicAddress<'_>) -> Result<Self, KafkaError> {
+        let settings = KafkaSettings {
+            brokers: address.brokers.into(),
+            topic: address.topic.into(),
+            // Unused: the topic is the user's, with its own layout.
+            partitions: 0,
+            librdkafka: address.options.clone(),
+            ack_timeout: address.timeout,
+        };
+        let producer = KafkaProducer::new(&settings)?;
+        Ok(Self { settings, producer })
+    }
+}
+
+impl crate::backends::Topic for KafkaTopic {
+    fn publish<'a>(
+        &'a self,
+        entry: &'a Entry,
+        extra: &'a [(&'a str, String)],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.producer.produce(None, entry, extra).await?;
+            Ok(())
+        })
+    }
+
+    fn check(&self) -> futures_util::future::BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move { Ok(self.settings.topic_exists().await?) })
+    }
+}

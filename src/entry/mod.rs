@@ -1,5 +1,7 @@
 //! The entry that every layer shares.
 
+pub mod frame;
+
 use std::fmt;
 use std::sync::Arc;
 
