@@ -20,7 +20,9 @@
 //! client's threads).
 //!
 //! `cargo bench --bench http`. Environment: `WALDEN_BENCH_DIR`,
-//! `WALDEN_BENCH_SECS` (per case, default 3), `WALDEN_BENCH_SUSTAIN_SECS`.
+//! `WALDEN_BENCH_SECS` (per case, default 3), `WALDEN_BENCH_SUSTAIN_SECS`,
+//! `WALDEN_BENCH_CASES` (some of `one,many,alone,batch,sustained`; all by
+//! default; `sustained` needs `batch`, whose rate it offers).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -319,6 +321,9 @@ fn main() {
     let svc = Spawned::start(config(dir.path())).unwrap();
     common::warm_up(&rt, svc.addr, "bench");
 
+    let cases = std::env::var("WALDEN_BENCH_CASES")
+        .unwrap_or_else(|_| "one,many,alone,batch,sustained".into());
+    let want = |case: &str| cases.split(',').any(|c| c.trim() == case);
     let walden = |conns, batch| {
         let cpu = Cpu::start();
         let run = common::http_load(&rt, svc.addr, "bench", conns, batch, PAYLOAD, secs);
@@ -327,43 +332,53 @@ fn main() {
     };
 
     // One in flight: latency against the ceiling's plus an fsync's.
-    let (one, cpu_one) = walden(1, 1);
-    let ceil_one = common::http_load(&rt, ceiling.addr, "bench", 1, 1, PAYLOAD, secs);
-    let fsync_one = fsync_bound(&rt, &base, 1, 1, secs);
-    let p50 = |r: &Run| percentile(&r.latencies_us, 0.50);
-    let bound = p50(&ceil_one) + p50(&fsync_one) + 100;
-    println!(
-        "single in_flight=1 walden_p50_us={} ceiling_p50_us={} fsync_p50_us={} bound_us={bound} walden_per_s={:.0} cpu_us_per_write={cpu_one:.1} ratio={:.2} (goal <= 1)",
-        p50(&one),
-        p50(&ceil_one),
-        p50(&fsync_one),
-        one.per_s(),
-        p50(&one) as f64 / bound as f64,
-    );
+    let mut bound_one = None;
+    if want("one") {
+        let (one, cpu_one) = walden(1, 1);
+        let ceil_one = common::http_load(&rt, ceiling.addr, "bench", 1, 1, PAYLOAD, secs);
+        let fsync_one = fsync_bound(&rt, &base, 1, 1, secs);
+        let p50 = |r: &Run| percentile(&r.latencies_us, 0.50);
+        let bound = p50(&ceil_one) + p50(&fsync_one) + 100;
+        bound_one = Some(bound);
+        println!(
+            "single in_flight=1 walden_p50_us={} ceiling_p50_us={} fsync_p50_us={} bound_us={bound} walden_per_s={:.0} cpu_us_per_write={cpu_one:.1} ratio={:.2} (goal <= 1)",
+            p50(&one),
+            p50(&ceil_one),
+            p50(&fsync_one),
+            one.per_s(),
+            p50(&one) as f64 / bound as f64,
+        );
+    }
 
     // 64 in flight: throughput against the ceiling (and a durable Redis).
-    let (many, cpu_many) = walden(64, 1);
-    let ceil_many = common::http_load(&rt, ceiling.addr, "bench", 64, 1, PAYLOAD, secs);
-    let redis_many = redis.as_ref().map(|r| r.load(&rt, 64, 1, secs));
-    println!(
-        "single in_flight=64 walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_many:.1} ratio={:.2} (goal >= 0.8){}",
-        many.per_s(),
-        percentile(&many.latencies_us, 0.99),
-        ceil_many.per_s(),
-        redis_many
-            .as_ref()
-            .map_or("-".into(), |r| format!("{:.0}", r.per_s())),
-        many.per_s() / ceil_many.per_s(),
-        redis_many.as_ref().map_or(String::new(), |r| format!(
-            " redis_ratio={:.2}",
-            many.per_s() / r.per_s()
-        )),
-    );
+    let ceil_many = (want("many") || want("alone"))
+        .then(|| common::http_load(&rt, ceiling.addr, "bench", 64, 1, PAYLOAD, secs));
+    if let Some(ceil_many) = ceil_many.as_ref().filter(|_| want("many")) {
+        let (many, cpu_many) = walden(64, 1);
+        let redis_many = redis.as_ref().map(|r| r.load(&rt, 64, 1, secs));
+        // The log alone with the same 64 appenders: no HTTP in front of it.
+        let fsync_many = fsync_bound(&rt, &base, 64, 1, secs);
+        println!(
+            "single in_flight=64 walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_many:.1} ratio={:.2} (goal >= 0.8){}",
+            many.per_s(),
+            percentile(&many.latencies_us, 0.99),
+            ceil_many.per_s(),
+            fsync_many.per_s(),
+            redis_many
+                .as_ref()
+                .map_or("-".into(), |r| format!("{:.0}", r.per_s())),
+            many.per_s() / ceil_many.per_s(),
+            redis_many.as_ref().map_or(String::new(), |r| format!(
+                " redis_ratio={:.2}",
+                many.per_s() / r.per_s()
+            )),
+        );
+    }
 
     // The write path alone: the same 64 in flight to a producer-only
     // process, which reads and applies nothing (above, delivery to the file
     // target shares the two cores).
-    let alone = {
+    if let Some(ceil_many) = ceil_many.as_ref().filter(|_| want("alone")) {
         let dir = tempfile::tempdir_in(&base).unwrap();
         let mut config = config(dir.path());
         config.server.role = walden::config::Role::Producer;
@@ -372,20 +387,29 @@ fn main() {
         let cpu = Cpu::start();
         let run = common::http_load(&rt, svc.addr, "bench", 64, 1, PAYLOAD, secs);
         let us = cpu.per_write_us(run.writes);
+        println!(
+            "single in_flight=64 write_path_only walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} cpu_us_per_write={us:.1} ratio={:.2} (goal >= 0.8, with delivery above)",
+            run.per_s(),
+            percentile(&run.latencies_us, 0.99),
+            ceil_many.per_s(),
+            run.per_s() / ceil_many.per_s(),
+        );
+        // One in flight without delivery: no target's fsync shares the disk.
+        let one = common::http_load(&rt, svc.addr, "bench", 1, 1, PAYLOAD, secs);
+        let p50 = percentile(&one.latencies_us, 0.50);
+        println!(
+            "single in_flight=1 write_path_only walden_p50_us={p50}{}",
+            bound_one.map_or(String::new(), |b| format!(
+                " bound_us={b} ratio={:.2} (goal <= 1, with delivery above)",
+                p50 as f64 / b as f64
+            )),
+        );
         svc.stop();
-        (run, us)
-    };
-    println!(
-        "single in_flight=64 write_path_only walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} cpu_us_per_write={:.1} ratio={:.2} (goal >= 0.8, with delivery above)",
-        alone.0.per_s(),
-        percentile(&alone.0.latencies_us, 0.99),
-        ceil_many.per_s(),
-        alone.1,
-        alone.0.per_s() / ceil_many.per_s(),
-    );
+    }
 
     // Batches of 100 at 16 in flight: against the fsync bound with the same
     // 1,600 entries in flight.
+    let batches = want("batch").then(|| {
     let (batches, cpu_batch) = walden(16, 100);
     let fsync_batch = fsync_bound(&rt, &base, 16, 100, secs);
     let redis_batch = redis.as_ref().map(|r| r.load(&rt, 16, 100, secs));
@@ -398,12 +422,17 @@ fn main() {
             .map_or("-".into(), |r| format!("{:.0}", r.per_s())),
         batches.per_s() / fsync_batch.per_s(),
     );
+    batches
+    });
     ceiling.stop(&rt);
     drop(redis);
     svc.stop();
 
     // Sustained: a fresh service, offered 80% of what the batch case
     // accepted, for `sustain` seconds.
+    let Some(batches) = batches.filter(|_| want("sustained")) else {
+        return;
+    };
     let dir = tempfile::tempdir_in(&base).unwrap();
     let svc = Spawned::start(config(dir.path())).unwrap();
     let rate = 0.8 * batches.per_s();

@@ -1,7 +1,9 @@
 //! Walden: a durable write-ahead-log service.
 //!
 //! # Layout
-//! - [`entry`]: the `Entry` every layer shares, and the three-valued `Durable`.
+//! - [`entry`]: the `Entry` every layer shares, the three-valued `Durable`,
+//!   and [`entry::frame`], the CRC-checked byte form of an entry wherever
+//!   Walden stores one (log segments, parked and delayed entries).
 //! - [`routing`]: which shard a key goes to (murmur2, crc32 or crc32c).
 //! - [`config`]: typed configuration and its pure validation; plain data
 //!   that imports nothing above it.
@@ -16,8 +18,11 @@
 //!   [`backends::embedded`] is the durable log on local disk, the default;
 //!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer
 //!   group, DLQ topic and delay tiers); [`backends::sqs`] puts it on SQS
-//!   queues (with a DLQ queue and a delay queue); [`backends::shard`] is the
-//!   one face the actors see of any of them.
+//!   queues (with a DLQ queue and a delay queue); [`backends::open`] opens a
+//!   namespace's backend from its config and the process's role;
+//!   [`backends::shard`] is the one face the actors see of any of them. The
+//!   rest of the crate asks for capabilities (`Producer`, `KeyHolds`,
+//!   `DelayStore`, `Topic`, `LogHealth`, ...), never for a backend.
 //! - [`sinks`]: targets that entries are delivered to.
 //! - [`state`]: the fjall-backed state store (idempotency keys, parked and
 //!   delayed entries).
@@ -30,8 +35,7 @@
 //! The arrows point one way: api → actors → state → backends and sinks →
 //! config → entry. `tests/layering.rs` holds the actors free of circles,
 //! config free of upward imports, and the concrete backends to
-//! `src/backends/` and `service.rs` (with a list, shrinking, of the places
-//! that still name one).
+//! `src/backends/` and `service.rs`.
 
 /// mimalloc, for every binary that links Walden (the service, its tests and
 /// benchmarks): entries are allocated on HTTP workers and freed on the

@@ -16,17 +16,25 @@ fn a_full_disk_refuses_cleanly_and_recovers() {
     let shard = ShardRef::new("ns", 0);
     let log = open_sim(&fs, LogConfig::default());
     log.append(&shard, entry("0", "fits")).wait().unwrap();
-    // Leave room for a few bytes only: the next write is short.
+    // The active segment is zero-filled ahead of the writes. Leave the disk
+    // a few bytes past it: the write that runs beyond it is short.
     let used = fs
         .read_file(&common::segment(std::path::Path::new(common::DIR), 1))
         .unwrap()
         .len();
     fs.set_capacity(Some(used as u64 + 10));
-
-    let err = log
-        .append(&shard, entry("1", [b'z'; 500]))
-        .wait()
-        .unwrap_err();
+    let big = "z".repeat(100_000);
+    let mut acked = vec!["fits".to_string()];
+    let err = loop {
+        assert!(acked.len() < 100, "the disk never filled");
+        match log
+            .append(&shard, entry(acked.len().to_string(), &big))
+            .wait()
+        {
+            Ok(_) => acked.push(big.clone()),
+            Err(e) => break e,
+        }
+    };
     match &err {
         LogError::WriteFailed {
             rolled_back,
@@ -45,12 +53,17 @@ fn a_full_disk_refuses_cleanly_and_recovers() {
     );
 
     fs.set_capacity(None);
-    let ack = log.append(&shard, entry("2", "after")).wait().unwrap();
-    assert_eq!(ack.sequence, 1, "the refused record gave its offset back");
-    assert_eq!(payloads(&read_all(&log, &shard, 0)), vec!["fits", "after"]);
+    let ack = log.append(&shard, entry("after", "after")).wait().unwrap();
+    assert_eq!(
+        ack.sequence,
+        acked.len() as u64,
+        "the refused record gave its offset back"
+    );
+    acked.push("after".into());
+    assert_eq!(payloads(&read_all(&log, &shard, 0)), acked);
 
     let after = fs.power_cut();
     drop(log);
     let log = open_sim(&after, LogConfig::default());
-    assert_eq!(payloads(&read_all(&log, &shard, 0)), vec!["fits", "after"]);
+    assert_eq!(payloads(&read_all(&log, &shard, 0)), acked);
 }

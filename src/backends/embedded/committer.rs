@@ -22,6 +22,13 @@ use super::{
 use crate::entry::{Durable, ShardRef, now_ms};
 use crate::fs::FsFile;
 
+/// How far ahead of the writes the active segment is zero-filled. An
+/// fdatasync that does not change the file's size has no metadata to commit
+/// (on ext4, about 110 µs against 190 µs for one that does), so only one
+/// fdatasync per chunk pays for the size change.
+const PREALLOCATE: u64 = 1 << 20;
+static ZEROS: [u8; PREALLOCATE as usize] = [0; PREALLOCATE as usize];
+
 /// How often age-based retention is checked when nothing else wakes us.
 const RETENTION_TICK: Duration = Duration::from_secs(1);
 
@@ -279,6 +286,7 @@ impl Committer {
         match result {
             Ok(()) => {
                 self.w.pos += written;
+                self.preallocate();
                 self.shared.stats.batches.inc();
                 self.shared.stats.appends.add(staged.len() as u64);
                 self.shared.stats.bytes.add(written);
@@ -292,6 +300,7 @@ impl Committer {
                     self.w.next_offsets.insert(p.shard.clone(), p.offset);
                 }
                 let rolled_back = self.w.file.set_len(start).is_ok();
+                self.w.filled = self.w.filled.min(start);
                 if !rolled_back {
                     self.shared.poison(format!(
                         "write to {} failed ({source}) and could not be rolled back",
@@ -307,6 +316,50 @@ impl Committer {
                     }));
                 }
                 false
+            }
+        }
+    }
+
+    /// Zero-fill the active segment a chunk ahead of `pos`, when the writes
+    /// have passed what is filled. A failure only costs speed: the next
+    /// write tries again, and recovery trims zeros either way.
+    fn preallocate(&mut self) {
+        let pos = self.w.pos;
+        if pos <= self.w.filled || !self.syncs() {
+            return;
+        }
+        let target = pos
+            .next_multiple_of(PREALLOCATE)
+            .min(self.shared.config.segment_bytes)
+            .max(pos);
+        self.w.filled = pos;
+        if target > pos
+            && self
+                .w
+                .file
+                .write_all_at(&ZEROS[..(target - pos) as usize], pos)
+                .is_ok()
+        {
+            self.w.filled = target;
+        }
+    }
+
+    /// Cut the zero-filled part off the active segment, durably: a sealed
+    /// segment, or a log closed cleanly, ends at its last record.
+    fn trim(&mut self) {
+        if self.w.filled <= self.w.pos {
+            return;
+        }
+        let trimmed = self
+            .w
+            .file
+            .set_len(self.w.pos)
+            .and_then(|()| self.w.file.sync_data());
+        match trimmed {
+            Ok(()) => self.w.filled = self.w.pos,
+            // Recovery trims it instead.
+            Err(error) => {
+                warn!(segment = self.w.segment, %error, "Could not trim a segment's zero-filled tail.")
             }
         }
     }
@@ -399,6 +452,7 @@ impl Committer {
         if self.is_poisoned() {
             return false;
         }
+        self.trim();
         let old = self.w.segment;
         if let Err(error) = self.write_idx(old) {
             // The index can be rebuilt from the segment; losing it costs a
@@ -431,6 +485,7 @@ impl Committer {
                 self.w.segment = old + 1;
                 self.w.file = file;
                 self.w.pos = header_len;
+                self.w.filled = header_len;
                 self.shared.stats.segments_rolled.inc();
             }
             Err(e) => {
@@ -500,6 +555,7 @@ impl Committer {
     fn shutdown(&mut self) {
         if !self.is_poisoned() {
             let _ = self.flush();
+            self.trim();
         }
         // Anything still queued was never written.
         while let Ok(cmd) = self.rx.try_recv() {

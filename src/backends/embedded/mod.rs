@@ -55,6 +55,11 @@
 //!    [`OnCorruption`] decides whether its shard stops or skips it.
 //! 8. **Checkpoints are atomic**: write a temp file, fsync, rename, fsync the
 //!    directory.
+//! 9. **Zeros are never records.** The active segment is zero-filled up to
+//!    1 MiB ahead of the writes (an fsync that does not grow the file is
+//!    cheaper), and a frame never starts with a zero length. Sealing a
+//!    segment and closing the log trim the zeros, durably; after a crash,
+//!    recovery cuts them off as it would a torn tail.
 //!
 //! # Durability modes ([`FsyncMode`])
 //! - `always` (default): every acknowledgement follows the fsync that covers

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::format::{self, Claimed, Frame, SegmentHeader};
 use super::index::{self, DurableMark, Index, SegmentInfo, SparsePoint};
@@ -20,6 +20,8 @@ pub(crate) struct WriterState {
     pub file: Arc<dyn FsFile>,
     /// End of the active segment: where the next write goes.
     pub pos: u64,
+    /// The file's length: written, or zero-filled ahead of `pos`.
+    pub filled: u64,
     pub last_ts: u64,
 }
 
@@ -105,6 +107,7 @@ pub(crate) fn recover(
             segment: 1,
             file,
             pos: header_len,
+            filled: header_len,
             last_ts: 0,
         };
         return Ok(Recovered {
@@ -117,7 +120,7 @@ pub(crate) fn recover(
     for &id in sealed {
         let path = segment_path(log_dir, id);
         let file = fs.open(&path).map_err(LogError::io("open", &path))?;
-        let len = file.len().map_err(LogError::io("stat", &path))?;
+        let mut len = file.len().map_err(LogError::io("stat", &path))?;
         let (header, header_len) = read_header(file.as_ref(), &path, len)?;
         merge_table(&mut next, &header);
         let idx = fs
@@ -136,13 +139,23 @@ pub(crate) fn recover(
                 let bytes = read_all(file.as_ref()).map_err(LogError::io("read", &path))?;
                 let mut scratch = Index::new(index.mark);
                 scratch.segments.insert(id, active_info(header_len, len, 0));
-                scan(
+                let end = scan(
                     &bytes,
                     header_len as usize,
                     id,
                     &mut scratch,
                     &mut |_, _| {},
-                );
+                )
+                .end;
+                // A crash while sealing can leave the preallocated zeros on.
+                if end < bytes.len() && zeros(&bytes[end..]) {
+                    file.set_len(end as u64)
+                        .map_err(LogError::io("truncate", &path))?;
+                    if sync {
+                        file.sync_data().map_err(LogError::io("fsync", &path))?;
+                    }
+                    len = end as u64;
+                }
                 let parts = scratch.segment_part(id);
                 let max_ts = scratch.segments[&id].max_ts;
                 let idx_bytes = index::encode_idx(len, max_ts, &parts);
@@ -236,12 +249,16 @@ pub(crate) fn recover(
     let end = outcome.end as u64;
     if end < bytes.len() as u64 {
         report.truncated_bytes = bytes.len() as u64 - end;
-        info!(
-            segment = last,
-            at = end,
-            bytes = report.truncated_bytes,
-            "Truncating a torn tail."
-        );
+        if zeros(&bytes[end as usize..]) {
+            debug!(segment = last, at = end, "Trimming the zero-filled tail.");
+        } else {
+            info!(
+                segment = last,
+                at = end,
+                bytes = report.truncated_bytes,
+                "Truncating a torn tail."
+            );
+        }
         file.set_len(end).map_err(LogError::io("truncate", &path))?;
     }
     // What the scan keeps may be only in the page cache (a kill between a
@@ -276,6 +293,7 @@ fn finish(
             segment,
             file,
             pos,
+            filled: pos,
             last_ts,
         },
         report,
@@ -378,6 +396,12 @@ fn read_header(file: &dyn FsFile, path: &Path, len: u64) -> Result<(SegmentHeade
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Whether `bytes` are all zero: the committer's preallocation, never
+/// written (a frame never starts with a zero length).
+fn zeros(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 fn read_all(file: &dyn FsFile) -> std::io::Result<Vec<u8>> {
