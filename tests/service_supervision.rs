@@ -264,3 +264,78 @@ async fn restarts_back_off_and_the_shard_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The file target defers its fsync: an entry counts as applied, and is
+/// acknowledged, only once a flush covers it. While every flush fails, the
+/// lines reach the file but nothing is acknowledged: the committed offset
+/// stays at 0, and each restart applies the entries again. Once a flush
+/// succeeds, they are applied and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_target_acknowledges_only_what_a_flush_made_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.jsonl");
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[namespaces.ns]
+shards = 1
+[namespaces.ns.backend]
+type = "embedded"
+[namespaces.ns.target]
+type = "file"
+path = "{}"
+"#,
+        dir.path().join("data").display(),
+        path.display()
+    );
+    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/v1/namespaces/ns/log", svc.addr);
+    let shard = || async {
+        let stats: Value = client
+            .get(format!("http://{}/v1/namespaces/ns", svc.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["per_shard"][0].clone()
+    };
+    let lines_of = |id: &str| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&format!("\"id\":\"{id}\"")))
+            .count()
+    };
+
+    walden::failpoints::arm("applier.flush", u32::MAX);
+    let ids = write_n(&client, &url, 0, 5).await;
+    // Applied, its flush failed, applied again after the rewind.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ids.iter().any(|id| lines_of(id) < 2) {
+        assert!(Instant::now() < deadline, "never applied again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = shard().await;
+    assert_eq!(s["applied"], 0, "nothing flushed, nothing applied: {s}");
+    assert_eq!(s["committed"], 0, "nothing flushed, nothing committed: {s}");
+    assert!(s["restarts"].as_u64().unwrap() >= 1, "{s}");
+
+    walden::failpoints::arm("applier.flush", 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = shard().await;
+        if s["applied"] == 5 && s["committed"] == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not applied after the flush: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

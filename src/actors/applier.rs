@@ -71,6 +71,10 @@ const PARK_PAGE: Limit = Limit {
 /// poison entry: it goes to the DLQ with the panic's message.
 const POISON_AFTER: u32 = 3;
 
+/// Entries applied and waiting for the sink's flush, at most: past this, it
+/// flushes at once.
+const MAX_UNFLUSHED: usize = 4096;
+
 /// Where an item came from, which decides what its success means.
 enum Source {
     /// Read from the log: success acks it, so the watermark can pass it.
@@ -210,6 +214,12 @@ pub struct Applier {
     ready: bool,
     /// A sink call is in flight.
     busy: bool,
+    /// Applied by a sink that defers durability ([`Sink::flush_within`]),
+    /// and waiting for its flush: only then do they count as applied.
+    unflushed: Vec<(Item, Outcome)>,
+    /// A flush is in flight, or armed to start.
+    flushing: bool,
+    flush_timer: Option<SpawnHandle>,
     /// The call in flight is the breaker's probe, on this key.
     probing: Option<String>,
     /// Waiting for the breaker: a timer for the next probe, and whether a
@@ -249,6 +259,9 @@ impl Applier {
             generation: 0,
             ready: false,
             busy: false,
+            unflushed: Vec::new(),
+            flushing: false,
+            flush_timer: None,
             probing: None,
             breaker_timer: None,
             watching_breaker: false,
@@ -783,9 +796,101 @@ impl Applier {
                 self.panicked(uids, panic_message(&panic), ctx)
             }
         }
-        for tx in self.quiesced.drain(..) {
-            let _ = tx.send(());
+        self.arm_flush(ctx);
+        self.answer_quiesced();
+        self.pump(ctx);
+    }
+
+    /// Everything settled and flushed: a [`Quiesce`] waiting may go on.
+    fn answer_quiesced(&mut self) {
+        if !self.busy && !self.flushing && self.unflushed.is_empty() {
+            for tx in self.quiesced.drain(..) {
+                let _ = tx.send(());
+            }
         }
+    }
+
+    /// Flush what the sink applied but has not made durable: within the
+    /// sink's [`Sink::flush_within`], at once when stopping, and when much
+    /// waits.
+    fn arm_flush(&mut self, ctx: &mut Context<Self>) {
+        let Some(within) = self.sink.flush_within() else {
+            return;
+        };
+        if self.unflushed.is_empty() || self.flushing {
+            return;
+        }
+        if self.quiescing || self.unflushed.len() >= MAX_UNFLUSHED {
+            if let Some(h) = self.flush_timer.take() {
+                ctx.cancel_future(h);
+            }
+            self.flush(ctx);
+        } else if self.flush_timer.is_none() {
+            self.flush_timer = Some(ctx.run_later(within, |act, ctx| {
+                act.flush_timer = None;
+                guarded(act, ctx, |act, ctx| act.flush(ctx));
+            }));
+        }
+    }
+
+    /// One flush of the sink. What it covers counts as applied once it
+    /// succeeds; if it fails, the applier restarts, and the rewind applies
+    /// them again (at least once), in order.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing || self.unflushed.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let covered = std::mem::take(&mut self.unflushed);
+        let sink = self.sink.clone();
+        let flush = async move {
+            AssertUnwindSafe(async {
+                crate::failpoint!("applier.flush");
+                sink.flush().await
+            })
+            .catch_unwind()
+            .await
+        };
+        ctx.spawn(flush.into_actor(self).map(move |result, act, ctx| {
+            guarded(act, ctx, |act, ctx| act.flushed(covered, result, ctx));
+        }));
+    }
+
+    fn flushed(
+        &mut self,
+        covered: Vec<(Item, Outcome)>,
+        result: std::thread::Result<Result<(), SinkError>>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.flushing = false;
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(format!("the flush panicked: {}", panic_message(&panic))),
+        };
+        match error {
+            None => {
+                for (item, outcome) in covered {
+                    // Dropped by a rewind meanwhile: its delivery is gone.
+                    if matches!(&item.source, Source::Log(w) if w.generation < self.generation) {
+                        continue;
+                    }
+                    self.succeeded(item, outcome, ctx);
+                }
+            }
+            Some(error) => {
+                // What the target holds of them is unknown, and later entries
+                // of their keys may be written already: start over from the
+                // last checkpoint, which none of them has passed, so they are
+                // applied again in order (restarts back off).
+                error!(target = %self.policy.target, entries = covered.len(), %error, "The target's flush failed; restarting the applier, so its shard rewinds.");
+                self.stats.apply_errors.inc();
+                ctx.stop();
+                return;
+            }
+        }
+        self.arm_flush(ctx);
+        self.answer_quiesced();
         self.pump(ctx);
     }
 
@@ -854,7 +959,11 @@ impl Applier {
             match result {
                 Ok(outcome) => {
                     let item = self.queue.remove(pos).expect("found above");
-                    self.succeeded(item, outcome, ctx);
+                    if self.sink.flush_within().is_some() {
+                        self.unflushed.push((item, outcome));
+                    } else {
+                        self.succeeded(item, outcome, ctx);
+                    }
                 }
                 Err(e) => {
                     self.stats.apply_errors.inc();
@@ -1221,6 +1330,10 @@ impl Supervised for Applier {
         self.released.clear();
         self.ready = false;
         self.busy = false;
+        // Never acknowledged: the rewind delivers them again.
+        self.unflushed.clear();
+        self.flushing = false;
+        self.flush_timer = None;
         if self.probing.take().is_some() {
             self.policy.breaker.abandon_probe();
         }
@@ -1290,14 +1403,12 @@ impl Handler<Purged> for Applier {
 impl Handler<Quiesce> for Applier {
     type Result = actix::ResponseFuture<()>;
 
-    fn handle(&mut self, _: Quiesce, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Quiesce, ctx: &mut Context<Self>) -> Self::Result {
         self.quiescing = true;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.busy {
-            self.quiesced.push(tx);
-        } else {
-            let _ = tx.send(());
-        }
+        self.quiesced.push(tx);
+        self.arm_flush(ctx);
+        self.answer_quiesced();
         Box::pin(async move {
             let _ = rx.await;
         })

@@ -1,5 +1,9 @@
-//! `type = "file"`: JSON lines appended to a file. A batch counts as applied
-//! only after `fdatasync`, so an acknowledged delivery survives a power cut.
+//! `type = "file"`: JSON lines appended to a file. A line counts as applied
+//! only after an `fdatasync` covers it, so an acknowledged delivery survives
+//! a power cut. The fsync is deferred ([`Sink::flush_within`]): one per
+//! [`FLUSH_WITHIN`] rather than one per batch, so that a slow trickle of
+//! entries does not put an fsync of the target beside every fsync of the
+//! log on the same disk.
 //!
 //! - A file the sink creates is made durable in its directory too (the
 //!   directory is fsynced), or a power cut could take the whole file.
@@ -16,6 +20,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -23,13 +28,26 @@ use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 use crate::fs::{Fs, FsFile, StdFs};
 
+/// How long written lines wait for their fsync, at most.
+pub const FLUSH_WITHIN: Duration = Duration::from_millis(50);
+
 pub struct FileSink {
     name: String,
     path: PathBuf,
     fs: Arc<dyn Fs>,
     /// Opened on first use, so a missing directory is a delivery error (and
     /// retried), not a startup failure.
-    open: Arc<Mutex<Option<Open>>>,
+    open: Arc<Mutex<Slot>>,
+    /// One flush at a time: a flush that finds nothing to sync must still
+    /// wait for the one that took its writes to finish.
+    flushing: Arc<Mutex<()>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    open: Option<Open>,
+    /// Files written since their last fsync (a rotated-away one too).
+    dirty: Vec<Arc<dyn FsFile>>,
 }
 
 /// The file being appended to, and where its next line goes.
@@ -54,6 +72,7 @@ impl FileSink {
             path: path.to_path_buf(),
             fs,
             open: Arc::default(),
+            flushing: Arc::default(),
         })
     }
 
@@ -88,42 +107,61 @@ impl FileSink {
         })
     }
 
-    /// Append `bytes` and fsync, reopening first if the file was rotated
-    /// away; a failed write is cut back.
-    fn write(fs: &dyn Fs, path: &Path, slot: &Mutex<Option<Open>>, bytes: &[u8]) -> io::Result<()> {
+    /// Append `bytes`, reopening first if the file was rotated away; a
+    /// failed write is cut back. The file is left for [`Self::sync`].
+    fn write(fs: &dyn Fs, path: &Path, slot: &Mutex<Slot>, bytes: &[u8]) -> io::Result<()> {
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        let rotated = match (&*slot, fs.identity(path)) {
+        let slot = &mut *slot;
+        let rotated = match (&slot.open, fs.identity(path)) {
             (Some(open), Ok(now)) => open.identity != now,
             (Some(_), Err(_)) => true,
             (None, _) => false,
         };
         if rotated {
-            *slot = None;
+            slot.open = None;
         }
-        if slot.is_none() {
-            *slot = Some(Self::open(fs, path)?);
+        if slot.open.is_none() {
+            slot.open = Some(Self::open(fs, path)?);
         }
-        let open = slot.as_mut().expect("opened above");
+        let open = slot.open.as_mut().expect("opened above");
         // Truncated in place (copytruncate): go on from its new end, not past
         // it, which would leave a hole of zeros.
         open.end = open.end.min(open.file.len()?);
-        let result = open
-            .file
-            .write_all_at(bytes, open.end)
-            .and_then(|()| open.file.sync_data());
-        match result {
+        match open.file.write_all_at(bytes, open.end) {
             Ok(()) => {
                 open.end += bytes.len() as u64;
+                if !slot.dirty.iter().any(|f| Arc::ptr_eq(f, &open.file)) {
+                    slot.dirty.push(open.file.clone());
+                }
                 Ok(())
             }
             Err(e) => {
                 // Cut back what was written; if even that fails, the reopen
                 // cuts the torn line.
                 let _ = open.file.set_len(open.end);
-                *slot = None;
+                slot.open = None;
                 Err(e)
             }
         }
+    }
+
+    /// fsync every file written since its last fsync. A file that fails
+    /// stays dirty, so the next flush tries it again.
+    fn sync(slot: &Mutex<Slot>, flushing: &Mutex<()>) -> io::Result<()> {
+        let _one = flushing.lock().unwrap_or_else(|p| p.into_inner());
+        let dirty = std::mem::take(&mut slot.lock().unwrap_or_else(|p| p.into_inner()).dirty);
+        for (i, file) in dirty.iter().enumerate() {
+            if let Err(e) = file.sync_data() {
+                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                for f in &dirty[i..] {
+                    if !slot.dirty.iter().any(|d| Arc::ptr_eq(d, f)) {
+                        slot.dirty.push(f.clone());
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -153,13 +191,30 @@ impl Sink for FileSink {
         &self.name
     }
 
-    /// One write (and, for a file, one fsync) per batch: whole or not at all.
+    /// One write per batch: whole or not at all.
     fn applies_in_order(&self) -> bool {
         true
     }
 
     fn max_batch(&self) -> usize {
         1024
+    }
+
+    fn flush_within(&self) -> Option<Duration> {
+        Some(FLUSH_WITHIN)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        let (open, flushing) = (self.open.clone(), self.flushing.clone());
+        Box::pin(async move {
+            // fsync never runs on an arbiter thread.
+            tokio::task::spawn_blocking(move || Self::sync(&open, &flushing))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
+                .map_err(|e| {
+                    SinkError::transient(&self.name, format!("{}: fsync: {e}", self.path.display()))
+                })
+        })
     }
 
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
@@ -169,7 +224,7 @@ impl Sink for FileSink {
                 bytes.extend(DeliveredJson::line(d));
             }
             let (fs, path, open) = (self.fs.clone(), self.path.clone(), self.open.clone());
-            // File I/O and fsync never run on an arbiter thread.
+            // File I/O never runs on an arbiter thread.
             let result =
                 tokio::task::spawn_blocking(move || Self::write(fs.as_ref(), &path, &open, &bytes))
                     .await

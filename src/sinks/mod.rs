@@ -116,6 +116,21 @@ pub trait Sink: Send + Sync {
         64
     }
 
+    /// How long what [`Sink::apply`] wrote may wait for a [`Sink::flush`].
+    /// `None` (the default): `apply` is durable by itself. With `Some`, an
+    /// entry counts as applied (it is acknowledged, its letter or delayed
+    /// copy removed) only once a flush after its apply has succeeded; the
+    /// applier flushes at most this long after an apply, and before it
+    /// stops. The file target defers its fsync so.
+    fn flush_within(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Make durable everything `apply` wrote before this call.
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether the target can take deliveries now.
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>>;
 }

@@ -420,7 +420,8 @@ impl Committer {
             }
             idx.mark = mark;
         }
-        self.shared.durable_tx.send_replace(mark);
+        // Appenders first, readers after: the index already shows the batch,
+        // and a client waiting on its answer is the latency that counts.
         for p in self.pending.drain(..) {
             let _ = p.reply.send(Ok(Appended {
                 sequence: p.offset,
@@ -428,6 +429,7 @@ impl Committer {
                 durable,
             }));
         }
+        self.shared.durable_tx.send_replace(mark);
     }
 
     fn header_len(&self) -> u64 {
