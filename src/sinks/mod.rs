@@ -102,7 +102,7 @@ pub trait Sink: Send + Sync {
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>>;
 
     /// The sink applies a batch in its order, whole or not at all (one
-    /// append and one fsync for the file target). Such a sink may get
+    /// append for the file target). Such a sink may get
     /// several entries of one key in a batch, in their order: a failure
     /// fails them all, so none overtakes another.
     fn applies_in_order(&self) -> bool {
