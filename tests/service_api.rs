@@ -779,23 +779,7 @@ async fn every_answer_to_a_write_carries_its_id() {
 async fn a_file_target_takes_a_key_s_entries_together_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "{}"
-[namespaces.ns]
-shards = 2
-[namespaces.ns.backend]
-type = "embedded"
-[namespaces.ns.target]
-type = "file"
-path = "{}"
-"#,
-        dir.path().join("data").display(),
-        path.display()
-    );
-    let config = walden::config::from_toml(&text).unwrap();
+    let config = common::file_target_config(&dir.path().join("data"), &path, 2);
     let svc = Spawned::start(config).unwrap();
     let client = reqwest::Client::new();
     let url = format!("{}/v1/namespaces/ns/log/batch", base(&svc));

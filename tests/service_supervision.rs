@@ -29,6 +29,17 @@ async fn write_n(client: &reqwest::Client, url: &str, from: usize, n: usize) -> 
     ids
 }
 
+async fn namespace_stats(client: &reqwest::Client, svc: &Spawned) -> Value {
+    client
+        .get(format!("http://{}/v1/namespaces/ns", svc.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_actors_are_restarted_and_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,14 +79,7 @@ async fn panicking_actors_are_restarted_and_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let stats: Value = client
-        .get(format!("http://{}/v1/namespaces/ns", svc.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = namespace_stats(&client, &svc).await;
     let restarts: u64 = stats["per_shard"]
         .as_array()
         .unwrap()
@@ -274,36 +278,11 @@ async fn restarts_back_off_and_the_shard_recovers() {
 async fn a_file_target_acknowledges_only_what_a_flush_made_durable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.jsonl");
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "{}"
-[namespaces.ns]
-shards = 1
-[namespaces.ns.backend]
-type = "embedded"
-[namespaces.ns.target]
-type = "file"
-path = "{}"
-"#,
-        dir.path().join("data").display(),
-        path.display()
-    );
-    let svc = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let config = common::file_target_config(&dir.path().join("data"), &path, 1);
+    let svc = Spawned::start(config).unwrap();
     let client = reqwest::Client::new();
     let url = format!("http://{}/v1/namespaces/ns/log", svc.addr);
-    let shard = || async {
-        let stats: Value = client
-            .get(format!("http://{}/v1/namespaces/ns", svc.addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        stats["per_shard"][0].clone()
-    };
+    let shard = || async { namespace_stats(&client, &svc).await["per_shard"][0].clone() };
     let lines_of = |id: &str| {
         std::fs::read_to_string(&path)
             .unwrap_or_default()

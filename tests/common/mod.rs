@@ -63,6 +63,28 @@ pub fn small_segments() -> LogConfig {
 pub mod target;
 
 /// A config with one namespace `ns` (embedded, `shards` shards) delivering to
+/// the file at `path`.
+pub fn file_target_config(data_dir: &Path, path: &Path, shards: u32) -> walden::config::Config {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "{}"
+[namespaces.ns]
+shards = {shards}
+[namespaces.ns.backend]
+type = "embedded"
+[namespaces.ns.target]
+type = "file"
+path = "{}"
+"#,
+        data_dir.display(),
+        path.display()
+    );
+    walden::config::from_toml(&text).unwrap()
+}
+
+/// A config with one namespace `ns` (embedded, `shards` shards) delivering to
 /// `target_url`; `extra` is appended to the namespace's table.
 pub fn service_config(
     data_dir: &Path,

@@ -720,79 +720,41 @@ impl crate::backends::LogHealth for EmbeddedLog {
 
     fn metrics(&self) -> Vec<crate::backends::Metric> {
         let s = self.stats();
-        let m = |name, kind, help, value| crate::backends::Metric {
-            name,
-            kind,
-            help,
-            value,
-        };
-        vec![
-            m(
-                "walden_log_appends_total",
-                "counter",
-                "Records appended to the embedded log.",
-                s.appends.get(),
-            ),
-            m(
-                "walden_log_bytes_total",
-                "counter",
-                "Bytes appended to the embedded log.",
-                s.bytes.get(),
-            ),
-            m(
-                "walden_log_fsyncs_total",
-                "counter",
-                "fdatasync calls of the embedded log.",
-                s.fsyncs.get(),
-            ),
-            m(
-                "walden_log_segments_rolled_total",
-                "counter",
-                "Segments rolled.",
-                s.segments_rolled.get(),
-            ),
-            m(
-                "walden_log_corrupt_skipped_total",
-                "counter",
-                "Damaged records skipped.",
-                s.corrupt_skipped.get(),
-            ),
-            m(
-                "walden_log_retention_deleted_total",
-                "counter",
-                "Segments deleted by retention.",
-                s.retention_deleted.get(),
-            ),
-            m(
-                "walden_log_retention_forced_total",
-                "counter",
-                "Uncommitted segments deleted by the hard size cap.",
-                s.retention_forced.get(),
-            ),
-            m(
-                "walden_log_refused_full_total",
-                "counter",
-                "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").",
-                s.refused_full.get(),
-            ),
-            m(
-                "walden_log_retention_lost_total",
-                "counter",
-                "Entries consumers skipped because the hard size cap deleted them first.",
-                s.retention_lost.get(),
-            ),
-            m(
+        let counters = [
+            ("walden_log_appends_total", "Records appended to the embedded log.", &s.appends),
+            ("walden_log_bytes_total", "Bytes appended to the embedded log.", &s.bytes),
+            ("walden_log_fsyncs_total", "fdatasync calls of the embedded log.", &s.fsyncs),
+            ("walden_log_segments_rolled_total", "Segments rolled.", &s.segments_rolled),
+            ("walden_log_corrupt_skipped_total", "Damaged records skipped.", &s.corrupt_skipped),
+            ("walden_log_retention_deleted_total", "Segments deleted by retention.", &s.retention_deleted),
+            ("walden_log_retention_forced_total", "Uncommitted segments deleted by the hard size cap.", &s.retention_forced),
+            ("walden_log_refused_full_total", "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").", &s.refused_full),
+            ("walden_log_retention_lost_total", "Entries consumers skipped because the hard size cap deleted them first.", &s.retention_lost),
+        ]
+        .map(|(name, help, c)| (name, "counter", help, c.get()));
+        let gauges = [
+            (
                 "walden_log_size_bytes",
                 "gauge",
                 "Size of the embedded log.",
                 self.size_bytes(),
             ),
-            m(
+            (
                 "walden_log_poisoned",
                 "gauge",
                 "1 if the log refuses appends after a failed fsync.",
                 self.is_poisoned() as u64,
             ),
-        ]
+        ];
+        counters
+            .into_iter()
+            .chain(gauges)
+            .map(|(name, kind, help, value)| crate::backends::Metric {
+                name,
+                kind,
+                help,
+                value,
+            })
+            .collect()
     }
 }
