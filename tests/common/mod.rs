@@ -65,23 +65,8 @@ pub mod target;
 /// A config with one namespace `ns` (embedded, `shards` shards) delivering to
 /// the file at `path`.
 pub fn file_target_config(data_dir: &Path, path: &Path, shards: u32) -> walden::config::Config {
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-data_dir = "{}"
-[namespaces.ns]
-shards = {shards}
-[namespaces.ns.backend]
-type = "embedded"
-[namespaces.ns.target]
-type = "file"
-path = "{}"
-"#,
-        data_dir.display(),
-        path.display()
-    );
-    walden::config::from_toml(&text).unwrap()
+    let target = format!("type = \"file\"\npath = \"{}\"", path.display());
+    one_namespace(data_dir, shards, "", &target, "")
 }
 
 /// A config with one namespace `ns` (embedded, `shards` shards) delivering to
@@ -91,6 +76,21 @@ pub fn service_config(
     target_url: &str,
     shards: u32,
     extra: &str,
+) -> walden::config::Config {
+    let target = format!("type = \"http\"\nurl = \"{target_url}\"");
+    let retry =
+        "[namespaces.ns.retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 200\nmax_attempts = 1000";
+    one_namespace(data_dir, shards, extra, &target, retry)
+}
+
+/// One embedded namespace `ns`: `extra` in its table, `target` as its target
+/// table's body, then `rest`. Parsed and validated.
+fn one_namespace(
+    data_dir: &Path,
+    shards: u32,
+    extra: &str,
+    target: &str,
+    rest: &str,
 ) -> walden::config::Config {
     let text = format!(
         r#"
@@ -106,13 +106,9 @@ shards = {shards}
 type = "embedded"
 
 [namespaces.ns.target]
-type = "http"
-url = "{target_url}"
+{target}
 
-[namespaces.ns.retry]
-initial_backoff_ms = 20
-max_backoff_ms = 200
-max_attempts = 1000
+{rest}
 "#,
         data_dir.display()
     );
