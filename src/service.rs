@@ -20,7 +20,7 @@ use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogConfig, LogError};
 use crate::backends::kafka::Membership;
 use crate::backends::open::{self, Opened};
 use crate::backends::{BackendError, Fatal};
-use crate::config::{BackendConfig, Config, ServerConfig};
+use crate::config::{BackendConfig, Config, ServerConfig, TargetStart};
 use crate::entry::{ShardRef, now_ms};
 use crate::routing::RouteHash;
 use crate::sinks::SinkError;
@@ -107,6 +107,10 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     };
     let log = Arc::new(log);
     check_layouts(&data_dir, &mut config, &log)?;
+    subscribe_targets(&config, &log).map_err(|source| ServiceError::Log {
+        path: data_dir.clone(),
+        source,
+    })?;
 
     let dlq = {
         let dir = data_dir.join("dlq");
@@ -622,6 +626,35 @@ fn check_layouts(
             &path,
             &serde_json::to_vec_pretty(&known).expect("a map of layouts"),
         )?;
+    }
+    Ok(())
+}
+
+/// Each target of an embedded namespace reads the log under a group of its
+/// own: a new one starts where its `start` says, and one no longer in the
+/// config stops holding retention back, before anything is written.
+fn subscribe_targets(config: &Config, log: &EmbeddedLog) -> Result<(), LogError> {
+    for (name, ns) in &config.namespaces {
+        if !matches!(ns.backend, BackendConfig::Embedded(_)) {
+            continue;
+        }
+        let shards: Vec<ShardRef> = (0..ns.shards)
+            .map(|i| ShardRef::new(name.as_str(), i))
+            .collect();
+        let namespace_group = ns.namespace_group(name);
+        let mut groups = Vec::new();
+        for t in &ns.targets {
+            let group = t.group(&namespace_group);
+            log.subscribe(&group, &shards, t.start == TargetStart::Latest)?;
+            groups.push(group);
+        }
+        for group in log.groups() {
+            let reads = log.committed(&group);
+            if !groups.contains(&group) && shards.iter().any(|s| reads.contains_key(s)) {
+                info!(namespace = %name, %group, "A target is no longer configured; releasing what the log kept for it.");
+                log.unsubscribe(&group, &shards)?;
+            }
+        }
     }
     Ok(())
 }

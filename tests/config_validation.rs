@@ -48,7 +48,7 @@ fn the_default_config_and_a_minimal_one_are_valid() {
     let ns = &config.namespaces["orders"];
     assert_eq!(ns.shards, 4);
     assert_eq!(ns.ordering, walden::config::Ordering::PerKey);
-    assert_eq!(ns.target.name(), "default");
+    assert_eq!(ns.targets[0].name(), "default");
     assert!(ns.dlq.enabled);
     assert_eq!(ns.retry.max_attempts, 8);
     assert_eq!(config.server.ack_timeout_ms, 5000);
@@ -553,7 +553,7 @@ fn librdkafka_options_take_numbers_and_booleans() {
             ("y", "z")
         ]
     );
-    let walden::config::TargetConfig::Kafka { librdkafka, .. } = &ns.target else {
+    let walden::config::TargetConfig::Kafka { librdkafka, .. } = &ns.targets[0].config else {
         panic!("a kafka target: {:?}", ns.target)
     };
     assert_eq!(librdkafka.get("linger.ms").map(String::as_str), Some("0"));

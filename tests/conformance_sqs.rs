@@ -355,7 +355,7 @@ async fn a_native_redrive_policy_moves_messages_walden_lists_and_redrives() {
     assert_eq!(letter.origin.shard, shard);
     assert_eq!(letter.origin.sequence, sequence);
 
-    let picks = walden::backends::Selection::Ids(vec!["native-1".into()]);
+    let picks = walden::backends::Selection::ids(vec!["native-1".into()]);
     let report = dlq.redrive_selected("conformance", &picks).await.unwrap();
     assert_eq!((report.redriven, report.failed.len()), (1, 0), "{report:?}");
     let back = consumer.receive(10, Duration::from_secs(1)).await.unwrap();

@@ -159,6 +159,7 @@ fn start(store: Arc<MemoryDelays>, catch_up_per_s: u64) -> Harness {
             store,
             ShardRef::new("timers", 0),
             catch_up_per_s,
+            None,
         )
     });
     Harness {

@@ -27,7 +27,7 @@ async fn bulk_deletes_are_spread_over_the_jitter_window() {
     let ns = config.namespaces.get_mut("bulk_deletes").unwrap();
     let jitter = Duration::from_millis(ns.delay.jitter_ms);
     assert_eq!(jitter, Duration::from_secs(5));
-    match &mut ns.target {
+    match &mut ns.targets[0].config {
         TargetConfig::Http { url, .. } => *url = target.url(),
         other => panic!("the persona delivers over HTTP, not {}", other.kind()),
     }

@@ -1,5 +1,6 @@
-//! ShardConsumer: reads one shard in order and routes each entry to the
-//! Applier (due now) or the DelayScheduler (due later). Commits the low
+//! ShardConsumer: reads one shard in order for one target and routes each
+//! entry to the Applier (due now) or the DelayScheduler (due later); an
+//! entry whose write named other targets is acked at once. Commits the low
 //! watermark every 100 ms when it moved, and bounds how far it reads ahead,
 //! in entries and in payload bytes.
 
@@ -47,6 +48,9 @@ pub struct ShardConsumer {
     committing: bool,
     last_committed: Option<u64>,
     stopped: bool,
+    /// This consumer's target, in a namespace of several: entries whose
+    /// write named other targets are acked at once.
+    target: Option<Arc<str>>,
 }
 
 impl ShardConsumer {
@@ -56,8 +60,10 @@ impl ShardConsumer {
         shard: ShardRef,
         stats: Arc<ShardStats>,
         max_outstanding: usize,
+        target: Option<Arc<str>>,
     ) -> Self {
         Self {
+            target,
             backend,
             group,
             shard,
@@ -197,6 +203,12 @@ impl ShardConsumer {
         let now = now_ms();
         let (mut due, mut later) = (Vec::new(), Vec::new());
         for d in deliveries {
+            if let Some(target) = &self.target
+                && !d.entry().is_for(target)
+            {
+                super::ack(d);
+                continue;
+            }
             let work = Work {
                 generation: self.generation,
                 delivery: d,

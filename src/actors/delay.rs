@@ -82,6 +82,9 @@ pub struct DelayScheduler {
     cancelled: HashSet<(u64, u64)>,
     /// How long a restart waits before working ([`super::RestartBackoff`]).
     pause: Duration,
+    /// This scheduler's target, in a namespace of several: a store that puts
+    /// entries back on the shared topic puts them back for it alone.
+    target: Option<Arc<str>>,
 }
 
 impl DelayScheduler {
@@ -92,8 +95,10 @@ impl DelayScheduler {
         store: Arc<dyn DelayStore>,
         shard: ShardRef,
         catch_up_per_s: u64,
+        target: Option<Arc<str>>,
     ) -> Self {
         Self {
+            target,
             applier,
             rewind,
             stats,
@@ -318,12 +323,19 @@ impl Handler<Delay> for DelayScheduler {
         if works.is_empty() {
             return;
         }
+        let narrow = self.target.as_deref().filter(|_| self.store.fires_itself());
         let items: Vec<Delivered> = works
             .iter()
-            .map(|w| Delivered {
-                shard: w.delivery.shard().clone(),
-                sequence: w.delivery.sequence(),
-                entry: w.delivery.entry().clone(),
+            .map(|w| {
+                let mut entry = w.delivery.entry().clone();
+                if let Some(target) = narrow {
+                    entry.narrow_to(target);
+                }
+                Delivered {
+                    shard: w.delivery.shard().clone(),
+                    sequence: w.delivery.sequence(),
+                    entry,
+                }
             })
             .collect();
         let store = self.store.clone();

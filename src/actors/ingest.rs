@@ -30,14 +30,14 @@ use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, oneshot};
 use tracing::error;
 
-use super::ShardStats;
 use crate::backends::{Appended, BackendError, EntryRejected, Producer};
 use crate::config::NamespaceConfig;
-use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, ShardRef, now_ms};
+use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, ShardRef, TARGETS_HEADER, now_ms};
 use crate::routing::shard_of;
 use crate::sinks::mutation;
 use crate::state::DedupIndex;
 use crate::state::dedup::{self, Check};
+use crate::stats::Counter;
 
 /// Header names under this prefix are Walden's own.
 const RESERVED_PREFIX: &str = "walden.";
@@ -59,8 +59,10 @@ pub struct WriteRequest<'a> {
     /// Client id; a UUIDv7 is generated if absent.
     pub id: Option<String>,
     pub lifecycle: Option<Lifecycle>,
-    /// The name of one of the namespace's targets.
-    pub target: Option<String>,
+    /// The targets the entry goes to: one name or a list of the
+    /// namespace's targets; absent, every one of them.
+    #[serde(default, deserialize_with = "target_names")]
+    pub target: Option<Vec<String>>,
     pub headers: Option<BTreeMap<String, String>>,
 }
 
@@ -72,6 +74,31 @@ pub struct Lifecycle {
     /// A uniform random extra delay in `[0, jitter_ms]`.
     pub jitter_ms: Option<u64>,
     pub original_write_time_ms: Option<u64>,
+}
+
+/// `"target"`: a name, or a list of names.
+fn target_names<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a target's name, or a list of names")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    d.deserialize_any(Names).map(Some)
 }
 
 /// `"payload": null` is a payload (JSON null), not a missing one.
@@ -188,7 +215,8 @@ pub struct Ingest {
     config: NamespaceConfig,
     producer: Arc<dyn Producer>,
     shards: Vec<ShardRef>,
-    stats: Vec<Arc<ShardStats>>,
+    /// Entries answered durable, per shard.
+    written: Arc<[Counter]>,
     /// Hand-offs waiting on each shard.
     waiting: Vec<AtomicUsize>,
     dedup: Arc<DedupIndex>,
@@ -211,7 +239,7 @@ impl Ingest {
         name: &str,
         config: &NamespaceConfig,
         producer: Arc<dyn Producer>,
-        stats: Vec<Arc<ShardStats>>,
+        written: Arc<[Counter]>,
         writes: &Writes,
     ) -> Self {
         Self {
@@ -220,7 +248,7 @@ impl Ingest {
             producer,
             shards: (0..config.shards).map(|i| ShardRef::new(name, i)).collect(),
             waiting: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
-            stats,
+            written,
             dedup: writes.dedup.clone(),
             in_flight: writes.in_flight.clone(),
             ack_timeout: writes.ack_timeout,
@@ -336,15 +364,7 @@ impl Ingest {
             return Err(IngestError::bad_request("`id` must not be empty"));
         }
         check_len("id", id.len(), limits.max_id_bytes)?;
-        if let Some(target) = &req.target {
-            let ours = self.config.target.name();
-            if target != ours {
-                return Err(IngestError::bad_request(format!(
-                    "`target`: namespace {:?} has no target {target:?} (its target is {ours:?})",
-                    self.name
-                )));
-            }
-        }
+        let targets = self.targets_of(req.target)?;
         let user_headers = req.headers.unwrap_or_default();
         if user_headers.len() > limits.max_headers {
             return Err(IngestError::bad_request(format!(
@@ -398,12 +418,42 @@ impl Ingest {
         if let Some(tp) = traceparent {
             headers.push(("traceparent".into(), tp.to_owned()));
         }
+        if let Some(targets) = targets {
+            headers.push((TARGETS_HEADER.into(), targets));
+        }
         Ok(Parts {
             key,
             headers,
             payload,
             due_ms,
         })
+    }
+
+    /// The targets a write names, as the entry's header keeps them; `None`
+    /// when it goes to every target. An unknown name is a 400.
+    fn targets_of(&self, named: Option<Vec<String>>) -> Result<Option<String>, IngestError> {
+        let Some(mut named) = named else {
+            return Ok(None);
+        };
+        let ours = &self.config.targets;
+        if named.is_empty() {
+            return Err(IngestError::bad_request(
+                "`target`: an empty list names no target; leave `target` out to write to every target",
+            ));
+        }
+        if let Some(unknown) = named
+            .iter()
+            .find(|n| !ours.iter().any(|t| t.name() == n.as_str()))
+        {
+            let names: Vec<&str> = ours.iter().map(|t| t.name()).collect();
+            return Err(IngestError::bad_request(format!(
+                "`target`: namespace {:?} has no target {unknown:?} (its targets are {names:?})",
+                self.name
+            )));
+        }
+        named.sort();
+        named.dedup();
+        Ok((named.len() < ours.len()).then(|| named.join(",")))
     }
 
     /// The key a write is routed by. A namespace whose target versions rows
@@ -414,7 +464,15 @@ impl Ingest {
         key: Option<String>,
         payload: &[u8],
     ) -> Result<Option<String>, IngestError> {
-        let target = &self.config.target;
+        // Routed by the first target that versions rows; every such
+        // target's rows then share the entry's shard.
+        let target = self
+            .config
+            .targets
+            .iter()
+            .map(|t| &t.config)
+            .find(|t| t.versions_rows())
+            .unwrap_or(&self.config.targets[0].config);
         let why = || {
             format!(
                 "namespace {:?} applies to a {} target, which versions each row by its shard's sequence",
@@ -583,7 +641,7 @@ impl Ingest {
             };
             let answer = match answered {
                 Ok(Ok(Ok(appended))) => {
-                    self.stats[shard as usize].written.inc();
+                    self.written[shard as usize].inc();
                     record(&self.dedup, &self.name, &id, shard, &appended, claim);
                     Ok(Accepted {
                         durable: appended.durable,

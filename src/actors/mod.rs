@@ -45,11 +45,9 @@ use crate::backends::shard::AnyDelivery;
 use crate::state::ParkStore;
 use crate::stats::{Counter, Gauge, Histogram};
 
-/// Counters of one shard, shared with the API.
+/// Counters of one shard's delivery to one target, shared with the API.
 #[derive(Debug, Default)]
 pub struct ShardStats {
-    /// Entries answered `durable: "true"` since start.
-    pub written: Counter,
     /// Entries the sink accepted since start.
     pub applied: Counter,
     /// Failed delivery attempts since start.

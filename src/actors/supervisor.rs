@@ -1,6 +1,6 @@
-//! The per-namespace supervisor: starts each shard's actors under actix
-//! `Supervisor`s (which restart an actor that stops), wires them together,
-//! and watches the target's health. A target that is down never takes Walden
+//! The per-namespace supervisor: starts each target's actors on every shard
+//! under actix `Supervisor`s (which restart an actor that stops), wires them
+//! together, and watches each target's health. A target that is down never takes Walden
 //! out of service: it shows in stats and metrics.
 
 use std::sync::{Arc, Mutex};
@@ -19,12 +19,10 @@ use super::messages::{Drain, Peers, Wire};
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
-use crate::config::{BackendConfig, NamespaceConfig, OnDeadLetter, ServerConfig};
+use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig, TargetSpec};
 use crate::entry::ShardRef;
 use crate::sinks::{self, Sink, SinkError};
-
-/// The consumer group the service reads the embedded log with.
-pub const CONSUMER_GROUP: &str = "walden";
+use crate::stats::Counter;
 
 /// Deliveries a shard holds unacked, at most (its read-ahead bound).
 const MAX_OUTSTANDING: usize = 4096;
@@ -49,7 +47,7 @@ impl SinkHealth {
     }
 }
 
-/// One shard's actors, as the API sees them.
+/// One shard's actors for one target, as the API sees them.
 pub struct ShardHandle {
     pub shard: ShardRef,
     pub consumer: Addr<ShardConsumer>,
@@ -60,22 +58,37 @@ pub struct ShardHandle {
     pub stats: Arc<ShardStats>,
 }
 
+/// One of a namespace's targets: every shard's actors delivering to it, with
+/// progress, retries, breaker, parked keys and delays of its own, so a slow
+/// or dead target never holds the others back.
+pub struct TargetRuntime {
+    pub name: String,
+    pub kind: &'static str,
+    /// The consumer group that keeps its progress.
+    pub group: String,
+    pub shards: Vec<ShardHandle>,
+    pub sink_health: Arc<SinkHealth>,
+    /// The target's circuit breaker.
+    pub breaker: Arc<Breaker>,
+    /// Where its delayed entries wait.
+    pub delays: Arc<dyn DelayStore>,
+    _watch: Addr<TargetWatch>,
+}
+
 /// A running namespace.
 pub struct NamespaceRuntime {
     pub name: String,
     pub config: NamespaceConfig,
-    pub shards: Vec<ShardHandle>,
+    /// Its targets, in config order (the `target` table alone, or the
+    /// `targets` tables by name).
+    pub targets: Vec<TargetRuntime>,
     /// The namespace's write path.
     pub ingest: Ingest,
-    pub sink_health: Arc<SinkHealth>,
-    /// The target's circuit breaker.
-    pub breaker: Arc<Breaker>,
-    /// Where this namespace's delayed entries wait.
-    pub delays: Arc<dyn DelayStore>,
+    /// Entries answered `durable: "true"` per shard, since start.
+    pub written: Arc<[Counter]>,
     pub backend: NamespaceBackend,
-    /// This namespace's dead letters.
+    /// This namespace's dead letters (every target's, each marked with it).
     pub dlq: AnyDlq,
-    _supervisor: Addr<NamespaceSupervisor>,
 }
 
 /// What a namespace runs on: its backend and DLQ as opened, and the stores
@@ -87,38 +100,110 @@ pub struct Parts<'a> {
 }
 
 impl NamespaceRuntime {
-    /// Build the sink and start every shard's actors, spread over `arbiters`.
+    /// Build each target's sink and start its actors on every shard, spread
+    /// over `arbiters`.
     pub fn start(
         name: &str,
         config: &NamespaceConfig,
+        server: &ServerConfig,
+        parts: Parts<'_>,
+        writes: &Writes,
+        arbiters: &[ArbiterHandle],
+    ) -> Result<Self, SinkError> {
+        let targets = config
+            .targets
+            .iter()
+            .map(|spec| TargetRuntime::start(name, config, spec, server, &parts, arbiters))
+            .collect::<Result<Vec<_>, _>>()?;
+        let written: Arc<[Counter]> = (0..config.shards).map(|_| Counter::default()).collect();
+        let ingest = Ingest::new(
+            name,
+            config,
+            parts.backend.producer(),
+            written.clone(),
+            writes,
+        );
+        info!(
+            namespace = name,
+            shards = config.shards,
+            targets = ?targets.iter().map(|t| format!("{} ({})", t.name, t.kind)).collect::<Vec<_>>(),
+            "Namespace started."
+        );
+        Ok(Self {
+            name: name.into(),
+            config: config.clone(),
+            targets,
+            ingest,
+            written,
+            backend: parts.backend.clone(),
+            dlq: parts.dlq.clone(),
+        })
+    }
+
+    /// The target named `name`.
+    pub fn target(&self, name: &str) -> Option<&TargetRuntime> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Stop reading and commit what each shard has applied, every target
+    /// and shard at once. With `settle`, a sink call in flight gets up to
+    /// that long to finish first, and no new one starts.
+    pub async fn drain(&self, settle: Option<Duration>) {
+        let drains = self
+            .targets
+            .iter()
+            .flat_map(|t| &t.shards)
+            .map(|s| async move {
+                if let Err(error) = s.consumer.send(Drain(settle)).await {
+                    warn!(shard = %s.shard, %error, "Could not drain a shard.");
+                }
+            });
+        futures_util::future::join_all(drains).await;
+    }
+}
+
+impl TargetRuntime {
+    fn start(
+        name: &str,
+        config: &NamespaceConfig,
+        spec: &TargetSpec,
         server: &ServerConfig,
         Parts {
             backend,
             dlq,
             stores,
-        }: Parts<'_>,
-        writes: &Writes,
+        }: &Parts<'_>,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
-        let sink: Arc<dyn Sink> = Arc::from(sinks::build(&config.target)?);
+        let sink: Arc<dyn Sink> = Arc::from(sinks::build(&spec.config)?);
         let breaker = Arc::new(Breaker::new(config.breaker.clone()));
+        let namespace_group = config.namespace_group(name);
+        let group = spec.group(&namespace_group);
+        // The namespace's own target keeps the store's plain keys.
+        let lane = (group != namespace_group).then_some(group.as_str());
+        let stores = Stores {
+            park: stores.park.lane(lane),
+            delays: stores
+                .delays
+                .for_target(lane)
+                .unwrap_or_else(|| stores.delays.clone()),
+        };
+        // With one target there is nothing to tell apart.
+        let only: Option<Arc<str>> = (config.targets.len() > 1).then(|| spec.name().into());
         let mut shards = Vec::with_capacity(config.shards as usize);
         for i in 0..config.shards {
             let arbiter = &arbiters[i as usize % arbiters.len()];
             let shard = ShardRef::new(name, i);
             let stats = Arc::new(ShardStats::default());
             let consumer = {
-                let (backend, shard, stats) = (backend.clone(), shard.clone(), stats.clone());
-                let group = match config.backend.entries() {
-                    BackendConfig::Kafka(k) => k.group(name),
-                    _ => CONSUMER_GROUP.to_string(),
-                };
+                let (backend, shard, stats) = ((*backend).clone(), shard.clone(), stats.clone());
+                let (group, only) = (group.clone(), only.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING)
+                    ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING, only)
                 })
             };
             let dead_letter = {
-                let (dlq, consumer, stats) = (dlq.clone(), consumer.clone(), stats.clone());
+                let (dlq, consumer, stats) = ((*dlq).clone(), consumer.clone(), stats.clone());
                 let rewind = consumer.recipient();
                 Supervisor::start_in_arbiter(arbiter, move |_| {
                     DeadLetterActor::new(dlq, rewind, stats)
@@ -140,7 +225,7 @@ impl NamespaceRuntime {
                     // a long backoff waits in memory, holding the watermark.
                     may_park: backend.parks_locally(),
                     holds: dlq.key_holds().map_or(Holds::Park, Holds::Broker),
-                    target: config.target.name().to_string(),
+                    target: spec.name().to_string(),
                     breaker: breaker.clone(),
                 };
                 let (stores, shard) = (stores.clone(), shard.clone());
@@ -152,9 +237,9 @@ impl NamespaceRuntime {
                 let applier = applier.clone().recipient();
                 let rewind = consumer.clone().recipient();
                 let (store, shard, stats) = (stores.delays.clone(), shard.clone(), stats.clone());
-                let catch_up = config.delay.catch_up_per_s;
+                let (catch_up, only) = (config.delay.catch_up_per_s, only.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DelayScheduler::new(applier, rewind, stats, store, shard, catch_up)
+                    DelayScheduler::new(applier, rewind, stats, store, shard, catch_up, only)
                 })
             };
             // A producer-only process never reads: its consumers stay unwired.
@@ -178,66 +263,47 @@ impl NamespaceRuntime {
                 stats,
             });
         }
-        let stats = shards.iter().map(|s| s.stats.clone()).collect();
-        let ingest = Ingest::new(name, config, backend.producer(), stats, writes);
         let sink_health = Arc::new(SinkHealth::default());
-        let supervisor = NamespaceSupervisor {
-            name: name.into(),
+        let watch = TargetWatch {
+            namespace: name.into(),
+            target: spec.name().into(),
             sink,
             health: sink_health.clone(),
             breaker: breaker.clone(),
         }
         .start();
-        info!(
-            namespace = name,
-            shards = config.shards,
-            target = config.target.kind(),
-            "Namespace started."
-        );
         Ok(Self {
-            name: name.into(),
-            config: config.clone(),
+            name: spec.name().to_string(),
+            kind: spec.config.kind(),
+            group,
             shards,
-            ingest,
             sink_health,
             breaker,
             delays: stores.delays.clone(),
-            backend: backend.clone(),
-            dlq: dlq.clone(),
-            _supervisor: supervisor,
+            _watch: watch,
         })
-    }
-
-    /// Stop reading and commit what each shard has applied, all shards at
-    /// once. With `settle`, a sink call in flight gets up to that long to
-    /// finish first, and no new one starts.
-    pub async fn drain(&self, settle: Option<Duration>) {
-        let drains = self.shards.iter().map(|s| async move {
-            if let Err(error) = s.consumer.send(Drain(settle)).await {
-                warn!(shard = %s.shard, %error, "Could not drain a shard.");
-            }
-        });
-        futures_util::future::join_all(drains).await;
     }
 }
 
-/// Watches the target's health for one namespace.
-struct NamespaceSupervisor {
-    name: String,
+/// Watches one target's health.
+struct TargetWatch {
+    namespace: String,
+    target: String,
     sink: Arc<dyn Sink>,
     health: Arc<SinkHealth>,
     breaker: Arc<Breaker>,
 }
 
-impl NamespaceSupervisor {
+impl TargetWatch {
     fn check(&mut self, ctx: &mut Context<Self>) {
-        let (sink, health, name) = (self.sink.clone(), self.health.clone(), self.name.clone());
+        let (sink, health) = (self.sink.clone(), self.health.clone());
+        let (namespace, target) = (self.namespace.clone(), self.target.clone());
         let breaker = self.breaker.clone();
         ctx.spawn(
             async move {
                 let result = sink.healthcheck().await;
                 if let Err(error) = &result {
-                    warn!(namespace = %name, %error, "Target is unhealthy; entries wait in the log.");
+                    warn!(%namespace, %target, %error, "Target is unhealthy; entries wait in the log.");
                 }
                 breaker.health(&result);
                 health.set(result);
@@ -247,7 +313,7 @@ impl NamespaceSupervisor {
     }
 }
 
-impl Actor for NamespaceSupervisor {
+impl Actor for TargetWatch {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {

@@ -13,12 +13,13 @@ use serde::Serialize;
 use super::{ApiError, AppState};
 use crate::actors::breaker::{BreakerView, State as BreakerState};
 use crate::actors::messages::{ConsumerState, GetState};
-use crate::actors::supervisor::NamespaceRuntime;
+use crate::actors::supervisor::{NamespaceRuntime, TargetRuntime};
 use crate::entry::now_ms;
+use crate::stats::Counter;
 
 const STATE_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 pub struct ShardView {
     pub shard: u32,
     /// The sequence the next entry will get.
@@ -53,14 +54,42 @@ pub struct TargetView {
     pub breaker: BreakerView,
 }
 
+/// One target's delivery: its own progress, apart from the others'.
+#[derive(Serialize)]
+pub struct TargetStats {
+    #[serde(flatten)]
+    pub target: TargetView,
+    /// The consumer group that keeps its progress.
+    pub group: String,
+    pub applied: u64,
+    /// Entries written and not yet applied to this target (all shards).
+    pub pending: u64,
+    pub in_retry: i64,
+    pub delayed: i64,
+    pub next_due_ms: Option<i64>,
+    pub consumer_lag: u64,
+    pub oldest_pending_age_ms: Option<u64>,
+    pub failed_deliveries: u64,
+    pub superseded: u64,
+    /// Entries this target moved to the DLQ since start.
+    pub dead_lettered_since_start: u64,
+    pub per_shard: Vec<ShardView>,
+}
+
 #[derive(Serialize)]
 pub struct NamespaceView {
     pub namespace: String,
     pub backend: &'static str,
     pub shards: u32,
+    /// The first target (of one, the only one); `targets` has them all.
     pub target: TargetView,
+    /// Every target, each with its own figures.
+    pub targets: Vec<TargetStats>,
     /// Entries answered `durable: "true"` since this process started.
     pub written: u64,
+    // With several targets, the figures below add up the targets' (the
+    // counts) or take the slowest's (`pending`, `consumer_lag`,
+    // `oldest_pending_age_ms`).
     /// Entries applied since this process started.
     pub applied: u64,
     /// Entries written and not yet applied (all shards).
@@ -79,21 +108,16 @@ pub struct NamespaceView {
     pub failed_deliveries: u64,
     /// Entries lost to the hard retention cap since start (all shards).
     pub lost_to_retention: u64,
+    /// The first target's shards.
     pub per_shard: Vec<ShardView>,
 }
 
-async fn view(ns: &NamespaceRuntime) -> NamespaceView {
-    // A DLQ that cannot be counted right now shows 0, not a failed view.
-    let dead_lettered = tokio::time::timeout(STATE_TIMEOUT, ns.dlq.count(&ns.name))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(0);
+async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
     let mut per_shard = Vec::new();
     let mut oldest: Option<u64> = None;
     let mut failed = 0;
     let mut next_due: Option<i64> = None;
-    for h in &ns.shards {
+    for h in &t.shards {
         let state = tokio::time::timeout(STATE_TIMEOUT, h.consumer.send(GetState))
             .await
             .ok()
@@ -124,7 +148,7 @@ async fn view(ns: &NamespaceRuntime) -> NamespaceView {
             applied_through,
             committed: state.committed,
             consumer_lag: next.saturating_sub(state.committed),
-            written: h.stats.written.get(),
+            written: ns.written[h.shard.shard as usize].get(),
             applied: h.stats.applied.get(),
             in_retry: h.stats.in_retry.get(),
             delayed: h.stats.delayed.get(),
@@ -134,32 +158,73 @@ async fn view(ns: &NamespaceRuntime) -> NamespaceView {
             lost_to_retention: ns.backend.lost_to_retention(&h.shard),
         });
     }
-    let (healthy, last_error) = ns.sink_health.healthy();
+    let (healthy, last_error) = t.sink_health.healthy();
     let sum = |f: fn(&ShardView) -> u64| per_shard.iter().map(f).sum::<u64>();
-    NamespaceView {
-        namespace: ns.name.clone(),
-        backend: ns.backend.kind(),
-        shards: ns.config.shards,
+    let stat = |f: fn(&crate::actors::ShardStats) -> u64| -> u64 {
+        t.shards.iter().map(|h| f(&h.stats)).sum()
+    };
+    TargetStats {
         target: TargetView {
-            name: ns.config.target.name().to_string(),
-            kind: ns.config.target.kind(),
+            name: t.name.clone(),
+            kind: t.kind,
             healthy,
             last_error,
-            breaker: ns.breaker.view(),
+            breaker: t.breaker.view(),
         },
-        written: sum(|s| s.written),
+        group: t.group.clone(),
         applied: sum(|s| s.applied),
         pending: sum(|s| s.next_sequence.saturating_sub(s.applied_through)),
         in_retry: per_shard.iter().map(|s| s.in_retry).sum(),
-        dead_lettered,
-        superseded: ns.shards.iter().map(|h| h.stats.superseded.get()).sum(),
         delayed: per_shard.iter().map(|s| s.delayed).sum(),
         next_due_ms: next_due,
         consumer_lag: sum(|s| s.consumer_lag),
         oldest_pending_age_ms: oldest.map(|ts| now_ms().saturating_sub(ts)),
         failed_deliveries: failed,
-        lost_to_retention: sum(|s| s.lost_to_retention),
+        superseded: stat(|s| s.superseded.get()),
+        dead_lettered_since_start: stat(|s| s.dead_lettered.get()),
         per_shard,
+    }
+}
+
+async fn view(ns: &NamespaceRuntime) -> NamespaceView {
+    // A DLQ that cannot be counted right now shows 0, not a failed view.
+    let dead_lettered = tokio::time::timeout(STATE_TIMEOUT, ns.dlq.count(&ns.name))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    let mut targets = Vec::with_capacity(ns.targets.len());
+    for t in &ns.targets {
+        targets.push(target_view(ns, t).await);
+    }
+    let first = &targets[0];
+    let sum = |f: fn(&TargetStats) -> u64| targets.iter().map(f).sum::<u64>();
+    let max = |f: fn(&TargetStats) -> u64| targets.iter().map(f).max().unwrap_or(0);
+    NamespaceView {
+        namespace: ns.name.clone(),
+        backend: ns.backend.kind(),
+        shards: ns.config.shards,
+        target: TargetView {
+            name: first.target.name.clone(),
+            kind: first.target.kind,
+            healthy: first.target.healthy,
+            last_error: first.target.last_error.clone(),
+            breaker: first.target.breaker.clone(),
+        },
+        written: ns.written.iter().map(Counter::get).sum(),
+        applied: sum(|t| t.applied),
+        pending: max(|t| t.pending),
+        in_retry: targets.iter().map(|t| t.in_retry).sum(),
+        dead_lettered,
+        superseded: sum(|t| t.superseded),
+        delayed: targets.iter().map(|t| t.delayed).sum(),
+        next_due_ms: targets.iter().filter_map(|t| t.next_due_ms).min(),
+        consumer_lag: max(|t| t.consumer_lag),
+        oldest_pending_age_ms: targets.iter().filter_map(|t| t.oldest_pending_age_ms).max(),
+        failed_deliveries: sum(|t| t.failed_deliveries),
+        lost_to_retention: first.per_shard.iter().map(|s| s.lost_to_retention).sum(),
+        per_shard: first.per_shard.clone(),
+        targets,
     }
 }
 
@@ -233,20 +298,37 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let shard_metric = |f: &dyn Fn(&crate::actors::ShardStats) -> f64| {
         let mut v = Vec::new();
         for ns in state.namespaces.values() {
-            for h in &ns.shards {
-                v.push((
-                    format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
-                    f(&h.stats),
-                ));
+            for t in &ns.targets {
+                for h in &t.shards {
+                    v.push((
+                        format!(
+                            "{{namespace=\"{}\",target=\"{}\",shard=\"{}\"}}",
+                            ns.name, t.name, h.shard.shard
+                        ),
+                        f(&h.stats),
+                    ));
+                }
             }
         }
         v
     };
+    let written = state
+        .namespaces
+        .values()
+        .flat_map(|ns| {
+            ns.written.iter().enumerate().map(|(shard, n)| {
+                (
+                    format!("{{namespace=\"{}\",shard=\"{shard}\"}}", ns.name),
+                    n.get() as f64,
+                )
+            })
+        })
+        .collect();
     metric(
         "walden_written_total",
         "counter",
         "Entries answered durable.",
-        shard_metric(&|s| s.written.get() as f64),
+        written,
     );
     metric(
         "walden_applied_total",
@@ -273,6 +355,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         shard_metric(&|s| s.delayed.get() as f64),
     );
     metric(
+        "walden_dead_lettered_total",
+        "counter",
+        "Entries moved to the DLQ.",
+        shard_metric(&|s| s.dead_lettered.get() as f64),
+    );
+    metric(
         "walden_actor_restarts_total",
         "counter",
         "Actor restarts.",
@@ -281,29 +369,24 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut lag = Vec::new();
     let mut health = Vec::new();
     for ns in state.namespaces.values() {
-        for h in &ns.shards {
-            let group = crate::actors::supervisor::CONSUMER_GROUP;
-            if let Some(n) = ns.backend.local_lag(group, &h.shard) {
-                lag.push((
-                    format!("{{namespace=\"{}\",shard=\"{}\"}}", ns.name, h.shard.shard),
-                    n as f64,
-                ));
+        for t in &ns.targets {
+            let labels = format!("namespace=\"{}\",target=\"{}\"", ns.name, t.name);
+            for h in &t.shards {
+                if let Some(n) = ns.backend.local_lag(&t.group, &h.shard) {
+                    lag.push((
+                        format!("{{{labels},shard=\"{}\"}}", h.shard.shard),
+                        n as f64,
+                    ));
+                }
             }
+            let (healthy, _) = t.sink_health.healthy();
+            health.push((format!("{{{labels}}}"), healthy as u64 as f64));
         }
-        let (healthy, _) = ns.sink_health.healthy();
-        health.push((
-            format!(
-                "{{namespace=\"{}\",target=\"{}\"}}",
-                ns.name,
-                ns.config.target.name()
-            ),
-            healthy as u64 as f64,
-        ));
     }
     metric(
         "walden_consumer_lag",
         "gauge",
-        "Entries after the committed offset.",
+        "Entries after the target's committed offset.",
         lag,
     );
     metric(
@@ -313,18 +396,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         health,
     );
     let breaker_metric = |f: &dyn Fn(&BreakerView) -> f64| {
-        let v: Vec<_> = state
-            .namespaces
-            .values()
-            .map(|ns| {
-                let labels = format!(
-                    "{{namespace=\"{}\",target=\"{}\"}}",
-                    ns.name,
-                    ns.config.target.name()
-                );
-                (labels, f(&ns.breaker.view()))
-            })
-            .collect();
+        let mut v = Vec::new();
+        for ns in state.namespaces.values() {
+            for t in &ns.targets {
+                let labels = format!("{{namespace=\"{}\",target=\"{}\"}}", ns.name, t.name);
+                v.push((labels, f(&t.breaker.view())));
+            }
+        }
         v
     };
     metric(
@@ -352,7 +430,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     );
     for ns in state.namespaces.values() {
         let mut counts = [0u64; 9];
-        for h in &ns.shards {
+        for h in ns.targets.iter().flat_map(|t| &t.shards) {
             for (c, n) in counts.iter_mut().zip(h.stats.fire_lateness.counts()) {
                 *c += n;
             }

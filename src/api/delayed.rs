@@ -1,7 +1,9 @@
 //! Delayed entries:
 //!
-//! - `GET /v1/namespaces/{ns}/delayed?limit=`: upcoming entries, soonest first
-//! - `DELETE /v1/namespaces/{ns}/delayed/{id}`: cancel one before it fires
+//! - `GET /v1/namespaces/{ns}/delayed?limit=&target=`: upcoming entries,
+//!   soonest first; each target waits for its own copy
+//! - `DELETE /v1/namespaces/{ns}/delayed/{id}`: cancel one before it fires,
+//!   for every target
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
@@ -20,12 +22,13 @@ const MAX_LIMIT: usize = 1000;
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<usize>,
+    target: Option<String>,
 }
 
 /// A broker namespace's delayed entries hop through its delay-tier topics,
 /// which have no index by id or due time yet.
 fn not_on_a_broker(ns: &NamespaceRuntime) -> Result<(), ApiError> {
-    match ns.delays.fires_itself() {
+    match ns.targets[0].delays.fires_itself() {
         false => Ok(()),
         true => Err(ApiError::bad_request(format!(
             "namespace {:?} is on the {} backend, whose delayed entries cannot be listed or cancelled yet",
@@ -48,20 +51,23 @@ pub async fn list(
     let ns = state.namespace(&path)?;
     not_on_a_broker(ns)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
+    let targets = super::targets_named(ns, query.target.as_deref())?;
     let mut upcoming = Vec::new();
-    for h in &ns.shards {
-        let waiting = ns
-            .delays
-            .due_between(&h.shard, 0, u64::MAX, Limit::entries(limit))
-            .await
-            .map_err(store_error)?;
-        upcoming.extend(waiting);
+    for t in targets {
+        for h in &t.shards {
+            let waiting = t
+                .delays
+                .due_between(&h.shard, 0, u64::MAX, Limit::entries(limit))
+                .await
+                .map_err(store_error)?;
+            upcoming.extend(waiting.into_iter().map(|d| (d, t.name.as_str())));
+        }
     }
-    upcoming.sort_by_key(|d| (d.entry.due_ms, d.shard.shard, d.sequence));
+    upcoming.sort_by_key(|(d, t)| (d.entry.due_ms, d.shard.shard, d.sequence, *t));
     upcoming.truncate(limit);
     let entries: Vec<_> = upcoming
         .iter()
-        .map(|d| {
+        .map(|(d, target)| {
             serde_json::json!({
                 "id": d.entry.id,
                 "key": d.entry.key,
@@ -69,6 +75,7 @@ pub async fn list(
                 "sequence": d.sequence,
                 "due_ms": d.entry.due_ms,
                 "timestamp_ms": d.entry.timestamp_ms,
+                "target": target,
             })
         })
         .collect();
@@ -92,34 +99,47 @@ pub async fn cancel(
             ns.name
         ))
     };
-    let found = ns.delays.find(&ns.name, &id).await.map_err(store_error)?;
-    let Some(d) = found else {
-        return Err(not_found());
-    };
-    let Some(shard) = ns.shards.get(d.shard.shard as usize) else {
-        return Err(not_found());
-    };
-    let outcome = shard
-        .delay
-        .send(Cancel(d))
-        .await
-        .map_err(|e| {
-            ApiError::unavailable(
-                Durable::Unknown,
-                format!("the delay scheduler is restarting: {e}"),
-            )
-        })?
-        .map_err(store_error)?;
-    match outcome {
-        CancelOutcome::Cancelled => {
-            Ok(HttpResponse::Ok().json(serde_json::json!({ "cancelled": id })))
+    // Each target holds its own copy; the cancel goes to every one.
+    let (mut cancelled, mut fired) = (Vec::new(), Vec::new());
+    for t in &ns.targets {
+        let Some(d) = t.delays.find(&ns.name, &id).await.map_err(store_error)? else {
+            continue;
+        };
+        let Some(shard) = t.shards.get(d.shard.shard as usize) else {
+            continue;
+        };
+        let outcome = shard
+            .delay
+            .send(Cancel(d))
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(
+                    Durable::Unknown,
+                    format!("the delay scheduler is restarting: {e}"),
+                )
+            })?
+            .map_err(store_error)?;
+        match outcome {
+            CancelOutcome::Cancelled => cancelled.push(t.name.as_str()),
+            CancelOutcome::Fired => fired.push(t.name.as_str()),
+            CancelOutcome::Gone => {}
         }
-        CancelOutcome::Fired => Err(ApiError::rejected(
+    }
+    match (cancelled.is_empty(), fired.is_empty()) {
+        (true, true) => Err(not_found()),
+        (false, true) => {
+            Ok(HttpResponse::Ok()
+                .json(serde_json::json!({ "cancelled": id, "targets": cancelled })))
+        }
+        _ => Err(ApiError::rejected(
             StatusCode::CONFLICT,
             format!(
-                "delayed entry {id:?} already came due and is being delivered; it cannot be cancelled"
+                "delayed entry {id:?} already came due for {fired:?} and is being delivered there; it cannot be cancelled{}",
+                match cancelled.is_empty() {
+                    true => String::new(),
+                    false => format!(" (it was cancelled for {cancelled:?})"),
+                }
             ),
         )),
-        CancelOutcome::Gone => Err(not_found()),
     }
 }

@@ -1,12 +1,16 @@
 //! The dead-letter admin API:
 //!
-//! - `GET  /v1/namespaces/{ns}/dlq?limit=&after=`: live letters in DLQ order
+//! - `GET  /v1/namespaces/{ns}/dlq?limit=&after=&target=`: live letters in
+//!   DLQ order
 //! - `GET  /v1/namespaces/{ns}/dlq/{id}`: every live letter of that entry id
-//! - `POST /v1/namespaces/{ns}/dlq/redrive` `{"ids": [...]}` or `{"all": true}`
-//! - `POST /v1/namespaces/{ns}/dlq/purge`, the same body
+//! - `POST /v1/namespaces/{ns}/dlq/redrive?target=` `{"ids": [...]}` or
+//!   `{"all": true}`
+//! - `POST /v1/namespaces/{ns}/dlq/purge?target=`, the same body
 //!
-//! A redrive sends each entry back to its origin shard with its original
-//! sequence and fresh attempts.
+//! Each letter names the target that failed it (`origin.target`); `target=`
+//! picks one target's letters. A redrive sends each entry back to its origin
+//! shard with its original sequence and fresh attempts, for the target that
+//! failed it and no other.
 //! - Embedded log: the shard's applier retries it in place; its letter is
 //!   removed once it is applied (or superseded by a newer version at the
 //!   target). One that fails again stays.
@@ -27,7 +31,7 @@ use super::{ApiError, AppState, read_json_body};
 use crate::actors::messages::{Purged, Redrive, RedriveBacklog, RedrivenLetter};
 use crate::actors::supervisor::NamespaceRuntime;
 use crate::backends::shard::AnyDlq;
-use crate::backends::{DeadLetter, DeadLetters, RedriveReport, Selection};
+use crate::backends::{DeadLetter, DeadLetters, Pick, RedriveReport, Selection};
 use crate::entry::Delivered;
 use crate::sinks::DeliveredJson;
 
@@ -39,6 +43,14 @@ const MAX_LIMIT: usize = 1000;
 pub struct ListQuery {
     limit: Option<usize>,
     after: Option<u64>,
+    target: Option<String>,
+}
+
+/// `?target=` on a redrive or purge.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetQuery {
+    target: Option<String>,
 }
 
 /// Which letters a redrive or purge acts on.
@@ -89,11 +101,17 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
-    let (letters, total) = ns
-        .dlq
-        .list(&ns.name, query.after, limit)
-        .await
-        .map_err(backend_error)?;
+    let (letters, total) = match &query.target {
+        None => ns
+            .dlq
+            .list(&ns.name, query.after, limit)
+            .await
+            .map_err(backend_error)?,
+        Some(target) => {
+            super::targets_named(ns, Some(target))?;
+            one_target(ns, target, query.after, limit).await?
+        }
+    };
     let next_after = (letters.len() == limit && limit > 0)
         .then(|| letters.last().map(|l| l.dlq_sequence))
         .flatten();
@@ -102,6 +120,35 @@ pub async fn list(
         "total": total,
         "next_after": next_after,
     })))
+}
+
+/// One target's letters after `after`, up to `limit`, and how many it has:
+/// the DLQ is shared, so this reads it through.
+async fn one_target(
+    ns: &NamespaceRuntime,
+    target: &str,
+    mut after: Option<u64>,
+    limit: usize,
+) -> Result<(Vec<DeadLetter>, usize), ApiError> {
+    let (mut out, mut total) = (Vec::new(), 0);
+    loop {
+        let (page, _) = ns
+            .dlq
+            .list(&ns.name, after, MAX_LIMIT)
+            .await
+            .map_err(backend_error)?;
+        after = page.last().map(|l| l.dlq_sequence);
+        let full = page.len() == MAX_LIMIT;
+        for l in page.into_iter().filter(|l| l.origin.target == target) {
+            total += 1;
+            if out.len() < limit {
+                out.push(l);
+            }
+        }
+        if !full {
+            return Ok((out, total));
+        }
+    }
 }
 
 /// `GET /v1/namespaces/{ns}/dlq/{id}`
@@ -128,19 +175,28 @@ pub async fn show(
 /// Which letters a request's body picks.
 async fn selection(
     state: &AppState,
+    ns: &NamespaceRuntime,
+    query: TargetQuery,
     req: &HttpRequest,
     body: web::Payload,
 ) -> Result<Selection, ApiError> {
+    super::targets_named(ns, query.target.as_deref())?;
     let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    match (select.ids, select.all) {
-        (Some(ids), false) => Ok(Selection::Ids(ids)),
-        (None, true) => Ok(Selection::All),
-        _ => Err(ApiError::bad_request(
-            "give either `ids` (a list) or `all: true`",
-        )),
-    }
+    let pick = match (select.ids, select.all) {
+        (Some(ids), false) => Selection::ids(ids),
+        (None, true) => Selection::all(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either `ids` (a list) or `all: true`",
+            ));
+        }
+    };
+    Ok(Selection {
+        target: query.target,
+        ..pick
+    })
 }
 
 /// The letters a selection picks, a page at a time and oldest first, so a
@@ -168,8 +224,8 @@ impl<'a> Pages<'a> {
             return Ok(None);
         }
         let (dlq, name) = (&self.ns.dlq, &self.ns.name);
-        match self.selection {
-            Selection::Ids(ids) => {
+        match &self.selection.pick {
+            Pick::Ids(ids) => {
                 self.done = true;
                 let mut found = Vec::new();
                 for id in ids {
@@ -178,17 +234,24 @@ impl<'a> Pages<'a> {
                 // An id named twice is acted on once.
                 found.sort_by_key(|l| l.dlq_sequence);
                 found.dedup_by_key(|l| l.dlq_sequence);
+                found.retain(|l| self.selection.picks(l));
                 Ok(Some(found))
             }
-            Selection::All => {
-                let (page, _) = dlq
+            Pick::All => loop {
+                let (mut page, _) = dlq
                     .list(name, self.after, MAX_LIMIT)
                     .await
                     .map_err(backend_error)?;
                 self.after = page.last().map(|l| l.dlq_sequence);
                 self.done = page.len() < MAX_LIMIT;
-                Ok((!page.is_empty()).then_some(page))
-            }
+                page.retain(|l| self.selection.picks(l));
+                if !page.is_empty() {
+                    return Ok(Some(page));
+                }
+                if self.done {
+                    return Ok(None);
+                }
+            },
         }
     }
 }
@@ -197,11 +260,12 @@ impl<'a> Pages<'a> {
 pub async fn redrive(
     state: web::Data<AppState>,
     path: web::Path<String>,
+    query: web::Query<TargetQuery>,
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let selection = selection(&state, &req, body).await?;
+    let selection = selection(&state, &ns, query.into_inner(), &req, body).await?;
     let report = if ns.dlq.redrives_to_broker() {
         ns.dlq
             .redrive_on_broker(&ns.name, ns.config.shards, &selection)
@@ -228,6 +292,15 @@ pub async fn redrive(
     })
 }
 
+/// The target (its index) that failed a letter. A letter of a target since
+/// renamed or removed belongs to a namespace's only target, or to none.
+fn letter_target(ns: &NamespaceRuntime, letter: &DeadLetter) -> Option<usize> {
+    ns.targets
+        .iter()
+        .position(|t| t.name == letter.origin.target)
+        .or((ns.targets.len() == 1).then_some(0))
+}
+
 /// Redriven entries an applier may hold before the next page goes to it.
 const REDRIVE_BACKLOG: usize = MAX_LIMIT;
 
@@ -243,17 +316,22 @@ async fn redrive_in_place(
     let mut seen = Vec::new();
     while let Some(page) = pages.next().await? {
         // Only named ids need looking for (all of a large DLQ would not).
-        if matches!(selection, Selection::Ids(_)) {
+        if selection.names_ids() {
             seen.extend(page.iter().map(|l| l.entry.id.clone()));
         }
-        let mut by_shard: BTreeMap<u32, Vec<RedrivenLetter>> = BTreeMap::new();
+        let mut by_shard: BTreeMap<(usize, u32), Vec<RedrivenLetter>> = BTreeMap::new();
         for l in page {
-            if *l.origin.shard.namespace != *ns.name || l.origin.shard.shard >= ns.config.shards {
+            // Back to the target that failed it; a letter from before
+            // targets were named (or of a target since removed) goes to a
+            // namespace's only target, or nowhere.
+            let Some(target) = letter_target(ns, &l).filter(|_| {
+                *l.origin.shard.namespace == *ns.name && l.origin.shard.shard < ns.config.shards
+            }) else {
                 report.unroutable.push(l.entry.id);
                 continue;
-            }
+            };
             by_shard
-                .entry(l.origin.shard.shard)
+                .entry((target, l.origin.shard.shard))
                 .or_default()
                 .push(RedrivenLetter {
                     dlq_sequence: l.dlq_sequence,
@@ -264,9 +342,9 @@ async fn redrive_in_place(
                     },
                 });
         }
-        for (shard, entries) in by_shard {
+        for ((target, shard), entries) in by_shard {
             report.redriven += entries.len();
-            let applier = &ns.shards[shard as usize].applier;
+            let applier = &ns.targets[target].shards[shard as usize].applier;
             applier.do_send(Redrive(entries));
             // Backpressure: the applier holds what it was sent until applied.
             while applier
@@ -287,11 +365,12 @@ async fn redrive_in_place(
 pub async fn purge(
     state: web::Data<AppState>,
     path: web::Path<String>,
+    query: web::Query<TargetQuery>,
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let selection = selection(&state, &req, body).await?;
+    let selection = selection(&state, &ns, query.into_inner(), &req, body).await?;
     let mut pages = Pages::new(&ns, &selection);
     let mut purged = 0;
     let mut gone = Vec::new();
@@ -305,11 +384,13 @@ pub async fn purge(
             if result.map_err(backend_error)? {
                 purged += 1;
                 // Only named ids need looking for (all of a large DLQ would not).
-                if matches!(selection, Selection::Ids(_)) {
+                if selection.names_ids() {
                     gone.push(l.entry.id.clone());
                 }
                 // If it held its key, the key's waiting entries may go.
-                if let Some(h) = ns.shards.get(l.origin.shard.shard as usize) {
+                if let Some(h) = letter_target(&ns, l)
+                    .and_then(|t| ns.targets[t].shards.get(l.origin.shard.shard as usize))
+                {
                     h.applier.do_send(Purged(l.entry.clone()));
                 }
             }

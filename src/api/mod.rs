@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 
 pub use error::ApiError;
 
-use crate::actors::supervisor::NamespaceRuntime;
+use crate::actors::supervisor::{NamespaceRuntime, TargetRuntime};
 use crate::backends::LogHealth;
 use crate::config::ServerConfig;
 
@@ -40,6 +40,24 @@ impl AppState {
         self.namespaces
             .get(name)
             .ok_or_else(|| ApiError::not_found(format!("unknown namespace {name:?}")))
+    }
+}
+
+/// The targets a `?target=` names: that one (a 400 if the namespace has no
+/// such target), or all of them.
+pub(crate) fn targets_named<'a>(
+    ns: &'a NamespaceRuntime,
+    name: Option<&str>,
+) -> Result<Vec<&'a TargetRuntime>, ApiError> {
+    match name {
+        None => Ok(ns.targets.iter().collect()),
+        Some(name) => ns.target(name).map(|t| vec![t]).ok_or_else(|| {
+            let names: Vec<&str> = ns.targets.iter().map(|t| t.name.as_str()).collect();
+            ApiError::bad_request(format!(
+                "`target`: namespace {:?} has no target {name:?} (its targets are {names:?})",
+                ns.name
+            ))
+        }),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod sqs;
 pub(crate) mod tracker;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -214,26 +215,61 @@ pub trait DeadLetters: Send + Sync {
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
-/// Which dead letters an admin action picks.
+/// Which dead letters an admin action picks: by entry id or all, and of one
+/// target or of every target.
 #[derive(Clone, Debug)]
-pub enum Selection {
+pub struct Selection {
+    pub pick: Pick,
+    /// Only the letters of this target (`?target=`).
+    pub target: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Pick {
     /// Every letter of these entry ids.
     Ids(Vec<String>),
     All,
 }
 
 impl Selection {
-    pub fn picks(&self, letter: &DeadLetter) -> bool {
-        match self {
-            Selection::Ids(ids) => ids.contains(&letter.entry.id),
-            Selection::All => true,
+    pub fn all() -> Self {
+        Self {
+            pick: Pick::All,
+            target: None,
         }
+    }
+
+    pub fn ids(ids: Vec<String>) -> Self {
+        Self {
+            pick: Pick::Ids(ids),
+            target: None,
+        }
+    }
+
+    /// Ids were named (so the ones not found are reported).
+    pub fn names_ids(&self) -> bool {
+        matches!(self.pick, Pick::Ids(_))
+    }
+
+    pub fn picks(&self, letter: &DeadLetter) -> bool {
+        self.picks_id(&letter.entry.id) && self.picks_target(&letter.origin.target)
+    }
+
+    pub fn picks_id(&self, id: &str) -> bool {
+        match &self.pick {
+            Pick::Ids(ids) => ids.iter().any(|i| i == id),
+            Pick::All => true,
+        }
+    }
+
+    pub fn picks_target(&self, target: &str) -> bool {
+        self.target.as_deref().is_none_or(|t| t == target)
     }
 
     /// The named ids that are not among `found` (the ids of the letters an
     /// action found); none for `All`.
     pub fn missing<'a>(&self, found: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let Selection::Ids(ids) = self else {
+        let Pick::Ids(ids) = &self.pick else {
             return Vec::new();
         };
         let found: std::collections::HashSet<&str> = found.into_iter().collect();
@@ -458,6 +494,15 @@ pub trait DelayStore: Send + Sync {
     /// scheduler keeps none of them in memory.
     fn fires_itself(&self) -> bool {
         false
+    }
+
+    /// The store as one of a namespace's targets uses it, when each target
+    /// needs its own keys (`group`: where the target keeps its progress;
+    /// `None`: the namespace's own target). `None`: every target shares this
+    /// one (a broker's tiers, which put an entry back on the shared topic
+    /// for one target alone).
+    fn for_target(&self, _group: Option<&str>) -> Option<Arc<dyn DelayStore>> {
+        None
     }
 
     /// Hold these entries; resolves once they are durable (their deliveries

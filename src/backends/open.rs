@@ -75,34 +75,43 @@ async fn kafka(
         true => Some(KafkaDelayTiers::open(&settings).await?),
         false => None,
     };
-    let (group, delay_groups) = match server.role.applies() {
+    // One group per target, each with its own committed offsets; the delay
+    // tiers are shared, and put an entry back for the target that delayed it.
+    let (groups, delay_groups) = match server.role.applies() {
         true => {
             let id = k.group(name);
             let drain = Duration::from_millis(k.rebalance_drain_ms);
-            let group = KafkaGroup::join(&settings, &id, drain, membership)?;
+            let mut groups = Vec::with_capacity(ns.targets.len());
+            for target in &ns.targets {
+                let group_id = target.group(&id);
+                groups.push((
+                    group_id.clone(),
+                    KafkaGroup::join(&settings, &group_id, drain, membership)?,
+                ));
+            }
             let tier_groups = match &tiers {
                 Some(tiers) => tiers.start_workers(&id, drain, membership)?,
                 None => Vec::new(),
             };
-            (Some(group), tier_groups)
+            (groups, tier_groups)
         }
-        false => (None, Vec::new()),
+        false => (Vec::new(), Vec::new()),
     };
     let dlq_settings = KafkaSettings {
         topic: k.dlq_topic(name),
         ..settings.clone()
     };
     let dlq = KafkaDlq::open(&dlq_settings, &settings.topic).await?;
-    if let Some(group) = &group
-        && ns.dlq.on_dead_letter == OnDeadLetter::HoldKey
-    {
-        group.follow_holds(dlq.clone());
+    if ns.dlq.on_dead_letter == OnDeadLetter::HoldKey {
+        for (_, group) in &groups {
+            group.follow_holds(dlq.clone());
+        }
     }
     info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
     Ok(Opened {
         backend: NamespaceBackend::Kafka {
             producer,
-            group,
+            groups,
             delay_groups,
         },
         dlq: AnyDlq::Kafka(dlq),

@@ -26,9 +26,9 @@ pub enum NamespaceBackend {
     Kafka {
         /// `None` in a consumer-only process.
         producer: Option<KafkaProducer>,
-        /// This process's membership in the namespace's consumer group;
-        /// `None` in a producer-only process.
-        group: Option<Arc<KafkaGroup>>,
+        /// This process's memberships in the consumer groups of the
+        /// namespace's targets, by group id; none in a producer-only process.
+        groups: Vec<(String, Arc<KafkaGroup>)>,
         /// Memberships in the delay tiers' groups (consumer processes).
         delay_groups: Vec<Arc<KafkaGroup>>,
     },
@@ -86,8 +86,8 @@ impl NamespaceBackend {
     /// broker that splits its shards between processes): shutting down
     /// leaves them, which hands the shards over.
     pub fn in_groups(&self) -> bool {
-        matches!(self, NamespaceBackend::Kafka { group, delay_groups, .. }
-            if group.is_some() || !delay_groups.is_empty())
+        matches!(self, NamespaceBackend::Kafka { groups, delay_groups, .. }
+            if !groups.is_empty() || !delay_groups.is_empty())
     }
 
     /// Leave every group this process is in for the namespace, each revoke
@@ -95,12 +95,12 @@ impl NamespaceBackend {
     /// Blocking.
     pub fn leave_groups(&self, drain: Duration) {
         if let NamespaceBackend::Kafka {
-            group,
+            groups,
             delay_groups,
             ..
         } = self
         {
-            for g in group.iter().chain(delay_groups) {
+            for g in groups.iter().map(|(_, g)| g).chain(delay_groups) {
                 g.leave(drain);
             }
         }
@@ -130,14 +130,13 @@ impl NamespaceBackend {
             NamespaceBackend::Embedded(log) => {
                 AnyConsumer::Embedded(EmbeddedConsumer::new(log.clone(), group, shard)?)
             }
-            NamespaceBackend::Kafka {
-                group: Some(member),
-                ..
-            } => AnyConsumer::Kafka(member.shard_consumer(shard).await?),
-            NamespaceBackend::Kafka { group: None, .. } => {
-                return Err(BackendError::NotHere(
-                    "this process does not consume (--role producer)",
-                ));
+            NamespaceBackend::Kafka { groups, .. } => {
+                let Some((_, member)) = groups.iter().find(|(id, _)| id == group) else {
+                    return Err(BackendError::NotHere(
+                        "this process is not in the group (--role producer reads nothing)",
+                    ));
+                };
+                AnyConsumer::Kafka(member.shard_consumer(shard).await?)
             }
             NamespaceBackend::Sqs(ns) => AnyConsumer::Sqs(ns.consumer(shard).await?),
         })

@@ -95,3 +95,57 @@ impl Visitor<'_> for OptionVisitor {
         Ok(OptionValue(v.to_string()))
     }
 }
+
+/// An optional table chosen by its `type` field ([`by_type`]).
+pub(super) fn some_by_type<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    by_type(d).map(Some)
+}
+
+/// `[namespaces.N.targets.NAME]` tables: each a target chosen by `type`,
+/// named by its key, with `start` and `group` beside the target's fields.
+pub(super) fn targets<'de, D>(d: D) -> Result<Vec<super::TargetSpec>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let tables = BTreeMap::<String, Map<String, Value>>::deserialize(d)?;
+    let mut out = Vec::with_capacity(tables.len());
+    for (name, mut table) in tables {
+        let at = |e: &dyn fmt::Display| de::Error::custom(format!("`{name}`: {e}"));
+        let start = match table.remove("start") {
+            None => super::TargetStart::default(),
+            Some(v) => super::TargetStart::deserialize(v).map_err(|e| {
+                at(&format!(
+                    "`start`: {e} (\"earliest\": the oldest entry the log holds; \"latest\": the next one)"
+                ))
+            })?,
+        };
+        let group = match table.remove("group") {
+            None => None,
+            Some(Value::String(g)) => Some(g),
+            Some(other) => return Err(at(&format!("`group`: expected a string, got {other}"))),
+        };
+        match table.get("name") {
+            Some(Value::String(n)) if *n == name => {}
+            Some(other) => {
+                return Err(at(&format!(
+                    "`name`: a target in a `targets` table is named by its key ({name:?}); leave `name` out (got {other})"
+                )));
+            }
+            None => {
+                table.insert("name".into(), Value::String(name.clone()));
+            }
+        }
+        let config = by_type(Value::Object(table)).map_err(|e: serde_json::Error| at(&e))?;
+        out.push(super::TargetSpec {
+            config,
+            start,
+            group,
+            sole: false,
+        });
+    }
+    Ok(out)
+}

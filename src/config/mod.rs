@@ -153,7 +153,7 @@ impl Default for OtelConfig {
     }
 }
 
-/// `[namespaces.NAME]`. Only `backend` and `target` are required.
+/// `[namespaces.NAME]`. Only `backend`, and `target` or `targets`, are required.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
@@ -171,9 +171,15 @@ pub struct NamespaceConfig {
     /// Where entries are stored until applied.
     #[serde(deserialize_with = "de::by_type")]
     pub backend: BackendConfig,
-    /// Where entries are delivered.
-    #[serde(deserialize_with = "de::by_type")]
-    pub target: TargetConfig,
+    /// `[namespaces.N.target]`: the one target of a namespace that has one.
+    /// [`Config::resolve_targets`] moves it into `targets`; read those.
+    #[serde(default, deserialize_with = "de::some_by_type")]
+    pub target: Option<TargetConfig>,
+    /// `[namespaces.N.targets.NAME]`: where entries are delivered. Every
+    /// entry goes to each of them (or to those its write names), and each
+    /// keeps its own progress, retries, breaker and dead letters.
+    #[serde(default, deserialize_with = "de::targets")]
+    pub targets: Vec<TargetSpec>,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -441,6 +447,31 @@ impl BackendConfig {
     }
 }
 
+impl NamespaceConfig {
+    /// The consumer group of the namespace's own target (see
+    /// [`TargetSpec::group`]): `walden` on the embedded log, the topic's
+    /// group on Kafka.
+    pub fn namespace_group(&self, namespace: &str) -> String {
+        match self.backend.entries() {
+            BackendConfig::Kafka(k) => k.group(namespace),
+            _ => EMBEDDED_GROUP.to_string(),
+        }
+    }
+}
+
+/// The consumer group the embedded log is read with, for a namespace's own
+/// target.
+pub const EMBEDDED_GROUP: &str = "walden";
+
+/// A consumer group's name, as the embedded log stores it in a file name.
+pub fn valid_group_name(group: &str) -> bool {
+    (1..=200).contains(&group.len())
+        && group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !group.starts_with('.')
+}
+
 impl KafkaConfig {
     /// The consumer group of namespace `namespace`.
     pub fn group(&self, namespace: &str) -> String {
@@ -611,12 +642,72 @@ pub enum TargetConfig {
     },
 }
 
+/// One of a namespace's targets, with where its progress lives.
+#[derive(Clone, Debug)]
+pub struct TargetSpec {
+    pub config: TargetConfig,
+    /// Where a target with no progress yet starts reading.
+    pub start: TargetStart,
+    /// The consumer group that keeps its progress; `None`: the default (see
+    /// [`TargetSpec::owns_namespace_group`]).
+    pub group: Option<String>,
+    /// It came from the single `[namespaces.N.target]` table.
+    pub sole: bool,
+}
+
+/// `start`: where a new target begins.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetStart {
+    /// At the oldest entry the log still holds: nothing retained is missed.
+    #[default]
+    Earliest,
+    /// At the next entry written: only what comes after it starts.
+    Latest,
+}
+
+impl TargetSpec {
+    pub fn name(&self) -> &str {
+        self.config.name()
+    }
+
+    /// The target keeps the namespace's own consumer group (the progress of
+    /// the days of one target per namespace): it is the single `target`
+    /// table, or the one named `default`. Other targets get a group of
+    /// their own, named after them.
+    pub fn owns_namespace_group(&self) -> bool {
+        self.sole || self.name() == DEFAULT_TARGET
+    }
+
+    /// The consumer group of this target's progress, given the namespace's
+    /// own (`walden` on the embedded log, `walden.{ns}` on Kafka).
+    pub fn group(&self, namespace_group: &str) -> String {
+        match &self.group {
+            Some(g) => g.clone(),
+            None if self.owns_namespace_group() => namespace_group.to_string(),
+            None => format!("{namespace_group}.{}", self.name()),
+        }
+    }
+}
+
+/// The name of a target that names none.
+pub const DEFAULT_TARGET: &str = "default";
+
+/// A target name from a `targets` table: it names consumer groups and goes
+/// in an entry's header, so it is short and plain.
+pub fn valid_target_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
 fn default_pool_size() -> usize {
     8
 }
 
 fn default_target_name() -> String {
-    "default".into()
+    DEFAULT_TARGET.into()
 }
 
 fn default_http_timeout_ms() -> u64 {
@@ -845,10 +936,32 @@ pub enum LoadError {
 /// Parse a TOML document (no environment overrides, no validation). For
 /// tests and tools that build a config in memory.
 pub fn from_toml(text: &str) -> Result<Config, config::ConfigError> {
-    config::Config::builder()
+    let mut config: Config = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()?
-        .try_deserialize()
+        .try_deserialize()?;
+    config.resolve_targets();
+    Ok(config)
+}
+
+impl Config {
+    /// Move each namespace's single `target` table into its `targets`, so
+    /// the rest of Walden reads one list. A namespace that gives both, or
+    /// neither, is left for [`validate`] to name.
+    pub fn resolve_targets(&mut self) {
+        for ns in self.namespaces.values_mut() {
+            if ns.targets.is_empty()
+                && let Some(config) = ns.target.clone()
+            {
+                ns.targets.push(TargetSpec {
+                    config,
+                    start: TargetStart::Earliest,
+                    group: None,
+                    sole: true,
+                });
+            }
+        }
+    }
 }
 
 /// Load `path` (TOML or YAML, by extension) with `WALDEN__…` overrides, and
@@ -876,6 +989,7 @@ pub fn load_as(path: &Path, role: Option<Role>) -> Result<Config, LoadError> {
         .map_err(read)?
         .try_deserialize()
         .map_err(read)?;
+    config.resolve_targets();
     if let Some(role) = role {
         config.server.role = role;
     }

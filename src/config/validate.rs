@@ -207,7 +207,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             BackendConfig::Composite(c) => validate_composite(&mut e, name, ns, c),
             _ => {}
         }
-        validate_target(&mut e, name, &ns.target);
+        validate_targets(&mut e, name, ns);
         let r = &ns.retry;
         if r.initial_backoff_ms == 0 {
             e.ns(name, "retry.initial_backoff_ms", "must be greater than 0");
@@ -413,20 +413,32 @@ impl RowSpace {
 /// cannot be compared with, so one namespace's older write could win. Hosts
 /// are compared as written (`localhost` and `127.0.0.1` look different).
 fn shared_row_spaces(e: &mut Errors, config: &Config) {
-    let spaces: Vec<(&str, RowSpace)> = config
+    let spaces: Vec<(&str, String, RowSpace)> = config
         .namespaces
         .iter()
-        .filter_map(|(name, ns)| Some((name.as_str(), RowSpace::of(&ns.target)?)))
+        .flat_map(|(name, ns)| {
+            ns.targets.iter().filter_map(move |t| {
+                let field = match t.sole {
+                    true => "target".to_string(),
+                    false => format!("targets.{}", t.name()),
+                };
+                Some((name.as_str(), field, RowSpace::of(&t.config)?))
+            })
+        })
         .collect();
-    for (i, (name, space)) in spaces.iter().enumerate() {
-        if let Some((first, _)) = spaces[..i].iter().find(|(_, s)| s.overlaps(space)) {
+    for (i, (name, field, space)) in spaces.iter().enumerate() {
+        // Two targets of one namespace version rows alike.
+        if let Some((first, _, _)) = spaces[..i]
+            .iter()
+            .find(|(n, _, s)| n != name && s.overlaps(space))
+        {
             let field = match space {
-                RowSpace::Table(_) => "target.table",
-                RowSpace::Keys { .. } => "target.key_prefix",
+                RowSpace::Table(_) => format!("{field}.table"),
+                RowSpace::Keys { .. } => format!("{field}.key_prefix"),
             };
             e.ns(
                 name,
-                field,
+                &field,
                 format!(
                     "namespace `{first}`'s target writes the same rows; each row's version is its namespace's shard sequence, which cannot be compared across namespaces, so give each namespace its own table or a key prefix that does not overlap"
                 ),
@@ -661,15 +673,95 @@ fn valid_queue_name(queue: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
-fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
-    if target.name().is_empty() {
-        e.ns(ns, "target.name", "must not be empty");
+/// The namespace's targets: one `target` table or `targets` tables, each
+/// well formed, with progress of its own.
+fn validate_targets(e: &mut Errors, name: &str, ns: &NamespaceConfig) {
+    let tables = ns.targets.iter().any(|t| !t.sole);
+    if ns.target.is_some() && tables {
+        e.ns(
+            name,
+            "targets",
+            "give either one `target` table or `targets` tables, not both (a `target` table is the target `targets.<its name>`)",
+        );
     }
+    if ns.targets.is_empty() && ns.target.is_none() {
+        e.ns(
+            name,
+            "target",
+            format!(
+                "missing: give a [namespaces.{name}.target] table, or [namespaces.{name}.targets.<name>] tables"
+            ),
+        );
+    }
+    if ns.targets.len() > 1 && matches!(ns.backend, BackendConfig::Sqs(_)) {
+        // A message is deleted once acked: it cannot wait for a second
+        // target, nor be read again by one.
+        e.ns(
+            name,
+            "targets",
+            "an SQS namespace has one target: SQS deletes a message once it is applied, so a second target could neither read it again nor hold it without holding the first; use one namespace per target, or the embedded or Kafka backend",
+        );
+    }
+    if ns.targets.len() > 1
+        && ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey
+        && matches!(ns.backend.entries(), BackendConfig::Kafka(_))
+    {
+        // Kafka keeps a key's hold with its letter in the DLQ topic, one per
+        // key for the whole namespace.
+        e.ns(
+            name,
+            "dlq.on_dead_letter",
+            "\"hold_key\" on Kafka holds a key for every target of the namespace at once, so it is not offered with several targets yet; use \"continue\", or the embedded backend, which holds keys per target",
+        );
+    }
+    let mut groups: Vec<(String, &str)> = Vec::new();
+    for t in &ns.targets {
+        let field = match t.sole {
+            true => "target".to_string(),
+            false => format!("targets.{}", t.name()),
+        };
+        if t.sole {
+            if t.name().is_empty() {
+                e.ns(name, "target.name", "must not be empty");
+            }
+        } else if !super::valid_target_name(t.name()) {
+            e.ns(
+                name,
+                &field,
+                "a target's name must be 1-64 letters, digits, '-' or '_' (it names the target's consumer group)",
+            );
+        }
+        if let Some(g) = &t.group
+            && !super::valid_group_name(g)
+        {
+            e.ns(
+                name,
+                &format!("{field}.group"),
+                format!(
+                    "{g:?} must be 1-200 letters, digits, '.', '_' or '-', not starting with '.'"
+                ),
+            );
+        }
+        let group = t.group(&ns.namespace_group(name));
+        if let Some((_, other)) = groups.iter().find(|(g, _)| *g == group) {
+            e.ns(
+                name,
+                &format!("{field}.group"),
+                format!("the target {other:?} keeps its progress in group {group:?} too; each target needs its own"),
+            );
+        }
+        groups.push((group, t.name()));
+        validate_target(e, name, &field, &t.config);
+    }
+}
+
+fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig) {
+    let at = |f: &str| format!("{field}.{f}");
     match target {
         TargetConfig::Stdout { .. } => {}
         TargetConfig::File { path, .. } => {
             if path.as_os_str().is_empty() {
-                e.ns(ns, "target.path", "must not be empty");
+                e.ns(ns, &at("path"), "must not be empty");
             }
         }
         TargetConfig::Http {
@@ -677,11 +769,11 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
         } => {
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                Ok(_) => e.ns(ns, "target.url", format!("{url:?} must be an http(s) URL")),
-                Err(err) => e.ns(ns, "target.url", format!("{url:?} is not a URL: {err}")),
+                Ok(_) => e.ns(ns, &at("url"), format!("{url:?} must be an http(s) URL")),
+                Err(err) => e.ns(ns, &at("url"), format!("{url:?} is not a URL: {err}")),
             }
             if *timeout_ms == 0 {
-                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
         }
         TargetConfig::Postgres {
@@ -692,30 +784,30 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
             ..
         } => {
             if let Err(err) = url.parse::<tokio_postgres::Config>() {
-                e.ns(ns, "target.url", format!("not a postgres URL: {err}"));
+                e.ns(ns, &at("url"), format!("not a postgres URL: {err}"));
             }
             if !super::valid_table_name(table) {
                 e.ns(
                     ns,
-                    "target.table",
+                    &at("table"),
                     format!("{table:?} must be `table` or `schema.table` (letters, digits, '_')"),
                 );
             }
             if *pool_size == 0 {
-                e.ns(ns, "target.pool_size", "must be greater than 0");
+                e.ns(ns, &at("pool_size"), "must be greater than 0");
             }
             if *timeout_ms == 0 {
-                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
         }
         TargetConfig::Redis {
             url, timeout_ms, ..
         } => {
             if let Err(err) = redis::Client::open(url.as_str()) {
-                e.ns(ns, "target.url", format!("not a redis URL: {err}"));
+                e.ns(ns, &at("url"), format!("not a redis URL: {err}"));
             }
             if *timeout_ms == 0 {
-                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
         }
         TargetConfig::Kafka {
@@ -725,17 +817,17 @@ fn validate_target(e: &mut Errors, ns: &str, target: &TargetConfig) {
             ..
         } => {
             if brokers.trim().is_empty() {
-                e.ns(ns, "target.brokers", "must name at least one host:port");
+                e.ns(ns, &at("brokers"), "must name at least one host:port");
             }
             if !valid_topic_name(topic) {
                 e.ns(
                     ns,
-                    "target.topic",
+                    &at("topic"),
                     format!("{topic:?} must be 1-249 characters of letters, digits, '.', '_', '-'"),
                 );
             }
             if *timeout_ms == 0 {
-                e.ns(ns, "target.timeout_ms", "must be greater than 0");
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
         }
     }

@@ -34,6 +34,10 @@ pub struct Entry {
 /// `walden.` are reserved.
 pub const PAYLOAD_ENCODING_HEADER: &str = "walden.payload";
 
+/// The entry header that names the targets an entry is for (`a,b`), when
+/// its write named some; absent: every target of its namespace.
+pub const TARGETS_HEADER: &str = "walden.targets";
+
 impl Entry {
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -41,6 +45,19 @@ impl Entry {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the entry goes to the target named `target`.
+    pub fn is_for(&self, target: &str) -> bool {
+        self.header(TARGETS_HEADER)
+            .is_none_or(|names| names.split(',').any(|n| n == target))
+    }
+
+    /// Make the entry go to `target` alone (a copy that one target put back
+    /// on a shared topic: a redrive, a delay tier's forward).
+    pub fn narrow_to(&mut self, target: &str) {
+        self.headers.retain(|(k, _)| k != TARGETS_HEADER);
+        self.headers.push((TARGETS_HEADER.into(), target.into()));
     }
 }
 

@@ -28,7 +28,7 @@ pub use redis::RedisSink;
 pub use stdout::StdoutSink;
 
 use crate::config::TargetConfig;
-use crate::entry::{Delivered, PAYLOAD_ENCODING_HEADER};
+use crate::entry::{Delivered, PAYLOAD_ENCODING_HEADER, TARGETS_HEADER};
 
 /// Whether retrying can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,7 +224,7 @@ impl<'a> DeliveredJson<'a> {
         let headers = e
             .headers
             .iter()
-            .filter(|(k, _)| k != PAYLOAD_ENCODING_HEADER)
+            .filter(|(k, _)| k != PAYLOAD_ENCODING_HEADER && k != TARGETS_HEADER)
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
         Self {

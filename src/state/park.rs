@@ -62,10 +62,39 @@ struct Inner {
     delayed_ids: fjall::Keyspace,
 }
 
-/// A handle to the park store; cheap to clone.
+/// A handle to the park store; cheap to clone. Each of a namespace's
+/// targets parks, holds and delays in a lane of its own
+/// ([`ParkStore::lane`]); the namespace's own target uses the plain keys,
+/// as before several targets existed.
 #[derive(Clone)]
 pub struct ParkStore {
     jobs: Sender<Job>,
+    lane: Option<Arc<str>>,
+}
+
+/// Separates a namespace from its lane in a key's namespace part; namespace
+/// names cannot hold it.
+const LANE_MARK: char = '\u{1f}';
+
+impl ParkStore {
+    /// The same store, keyed apart for the target whose progress is in
+    /// `group` (`None`: the namespace's own target).
+    pub fn lane(&self, group: Option<&str>) -> Self {
+        Self {
+            jobs: self.jobs.clone(),
+            lane: group.map(Arc::from),
+        }
+    }
+
+    /// `shard` as this lane keys it.
+    fn at(&self, shard: &ShardRef) -> ShardRef {
+        match &self.lane {
+            None => shard.clone(),
+            Some(lane) => {
+                ShardRef::new(format!("{}{LANE_MARK}{lane}", shard.namespace), shard.shard)
+            }
+        }
+    }
 }
 
 fn shard_prefix(shard: &ShardRef) -> Vec<u8> {
@@ -174,7 +203,7 @@ impl ParkStore {
                 path: "park store thread".into(),
                 source: fjall::Error::Io(e),
             })?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, lane: None })
     }
 
     /// Run `f` on the store's thread, after every job sent before it.
@@ -199,10 +228,19 @@ impl ParkStore {
 
     /// Park these entries (or update their retry state), durably.
     pub async fn park(&self, items: Vec<Parked>) -> Result<(), StateError> {
+        let keys: Vec<Vec<u8>> = items
+            .iter()
+            .map(|p| {
+                entry_key(
+                    &self.at(&p.delivered.shard),
+                    &p.order_key,
+                    p.delivered.sequence,
+                )
+            })
+            .collect();
         self.run(move |s| {
             s.store.wait_for_flushes();
-            for p in &items {
-                let k = entry_key(&p.delivered.shard, &p.order_key, p.delivered.sequence);
+            for (p, k) in items.iter().zip(keys) {
                 s.parked.insert(k, encode(p)).map_err(|e| s.err(e))?;
             }
             s.persist()
@@ -220,6 +258,7 @@ impl ParkStore {
         after: Option<u64>,
         limit: Limit,
     ) -> Result<Vec<Parked>, StateError> {
+        let shard = self.at(&shard);
         self.run(move |s| {
             let lo = match after {
                 Some(seq) => entry_key(&shard, &order_key, seq.saturating_add(1)),
@@ -251,6 +290,7 @@ impl ParkStore {
         order_key: String,
         sequence: u64,
     ) -> Result<(), StateError> {
+        let shard = self.at(&shard);
         self.run(move |s| {
             s.parked
                 .remove(entry_key(&shard, &order_key, sequence))
@@ -266,6 +306,7 @@ impl ParkStore {
         order_key: String,
         dlq_id: String,
     ) -> Result<(), StateError> {
+        let shard = self.at(&shard);
         self.run(move |s| {
             s.holds
                 .insert(key_prefix(&shard, &order_key), dlq_id.into_bytes())
@@ -277,6 +318,7 @@ impl ParkStore {
 
     /// Release a key's hold, durably.
     pub async fn release(&self, shard: ShardRef, order_key: String) -> Result<(), StateError> {
+        let shard = self.at(&shard);
         self.run(move |s| {
             s.holds
                 .remove(key_prefix(&shard, &order_key))
@@ -290,6 +332,7 @@ impl ParkStore {
     /// Only each key's head is read: the scan seeks past the rest of its
     /// backlog, however long.
     pub async fn blocked(&self, shard: ShardRef) -> Result<Vec<Blocked>, StateError> {
+        let shard = self.at(&shard);
         self.run(move |s| {
             let prefix = shard_prefix(&shard);
             let mut out: Vec<Blocked> = Vec::new();
@@ -369,18 +412,29 @@ fn delayed_value(d: &Delivered, due_ms: u64) -> Vec<u8> {
 /// keyed by shard, due time and sequence; a second keyspace maps an id to
 /// that key for `find` and `cancel`.
 impl DelayStore for ParkStore {
+    fn for_target(&self, group: Option<&str>) -> Option<Arc<dyn DelayStore>> {
+        Some(Arc::new(self.lane(group)))
+    }
+
     fn delay(&self, items: Vec<Delivered>) -> BoxFuture<'_, Result<(), BackendError>> {
+        let keys: Vec<(Vec<u8>, Vec<u8>)> = items
+            .iter()
+            .map(|d| {
+                let at = self.at(&d.shard);
+                (
+                    delayed_key(&at, d.entry.due_ms, d.sequence),
+                    id_key(&at.namespace, &d.entry.id),
+                )
+            })
+            .collect();
         Box::pin(async move {
             self.run(move |s| {
                 s.store.wait_for_flushes();
-                for d in &items {
-                    let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
+                for (d, (k, ik)) in items.iter().zip(keys) {
                     s.delayed
                         .insert(k.clone(), delayed_value(d, d.entry.due_ms))
                         .map_err(|e| s.err(e))?;
-                    s.delayed_ids
-                        .insert(id_key(&d.shard.namespace, &d.entry.id), k)
-                        .map_err(|e| s.err(e))?;
+                    s.delayed_ids.insert(ik, k).map_err(|e| s.err(e))?;
                 }
                 s.persist()
             })
@@ -396,8 +450,9 @@ impl DelayStore for ParkStore {
         until_ms: u64,
         limit: Limit,
     ) -> BoxFuture<'_, Result<Vec<Delivered>, BackendError>> {
-        let lo = delayed_key(shard, from_ms, 0);
-        let hi = delayed_key(shard, until_ms, 0);
+        let shard = self.at(shard);
+        let lo = delayed_key(&shard, from_ms, 0);
+        let hi = delayed_key(&shard, until_ms, 0);
         Box::pin(async move {
             let found = self
                 .run(move |s| {
@@ -421,7 +476,7 @@ impl DelayStore for ParkStore {
     }
 
     fn summary(&self, shard: &ShardRef) -> BoxFuture<'_, Result<(u64, Option<u64>), BackendError>> {
-        let prefix = shard_prefix(shard);
+        let prefix = shard_prefix(&self.at(shard));
         Box::pin(async move {
             let summary = self
                 .run(move |s| {
@@ -445,14 +500,15 @@ impl DelayStore for ParkStore {
     }
 
     fn undelay(&self, d: Delivered) -> BoxFuture<'_, Result<(), BackendError>> {
+        let at = self.at(&d.shard);
+        let (k, ik) = (
+            delayed_key(&at, d.entry.due_ms, d.sequence),
+            id_key(&at.namespace, &d.entry.id),
+        );
         Box::pin(async move {
             self.run(move |s| {
-                s.delayed
-                    .remove(delayed_key(&d.shard, d.entry.due_ms, d.sequence))
-                    .map_err(|e| s.err(e))?;
-                s.delayed_ids
-                    .remove(id_key(&d.shard.namespace, &d.entry.id))
-                    .map_err(|e| s.err(e))
+                s.delayed.remove(k).map_err(|e| s.err(e))?;
+                s.delayed_ids.remove(ik).map_err(|e| s.err(e))
             })
             .await?;
             Ok(())
@@ -464,7 +520,7 @@ impl DelayStore for ParkStore {
         namespace: &str,
         id: &str,
     ) -> BoxFuture<'_, Result<Option<Delivered>, BackendError>> {
-        let ik = id_key(namespace, id);
+        let ik = id_key(&self.at(&ShardRef::new(namespace, 0)).namespace, id);
         Box::pin(async move {
             let found = self
                 .run(move |s| {
@@ -480,8 +536,9 @@ impl DelayStore for ParkStore {
     }
 
     fn cancel(&self, d: &Delivered) -> BoxFuture<'_, Result<bool, BackendError>> {
-        let k = delayed_key(&d.shard, d.entry.due_ms, d.sequence);
-        let ik = id_key(&d.shard.namespace, &d.entry.id);
+        let at = self.at(&d.shard);
+        let k = delayed_key(&at, d.entry.due_ms, d.sequence);
+        let ik = id_key(&at.namespace, &d.entry.id);
         Box::pin(async move {
             let removed = self
                 .run(move |s| {

@@ -61,6 +61,38 @@ pub(crate) fn commit(shared: &Arc<Shared>, group: &str, offsets: &Offsets) -> Re
     Ok(())
 }
 
+/// Drop `shards` from the group's checkpoint (a target removed from their
+/// namespace): retention no longer waits for it there.
+pub(crate) fn forget(
+    shared: &Arc<Shared>,
+    group: &str,
+    shards: &[ShardRef],
+) -> Result<(), LogError> {
+    let _guard = shared.checkpoint_write.lock().unwrap();
+    let Some(mut kept) = shared.checkpoints.lock().unwrap().get(group).cloned() else {
+        return Ok(());
+    };
+    let before = kept.len();
+    kept.retain(|shard, _| !shards.contains(shard));
+    if kept.len() == before {
+        return Ok(());
+    }
+    let path = shared.checkpoint_dir.join(format!("{group}{SUFFIX}"));
+    write_atomic(
+        shared.fs.as_ref(),
+        &shared.checkpoint_dir,
+        &path,
+        &encode(&kept),
+        true,
+    )?;
+    shared
+        .checkpoints
+        .lock()
+        .unwrap()
+        .insert(group.to_string(), kept);
+    Ok(())
+}
+
 /// Load every group's checkpoint. Leftover temp files are torn writes of a
 /// checkpoint that was never renamed into place, and are removed.
 pub(crate) fn load_all(fs: &dyn Fs, dir: &Path) -> Result<BTreeMap<String, Offsets>, LogError> {

@@ -574,6 +574,50 @@ impl EmbeddedLog {
         checkpoint::commit(&self.shared, group, offsets)
     }
 
+    /// Make `group` a reader of `shards`: one with no committed offset yet
+    /// starts at the oldest record the log holds (`from_end`: at the next
+    /// one written), and retention keeps what it has not read from then on.
+    pub fn subscribe(
+        &self,
+        group: &str,
+        shards: &[ShardRef],
+        from_end: bool,
+    ) -> Result<(), LogError> {
+        let known = self.committed(group);
+        let start: BTreeMap<ShardRef, u64> = shards
+            .iter()
+            .filter(|s| !known.contains_key(*s))
+            .map(|s| {
+                let at = match from_end {
+                    true => self.next_offset(s),
+                    false => self.earliest_offset(s),
+                };
+                (s.clone(), at)
+            })
+            .collect();
+        match start.is_empty() {
+            true => Ok(()),
+            false => self.commit(group, &start),
+        }
+    }
+
+    /// `group` no longer reads `shards`: retention stops keeping records
+    /// for it.
+    pub fn unsubscribe(&self, group: &str, shards: &[ShardRef]) -> Result<(), LogError> {
+        checkpoint::forget(&self.shared, group, shards)
+    }
+
+    /// Every consumer group with a checkpoint.
+    pub fn groups(&self) -> Vec<String> {
+        self.shared
+            .checkpoints
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// A consumer group's committed offsets.
     pub fn committed(&self, group: &str) -> BTreeMap<ShardRef, u64> {
         let all = self.shared.checkpoints.lock().unwrap();

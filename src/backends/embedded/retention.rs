@@ -1,7 +1,7 @@
 //! Retention: delete the oldest sealed segments by age and by total size.
 //!
-//! A segment is deleted only when every consumer group has committed past
-//! every record in it. Past `hard_max_bytes`, committed segments go first;
+//! A segment is deleted only when every consumer group that reads a shard
+//! has committed past that shard's records in it. Past `hard_max_bytes`, committed segments go first;
 //! with [`HardMax::DropOldest`] uncommitted ones go too, and each such
 //! deletion is logged and counted, while with [`HardMax::RefuseWrites`] (the
 //! default) the committer refuses appends instead. Segments are deleted
@@ -56,13 +56,12 @@ pub(crate) fn apply(shared: &Shared, active: u64, need: u64) -> Result<Retention
             }
             let groups = shared.checkpoints.lock().unwrap();
             // Every shard with records here must be committed past them by
-            // every group; with no groups, nothing is committed.
-            let committed = !groups.is_empty()
-                && idx.segment_part(segment).iter().all(|(shard, part)| {
-                    groups
-                        .values()
-                        .all(|g| g.get(shard).is_some_and(|&next| next > part.last))
-                });
+            // every group that reads it (each target of its namespace has
+            // one); a shard no group reads yet is not committed.
+            let committed = idx.segment_part(segment).iter().all(|(shard, part)| {
+                let mut readers = groups.values().filter_map(|g| g.get(shard)).peekable();
+                readers.peek().is_some() && readers.all(|&next| next > part.last)
+            });
             (segment, info.len, committed, may_force)
         };
         if !committed && !may_force {

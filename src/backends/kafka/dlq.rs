@@ -486,19 +486,17 @@ impl KafkaDlq {
     ) -> Result<RedriveReport, BackendError> {
         let picked: Vec<u64> = {
             let view = self.view.lock().unwrap();
-            let picks = |m: &Meta| match selection {
-                Selection::Ids(ids) => ids.iter().any(|id| **id == *m.id),
-                Selection::All => true,
-            };
+            let picks = |m: &Meta| selection.picks_id(&m.id);
             view.sequences(namespace, 0, picks).collect()
         };
         let mut report = RedriveReport::default();
         let mut found = HashSet::new();
         // A page of letters in memory at a time, in DLQ order.
         for page in picked.chunks(REDRIVE_PAGE) {
-            let letters = self.fetch(page.to_vec()).await?;
+            let mut letters = self.fetch(page.to_vec()).await?;
+            letters.retain(|l| selection.picks_target(&l.origin.target));
             // Only named ids need looking for (all of a large DLQ would not).
-            if matches!(selection, Selection::Ids(_)) {
+            if selection.names_ids() {
                 found.extend(letters.iter().map(|l| l.entry.id.clone()));
             }
             let (routable, unroutable): (Vec<_>, Vec<_>) = letters
@@ -526,10 +524,15 @@ impl KafkaDlq {
     /// before the entry's produce is acknowledged leaves the letter listed.
     pub async fn redrive(&self, letter: &DeadLetter) -> Result<(), BackendError> {
         let sequence = letter.origin.sequence.to_string();
+        // Back to the target that failed it, and only to it.
+        let mut entry = letter.entry.clone();
+        if !letter.origin.target.is_empty() {
+            entry.narrow_to(&letter.origin.target);
+        }
         self.origin
             .produce(
                 Some(letter.origin.shard.shard),
-                &letter.entry,
+                &entry,
                 &[(super::REDRIVEN_SEQUENCE, sequence)],
             )
             .await?;

@@ -138,7 +138,7 @@ impl SqsDlq {
                 break;
             }
             // Only named ids need looking for (all of a large DLQ would not).
-            if matches!(selection, Selection::Ids(_)) {
+            if selection.names_ids() {
                 picked_ids.extend(picked.iter().map(|r| r.letter.entry.id.clone()));
             }
             let (routable, unroutable): (Vec<_>, Vec<_>) = picked
