@@ -10,8 +10,8 @@
 //! - [`api`]: the HTTP API (actix-web) and its JSON error type; it only
 //!   turns HTTP into calls and answers back.
 //! - [`actors`]: [`actors::ingest`], the one write path (a plain call, every
-//!   backend through one `Producer`); per-shard actors (consumer, delay
-//!   scheduler, applier, dead letter) whose messages live in
+//!   backend through one `Producer`); per-target, per-shard actors
+//!   (consumer, delay scheduler, applier, dead letter) whose messages live in
 //!   [`actors::messages`]; the target's circuit breaker
 //!   ([`actors::breaker`]); and the per-namespace supervisor.
 //! - [`backends`]: queue backends behind capability traits;

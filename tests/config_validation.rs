@@ -679,3 +679,69 @@ fn two_namespaces_may_not_write_one_table_or_overlapping_keys() {
         }
     }
 }
+
+#[test]
+fn several_targets_are_checked_each_with_its_name() {
+    let ns = |targets: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:7070\"\ndata_dir = \"./data\"\n[namespaces.orders.backend]\ntype = \"embedded\"\n{targets}"
+        )
+    };
+    let http = |name: &str, extra: &str| {
+        format!(
+            "[namespaces.orders.targets.{name}]\ntype = \"http\"\nurl = \"http://127.0.0.1:9000/\"\n{extra}\n"
+        )
+    };
+    let (ok, out) = run_validate(
+        &ns(&(http("db", "") + &http("search", "start = \"latest\""))),
+        "toml",
+    );
+    assert!(ok, "{out}");
+    let config = walden::config::from_toml(&ns(&(http("db", "") + &http("default", "")))).unwrap();
+    let targets = &config.namespaces["orders"].targets;
+    let groups: Vec<String> = targets.iter().map(|t| t.group("walden")).collect();
+    assert_eq!(
+        groups,
+        ["walden.db", "walden"],
+        "the target named default keeps the namespace's group"
+    );
+    let cases = [
+        (
+            ns(&format!(
+                "[namespaces.orders.target]\ntype = \"stdout\"\n{}",
+                http("db", "")
+            )),
+            "`targets`: give either one `target` table or `targets` tables",
+        ),
+        (ns(&http("\"bad name!\"", "")), "`targets.bad name!`"),
+        (ns(&http("db", "name = \"other\"")), "named by its key"),
+        (ns(&http("db", "start = \"middle\"")), "`start`"),
+        (
+            ns(&(http("a", "group = \"g\"") + &http("b", "group = \"g\""))),
+            "`targets.b.group`",
+        ),
+        (
+            ns(&http("db", "timeout_ms = \"soon\"")),
+            "`db`: `timeout_ms`",
+        ),
+        (ns(&http("db", "timeout_ms = 0")), "`targets.db.timeout_ms`"),
+    ];
+    for (text, needle) in cases {
+        let (ok, out) = run_validate(&text, "toml");
+        assert!(!ok, "{text}");
+        assert!(out.contains(needle), "{needle}: {out}");
+        assert!(out.contains("orders"), "{out}");
+    }
+    // SQS deletes a message once applied: one target only, and the error
+    // says why.
+    let sqs = format!(
+        "[server]\nlisten = \"127.0.0.1:7070\"\ndata_dir = \"./data\"\n[namespaces.orders]\nshards = 1\n[namespaces.orders.backend]\ntype = \"sqs\"\nregion = \"us-east-1\"\nqueues = [\"q\"]\n{}{}",
+        http("a", ""),
+        http("b", "")
+    );
+    let (ok, out) = run_validate(&sqs, "toml");
+    assert!(
+        !ok && out.contains("an SQS namespace has one target"),
+        "{out}"
+    );
+}

@@ -218,6 +218,7 @@ async fn a_group_member_knows_the_end_of_its_partitions() {
         &format!("{}-group", settings.topic),
         Duration::from_secs(1),
         &Default::default(),
+        false,
     )
     .unwrap();
     let consumer = group.shard_consumer(&shard).await.unwrap();

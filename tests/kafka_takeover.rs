@@ -17,6 +17,15 @@ use serde_json::{Value, json};
 use walden::service::Spawned;
 
 fn namespace(brokers: &str, topic: &str, target: &str) -> String {
+    namespace_with(
+        brokers,
+        topic,
+        &format!("[namespaces.events.target]\ntype = \"http\"\nurl = \"{target}\""),
+    )
+}
+
+/// The namespace with `targets` as its target tables.
+fn namespace_with(brokers: &str, topic: &str, targets: &str) -> String {
     format!(
         r#"
 [namespaces.events]
@@ -30,9 +39,7 @@ rebalance_drain_ms = 2000
 [namespaces.events.backend.librdkafka]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
-[namespaces.events.target]
-type = "http"
-url = "{target}"
+{targets}
 "#
     )
 }
@@ -146,6 +153,67 @@ async fn a_killed_consumer_hands_its_partitions_over_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!("takeover complete {:?} after the kill", killed.elapsed());
+    let _ = b.kill();
+    let _ = b.wait();
+    producer.stop();
+}
+
+/// Fan-out on Kafka: each target reads in a group of its own, and when one
+/// of two consumer processes dies, the other takes its partitions over in
+/// both groups. Both targets get every acknowledged entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_targets_each_get_everything_when_a_consumer_is_killed() {
+    let Some(brokers) = test_server("WALDEN_TEST_TANSU_BROKERS") else {
+        return;
+    };
+    let (ta, tb) = (HttpTarget::start(), HttpTarget::start());
+    let targets = format!(
+        "[namespaces.events.targets.a]\ntype = \"http\"\nurl = \"{}\"\n[namespaces.events.targets.b]\ntype = \"http\"\nurl = \"{}\"",
+        ta.url(),
+        tb.url()
+    );
+    let ns = namespace_with(&brokers, &unique("fanout"), &targets);
+    let pdir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nrole = \"producer\"\n{ns}",
+        pdir.path().display()
+    );
+    let producer = Spawned::start(walden::config::from_toml(&text).unwrap()).unwrap();
+    let base = format!("http://{}", producer.addr);
+    let (adir, bdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (aport, bport) = (free_port(), free_port());
+    let mut a = start_walden(&consumer_config(adir.path(), aport, &ns));
+    let mut b = start_walden(&consumer_config(bdir.path(), bport, &ns));
+    wait_healthy(aport).await;
+    wait_healthy(bport).await;
+    let client = reqwest::Client::new();
+    let mut acked = HashSet::new();
+    for from in (0..200).step_by(20) {
+        acked.extend(write(&client, &base, from, from + 20).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let killed = Instant::now();
+    acked.extend(write(&client, &base, 200, 400).await);
+    assert_eq!(acked.len(), 400);
+    for (name, t) in [("a", &ta), ("b", &tb)] {
+        let deadline = killed + Duration::from_secs(60);
+        loop {
+            let seen: HashSet<String> = t.ids();
+            let missing: Vec<&String> = acked.difference(&seen).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "target {name}: {} acknowledged entries never arrived, e.g. {:?}",
+                missing.len(),
+                missing.iter().take(5).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let _ = b.kill();
     let _ = b.wait();
     producer.stop();

@@ -1,5 +1,6 @@
 //! The pipeline. Writes take one path, a plain call with no mailbox hop;
-//! each namespace shard then runs four actors on one arbiter:
+//! then, for each of the namespace's targets, each shard runs four actors on
+//! one arbiter (a target's progress, retries and letters are its own):
 //!
 //! ```text
 //! HTTP handler --> Ingest --Producer::append--> backend   (the handler awaits

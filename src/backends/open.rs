@@ -18,7 +18,7 @@ use super::sqs::{
 use super::{BackendError, DelayStore};
 use crate::config::{
     BackendConfig, CompositeConfig, DelaysConfig, KafkaConfig, NamespaceConfig, OnDeadLetter,
-    ServerConfig, SqsConfig,
+    ServerConfig, SqsConfig, TargetStart,
 };
 
 /// A namespace's parts, opened.
@@ -86,7 +86,13 @@ async fn kafka(
                 let group_id = target.group(&id);
                 groups.push((
                     group_id.clone(),
-                    KafkaGroup::join(&settings, &group_id, drain, membership)?,
+                    KafkaGroup::join(
+                        &settings,
+                        &group_id,
+                        drain,
+                        membership,
+                        target.start == TargetStart::Latest,
+                    )?,
                 ));
             }
             let tier_groups = match &tiers {
@@ -102,6 +108,9 @@ async fn kafka(
         ..settings.clone()
     };
     let dlq = KafkaDlq::open(&dlq_settings, &settings.topic).await?;
+    if ns.targets.len() > 1 {
+        dlq.redrive_to_failed_target_only();
+    }
     if ns.dlq.on_dead_letter == OnDeadLetter::HoldKey {
         for (_, group) in &groups {
             group.follow_holds(dlq.clone());

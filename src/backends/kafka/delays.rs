@@ -98,7 +98,7 @@ impl KafkaDelayTiers {
         for (name, ms) in TIERS {
             let tier = Self::tier_settings(&self.settings, name);
             let id = format!("{group}.delay-{name}");
-            let member = KafkaGroup::join(&tier, &id, drain, membership)?;
+            let member = KafkaGroup::join(&tier, &id, drain, membership, false)?;
             for p in 0..tier.partitions {
                 let shard = ShardRef::new(tier.topic.as_str(), p);
                 let (this, member) = (self.clone(), member.clone());

@@ -213,9 +213,18 @@ pub struct KafkaDlq {
     applied: watch::Receiver<u64>,
     stop: Arc<AtomicBool>,
     timeout: Duration,
+    /// The namespace has several targets: a redriven entry is marked for
+    /// the target that failed it, which alone reads it again.
+    narrow_redrives: AtomicBool,
 }
 
 impl KafkaDlq {
+    /// Mark each redriven entry for the target that failed it (a namespace
+    /// of several targets, which all read the topic it goes back to).
+    pub fn redrive_to_failed_target_only(&self) {
+        self.narrow_redrives.store(true, Ordering::Relaxed);
+    }
+
     /// Open the DLQ topic (created with one partition if missing) and read
     /// it up to its end before answering. Redrives go to `origin_topic`.
     pub async fn open(
@@ -278,6 +287,7 @@ impl KafkaDlq {
             applied,
             stop,
             timeout: settings.ack_timeout,
+            narrow_redrives: AtomicBool::new(false),
         });
         let end = dlq.end().await?;
         if let Err(e) = dlq.caught_up(end).await {
@@ -526,7 +536,7 @@ impl KafkaDlq {
         let sequence = letter.origin.sequence.to_string();
         // Back to the target that failed it, and only to it.
         let mut entry = letter.entry.clone();
-        if !letter.origin.target.is_empty() {
+        if self.narrow_redrives.load(Ordering::Relaxed) && !letter.origin.target.is_empty() {
             entry.narrow_to(&letter.origin.target);
         }
         self.origin

@@ -271,11 +271,14 @@ pub struct KafkaGroup {
 
 impl KafkaGroup {
     /// Join `group` on the settings' topic; partitions arrive by rebalance.
+    /// A partition the group has no offset for starts at its earliest
+    /// record, or (`from_end`) at the next one written.
     pub fn join(
         settings: &KafkaSettings,
         group: &str,
         drain: Duration,
         membership: &Membership,
+        from_end: bool,
     ) -> Result<Arc<Self>, KafkaError> {
         let topic = settings.topic.clone();
         let slots: Vec<Arc<Slot>> = (0..settings.partitions).map(|_| Slot::unowned()).collect();
@@ -291,7 +294,10 @@ impl KafkaGroup {
             ("group.id", group),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
+            (
+                "auto.offset.reset",
+                if from_end { "latest" } else { "earliest" },
+            ),
             // Statistics carry each partition's end, for the lag.
             ("statistics.interval.ms", "5000"),
         ];
