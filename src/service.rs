@@ -138,10 +138,11 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         park,
     };
     let (fatal, fatal_rx) = Fatal::channel();
+    // Kept in data_dir: it names this process in Kafka's groups and to the
+    // Waldens it forwards to.
+    config.server.instance_id = instance_id(&config.server)?;
     let membership = Membership {
-        instance_id: uses_groups(&config)
-            .then(|| instance_id(&config.server))
-            .transpose()?,
+        instance_id: uses_groups(&config).then(|| config.server.instance_id.clone()),
         fatal,
     };
     let writes = Writes {

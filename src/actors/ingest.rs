@@ -32,7 +32,10 @@ use tracing::error;
 
 use crate::backends::{Appended, BackendError, EntryRejected, Producer};
 use crate::config::NamespaceConfig;
-use crate::entry::{Durable, Entry, PAYLOAD_ENCODING_HEADER, ShardRef, TARGETS_HEADER, now_ms};
+use crate::entry::{
+    Durable, Entry, HOPS_HEADER, ORIGIN_NAMESPACE_HEADER, ORIGIN_SEQUENCE_HEADER,
+    PAYLOAD_ENCODING_HEADER, ShardRef, TARGETS_HEADER, now_ms,
+};
 use crate::routing::shard_of;
 use crate::sinks::mutation;
 use crate::state::DedupIndex;
@@ -64,6 +67,18 @@ pub struct WriteRequest<'a> {
     #[serde(default, deserialize_with = "target_names")]
     pub target: Option<Vec<String>>,
     pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// What a Walden that forwards an entry says about it, from its request's
+/// headers ([`crate::entry::relay`]); recorded on the entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Relayed<'a> {
+    /// The processes it passed through, `id,id,...`.
+    pub hops: &'a str,
+    /// The namespace it was first written to.
+    pub namespace: Option<&'a str>,
+    /// Its sequence there.
+    pub sequence: Option<u64>,
 }
 
 /// When the entry may be delivered, and when it was first written.
@@ -274,6 +289,7 @@ impl Ingest {
         mut req: WriteRequest<'_>,
         body: &Bytes,
         traceparent: Option<&str>,
+        relayed: Option<Relayed<'_>>,
     ) -> Result<Prepared, IngestError> {
         let client_id = req.id.is_some();
         let id = req
@@ -289,10 +305,20 @@ impl Ingest {
             &id,
             self.config.shards,
         );
+        let mut headers = parts.headers;
+        if let Some(r) = relayed {
+            headers.push((HOPS_HEADER.into(), r.hops.into()));
+            if let Some(ns) = r.namespace {
+                headers.push((ORIGIN_NAMESPACE_HEADER.into(), ns.into()));
+            }
+            if let Some(seq) = r.sequence {
+                headers.push((ORIGIN_SEQUENCE_HEADER.into(), seq.to_string()));
+            }
+        }
         let entry = Entry {
             id,
             key: parts.key,
-            headers: parts.headers,
+            headers,
             payload: parts.payload,
             timestamp_ms: 0,
             due_ms: parts.due_ms,

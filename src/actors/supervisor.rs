@@ -20,7 +20,7 @@ use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig, TargetSpec};
-use crate::entry::ShardRef;
+use crate::entry::{ShardRef, relay};
 use crate::sinks::{self, Sink, SinkError};
 use crate::stats::Counter;
 
@@ -175,7 +175,8 @@ impl TargetRuntime {
         }: &Parts<'_>,
         arbiters: &[ArbiterHandle],
     ) -> Result<Self, SinkError> {
-        let sink: Arc<dyn Sink> = Arc::from(sinks::build(&spec.config)?);
+        let hop = relay::hop_id(&server.instance_id, name);
+        let sink: Arc<dyn Sink> = Arc::from(sinks::build(&spec.config, &hop)?);
         let breaker = Arc::new(Breaker::new(config.breaker.clone()));
         let namespace_group = config.namespace_group(name);
         let group = spec.group(&namespace_group);

@@ -12,8 +12,8 @@ use serde_json::value::RawValue;
 use tracing::{Instrument, Span, field, info_span};
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::ingest::{Accepted, IngestError, Refusal, WriteRequest};
-use crate::entry::Durable;
+use crate::actors::ingest::{Accepted, IngestError, Refusal, Relayed, WriteRequest};
+use crate::entry::{Durable, relay};
 use crate::telemetry;
 
 impl From<IngestError> for ApiError {
@@ -114,6 +114,88 @@ fn parse<'a, T: Deserialize<'a>>(
     Ok(value)
 }
 
+/// What a forwarding Walden's request headers say ([`relay`]), checked: a
+/// request that passed through this process already, or through too many,
+/// is a loop (508); the sequences, when given, are one per entry.
+struct Relay<'a> {
+    hops: &'a str,
+    namespace: Option<&'a str>,
+    sequences: Option<Vec<u64>>,
+}
+
+impl<'a> Relay<'a> {
+    fn of(
+        req: &'a HttpRequest,
+        own_instance: &str,
+        namespace: &str,
+        entries: usize,
+    ) -> Result<Option<Self>, ApiError> {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| {
+                    v.to_str().map_err(|_| {
+                        ApiError::bad_request(format!("the {name} header is not ASCII"))
+                    })
+                })
+                .transpose()
+        };
+        let Some(hops) = header(relay::HOPS)? else {
+            return Ok(None);
+        };
+        let own = relay::hop_id(own_instance, namespace);
+        let seen: Vec<&str> = hops.split(',').map(str::trim).collect();
+        if seen.contains(&own.as_str()) || seen.len() > relay::MAX_HOPS {
+            return Err(ApiError::rejected(
+                StatusCode::LOOP_DETECTED,
+                format!(
+                    "a forwarding loop: these entries passed through {} Walden namespaces ({hops}){}; they are not written again",
+                    seen.len(),
+                    match seen.contains(&own.as_str()) {
+                        true => ", this one among them",
+                        false => "",
+                    }
+                ),
+            ));
+        }
+        let sequences = header(relay::ORIGIN_SEQUENCES)?
+            .map(|list| {
+                let seqs = list
+                    .split(',')
+                    .map(|s| s.trim().parse::<u64>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "the {} header: {e}",
+                            relay::ORIGIN_SEQUENCES
+                        ))
+                    })?;
+                match seqs.len() == entries {
+                    true => Ok(seqs),
+                    false => Err(ApiError::bad_request(format!(
+                        "the {} header names {} sequences for {entries} entries",
+                        relay::ORIGIN_SEQUENCES,
+                        seqs.len()
+                    ))),
+                }
+            })
+            .transpose()?;
+        Ok(Some(Self {
+            hops,
+            namespace: header(relay::ORIGIN_NAMESPACE)?,
+            sequences,
+        }))
+    }
+
+    fn entry(&self, i: usize) -> Relayed<'_> {
+        Relayed {
+            hops: self.hops,
+            namespace: self.namespace,
+            sequence: self.sequences.as_ref().and_then(|s| s.get(i).copied()),
+        }
+    }
+}
+
 fn traceparent_of(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get("traceparent")
@@ -137,11 +219,17 @@ pub async fn write_one(
     let ns = state.namespace(&path)?.clone();
     let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
     let parsed: WriteRequest = parse(&bytes, || "request body".into())?;
+    let relay = Relay::of(&req, &state.server.instance_id, &ns.name, 1)?;
     let span =
         info_span!("write_to_log", namespace = %ns.name, shard = field::Empty, id = field::Empty);
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
     let traceparent = entry_traceparent(&span, &req);
-    let prepared = ns.ingest.prepare(parsed, &bytes, traceparent.as_deref())?;
+    let prepared = ns.ingest.prepare(
+        parsed,
+        &bytes,
+        traceparent.as_deref(),
+        relay.as_ref().map(|r| r.entry(0)),
+    )?;
     span.record("shard", prepared.shard);
     span.record("id", prepared.entry.id.as_str());
     let answer = ns
@@ -188,6 +276,7 @@ pub async fn write_batch(
             requests.len()
         )));
     }
+    let relay = Relay::of(&req, &state.server.instance_id, &ns.name, requests.len())?;
     let span = info_span!("write_batch", namespace = %ns.name, entries = requests.len());
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
     let mut results: Vec<Option<BatchResult>> = (0..requests.len()).map(|_| None).collect();
@@ -195,8 +284,12 @@ pub async fn write_batch(
     let mut slots = Vec::new();
     let traceparent = entry_traceparent(&span, &req);
     for (i, request) in requests.into_iter().enumerate() {
-        let prepared =
-            request.and_then(|r| Ok(ns.ingest.prepare(r, &bytes, traceparent.as_deref())?));
+        let relayed = relay.as_ref().map(|r| r.entry(i));
+        let prepared = request.and_then(|r| {
+            Ok(ns
+                .ingest
+                .prepare(r, &bytes, traceparent.as_deref(), relayed)?)
+        });
         match prepared {
             Ok(p) => {
                 slots.push(i);

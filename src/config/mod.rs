@@ -625,6 +625,24 @@ pub enum TargetConfig {
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
     },
+    /// Forward each entry to another Walden's WriteToLog (its batch
+    /// endpoint), keeping its id, key, payload and headers: replication
+    /// between regions. The far side's `dedup_window_ms` must outlast the
+    /// outages this side rides out, so that a resend is dropped there.
+    Walden {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// The other Walden's base URL, e.g. `http://walden.eu-west-1:7070`.
+        url: String,
+        /// The namespace there.
+        namespace: String,
+        /// Sent as `Authorization: Bearer <token>` when set.
+        #[serde(default)]
+        token: Option<String>,
+        /// Per-request timeout.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
     /// Produce each entry to a Kafka topic (which must exist), keeping its
     /// key and headers: cross-region replication.
     Kafka {
@@ -723,6 +741,7 @@ impl TargetConfig {
             TargetConfig::Postgres { name, .. } => name,
             TargetConfig::Redis { name, .. } => name,
             TargetConfig::Kafka { name, .. } => name,
+            TargetConfig::Walden { name, .. } => name,
         }
     }
 
@@ -744,6 +763,7 @@ impl TargetConfig {
             TargetConfig::Postgres { .. } => "postgres",
             TargetConfig::Redis { .. } => "redis",
             TargetConfig::Kafka { .. } => "kafka",
+            TargetConfig::Walden { .. } => "walden",
         }
     }
 }

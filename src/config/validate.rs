@@ -810,6 +810,35 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
                 e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
         }
+        TargetConfig::Walden {
+            url,
+            namespace,
+            token,
+            timeout_ms,
+            ..
+        } => {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(_) => e.ns(ns, &at("url"), format!("{url:?} must be an http(s) URL")),
+                Err(err) => e.ns(ns, &at("url"), format!("{url:?} is not a URL: {err}")),
+            }
+            if !valid_namespace_name(namespace) {
+                e.ns(
+                    ns,
+                    &at("namespace"),
+                    format!("{namespace:?} is not a namespace name (1-64 letters, digits, '-', '_', '.')"),
+                );
+            }
+            if token
+                .as_deref()
+                .is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_control() || c == ' '))
+            {
+                e.ns(ns, &at("token"), "must be a non-empty token without spaces");
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
+            }
+        }
         TargetConfig::Kafka {
             brokers,
             topic,

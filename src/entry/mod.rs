@@ -38,6 +38,40 @@ pub const PAYLOAD_ENCODING_HEADER: &str = "walden.payload";
 /// its write named some; absent: every target of its namespace.
 pub const TARGETS_HEADER: &str = "walden.targets";
 
+/// Entry headers that a Walden receiving a forwarded entry records: the
+/// namespace and sequence it had where it was first written, and the
+/// Walden processes it passed through (`id,id,...`), which refuse it if it
+/// comes back.
+pub const ORIGIN_NAMESPACE_HEADER: &str = "walden.origin_namespace";
+pub const ORIGIN_SEQUENCE_HEADER: &str = "walden.origin_sequence";
+pub const HOPS_HEADER: &str = "walden.hops";
+
+/// The HTTP request headers of a forward from one Walden to another's batch
+/// endpoint (`target.type = "walden"`), which the receiver records on each
+/// entry as the headers above.
+pub mod relay {
+    /// The Walden namespaces the request's entries passed through, sender
+    /// last: `id,id,...` ([`hop_id`]). A receiver that finds itself there
+    /// refuses (508).
+    pub const HOPS: &str = "walden-hops";
+    /// The namespace the entries were first written to.
+    pub const ORIGIN_NAMESPACE: &str = "walden-origin-namespace";
+    /// Each entry's sequence there, in the body's order: `seq,seq,...`.
+    pub const ORIGIN_SEQUENCES: &str = "walden-origin-sequences";
+    /// Longer chains are refused as loops.
+    pub const MAX_HOPS: usize = 8;
+
+    /// A namespace of a process as `HOPS` names it, from the process's
+    /// instance id: 16 hex digits, whatever characters the id has. Another
+    /// namespace of the same process is another hop.
+    pub fn hop_id(instance_id: &str, namespace: &str) -> String {
+        let name = format!("{instance_id}/{namespace}");
+        let lo = crc32c::crc32c(name.as_bytes());
+        let hi = crc32c::crc32c_append(0x9e37_79b9, name.as_bytes());
+        format!("{hi:08x}{lo:08x}")
+    }
+}
+
 impl Entry {
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&str> {

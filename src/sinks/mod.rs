@@ -13,6 +13,7 @@ pub mod mutation;
 pub mod postgres;
 mod redis;
 mod stdout;
+mod walden;
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use base64::Engine;
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 
+pub use self::walden::WaldenSink;
 pub use file::FileSink;
 pub use http::HttpSink;
 pub use kafka::KafkaSink;
@@ -136,8 +138,24 @@ pub trait Sink: Send + Sync {
 }
 
 /// Build the sink a target config names. Checks, does not connect.
-pub fn build(target: &TargetConfig) -> Result<Box<dyn Sink>, SinkError> {
+/// `hop` names the sending namespace to a Walden it forwards to
+/// ([`crate::entry::relay::hop_id`]).
+pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match target {
+        TargetConfig::Walden {
+            name,
+            url,
+            namespace,
+            token,
+            timeout_ms,
+        } => Box::new(WaldenSink::new(
+            name,
+            url,
+            namespace,
+            token.as_deref(),
+            Duration::from_millis(*timeout_ms),
+            hop.to_string(),
+        )?),
         TargetConfig::Stdout { name } => Box::new(StdoutSink::new(name)),
         TargetConfig::File { name, path } => Box::new(FileSink::new(name, path)?),
         TargetConfig::Http {
