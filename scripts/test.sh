@@ -51,6 +51,15 @@ ensure_redis() {
   wait_for 30 sh -c 'redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG'
 }
 
+ensure_memcached() {
+  local port=11311
+  if port_open $port; then return; fi
+  log "starting memcached on 127.0.0.1:$port"
+  command -v memcached >/dev/null 2>&1 || apt_install memcached
+  memcached -d -u "$(id -un)" -l 127.0.0.1 -p $port -m 64 -P /tmp/walden-memcached.pid
+  wait_for 30 port_open $port
+}
+
 ensure_postgres
 psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
   || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null
@@ -125,6 +134,9 @@ ensure_sqs() {
 ensure_broker_packages
 ensure_kafka
 ensure_sqs
+
+ensure_memcached
+export WALDEN_TEST_MEMCACHED_URL="${WALDEN_TEST_MEMCACHED_URL:-memcache://127.0.0.1:11311}"
 
 # How long the sink-outage tests cut each target.
 export WALDEN_TEST_OUTAGE_S="${WALDEN_TEST_OUTAGE_S:-5}"

@@ -625,6 +625,30 @@ pub enum TargetConfig {
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
     },
+    /// Apply mutation payloads to Memcached (the EVCache persona), each
+    /// item guarded by its version: `gets`, compare, then `cas` (or `add`
+    /// for a new key). A delete leaves a versioned tombstone.
+    Memcached {
+        #[serde(default = "default_target_name")]
+        name: String,
+        /// e.g. `memcache://127.0.0.1:11211`. Walden speaks the binary
+        /// protocol, whose `add` says whether it stored.
+        url: String,
+        /// Prepended to every mutation key.
+        #[serde(default)]
+        key_prefix: String,
+        /// Items (and tombstones) expire after this many seconds; 0: never.
+        /// Past 30 days Memcached takes an expiry as a point in time, so
+        /// Walden sends now + `ttl_s` then.
+        #[serde(default)]
+        ttl_s: u64,
+        /// Connections in the pool.
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+        /// Per-command and connect timeout.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+    },
     /// Forward each entry to another Walden's WriteToLog (its batch
     /// endpoint), keeping its id, key, payload and headers: replication
     /// between regions. The far side's `dedup_window_ms` must outlast the
@@ -742,6 +766,7 @@ impl TargetConfig {
             TargetConfig::Redis { name, .. } => name,
             TargetConfig::Kafka { name, .. } => name,
             TargetConfig::Walden { name, .. } => name,
+            TargetConfig::Memcached { name, .. } => name,
         }
     }
 
@@ -751,7 +776,9 @@ impl TargetConfig {
     pub fn versions_rows(&self) -> bool {
         matches!(
             self,
-            TargetConfig::Postgres { .. } | TargetConfig::Redis { .. }
+            TargetConfig::Postgres { .. }
+                | TargetConfig::Redis { .. }
+                | TargetConfig::Memcached { .. }
         )
     }
 
@@ -764,6 +791,7 @@ impl TargetConfig {
             TargetConfig::Redis { .. } => "redis",
             TargetConfig::Kafka { .. } => "kafka",
             TargetConfig::Walden { .. } => "walden",
+            TargetConfig::Memcached { .. } => "memcached",
         }
     }
 }

@@ -374,6 +374,12 @@ impl RowSpace {
                     pg.get_ports()
                 )))
             }
+            TargetConfig::Memcached {
+                url, key_prefix, ..
+            } => Some(RowSpace::Keys {
+                server: url.clone(),
+                prefix: key_prefix.clone(),
+            }),
             TargetConfig::Redis {
                 url, key_prefix, ..
             } => {
@@ -805,6 +811,52 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
         } => {
             if let Err(err) = redis::Client::open(url.as_str()) {
                 e.ns(ns, &at("url"), format!("not a redis URL: {err}"));
+            }
+            if *timeout_ms == 0 {
+                e.ns(ns, &at("timeout_ms"), "must be greater than 0");
+            }
+        }
+        TargetConfig::Memcached {
+            url,
+            key_prefix,
+            ttl_s,
+            pool_size,
+            timeout_ms,
+            ..
+        } => {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.query_pairs().any(|(k, v)| k == "protocol" && v == "ascii") => e.ns(
+                    ns,
+                    &at("url"),
+                    "the text protocol (protocol=ascii) is not offered: its add does not say whether it stored, which the version guard needs",
+                ),
+                Ok(u) if u.scheme() == "memcache" && u.host().is_some() => {}
+                _ => e.ns(
+                    ns,
+                    &at("url"),
+                    format!("{url:?} must be a memcache://host:port URL"),
+                ),
+            }
+            if key_prefix.len() > 200
+                || key_prefix
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                e.ns(
+                    ns,
+                    &at("key_prefix"),
+                    "must be at most 200 characters, without spaces",
+                );
+            }
+            if *ttl_s > u64::from(u32::MAX) / 2 {
+                e.ns(
+                    ns,
+                    &at("ttl_s"),
+                    format!("{ttl_s} s is longer than Memcached can keep an item"),
+                );
+            }
+            if *pool_size == 0 || *pool_size > 1024 {
+                e.ns(ns, &at("pool_size"), "must be 1 to 1024");
             }
             if *timeout_ms == 0 {
                 e.ns(ns, &at("timeout_ms"), "must be greater than 0");

@@ -9,6 +9,7 @@
 mod file;
 mod http;
 mod kafka;
+mod memcached;
 pub mod mutation;
 pub mod postgres;
 mod redis;
@@ -25,6 +26,7 @@ pub use self::walden::WaldenSink;
 pub use file::FileSink;
 pub use http::HttpSink;
 pub use kafka::KafkaSink;
+pub use memcached::MemcachedSink;
 pub use postgres::PostgresSink;
 pub use redis::RedisSink;
 pub use stdout::StdoutSink;
@@ -142,6 +144,21 @@ pub trait Sink: Send + Sync {
 /// ([`crate::entry::relay::hop_id`]).
 pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match target {
+        TargetConfig::Memcached {
+            name,
+            url,
+            key_prefix,
+            ttl_s,
+            pool_size,
+            timeout_ms,
+        } => Box::new(MemcachedSink::new(
+            name,
+            url,
+            key_prefix,
+            *ttl_s,
+            *pool_size,
+            Duration::from_millis(*timeout_ms),
+        )?),
         TargetConfig::Walden {
             name,
             url,

@@ -60,8 +60,10 @@ pub fn row_of(target: &TargetConfig, payload: &[u8]) -> Result<Option<String>, S
         return Ok(None);
     }
     let m = Mutation::from_payload(payload)?;
-    if let TargetConfig::Redis { .. } = target {
-        check_redis_key(&m.key)?;
+    match target {
+        TargetConfig::Redis { .. } => check_redis_key(&m.key)?,
+        TargetConfig::Memcached { key_prefix, .. } => check_memcached_key(key_prefix, &m.key)?,
+        _ => {}
     }
     Ok(Some(m.key))
 }
@@ -83,6 +85,23 @@ pub(crate) fn check_redis_key(key: &str) -> Result<(), String> {
     if key.ends_with(VERSION_SUFFIX) {
         return Err(format!(
             "the mutation's key {key:?} ends in {VERSION_SUFFIX:?}, which is reserved for the versions Redis keeps beside each key"
+        ));
+    }
+    Ok(())
+}
+
+/// A Memcached key is at most 250 bytes, without spaces or control
+/// characters; the prefix counts.
+pub(crate) fn check_memcached_key(prefix: &str, key: &str) -> Result<(), String> {
+    if prefix.len() + key.len() > 250 {
+        return Err(format!(
+            "the mutation's key is {} bytes with the target's key_prefix; Memcached keys are at most 250",
+            prefix.len() + key.len()
+        ));
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the mutation's key {key:?} has a space or a control character, which Memcached keys cannot"
         ));
     }
     Ok(())
