@@ -1,7 +1,8 @@
 //! Memory stays bounded however much waits on disk: a restarted `walden
 //! serve` holding 1 GB of overdue delayed entries, 1 GB parked behind one
-//! key, or 1 GB of dead letters being redriven peaks at no more than its
-//! idle footprint plus 256 MiB (VmHWM, the resident high-water mark).
+//! key, or 1 GB of dead letters being redriven, and one holding a target
+//! that is down 1 GB behind a healthy one, peaks at no more than its idle
+//! footprint plus 256 MiB (VmHWM, the resident high-water mark).
 //!
 //! Slow (each case writes a gigabyte), so `#[ignore]`d; run by hand:
 //!
@@ -33,6 +34,11 @@ fn entries() -> usize {
 
 fn config(data: &Path, port: u16, target: &str, extra: &str) -> std::path::PathBuf {
     let path = data.with_extension(format!("{port}.toml"));
+    // One HTTP target at `target`, or none here (`extra` has `targets`).
+    let target = match target {
+        "" => String::new(),
+        url => format!("[namespaces.ns.target]\ntype = \"http\"\nurl = \"{url}\""),
+    };
     let text = format!(
         r#"
 [server]
@@ -43,9 +49,7 @@ max_in_flight = 20000
 shards = 4
 [namespaces.ns.backend]
 type = "embedded"
-[namespaces.ns.target]
-type = "http"
-url = "{target}"
+{target}
 [namespaces.ns.limits]
 max_batch_entries = 2000
 [namespaces.ns.retry]
@@ -326,4 +330,60 @@ async fn a_gigabyte_of_dead_letters_is_redriven_a_page_at_a_time() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "writes a gigabyte; run by hand"]
+async fn a_target_a_gigabyte_behind_holds_no_more_than_the_bound() {
+    let healthy = HttpTarget::start();
+    // Nothing listens there: the second target is down all along.
+    let targets = format!(
+        "[namespaces.ns.targets.up]\ntype = \"http\"\nurl = \"{}\"\n[namespaces.ns.targets.down]\ntype = \"http\"\nurl = \"http://127.0.0.1:{}/\"\ntimeout_ms = 1000\n",
+        healthy.url(),
+        free_port()
+    );
+    let idle = idle("", &targets).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = start_walden(&config(&dir.path().join("data"), port, "", &targets));
+    wait_healthy(port).await;
+    let n = entries();
+    write(port, n, |i| json!({"key": format!("k{}", i % 1000)})).await;
+    until(
+        "the healthy target applied everything",
+        Duration::from_secs(900),
+        async || {
+            let st = stats(port).await;
+            st["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["name"] == "up" && t["applied"] == n)
+        },
+    )
+    .await;
+    let st = stats(port).await;
+    let down = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "down")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        down["pending"], n,
+        "the down target is a gigabyte behind: {st}"
+    );
+    let (now, peak) = rss(child.id());
+    let over = peak.saturating_sub(idle);
+    eprintln!(
+        "a target 1 GB behind: idle {} MiB, peak {} MiB (+{} MiB), now {} MiB; bound +{} MiB",
+        idle >> 20,
+        peak >> 20,
+        over >> 20,
+        now >> 20,
+        BOUND >> 20
+    );
+    assert!(over <= BOUND, "the peak is {} MiB over idle", over >> 20);
+    stop(child);
 }

@@ -1,0 +1,228 @@
+//! Fan-out, in one process and one run, on the embedded backend:
+//!
+//! - **cost**: the same batches (100 B payloads, 16 × 100 in flight) to a
+//!   namespace with one file target, then to one with two, each until every
+//!   target has applied everything: applied/s per target, and the whole
+//!   process's CPU per entry (user + system, client included). `ratio=` is
+//!   two targets' CPU per entry ÷ one target's (goal ≤ 1.3);
+//! - **isolation**: paced single writes to two HTTP targets; a healthy
+//!   target's p99 delivery latency (from the write's answer to its arrival)
+//!   with the other target up, then with it down. `ratio=` is down ÷ up
+//!   (goal ≤ 1.5).
+//!
+//! `cargo bench --bench fanout`. Environment: `WALDEN_BENCH_SECS` (per
+//! phase, default 5), `WALDEN_BENCH_DIR`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use serde_json::{Value, json};
+use walden::service::Spawned;
+
+mod common;
+use common::{http_load, percentile};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// This process's CPU time (user + system), in clock ticks (100 a second).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+fn service(dir: &Path, targets: &str) -> Spawned {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmax_in_flight = 100000\nmailbox_capacity = 100000\n[namespaces.bench]\nshards = 4\n[namespaces.bench.backend]\ntype = \"embedded\"\n{targets}",
+        dir.display()
+    );
+    let config = walden::config::from_toml(&text).expect("bench config");
+    walden::config::validate(&config).expect("valid bench config");
+    Spawned::start(config).expect("service starts")
+}
+
+async fn stats(addr: SocketAddr) -> Value {
+    reqwest::get(format!("http://{addr}/v1/namespaces/bench"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Batches for `secs`, then wait until every target applied all of them:
+/// (entries, seconds from the first write to the last apply, CPU ticks).
+fn cost(rt: &tokio::runtime::Runtime, dir: &Path, targets: &str, secs: u64) -> (u64, f64, u64) {
+    let svc = service(dir, targets);
+    let (cpu, start) = (cpu_ticks(), Instant::now());
+    let run = http_load(rt, svc.addr, "bench", 16, 100, 100, secs);
+    rt.block_on(async {
+        loop {
+            let st = stats(svc.addr).await;
+            let done = st["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["applied"].as_u64() >= Some(run.writes));
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let (elapsed, ticks) = (start.elapsed().as_secs_f64(), cpu_ticks() - cpu);
+    svc.stop();
+    (run.writes, elapsed, ticks)
+}
+
+/// An HTTP target that records when each entry arrived.
+struct Receiver {
+    addr: SocketAddr,
+    arrived: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+fn receiver() -> Receiver {
+    let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let seen = arrived.clone();
+    std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                let seen = seen.clone();
+                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        if let Some(id) = body["id"].as_str() {
+                            seen.lock().unwrap().insert(id.to_string(), Instant::now());
+                        }
+                        HttpResponse::Ok().finish()
+                    }
+                }))
+            })
+            .workers(1)
+            .disable_signals()
+            .bind("127.0.0.1:0")
+            .unwrap();
+            tx.send(server.addrs()[0]).unwrap();
+            let _ = server.run().await;
+        })
+    });
+    Receiver {
+        addr: rx.recv().unwrap(),
+        arrived,
+    }
+}
+
+/// Paced single writes for `secs`; the healthy target's delivery latencies
+/// (answer to arrival, µs), sorted.
+fn isolation(rt: &tokio::runtime::Runtime, dir: &Path, other_up: bool, secs: u64) -> Vec<u32> {
+    let healthy = receiver();
+    let other = receiver();
+    let other_url = match other_up {
+        true => format!("http://{}/", other.addr),
+        // Nothing listens there: connection refused, the breaker opens.
+        false => format!("http://127.0.0.1:{}/", free_port()),
+    };
+    let targets = format!(
+        "[namespaces.bench.targets.healthy]\ntype = \"http\"\nurl = \"http://{}/\"\n[namespaces.bench.targets.other]\ntype = \"http\"\nurl = \"{other_url}\"\ntimeout_ms = 1000\n",
+        healthy.addr
+    );
+    let svc = service(dir, &targets);
+    let url = format!("http://{}/v1/namespaces/bench/log", svc.addr);
+    let acked: Vec<(String, Instant)> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut acked = Vec::new();
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let id = format!("l{i}");
+            let body = json!({"id": id, "key": format!("k{}", i % 64), "payload": {"i": i}});
+            let r = client.post(&url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            acked.push((id, Instant::now()));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        acked
+    });
+    svc.stop();
+    let arrived = healthy.arrived.lock().unwrap();
+    let mut lat: Vec<u32> = acked
+        .iter()
+        .map(|(id, at)| {
+            let got = arrived
+                .get(id)
+                .copied()
+                .expect("the healthy target got every entry");
+            got.saturating_duration_since(*at).as_micros() as u32
+        })
+        .collect();
+    lat.sort_unstable();
+    lat
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn main() {
+    let secs = env_u64("WALDEN_BENCH_SECS", 5);
+    let base = std::env::var("WALDEN_BENCH_DIR").map_or_else(|_| std::env::temp_dir(), Into::into);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .unwrap();
+    let file = |dir: &Path, name: &str| {
+        format!(
+            "[namespaces.bench.targets.{name}]\ntype = \"file\"\npath = \"{}/{name}.jsonl\"\n",
+            dir.display()
+        )
+    };
+
+    let one_dir = tempfile::tempdir_in(&base).unwrap();
+    let (n1, s1, t1) = cost(&rt, one_dir.path(), &file(one_dir.path(), "a"), secs);
+    let two_dir = tempfile::tempdir_in(&base).unwrap();
+    let two = file(two_dir.path(), "a") + &file(two_dir.path(), "b");
+    let (n2, s2, t2) = cost(&rt, two_dir.path(), &two, secs);
+    let (cpu1, cpu2) = (
+        t1 as f64 * 10_000.0 / n1 as f64,
+        t2 as f64 * 10_000.0 / n2 as f64,
+    );
+    println!(
+        "fanout cost one_target_applied_per_s={:.0} two_targets_applied_per_s_each={:.0} cpu_us_per_entry_one={cpu1:.1} cpu_us_per_entry_two={cpu2:.1} ratio={:.2} (goal <= 1.3)",
+        n1 as f64 / s1,
+        n2 as f64 / s2,
+        cpu2 / cpu1
+    );
+
+    let up_dir = tempfile::tempdir_in(&base).unwrap();
+    let up = isolation(&rt, up_dir.path(), true, secs);
+    let down_dir = tempfile::tempdir_in(&base).unwrap();
+    let down = isolation(&rt, down_dir.path(), false, secs);
+    let (p_up, p_down) = (percentile(&up, 0.99), percentile(&down, 0.99));
+    println!(
+        "fanout isolation healthy_p99_us_other_up={p_up} healthy_p99_us_other_down={p_down} p50_up={} p50_down={} entries={} ratio={:.2} (goal <= 1.5)",
+        percentile(&up, 0.5),
+        percentile(&down, 0.5),
+        down.len(),
+        p_down as f64 / p_up.max(1) as f64
+    );
+}
