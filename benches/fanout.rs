@@ -24,14 +24,7 @@ use serde_json::{Value, json};
 use walden::service::Spawned;
 
 mod common;
-use common::{http_load, percentile};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{env_u64, http_load, percentile};
 
 /// This process's CPU time (user + system), in clock ticks (100 a second).
 fn cpu_ticks() -> u64 {

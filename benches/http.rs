@@ -37,18 +37,11 @@ use walden::entry::{Entry, ShardRef};
 use walden::service::Spawned;
 
 mod common;
-use common::{Run, percentile};
+use common::{Run, env_u64, percentile};
 
 const PAYLOAD: usize = 100;
 /// The client's threads: their CPU is not the service's.
 const CLIENT_THREADS: &str = "bench-client";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config(data: &Path) -> walden::config::Config {
     let text = format!(

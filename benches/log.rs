@@ -27,12 +27,8 @@ use walden::backends::embedded::format::encoded_len;
 use walden::backends::embedded::{EmbeddedLog, FsyncMode, LogConfig};
 use walden::entry::{Entry, ShardRef};
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_u64;
 
 fn shards() -> Vec<ShardRef> {
     let mut v = Vec::new();

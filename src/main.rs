@@ -66,6 +66,9 @@ enum Command {
             default_value = "http://127.0.0.1:7070"
         )]
         url: String,
+        /// Only the letters of this target (a namespace with several).
+        #[arg(long, global = true)]
+        target: Option<String>,
     },
 }
 
@@ -119,7 +122,11 @@ fn main() -> ExitCode {
             url,
             payload,
         } => write(&url, &namespace, key, delay_ms, id, &payload),
-        Command::Dlq { command, url } => dlq(&url, command),
+        Command::Dlq {
+            command,
+            url,
+            target,
+        } => dlq(&url, target.as_deref(), command),
     }
 }
 
@@ -146,9 +153,11 @@ async fn call(req: reqwest::RequestBuilder) -> Result<serde_json::Value, String>
     }
 }
 
-fn dlq(url: &str, command: DlqCommand) -> ExitCode {
+fn dlq(url: &str, target: Option<&str>, command: DlqCommand) -> ExitCode {
     let base = url.trim_end_matches('/').to_string();
     let client = reqwest::Client::new();
+    // `?target=` on every call, when given.
+    let target: Vec<(&str, &str)> = target.map(|t| ("target", t)).into_iter().collect();
     let result = block_on(async {
         match command {
             DlqCommand::List {
@@ -158,7 +167,8 @@ fn dlq(url: &str, command: DlqCommand) -> ExitCode {
             } => {
                 let mut req = client
                     .get(format!("{base}/v1/namespaces/{namespace}/dlq"))
-                    .query(&[("limit", limit)]);
+                    .query(&[("limit", limit)])
+                    .query(&target);
                 if let Some(a) = after {
                     req = req.query(&[("after", a)]);
                 }
@@ -179,10 +189,22 @@ fn dlq(url: &str, command: DlqCommand) -> ExitCode {
                 Ok(())
             }
             DlqCommand::Redrive { namespace, select } => {
-                act_on(&client, &base, &namespace, "redrive", "redriven", select).await
+                let on = On {
+                    client: &client,
+                    base: &base,
+                    namespace: &namespace,
+                    target: &target,
+                };
+                act_on(on, "redrive", "redriven", select).await
             }
             DlqCommand::Purge { namespace, select } => {
-                act_on(&client, &base, &namespace, "purge", "purged", select).await
+                let on = On {
+                    client: &client,
+                    base: &base,
+                    namespace: &namespace,
+                    target: &target,
+                };
+                act_on(on, "purge", "purged", select).await
             }
         }
     });
@@ -195,21 +217,29 @@ fn dlq(url: &str, command: DlqCommand) -> ExitCode {
     }
 }
 
+/// Where a redrive or purge acts: a namespace's DLQ, maybe one target's.
+struct On<'a> {
+    client: &'a reqwest::Client,
+    base: &'a str,
+    namespace: &'a str,
+    target: &'a [(&'a str, &'a str)],
+}
+
 /// Redrive or purge: named ids in one call; `--all` page by page, with a
 /// progress bar, so a large DLQ is never held in one request.
-async fn act_on(
-    client: &reqwest::Client,
-    base: &str,
-    namespace: &str,
-    verb: &str,
-    counted: &str,
-    select: Select,
-) -> Result<(), String> {
+async fn act_on(on: On<'_>, verb: &str, counted: &str, select: Select) -> Result<(), String> {
+    let On {
+        client,
+        base,
+        namespace,
+        target,
+    } = on;
     let endpoint = format!("{base}/v1/namespaces/{namespace}/dlq/{verb}");
     if !select.all {
         let body = call(
             client
                 .post(&endpoint)
+                .query(target)
                 .json(&serde_json::json!({ "ids": select.ids })),
         )
         .await?;
@@ -217,7 +247,7 @@ async fn act_on(
         return Ok(());
     }
     let list = format!("{base}/v1/namespaces/{namespace}/dlq");
-    let first = call(client.get(&list).query(&[("limit", 0)])).await?;
+    let first = call(client.get(&list).query(&[("limit", 0)]).query(target)).await?;
     let total = first["total"].as_u64().unwrap_or(0);
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
@@ -228,7 +258,7 @@ async fn act_on(
     let mut after: Option<u64> = None;
     let mut done = 0u64;
     loop {
-        let mut req = client.get(&list).query(&[("limit", 100)]);
+        let mut req = client.get(&list).query(&[("limit", 100)]).query(target);
         if let Some(a) = after {
             req = req.query(&[("after", a)]);
         }
@@ -241,6 +271,7 @@ async fn act_on(
         let body = call(
             client
                 .post(&endpoint)
+                .query(target)
                 .json(&serde_json::json!({ "ids": ids })),
         )
         .await?;

@@ -86,6 +86,24 @@ async fn write(client: &reqwest::Client, base: &str, from: usize, to: usize) -> 
         .collect()
 }
 
+/// Wait until `target` has every id in `acked`, failing at `deadline`.
+async fn arrive_by(target: &HttpTarget, acked: &HashSet<String>, deadline: Instant, what: &str) {
+    loop {
+        let seen: HashSet<String> = target.ids();
+        let missing: Vec<&String> = acked.difference(&seen).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged entries never arrived {what}, e.g. {:?}",
+            missing.len(),
+            missing.iter().take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_consumer_hands_its_partitions_over_and_loses_nothing() {
     let Some(brokers) = test_server("WALDEN_TEST_TANSU_BROKERS") else {
@@ -137,21 +155,13 @@ async fn a_killed_consumer_hands_its_partitions_over_and_loses_nothing() {
     let killed = Instant::now();
     acked.extend(write(&client, &base, 400, 600).await);
 
-    let deadline = killed + Duration::from_secs(60);
-    loop {
-        let seen: HashSet<String> = target.ids();
-        let missing: Vec<&String> = acked.difference(&seen).collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged entries never arrived after the takeover, e.g. {:?}",
-            missing.len(),
-            missing.iter().take(5).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    arrive_by(
+        &target,
+        &acked,
+        killed + Duration::from_secs(60),
+        "after the takeover",
+    )
+    .await;
     eprintln!("takeover complete {:?} after the kill", killed.elapsed());
     let _ = b.kill();
     let _ = b.wait();
@@ -198,21 +208,8 @@ async fn two_targets_each_get_everything_when_a_consumer_is_killed() {
     acked.extend(write(&client, &base, 200, 400).await);
     assert_eq!(acked.len(), 400);
     for (name, t) in [("a", &ta), ("b", &tb)] {
-        let deadline = killed + Duration::from_secs(60);
-        loop {
-            let seen: HashSet<String> = t.ids();
-            let missing: Vec<&String> = acked.difference(&seen).collect();
-            if missing.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "target {name}: {} acknowledged entries never arrived, e.g. {:?}",
-                missing.len(),
-                missing.iter().take(5).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let at = format!("at target {name}");
+        arrive_by(t, &acked, killed + Duration::from_secs(60), &at).await;
     }
     let _ = b.kill();
     let _ = b.wait();

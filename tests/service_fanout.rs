@@ -214,6 +214,21 @@ async fn a_key_one_target_rejects_is_dead_lettered_and_redriven_there_only() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // The CLI takes --target too.
+    let url = format!("http://{}", svc.addr);
+    for (target, total) in [("a", 0), ("b", 1)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_walden"))
+            .args(["dlq", "list", "ns", "--url", &url, "--target", target])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(listed["total"], total, "--target {target}: {listed}");
+    }
 
     // A redrive of a's letters finds none; b's goes to b, and only to b.
     b.reject_key("poison", 0);

@@ -45,19 +45,25 @@ pub(crate) fn commit(shared: &Arc<Shared>, group: &str, offsets: &Offsets) -> Re
         .cloned()
         .unwrap_or_default();
     merged.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+    store(shared, group, merged)
+}
+
+/// Write the group's whole checkpoint, then keep it in memory. The caller
+/// holds `checkpoint_write`.
+fn store(shared: &Arc<Shared>, group: &str, offsets: Offsets) -> Result<(), LogError> {
     let path = shared.checkpoint_dir.join(format!("{group}{SUFFIX}"));
     write_atomic(
         shared.fs.as_ref(),
         &shared.checkpoint_dir,
         &path,
-        &encode(&merged),
+        &encode(&offsets),
         true,
     )?;
     shared
         .checkpoints
         .lock()
         .unwrap()
-        .insert(group.to_string(), merged);
+        .insert(group.to_string(), offsets);
     Ok(())
 }
 
@@ -77,20 +83,7 @@ pub(crate) fn forget(
     if kept.len() == before {
         return Ok(());
     }
-    let path = shared.checkpoint_dir.join(format!("{group}{SUFFIX}"));
-    write_atomic(
-        shared.fs.as_ref(),
-        &shared.checkpoint_dir,
-        &path,
-        &encode(&kept),
-        true,
-    )?;
-    shared
-        .checkpoints
-        .lock()
-        .unwrap()
-        .insert(group.to_string(), kept);
-    Ok(())
+    store(shared, group, kept)
 }
 
 /// Load every group's checkpoint. Leftover temp files are torn writes of a
