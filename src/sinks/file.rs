@@ -221,7 +221,7 @@ impl Sink for FileSink {
         Box::pin(async move {
             let mut bytes = Vec::new();
             for d in batch {
-                bytes.extend(DeliveredJson::line(d));
+                DeliveredJson::write_line(d, &mut bytes);
             }
             let (fs, path, open) = (self.fs.clone(), self.path.clone(), self.open.clone());
             // File I/O never runs on an arbiter thread.

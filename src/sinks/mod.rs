@@ -233,7 +233,7 @@ pub struct DeliveredJson<'a> {
     pub id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<&'a str>,
-    pub headers: serde_json::Map<String, serde_json::Value>,
+    pub headers: Headers<'a>,
     pub timestamp_ms: u64,
     pub due_ms: u64,
     /// The payload as written, when it was written as JSON.
@@ -256,12 +256,7 @@ impl<'a> DeliveredJson<'a> {
         let payload_base64 = json_payload
             .is_none()
             .then(|| base64::engine::general_purpose::STANDARD.encode(&e.payload));
-        let headers = e
-            .headers
-            .iter()
-            .filter(|(k, _)| k != PAYLOAD_ENCODING_HEADER && k != TARGETS_HEADER)
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect();
+        let headers = Headers(&e.headers);
         Self {
             namespace: &d.shard.namespace,
             shard: d.shard.shard,
@@ -276,10 +271,28 @@ impl<'a> DeliveredJson<'a> {
         }
     }
 
-    /// One JSON line, newline included.
-    pub fn line(d: &Delivered) -> Vec<u8> {
-        let mut line = serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data");
-        line.push(b'\n');
-        line
+    /// Append one JSON line, newline included, to `out` (a batch's buffer:
+    /// no line of its own).
+    pub fn write_line(d: &Delivered, out: &mut Vec<u8>) {
+        serde_json::to_writer(&mut *out, &DeliveredJson::new(d)).expect("JSON of owned data");
+        out.push(b'\n');
+    }
+}
+
+/// An entry's headers as a JSON object of strings, written straight from
+/// the entry (no map is built); Walden's own bookkeeping headers are left
+/// out.
+pub struct Headers<'a>(&'a [(String, String)]);
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let shown =
+            |(k, _): &&(String, String)| k != PAYLOAD_ENCODING_HEADER && k != TARGETS_HEADER;
+        let mut map = s.serialize_map(Some(self.0.iter().filter(shown).count()))?;
+        for (k, v) in self.0.iter().filter(shown) {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }

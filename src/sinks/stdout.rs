@@ -35,7 +35,7 @@ impl Sink for StdoutSink {
         Box::pin(async move {
             let mut out = Vec::new();
             for d in batch {
-                out.extend(DeliveredJson::line(d));
+                DeliveredJson::write_line(d, &mut out);
             }
             // A full pipe blocks: write off the arbiter thread.
             let written = tokio::task::spawn_blocking(move || {
