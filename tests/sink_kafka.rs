@@ -25,7 +25,12 @@ fn delivered(i: u64, key: &str) -> Delivered {
         entry: Entry {
             id: format!("e{i}"),
             key: Some(key.into()),
-            headers: vec![("traceparent".into(), format!("00-{i:032x}-{i:016x}-01"))],
+            headers: vec![
+                ("traceparent".into(), format!("00-{i:032x}-{i:016x}-01")),
+                // Which of this namespace's targets it was for: not the
+                // business of whoever reads the target topic.
+                (walden::entry::TARGETS_HEADER.into(), "replica".into()),
+            ],
             payload: Bytes::from(format!("{{\"n\":{i}}}")),
             timestamp_ms: 1,
             due_ms: 0,
@@ -109,6 +114,10 @@ async fn entries_arrive_with_key_payload_and_headers() {
         assert_eq!(headers["traceparent"], format!("00-{i:032x}-{i:016x}-01"));
         assert_eq!(headers["walden.namespace"], "orders");
         assert_eq!(headers["walden.sequence"], (100 + i).to_string());
+        assert!(
+            !headers.contains_key(walden::entry::TARGETS_HEADER),
+            "{headers:?}"
+        );
     }
     for key in ["a", "b", "c"] {
         let of_key: Vec<&(String, String, HashMap<String, String>, i32)> =

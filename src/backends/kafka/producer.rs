@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::{KafkaError, KafkaSettings, headers};
 use crate::backends::{Appended, BackendError, Producer, WriteReply};
-use crate::entry::{Durable, Entry, ShardRef, now_ms};
+use crate::entry::{Durable, Entry, ShardRef, TARGETS_HEADER, now_ms};
 
 type Report = Result<i64, (rdkafka::error::KafkaError, Durable)>;
 
@@ -316,6 +316,19 @@ impl crate::backends::Topic for KafkaTopic {
         extra: &'a [(&'a str, String)],
     ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            // The targets an entry was for are this namespace's routing, not
+            // the topic's readers' (another Walden reading it as its backend
+            // would take them for its own targets).
+            let stripped;
+            let entry = match entry.header(TARGETS_HEADER) {
+                None => entry,
+                Some(_) => {
+                    let mut e = entry.clone();
+                    e.headers.retain(|(k, _)| k != TARGETS_HEADER);
+                    stripped = e;
+                    &stripped
+                }
+            };
             self.producer.produce(None, entry, extra).await?;
             Ok(())
         })
