@@ -411,3 +411,54 @@ async fn a_receiver_killed_mid_run_ends_with_every_entry_once_and_the_rows_in_ke
     }
     assert_eq!(count.len(), acked.len(), "nothing else is there");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_relay_headers_get_a_clear_error_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = HttpTarget::start();
+    let svc = spawn(&service(
+        dir.path(),
+        "127.0.0.1:0",
+        &format!("type = \"http\"\nurl = \"{}\"", sink.url()),
+        "",
+    ));
+    let base = format!("http://{}/v1/namespaces/ns", svc.addr);
+    let client = reqwest::Client::new();
+    let body = json!({"entries": [{"id": "r1", "payload": 1}, {"id": "r2", "payload": 2}]});
+    let send = |headers: Vec<(&'static str, String)>| {
+        let mut req = client.post(format!("{base}/log/batch")).json(&body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let hop = "0123456789abcdef".to_string();
+    let (status, answer) = send(vec![
+        ("walden-hops", hop.clone()),
+        ("walden-origin-sequences", "5".into()),
+    ])
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 sequences for 2 entries"),
+        "{answer}"
+    );
+    let (status, answer) = send(vec![
+        ("walden-hops", hop.clone()),
+        ("walden-origin-sequences", "5,x".into()),
+    ])
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = send(vec![("walden-hops", vec![hop; 9].join(","))]).await;
+    assert_eq!(status, 508, "{answer}");
+    assert_eq!(answer["durable"], "false", "{answer}");
+    let st = get_json(&base).await;
+    assert_eq!(st["written"], 0, "nothing was written: {st}");
+    svc.stop();
+}

@@ -537,7 +537,8 @@ fn validate_composite(e: &mut Errors, name: &str, ns: &NamespaceConfig, c: &Comp
 fn check_http_url(e: &mut Errors, name: &str, field: &str, url: &str) {
     match reqwest::Url::parse(url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-        _ => e.ns(name, field, format!("{url:?} must be an http(s) URL")),
+        Ok(_) => e.ns(name, field, format!("{url:?} must be an http(s) URL")),
+        Err(err) => e.ns(name, field, format!("{url:?} is not a URL: {err}")),
     }
 }
 
@@ -773,11 +774,7 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
         TargetConfig::Http {
             url, timeout_ms, ..
         } => {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                Ok(_) => e.ns(ns, &at("url"), format!("{url:?} must be an http(s) URL")),
-                Err(err) => e.ns(ns, &at("url"), format!("{url:?} is not a URL: {err}")),
-            }
+            check_http_url(e, ns, &at("url"), url);
             if *timeout_ms == 0 {
                 e.ns(ns, &at("timeout_ms"), "must be greater than 0");
             }
@@ -869,11 +866,7 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
             timeout_ms,
             ..
         } => {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                Ok(_) => e.ns(ns, &at("url"), format!("{url:?} must be an http(s) URL")),
-                Err(err) => e.ns(ns, &at("url"), format!("{url:?} is not a URL: {err}")),
-            }
+            check_http_url(e, ns, &at("url"), url);
             if !valid_namespace_name(namespace) {
                 e.ns(
                     ns,

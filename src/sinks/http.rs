@@ -23,7 +23,7 @@ pub struct HttpSink {
 }
 
 /// `url` without its user info and query: `https://host:port/path?…`.
-fn redacted(url: &reqwest::Url) -> String {
+pub(super) fn redacted(url: &reqwest::Url) -> String {
     let mut shown = url.clone();
     let _ = shown.set_username("");
     let _ = shown.set_password(None);
@@ -37,16 +37,30 @@ fn redacted(url: &reqwest::Url) -> String {
     shown
 }
 
+/// The client of an HTTP-speaking sink: `timeout` per request, no Nagle.
+pub(super) fn client(name: &str, timeout: Duration) -> Result<reqwest::Client, SinkError> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))
+}
+
+/// An answer's `Retry-After`, in seconds.
+pub(super) fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 impl HttpSink {
     pub fn new(name: &str, url: &str, timeout: Duration) -> Result<Self, SinkError> {
         // The parse error alone: the text may hold credentials.
         let url = reqwest::Url::parse(url)
             .map_err(|e| SinkError::permanent(name, format!("bad url: {e}")))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))?;
+        let client = client(name, timeout)?;
         Ok(Self {
             name: name.into(),
             shown: redacted(&url),
@@ -75,12 +89,7 @@ impl HttpSink {
         if status.is_success() {
             return Ok(Outcome::Applied);
         }
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(&resp);
         let body = resp.text().await.unwrap_or_default();
         let message = format!(
             "POST {} answered {status}: {}",

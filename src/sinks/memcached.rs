@@ -32,9 +32,12 @@ const MAX_RACES: usize = 16;
 /// Memcached takes an expiry longer than this as a Unix time.
 const RELATIVE_EXPIRY_MAX_S: u64 = 30 * 24 * 3600;
 
-pub struct MemcachedSink {
+pub struct MemcachedSink(Arc<Inner>);
+
+/// What an apply on a blocking thread shares with the sink.
+struct Inner {
     name: String,
-    pool: Arc<Pool>,
+    pool: Pool,
     key_prefix: String,
     ttl_s: u64,
 }
@@ -89,19 +92,21 @@ impl MemcachedSink {
         memcache::Client::builder()
             .add_server(url)
             .map_err(|e| SinkError::permanent(name, format!("memcached url: {e}")))?;
-        Ok(Self {
+        Ok(Self(Arc::new(Inner {
             name: name.into(),
-            pool: Arc::new(Pool {
+            pool: Pool {
                 url: url.into(),
                 size: pool_size as u32,
                 timeout,
                 client: Mutex::new(None),
-            }),
+            },
             key_prefix: key_prefix.into(),
             ttl_s,
-        })
+        })))
     }
+}
 
+impl Inner {
     /// The expiry to send: relative up to 30 days, a Unix time past that.
     fn expiry(&self) -> u32 {
         match self.ttl_s {
@@ -193,7 +198,7 @@ impl MemcachedSink {
 
 impl Sink for MemcachedSink {
     fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
@@ -201,13 +206,15 @@ impl Sink for MemcachedSink {
             // One entry per key in a batch: they may go at once, each on a
             // blocking thread with a pooled connection.
             let calls = batch.iter().map(|d| {
-                let (sink, d) = (self.clone_handle(), d.clone());
+                let (inner, d) = (self.0.clone(), d.clone());
                 async move {
-                    let name = sink.name.clone();
-                    tokio::task::spawn_blocking(move || sink.apply_one(&d))
+                    tokio::task::spawn_blocking(move || inner.apply_one(&d))
                         .await
                         .unwrap_or_else(|e| {
-                            Err(SinkError::transient(&name, format!("memcached call: {e}")))
+                            Err(SinkError::transient(
+                                &self.0.name,
+                                format!("memcached call: {e}"),
+                            ))
                         })
                 }
             });
@@ -216,24 +223,12 @@ impl Sink for MemcachedSink {
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
-        let (pool, name) = (self.pool.clone(), self.name.clone());
+        let inner = self.0.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || pool.get()?.version().map(|_| ()))
+            tokio::task::spawn_blocking(move || inner.pool.get()?.version().map(|_| ()))
                 .await
-                .map_err(|e| SinkError::transient(&name, format!("memcached call: {e}")))?
-                .map_err(|e| SinkError::transient(&name, format!("memcached: {e}")))
-        })
-    }
-}
-
-impl MemcachedSink {
-    /// A handle for a blocking thread: the pool is shared.
-    fn clone_handle(&self) -> Arc<Self> {
-        Arc::new(Self {
-            name: self.name.clone(),
-            pool: self.pool.clone(),
-            key_prefix: self.key_prefix.clone(),
-            ttl_s: self.ttl_s,
+                .map_err(|e| SinkError::transient(&self.0.name, format!("memcached call: {e}")))?
+                .map_err(|e| SinkError::transient(&self.0.name, format!("memcached: {e}")))
         })
     }
 }

@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{ApplyResult, Outcome, Sink, SinkError};
+use super::{ApplyResult, Outcome, Sink, SinkError, http};
 use crate::entry::{
     Delivered, HOPS_HEADER, ORIGIN_NAMESPACE_HEADER, ORIGIN_SEQUENCE_HEADER,
     PAYLOAD_ENCODING_HEADER, relay,
@@ -92,23 +92,14 @@ impl WaldenSink {
         };
         let stats_url = at(format!("v1/namespaces/{namespace}"))?;
         let batch_url = at(format!("v1/namespaces/{namespace}/log/batch"))?;
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))?;
-        let mut shown = stats_url.clone();
-        let _ = shown.set_username("");
-        let _ = shown.set_password(None);
-        shown.set_query(None);
         Ok(Self {
             name: name.into(),
+            client: http::client(name, timeout)?,
+            shown: http::redacted(&stats_url),
             batch_url,
             stats_url,
-            shown: shown.to_string(),
             token: token.map(str::to_owned),
             hop,
-            client,
         })
     }
 
@@ -218,12 +209,7 @@ impl WaldenSink {
             }
         };
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = http::retry_after(&resp);
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
         if status != StatusCode::OK {
             let mut e = self.classify(status, &answer);
