@@ -1,4 +1,5 @@
-//! The `walden` command: run the service, check a config, or write an entry.
+//! The `walden` command: run the service, check a config, write an entry or
+//! a set of mutations, or act on the DLQ.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -53,6 +54,21 @@ enum Command {
         /// The payload: JSON is sent as JSON, anything else as a JSON string,
         /// and bytes that are not UTF-8 as base64. `-` reads standard input.
         payload: String,
+    },
+    /// Write a set of mutations (applied whole and in order) from a JSON
+    /// file: `{"id", "mutations": [{"key", "payload", "headers"}, ...],
+    /// "lifecycle"}`. A set without an `id` gets one here, so an answer of
+    /// "unknown" is retried with it, safely.
+    Mutate {
+        namespace: String,
+        /// The set's JSON; `-` reads standard input.
+        file: PathBuf,
+        /// Retries of an answer that is not definite ("unknown", 429, 503).
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// The service's base URL.
+        #[arg(long, env = "WALDEN_URL", default_value = "http://127.0.0.1:7070")]
+        url: String,
     },
     /// Inspect and act on a namespace's dead-letter queue.
     Dlq {
@@ -122,6 +138,12 @@ fn main() -> ExitCode {
             url,
             payload,
         } => write(&url, &namespace, key, delay_ms, id, &payload),
+        Command::Mutate {
+            namespace,
+            file,
+            retries,
+            url,
+        } => mutate(&url, &namespace, &file, retries),
         Command::Dlq {
             command,
             url,
@@ -376,20 +398,87 @@ fn write(
         "{}/v1/namespaces/{namespace}/log",
         url.trim_end_matches('/')
     );
+    answered(
+        &endpoint,
+        post_json(&endpoint, &serde_json::Value::Object(body)),
+    )
+}
+
+/// POST `body` as JSON; the answer's status and text.
+fn post_json(
+    endpoint: &str,
+    body: &serde_json::Value,
+) -> Result<(reqwest::StatusCode, String), reqwest::Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         let resp = reqwest::Client::new()
-            .post(&endpoint)
-            .json(&body)
+            .post(endpoint)
+            .json(body)
             .send()
             .await?;
         let status = resp.status();
         let text = resp.text().await?;
-        Ok::<_, reqwest::Error>((status, text))
-    });
+        Ok((status, text))
+    })
+}
+
+/// Read a set from `file` and write it, retrying with its id while the
+/// answer is not definite.
+fn mutate(url: &str, namespace: &str, file: &std::path::Path, retries: u32) -> ExitCode {
+    let text = if file.as_os_str() == "-" {
+        let mut buf = String::new();
+        std::io::stdin()
+            .read_to_string(&mut buf)
+            .map(|_| buf)
+            .map_err(|e| format!("reading standard input: {e}"))
+    } else {
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))
+    };
+    let mut body: serde_json::Value = match text
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("{}: {e}", file.display())))
+    {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("walden: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(set) = body.as_object_mut() else {
+        eprintln!("walden: {}: a set is a JSON object", file.display());
+        return ExitCode::FAILURE;
+    };
+    set.entry("id")
+        .or_insert_with(|| uuid::Uuid::now_v7().to_string().into());
+    let endpoint = format!(
+        "{}/v1/namespaces/{namespace}/mutations",
+        url.trim_end_matches('/')
+    );
+    let mut attempt = 0;
+    loop {
+        let result = post_json(&endpoint, &body);
+        let definite = match &result {
+            Ok((status, _)) => !matches!(status.as_u16(), 429 | 503 | 504),
+            Err(e) => !(e.is_connect() || e.is_timeout()),
+        };
+        if definite || attempt >= retries {
+            return answered(&endpoint, result);
+        }
+        attempt += 1;
+        eprintln!(
+            "walden: no definite answer; retrying with the set's id ({attempt} of {retries})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200 << attempt.min(5)));
+    }
+}
+
+/// Print a write's answer; success only for `durable: "true"`.
+fn answered(
+    endpoint: &str,
+    result: Result<(reqwest::StatusCode, String), reqwest::Error>,
+) -> ExitCode {
     match result {
         Ok((status, text)) => {
             println!("{text}");

@@ -43,7 +43,6 @@ use actix::{
     Supervised, WrapFuture,
 };
 use futures_util::FutureExt;
-use rand::RngExt;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::breaker::{Admit, Breaker};
@@ -51,7 +50,8 @@ use super::messages::{
     Apply, ApplyDelayed, Bury, Done, Doomed, Purged, Quiesce, Redrive, RedriveBacklog, Redriven,
     RedrivenLetter, Reset, Rewind,
 };
-use super::{ShardStats, Stores, Work, ack, guarded, panic_message};
+use super::sets::{SET_LETTER_HEADER, SetJoin, Settled};
+use super::{ShardStats, Stores, Work, ack, backoff, guarded, panic_message, transient};
 use crate::backends::{DelayStore, Delivery, KeyHolds, Limit};
 use crate::config::{Ordering, RetryConfig};
 use crate::entry::{Delivered, Entry, ShardRef, now_ms};
@@ -100,9 +100,20 @@ struct Item {
     alone: bool,
     /// Sink calls that panicked with it alone in them.
     panics: u32,
+    /// A mutation of a set, or a dead letter holding a whole set: it goes
+    /// through the target's [`SetJoin`], never into a sink batch.
+    in_set: bool,
+    /// Handed to the [`SetJoin`]; waiting for its set. Its key waits too.
+    joined: bool,
 }
 
 impl Item {
+    fn marked(mut self) -> Self {
+        let e = self.entry();
+        self.in_set = e.set_place().is_some() || e.header(SET_LETTER_HEADER).is_some();
+        self
+    }
+
     fn delivered(&self) -> Delivered {
         match &self.source {
             Source::Log(w) => Delivered {
@@ -154,6 +165,8 @@ pub struct Policy {
     pub holds: Holds,
     /// The target's breaker, shared by the namespace's shards.
     pub breaker: Arc<Breaker>,
+    /// Where the target's sets of mutations gather and are applied.
+    pub sets: Arc<SetJoin>,
 }
 
 /// Where `hold_key` keeps its holds, and what waits behind them.
@@ -282,7 +295,10 @@ impl Applier {
             first_failure_ms: 0,
             alone: false,
             panics: 0,
+            in_set: false,
+            joined: false,
         }
+        .marked()
     }
 
     /// Admit new work, in order: queue each item, or park it behind its key
@@ -648,7 +664,8 @@ impl Applier {
             if bytes >= MAX_BATCH_BYTES {
                 break;
             }
-            let ready = item.not_before.is_none_or(|t| t <= now);
+            // A set's mutation is never in a batch: it holds its key.
+            let ready = item.not_before.is_none_or(|t| t <= now) && !item.in_set;
             match seen.get_mut(item.order_key(self.policy.ordering)) {
                 // A later entry of its key: only right behind the ones taken.
                 Some(chain) => {
@@ -679,7 +696,11 @@ impl Applier {
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
         crate::failpoint!("applier.apply");
-        if self.busy || self.quiescing || self.queue.is_empty() || !self.ready {
+        if self.quiescing || self.queue.is_empty() || !self.ready {
+            return;
+        }
+        self.join_sets(ctx);
+        if self.busy {
             return;
         }
         let now = Instant::now();
@@ -688,6 +709,12 @@ impl Applier {
             Admit::Deliver => self.next_batch(now),
             Admit::Probe => {
                 let (i, _) = self.probe_item(breaker.avoid().as_deref());
+                if self.queue[i].in_set {
+                    // Only sets wait here, and they try the target themselves.
+                    breaker.abandon_probe();
+                    self.arm(ctx);
+                    return;
+                }
                 self.probing = Some(self.queue[i].order_key(self.policy.ordering).to_string());
                 vec![i]
             }
@@ -716,6 +743,77 @@ impl Applier {
         }));
     }
 
+    /// Hand each set item that is first of its key and ready to the
+    /// target's [`SetJoin`]: a mutation joins its set; a dead letter that
+    /// holds a whole set (a redrive) is applied whole.
+    fn join_sets(&mut self, ctx: &mut Context<Self>) {
+        let (now, ordering) = (Instant::now(), self.policy.ordering);
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut joins = Vec::new();
+        for (i, item) in self.queue.iter().enumerate() {
+            let first = seen.insert(item.order_key(ordering));
+            let ready = item.not_before.is_none_or(|t| t <= now);
+            if first && ready && item.in_set && !item.joined {
+                joins.push(i);
+            }
+        }
+        for i in joins {
+            let item = &mut self.queue[i];
+            item.joined = true;
+            let (uid, delivered) = (item.uid, item.delivered());
+            let sets = self.policy.sets.clone();
+            match delivered.entry.set_place() {
+                Some(place) => {
+                    let joined = sets.join(delivered, place);
+                    ctx.spawn(joined.into_actor(self).map(move |answer, act, ctx| {
+                        let answer = answer.unwrap_or_else(|_| Err("the set was dropped".into()));
+                        guarded(act, ctx, |act, ctx| act.set_settled(uid, answer, ctx));
+                    }));
+                }
+                None => {
+                    let apply =
+                        async move { sets.apply_letter(&delivered.shard, &delivered.entry).await };
+                    ctx.spawn(apply.into_actor(self).map(move |result, act, ctx| {
+                        guarded(act, ctx, |act, ctx| {
+                            act.settle(&[uid], vec![result], None, ctx);
+                            act.pump(ctx);
+                        });
+                    }));
+                }
+            }
+        }
+    }
+
+    /// A joined mutation's set is settled: done with it, or (its record
+    /// could not be written) join again in a moment.
+    fn set_settled(&mut self, uid: u64, answer: Result<Settled, String>, ctx: &mut Context<Self>) {
+        // Dropped by a rewind meanwhile: its delivery is gone.
+        let Some(pos) = self.queue.iter().position(|i| i.uid == uid) else {
+            return;
+        };
+        match answer {
+            Ok(settled) => {
+                let item = self.queue.remove(pos).expect("found above");
+                match settled {
+                    Settled::Applied(outcome) => self.succeeded(item, outcome, ctx),
+                    // One letter holds the whole set; the target's set
+                    // counters count it.
+                    Settled::DeadLettered => self.finish(item, ctx),
+                }
+            }
+            Err(why) => {
+                warn!(set = ?self.queue[pos].entry().set_place().map(|p| p.set), error = %why,
+                    "A set could not be settled; its mutation joins again.");
+                let item = &mut self.queue[pos];
+                item.joined = false;
+                item.not_before = Some(Instant::now() + self.policy.sets.rejoin_after());
+                self.arm(ctx);
+            }
+        }
+        self.answer_quiesced();
+        self.pump(ctx);
+    }
+
     /// The probe: the first entry of a key (so per-key order holds), ready
     /// or not, preferring a key the last probe did not fail on, so a poison
     /// key does not keep a healthy target's breaker open. Also whether it is
@@ -726,7 +824,7 @@ impl Applier {
         let mut first = None;
         for (i, item) in self.queue.iter().enumerate() {
             let key = item.order_key(ordering);
-            if !seen.insert(key) {
+            if !seen.insert(key) || item.in_set {
                 continue;
             }
             if avoid != Some(key) {
@@ -956,6 +1054,7 @@ impl Applier {
             let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
                 continue;
             };
+            self.queue[pos].joined = false;
             match result {
                 Ok(outcome) => {
                     let item = self.queue.remove(pos).expect("found above");
@@ -1062,9 +1161,10 @@ impl Applier {
     fn take_key(&mut self, key: &str) -> Vec<Item> {
         let ordering = self.policy.ordering;
         // Redriven entries stay: they are retried in place, never parked.
-        let (mine, rest): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|i| i.order_key(ordering) == key && !matches!(i.source, Source::Redrive(_)));
+        let (mine, rest): (Vec<Item>, Vec<Item>) =
+            std::mem::take(&mut self.queue).into_iter().partition(|i| {
+                i.order_key(ordering) == key && !i.joined && !matches!(i.source, Source::Redrive(_))
+            });
         self.queue = rest.into();
         mine
     }
@@ -1074,6 +1174,12 @@ impl Applier {
             Outcome::Applied => self.stats.applied.inc(),
             Outcome::Superseded => self.stats.superseded.inc(),
         }
+        self.finish(item, ctx);
+    }
+
+    /// The item is done with (applied, or its set dead-lettered): ack it,
+    /// remove its letter, or take it out of its store.
+    fn finish(&mut self, item: Item, ctx: &mut Context<Self>) {
         let key = item.order_key(self.policy.ordering).to_string();
         match item.source {
             Source::Log(work) => {
@@ -1285,26 +1391,6 @@ impl Applier {
             }),
         );
     }
-}
-
-/// Whether retrying `e` can help (the namespace may make HTTP statuses
-/// permanent).
-fn transient(retry: &RetryConfig, e: &SinkError) -> bool {
-    e.is_transient()
-        && !e
-            .http_status
-            .is_some_and(|s| retry.permanent_http_statuses.contains(&s))
-}
-
-/// Full jitter on the namespace's backoff, or the target's `Retry-After` if it
-/// asked for longer, up to `max_backoff_ms`: a target that asks for an hour
-/// does not stall its keys past what the namespace allows.
-fn backoff(retry: &RetryConfig, attempts: u32, e: &SinkError) -> Duration {
-    let cap = retry.backoff(attempts);
-    let jittered = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
-    let most = Duration::from_millis(retry.max_backoff_ms);
-    e.retry_after
-        .map_or(jittered, |ra| ra.min(most).max(jittered))
 }
 
 impl Actor for Applier {

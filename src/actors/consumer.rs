@@ -1,6 +1,7 @@
 //! ShardConsumer: reads one shard in order for one target and routes each
 //! entry to the Applier (due now) or the DelayScheduler (due later); an
-//! entry whose write named other targets is acked at once. Commits the low
+//! entry whose write named other targets, or a set's marker, is acked at
+//! once. Commits the low
 //! watermark every 100 ms when it moved, and bounds how far it reads ahead,
 //! in entries and in payload bytes.
 
@@ -203,9 +204,10 @@ impl ShardConsumer {
         let now = now_ms();
         let (mut due, mut later) = (Vec::new(), Vec::new());
         for d in deliveries {
-            if let Some(target) = &self.target
-                && !d.entry().is_for(target)
-            {
+            // A set's marker only completes its set in the log: nothing to
+            // apply.
+            let elsewhere = self.target.as_ref().is_some_and(|t| !d.entry().is_for(t));
+            if elsewhere || d.entry().is_set_marker() {
                 super::ack(d);
                 continue;
             }

@@ -34,7 +34,8 @@ use crate::backends::{Appended, BackendError, EntryRejected, Producer};
 use crate::config::NamespaceConfig;
 use crate::entry::{
     Durable, Entry, HOPS_HEADER, ORIGIN_NAMESPACE_HEADER, ORIGIN_SEQUENCE_HEADER,
-    PAYLOAD_ENCODING_HEADER, ShardRef, TARGETS_HEADER, now_ms,
+    PAYLOAD_ENCODING_HEADER, SET_HEADER, SET_INDEX_HEADER, SET_MARKER_HEADER, SET_MARKER_SHARD,
+    SET_SIZE_HEADER, ShardRef, TARGETS_HEADER, now_ms,
 };
 use crate::routing::shard_of;
 use crate::sinks::mutation;
@@ -67,6 +68,59 @@ pub struct WriteRequest<'a> {
     #[serde(default, deserialize_with = "target_names")]
     pub target: Option<Vec<String>>,
     pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// The body of a set of mutations (`POST /v1/namespaces/{ns}/mutations`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRequest<'a> {
+    /// The set's idempotency key; a UUIDv7 is generated if absent.
+    pub id: Option<String>,
+    #[serde(borrow)]
+    pub mutations: Vec<MutationRequest<'a>>,
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// One mutation of a set: a write with a required key and no id, lifecycle
+/// or target of its own.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutationRequest<'a> {
+    pub key: Option<String>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub payload: Option<&'a RawValue>,
+    pub payload_base64: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// A set ready to append: its mutations routed, and its marker.
+pub struct PreparedSet {
+    pub id: String,
+    client_id: bool,
+    /// Each mutation's shard and entry, in the set's order.
+    members: Vec<(u32, Entry)>,
+    marker: Entry,
+    fingerprint: u64,
+}
+
+impl PreparedSet {
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// A set answered by the backend.
+#[derive(Clone, Debug)]
+pub struct SetAccepted {
+    pub durable: Durable,
+    pub id: String,
+    pub mutations: usize,
+    /// The marker's sequence: it orders the namespace's sets.
+    pub sequence: u64,
 }
 
 /// What a Walden that forwards an entry says about it, from its request's
@@ -232,6 +286,8 @@ pub struct Ingest {
     shards: Vec<ShardRef>,
     /// Entries answered durable, per shard.
     written: Arc<[Counter]>,
+    /// Sets of mutations answered durable.
+    pub sets_written: Counter,
     /// Hand-offs waiting on each shard.
     waiting: Vec<AtomicUsize>,
     dedup: Arc<DedupIndex>,
@@ -264,6 +320,7 @@ impl Ingest {
             shards: (0..config.shards).map(|i| ShardRef::new(name, i)).collect(),
             waiting: (0..config.shards).map(|_| AtomicUsize::new(0)).collect(),
             written,
+            sets_written: Counter::default(),
             dedup: writes.dedup.clone(),
             in_flight: writes.in_flight.clone(),
             ack_timeout: writes.ack_timeout,
@@ -334,6 +391,133 @@ impl Ingest {
             shard,
             client_id,
             entry,
+        })
+    }
+
+    /// Check a set against the namespace's limits and build its entries:
+    /// each mutation in its key's shard, then the marker. An error names the
+    /// set's id (given or generated) and the mutation at fault.
+    pub fn prepare_set(
+        &self,
+        mut req: SetRequest<'_>,
+        body: &Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<PreparedSet, IngestError> {
+        let client_id = req.id.is_some();
+        let id = req
+            .id
+            .take()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        self.check_set(req, &id, client_id, body, traceparent)
+            .map_err(|e| e.with_id(&id))
+    }
+
+    fn check_set(
+        &self,
+        req: SetRequest<'_>,
+        id: &str,
+        client_id: bool,
+        body: &Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<PreparedSet, IngestError> {
+        self.producer
+            .check_set()
+            .map_err(IngestError::bad_request)?;
+        let limits = &self.config.limits;
+        let n = req.mutations.len();
+        if n == 0 {
+            return Err(IngestError::bad_request(
+                "`mutations` is empty: a set needs at least one mutation",
+            ));
+        }
+        if n > limits.max_set_mutations {
+            return Err(IngestError::too_large(format!(
+                "`mutations`: {n} mutations; limits.max_set_mutations is {}",
+                limits.max_set_mutations
+            )));
+        }
+        let mut lifecycle = req.lifecycle;
+        let mut members = Vec::with_capacity(n);
+        let mut bytes = 0usize;
+        let mut due_ms = 0;
+        for (i, m) in req.mutations.into_iter().enumerate() {
+            let at = |e: IngestError| IngestError {
+                message: format!("`mutations[{i}]`: {}", e.message),
+                ..e
+            };
+            let Some(key) = m.key else {
+                return Err(IngestError::bad_request(format!(
+                    "`mutations[{i}].key` is missing: every mutation of a set needs its key"
+                )));
+            };
+            let write = WriteRequest {
+                payload: m.payload,
+                payload_base64: m.payload_base64,
+                key: Some(key),
+                id: None,
+                // The set's delay is drawn once, with the first mutation.
+                lifecycle: lifecycle.take(),
+                target: None,
+                headers: m.headers,
+            };
+            let parts = self.check(write, id, body, traceparent).map_err(at)?;
+            if i == 0 {
+                due_ms = parts.due_ms;
+            }
+            bytes += parts.payload.len();
+            if bytes > limits.max_set_bytes {
+                return Err(IngestError::too_large(format!(
+                    "the set's payloads are more than limits.max_set_bytes ({})",
+                    limits.max_set_bytes
+                )));
+            }
+            let shard = shard_of(
+                self.config.route_hash(),
+                parts.key.as_deref(),
+                id,
+                self.config.shards,
+            );
+            let mut headers = parts.headers;
+            headers.push((SET_HEADER.into(), id.into()));
+            headers.push((SET_INDEX_HEADER.into(), i.to_string()));
+            headers.push((SET_SIZE_HEADER.into(), n.to_string()));
+            let entry = Entry {
+                id: format!("{id}.{i}"),
+                key: parts.key,
+                headers,
+                payload: parts.payload,
+                timestamp_ms: 0,
+                due_ms,
+            };
+            self.producer.check_entry(&entry).map_err(|e| {
+                at(match e {
+                    EntryRejected::TooLarge(why) => IngestError::too_large(why),
+                    EntryRejected::Invalid(why) => IngestError::bad_request(why),
+                })
+            })?;
+            members.push((shard, entry));
+        }
+        let fingerprint = members.iter().fold(n as u64, |acc, (_, e)| {
+            (acc.rotate_left(17) ^ dedup::fingerprint(e)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        let marker = Entry {
+            id: id.to_string(),
+            key: None,
+            headers: vec![
+                (SET_MARKER_HEADER.into(), id.into()),
+                (SET_SIZE_HEADER.into(), n.to_string()),
+                (PAYLOAD_ENCODING_HEADER.into(), "json".into()),
+            ],
+            payload: Bytes::from(serde_json::json!({"set": id, "mutations": n}).to_string()),
+            timestamp_ms: 0,
+            due_ms: 0,
+        };
+        Ok(PreparedSet {
+            id: id.to_string(),
+            client_id,
+            members,
+            marker,
+            fingerprint,
         })
     }
 
@@ -587,6 +771,169 @@ impl Ingest {
                 .into_iter()
                 .map(|a| a.expect("every entry is answered"))
                 .collect()
+        })
+    }
+
+    /// Append a set as one unit and answer for all of it: `durable: "true"`
+    /// only once every mutation and the marker are durable. A client id seen
+    /// within the dedup window gets its original answer (409 for another
+    /// body).
+    pub fn submit_set(
+        &self,
+        set: PreparedSet,
+    ) -> futures_util::future::BoxFuture<'_, Result<SetAccepted, IngestError>> {
+        Box::pin(async move {
+            let window = Duration::from_millis(self.config.dedup_window_ms);
+            let id = set.id.clone();
+            let n = set.members.len();
+            if !set.client_id || window.is_zero() {
+                return self.append_set(set, None).await;
+            }
+            let (index, name, key, fp) = (
+                self.dedup.clone(),
+                self.name.clone(),
+                id.clone(),
+                set.fingerprint,
+            );
+            let check = tokio::task::spawn_blocking(move || index.check(&name, &key, fp, window))
+                .await
+                .expect("dedup checks do not panic");
+            match check {
+                Ok(Check::Duplicate(a)) => Ok(SetAccepted {
+                    durable: Durable::True,
+                    id,
+                    mutations: n,
+                    sequence: a.sequence,
+                }),
+                Ok(Check::Conflict(a)) => Err(conflict(&id, a).with_id(&id)),
+                Ok(Check::Wait(mut rx)) => {
+                    while rx.changed().await.is_ok() {}
+                    self.submit_set(set).await
+                }
+                Ok(Check::Claimed(claim)) => {
+                    let fp = set.fingerprint;
+                    self.append_set(set, Some((claim, fp))).await
+                }
+                Err(e) => Err(IngestError::unavailable(Durable::False, e.to_string()).with_id(&id)),
+            }
+        })
+    }
+
+    async fn append_set(
+        &self,
+        set: PreparedSet,
+        claim: Claimed,
+    ) -> Result<SetAccepted, IngestError> {
+        let PreparedSet {
+            id,
+            members,
+            marker,
+            fingerprint,
+            ..
+        } = set;
+        let n = members.len();
+        let Ok(_permits) = self.in_flight.clone().try_acquire_many_owned(n as u32 + 1) else {
+            return Err(IngestError::shed(
+                "too many writes in flight (server.max_in_flight); retry later",
+            )
+            .with_id(&id));
+        };
+        let mut writes = Vec::with_capacity(n + 1);
+        let mut answers = Vec::with_capacity(n + 1);
+        let all = members
+            .into_iter()
+            .chain(std::iter::once((SET_MARKER_SHARD, marker)));
+        for (shard, entry) in all {
+            let (tx, rx) = oneshot::channel();
+            writes.push((self.shards[shard as usize].clone(), entry, tx));
+            answers.push((shard, rx));
+        }
+        // As for single writes: a panic here drops the replies, and the set
+        // is answered "unknown".
+        let handed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::failpoint!("ingest.write");
+            self.producer.append_set(writes);
+        }));
+        if let Err(panic) = handed {
+            error!(namespace = %self.name, set = %id, panic = crate::actors::panic_message(&panic), "Handing a set to the backend panicked.");
+        }
+        let deadline = tokio::time::sleep(self.ack_timeout);
+        tokio::pin!(deadline);
+        let mut outcome: Result<Vec<(u32, Appended)>, IngestError> = Ok(Vec::with_capacity(n + 1));
+        let mut pending = answers.into_iter();
+        for (shard, mut rx) in pending.by_ref() {
+            let answered = tokio::select! {
+                biased;
+                answer = &mut rx => answer,
+                () = &mut deadline => {
+                    let claim = claim.or_else(|| self.claim_late(&id, fingerprint));
+                    if claim.is_some() {
+                        // Keep the id claimed until the log answers the
+                        // marker, so a retry waits for the real outcome.
+                        let rest: Vec<_> = std::iter::once(rx).chain(pending.map(|(_, rx)| rx)).collect();
+                        let (dedup, ns_name, id) = (self.dedup.clone(), self.name.clone(), id.clone());
+                        actix::spawn(async move {
+                            let mut last = None;
+                            for rx in rest {
+                                match rx.await {
+                                    Ok(Ok(a)) => last = Some(a),
+                                    _ => return,
+                                }
+                            }
+                            if let Some(a) = last {
+                                record(&dedup, &ns_name, &id, SET_MARKER_SHARD, &a, claim);
+                            }
+                        });
+                    }
+                    return Err(IngestError::timeout(format!(
+                        "no answer from the backend within server.ack_timeout_ms ({} ms); the set's outcome is unknown, and a retry with its id is safe",
+                        self.ack_timeout.as_millis()
+                    ))
+                    .with_id(&id));
+                }
+            };
+            let answer = match answered {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(e)) => Err(append_error(e)),
+                Err(_) => Err(IngestError::unavailable(
+                    Durable::Unknown,
+                    "the set was lost in flight (its hand-off to the backend failed); its outcome is unknown",
+                )),
+            };
+            outcome = match (outcome, answer) {
+                (Ok(mut done), Ok(a)) => {
+                    done.push((shard, a));
+                    Ok(done)
+                }
+                // A set is one unit: keep the first error, but an "unknown"
+                // anywhere makes the set's outcome unknown.
+                (Ok(_), Err(e)) => Err(e),
+                (Err(e), Err(later)) if later.durable == Durable::Unknown => Err(IngestError {
+                    durable: Durable::Unknown,
+                    ..e
+                }),
+                (Err(e), _) => Err(e),
+            };
+        }
+        let done = outcome.map_err(|e| e.with_id(&id))?;
+        let (_, marker) = *done.last().expect("the marker is answered");
+        for (shard, _) in &done[..n] {
+            self.written[*shard as usize].inc();
+        }
+        self.sets_written.inc();
+        record(
+            &self.dedup,
+            &self.name,
+            &id,
+            SET_MARKER_SHARD,
+            &marker,
+            claim,
+        );
+        Ok(SetAccepted {
+            durable: marker.durable,
+            id,
+            mutations: n,
+            sequence: marker.sequence,
         })
     }
 

@@ -31,6 +31,7 @@ pub mod dead_letter;
 pub mod delay;
 pub mod ingest;
 pub mod messages;
+pub mod sets;
 pub mod supervisor;
 
 use std::any::Any;
@@ -39,10 +40,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, ActorContext, Context};
+use rand::RngExt;
 use tracing::{error, warn};
 
 use crate::backends::DelayStore;
 use crate::backends::shard::AnyDelivery;
+use crate::config::RetryConfig;
+use crate::sinks::SinkError;
 use crate::state::ParkStore;
 use crate::stats::{Counter, Gauge, Histogram};
 
@@ -212,4 +216,24 @@ pub(crate) fn panic_message(panic: &Box<dyn Any + Send>) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(non-string panic)")
+}
+
+/// Whether retrying `e` can help (the namespace may make HTTP statuses
+/// permanent).
+pub(crate) fn transient(retry: &RetryConfig, e: &SinkError) -> bool {
+    e.is_transient()
+        && !e
+            .http_status
+            .is_some_and(|s| retry.permanent_http_statuses.contains(&s))
+}
+
+/// Full jitter on the namespace's backoff, or the target's `Retry-After` if it
+/// asked for longer, up to `max_backoff_ms`: a target that asks for an hour
+/// does not stall its keys past what the namespace allows.
+pub(crate) fn backoff(retry: &RetryConfig, attempts: u32, e: &SinkError) -> Duration {
+    let cap = retry.backoff(attempts);
+    let jittered = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
+    let most = Duration::from_millis(retry.max_backoff_ms);
+    e.retry_after
+        .map_or(jittered, |ra| ra.min(most).max(jittered))
 }

@@ -16,6 +16,7 @@ use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
 use super::ingest::{Ingest, Writes};
 use super::messages::{Drain, Peers, Wire};
+use super::sets::SetJoin;
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
 use crate::backends::shard::{AnyDlq, NamespaceBackend};
@@ -72,6 +73,8 @@ pub struct TargetRuntime {
     pub breaker: Arc<Breaker>,
     /// Where its delayed entries wait.
     pub delays: Arc<dyn DelayStore>,
+    /// Its sets of mutations, gathering and applying.
+    pub sets: Arc<SetJoin>,
     _watch: Addr<TargetWatch>,
 }
 
@@ -189,6 +192,15 @@ impl TargetRuntime {
                 .for_target(lane)
                 .unwrap_or_else(|| stores.delays.clone()),
         };
+        let sets = Arc::new(SetJoin::new(
+            name,
+            spec.name(),
+            sink.clone(),
+            config.retry.clone(),
+            config.dlq.enabled.then(|| (*dlq).clone()),
+            breaker.clone(),
+            stores.park.clone(),
+        ));
         // With one target there is nothing to tell apart.
         let only: Option<Arc<str>> = (config.targets.len() > 1).then(|| spec.name().into());
         let mut shards = Vec::with_capacity(config.shards as usize);
@@ -228,6 +240,7 @@ impl TargetRuntime {
                     holds: dlq.key_holds().map_or(Holds::Park, Holds::Broker),
                     target: spec.name().to_string(),
                     breaker: breaker.clone(),
+                    sets: sets.clone(),
                 };
                 let (stores, shard) = (stores.clone(), shard.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
@@ -281,6 +294,7 @@ impl TargetRuntime {
             sink_health,
             breaker,
             delays: stores.delays.clone(),
+            sets,
             _watch: watch,
         })
     }

@@ -73,7 +73,21 @@ pub struct TargetStats {
     pub superseded: u64,
     /// Entries this target moved to the DLQ since start.
     pub dead_lettered_since_start: u64,
+    /// Its sets of mutations.
+    pub sets: SetsView,
     pub per_shard: Vec<ShardView>,
+}
+
+/// A target's sets of mutations.
+#[derive(Serialize)]
+pub struct SetsView {
+    /// Applied whole since start.
+    pub applied: u64,
+    /// Moved to the DLQ (one letter each) since start.
+    pub dead_lettered: u64,
+    /// How long the oldest set that is gathering its mutations, or being
+    /// applied, has waited.
+    pub oldest_waiting_age_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -87,6 +101,9 @@ pub struct NamespaceView {
     pub targets: Vec<TargetStats>,
     /// Entries answered `durable: "true"` since this process started.
     pub written: u64,
+    /// Sets of mutations answered `durable: "true"` since start (their
+    /// mutations count in `written`).
+    pub sets_written: u64,
     // With several targets, the figures below add up the targets' (the
     // counts) or take the slowest's (`pending`, `consumer_lag`,
     // `oldest_pending_age_ms`).
@@ -182,6 +199,14 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
         failed_deliveries: failed,
         superseded: stat(|s| s.superseded.get()),
         dead_lettered_since_start: stat(|s| s.dead_lettered.get()),
+        sets: SetsView {
+            applied: t.sets.stats.applied.get(),
+            dead_lettered: t.sets.stats.dead_lettered.get(),
+            oldest_waiting_age_ms: t
+                .sets
+                .oldest_waiting_ms()
+                .map(|ts| now_ms().saturating_sub(ts)),
+        },
         per_shard,
     }
 }
@@ -212,6 +237,7 @@ async fn view(ns: &NamespaceRuntime) -> NamespaceView {
             breaker: first.target.breaker.clone(),
         },
         written: ns.written.iter().map(Counter::get).sum(),
+        sets_written: ns.ingest.sets_written.get(),
         applied: sum(|t| t.applied),
         pending: max(|t| t.pending),
         in_retry: targets.iter().map(|t| t.in_retry).sum(),
@@ -359,6 +385,52 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "counter",
         "Entries moved to the DLQ.",
         shard_metric(&|s| s.dead_lettered.get() as f64),
+    );
+    let per_target = |f: &dyn Fn(&crate::actors::sets::SetJoin) -> f64| {
+        let mut v = Vec::new();
+        for ns in state.namespaces.values() {
+            for t in &ns.targets {
+                let labels = format!("{{namespace=\"{}\",target=\"{}\"}}", ns.name, t.name);
+                v.push((labels, f(&t.sets)));
+            }
+        }
+        v
+    };
+    metric(
+        "walden_sets_written_total",
+        "counter",
+        "Sets of mutations answered durable.",
+        state
+            .namespaces
+            .values()
+            .map(|ns| {
+                (
+                    format!("{{namespace=\"{}\"}}", ns.name),
+                    ns.ingest.sets_written.get() as f64,
+                )
+            })
+            .collect(),
+    );
+    metric(
+        "walden_sets_applied_total",
+        "counter",
+        "Sets of mutations applied whole to their target.",
+        per_target(&|s| s.stats.applied.get() as f64),
+    );
+    metric(
+        "walden_sets_dead_lettered_total",
+        "counter",
+        "Sets of mutations moved to the DLQ, one letter each.",
+        per_target(&|s| s.stats.dead_lettered.get() as f64),
+    );
+    metric(
+        "walden_set_oldest_waiting_age_ms",
+        "gauge",
+        "How long the oldest set still gathering or applying has waited (0: none).",
+        per_target(&|s| {
+            s.oldest_waiting_ms()
+                .map_or(0.0, |ts| now_ms().saturating_sub(ts) as f64)
+        }),
     );
     metric(
         "walden_actor_restarts_total",

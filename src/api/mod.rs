@@ -65,6 +65,10 @@ pub(crate) fn targets_named<'a>(
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/namespaces/{ns}/log", web::post().to(write::write_one))
         .route(
+            "/v1/namespaces/{ns}/mutations",
+            web::post().to(write::write_set),
+        )
+        .route(
             "/v1/namespaces/{ns}/log/batch",
             web::post().to(write::write_batch),
         )

@@ -12,7 +12,9 @@ use serde_json::value::RawValue;
 use tracing::{Instrument, Span, field, info_span};
 
 use super::{ApiError, AppState, read_json_body};
-use crate::actors::ingest::{Accepted, IngestError, Refusal, Relayed, WriteRequest};
+use crate::actors::ingest::{
+    Accepted, IngestError, Refusal, Relayed, SetAccepted, SetRequest, WriteRequest,
+};
 use crate::entry::{Durable, relay};
 use crate::telemetry;
 
@@ -313,6 +315,54 @@ pub async fn write_batch(
     }
     let results: Vec<_> = results.into_iter().map(|r| r.expect("answered")).collect();
     Ok(HttpResponse::Ok().json(BatchResponse { results }))
+}
+
+/// A set of mutations, as answered.
+#[derive(Debug, Serialize)]
+struct SetWritten<'a> {
+    durable: &'static str,
+    id: String,
+    namespace: &'a str,
+    mutations: usize,
+    sequence: u64,
+}
+
+/// `POST /v1/namespaces/{ns}/mutations`: a set of mutations, written whole
+/// and applied whole, in order.
+pub async fn write_set(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?.clone();
+    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
+    let parsed: SetRequest = parse(&bytes, || "set body".into())?;
+    let span = info_span!("write_set", namespace = %ns.name, id = field::Empty,
+        mutations = parsed.mutations.len());
+    telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
+    let traceparent = entry_traceparent(&span, &req);
+    let prepared = ns
+        .ingest
+        .prepare_set(parsed, &bytes, traceparent.as_deref())?;
+    span.record("id", prepared.id.as_str());
+    let SetAccepted {
+        durable,
+        id,
+        mutations,
+        sequence,
+    } = ns.ingest.submit_set(prepared).instrument(span).await?;
+    let status = match durable {
+        Durable::True => StatusCode::OK,
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok(HttpResponse::build(status).json(SetWritten {
+        durable: durable.as_str(),
+        id,
+        namespace: &ns.name,
+        mutations,
+        sequence,
+    }))
 }
 
 #[derive(Serialize)]

@@ -333,6 +333,24 @@ pub trait Producer: Send + Sync {
     fn check_entry(&self, _entry: &Entry) -> Result<(), EntryRejected> {
         Ok(())
     }
+
+    /// Append a set of mutations as one unit: each entry to its shard, in
+    /// order, the set's marker last. A reader sees all of them or none, and
+    /// they are durable together; each answer goes to its reply. Ingest asks
+    /// [`Producer::check_set`] first.
+    fn append_set(&self, writes: Vec<(ShardRef, Entry, WriteReply)>) {
+        for (_, _, tx) in writes {
+            let _ = tx.send(Err(BackendError::NotHere(
+                "this backend does not take sets of mutations",
+            )));
+        }
+    }
+
+    /// Why the backend cannot take sets of mutations, if it cannot: the
+    /// client is told 400 with this reason.
+    fn check_set(&self) -> Result<(), String> {
+        Err("this namespace's backend does not take sets of mutations".into())
+    }
 }
 
 /// Append one entry through `producer` and wait for its answer.

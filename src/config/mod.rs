@@ -953,6 +953,11 @@ pub struct LimitsConfig {
     /// Deepest nesting of arrays and objects in a JSON `payload`; deeper is a
     /// 400. Many JSON parsers downstream refuse (or overflow on) deep input.
     pub max_payload_depth: usize,
+    /// Most mutations in one set (`POST .../mutations`); more gets 413.
+    pub max_set_mutations: usize,
+    /// Most payload bytes of one set, all its mutations together; more gets
+    /// 413. A set is written, applied and dead-lettered as one unit.
+    pub max_set_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -964,6 +969,8 @@ impl Default for LimitsConfig {
             max_headers: 64,
             max_batch_entries: 1000,
             max_payload_depth: 128,
+            max_set_mutations: 1000,
+            max_set_bytes: 4 << 20,
         }
     }
 }

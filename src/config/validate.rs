@@ -271,6 +271,18 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 ),
             );
         }
+        if l.max_set_mutations >= s.max_in_flight {
+            // A set takes one in-flight slot per mutation, and one for its
+            // marker.
+            e.ns(
+                name,
+                "limits.max_set_mutations",
+                format!(
+                    "{} is not less than server.max_in_flight ({}); a full set could never be accepted",
+                    l.max_set_mutations, s.max_in_flight
+                ),
+            );
+        }
         if l.max_payload_bytes == 0 || l.max_payload_bytes > MAX_PAYLOAD_LIMIT {
             e.ns(
                 name,
@@ -287,6 +299,8 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             ("limits.max_headers", l.max_headers, 60_000),
             ("limits.max_batch_entries", l.max_batch_entries, 100_000),
             ("limits.max_payload_depth", l.max_payload_depth, 10_000),
+            ("limits.max_set_mutations", l.max_set_mutations, 100_000),
+            ("limits.max_set_bytes", l.max_set_bytes, MAX_PAYLOAD_LIMIT),
         ] {
             if value == 0 || value > max {
                 e.ns(

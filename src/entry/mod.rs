@@ -46,6 +46,28 @@ pub const ORIGIN_NAMESPACE_HEADER: &str = "walden.origin_namespace";
 pub const ORIGIN_SEQUENCE_HEADER: &str = "walden.origin_sequence";
 pub const HOPS_HEADER: &str = "walden.hops";
 
+/// Entry headers of a set of mutations (`POST .../mutations`). Each
+/// mutation is an entry in its key's shard carrying the set's id, its
+/// place in the set and the set's size; the set's completion marker is one
+/// more entry, in shard 0, written last and carrying the set's id under
+/// [`SET_MARKER_HEADER`]. All of a set's entries go to the log in one write
+/// ([`crate::backends::Producer::append_set`]).
+pub const SET_HEADER: &str = "walden.set";
+pub const SET_INDEX_HEADER: &str = "walden.set_index";
+pub const SET_SIZE_HEADER: &str = "walden.set_size";
+pub const SET_MARKER_HEADER: &str = "walden.set_marker";
+/// The shard a namespace's set markers go to: their sequences there order
+/// the sets among themselves.
+pub const SET_MARKER_SHARD: u32 = 0;
+
+/// Where a mutation sits in its set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetPlace {
+    pub set: String,
+    pub index: u32,
+    pub size: u32,
+}
+
 /// The HTTP request headers of a forward from one Walden to another's batch
 /// endpoint (`target.type = "walden"`), which the receiver records on each
 /// entry as the headers above.
@@ -85,6 +107,23 @@ impl Entry {
     pub fn is_for(&self, target: &str) -> bool {
         self.header(TARGETS_HEADER)
             .is_none_or(|names| names.split(',').any(|n| n == target))
+    }
+
+    /// The entry's place in its set, when it is a mutation of one.
+    pub fn set_place(&self) -> Option<SetPlace> {
+        let set = self.header(SET_HEADER)?;
+        let index = self.header(SET_INDEX_HEADER)?.parse().ok()?;
+        let size = self.header(SET_SIZE_HEADER)?.parse().ok()?;
+        (index < size).then(|| SetPlace {
+            set: set.to_string(),
+            index,
+            size,
+        })
+    }
+
+    /// The entry is a set's completion marker: it is never applied.
+    pub fn is_set_marker(&self) -> bool {
+        self.header(SET_MARKER_HEADER).is_some()
     }
 
     /// Make the entry go to `target` alone (a copy that one target put back

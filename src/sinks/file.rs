@@ -237,6 +237,19 @@ impl Sink for FileSink {
         })
     }
 
+    /// The set's lines in one write, then an fsync: they are applied
+    /// together, each line carrying `set`, `set_index` and `set_size`.
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(async move {
+            let written = self.apply(set).await.pop();
+            match written {
+                Some(Ok(_)) => self.flush().await.map(|()| Outcome::Applied),
+                Some(Err(e)) => Err(e),
+                None => Ok(Outcome::Superseded),
+            }
+        })
+    }
+
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             let dir = Self::dir(&self.path);

@@ -1,5 +1,5 @@
 //! `type = "http"`: POST each entry as JSON, with `Idempotency-Key` (the
-//! entry id) and `traceparent`. 2xx is success; 5xx, 408, 429, timeouts and
+//! entry id) and `traceparent`; a set of mutations goes as one request. 2xx is success; 5xx, 408, 429, timeouts and
 //! connection errors are transient; other 4xx are permanent.
 //!
 //! Errors name the URL without its user info and query, where credentials
@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, join_all};
 use reqwest::StatusCode;
+use serde::Serialize;
 
-use super::{ApplyResult, DeliveredJson, Outcome, Sink, SinkError};
+use super::{ApplyResult, DeliveredJson, Headers, Outcome, Sink, SinkError};
 use crate::entry::Delivered;
 
 pub struct HttpSink {
@@ -72,13 +73,25 @@ impl HttpSink {
 
     async fn post(&self, d: &Delivered) -> ApplyResult {
         crate::failpoint!("sink.http.key", d.entry.key.as_deref().unwrap_or_default());
+        let body = serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data");
+        self.send(body, &d.entry.id, d.entry.header("traceparent"))
+            .await
+    }
+
+    /// POST `body` with its idempotency key, and classify the answer.
+    async fn send(
+        &self,
+        body: Vec<u8>,
+        idempotency_key: &str,
+        traceparent: Option<&str>,
+    ) -> ApplyResult {
         let mut req = self
             .client
             .post(self.url.clone())
             .header("content-type", "application/json")
-            .header("idempotency-key", &d.entry.id)
-            .body(serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data"));
-        if let Some(tp) = d.entry.header("traceparent") {
+            .header("idempotency-key", idempotency_key)
+            .body(body);
+        if let Some(tp) = traceparent {
             req = req.header("traceparent", tp);
         }
         let resp = req.send().await.map_err(|e| {
@@ -110,6 +123,40 @@ impl HttpSink {
     }
 }
 
+/// The body of a set's request.
+#[derive(Serialize)]
+struct SetBody<'a> {
+    set: &'a str,
+    mutations: Vec<SetMutation<'a>>,
+}
+
+#[derive(Serialize)]
+struct SetMutation<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    sequence: u64,
+    headers: Headers<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+}
+
+impl<'a> SetMutation<'a> {
+    fn new(d: &'a Delivered) -> Self {
+        let j = DeliveredJson::new(d);
+        Self {
+            id: j.id,
+            key: j.key,
+            sequence: j.sequence,
+            headers: j.headers,
+            payload: j.payload,
+            payload_base64: j.payload_base64,
+        }
+    }
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -125,6 +172,24 @@ impl Sink for HttpSink {
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         // At most one entry per key in a batch, so these may run at once.
         Box::pin(join_all(batch.iter().map(|d| self.post(d))))
+    }
+
+    /// One request for the whole set, with the set's id as its
+    /// `Idempotency-Key`: `{"set", "mutations": [{"id", "key", "sequence",
+    /// "headers", "payload" | "payload_base64"}, ...]}`, in the set's order.
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(async move {
+            let Some(id) = set.first().and_then(|d| d.entry.set_place()).map(|p| p.set) else {
+                return Err(SinkError::permanent(&self.name, "a set without its id"));
+            };
+            let body = SetBody {
+                set: &id,
+                mutations: set.iter().map(SetMutation::new).collect(),
+            };
+            let body = serde_json::to_vec(&body).expect("JSON of owned data");
+            self.send(body, &id, set[0].entry.header("traceparent"))
+                .await
+        })
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {

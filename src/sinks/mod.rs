@@ -32,7 +32,10 @@ pub use redis::RedisSink;
 pub use stdout::StdoutSink;
 
 use crate::config::TargetConfig;
-use crate::entry::{Delivered, PAYLOAD_ENCODING_HEADER, TARGETS_HEADER};
+use crate::entry::{
+    Delivered, PAYLOAD_ENCODING_HEADER, SET_HEADER, SET_INDEX_HEADER, SET_SIZE_HEADER,
+    TARGETS_HEADER,
+};
 
 /// Whether retrying can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +107,32 @@ pub trait Sink: Send + Sync {
     /// holds at most one entry per key, so its entries may be applied
     /// concurrently (an HTTP request each) or as a set (a database upsert).
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>>;
+
+    /// Apply a set of mutations (`POST .../mutations`) whole and in its
+    /// order, or nothing of it, where the target can: one transaction, one
+    /// request, one fsynced append. The default applies the mutations one
+    /// call each, in order: a failure part way leaves the ones before it
+    /// applied, and the retry applies them again, which the version guard
+    /// makes harmless but which a reader can see between.
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(async move {
+            let mut outcome = Outcome::Superseded;
+            for d in set {
+                match self.apply(std::slice::from_ref(d)).await.pop() {
+                    Some(Ok(Outcome::Applied)) => outcome = Outcome::Applied,
+                    Some(Ok(Outcome::Superseded)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(SinkError::transient(
+                            self.name(),
+                            "the target gave no answer for a mutation",
+                        ));
+                    }
+                }
+            }
+            Ok(outcome)
+        })
+    }
 
     /// The sink applies a batch in its order, whole or not at all (one
     /// append for the file target). Such a sink may get
@@ -242,6 +271,13 @@ pub struct DeliveredJson<'a> {
     /// The payload's bytes, when it was written as base64.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// A mutation of a set: the set's id, its place in it, and its size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_index: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_size: Option<u32>,
 }
 
 impl<'a> DeliveredJson<'a> {
@@ -257,7 +293,11 @@ impl<'a> DeliveredJson<'a> {
             .is_none()
             .then(|| base64::engine::general_purpose::STANDARD.encode(&e.payload));
         let headers = Headers(&e.headers);
+        let place = e.set_place();
         Self {
+            set_index: place.as_ref().map(|p| p.index),
+            set_size: place.as_ref().map(|p| p.size),
+            set: place.map(|p| p.set),
             namespace: &d.shard.namespace,
             shard: d.shard.shard,
             sequence: d.sequence,
@@ -287,8 +327,16 @@ pub struct Headers<'a>(&'a [(String, String)]);
 impl Serialize for Headers<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let shown =
-            |(k, _): &&(String, String)| k != PAYLOAD_ENCODING_HEADER && k != TARGETS_HEADER;
+        let shown = |(k, _): &&(String, String)| {
+            !matches!(
+                k.as_str(),
+                PAYLOAD_ENCODING_HEADER
+                    | TARGETS_HEADER
+                    | SET_HEADER
+                    | SET_INDEX_HEADER
+                    | SET_SIZE_HEADER
+            )
+        };
         let mut map = s.serialize_map(Some(self.0.iter().filter(shown).count()))?;
         for (k, v) in self.0.iter().filter(shown) {
             map.serialize_entry(k, v)?;

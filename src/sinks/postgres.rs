@@ -14,6 +14,9 @@
 //! fails for a reason that may be one row's (a constraint, bad data), the
 //! entries are applied one statement each, so only the bad one fails.
 //!
+//! A set of mutations is one transaction: each row is still version-guarded,
+//! one statement each, in the set's order, and readers see all of it or none.
+//!
 //! A delete leaves a tombstone (`deleted = true`, `value = NULL`) carrying
 //! its version. The table is not created by Walden:
 //!
@@ -220,6 +223,58 @@ impl PostgresSink {
         }
     }
 
+    /// A set in one transaction, each row under its version guard, one
+    /// statement each and in order (a multi-row upsert that touches a row
+    /// twice fails).
+    async fn upsert_set(&self, set: &[Delivered]) -> Result<Outcome, SinkError> {
+        let rows = set
+            .iter()
+            .map(|d| Mutation::parse(d).map(|m| Row::new(m, version(d))))
+            .collect::<Result<Vec<Row>, String>>()
+            .map_err(|e| SinkError::permanent(&self.name, e))?;
+        let mut client = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(SinkError::transient(
+                    &self.name,
+                    format!("postgres connection: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(SinkError::transient(
+                    &self.name,
+                    "postgres connection: timed out",
+                ));
+            }
+        };
+        let sql = format!(
+            "{} VALUES ($1, $2, $3, $4) {}",
+            self.insert, self.on_conflict
+        );
+        let run = async {
+            let tx = client.transaction().await?;
+            let stmt = tx.prepare_cached(&sql).await?;
+            let mut changed = 0;
+            for row in &rows {
+                changed += tx
+                    .execute(&stmt, &[&row.key, &row.value, &row.version, &row.deleted])
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<u64, tokio_postgres::Error>(changed)
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            // No row changed: newer versions of every key are stored.
+            Ok(Ok(0)) => Ok(Outcome::Superseded),
+            Ok(Ok(_)) => Ok(Outcome::Applied),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(SinkError::transient(
+                &self.name,
+                "postgres transaction timed out; it was rolled back",
+            )),
+        }
+    }
+
     async fn upsert_one(&self, client: &deadpool_postgres::Client, row: &Row) -> ApplyResult {
         let sql = format!(
             "{} VALUES ($1, $2, $3, $4) {}",
@@ -304,6 +359,10 @@ impl Sink for PostgresSink {
 
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(self.apply_all(batch))
+    }
+
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(self.upsert_set(set))
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -56,6 +56,11 @@ struct Inner {
     store: Arc<StateStore>,
     parked: fjall::Keyspace,
     holds: fjall::Keyspace,
+    /// Sets of mutations a target is done with: namespace (and lane), set
+    /// id → when.
+    sets_done: fjall::Keyspace,
+    /// The same, by when, for forgetting old ones.
+    sets_done_at: fjall::Keyspace,
     /// Delayed entries by shard, due time, sequence.
     delayed: fjall::Keyspace,
     /// Namespace and id → the delayed entry's key, for cancelling.
@@ -109,6 +114,12 @@ fn key_prefix(shard: &ShardRef, order_key: &str) -> Vec<u8> {
     let mut k = shard_prefix(shard);
     k.extend_from_slice(&(order_key.len() as u32).to_be_bytes());
     k.extend_from_slice(order_key.as_bytes());
+    k
+}
+
+fn set_key(namespace: &ShardRef, set: &str) -> Vec<u8> {
+    let mut k = shard_prefix(namespace);
+    k.extend_from_slice(set.as_bytes());
     k
 }
 
@@ -188,6 +199,8 @@ impl ParkStore {
             parked: store.keyspace("parked")?,
             holds: store.keyspace("holds")?,
             delayed: store.keyspace("delayed")?,
+            sets_done: store.keyspace("sets_done")?,
+            sets_done_at: store.keyspace("sets_done_at")?,
             delayed_ids: store.keyspace("delayed_ids")?,
             store,
         };
@@ -324,6 +337,49 @@ impl ParkStore {
                 .remove(key_prefix(&shard, &order_key))
                 .map_err(|e| s.err(e))?;
             s.persist()
+        })
+        .await
+    }
+
+    /// Record that this lane's target is done with set `set` of
+    /// `namespace` (applied it, or dead-lettered it), durably, before any
+    /// of its mutations is acked: a mutation delivered again after a crash
+    /// then finds the record, rather than waiting for the others.
+    pub async fn set_done(&self, namespace: &str, set: &str) -> Result<(), StateError> {
+        let key = set_key(&self.at(&ShardRef::new(namespace, 0)), set);
+        self.run(move |s| {
+            let now = crate::entry::now_ms();
+            let mut at = now.to_be_bytes().to_vec();
+            at.extend_from_slice(&key);
+            s.sets_done
+                .insert(&key, now.to_be_bytes())
+                .map_err(|e| s.err(e))?;
+            s.sets_done_at.insert(at, []).map_err(|e| s.err(e))?;
+            s.persist()
+        })
+        .await
+    }
+
+    /// Whether this lane's target is done with set `set` of `namespace`.
+    pub async fn is_set_done(&self, namespace: &str, set: &str) -> Result<bool, StateError> {
+        let key = set_key(&self.at(&ShardRef::new(namespace, 0)), set);
+        self.run(move |s| s.sets_done.contains_key(&key).map_err(|e| s.err(e)))
+            .await
+    }
+
+    /// Forget the sets recorded done before `before_ms`, of every lane;
+    /// how many.
+    pub async fn forget_sets(&self, before_ms: u64) -> Result<usize, StateError> {
+        self.run(move |s| {
+            let mut old = Vec::new();
+            for item in s.sets_done_at.range(..before_ms.to_be_bytes().to_vec()) {
+                old.push(item.key().map_err(|e| s.err(e))?);
+            }
+            for at in &old {
+                s.sets_done.remove(&at[8..]).map_err(|e| s.err(e))?;
+                s.sets_done_at.remove(at.to_vec()).map_err(|e| s.err(e))?;
+            }
+            Ok(old.len())
         })
         .await
     }

@@ -84,7 +84,8 @@ impl Committer {
             let mut next = Some(cmd);
             while let Some(cmd) = next.take() {
                 next = match cmd {
-                    Command::Append(first) => self.append_batch(first),
+                    Command::Append(first) => self.append_batch(vec![first]),
+                    Command::AppendSet(set) => self.append_batch(set),
                     Command::Flush(reply) => {
                         let _ = reply.send(self.flush());
                         None
@@ -132,7 +133,7 @@ impl Committer {
     /// Take `first` and whatever else is waiting, write it as one batch, and
     /// make it durable as the mode asks. Returns a control command met while
     /// draining, to be handled next.
-    fn append_batch(&mut self, first: AppendRequest) -> Option<Command> {
+    fn append_batch(&mut self, first: Vec<AppendRequest>) -> Option<Command> {
         let max_bytes = self.shared.config.max_batch_bytes;
         let mut batch = vec![first];
         let mut bytes = 0;
@@ -141,7 +142,14 @@ impl Committer {
             match self.rx.try_recv() {
                 Ok(Command::Append(req)) => {
                     bytes += req.entry.payload.len() + 64;
-                    batch.push(req);
+                    batch.push(vec![req]);
+                }
+                Ok(Command::AppendSet(set)) => {
+                    bytes += set
+                        .iter()
+                        .map(|r| r.entry.payload.len() + 64)
+                        .sum::<usize>();
+                    batch.push(set);
                 }
                 Ok(other) => {
                     deferred = Some(other);
@@ -163,56 +171,73 @@ impl Committer {
         deferred
     }
 
-    fn write_batch(&mut self, batch: Vec<AppendRequest>) {
+    /// Write `batch`, a list of units: a single append, or a set's appends,
+    /// which go into one segment back to back, all of them or none.
+    fn write_batch(&mut self, batch: Vec<Vec<AppendRequest>>) {
         if self.is_poisoned() {
-            for req in batch {
+            for req in batch.into_iter().flatten() {
                 let _ = req.reply.send(Err(self.shared.poisoned_error()));
             }
             return;
         }
-        let segment_bytes = self.shared.config.segment_bytes;
         let mut staged = Vec::with_capacity(batch.len());
         self.buf.clear();
         let mut freed = false;
-        for AppendRequest {
+        for unit in batch {
+            self.stage(unit, &mut staged, &mut freed);
+        }
+        self.write_buf(&mut staged);
+    }
+
+    /// Encode one unit into the buffer, or refuse all of it.
+    fn stage(&mut self, unit: Vec<AppendRequest>, staged: &mut Vec<Pending>, freed: &mut bool) {
+        let refuse = |unit: Vec<AppendRequest>, err: &dyn Fn() -> LogError| {
+            for req in unit {
+                let _ = req.reply.send(Err(err()));
+            }
+        };
+        let segment_bytes = self.shared.config.segment_bytes;
+        let len: u64 = unit
+            .iter()
+            .map(|r| format::encoded_len(&r.shard.namespace, &r.entry) as u64)
+            .sum();
+        if self.room().is_some_and(|room| len > room) {
+            // Once per batch: delete what consumers are done with to make
+            // room, then look again.
+            if !*freed {
+                *freed = true;
+                let need = len + self.size().1;
+                if let Err(error) = retention::apply(&self.shared, self.w.segment, need) {
+                    warn!(%error, "Retention failed.");
+                }
+            }
+            if let (Some(cap), Some(room)) = (self.cap(), self.room())
+                && len > room
+            {
+                self.shared.stats.refused_full.add(unit.len() as u64);
+                return refuse(unit, &|| LogError::Full { cap });
+            }
+        }
+        let end = self.w.pos + self.buf.len() as u64;
+        if end + len > segment_bytes
+            && end > self.header_len()
+            && (!self.write_buf(staged) || !self.roll())
+        {
+            // Poisoned, or the write was rolled back: refuse this one.
+            return refuse(unit, &|| self.refusal());
+        }
+        if self.is_poisoned() {
+            return refuse(unit, &|| self.shared.poisoned_error());
+        }
+        let ts = now_ms().max(self.w.last_ts);
+        let (buf_start, staged_start) = (self.buf.len(), staged.len());
+        let mut unit = unit.into_iter();
+        while let Some(AppendRequest {
             shard,
             mut entry,
             reply,
-        } in batch
+        }) = unit.next()
         {
-            let len = format::encoded_len(&shard.namespace, &entry) as u64;
-            if self.room().is_some_and(|room| len > room) {
-                // Once per batch: delete what consumers are done with to make
-                // room, then look again.
-                if !freed {
-                    freed = true;
-                    let need = len + self.size().1;
-                    if let Err(error) = retention::apply(&self.shared, self.w.segment, need) {
-                        warn!(%error, "Retention failed.");
-                    }
-                }
-                if let (Some(cap), Some(room)) = (self.cap(), self.room())
-                    && len > room
-                {
-                    self.shared.stats.refused_full.inc();
-                    let _ = reply.send(Err(LogError::Full { cap }));
-                    continue;
-                }
-            }
-            let end = self.w.pos + self.buf.len() as u64;
-            if end + len > segment_bytes
-                && end > self.header_len()
-                && (!self.write_buf(&mut staged) || !self.roll())
-            {
-                // Poisoned, or the write was rolled back: refuse this one.
-                let _ = reply.send(Err(self.refusal()));
-                continue;
-            }
-            if self.is_poisoned() {
-                let _ = reply.send(Err(self.shared.poisoned_error()));
-                continue;
-            }
-            let ts = now_ms().max(self.w.last_ts);
             entry.timestamp_ms = ts;
             let next = self.w.next_offsets.entry(shard.clone()).or_insert(0);
             let offset = *next;
@@ -220,11 +245,16 @@ impl Committer {
             if let Err(e) =
                 format::encode_record(&mut self.buf, &shard.namespace, shard.shard, offset, &entry)
             {
-                let _ = reply.send(Err(e.into()));
-                continue;
+                // Take back what this unit staged: a set goes whole or not.
+                self.buf.truncate(buf_start);
+                for p in staged.drain(staged_start..).rev() {
+                    self.w.next_offsets.insert(p.shard.clone(), p.offset);
+                    let _ = p.reply.send(Err(e.clone().into()));
+                }
+                let _ = reply.send(Err(e.clone().into()));
+                return refuse(unit.collect(), &|| e.clone().into());
             }
             *next += 1;
-            self.w.last_ts = ts;
             staged.push(Pending {
                 reply,
                 shard,
@@ -233,7 +263,7 @@ impl Committer {
                 ts,
             });
         }
-        self.write_buf(&mut staged);
+        self.w.last_ts = ts;
     }
 
     /// The hard size cap, when appends are refused at it
@@ -564,6 +594,11 @@ impl Committer {
             match cmd {
                 Command::Append(req) => {
                     let _ = req.reply.send(Err(LogError::Closed));
+                }
+                Command::AppendSet(set) => {
+                    for req in set {
+                        let _ = req.reply.send(Err(LogError::Closed));
+                    }
                 }
                 Command::Flush(reply) => {
                     let _ = reply.send(Err(LogError::Closed));

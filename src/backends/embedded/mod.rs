@@ -385,6 +385,8 @@ pub(crate) fn index_path(log_dir: &Path, id: u64) -> PathBuf {
 /// Requests to the committer thread.
 pub(crate) enum Command {
     Append(AppendRequest),
+    /// A set of mutations and its marker: one unit, all or nothing.
+    AppendSet(Vec<AppendRequest>),
     /// fsync everything written so far, then answer.
     Flush(oneshot::Sender<Result<(), LogError>>),
     /// Apply retention now.
@@ -514,6 +516,41 @@ impl EmbeddedLog {
             };
             if let Command::Append(req) = req {
                 let _ = req.reply.send(Err(err));
+            }
+        }
+    }
+
+    /// Append a set of mutations and its marker (last) as one unit: they go
+    /// into one segment back to back, in one write covered by one fsync, so
+    /// a reader sees all of them or none. Each answer goes to its reply.
+    /// After a crash, recovery cuts off a set whose marker did not make it.
+    pub fn append_set(&self, writes: Vec<(ShardRef, Entry, AppendReply)>) {
+        let reqs: Vec<AppendRequest> = writes
+            .into_iter()
+            .map(|(shard, entry, reply)| AppendRequest {
+                shard,
+                entry,
+                reply,
+            })
+            .collect();
+        let refuse = |reqs: Vec<AppendRequest>, err: &dyn Fn() -> LogError| {
+            for req in reqs {
+                let _ = req.reply.send(Err(err()));
+            }
+        };
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return refuse(reqs, &|| self.shared.poisoned_error());
+        }
+        if let Err(e) = self.tx.try_send(Command::AppendSet(reqs)) {
+            let (busy, cmd) = match e {
+                TrySendError::Full(c) => (true, c),
+                TrySendError::Disconnected(c) => (false, c),
+            };
+            if let Command::AppendSet(reqs) = cmd {
+                refuse(reqs, &|| match busy {
+                    true => LogError::Busy,
+                    false => LogError::Closed,
+                });
             }
         }
     }

@@ -32,6 +32,20 @@ impl Producer for EmbeddedProducer {
             self.log.append_to(shard, entry, AppendReply::Backend(tx));
         }
     }
+
+    /// The set goes to the committer as one request, written in one write
+    /// and covered by one fsync.
+    fn append_set(&self, writes: Vec<(ShardRef, Entry, WriteReply)>) {
+        let writes = writes
+            .into_iter()
+            .map(|(shard, entry, tx)| (shard, entry, AppendReply::Backend(tx)))
+            .collect();
+        self.log.append_set(writes);
+    }
+
+    fn check_set(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 type Tracker = crate::backends::tracker::Tracker<Record>;

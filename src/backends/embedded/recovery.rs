@@ -322,9 +322,23 @@ pub(crate) struct ScanOutcome {
     pub corrupt: Vec<CorruptFrame>,
 }
 
+/// A set of mutations read up to, not yet including, its marker.
+struct OpenSet {
+    id: String,
+    /// Where its first frame starts.
+    start: usize,
+    frames: Vec<(format::Record, usize)>,
+}
+
 /// Walk the frames of one segment, adding each valid record to `index`.
 /// A bad frame followed by a valid one is recorded as corruption and stepped
 /// over; a bad frame with nothing valid after it ends the scan (a torn tail).
+///
+/// A set of mutations is written in one write with its marker last, and
+/// answered only once all of it is durable. Its frames are indexed when its
+/// marker is read; a set that the valid data ends in, before its marker, was
+/// never acknowledged, and the valid data ends where it began, so it is cut
+/// off with the torn tail and nothing of it is ever delivered.
 fn scan(
     buf: &[u8],
     header_len: usize,
@@ -335,22 +349,50 @@ fn scan(
     let mut pos = header_len;
     let mut end = header_len;
     let mut corrupt = Vec::new();
+    let mut open: Option<OpenSet> = None;
+    let mut keep = |record: &format::Record, at: usize, index: &mut Index| {
+        on_record(record, at);
+        let shard = ShardRef {
+            namespace: record.namespace.clone(),
+            shard: record.shard,
+        };
+        let point = SparsePoint {
+            offset: record.offset,
+            pos: at as u64,
+            ts: record.entry.timestamp_ms,
+        };
+        index.add(segment, &shard, point);
+    };
     while pos < buf.len() {
         match format::decode_frame(&buf[pos..]) {
             Frame::Valid { record, len } => {
-                on_record(&record, pos);
-                let shard = ShardRef {
-                    namespace: record.namespace.clone(),
-                    shard: record.shard,
-                };
-                let point = SparsePoint {
-                    offset: record.offset,
-                    pos: pos as u64,
-                    ts: record.entry.timestamp_ms,
-                };
-                index.add(segment, &shard, point);
+                let place = record.entry.set_place();
+                let continues = open
+                    .as_ref()
+                    .is_some_and(|o| place.as_ref().is_some_and(|p| p.set == o.id));
+                if !continues && let Some(o) = open.take() {
+                    // Its marker, or (after damage) other valid frames: the
+                    // set is not a torn tail, and its frames stay.
+                    for (r, at) in &o.frames {
+                        keep(r, *at, index);
+                    }
+                }
+                match place {
+                    Some(p) if continues || p.index == 0 => {
+                        open.get_or_insert_with(|| OpenSet {
+                            id: p.set,
+                            start: pos,
+                            frames: Vec::new(),
+                        })
+                        .frames
+                        .push((record, pos));
+                    }
+                    _ => keep(&record, pos, index),
+                }
                 pos += len;
-                end = pos;
+                if open.is_none() {
+                    end = pos;
+                }
             }
             bad => match format::find_next_valid(buf, pos) {
                 None => break,
@@ -369,6 +411,9 @@ fn scan(
                 }
             },
         }
+    }
+    if let Some(o) = open {
+        end = o.start;
     }
     ScanOutcome { end, corrupt }
 }

@@ -268,6 +268,10 @@ impl Producer for KafkaProducer {
             self.write(shard.shard, &entry, tx);
         }
     }
+
+    fn check_set(&self) -> Result<(), String> {
+        Err("sets of mutations are not supported on Kafka yet: a set spans several partitions, and Walden does not yet stage it so that it is applied whole; use the embedded backend for this namespace".into())
+    }
 }
 
 /// A delay that came due elsewhere (a composite namespace's SQS delay queue)

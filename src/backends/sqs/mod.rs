@@ -682,6 +682,10 @@ impl Producer for SqsNamespace {
     fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
         check_entry(entry, self.fifo, self.max_message_bytes)
     }
+
+    fn check_set(&self) -> Result<(), String> {
+        Err("sets of mutations are not supported on SQS: a set spans several queues, and SQS cannot make several sends durable as one or replay them; use the embedded backend for this namespace".into())
+    }
 }
 
 impl SqsNamespace {

@@ -1,0 +1,379 @@
+//! SetJoin: one target's sets of mutations (`POST .../mutations`).
+//!
+//! Each mutation of a set waits in its shard's applier until it is the first
+//! of its key there, then joins here. A set therefore holds every key it
+//! touches, in their shards, until it is applied, so per-key order holds
+//! across sets and single writes alike. Once every mutation has joined, the
+//! set is applied whole, in its order ([`Sink::apply_set`]), with the
+//! namespace's retry policy and the target's breaker, and each mutation's
+//! applier is told. Sets are written to the log as units, in one order, so
+//! the earliest set waiting never waits on a later one: two sets cannot
+//! wait on each other.
+//!
+//! A set that fails permanently, or runs out of `max_attempts`, goes to the
+//! DLQ as one letter ([`letter_entry`]), which is redriven or purged whole.
+//!
+//! Crash safety: the set is recorded done in the park store, durably, before
+//! any of its mutations is acked. After a crash, the mutations not yet acked
+//! are delivered again. If all of them come, the set is applied again (the
+//! version guard makes that harmless); if some were acked before the crash,
+//! the record says the set is done, and the rest are acked too.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+use super::breaker::Breaker;
+use super::panic_message;
+use crate::backends::shard::AnyDlq;
+use crate::backends::{DeadLetter, DeadLetters, Origin};
+use crate::config::RetryConfig;
+use crate::entry::{Delivered, Entry, PAYLOAD_ENCODING_HEADER, SetPlace, ShardRef, now_ms};
+use crate::sinks::{Outcome, Sink, SinkError};
+use crate::state::park::ParkStore;
+use crate::stats::Counter;
+
+/// The header of a dead letter that holds a whole set; its value is the
+/// set's id.
+pub const SET_LETTER_HEADER: &str = "walden.set_letter";
+
+/// Sets remembered as done in memory, so that a mutation joining late (its
+/// applier restarted) is answered without a lookup.
+const RECENT: usize = 4096;
+/// How long a mutation waits before joining again after the set's record
+/// could not be written.
+const REJOIN_AFTER: Duration = Duration::from_secs(1);
+
+/// What became of a set, told to each of its mutations' appliers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    Applied(Outcome),
+    /// Stored in the DLQ as one letter.
+    DeadLettered,
+}
+
+/// The answer a joined mutation waits for; an error means "join again
+/// later".
+pub type Joined = oneshot::Receiver<Result<Settled, String>>;
+
+/// Counters of a target's sets.
+#[derive(Default)]
+pub struct SetStats {
+    pub applied: Counter,
+    pub dead_lettered: Counter,
+}
+
+pub struct SetJoin {
+    namespace: Arc<str>,
+    target: String,
+    sink: Arc<dyn Sink>,
+    retry: RetryConfig,
+    /// `None`: the DLQ is off, and a set is retried until it applies.
+    dlq: Option<AnyDlq>,
+    breaker: Arc<Breaker>,
+    /// The target's lane of the park store, where done sets are recorded.
+    done: ParkStore,
+    state: Mutex<State>,
+    pub stats: SetStats,
+}
+
+#[derive(Default)]
+struct State {
+    gathering: HashMap<String, Gathering>,
+    recent: HashSet<String>,
+    recent_order: VecDeque<String>,
+}
+
+struct Gathering {
+    size: u32,
+    since_ms: u64,
+    /// By their place in the set.
+    members: BTreeMap<u32, Delivered>,
+    waiting: Vec<oneshot::Sender<Result<Settled, String>>>,
+    applying: bool,
+}
+
+impl SetJoin {
+    pub fn new(
+        namespace: &str,
+        target: &str,
+        sink: Arc<dyn Sink>,
+        retry: RetryConfig,
+        dlq: Option<AnyDlq>,
+        breaker: Arc<Breaker>,
+        done: ParkStore,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            target: target.into(),
+            sink,
+            retry,
+            dlq,
+            breaker,
+            done,
+            state: Mutex::default(),
+            stats: SetStats::default(),
+        }
+    }
+
+    /// A mutation, first of its key in its shard, joins its set. Runs on an
+    /// actix arbiter: the set is applied on a task of the one whose
+    /// mutation completes it.
+    pub fn join(self: &Arc<Self>, delivered: Delivered, place: SetPlace) -> Joined {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.state.lock().unwrap();
+        if st.recent.contains(&place.set) {
+            let _ = tx.send(Ok(Settled::Applied(Outcome::Superseded)));
+            return rx;
+        }
+        let fresh = !st.gathering.contains_key(&place.set);
+        let g = st
+            .gathering
+            .entry(place.set.clone())
+            .or_insert_with(|| Gathering {
+                size: place.size,
+                since_ms: now_ms(),
+                members: BTreeMap::new(),
+                waiting: Vec::new(),
+                applying: false,
+            });
+        g.members.entry(place.index).or_insert(delivered);
+        g.waiting.push(tx);
+        let complete = !g.applying && g.members.len() as u32 >= g.size;
+        g.applying |= complete;
+        drop(st);
+        if complete {
+            actix::spawn(self.clone().apply(place.set));
+        } else if fresh {
+            // Its other mutations may have been acked before a restart.
+            actix::spawn(self.clone().check_done(place.set));
+        }
+        rx
+    }
+
+    /// When the oldest set still gathering or applying began to.
+    pub fn oldest_waiting_ms(&self) -> Option<u64> {
+        let st = self.state.lock().unwrap();
+        st.gathering.values().map(|g| g.since_ms).min()
+    }
+
+    /// Apply a dead letter that holds a whole set (a redrive), once; the
+    /// applier that got the redrive retries it.
+    pub fn apply_letter<'a>(
+        &'a self,
+        shard: &ShardRef,
+        letter: &'a Entry,
+    ) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        let members = letter_members(&shard.namespace, letter);
+        Box::pin(async move {
+            let members = members.map_err(|why| SinkError::permanent(&self.target, why))?;
+            let result = AssertUnwindSafe(self.sink.apply_set(&members))
+                .catch_unwind()
+                .await;
+            result.unwrap_or_else(|panic| Err(self.panicked(&letter.id, &panic)))
+        })
+    }
+
+    async fn check_done(self: Arc<Self>, set: String) {
+        match self.done.is_set_done(&self.namespace, &set).await {
+            Ok(true) => self.settle(&set, Ok(Settled::Applied(Outcome::Superseded))),
+            Ok(false) => {}
+            // It waits for its other mutations, as a set not yet done would.
+            Err(error) => warn!(%error, set, "Could not look a set up in the park store."),
+        }
+    }
+
+    /// Apply the gathered set until it applies or goes to the DLQ; record
+    /// it done; then tell its mutations.
+    async fn apply(self: Arc<Self>, set: String) {
+        let members: Vec<Delivered> = {
+            let st = self.state.lock().unwrap();
+            match st.gathering.get(&set) {
+                Some(g) => g.members.values().cloned().collect(),
+                None => return,
+            }
+        };
+        let keys: Vec<String> = members
+            .iter()
+            .map(|d| d.entry.key.clone().unwrap_or_default())
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let (mut attempts, mut first_failure_ms) = (0u32, 0u64);
+        let settled = loop {
+            let result = AssertUnwindSafe(self.sink.apply_set(&members))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(self.panicked(&set, &panic)));
+            let e = match result {
+                Ok(outcome) => {
+                    self.breaker.delivered(members.len(), &[], None);
+                    break Settled::Applied(outcome);
+                }
+                Err(e) => e,
+            };
+            let transient = super::transient(&self.retry, &e);
+            let open = self.breaker.delivered(0, &keys, transient.then_some(&e));
+            if first_failure_ms == 0 {
+                first_failure_ms = now_ms();
+            }
+            // While the target is down, waiting spends no attempts.
+            if !(open && transient) {
+                attempts += 1;
+            }
+            let give_up = !transient || attempts >= self.retry.max_attempts;
+            if give_up && let Some(dlq) = &self.dlq {
+                let letter = DeadLetter {
+                    dlq_sequence: 0,
+                    entry: letter_entry(&set, &members),
+                    origin: Origin {
+                        shard: members[0].shard.clone(),
+                        sequence: members[0].sequence,
+                        target: self.target.clone(),
+                    },
+                    attempts,
+                    first_failure_ms,
+                    last_failure_ms: now_ms(),
+                    last_error: e.to_string(),
+                };
+                match dlq.append(letter).await {
+                    Ok(_) => break Settled::DeadLettered,
+                    Err(error) => {
+                        error!(%error, set, "Could not store a set's dead letter; will retry.")
+                    }
+                }
+            }
+            let wait = super::backoff(&self.retry, attempts.max(1), &e);
+            warn!(set, attempts, retry_in_ms = wait.as_millis() as u64, error = %e,
+                "A set failed; will retry it whole.");
+            tokio::time::sleep(wait).await;
+        };
+        match settled {
+            Settled::Applied(_) => self.stats.applied.inc(),
+            Settled::DeadLettered => self.stats.dead_lettered.inc(),
+        }
+        let answer = match self.done.set_done(&self.namespace, &set).await {
+            Ok(()) => Ok(settled),
+            Err(e) => Err(format!("could not record set {set} as done: {e}")),
+        };
+        self.settle(&set, answer);
+    }
+
+    fn panicked(&self, set: &str, panic: &Box<dyn std::any::Any + Send>) -> SinkError {
+        SinkError::permanent(
+            &self.target,
+            format!("the target panicked on set {set}: {}", panic_message(panic)),
+        )
+    }
+
+    /// Tell every mutation of `set` that has joined, and forget it.
+    fn settle(&self, set: &str, answer: Result<Settled, String>) {
+        let mut st = self.state.lock().unwrap();
+        let Some(g) = st.gathering.remove(set) else {
+            return;
+        };
+        if answer.is_ok() {
+            st.recent.insert(set.to_string());
+            st.recent_order.push_back(set.to_string());
+            if st.recent_order.len() > RECENT
+                && let Some(old) = st.recent_order.pop_front()
+            {
+                st.recent.remove(&old);
+            }
+        }
+        drop(st);
+        for tx in g.waiting {
+            let _ = tx.send(answer.clone());
+        }
+    }
+
+    /// How long a mutation whose set could not be settled waits before it
+    /// joins again.
+    pub fn rejoin_after(&self) -> Duration {
+        REJOIN_AFTER
+    }
+}
+
+/// A set in a dead letter: its mutations, each with where it was in the log.
+#[derive(Debug, Serialize, Deserialize)]
+struct LetterBody {
+    set: String,
+    mutations: Vec<LetterMutation>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LetterMutation {
+    shard: u32,
+    sequence: u64,
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    timestamp_ms: u64,
+    payload_base64: String,
+}
+
+/// The dead letter's entry for a whole set: its id is the set's, and its
+/// payload (JSON) holds every mutation with its shard and sequence, so a
+/// redrive applies the set whole, at the versions it was written with.
+pub fn letter_entry(set: &str, members: &[Delivered]) -> Entry {
+    let body = LetterBody {
+        set: set.to_string(),
+        mutations: members
+            .iter()
+            .map(|d| LetterMutation {
+                shard: d.shard.shard,
+                sequence: d.sequence,
+                id: d.entry.id.clone(),
+                key: d.entry.key.clone(),
+                headers: d.entry.headers.clone(),
+                timestamp_ms: d.entry.timestamp_ms,
+                payload_base64: base64::engine::general_purpose::STANDARD.encode(&d.entry.payload),
+            })
+            .collect(),
+    };
+    Entry {
+        id: set.to_string(),
+        key: None,
+        headers: vec![
+            (SET_LETTER_HEADER.into(), set.into()),
+            (PAYLOAD_ENCODING_HEADER.into(), "json".into()),
+        ],
+        payload: serde_json::to_vec(&body).expect("a set serializes").into(),
+        timestamp_ms: members.first().map_or(0, |d| d.entry.timestamp_ms),
+        due_ms: 0,
+    }
+}
+
+/// The mutations of a set's dead letter, as they were delivered.
+pub fn letter_members(namespace: &Arc<str>, letter: &Entry) -> Result<Vec<Delivered>, String> {
+    let body: LetterBody = serde_json::from_slice(&letter.payload)
+        .map_err(|e| format!("dead letter {} is not a set: {e}", letter.id))?;
+    body.mutations
+        .into_iter()
+        .map(|m| {
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(m.payload_base64.as_bytes())
+                .map_err(|e| format!("dead letter {}: mutation {}: {e}", letter.id, m.id))?;
+            Ok(Delivered {
+                shard: ShardRef::new(namespace.clone(), m.shard),
+                sequence: m.sequence,
+                entry: Entry {
+                    id: m.id,
+                    key: m.key,
+                    headers: m.headers,
+                    payload: payload.into(),
+                    timestamp_ms: m.timestamp_ms,
+                    due_ms: 0,
+                },
+            })
+        })
+        .collect()
+}
