@@ -34,8 +34,8 @@ use crate::backends::{Appended, BackendError, EntryRejected, Producer};
 use crate::config::NamespaceConfig;
 use crate::entry::{
     Durable, Entry, HOPS_HEADER, ORIGIN_NAMESPACE_HEADER, ORIGIN_SEQUENCE_HEADER,
-    PAYLOAD_ENCODING_HEADER, SET_HEADER, SET_INDEX_HEADER, SET_MARKER_HEADER, SET_MARKER_SHARD,
-    SET_SIZE_HEADER, ShardRef, TARGETS_HEADER, now_ms,
+    PAYLOAD_ENCODING_HEADER, SET_FINGERPRINT_HEADER, SET_HEADER, SET_INDEX_HEADER,
+    SET_MARKER_HEADER, SET_MARKER_SHARD, SET_SIZE_HEADER, ShardRef, TARGETS_HEADER, now_ms,
 };
 use crate::routing::shard_of;
 use crate::sinks::mutation;
@@ -506,6 +506,7 @@ impl Ingest {
             headers: vec![
                 (SET_MARKER_HEADER.into(), id.into()),
                 (SET_SIZE_HEADER.into(), n.to_string()),
+                (SET_FINGERPRINT_HEADER.into(), format!("{fingerprint:016x}")),
                 (PAYLOAD_ENCODING_HEADER.into(), "json".into()),
             ],
             payload: Bytes::from(serde_json::json!({"set": id, "mutations": n}).to_string()),

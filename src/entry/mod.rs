@@ -56,6 +56,10 @@ pub const SET_HEADER: &str = "walden.set";
 pub const SET_INDEX_HEADER: &str = "walden.set_index";
 pub const SET_SIZE_HEADER: &str = "walden.set_size";
 pub const SET_MARKER_HEADER: &str = "walden.set_marker";
+/// On a set's marker: the set's idempotency fingerprint (hex), so that the
+/// idempotency index rebuilt from the log after a crash knows the set's
+/// body, not the marker's.
+pub const SET_FINGERPRINT_HEADER: &str = "walden.set_fingerprint";
 /// The shard a namespace's set markers go to: their sequences there order
 /// the sets among themselves.
 pub const SET_MARKER_SHARD: u32 = 0;

@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use super::{StateError, StateStore};
-use crate::entry::{Entry, ShardRef, now_ms};
+use crate::entry::{Entry, SET_FINGERPRINT_HEADER, ShardRef, now_ms};
 
 /// What a write with a known id was answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,11 +194,21 @@ impl DedupIndex {
         self.store.wait_for_flushes();
         let mut n = 0;
         for (sequence, entry) in records {
+            // A set's mutations carry ids of Walden's making; its marker
+            // carries the set's id, and the set's fingerprint.
+            let fingerprint = match entry.header(SET_FINGERPRINT_HEADER) {
+                _ if entry.set_place().is_some() => continue,
+                Some(hex) if entry.is_set_marker() => match u64::from_str_radix(hex, 16) {
+                    Ok(fp) => fp,
+                    Err(_) => continue,
+                },
+                _ => fingerprint(entry),
+            };
             // Written blind: the same value as when it was written. (Asking
             // first costs a table lookup per id, slower than the write, and
             // most ids were generated, so absent.)
             let accepted = Accepted {
-                fingerprint: fingerprint(entry),
+                fingerprint,
                 shard: shard.shard,
                 sequence,
                 written_ms: entry.timestamp_ms,
