@@ -71,6 +71,8 @@ pub enum ServiceError {
     },
 }
 
+/// How long a target's record of a set it is done with is kept.
+const SETS_DONE_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A started service: its address, and what shutdown needs.
 pub struct Service {
     pub addr: SocketAddr,
@@ -133,6 +135,19 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     let arbiters: Vec<Arbiter> = (0..n).map(|_| Arbiter::new()).collect();
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
     // Embedded namespaces keep their delayed entries in the same store.
+    // Sets a target is done with are remembered for a week (they matter
+    // only to a mutation delivered again after a crash).
+    let sets_done = park.clone();
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let week_ago = crate::entry::now_ms().saturating_sub(SETS_DONE_KEPT.as_millis() as u64);
+            if let Err(error) = sets_done.forget_sets(week_ago).await {
+                warn!(%error, "Forgetting old sets failed.");
+            }
+        }
+    });
     let stores = Stores {
         delays: Arc::new(park.clone()),
         park,

@@ -397,3 +397,38 @@ async fn walden_mutate_writes_a_set_from_a_file() {
     target.wait_for(1, Duration::from_secs(10));
     svc.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_set_arrives_whole_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    let svc = Spawned::start(config(
+        dir.path(),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+        "",
+    ))
+    .unwrap();
+    let base = format!("http://{}/v1/namespaces/kv", svc.addr);
+    // A single write to one of its keys, written after the set, is applied
+    // first: a delayed set holds no keys until it is due.
+    let written = Instant::now();
+    let set = json!({"id": "later", "lifecycle": {"delay_ms": 600, "jitter_ms": 0},
+        "mutations": [{"key": "a", "payload": 1}, {"key": "b", "payload": 2}, {"key": "c", "payload": 3}]});
+    let (status, answer) = post(&format!("{base}/mutations"), set).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = post(
+        &format!("{base}/log"),
+        json!({"id": "now", "key": "a", "payload": 0}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = target.wait_for(2, Duration::from_secs(10));
+    assert_eq!(got[0].id(), "now", "the set held no key while it waited");
+    assert_eq!(got[1].body["set"], "later", "{}", got[1].body);
+    assert_eq!(got[1].body["mutations"].as_array().unwrap().len(), 3);
+    assert!(
+        got[1].at.duration_since(written) >= Duration::from_millis(600),
+        "not before it was due"
+    );
+    svc.stop();
+}

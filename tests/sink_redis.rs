@@ -114,3 +114,56 @@ async fn an_unreachable_server_is_transient() {
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     assert!(s.healthcheck().await.is_err());
 }
+
+#[tokio::test]
+async fn a_set_is_one_script_all_of_it_or_none() {
+    let Some(url) = test_server(VAR) else { return };
+    let prefix = format!("{}:", unique("walden"));
+    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5)).unwrap();
+    let mut c = conn(&url).await;
+    let value = |c: &mut redis::aio::MultiplexedConnection, k: &str| {
+        let (mut c, key) = (c.clone(), format!("{prefix}{k}"));
+        async move { c.get::<_, Option<String>>(key).await.unwrap() }
+    };
+    s.apply(&[mutation(9, json!({"op": "put", "key": "b", "value": "b9"}))])
+        .await
+        .remove(0)
+        .unwrap();
+    // Two mutations of `a` apply in order; `b`'s older one is superseded,
+    // and the rest of the set still applies.
+    s.apply_set(&[
+        mutation(4, json!({"op": "put", "key": "a", "value": "a4"})),
+        mutation(5, json!({"op": "put", "key": "b", "value": "b5"})),
+        mutation(6, json!({"op": "put", "key": "a", "value": "a6"})),
+        mutation(7, json!({"op": "delete", "key": "c"})),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(value(&mut c, "a").await.as_deref(), Some("a6"));
+    assert_eq!(value(&mut c, "b").await.as_deref(), Some("b9"));
+    assert_eq!(value(&mut c, "c").await, None);
+    let c_version: Option<String> = c.get(format!("{prefix}c:walden-version")).await.unwrap();
+    assert_eq!(
+        c_version.as_deref(),
+        Some("00000000000000000007"),
+        "a tombstone"
+    );
+    // A set whose last read fails writes nothing, not even its first.
+    let _: () = c
+        .hset(format!("{prefix}h:walden-version"), "f", "v")
+        .await
+        .unwrap();
+    let e = s
+        .apply_set(&[
+            mutation(20, json!({"op": "put", "key": "a", "value": "a20"})),
+            mutation(21, json!({"op": "put", "key": "h", "value": 1})),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+    assert_eq!(
+        value(&mut c, "a").await.as_deref(),
+        Some("a6"),
+        "nothing of it"
+    );
+}

@@ -103,8 +103,6 @@ struct Item {
     /// A mutation of a set, or a dead letter holding a whole set: it goes
     /// through the target's [`SetJoin`], never into a sink batch.
     in_set: bool,
-    /// Handed to the [`SetJoin`]; waiting for its set. Its key waits too.
-    joined: bool,
 }
 
 impl Item {
@@ -216,6 +214,11 @@ pub struct Applier {
     policy: Policy,
     stats: Arc<ShardStats>,
     queue: VecDeque<Item>,
+    /// Set items handed to the [`SetJoin`], by uid: out of the queue while
+    /// they wait for their sets.
+    joined: HashMap<u64, Item>,
+    /// The keys they hold meanwhile, and how many hold each.
+    set_held: HashMap<String, usize>,
     blocked: HashMap<String, Block>,
     /// Holds on the broker this applier released (its holder applied) whose
     /// letter the DLQ view may still show: key → the holder's id.
@@ -266,6 +269,8 @@ impl Applier {
             policy,
             stats,
             queue: VecDeque::new(),
+            joined: HashMap::new(),
+            set_held: HashMap::new(),
             blocked: HashMap::new(),
             released: HashMap::new(),
             next_uid: 0,
@@ -296,7 +301,6 @@ impl Applier {
             alone: false,
             panics: 0,
             in_set: false,
-            joined: false,
         }
         .marked()
     }
@@ -675,9 +679,11 @@ impl Applier {
                     }
                 }
                 None => {
-                    let first = ready && !item.alone;
-                    seen.insert(item.order_key(self.policy.ordering), first);
-                    if item.alone && ready && batch.is_empty() {
+                    let key = item.order_key(self.policy.ordering);
+                    let held = !self.set_held.is_empty() && self.set_held.contains_key(key);
+                    let first = ready && !item.alone && !held;
+                    seen.insert(key, first);
+                    if item.alone && ready && !held && batch.is_empty() {
                         return vec![i];
                     }
                     if !first {
@@ -709,8 +715,14 @@ impl Applier {
             Admit::Deliver => self.next_batch(now),
             Admit::Probe => {
                 let (i, _) = self.probe_item(breaker.avoid().as_deref());
-                if self.queue[i].in_set {
-                    // Only sets wait here, and they try the target themselves.
+                let item = &self.queue[i];
+                if item.in_set
+                    || self
+                        .set_held
+                        .contains_key(item.order_key(self.policy.ordering))
+                {
+                    // Only sets, or what waits behind them: sets try the
+                    // target themselves.
                     breaker.abandon_probe();
                     self.arm(ctx);
                     return;
@@ -745,22 +757,45 @@ impl Applier {
 
     /// Hand each set item that is first of its key and ready to the
     /// target's [`SetJoin`]: a mutation joins its set; a dead letter that
-    /// holds a whole set (a redrive) is applied whole.
+    /// holds a whole set (a redrive) is applied whole. It leaves the queue
+    /// for `joined` while it waits, and holds its key meanwhile.
     fn join_sets(&mut self, ctx: &mut Context<Self>) {
+        if !self.queue.iter().any(|i| i.in_set) {
+            return;
+        }
         let (now, ordering) = (Instant::now(), self.policy.ordering);
         let mut seen: HashSet<&str> = HashSet::new();
         let mut joins = Vec::new();
         for (i, item) in self.queue.iter().enumerate() {
-            let first = seen.insert(item.order_key(ordering));
+            let key = item.order_key(ordering);
+            let first = seen.insert(key) && !self.set_held.contains_key(key);
             let ready = item.not_before.is_none_or(|t| t <= now);
-            if first && ready && item.in_set && !item.joined {
+            if first && ready && item.in_set {
                 joins.push(i);
             }
         }
-        for i in joins {
-            let item = &mut self.queue[i];
-            item.joined = true;
+        if joins.is_empty() {
+            return;
+        }
+        let mut joining = Vec::with_capacity(joins.len());
+        let mut next = joins.into_iter().peekable();
+        let queue = std::mem::take(&mut self.queue);
+        self.queue = queue
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| match next.next_if_eq(&i) {
+                Some(_) => {
+                    joining.push(item);
+                    None
+                }
+                None => Some(item),
+            })
+            .collect();
+        for item in joining {
+            let key = item.order_key(ordering).to_string();
+            *self.set_held.entry(key).or_default() += 1;
             let (uid, delivered) = (item.uid, item.delivered());
+            self.joined.insert(uid, item);
             let sets = self.policy.sets.clone();
             match delivered.entry.set_place() {
                 Some(place) => {
@@ -775,7 +810,12 @@ impl Applier {
                         async move { sets.apply_letter(&delivered.shard, &delivered.entry).await };
                     ctx.spawn(apply.into_actor(self).map(move |result, act, ctx| {
                         guarded(act, ctx, |act, ctx| {
-                            act.settle(&[uid], vec![result], None, ctx);
+                            // Back at the head of its key, to settle as a
+                            // sink call's entry does.
+                            if let Some(item) = act.unjoin(uid) {
+                                act.queue.push_front(item);
+                                act.settle(&[uid], vec![result], None, ctx);
+                            }
                             act.pump(ctx);
                         });
                     }));
@@ -784,29 +824,38 @@ impl Applier {
         }
     }
 
+    /// Take a joined item back, releasing its key; `None` if a rewind
+    /// dropped it meanwhile.
+    fn unjoin(&mut self, uid: u64) -> Option<Item> {
+        let item = self.joined.remove(&uid)?;
+        let key = item.order_key(self.policy.ordering);
+        if let Some(n) = self.set_held.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.set_held.remove(key);
+            }
+        }
+        Some(item)
+    }
+
     /// A joined mutation's set is settled: done with it, or (its record
     /// could not be written) join again in a moment.
     fn set_settled(&mut self, uid: u64, answer: Result<Settled, String>, ctx: &mut Context<Self>) {
         // Dropped by a rewind meanwhile: its delivery is gone.
-        let Some(pos) = self.queue.iter().position(|i| i.uid == uid) else {
+        let Some(mut item) = self.unjoin(uid) else {
             return;
         };
         match answer {
-            Ok(settled) => {
-                let item = self.queue.remove(pos).expect("found above");
-                match settled {
-                    Settled::Applied(outcome) => self.succeeded(item, outcome, ctx),
-                    // One letter holds the whole set; the target's set
-                    // counters count it.
-                    Settled::DeadLettered => self.finish(item, ctx),
-                }
-            }
+            Ok(Settled::Applied(outcome)) => self.succeeded(item, outcome, ctx),
+            // One letter holds the whole set; the target's set counters
+            // count it.
+            Ok(Settled::DeadLettered) => self.finish(item, ctx),
             Err(why) => {
-                warn!(set = ?self.queue[pos].entry().set_place().map(|p| p.set), error = %why,
+                warn!(set = ?item.entry().set_place().map(|p| p.set), error = %why,
                     "A set could not be settled; its mutation joins again.");
-                let item = &mut self.queue[pos];
-                item.joined = false;
                 item.not_before = Some(Instant::now() + self.policy.sets.rejoin_after());
+                // It was the first of its key: it goes back ahead of the rest.
+                self.queue.push_front(item);
                 self.arm(ctx);
             }
         }
@@ -824,7 +873,7 @@ impl Applier {
         let mut first = None;
         for (i, item) in self.queue.iter().enumerate() {
             let key = item.order_key(ordering);
-            if !seen.insert(key) || item.in_set {
+            if !seen.insert(key) || item.in_set || self.set_held.contains_key(key) {
                 continue;
             }
             if avoid != Some(key) {
@@ -1054,7 +1103,6 @@ impl Applier {
             let Some(pos) = self.queue.iter().position(|i| i.uid == *uid) else {
                 continue;
             };
-            self.queue[pos].joined = false;
             match result {
                 Ok(outcome) => {
                     let item = self.queue.remove(pos).expect("found above");
@@ -1161,10 +1209,9 @@ impl Applier {
     fn take_key(&mut self, key: &str) -> Vec<Item> {
         let ordering = self.policy.ordering;
         // Redriven entries stay: they are retried in place, never parked.
-        let (mine, rest): (Vec<Item>, Vec<Item>) =
-            std::mem::take(&mut self.queue).into_iter().partition(|i| {
-                i.order_key(ordering) == key && !i.joined && !matches!(i.source, Source::Redrive(_))
-            });
+        let (mine, rest): (Vec<Item>, Vec<Item>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|i| i.order_key(ordering) == key && !matches!(i.source, Source::Redrive(_)));
         self.queue = rest.into();
         mine
     }
@@ -1412,6 +1459,8 @@ impl Supervised for Applier {
         self.stats.restarts.inc();
         self.pause = self.stats.restart_backoff.restarted();
         self.queue.clear();
+        self.joined.clear();
+        self.set_held.clear();
         self.blocked.clear();
         self.released.clear();
         self.ready = false;
@@ -1506,10 +1555,20 @@ impl Handler<Reset> for Applier {
 
     fn handle(&mut self, Reset(generation): Reset, _: &mut Context<Self>) {
         self.generation = generation;
-        self.queue.retain(|i| match &i.source {
+        let current = |i: &Item| match &i.source {
             Source::Log(w) => w.generation >= generation,
             Source::Redrive(_) | Source::Parked(_) | Source::Delayed(_) => true,
-        });
+        };
+        self.queue.retain(current);
+        let dropped: Vec<u64> = self
+            .joined
+            .values()
+            .filter(|i| !current(i))
+            .map(|i| i.uid)
+            .collect();
+        for uid in dropped {
+            self.unjoin(uid);
+        }
         let in_retry = self.queue.iter().filter(|i| i.attempts > 0).count();
         self.stats.in_retry.set(in_retry as i64);
     }

@@ -6,9 +6,11 @@
 //! across sets and single writes alike. Once every mutation has joined, the
 //! set is applied whole, in its order ([`Sink::apply_set`]), with the
 //! namespace's retry policy and the target's breaker, and each mutation's
-//! applier is told. Sets are written to the log as units, in one order, so
-//! the earliest set waiting never waits on a later one: two sets cannot
-//! wait on each other.
+//! applier is told. A target that can apply several sets in one call, all
+//! or nothing ([`Sink::applies_sets_together`]), gets the sets ready at once
+//! together: one transaction, one commit. Sets are written to the log as
+//! units, in one order, so the earliest set waiting never waits on a later
+//! one: two sets cannot wait on each other.
 //!
 //! A set that fails permanently, or runs out of `max_attempts`, goes to the
 //! DLQ as one letter ([`letter_entry`]), which is redriven or purged whole.
@@ -21,14 +23,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{error, warn};
 
 use super::breaker::Breaker;
@@ -48,6 +50,10 @@ pub const SET_LETTER_HEADER: &str = "walden.set_letter";
 /// Sets remembered as done in memory, so that a mutation joining late (its
 /// applier restarted) is answered without a lookup.
 const RECENT: usize = 4096;
+/// Most sets one call to the target applies together.
+const MAX_SETS_TOGETHER: usize = 64;
+/// Calls of sets together in flight at once, per target.
+const TOGETHER_IN_FLIGHT: usize = 4;
 /// How long a mutation waits before joining again after the set's record
 /// could not be written.
 const REJOIN_AFTER: Duration = Duration::from_secs(1);
@@ -82,8 +88,17 @@ pub struct SetJoin {
     /// The target's lane of the park store, where done sets are recorded.
     done: ParkStore,
     state: Mutex<State>,
+    /// Where sets go to be recorded done ([`SetJoin::record_done`]);
+    /// started on first use, on an arbiter.
+    recorder: OnceLock<mpsc::UnboundedSender<(String, Recorded)>>,
+    /// Where ready sets go to be applied together, for a target that can
+    /// ([`Sink::applies_sets_together`]); started on first use.
+    together: OnceLock<mpsc::UnboundedSender<String>>,
     pub stats: SetStats,
 }
+
+/// The answer to a set's record.
+type Recorded = oneshot::Sender<Result<(), String>>;
 
 #[derive(Default)]
 struct State {
@@ -120,6 +135,8 @@ impl SetJoin {
             breaker,
             done,
             state: Mutex::default(),
+            recorder: OnceLock::new(),
+            together: OnceLock::new(),
             stats: SetStats::default(),
         }
     }
@@ -151,7 +168,7 @@ impl SetJoin {
         g.applying |= complete;
         drop(st);
         if complete {
-            actix::spawn(self.clone().apply(place.set));
+            self.ready(place.set);
         } else if fresh {
             // Its other mutations may have been acked before a restart.
             actix::spawn(self.clone().check_done(place.set));
@@ -180,6 +197,78 @@ impl SetJoin {
                 .await;
             result.unwrap_or_else(|panic| Err(self.panicked(&letter.id, &panic)))
         })
+    }
+
+    /// A set has all its mutations: apply it, alone or, where the target
+    /// can, together with the other sets ready now.
+    fn ready(self: &Arc<Self>, set: String) {
+        if !self.sink.applies_sets_together() {
+            actix::spawn(self.clone().apply(set));
+            return;
+        }
+        let tx = self.together.get_or_init(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            let join = self.clone();
+            let calls = Arc::new(Semaphore::new(TOGETHER_IN_FLIGHT));
+            actix::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    // Sets gather while the calls in flight run.
+                    let Ok(permit) = calls.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let mut sets = vec![first];
+                    while sets.len() < MAX_SETS_TOGETHER
+                        && let Ok(more) = rx.try_recv()
+                    {
+                        sets.push(more);
+                    }
+                    let join = join.clone();
+                    actix::spawn(async move {
+                        join.apply_together(sets).await;
+                        drop(permit);
+                    });
+                }
+            });
+            tx
+        });
+        if let Err(mpsc::error::SendError(set)) = tx.send(set) {
+            actix::spawn(self.clone().apply(set));
+        }
+    }
+
+    /// Apply `sets` in one call. If that fails, each is applied on its own,
+    /// with its own retries (and, if it fails for good, its own letter).
+    async fn apply_together(self: Arc<Self>, sets: Vec<String>) {
+        if sets.len() == 1 {
+            let set = sets.into_iter().next().expect("one set");
+            return self.apply(set).await;
+        }
+        let all: Vec<Delivered> = {
+            let st = self.state.lock().unwrap();
+            sets.iter()
+                .filter_map(|id| st.gathering.get(id))
+                .flat_map(|g| g.members.values().cloned())
+                .collect()
+        };
+        let result = AssertUnwindSafe(self.sink.apply_set(&all))
+            .catch_unwind()
+            .await;
+        let Ok(Ok(outcome)) = result else {
+            for set in sets {
+                actix::spawn(self.clone().apply(set));
+            }
+            return;
+        };
+        self.breaker.delivered(all.len(), &[], None);
+        let recorded = sets.iter().map(|set| self.record_done(set.clone()));
+        let recorded = futures_util::future::join_all(recorded).await;
+        for (set, record) in sets.iter().zip(recorded) {
+            self.stats.applied.inc();
+            let answer = record
+                .map(|()| Settled::Applied(outcome))
+                .map_err(|e| format!("could not record set {set} as done: {e}"));
+            self.settle(set, answer);
+        }
     }
 
     async fn check_done(self: Arc<Self>, set: String) {
@@ -259,11 +348,41 @@ impl SetJoin {
             Settled::Applied(_) => self.stats.applied.inc(),
             Settled::DeadLettered => self.stats.dead_lettered.inc(),
         }
-        let answer = match self.done.set_done(&self.namespace, &set).await {
+        let answer = match self.record_done(set.clone()).await {
             Ok(()) => Ok(settled),
             Err(e) => Err(format!("could not record set {set} as done: {e}")),
         };
         self.settle(&set, answer);
+    }
+
+    /// Record `set` done, durably. Sets finishing together share one
+    /// fsync: while one write is in flight, the next ones gather.
+    async fn record_done(&self, set: String) -> Result<(), String> {
+        let tx = self.recorder.get_or_init(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(String, Recorded)>();
+            let (done, namespace) = (self.done.clone(), self.namespace.clone());
+            actix::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let sets = batch.iter().map(|(s, _)| s.clone()).collect();
+                    let result = done
+                        .sets_done(&namespace, sets)
+                        .await
+                        .map_err(|e| e.to_string());
+                    for (_, reply) in batch {
+                        let _ = reply.send(result.clone());
+                    }
+                }
+            });
+            tx
+        });
+        let (reply, rx) = oneshot::channel();
+        let stopped = || "the set recorder stopped".to_string();
+        tx.send((set, reply)).map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     fn panicked(&self, set: &str, panic: &Box<dyn std::any::Any + Send>) -> SinkError {

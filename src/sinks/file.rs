@@ -237,6 +237,10 @@ impl Sink for FileSink {
         })
     }
 
+    fn applies_sets_together(&self) -> bool {
+        true
+    }
+
     /// The set's lines in one write, then an fsync: they are applied
     /// together, each line carrying `set`, `set_index` and `set_size`.
     fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {

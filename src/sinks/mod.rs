@@ -134,6 +134,14 @@ pub trait Sink: Send + Sync {
         })
     }
 
+    /// [`Sink::apply_set`] of several sets run together, one after another,
+    /// still applies all of it or none (one transaction, one script, one
+    /// fsynced write): the sets ready at once then share one call, and one
+    /// commit.
+    fn applies_sets_together(&self) -> bool {
+        false
+    }
+
     /// The sink applies a batch in its order, whole or not at all (one
     /// append for the file target). Such a sink may get
     /// several entries of one key in a batch, in their order: a failure

@@ -171,24 +171,13 @@ impl PostgresSink {
         client: &deadpool_postgres::Client,
         rows: &[(usize, Row)],
     ) -> Option<Vec<ApplyResult>> {
-        let mut values = String::new();
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * 4);
-        for (j, (_, row)) in rows.iter().enumerate() {
-            if j > 0 {
-                values.push(',');
-            }
-            let b = 4 * j;
-            values.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
-            params.extend([
-                &row.key as &(dyn ToSql + Sync),
-                &row.value,
-                &row.version,
-                &row.deleted,
-            ]);
-        }
+        let params: Vec<&(dyn ToSql + Sync)> =
+            rows.iter().flat_map(|(_, row)| row.params()).collect();
         let sql = format!(
-            "{} VALUES {values} {} RETURNING t.key",
-            self.insert, self.on_conflict
+            "{} VALUES {} {} RETURNING t.key",
+            self.insert,
+            values_sql(rows.len()),
+            self.on_conflict
         );
         let run = async {
             let stmt = client.prepare_cached(&sql).await?;
@@ -247,21 +236,38 @@ impl PostgresSink {
                 ));
             }
         };
-        let sql = format!(
-            "{} VALUES ($1, $2, $3, $4) {}",
-            self.insert, self.on_conflict
-        );
+        // Runs of rows with distinct keys, each one multi-row upsert: a
+        // statement that touched a row twice would fail.
+        let mut chunks: Vec<&[Row]> = Vec::new();
+        let mut start = 0;
+        let mut keys: HashSet<&str> = HashSet::new();
+        for (i, row) in rows.iter().enumerate() {
+            if i - start == MAX_ROWS_PER_STATEMENT || !keys.insert(&row.key) {
+                chunks.push(&rows[start..i]);
+                start = i;
+                keys.clear();
+                keys.insert(&row.key);
+            }
+        }
+        chunks.push(&rows[start..]);
         let run = async {
             let tx = client.transaction().await?;
-            let stmt = tx.prepare_cached(&sql).await?;
-            let mut changed = 0;
-            for row in &rows {
-                changed += tx
-                    .execute(&stmt, &[&row.key, &row.value, &row.version, &row.deleted])
-                    .await?;
+            let mut statements = Vec::with_capacity(chunks.len());
+            for chunk in &chunks {
+                let sql = format!(
+                    "{} VALUES {} {}",
+                    self.insert,
+                    values_sql(chunk.len()),
+                    self.on_conflict
+                );
+                let params: Vec<&(dyn ToSql + Sync)> = chunk.iter().flat_map(Row::params).collect();
+                statements.push((tx.prepare_cached(&sql).await?, params));
             }
+            // Pipelined on the one connection: sent, and run, in order.
+            let runs = statements.iter().map(|(stmt, p)| tx.execute(stmt, p));
+            let changed = futures_util::future::try_join_all(runs).await?;
             tx.commit().await?;
-            Ok::<u64, tokio_postgres::Error>(changed)
+            Ok::<u64, tokio_postgres::Error>(changed.iter().sum())
         };
         match tokio::time::timeout(self.timeout, run).await {
             // No row changed: newer versions of every key are stored.
@@ -277,14 +283,14 @@ impl PostgresSink {
 
     async fn upsert_one(&self, client: &deadpool_postgres::Client, row: &Row) -> ApplyResult {
         let sql = format!(
-            "{} VALUES ($1, $2, $3, $4) {}",
-            self.insert, self.on_conflict
+            "{} VALUES {} {}",
+            self.insert,
+            values_sql(1),
+            self.on_conflict
         );
         let run = async {
             let stmt = client.prepare_cached(&sql).await?;
-            client
-                .execute(&stmt, &[&row.key, &row.value, &row.version, &row.deleted])
-                .await
+            client.execute(&stmt, &row.params()).await
         };
         match tokio::time::timeout(self.timeout, run).await {
             // 0 rows: a newer version is stored; the entry is superseded.
@@ -323,6 +329,11 @@ struct Row {
 }
 
 impl Row {
+    /// Its four parameters, in the order of the columns.
+    fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.key, &self.value, &self.version, &self.deleted]
+    }
+
     fn new(m: Mutation, version: i64) -> Self {
         let (value, deleted) = match m.op {
             Op::Put => (m.value, false),
@@ -336,6 +347,23 @@ impl Row {
         }
     }
 }
+
+/// `($1, $2, $3, $4),(...)` for `n` rows.
+fn values_sql(n: usize) -> String {
+    let mut values = String::with_capacity(n * 24);
+    for j in 0..n {
+        if j > 0 {
+            values.push(',');
+        }
+        let b = 4 * j;
+        values.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+    }
+    values
+}
+
+/// Rows in one statement of a set, at most (Postgres takes at most 65535
+/// parameters, and each distinct size is a prepared statement).
+const MAX_ROWS_PER_STATEMENT: usize = 256;
 
 /// Quote `table` or `schema.table` as identifiers; `None` if it isn't one.
 fn quote_table(table: &str) -> Option<String> {
@@ -359,6 +387,10 @@ impl Sink for PostgresSink {
 
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(self.apply_all(batch))
+    }
+
+    fn applies_sets_together(&self) -> bool {
+        true
     }
 
     fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {

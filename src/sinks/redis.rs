@@ -10,6 +10,11 @@
 //! hash tag in the prefix or the keys.) A JSON string value is stored as the
 //! string itself; any other JSON value as its JSON text.
 //!
+//! A set of mutations is one script that reads and compares every version
+//! before it writes anything, so it applies whole or not at all. On Redis
+//! Cluster a script's keys must share one hash slot, so a set's keys need a
+//! common hash tag (`{order-991}:cart`, ...).
+//!
 //! Errors: I/O, timeouts, dropped connections and `BUSY`/`LOADING`/`TRYAGAIN`
 //! style answers are transient; other server answers are permanent.
 
@@ -39,6 +44,44 @@ redis.call('SET', KEYS[2], ARGV[1])
 return 1
 "#;
 
+/// A set of mutations in one script. Every version is read and compared
+/// first, and only then is anything written: Redis does not roll a script
+/// back, so a read that fails (a version key holding another type) must
+/// fail before the first write. Per mutation: KEYS value, version; ARGV
+/// version, op, value. Two mutations of one key apply in order.
+const GUARDED_SET: &str = r#"
+local n = #ARGV / 3
+local latest = {}
+local apply = {}
+for i = 1, n do
+  local vkey = KEYS[2 * i]
+  local stored = latest[vkey]
+  if stored == nil then
+    stored = redis.call('GET', vkey) or ''
+  end
+  local v = ARGV[3 * i - 2]
+  if stored < v then
+    apply[i] = true
+    latest[vkey] = v
+  else
+    latest[vkey] = stored
+  end
+end
+local changed = 0
+for i = 1, n do
+  if apply[i] then
+    if ARGV[3 * i - 1] == 'put' then
+      redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i])
+    else
+      redis.call('DEL', KEYS[2 * i - 1])
+    end
+    redis.call('SET', KEYS[2 * i], ARGV[3 * i - 2])
+    changed = changed + 1
+  end
+end
+return changed
+"#;
+
 pub struct RedisSink {
     name: String,
     client: redis::Client,
@@ -48,6 +91,7 @@ pub struct RedisSink {
     /// delivery error (retried), not a startup failure.
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
+    set_script: redis::Script,
 }
 
 impl RedisSink {
@@ -61,6 +105,7 @@ impl RedisSink {
             timeout,
             conn: OnceCell::new(),
             script: redis::Script::new(GUARDED_APPLY),
+            set_script: redis::Script::new(GUARDED_SET),
         })
     }
 
@@ -97,7 +142,9 @@ impl RedisSink {
         }
     }
 
-    async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> ApplyResult {
+    /// A mutation's keys (value, version) and arguments (version, op,
+    /// value), as both scripts take them.
+    fn args(&self, d: &Delivered) -> Result<([String; 2], [String; 3]), SinkError> {
         let m = Mutation::parse(d).map_err(|e| SinkError::permanent(&self.name, e))?;
         // Refused at ingest; this catches entries written before that.
         check_redis_key(&m.key)
@@ -112,12 +159,17 @@ impl RedisSink {
             Op::Put => "put",
             Op::Delete => "delete",
         };
-        let mut invocation = self.script.key(&key);
-        invocation
-            .key(format!("{key}{VERSION_SUFFIX}"))
-            .arg(format!("{:020}", version(d)))
-            .arg(op)
-            .arg(value);
+        let version_key = format!("{key}{VERSION_SUFFIX}");
+        Ok((
+            [key, version_key],
+            [format!("{:020}", version(d)), op.into(), value],
+        ))
+    }
+
+    async fn apply_one(&self, mut conn: ConnectionManager, d: &Delivered) -> ApplyResult {
+        let ([key, version_key], [version, op, value]) = self.args(d)?;
+        let mut invocation = self.script.key(key);
+        invocation.key(version_key).arg(version).arg(op).arg(value);
         let run = invocation.invoke_async::<i64>(&mut conn);
         match tokio::time::timeout(self.timeout, run).await {
             // 0: a newer version is stored; the entry is superseded.
@@ -142,6 +194,36 @@ impl Sink for RedisSink {
             };
             // One entry per key in a batch: the scripts may run pipelined.
             join_all(batch.iter().map(|d| self.apply_one(conn.clone(), d))).await
+        })
+    }
+
+    fn applies_sets_together(&self) -> bool {
+        true
+    }
+
+    /// One script for the whole set ([`GUARDED_SET`]): all of it applies,
+    /// each mutation under its version guard, or none of it.
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(async move {
+            let mut invocation = self.set_script.prepare_invoke();
+            for d in set {
+                let (keys, args) = self.args(d)?;
+                for k in keys {
+                    invocation.key(k);
+                }
+                for a in args {
+                    invocation.arg(a);
+                }
+            }
+            let mut conn = self.conn().await?;
+            let run = invocation.invoke_async::<i64>(&mut conn);
+            match tokio::time::timeout(self.timeout, run).await {
+                // Nothing changed: newer versions of every key are stored.
+                Ok(Ok(0)) => Ok(Outcome::Superseded),
+                Ok(Ok(_)) => Ok(Outcome::Applied),
+                Ok(Err(e)) => Err(self.classify(&e)),
+                Err(_) => Err(SinkError::transient(&self.name, "redis script timed out")),
+            }
         })
     }
 

@@ -341,20 +341,24 @@ impl ParkStore {
         .await
     }
 
-    /// Record that this lane's target is done with set `set` of
-    /// `namespace` (applied it, or dead-lettered it), durably, before any
-    /// of its mutations is acked: a mutation delivered again after a crash
-    /// then finds the record, rather than waiting for the others.
-    pub async fn set_done(&self, namespace: &str, set: &str) -> Result<(), StateError> {
-        let key = set_key(&self.at(&ShardRef::new(namespace, 0)), set);
+    /// Record that this lane's target is done with these sets of
+    /// `namespace` (applied them, or dead-lettered them), durably, in one
+    /// fsync, before any of their mutations is acked: a mutation delivered
+    /// again after a crash then finds the record, rather than waiting for
+    /// the others.
+    pub async fn sets_done(&self, namespace: &str, sets: Vec<String>) -> Result<(), StateError> {
+        let ns = self.at(&ShardRef::new(namespace, 0));
         self.run(move |s| {
             let now = crate::entry::now_ms();
-            let mut at = now.to_be_bytes().to_vec();
-            at.extend_from_slice(&key);
-            s.sets_done
-                .insert(&key, now.to_be_bytes())
-                .map_err(|e| s.err(e))?;
-            s.sets_done_at.insert(at, []).map_err(|e| s.err(e))?;
+            for set in &sets {
+                let key = set_key(&ns, set);
+                let mut at = now.to_be_bytes().to_vec();
+                at.extend_from_slice(&key);
+                s.sets_done
+                    .insert(&key, now.to_be_bytes())
+                    .map_err(|e| s.err(e))?;
+                s.sets_done_at.insert(at, []).map_err(|e| s.err(e))?;
+            }
             s.persist()
         })
         .await
@@ -617,6 +621,24 @@ mod tests {
     use super::*;
     use crate::entry::Entry;
     use bytes::Bytes;
+
+    #[tokio::test]
+    async fn sets_done_are_kept_per_lane_and_forgotten_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(StateStore::open(dir.path()).unwrap());
+        let own = ParkStore::open(store).unwrap();
+        let other = own.lane(Some("walden.ns.search"));
+        own.sets_done("ns", vec!["s1".into()]).await.unwrap();
+        assert!(own.is_set_done("ns", "s1").await.unwrap());
+        assert!(!other.is_set_done("ns", "s1").await.unwrap(), "lanes apart");
+        assert!(!own.is_set_done("other", "s1").await.unwrap());
+        other.sets_done("ns", vec!["s1".into()]).await.unwrap();
+        assert_eq!(own.forget_sets(0).await.unwrap(), 0, "nothing that old");
+        let later = crate::entry::now_ms() + 1;
+        assert_eq!(own.forget_sets(later).await.unwrap(), 2, "every lane");
+        assert!(!own.is_set_done("ns", "s1").await.unwrap());
+        assert!(!other.is_set_done("ns", "s1").await.unwrap());
+    }
 
     #[test]
     fn parked_entries_round_trip() {
