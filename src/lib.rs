@@ -13,7 +13,8 @@
 //!   backend through one `Producer`); per-target, per-shard actors
 //!   (consumer, delay scheduler, applier, dead letter) whose messages live in
 //!   [`actors::messages`]; the target's circuit breaker
-//!   ([`actors::breaker`]); and the per-namespace supervisor.
+//!   ([`actors::breaker`]); [`actors::sets`], which gathers a target's sets
+//!   of mutations and applies each whole; and the per-namespace supervisor.
 //! - [`backends`]: queue backends behind capability traits;
 //!   [`backends::embedded`] is the durable log on local disk, the default;
 //!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer
@@ -25,7 +26,7 @@
 //!   `DelayStore`, `Topic`, `LogHealth`, ...), never for a backend.
 //! - [`sinks`]: targets that entries are delivered to.
 //! - [`state`]: the fjall-backed state store (idempotency keys, parked and
-//!   delayed entries).
+//!   delayed entries, the sets each target is done with).
 //! - [`service`]: wiring: config → log → actors → HTTP server, and shutdown.
 //! - [`telemetry`]: logging, tracing and OTLP export.
 //! - [`fs`]: the filesystem seam (real, or simulated with faults and power

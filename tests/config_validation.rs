@@ -613,6 +613,30 @@ fn a_batch_limit_above_the_in_flight_limit_is_refused() {
 }
 
 #[test]
+fn set_limits_are_checked_and_named() {
+    let text = GOOD.replace("[server]", "[server]\nmax_in_flight = 500")
+        + "\n[namespaces.orders.limits]\nmax_set_mutations = 0\nmax_set_bytes = 999999999999\n";
+    let config = walden::config::from_toml(&text).unwrap();
+    let errors = walden::config::validate(&config).unwrap_err().0;
+    for field in ["limits.max_set_mutations", "limits.max_set_bytes"] {
+        let e = errors
+            .iter()
+            .find(|e| e.field == field)
+            .unwrap_or_else(|| panic!("{field} is named: {errors:?}"));
+        assert_eq!(e.namespace.as_deref(), Some("orders"));
+    }
+    // A set takes one in-flight slot per mutation and one for its marker.
+    let text = GOOD.replace("[server]", "[server]\nmax_in_flight = 1000");
+    let config = walden::config::from_toml(&text).unwrap();
+    let errors = walden::config::validate(&config).unwrap_err().0;
+    let e = errors
+        .iter()
+        .find(|e| e.field == "limits.max_set_mutations")
+        .expect("the default set limit against max_in_flight");
+    assert!(e.message.contains("max_in_flight"), "{}", e.message);
+}
+
+#[test]
 fn every_example_config_is_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
     let mut seen = 0;

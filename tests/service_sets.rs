@@ -432,3 +432,46 @@ async fn a_delayed_set_arrives_whole_when_due() {
     );
     svc.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_half_way_through_a_set_sends_it_whole_again_under_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = HttpTarget::start();
+    // The target holds its answer: the set is in flight when the kill comes.
+    target.answer_after(Duration::from_secs(3));
+    let port = common::free_port();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n[namespaces.kv]\nshards = 4\n[namespaces.kv.backend]\ntype = \"embedded\"\n[namespaces.kv.target]\ntype = \"http\"\nurl = \"{}\"\n",
+        dir.path().join("data").display(),
+        target.url()
+    );
+    let path = dir.path().join("walden.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = common::start_walden(&path);
+    common::wait_healthy(port).await;
+    let set = json!({"id": "mid-kill", "mutations": [
+        {"key": "a", "payload": 1}, {"key": "b", "payload": 2}, {"key": "c", "payload": 3}]});
+    let (status, answer) = post(
+        &format!("http://127.0.0.1:{port}/v1/namespaces/kv/mutations"),
+        set,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    target.wait_for(1, Duration::from_secs(10));
+    child.kill().unwrap(); // SIGKILL while the target holds the set
+    child.wait().unwrap();
+    target.answer_after(Duration::ZERO);
+    let mut child = common::start_walden(&path);
+    common::wait_healthy(port).await;
+    let got = target.wait_for(2, Duration::from_secs(20));
+    for r in &got {
+        assert_eq!(r.idempotency_key.as_deref(), Some("mid-kill"));
+        assert_eq!(r.body["mutations"].as_array().unwrap().len(), 3, "whole");
+    }
+    assert_eq!(
+        got[0].body, got[1].body,
+        "the same set, at the same sequences"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

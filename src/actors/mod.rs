@@ -8,6 +8,7 @@
 //! backend --> ShardConsumer --due--> Applier --> Sink
 //!                          \-later-> DelayScheduler --due--> Applier
 //!                                      Applier --failed--> DeadLetter --> DLQ
+//!                                      Applier --a set's mutation--> SetJoin --whole set--> Sink
 //! ```
 //!
 //! The actors' messages live in [`messages`]; each actor holds its peers as

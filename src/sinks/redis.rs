@@ -201,7 +201,7 @@ impl Sink for RedisSink {
         true
     }
 
-    /// One script for the whole set ([`GUARDED_SET`]): all of it applies,
+    /// One script for the whole set (`GUARDED_SET`): all of it applies,
     /// each mutation under its version guard, or none of it.
     fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
         Box::pin(async move {
