@@ -43,6 +43,14 @@ max_backoff_ms = 50
     c
 }
 
+/// The namespace `kv` delivering to a fresh HTTP target.
+fn http_service(dir: &Path, extra: &str) -> (HttpTarget, Spawned) {
+    let target = HttpTarget::start();
+    let target_table = format!("type = \"http\"\nurl = \"{}\"", target.url());
+    let svc = Spawned::start(config(dir, &target_table, extra)).unwrap();
+    (target, svc)
+}
+
 async fn pg(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -183,13 +191,10 @@ async fn a_set_is_applied_whole_to_postgres_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sets_get_a_clear_error_and_nothing_is_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let target = HttpTarget::start();
-    let svc = Spawned::start(config(
+    let (target, svc) = http_service(
         dir.path(),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
         "[namespaces.kv.limits]\nmax_set_mutations = 3\nmax_set_bytes = 200",
-    ))
-    .unwrap();
+    );
     let url = format!("http://{}/v1/namespaces/kv/mutations", svc.addr);
     let m = |k: &str| json!({"key": k, "payload": {"k": k}});
     let big = |k: &str| json!({"key": k, "payload": "x".repeat(90)});
@@ -262,13 +267,7 @@ async fn bad_sets_get_a_clear_error_and_nothing_is_applied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_target_gets_one_request_per_set_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let target = HttpTarget::start();
-    let svc = Spawned::start(config(
-        dir.path(),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
-        "",
-    ))
-    .unwrap();
+    let (target, svc) = http_service(dir.path(), "");
     let base = format!("http://{}/v1/namespaces/kv", svc.addr);
     let set = json!({"id": "s-http", "mutations": [
         {"key": "z", "payload": {"n": 1}},
@@ -369,13 +368,7 @@ async fn a_set_a_target_rejects_goes_to_the_dlq_whole_and_its_redrive_applies_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walden_mutate_writes_a_set_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let target = HttpTarget::start();
-    let svc = Spawned::start(config(
-        dir.path(),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
-        "",
-    ))
-    .unwrap();
+    let (target, svc) = http_service(dir.path(), "");
     let file = dir.path().join("set.json");
     let mut set = the_issue_s_set("cli-1");
     set.as_object_mut().unwrap().remove("lifecycle");
@@ -401,13 +394,7 @@ async fn walden_mutate_writes_a_set_from_a_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_set_arrives_whole_when_due() {
     let dir = tempfile::tempdir().unwrap();
-    let target = HttpTarget::start();
-    let svc = Spawned::start(config(
-        dir.path(),
-        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
-        "",
-    ))
-    .unwrap();
+    let (target, svc) = http_service(dir.path(), "");
     let base = format!("http://{}/v1/namespaces/kv", svc.addr);
     // A single write to one of its keys, written after the set, is applied
     // first: a delayed set holds no keys until it is due.
