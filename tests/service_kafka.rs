@@ -676,6 +676,78 @@ async fn a_dead_letter_holds_its_key_in_the_dlq_topic() {
     second.stop();
 }
 
+/// With several targets, `hold_key` on Kafka holds a key for the target
+/// whose letter it is: the other target's entries of the key go on, and a
+/// redrive of the held target's letters releases the key for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_targets_a_dead_letter_holds_its_key_for_its_target_alone() {
+    let Some(brokers) = test_server("WALDEN_TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let (a, b) = (HttpTarget::start(), HttpTarget::start());
+    b.reject_key("held", 400);
+    let topic = unique("hold2");
+    let ns = format!(
+        "[namespaces.ns]\nshards = 3\n[namespaces.ns.backend]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ngroup = \"{topic}-group\"\n[namespaces.ns.dlq]\non_dead_letter = \"hold_key\"\n[namespaces.ns.targets.a]\ntype = \"http\"\nurl = \"{}\"\n[namespaces.ns.targets.b]\ntype = \"http\"\nurl = \"{}\"\n",
+        a.url(),
+        b.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Spawned::start(config(dir.path(), "all", &ns)).unwrap();
+    let base = format!("http://{}", svc.addr);
+    for (id, key) in [
+        ("held-1", "held"),
+        ("held-2", "held"),
+        ("free-1", "free"),
+        ("held-3", "held"),
+    ] {
+        write(&base, id, key).await;
+    }
+    let letters = dlq_ids_when(
+        &base,
+        "b's letters, the key's entries behind its hold",
+        |ids| ids == ["held-1", "held-2", "held-3"],
+    )
+    .await;
+    for l in &letters {
+        assert_eq!(l["origin"]["target"], "b", "{l}");
+    }
+    assert_eq!(letters[0]["holds_key"], "held", "{letters:?}");
+    until("a gets every entry of the key, unheld", || {
+        applied(&a, "held").len() == 3
+    })
+    .await;
+    assert_eq!(applied(&a, "held"), ["held-1", "held-2", "held-3"]);
+    assert_eq!(applied(&b, "free"), ["free-1"]);
+    assert!(applied(&b, "held").is_empty());
+
+    b.reject_key("held", 0);
+    let (status, body) = post(
+        &format!("{base}/v1/namespaces/ns/dlq/redrive?target=b"),
+        json!({"all": true}),
+    )
+    .await;
+    assert_eq!((status, &body["redriven"]), (200, &json!(3)), "{body}");
+    dlq_ids_when(&base, "the DLQ empties", |ids| ids.is_empty()).await;
+    write(&base, "held-4", "held").await;
+    until("b gets the key again, in order", || {
+        applied(&b, "held").len() >= 4
+    })
+    .await;
+    assert_eq!(
+        applied(&b, "held"),
+        ["held-1", "held-2", "held-3", "held-4"]
+    );
+    until("a gets held-4 once", || applied(&a, "held").len() >= 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        applied(&a, "held"),
+        ["held-1", "held-2", "held-3", "held-4"],
+        "the redrive went to b alone"
+    );
+    svc.stop();
+}
+
 /// Entries this process applied, from its namespace stats.
 async fn applied_here(base: &str) -> u64 {
     let stats: Value = get_json(&format!("{base}/v1/namespaces/ns")).await;

@@ -362,7 +362,7 @@ impl Applier {
         let holder = match local {
             // Its letter is on its way to the DLQ.
             Some((h, false)) => Some(h),
-            Some((h, true)) if dlq.is_holding(&h) => Some(h),
+            Some((h, true)) if dlq.is_holding(&self.policy.target, &h) => Some(h),
             // Its letter is gone: purged, or applied after a redrive by
             // another owner of the partition. The hold is over.
             Some(_) => {
@@ -385,7 +385,7 @@ impl Applier {
     /// A hold on `key` the DLQ view shows (written by an earlier owner of
     /// the partition, or before a restart): adopt it.
     fn held_in_view(&mut self, dlq: &dyn KeyHolds, key: &str) -> Option<String> {
-        match dlq.holder(self.shard.shard, key) {
+        match dlq.holder(&self.policy.target, self.shard.shard, key) {
             // Released here; the view has not yet seen its letter go.
             Some(h) if self.released.get(key) == Some(&h) => None,
             found => {
@@ -412,9 +412,9 @@ impl Applier {
         ctx: &mut Context<Self>,
     ) {
         let watch = {
-            let id = id.clone();
+            let (id, target) = (id.clone(), self.policy.target.clone());
             async move {
-                while !dlq.is_holding(&id) {
+                while !dlq.is_holding(&target, &id) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -1238,7 +1238,7 @@ impl Applier {
                 {
                     // The holder is back from a redrive, and applied: its
                     // holding letter goes, which ends the hold everywhere.
-                    if let Some(dlq_sequence) = dlq.holding_letter(&id) {
+                    if let Some(dlq_sequence) = dlq.holding_letter(&self.policy.target, &id) {
                         self.peers.redriven.do_send(Redriven {
                             namespace: self.shard.namespace.to_string(),
                             dlq_sequence,

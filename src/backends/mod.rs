@@ -305,16 +305,18 @@ pub(crate) fn listing_start(after: Option<u64>) -> Option<u64> {
 }
 
 /// Key holds that live with their dead letters on a broker (`hold_key` on
-/// Kafka), where any process that takes a partition over finds them. The
-/// applier asks this capability; it never names the backend.
+/// Kafka), where any process that takes a partition over finds them; each
+/// target's holds are its own. The applier asks this capability; it never
+/// names the backend.
 pub trait KeyHolds: Send + Sync {
-    /// The id of the live letter holding `key` of `shard`, if any. The view
-    /// may trail the broker by a moment.
-    fn holder(&self, shard: u32, key: &str) -> Option<String>;
-    /// Whether a live letter of `id` holds its key.
-    fn is_holding(&self, id: &str) -> bool;
-    /// The DLQ sequence of the oldest live letter of `id` that holds its key.
-    fn holding_letter(&self, id: &str) -> Option<u64>;
+    /// The id of the live letter holding `key` of `shard` for `target`, if
+    /// any. The view may trail the broker by a moment.
+    fn holder(&self, target: &str, shard: u32, key: &str) -> Option<String>;
+    /// Whether a live letter of `id` holds its key for `target`.
+    fn is_holding(&self, target: &str, id: &str) -> bool;
+    /// The DLQ sequence of the oldest live letter of `id` that holds its key
+    /// for `target`.
+    fn holding_letter(&self, target: &str, id: &str) -> Option<u64>;
 }
 
 /// Appends entries to a backend: the one write path. Ingest calls it for

@@ -723,18 +723,6 @@ fn validate_targets(e: &mut Errors, name: &str, ns: &NamespaceConfig) {
             "an SQS namespace has one target: SQS deletes a message once it is applied, so a second target could neither read it again nor hold it without holding the first; use one namespace per target, or the embedded or Kafka backend",
         );
     }
-    if ns.targets.len() > 1
-        && ns.dlq.on_dead_letter == super::OnDeadLetter::HoldKey
-        && matches!(ns.backend.entries(), BackendConfig::Kafka(_))
-    {
-        // Kafka keeps a key's hold with its letter in the DLQ topic, one per
-        // key for the whole namespace.
-        e.ns(
-            name,
-            "dlq.on_dead_letter",
-            "\"hold_key\" on Kafka holds a key for every target of the namespace at once, so it is not offered with several targets yet; use \"continue\", or the embedded backend, which holds keys per target",
-        );
-    }
     let mut groups: Vec<(String, &str)> = Vec::new();
     for t in &ns.targets {
         let field = match t.sole {

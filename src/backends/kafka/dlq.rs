@@ -66,6 +66,9 @@ const H_HOLDS: &str = "walden.dlq.holds";
 struct Meta {
     id: Arc<str>,
     namespace: Arc<str>,
+    /// The target it failed to reach (empty in letters written before
+    /// letters named their target: those hold for every target).
+    target: Arc<str>,
     shard: u32,
     /// The entry's sequence in its shard.
     origin: u64,
@@ -82,33 +85,50 @@ struct View {
     held: HashMap<u32, HashMap<String, BTreeSet<u64>>>,
     /// The key each of those letters holds, by DLQ sequence.
     holds_of: HashMap<u64, String>,
-    /// Namespace names, shared by every letter of each.
-    namespaces: HashSet<Arc<str>>,
+    /// Namespace and target names, shared by every letter of each.
+    names: HashSet<Arc<str>>,
 }
 
 impl View {
+    /// One shared copy of a namespace's or target's name.
+    fn name(&mut self, name: &str) -> Arc<str> {
+        match self.names.get(name) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = name.into();
+                self.names.insert(n.clone());
+                n
+            }
+        }
+    }
+
     /// Index the letter at `seq`: entry `id`, at `origin` in `shard` of
-    /// `namespace`. A second letter of the same entry (delivered again in a
-    /// rebalance, and dead-lettered by both owners) is not one more letter:
-    /// it is left out, and the first stands for both.
-    fn put(&mut self, seq: u64, id: &str, at: (&str, u32, u64), holds: Option<String>) {
+    /// `namespace`, for `target`. A second letter of the same entry for the
+    /// same target (delivered again in a rebalance, and dead-lettered by
+    /// both owners) is not one more letter: it is left out, and the first
+    /// stands for both.
+    fn put(
+        &mut self,
+        seq: u64,
+        id: &str,
+        at: (&str, u32, u64),
+        target: &str,
+        holds: Option<String>,
+    ) {
         let (namespace, shard, origin) = at;
         let again = self.by_id.get(id).into_iter().flatten().any(|s| {
             self.by_sequence.get(s).is_some_and(|m| {
-                m.origin == origin && m.shard == shard && &*m.namespace == namespace
+                m.origin == origin
+                    && m.shard == shard
+                    && &*m.namespace == namespace
+                    && &*m.target == target
             })
         });
         if again {
             return;
         }
-        let namespace = match self.namespaces.get(namespace) {
-            Some(ns) => ns.clone(),
-            None => {
-                let ns: Arc<str> = namespace.into();
-                self.namespaces.insert(ns.clone());
-                ns
-            }
-        };
+        let namespace = self.name(namespace);
+        let target = self.name(target);
         let id: Arc<str> = match self.by_id.get_key_value(id) {
             Some((id, _)) => id.clone(),
             None => id.into(),
@@ -122,6 +142,7 @@ impl View {
         let meta = Meta {
             id,
             namespace,
+            target,
             shard,
             origin,
         };
@@ -163,25 +184,35 @@ impl View {
         }
     }
 
-    /// The live letter holding `key` of `shard`, if any: its id.
-    fn holder(&self, shard: u32, key: &str) -> Option<&str> {
-        let seq = self.held.get(&shard)?.get(key)?.first()?;
+    /// Whether the letter at `seq` holds for `target`.
+    fn holds_for(&self, seq: u64, target: &str) -> bool {
+        self.by_sequence
+            .get(&seq)
+            .is_some_and(|m| m.target.is_empty() || &*m.target == target)
+    }
+
+    /// The live letter holding `key` of `shard` for `target`, if any: its
+    /// id.
+    fn holder(&self, target: &str, shard: u32, key: &str) -> Option<&str> {
+        let seqs = self.held.get(&shard)?.get(key)?;
+        let seq = seqs.iter().find(|s| self.holds_for(**s, target))?;
         self.by_sequence.get(seq).map(|m| &*m.id)
     }
 
-    /// The live letters of `id` that hold their key, oldest first.
-    fn holding(&self, id: &str) -> impl Iterator<Item = u64> + '_ {
+    /// The live letters of `id` that hold their key for `target`, oldest
+    /// first.
+    fn holding<'a>(&'a self, target: &'a str, id: &str) -> impl Iterator<Item = u64> + 'a {
         self.by_id
             .get(id)
             .into_iter()
             .flatten()
             .copied()
-            .filter(|seq| self.holds_of.contains_key(seq))
+            .filter(move |seq| self.holds_of.contains_key(seq) && self.holds_for(*seq, target))
     }
 
-    /// Whether a live letter of `id` holds its key.
-    fn is_holding(&self, id: &str) -> bool {
-        self.holding(id).next().is_some()
+    /// Whether a live letter of `id` holds its key for `target`.
+    fn is_holding(&self, target: &str, id: &str) -> bool {
+        self.holding(target, id).next().is_some()
     }
 
     /// The DLQ sequences of `namespace`'s live letters from `from` on, in
@@ -430,14 +461,14 @@ impl KafkaDlq {
         Ok(offset)
     }
 
-    /// The live letter holding `key` of `shard` (`hold_key`), if any: its
-    /// id. The view trails the topic, so a hold written a moment ago by
-    /// another process may not show yet.
-    pub fn holder(&self, shard: u32, key: &str) -> Option<String> {
+    /// The live letter holding `key` of `shard` for `target` (`hold_key`),
+    /// if any: its id. The view trails the topic, so a hold written a moment
+    /// ago by another process may not show yet.
+    pub fn holder(&self, target: &str, shard: u32, key: &str) -> Option<String> {
         self.view
             .lock()
             .unwrap()
-            .holder(shard, key)
+            .holder(target, shard, key)
             .map(str::to_string)
     }
 
@@ -451,17 +482,17 @@ impl KafkaDlq {
             .cloned()
     }
 
-    /// Whether a live letter of `id` holds its key. Once none does (it was
-    /// purged, or applied after a redrive, perhaps by another process), its
-    /// hold is over.
-    pub fn is_holding(&self, id: &str) -> bool {
-        self.view.lock().unwrap().is_holding(id)
+    /// Whether a live letter of `id` holds its key for `target`. Once none
+    /// does (it was purged, or applied after a redrive, perhaps by another
+    /// process), its hold is over.
+    pub fn is_holding(&self, target: &str, id: &str) -> bool {
+        self.view.lock().unwrap().is_holding(target, id)
     }
 
     /// The DLQ sequence of the oldest live letter of `id` that holds its
-    /// key: the one its redriven entry's success removes.
-    pub fn holding_letter(&self, id: &str) -> Option<u64> {
-        self.view.lock().unwrap().holding(id).next()
+    /// key for `target`: the one its redriven entry's success removes.
+    pub fn holding_letter(&self, target: &str, id: &str) -> Option<u64> {
+        self.view.lock().unwrap().holding(target, id).next()
     }
 
     /// Wait until the view has read the topic up to its current end.
@@ -689,6 +720,7 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
         letter.dlq_sequence,
         &letter.entry.id,
         (&o.shard.namespace, o.shard.shard, o.sequence),
+        &o.target,
         holds,
     );
 }
@@ -741,16 +773,16 @@ fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Opti
 }
 
 impl crate::backends::KeyHolds for KafkaDlq {
-    fn holder(&self, shard: u32, key: &str) -> Option<String> {
-        KafkaDlq::holder(self, shard, key)
+    fn holder(&self, target: &str, shard: u32, key: &str) -> Option<String> {
+        KafkaDlq::holder(self, target, shard, key)
     }
 
-    fn is_holding(&self, id: &str) -> bool {
-        KafkaDlq::is_holding(self, id)
+    fn is_holding(&self, target: &str, id: &str) -> bool {
+        KafkaDlq::is_holding(self, target, id)
     }
 
-    fn holding_letter(&self, id: &str) -> Option<u64> {
-        KafkaDlq::holding_letter(self, id)
+    fn holding_letter(&self, target: &str, id: &str) -> Option<u64> {
+        KafkaDlq::holding_letter(self, target, id)
     }
 }
 
@@ -761,26 +793,26 @@ mod tests {
     #[test]
     fn a_hold_lasts_while_its_letter_does() {
         let mut view = View::default();
-        view.put(0, "a", ("ns", 1, 10), Some("k".into()));
-        view.put(1, "b", ("ns", 1, 11), None);
-        assert_eq!(view.holder(1, "k"), Some("a"));
-        assert_eq!(view.holder(0, "k"), None, "another shard");
-        assert!(view.is_holding("a") && !view.is_holding("b"));
+        view.put(0, "a", ("ns", 1, 10), "t", Some("k".into()));
+        view.put(1, "b", ("ns", 1, 11), "t", None);
+        assert_eq!(view.holder("t", 1, "k"), Some("a"));
+        assert_eq!(view.holder("t", 0, "k"), None, "another shard");
+        assert!(view.is_holding("t", "a") && !view.is_holding("t", "b"));
         // Another entry with the same id: a second letter, and both hold.
-        view.put(2, "a", ("ns", 1, 12), Some("k".into()));
-        assert_eq!(view.holder(1, "k"), Some("a"));
-        assert_eq!(view.holding("a").collect::<Vec<_>>(), [0, 2]);
+        view.put(2, "a", ("ns", 1, 12), "t", Some("k".into()));
+        assert_eq!(view.holder("t", 1, "k"), Some("a"));
+        assert_eq!(view.holding("t", "a").collect::<Vec<_>>(), [0, 2]);
         // The letter behind it going changes nothing.
         view.remove("b", Some(1));
-        assert_eq!(view.holder(1, "k"), Some("a"));
+        assert_eq!(view.holder("t", 1, "k"), Some("a"));
         // A tombstone for the older letter leaves the newer one holding.
         view.remove("a", Some(0));
-        assert!(view.is_holding("a"));
+        assert!(view.is_holding("t", "a"));
         assert_eq!(view.by_id["a"].len(), 1);
         // Removed (applied after a redrive, or purged): the hold ends.
         view.remove("a", Some(2));
-        assert_eq!(view.holder(1, "k"), None);
-        assert!(!view.is_holding("a"));
+        assert_eq!(view.holder("t", 1, "k"), None);
+        assert!(!view.is_holding("t", "a"));
         assert!(view.held[&1].is_empty());
         assert!(view.by_id.is_empty());
     }
@@ -788,18 +820,39 @@ mod tests {
     #[test]
     fn an_entry_dead_lettered_twice_is_one_letter() {
         let mut view = View::default();
-        view.put(0, "a", ("ns", 1, 10), Some("k".into()));
+        view.put(0, "a", ("ns", 1, 10), "t", Some("k".into()));
         // Its partition moved mid-delivery; the new owner buried it too.
-        view.put(1, "a", ("ns", 1, 10), Some("k".into()));
+        view.put(1, "a", ("ns", 1, 10), "t", Some("k".into()));
         assert_eq!(view.by_id["a"].len(), 1);
         assert_eq!(view.by_sequence.len(), 1);
         // The same id at another place, or in another shard, is its own.
-        view.put(2, "a", ("ns", 1, 20), None);
-        view.put(3, "a", ("ns", 2, 10), None);
+        view.put(2, "a", ("ns", 1, 20), "t", None);
+        view.put(3, "a", ("ns", 2, 10), "t", None);
         assert_eq!(view.by_id["a"].len(), 3);
         // Once the first is gone, the entry may be dead-lettered anew.
         view.remove("a", Some(0));
-        view.put(4, "a", ("ns", 1, 10), None);
+        view.put(4, "a", ("ns", 1, 10), "t", None);
         assert_eq!(view.by_id["a"].len(), 3);
+    }
+
+    #[test]
+    fn holds_are_per_target() {
+        let mut view = View::default();
+        // One entry dead-lettered by two targets: two letters, each its
+        // target's hold.
+        view.put(0, "a", ("ns", 1, 10), "search", Some("k".into()));
+        view.put(1, "a", ("ns", 1, 10), "db", Some("k".into()));
+        assert_eq!(view.by_sequence.len(), 2);
+        view.put(2, "b", ("ns", 1, 11), "search", Some("j".into()));
+        assert_eq!(view.holder("search", 1, "j"), Some("b"));
+        assert_eq!(view.holder("db", 1, "j"), None, "db's key j is free");
+        assert_eq!(view.holding("db", "a").collect::<Vec<_>>(), [1]);
+        view.remove("a", Some(1));
+        assert_eq!(view.holder("db", 1, "k"), None);
+        assert_eq!(view.holder("search", 1, "k"), Some("a"));
+        // A letter from before letters named their target holds for all.
+        view.put(3, "c", ("ns", 2, 5), "", Some("m".into()));
+        assert_eq!(view.holder("db", 2, "m"), Some("c"));
+        assert!(view.is_holding("search", "c"));
     }
 }
