@@ -409,6 +409,13 @@ async fn a_delayed_set_arrives_whole_when_due() {
     )
     .await;
     assert_eq!(status, 200);
+    // One mutation of it cannot be cancelled: the rest would wait for it.
+    let cancel = reqwest::Client::new()
+        .delete(format!("{base}/delayed/later.1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 409);
     let got = target.wait_for(2, Duration::from_secs(10));
     assert_eq!(got[0].id(), "now", "the set held no key while it waited");
     assert_eq!(got[1].body["set"], "later", "{}", got[1].body);

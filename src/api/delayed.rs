@@ -105,6 +105,16 @@ pub async fn cancel(
         let Some(d) = t.delays.find(&ns.name, &id).await.map_err(store_error)? else {
             continue;
         };
+        if let Some(place) = d.entry.set_place() {
+            // Without it, the rest of its set would wait for it forever.
+            return Err(ApiError::rejected(
+                StatusCode::CONFLICT,
+                format!(
+                    "delayed entry {id:?} is mutation {} of set {:?}; a set is delivered whole, and one mutation of it cannot be cancelled",
+                    place.index, place.set
+                ),
+            ));
+        }
         let Some(shard) = t.shards.get(d.shard.shard as usize) else {
             continue;
         };
