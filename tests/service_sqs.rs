@@ -287,6 +287,21 @@ async fn writes_sqs_cannot_take_are_refused_clearly() {
     )
     .await;
     assert_eq!(status, 200, "150 KB fits: {body}");
+    // A set of mutations spans several queues: refused, saying why.
+    let (status, body) = post(
+        &format!("{base}/mutations"),
+        json!({"id": "s1", "mutations": [{"key": "a", "payload": 1}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["id"], "s1", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported on SQS"),
+        "{body}"
+    );
     svc.stop();
 
     // A smaller `max_message_bytes` is the bound, and the error names it.
