@@ -162,6 +162,9 @@ pub(crate) fn ack(d: AnyDelivery) {
     // message, a call that finishes in the background, retried a few times;
     // if it never succeeds the message shows again and is applied again (at
     // least once, never lost).
+    let Some(d) = d.ack_now() else {
+        return;
+    };
     let mut acking = Box::pin(d.ack());
     match (&mut acking).now_or_never() {
         Some(Ok(())) => {}

@@ -274,6 +274,20 @@ pub enum AnyDelivery {
     Sqs(SqsDelivery),
 }
 
+impl AnyDelivery {
+    /// Ack at once where an ack only moves the consumer's watermark (the
+    /// log, a topic), with no future to allocate; the delivery back where
+    /// the ack is a call to make (SQS deletes the message).
+    pub fn ack_now(self) -> Option<Self> {
+        match self {
+            AnyDelivery::Embedded(d) => d.ack_now(),
+            AnyDelivery::Kafka(d) => d.ack_now(),
+            sqs @ AnyDelivery::Sqs(_) => return Some(sqs),
+        }
+        None
+    }
+}
+
 impl Delivery for AnyDelivery {
     fn entry(&self) -> &Entry {
         match self {

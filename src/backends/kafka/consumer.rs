@@ -438,6 +438,14 @@ pub struct KafkaDelivery {
     tracker: Arc<Mutex<Tracker<Received>>>,
 }
 
+impl KafkaDelivery {
+    /// An ack only moves the consumer's watermark (a commit sends it
+    /// later): it is done at once.
+    pub fn ack_now(self) {
+        self.tracker.lock().unwrap().ack(self.received.offset);
+    }
+}
+
 impl Delivery for KafkaDelivery {
     fn entry(&self) -> &Entry {
         &self.received.entry
@@ -452,7 +460,7 @@ impl Delivery for KafkaDelivery {
     }
 
     async fn ack(self) -> Result<(), (BackendError, Self)> {
-        self.tracker.lock().unwrap().ack(self.received.offset);
+        self.ack_now();
         Ok(())
     }
 
