@@ -132,6 +132,63 @@ async fn entries_reach_the_other_walden_with_their_ids_payloads_and_origin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_reaches_the_other_walden_whole_as_a_set() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sink = HttpTarget::start();
+    let b = spawn(&service(
+        b_dir.path(),
+        "127.0.0.1:0",
+        &format!("type = \"http\"\nurl = \"{}\"", sink.url()),
+        "",
+    ));
+    let a = spawn(&service(
+        a_dir.path(),
+        "127.0.0.1:0",
+        &walden_target(&format!("http://{}", b.addr), ""),
+        "",
+    ));
+    let set = json!({"id": "s-1", "mutations": [
+        {"key": "x", "payload": {"n": 1}, "headers": {"h": "v"}},
+        {"key": "y", "payload_base64": "AAEC"},
+        {"key": "z", "payload": [3]},
+    ]});
+    let (status, answer) = post(
+        &format!("http://{}/v1/namespaces/ns/mutations", a.addr),
+        set,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    let body = &got[0].body;
+    assert_eq!(
+        body["set"], "s-1",
+        "one request for the whole set on the far side: {body}"
+    );
+    let muts = body["mutations"].as_array().unwrap();
+    let keys: Vec<&str> = muts.iter().map(|m| m["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["x", "y", "z"]);
+    assert_eq!(muts[0]["payload"], json!({"n": 1}));
+    assert_eq!(muts[0]["headers"]["h"], "v");
+    assert_eq!(muts[1]["payload_base64"], "AAEC");
+    for m in muts {
+        assert_eq!(m["headers"]["walden.origin_namespace"], "ns", "{m}");
+        assert!(
+            m["headers"]["walden.origin_sequence"].as_str().is_some(),
+            "{m}"
+        );
+        assert_eq!(
+            m["headers"]["walden.hops"].as_str().unwrap().len(),
+            16,
+            "{m}"
+        );
+    }
+    let st = get_json(&format!("http://{}/v1/namespaces/ns", b.addr)).await;
+    assert_eq!(st["sets_written"], 1, "{st}");
+    a.stop();
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loop_between_two_waldens_is_refused() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a_port, b_port) = (free_port(), free_port());

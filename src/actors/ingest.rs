@@ -135,6 +135,19 @@ pub struct Relayed<'a> {
     pub sequence: Option<u64>,
 }
 
+impl Relayed<'_> {
+    /// Record what the forwarding Walden said on the entry's headers.
+    fn record(&self, headers: &mut Vec<(String, String)>) {
+        headers.push((HOPS_HEADER.into(), self.hops.into()));
+        if let Some(ns) = self.namespace {
+            headers.push((ORIGIN_NAMESPACE_HEADER.into(), ns.into()));
+        }
+        if let Some(seq) = self.sequence {
+            headers.push((ORIGIN_SEQUENCE_HEADER.into(), seq.to_string()));
+        }
+    }
+}
+
 /// When the entry may be delivered, and when it was first written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -364,13 +377,7 @@ impl Ingest {
         );
         let mut headers = parts.headers;
         if let Some(r) = relayed {
-            headers.push((HOPS_HEADER.into(), r.hops.into()));
-            if let Some(ns) = r.namespace {
-                headers.push((ORIGIN_NAMESPACE_HEADER.into(), ns.into()));
-            }
-            if let Some(seq) = r.sequence {
-                headers.push((ORIGIN_SEQUENCE_HEADER.into(), seq.to_string()));
-            }
+            r.record(&mut headers);
         }
         let entry = Entry {
             id,
@@ -397,18 +404,20 @@ impl Ingest {
     /// Check a set against the namespace's limits and build its entries:
     /// each mutation in its key's shard, then the marker. An error names the
     /// set's id (given or generated) and the mutation at fault.
+    /// `relayed` says, per mutation, what a forwarding Walden said of it.
     pub fn prepare_set(
         &self,
         mut req: SetRequest<'_>,
         body: &Bytes,
         traceparent: Option<&str>,
+        relayed: Option<&[Relayed<'_>]>,
     ) -> Result<PreparedSet, IngestError> {
         let client_id = req.id.is_some();
         let id = req
             .id
             .take()
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        self.check_set(req, &id, client_id, body, traceparent)
+        self.check_set(req, &id, client_id, body, traceparent, relayed)
             .map_err(|e| e.with_id(&id))
     }
 
@@ -419,6 +428,7 @@ impl Ingest {
         client_id: bool,
         body: &Bytes,
         traceparent: Option<&str>,
+        relayed: Option<&[Relayed<'_>]>,
     ) -> Result<PreparedSet, IngestError> {
         self.producer
             .check_set()
@@ -478,6 +488,9 @@ impl Ingest {
                 self.config.shards,
             );
             let mut headers = parts.headers;
+            if let Some(r) = relayed.and_then(|r| r.get(i)) {
+                r.record(&mut headers);
+            }
             headers.push((SET_HEADER.into(), id.into()));
             headers.push((SET_INDEX_HEADER.into(), i.to_string()));
             headers.push((SET_SIZE_HEADER.into(), n.to_string()));

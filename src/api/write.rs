@@ -338,13 +338,22 @@ pub async fn write_set(
     let ns = state.namespace(&path)?.clone();
     let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
     let parsed: SetRequest = parse(&bytes, || "set body".into())?;
+    let relay = Relay::of(
+        &req,
+        &state.server.instance_id,
+        &ns.name,
+        parsed.mutations.len(),
+    )?;
     let span = info_span!("write_set", namespace = %ns.name, id = field::Empty,
         mutations = parsed.mutations.len());
     telemetry::set_parent_from_traceparent(&span, traceparent_of(&req));
     let traceparent = entry_traceparent(&span, &req);
-    let prepared = ns
-        .ingest
-        .prepare_set(parsed, &bytes, traceparent.as_deref())?;
+    let relayed: Option<Vec<Relayed>> = relay
+        .as_ref()
+        .map(|r| (0..parsed.mutations.len()).map(|i| r.entry(i)).collect());
+    let prepared =
+        ns.ingest
+            .prepare_set(parsed, &bytes, traceparent.as_deref(), relayed.as_deref())?;
     span.record("id", prepared.id.as_str());
     let SetAccepted {
         durable,

@@ -8,6 +8,9 @@
 //! passed through ([`relay`]); the receiver records them, and refuses an
 //! entry that comes back to it (508).
 //!
+//! A set of mutations goes whole to the far side's sets endpoint
+//! (`POST .../mutations`), under its id, and is a set there too.
+//!
 //! Answers: `"durable":"true"` is applied; `"unknown"` is retried with the
 //! same id; `"false"`, 429, 503 and 5xx are transient; 401, 403 and 404 (a
 //! wrong token or namespace) are transient and fail the healthcheck, which
@@ -37,6 +40,7 @@ const MAX_REQUEST_BYTES: usize = 4 << 20;
 pub struct WaldenSink {
     name: String,
     batch_url: reqwest::Url,
+    sets_url: reqwest::Url,
     stats_url: reqwest::Url,
     /// `url` without user info or query, for errors.
     shown: String,
@@ -92,11 +96,13 @@ impl WaldenSink {
         };
         let stats_url = at(format!("v1/namespaces/{namespace}"))?;
         let batch_url = at(format!("v1/namespaces/{namespace}/log/batch"))?;
+        let sets_url = at(format!("v1/namespaces/{namespace}/mutations"))?;
         Ok(Self {
             name: name.into(),
             client: http::client(name, timeout)?,
             shown: http::redacted(&stats_url),
             batch_url,
+            sets_url,
             stats_url,
             token: token.map(str::to_owned),
             hop,
@@ -171,15 +177,7 @@ impl WaldenSink {
 
     async fn send(&self, r: &Request<'_>) -> Vec<ApplyResult> {
         let n = r.entries.len();
-        let sequences: Vec<String> = r
-            .entries
-            .iter()
-            .map(|(_, d)| {
-                d.entry
-                    .header(ORIGIN_SEQUENCE_HEADER)
-                    .map_or_else(|| d.sequence.to_string(), str::to_owned)
-            })
-            .collect();
+        let sequences: Vec<String> = r.entries.iter().map(|(_, d)| origin_sequence(d)).collect();
         #[derive(Serialize)]
         struct Batch<'a> {
             entries: Vec<Forward<'a>>,
@@ -242,6 +240,78 @@ impl WaldenSink {
             .collect()
     }
 
+    /// Forward a set whole, under its id, to the far side's sets endpoint:
+    /// it is a set there too, applied whole.
+    async fn send_set(&self, set: &[Delivered]) -> Result<Outcome, SinkError> {
+        let Some(first) = set.first() else {
+            return Ok(Outcome::Superseded);
+        };
+        let Some(id) = first.entry.set_place().map(|p| p.set) else {
+            return Err(SinkError::permanent(&self.name, "a set without its id"));
+        };
+        let request = &self.requests(set)[0];
+        #[derive(Serialize)]
+        struct Mutation<'a> {
+            key: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            payload_base64: Option<String>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            headers: BTreeMap<&'a str, &'a str>,
+        }
+        #[derive(Serialize)]
+        struct Set<'a> {
+            id: &'a str,
+            mutations: Vec<Mutation<'a>>,
+            lifecycle: Lifecycle,
+        }
+        let mut lifecycle = None;
+        let mutations = set
+            .iter()
+            .map(|d| {
+                let w = Self::write_of(d);
+                lifecycle.get_or_insert(w.lifecycle);
+                Mutation {
+                    key: w.key,
+                    payload: w.payload,
+                    payload_base64: w.payload_base64,
+                    headers: w.headers,
+                }
+            })
+            .collect();
+        let body = Set {
+            id: &id,
+            mutations,
+            lifecycle: lifecycle.expect("a set has a mutation"),
+        };
+        let sequences: Vec<String> = set.iter().map(origin_sequence).collect();
+        let mut req = self
+            .client
+            .post(self.sets_url.clone())
+            .header(relay::HOPS, &request.hops)
+            .header(relay::ORIGIN_NAMESPACE, &request.origin_namespace)
+            .header(relay::ORIGIN_SEQUENCES, sequences.join(","))
+            .json(&body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| {
+            let e = e.without_url();
+            SinkError::transient(&self.name, format!("POST {}: {e}", self.shown))
+        })?;
+        let (status, retry_after) = (resp.status(), http::retry_after(&resp));
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        match (status, answer["durable"].as_str()) {
+            (StatusCode::OK, Some("true")) => Ok(Outcome::Applied),
+            _ => {
+                let mut e = self.classify(status, &answer);
+                e.retry_after = retry_after;
+                Err(e)
+            }
+        }
+    }
+
     /// An answer other than durable, for the whole request or one entry.
     fn classify(&self, status: StatusCode, answer: &Value) -> SinkError {
         let durable = answer["durable"].as_str().unwrap_or("false");
@@ -272,6 +342,13 @@ impl WaldenSink {
     }
 }
 
+/// The sequence `d` had where it was first written.
+fn origin_sequence(d: &Delivered) -> String {
+    d.entry
+        .header(ORIGIN_SEQUENCE_HEADER)
+        .map_or_else(|| d.sequence.to_string(), str::to_owned)
+}
+
 impl Sink for WaldenSink {
     fn name(&self) -> &str {
         &self.name
@@ -295,6 +372,10 @@ impl Sink for WaldenSink {
             }
             results.into_iter().map(|r| r.expect("answered")).collect()
         })
+    }
+
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(self.send_set(set))
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {
