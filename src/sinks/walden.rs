@@ -185,16 +185,7 @@ impl WaldenSink {
         let body = Batch {
             entries: r.entries.iter().map(|(_, d)| Self::write_of(d)).collect(),
         };
-        let mut req = self
-            .client
-            .post(self.batch_url.clone())
-            .header(relay::HOPS, &r.hops)
-            .header(relay::ORIGIN_NAMESPACE, &r.origin_namespace)
-            .header(relay::ORIGIN_SEQUENCES, sequences.join(","))
-            .json(&body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        let req = self.relayed_post(&self.batch_url, r, &sequences, &body);
         let all = |e: SinkError| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
         let resp = match req.send().await {
             Ok(r) => r,
@@ -238,6 +229,28 @@ impl WaldenSink {
                 }
             })
             .collect()
+    }
+
+    /// A POST of `body` to the far side, with the relay headers of `r` and
+    /// the token.
+    fn relayed_post(
+        &self,
+        url: &reqwest::Url,
+        r: &Request<'_>,
+        sequences: &[String],
+        body: &impl Serialize,
+    ) -> reqwest::RequestBuilder {
+        let req = self
+            .client
+            .post(url.clone())
+            .header(relay::HOPS, &r.hops)
+            .header(relay::ORIGIN_NAMESPACE, &r.origin_namespace)
+            .header(relay::ORIGIN_SEQUENCES, sequences.join(","))
+            .json(body);
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     /// Forward a set whole, under its id, to the far side's sets endpoint:
@@ -286,16 +299,7 @@ impl WaldenSink {
             lifecycle: lifecycle.expect("a set has a mutation"),
         };
         let sequences: Vec<String> = set.iter().map(origin_sequence).collect();
-        let mut req = self
-            .client
-            .post(self.sets_url.clone())
-            .header(relay::HOPS, &request.hops)
-            .header(relay::ORIGIN_NAMESPACE, &request.origin_namespace)
-            .header(relay::ORIGIN_SEQUENCES, sequences.join(","))
-            .json(&body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        let req = self.relayed_post(&self.sets_url, request, &sequences, &body);
         let resp = req.send().await.map_err(|e| {
             let e = e.without_url();
             SinkError::transient(&self.name, format!("POST {}: {e}", self.shown))
