@@ -59,6 +59,25 @@ fn walden_target(url: &str, extra: &str) -> String {
     format!("type = \"walden\"\nurl = \"{url}\"\nnamespace = \"ns\"\ntimeout_ms = 2000\n{extra}")
 }
 
+/// Region B delivering to a fresh HTTP target, and region A forwarding to
+/// B: (B's target, A, B).
+fn two_regions(a_dir: &Path, b_dir: &Path) -> (HttpTarget, Spawned, Spawned) {
+    let sink = HttpTarget::start();
+    let b = spawn(&service(
+        b_dir,
+        "127.0.0.1:0",
+        &format!("type = \"http\"\nurl = \"{}\"", sink.url()),
+        "",
+    ));
+    let a = spawn(&service(
+        a_dir,
+        "127.0.0.1:0",
+        &walden_target(&format!("http://{}", b.addr), ""),
+        "",
+    ));
+    (sink, a, b)
+}
+
 async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done().await {
@@ -70,19 +89,7 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_reach_the_other_walden_with_their_ids_payloads_and_origin() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sink = HttpTarget::start();
-    let b = spawn(&service(
-        b_dir.path(),
-        "127.0.0.1:0",
-        &format!("type = \"http\"\nurl = \"{}\"", sink.url()),
-        "",
-    ));
-    let a = spawn(&service(
-        a_dir.path(),
-        "127.0.0.1:0",
-        &walden_target(&format!("http://{}", b.addr), ""),
-        "",
-    ));
+    let (sink, a, b) = two_regions(a_dir.path(), b_dir.path());
     let url = format!("http://{}/v1/namespaces/ns/log", a.addr);
     let mut sequences = HashMap::new();
     for i in 0..20 {
@@ -134,19 +141,7 @@ async fn entries_reach_the_other_walden_with_their_ids_payloads_and_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_reaches_the_other_walden_whole_as_a_set() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sink = HttpTarget::start();
-    let b = spawn(&service(
-        b_dir.path(),
-        "127.0.0.1:0",
-        &format!("type = \"http\"\nurl = \"{}\"", sink.url()),
-        "",
-    ));
-    let a = spawn(&service(
-        a_dir.path(),
-        "127.0.0.1:0",
-        &walden_target(&format!("http://{}", b.addr), ""),
-        "",
-    ));
+    let (sink, a, b) = two_regions(a_dir.path(), b_dir.path());
     let set = json!({"id": "s-1", "mutations": [
         {"key": "x", "payload": {"n": 1}, "headers": {"h": "v"}},
         {"key": "y", "payload_base64": "AAEC"},
