@@ -1,5 +1,6 @@
 //! `type = "http"`: POST each entry as JSON, with `Idempotency-Key` (the
-//! entry id) and `traceparent`; a set of mutations goes as one request. 2xx is success; 5xx, 408, 429, timeouts and
+//! entry id) and `traceparent`; a set of mutations goes as one request,
+//! under the set's id. 2xx is success; 5xx, 408, 429, timeouts and
 //! connection errors are transient; other 4xx are permanent.
 //!
 //! Errors name the URL without its user info and query, where credentials
