@@ -469,3 +469,64 @@ async fn a_consumer_killed_half_way_through_a_set_sends_it_whole_again_under_its
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_delivered_again_alone_finds_its_set_done() {
+    // After a crash, one mutation of a set that was applied comes back on
+    // its own (its shard's checkpoint had not passed it; the others' had).
+    let dir = tempfile::tempdir().unwrap();
+    let (target, svc) = http_service(dir.path(), "");
+    let base = format!("http://{}/v1/namespaces/kv", svc.addr);
+    let set = json!({"id": "once", "mutations": [
+        {"key": "a", "payload": 1}, {"key": "b", "payload": 2}, {"key": "c", "payload": 3}]});
+    let (status, answer) = post(&format!("{base}/mutations"), set).await;
+    assert_eq!(status, 200, "{answer}");
+    target.wait_for(1, Duration::from_secs(10));
+    svc.stop();
+
+    // Rewind one mutation's shard to it, as a crash before its commit would.
+    let log = walden::backends::embedded::EmbeddedLog::open(
+        dir.path(),
+        walden::backends::embedded::LogConfig::default(),
+    )
+    .unwrap();
+    let (shard, sequence) = (0..4)
+        .map(|s| walden::entry::ShardRef::new("kv", s))
+        .find_map(|shard| {
+            common::read_all(&log, &shard, 0)
+                .into_iter()
+                .find(|r| r.entry.id == "once.1")
+                .map(|r| (shard, r.offset))
+        })
+        .expect("the mutation is in the log");
+    let committed = log.committed(walden::config::EMBEDDED_GROUP);
+    assert!(committed[&shard] > sequence, "{committed:?}");
+    log.commit(
+        walden::config::EMBEDDED_GROUP,
+        &std::collections::BTreeMap::from([(shard, sequence)]),
+    )
+    .unwrap();
+    drop(log);
+
+    let config = config(
+        dir.path(),
+        &format!("type = \"http\"\nurl = \"{}\"", target.url()),
+        "",
+    );
+    let svc = Spawned::start(config).unwrap();
+    let base = format!("http://{}/v1/namespaces/kv", svc.addr);
+    eventually(
+        "the lone mutation is acked",
+        Duration::from_secs(10),
+        || async {
+            let st = get_json(&base).await;
+            match st["pending"].as_u64() {
+                Some(0) => Ok(()),
+                n => Err(format!("pending {n:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(target.requests(), 1, "the set was not applied again");
+    svc.stop();
+}

@@ -54,6 +54,9 @@ const RECENT: usize = 4096;
 const MAX_SETS_TOGETHER: usize = 64;
 /// Calls of sets together in flight at once, per target.
 const TOGETHER_IN_FLIGHT: usize = 4;
+/// How long a set gathers before the park store is asked whether it is
+/// done already.
+const LOOK_UP_AFTER: Duration = Duration::from_millis(500);
 /// How long a mutation waits before joining again after the set's record
 /// could not be written.
 const REJOIN_AFTER: Duration = Duration::from_secs(1);
@@ -271,7 +274,18 @@ impl SetJoin {
         }
     }
 
+    /// A set still gathering after [`LOOK_UP_AFTER`] may have had
+    /// mutations acked before a restart: ask the park store. (Most sets
+    /// complete sooner, and cost no lookup.)
     async fn check_done(self: Arc<Self>, set: String) {
+        tokio::time::sleep(LOOK_UP_AFTER).await;
+        let gathering = {
+            let st = self.state.lock().unwrap();
+            st.gathering.get(&set).is_some_and(|g| !g.applying)
+        };
+        if !gathering {
+            return;
+        }
         match self.done.is_set_done(&self.namespace, &set).await {
             Ok(true) => self.settle(&set, Ok(Settled::Applied(Outcome::Superseded))),
             Ok(false) => {}
