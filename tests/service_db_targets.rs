@@ -18,17 +18,9 @@ use walden::service::Spawned;
 const PG: &str = "WALDEN_TEST_POSTGRES_URL";
 const REDIS: &str = "WALDEN_TEST_REDIS_URL";
 
-async fn pg(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 async fn create_table(url: &str) -> String {
     let table = unique("walden_e2e");
-    pg(url)
+    common::pg(url)
         .await
         .batch_execute(&format!(
             "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, \
@@ -101,7 +93,7 @@ async fn write_all(base: &str, muts: &[Value]) {
 }
 
 async fn pg_state(url: &str, table: &str) -> HashMap<String, Option<Value>> {
-    pg(url)
+    common::pg(url)
         .await
         .query(&format!("SELECT key, value, deleted FROM {table}"), &[])
         .await
@@ -196,7 +188,7 @@ fn pg_reader(url: String, table: String) -> Reader {
     Box::new(move || {
         let (url, table) = (url.clone(), table.clone());
         Box::pin(async move {
-            pg(&url)
+            common::pg(&url)
                 .await
                 .query(&format!("SELECT key, value FROM {table}"), &[])
                 .await

@@ -51,18 +51,10 @@ fn http_service(dir: &Path, extra: &str) -> (HttpTarget, Spawned) {
     (target, svc)
 }
 
-async fn pg(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// A fresh table, with `check` as an extra constraint when given.
 async fn create_table(url: &str, check: &str) -> String {
     let table = unique("walden_sets");
-    pg(url)
+    common::pg(url)
         .await
         .batch_execute(&format!(
             "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, \
@@ -75,7 +67,7 @@ async fn create_table(url: &str, check: &str) -> String {
 
 /// key → (value, deleted)
 async fn rows(url: &str, table: &str) -> std::collections::HashMap<String, (Option<Value>, bool)> {
-    pg(url)
+    common::pg(url)
         .await
         .query(&format!("SELECT key, value, deleted FROM {table}"), &[])
         .await
@@ -337,7 +329,7 @@ async fn a_set_a_target_rejects_goes_to_the_dlq_whole_and_its_redrive_applies_it
     assert_eq!(st["targets"][0]["sets"]["dead_lettered"], 1, "{st}");
 
     // Fix the table, redrive: the whole set lands, at its own versions.
-    pg(&url)
+    common::pg(&url)
         .await
         .batch_execute(&format!(
             "ALTER TABLE {table} DROP CONSTRAINT {table}_value_check"

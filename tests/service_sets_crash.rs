@@ -48,14 +48,6 @@ impl Write {
     }
 }
 
-async fn pg(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// One repeatable-read view of the table: key → (set id, version).
 type Snapshot = HashMap<String, (String, i64)>;
 
@@ -132,7 +124,7 @@ async fn write_until_definite(client: &reqwest::Client, port: u16, write: &Write
 async fn sets_and_single_writes_across_sigkills_are_never_seen_in_part() {
     let Some(url) = test_server(PG) else { return };
     let table = unique("walden_sets_crash");
-    pg(&url)
+    common::pg(&url)
         .await
         .batch_execute(&format!(
             "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, \
@@ -162,7 +154,7 @@ async fn sets_and_single_writes_across_sigkills_are_never_seen_in_part() {
         let (url, table, snapshots, stop) =
             (url.clone(), table.clone(), snapshots.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut client = pg(&url).await;
+            let mut client = common::pg(&url).await;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let s = snapshot(&mut client, &table).await;
                 snapshots.lock().unwrap().push(s);
@@ -289,7 +281,7 @@ async fn sets_and_single_writes_across_sigkills_are_never_seen_in_part() {
     }
     // The final table: each key at its highest sequence.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut client_pg = pg(&url).await;
+    let mut client_pg = common::pg(&url).await;
     loop {
         let got = snapshot(&mut client_pg, &table).await;
         let wrong: Vec<String> = by_key

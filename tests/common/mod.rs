@@ -301,14 +301,20 @@ pub fn show_logs() {
     let _ = walden::telemetry::init(&walden::config::OtelConfig::default());
 }
 
-/// A fresh table for a Postgres target (named from `prefix`), with a client
-/// of the test's own that reads it.
-pub async fn postgres_table(url: &str, prefix: &str) -> (tokio_postgres::Client, String) {
-    let table = unique(prefix);
+/// A client of the test's own for the Postgres server at `url`.
+pub async fn pg(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
+    client
+}
+
+/// A fresh table for a Postgres target (named from `prefix`), with a client
+/// of the test's own that reads it.
+pub async fn postgres_table(url: &str, prefix: &str) -> (tokio_postgres::Client, String) {
+    let table = unique(prefix);
+    let client = pg(url).await;
     client
         .batch_execute(&format!(
             "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false)"
