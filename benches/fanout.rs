@@ -13,18 +13,15 @@
 //! `cargo bench --bench fanout`. Environment: `WALDEN_BENCH_SECS` (per
 //! phase, default 5), `WALDEN_BENCH_DIR`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
-use serde_json::{Value, json};
+use serde_json::Value;
 use walden::service::Spawned;
 
 mod common;
-use common::{env_u64, http_load, percentile};
+use common::{env_u64, http_load, paced_latencies, percentile, receiver};
 
 /// This process's CPU time (user + system), in clock ticks (100 a second).
 fn cpu_ticks() -> u64 {
@@ -79,44 +76,6 @@ fn cost(rt: &tokio::runtime::Runtime, dir: &Path, targets: &str, secs: u64) -> (
     (run.writes, elapsed, ticks)
 }
 
-/// An HTTP target that records when each entry arrived.
-struct Receiver {
-    addr: SocketAddr,
-    arrived: Arc<Mutex<HashMap<String, Instant>>>,
-}
-
-fn receiver() -> Receiver {
-    let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let seen = arrived.clone();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                let seen = seen.clone();
-                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
-                    let seen = seen.clone();
-                    async move {
-                        if let Some(id) = body["id"].as_str() {
-                            seen.lock().unwrap().insert(id.to_string(), Instant::now());
-                        }
-                        HttpResponse::Ok().finish()
-                    }
-                }))
-            })
-            .workers(1)
-            .disable_signals()
-            .bind("127.0.0.1:0")
-            .unwrap();
-            tx.send(server.addrs()[0]).unwrap();
-            let _ = server.run().await;
-        })
-    });
-    Receiver {
-        addr: rx.recv().unwrap(),
-        arrived,
-    }
-}
-
 /// Paced single writes for `secs`; the healthy target's delivery latencies
 /// (answer to arrival, µs), sorted.
 fn isolation(rt: &tokio::runtime::Runtime, dir: &Path, other_up: bool, secs: u64) -> Vec<u32> {
@@ -132,37 +91,16 @@ fn isolation(rt: &tokio::runtime::Runtime, dir: &Path, other_up: bool, secs: u64
         healthy.addr
     );
     let svc = service(dir, &targets);
-    let url = format!("http://{}/v1/namespaces/bench/log", svc.addr);
-    let acked: Vec<(String, Instant)> = rt.block_on(async {
-        let client = reqwest::Client::new();
-        let mut acked = Vec::new();
-        let start = Instant::now();
-        let mut i = 0u64;
-        while start.elapsed() < Duration::from_secs(secs) {
-            let id = format!("l{i}");
-            let body = json!({"id": id, "key": format!("k{}", i % 64), "payload": {"i": i}});
-            let r = client.post(&url).json(&body).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            acked.push((id, Instant::now()));
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        acked
-    });
+    let lat = paced_latencies(
+        rt,
+        svc.addr,
+        "bench",
+        &healthy,
+        "l",
+        secs,
+        Duration::from_secs(1),
+    );
     svc.stop();
-    let arrived = healthy.arrived.lock().unwrap();
-    let mut lat: Vec<u32> = acked
-        .iter()
-        .map(|(id, at)| {
-            let got = arrived
-                .get(id)
-                .copied()
-                .expect("the healthy target got every entry");
-            got.saturating_duration_since(*at).as_micros() as u32
-        })
-        .collect();
-    lat.sort_unstable();
     lat
 }
 

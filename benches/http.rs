@@ -11,6 +11,10 @@
 //! - Walden's single writes at 1 and 64 in flight, and batches of 100 at 16
 //!   in flight; 64 in flight again to a producer-only process, which applies
 //!   nothing: the write path without delivery sharing the cores;
+//! - **overload**: single writes from 8 connections (light), then 64, 80
+//!   (10× light) and 512: the p99 of the writes accepted against light's,
+//!   and accepted/s against the peak; the namespace's concurrency limit
+//!   sheds (429) what the service cannot take;
 //! - **sustained**: batches offered at 80% of what the batch case accepted,
 //!   for `WALDEN_BENCH_SUSTAIN_SECS` (60): applied/s ÷ accepted/s, and the
 //!   backlog left at the end in seconds of input.
@@ -21,7 +25,7 @@
 //!
 //! `cargo bench --bench http`. Environment: `WALDEN_BENCH_DIR`,
 //! `WALDEN_BENCH_SECS` (per case, default 3), `WALDEN_BENCH_SUSTAIN_SECS`,
-//! `WALDEN_BENCH_CASES` (some of `one,many,alone,batch,sustained`; all by
+//! `WALDEN_BENCH_CASES` (some of `one,many,alone,batch,overload,sustained`; all by
 //! default; `sustained` needs `batch`, whose rate it offers).
 
 use std::net::SocketAddr;
@@ -283,6 +287,49 @@ fn paced(rt: &tokio::runtime::Runtime, addr: SocketAddr, rate: f64, secs: u64) -
     accepted.load(Ordering::Relaxed)
 }
 
+/// The process's resident set, in MiB (the service and the client).
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Single writes from 8 connections, then 64, 80 and 512; each closed loop
+/// sends a shed write again at once, so 80 connections offer about ten
+/// times what 8 do.
+fn overload(rt: &tokio::runtime::Runtime, addr: SocketAddr, secs: u64) {
+    let p99 = |r: &Run| percentile(&r.latencies_us, 0.99);
+    let rss_before = rss_mib();
+    let light = common::http_load(rt, addr, "bench", 8, 1, PAYLOAD, secs);
+    let many = common::http_load(rt, addr, "bench", 64, 1, PAYLOAD, secs);
+    let peak = light.per_s().max(many.per_s());
+    println!(
+        "overload conns=8 accepted_per_s={:.0} p99_us={} shed={}",
+        light.per_s(),
+        p99(&light),
+        light.shed
+    );
+    for conns in [80, 512] {
+        let run = common::http_load(rt, addr, "bench", conns, 1, PAYLOAD, secs);
+        println!(
+            "overload conns={conns} accepted_per_s={:.0} p99_us={} shed={} shed_share={:.2} peak_per_s={peak:.0} rss_mib={} (before {rss_before}) ratio={:.2} (p99 against light's, goal <= 5) goodput_ratio={:.2} (goal >= 0.9)",
+            run.per_s(),
+            p99(&run),
+            run.shed,
+            run.shed as f64 / (run.shed + run.writes).max(1) as f64,
+            rss_mib(),
+            p99(&run) as f64 / p99(&light).max(1) as f64,
+            run.per_s() / peak,
+        );
+    }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("http benchmark: run with `cargo bench --bench http`");
@@ -315,7 +362,7 @@ fn main() {
     common::warm_up(&rt, svc.addr, "bench");
 
     let cases = std::env::var("WALDEN_BENCH_CASES")
-        .unwrap_or_else(|_| "one,many,alone,batch,sustained".into());
+        .unwrap_or_else(|_| "one,many,alone,batch,overload,sustained".into());
     let want = |case: &str| cases.split(',').any(|c| c.trim() == case);
     let walden = |conns, batch| {
         let cpu = Cpu::start();
@@ -352,8 +399,9 @@ fn main() {
         // The log alone with the same 64 appenders: no HTTP in front of it.
         let fsync_many = fsync_bound(&rt, &base, 64, 1, secs);
         println!(
-            "single in_flight=64 walden_per_s={:.0} p99_us={} ceiling_per_s={:.0} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_many:.1} ratio={:.2} (goal >= 0.8){}",
+            "single in_flight=64 walden_per_s={:.0} shed={} p99_us={} ceiling_per_s={:.0} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_many:.1} ratio={:.2} (goal >= 0.8){}",
             many.per_s(),
+            many.shed,
             percentile(&many.latencies_us, 0.99),
             ceil_many.per_s(),
             fsync_many.per_s(),
@@ -407,8 +455,9 @@ fn main() {
     let fsync_batch = fsync_bound(&rt, &base, 16, 100, secs);
     let redis_batch = redis.as_ref().map(|r| r.load(&rt, 16, 100, secs));
     println!(
-        "batch in_flight=16x100 walden_per_s={:.0} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_batch:.1} ratio={:.2} (goal >= 0.4)",
+        "batch in_flight=16x100 walden_per_s={:.0} shed={} fsync_bound_per_s={:.0} redis_always_per_s={} cpu_us_per_write={cpu_batch:.1} ratio={:.2} (goal >= 0.4)",
         batches.per_s(),
+        batches.shed,
         fsync_batch.per_s(),
         redis_batch
             .as_ref()
@@ -417,6 +466,9 @@ fn main() {
     );
     batches
     });
+    if want("overload") {
+        overload(&rt, svc.addr, secs);
+    }
     ceiling.stop(&rt);
     drop(redis);
     svc.stop();

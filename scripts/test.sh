@@ -60,6 +60,12 @@ ensure_memcached() {
   wait_for 30 port_open $port
 }
 
+# librdkafka is built with the system's OpenSSL, for Kafka over TLS.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  log "installing libssl-dev and pkg-config"
+  apt_install libssl-dev pkg-config
+fi
+
 ensure_postgres
 psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1 \
   || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null

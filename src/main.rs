@@ -1,5 +1,5 @@
 //! The `walden` command: run the service, check a config, write an entry or
-//! a set of mutations, or act on the DLQ.
+//! a set of mutations, act on the DLQ, replay, or make a token.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -13,6 +13,44 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The bearer token for a server that requires one.
+    #[arg(long, global = true, env = "WALDEN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https` --url, beside
+    /// the system's roots (a private CA, or a self-signed server).
+    #[arg(long, global = true, env = "WALDEN_CACERT")]
+    cacert: Option<PathBuf>,
+}
+
+/// The `--token` of this run, for every API call.
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// The `--cacert` certificates of this run.
+static CACERT: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+
+/// The certificates of a `--cacert` file.
+fn cacert(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
+    walden::tls::certificates("--cacert", path)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|der| reqwest::Certificate::from_der(der).map_err(|e| format!("--cacert: {e}")))
+        .collect()
+}
+
+/// A client for the service's API, sending the token when there is one and
+/// trusting the `--cacert` roots.
+fn http_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(Some(token)) = TOKEN.get()
+        && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    for cert in CACERT.get().into_iter().flatten() {
+        builder = builder.add_root_certificate(cert.clone());
+    }
+    builder.build().expect("an HTTP client")
 }
 
 #[derive(Subcommand)]
@@ -48,6 +86,10 @@ enum Command {
         /// The entry's id (idempotency key); generated if absent.
         #[arg(long)]
         id: Option<String>,
+        /// Under load `batch` writes are refused first, `critical` last;
+        /// the namespace's `shedding.priority` if absent.
+        #[arg(long, value_parser = ["critical", "normal", "batch"])]
+        priority: Option<String>,
         /// The service's base URL.
         #[arg(long, env = "WALDEN_URL", default_value = "http://127.0.0.1:7070")]
         url: String,
@@ -70,6 +112,45 @@ enum Command {
         #[arg(long, env = "WALDEN_URL", default_value = "http://127.0.0.1:7070")]
         url: String,
     },
+    /// Replay a namespace's log from a time (after restoring its datastore
+    /// from a backup), leaving out the writes named. Shows progress, and
+    /// ends with the counts; Ctrl-C leaves the replay running.
+    Replay {
+        namespace: String,
+        /// Where the replay starts: RFC 3339 (`2026-12-01T10:00:00Z`) or
+        /// epoch milliseconds.
+        #[arg(long)]
+        from: String,
+        /// Where it ends (the same forms); now if absent.
+        #[arg(long)]
+        to: Option<String>,
+        /// What the times mean: `applied_after` (every entry the target had
+        /// not applied at `--from`: what a backup taken then lacks) or
+        /// `written` (write times).
+        #[arg(long, default_value = "applied_after")]
+        select: String,
+        /// Leave out the entry with this id (repeatable).
+        #[arg(long = "exclude-id")]
+        exclude_ids: Vec<String>,
+        /// Leave out every entry of this routing key (repeatable).
+        #[arg(long = "exclude-key")]
+        exclude_keys: Vec<String>,
+        /// Send every entry to this target (one of the namespace's, or a
+        /// replay-only one); each entry's own targets if absent.
+        #[arg(long)]
+        target: Option<String>,
+        /// Count what a replay would do, applying nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The service's base URL.
+        #[arg(long, env = "WALDEN_URL", default_value = "http://127.0.0.1:7070")]
+        url: String,
+    },
+    /// Make API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Inspect and act on a namespace's dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -85,6 +166,22 @@ enum Command {
         /// Only the letters of this target (a namespace with several).
         #[arg(long, global = true)]
         target: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh token, and the `[[server.tokens]]` lines to paste into
+    /// the config (which keep only its SHA-256).
+    New {
+        /// Who will hold it (named in audit lines).
+        name: String,
+        /// The namespaces it may act on, comma-separated, or `*`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        namespaces: Vec<String>,
+        /// `write`, `read` and/or `admin`, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
     },
 }
 
@@ -127,7 +224,28 @@ struct Select {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let _ = TOKEN.set(cli.token);
+    if let Some(path) = &cli.cacert {
+        match cacert(path) {
+            Ok(certs) => {
+                let _ = CACERT.set(certs);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match cli.command {
+        Command::Token {
+            command:
+                TokenCommand::New {
+                    name,
+                    namespaces,
+                    scopes,
+                },
+        } => new_token(&name, &namespaces, &scopes),
         Command::Serve { config, role } => serve(config, role),
         Command::Validate { path, config } => validate(path.unwrap_or(config)),
         Command::Write {
@@ -135,9 +253,10 @@ fn main() -> ExitCode {
             key,
             delay_ms,
             id,
+            priority,
             url,
             payload,
-        } => write(&url, &namespace, key, delay_ms, id, &payload),
+        } => write(&url, &namespace, key, delay_ms, id, priority, &payload),
         Command::Mutate {
             namespace,
             file,
@@ -149,6 +268,135 @@ fn main() -> ExitCode {
             url,
             target,
         } => dlq(&url, target.as_deref(), command),
+        Command::Replay {
+            namespace,
+            from,
+            to,
+            select,
+            exclude_ids,
+            exclude_keys,
+            target,
+            dry_run,
+            url,
+        } => {
+            let times = epoch_ms(&from, "--from").and_then(|from| {
+                let to = to.as_deref().map(|t| epoch_ms(t, "--to")).transpose()?;
+                Ok((from, to))
+            });
+            let (from_ms, to_ms) = match times {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("walden: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let body = serde_json::json!({
+                "from_ms": from_ms,
+                "to_ms": to_ms,
+                "select": select,
+                "exclude_ids": exclude_ids,
+                "exclude_keys": exclude_keys,
+                "target": target,
+                "dry_run": dry_run,
+            });
+            replay(&url, &namespace, body)
+        }
+    }
+}
+
+/// Print a fresh token and its config lines.
+fn new_token(name: &str, namespaces: &[String], scopes: &[String]) -> ExitCode {
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| !matches!(s.as_str(), "write" | "read" | "admin"))
+    {
+        eprintln!("walden: --scopes: {bad:?} is not a scope (write, read, admin)");
+        return ExitCode::from(2);
+    }
+    use rand::RngExt;
+    use sha2::Digest;
+    let secret: [u8; 32] = rand::rng().random();
+    let token = format!("wld_{}", hex::encode(secret));
+    let sha256 = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("{token}");
+    eprintln!(
+        "\nGive the token above to {name:?}; it is shown once. Paste these lines into the config (they keep only its SHA-256):\n"
+    );
+    eprintln!(
+        "[[server.tokens]]\nname = {name:?}\nsha256 = \"{sha256}\"\nnamespaces = [{}]\nscopes = [{}]",
+        list(namespaces),
+        list(scopes)
+    );
+    ExitCode::SUCCESS
+}
+
+/// A time given on the command line, in epoch milliseconds: digits are
+/// milliseconds already; anything else is read as RFC 3339.
+fn epoch_ms(t: &str, flag: &str) -> Result<u64, String> {
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse().map_err(|e| format!("{flag} {t:?}: {e}"));
+    }
+    let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("{flag} {t:?} is neither epoch milliseconds nor an RFC 3339 time ({e})")
+        })?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("{flag} {t:?} is before 1970"))
+}
+
+/// Start a replay (or a dry run) and follow it to its end.
+fn replay(url: &str, namespace: &str, body: serde_json::Value) -> ExitCode {
+    let base = url.trim_end_matches('/').to_string();
+    let client = http_client();
+    let endpoint = format!("{base}/v1/namespaces/{namespace}/replays");
+    let result: Result<bool, String> = block_on(async {
+        let started = call(client.post(&endpoint).json(&body)).await?;
+        let Some(id) = started["replay"].as_str().map(str::to_string) else {
+            // A dry run: its counts are the answer.
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&started).unwrap_or_default()
+            );
+            return Ok(true);
+        };
+        eprintln!("replay {id} started (Ctrl-C stops following it, not the replay)");
+        let bar = indicatif::ProgressBar::new(started["to_read"].as_u64().unwrap_or(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} read ({eta})")
+                .expect("a valid template"),
+        );
+        loop {
+            let status = call(client.get(format!("{endpoint}/{id}"))).await?;
+            bar.set_length(status["to_read"].as_u64().unwrap_or(0));
+            bar.set_position(status["read"].as_u64().unwrap_or(0));
+            bar.set_message(format!(
+                "{id}: {} replayed, {} excluded, {} failed",
+                status["replayed"], status["excluded"], status["failed"]
+            ));
+            if status["state"] != "running" {
+                bar.finish();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+                return Ok(status["state"] == "done");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("walden: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -162,7 +410,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 async fn call(req: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
-    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let resp = req.send().await.map_err(|e| causes(&e))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
     if status.is_success() {
@@ -177,7 +425,7 @@ async fn call(req: reqwest::RequestBuilder) -> Result<serde_json::Value, String>
 
 fn dlq(url: &str, target: Option<&str>, command: DlqCommand) -> ExitCode {
     let base = url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::new();
+    let client = http_client();
     // `?target=` on every call, when given.
     let target: Vec<(&str, &str)> = target.map(|t| ("target", t)).into_iter().collect();
     let result = block_on(async {
@@ -322,7 +570,8 @@ fn serve(path: PathBuf, role: Option<walden::config::Role>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = walden::service::run(config);
+    let source = walden::service::ConfigSource { path, role };
+    let result = walden::service::run(config, Some(source));
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -361,6 +610,7 @@ fn write(
     key: Option<String>,
     delay_ms: Option<u64>,
     id: Option<String>,
+    priority: Option<String>,
     payload: &str,
 ) -> ExitCode {
     let bytes = if payload == "-" {
@@ -391,6 +641,9 @@ fn write(
     if let Some(i) = id {
         body.insert("id".into(), i.into());
     }
+    if let Some(p) = priority {
+        body.insert("priority".into(), p.into());
+    }
     if let Some(d) = delay_ms {
         body.insert("lifecycle".into(), serde_json::json!({ "delay_ms": d }));
     }
@@ -404,6 +657,18 @@ fn write(
     )
 }
 
+/// An error with its causes, which say why (a certificate the client does
+/// not trust, a refused connection) where reqwest's own text does not.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
+}
+
 /// POST `body` as JSON; the answer's status and text.
 fn post_json(
     endpoint: &str,
@@ -414,11 +679,7 @@ fn post_json(
         .build()
         .expect("a tokio runtime");
     runtime.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(endpoint)
-            .json(body)
-            .send()
-            .await?;
+        let resp = http_client().post(endpoint).json(body).send().await?;
         let status = resp.status();
         let text = resp.text().await?;
         Ok((status, text))
@@ -493,7 +754,7 @@ fn answered(
             }
         }
         Err(e) => {
-            eprintln!("walden: POST {endpoint}: {e}");
+            eprintln!("walden: POST {endpoint}: {}", causes(&e));
             ExitCode::FAILURE
         }
     }

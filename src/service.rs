@@ -10,21 +10,24 @@ use std::sync::Arc;
 use actix::{Arbiter, ArbiterHandle};
 use actix_web::{App, HttpServer, web};
 use tokio::sync::{Semaphore, oneshot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::actors::Stores;
 use crate::actors::ingest::Writes;
+use crate::actors::replay::Replays;
 use crate::actors::supervisor::{NamespaceRuntime, Parts};
 use crate::api::{self, AppState};
 use crate::backends::embedded::{EmbeddedDlq, EmbeddedLog, LogConfig, LogError};
 use crate::backends::kafka::Membership;
 use crate::backends::open::{self, Opened};
+use crate::backends::shard::NamespaceBackend;
 use crate::backends::{BackendError, Fatal};
 use crate::config::{BackendConfig, Config, ServerConfig, TargetStart};
 use crate::entry::{ShardRef, now_ms};
 use crate::routing::RouteHash;
 use crate::sinks::SinkError;
-use crate::state::{DedupIndex, ParkStore, StateStore};
+use crate::state::{DedupIndex, ParkStore, ReplayStore, StateStore};
+use crate::tls::ServerCert;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,8 @@ pub enum ServiceError {
     /// A backend can no longer work (fenced out of its consumer group).
     #[error("{0}")]
     Fatal(String),
+    #[error("server.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("listening on {listen}: {source}")]
     Bind {
         listen: String,
@@ -84,10 +89,21 @@ pub struct Service {
     arbiters: Vec<Arbiter>,
     /// Why a backend can no longer work (fenced out of a group).
     fatal: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// The HTTPS certificate, which a SIGHUP reloads.
+    cert: Option<Arc<ServerCert>>,
 }
 
 /// Start everything. Must run inside an actix `System`.
 pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
+    // Certificates first: a bad file stops the start before anything opens.
+    let tls = match &config.server.tls {
+        Some(t) => {
+            let cert = Arc::new(ServerCert::load(&t.cert, &t.key)?);
+            let rustls = crate::tls::server_config(cert.clone(), t.client_ca.as_deref())?;
+            Some((cert, rustls))
+        }
+        None => None,
+    };
     let data_dir = config.server.data_dir.clone();
     let log_config = config
         .namespaces
@@ -148,9 +164,12 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
             }
         }
     });
+    let replays_store =
+        Arc::new(ReplayStore::open(state_store.clone()).map_err(ServiceError::State)?);
     let stores = Stores {
         delays: Arc::new(park.clone()),
         park,
+        replays: replays_store.clone(),
     };
     let (fatal, fatal_rx) = Fatal::channel();
     // Kept in data_dir: it names this process in Kafka's groups and to the
@@ -182,6 +201,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         let stores = Stores {
             park: stores.park.clone(),
             delays: delays.unwrap_or_else(|| stores.delays.clone()),
+            replays: stores.replays.clone(),
         };
         let runtime = NamespaceRuntime::start(
             name,
@@ -201,24 +221,71 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         })?;
         namespaces.insert(name.clone(), Arc::new(runtime));
     }
+    let replays = Replays::new(replays_store, tokio::runtime::Handle::current());
+    replays.resume(
+        &namespaces,
+        &(log.clone() as Arc<dyn crate::backends::ReplayLog>),
+    );
+    let positions = replays.store().clone();
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            let p = positions.clone();
+            let now = crate::entry::now_ms();
+            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || p.thin_positions(now)).await
+            {
+                warn!(%error, "Thinning the committed positions failed.");
+            }
+        }
+    });
     let state = Arc::new(AppState {
         namespaces,
         log: log.clone(),
         server: config.server.clone(),
         state: state_store,
+        replays,
+        tokens: std::sync::RwLock::new(Arc::new(api::auth::Tokens::new(&config.server))),
     });
 
     let app_state = web::Data::from(state.clone());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .wrap_fn(|req, srv| {
+                use actix_web::dev::Service as _;
+                use futures_util::FutureExt as _;
+                match api::auth::admit(&req) {
+                    Ok(caller) => {
+                        if let Some(c) = caller {
+                            actix_web::HttpMessage::extensions_mut(&req).insert(c);
+                        }
+                        srv.call(req)
+                            .map(|r| r.map(|r| r.map_into_boxed_body()))
+                            .boxed_local()
+                    }
+                    Err(e) => {
+                        let denied =
+                            req.into_response(actix_web::ResponseError::error_response(&e));
+                        async move { Ok(denied) }.boxed_local()
+                    }
+                }
+            })
             .configure(api::routes)
     })
     .disable_signals()
     .workers(http_workers(&config.server))
-    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
-    .bind(&config.server.listen)
-    .map_err(|source| ServiceError::Bind {
+    .client_request_timeout(Duration::from_millis(config.server.request_head_timeout_ms))
+    .max_connections(config.server.max_connections)
+    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000));
+    let (server, cert) = match tls {
+        Some((cert, rustls)) => (
+            server.bind_rustls_0_23(&config.server.listen, rustls),
+            Some(cert),
+        ),
+        None => (server.bind(&config.server.listen), None),
+    };
+    let server = server.map_err(|source| ServiceError::Bind {
         listen: config.server.listen.clone(),
         source,
     })?;
@@ -226,7 +293,11 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     let server = server.run();
     let handle = server.handle();
     actix::spawn(server);
-    info!(%addr, data_dir = %data_dir.display(), "Walden is serving.");
+    let scheme = match cert {
+        Some(_) => "https",
+        None => "http",
+    };
+    info!(%addr, scheme, data_dir = %data_dir.display(), "Walden is serving.");
     Ok(Service {
         addr,
         server: handle,
@@ -235,6 +306,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         dlq,
         arbiters,
         fatal: fatal_rx,
+        cert,
     })
 }
 
@@ -295,6 +367,9 @@ impl Service {
     pub async fn shutdown(self) {
         info!("Shutting down: no new requests; finishing the writes in flight.");
         self.server.stop(true).await;
+        // Replays stop where they are (they resume at the next start),
+        // before the log they read closes.
+        self.state.replays.pause_all(Duration::from_secs(5)).await;
         for ns in self.state.namespaces.values() {
             // Leaving a group revokes its partitions, and a revoke waits for
             // what is in flight with the appliers still running, then
@@ -309,9 +384,16 @@ impl Service {
             }
         }
         let (log, dlq) = (self.log.clone(), self.dlq.clone());
+        let backends: Vec<_> = self
+            .state
+            .namespaces
+            .values()
+            .map(|ns| ns.backend.clone())
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
             log.close();
             dlq.close();
+            backends.iter().for_each(NamespaceBackend::close);
         })
         .await;
         for a in &self.arbiters {
@@ -393,12 +475,37 @@ async fn open_dedup(
     Ok(dedup)
 }
 
+/// Where the running config came from, so a SIGHUP can read it again.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub role: Option<crate::config::Role>,
+}
+
 /// Run until SIGTERM or SIGINT, or a fatal backend error, then shut down
 /// gracefully; a fatal error is the result.
-pub fn run(config: Config) -> Result<(), ServiceError> {
+pub fn run(config: Config, source: Option<ConfigSource>) -> Result<(), ServiceError> {
     let system = actix::System::new();
     system.block_on(async move {
+        // Listening before the server answers: a SIGHUP's default is to
+        // end the process.
+        let hup = source.and_then(|source| {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hup) => Some((hup, source)),
+                Err(error) => {
+                    warn!(%error, "Cannot listen for SIGHUP; tokens reload only on a restart.");
+                    None
+                }
+            }
+        });
         let mut service = start(config).await?;
+        if let Some((hup, source)) = hup {
+            actix::spawn(reload_on_sighup(
+                service.state.clone(),
+                service.cert.clone(),
+                hup,
+                source,
+            ));
+        }
         let fatal = tokio::select! {
             () = wait_for_signal() => None,
             why = service.fatal() => Some(why),
@@ -409,6 +516,53 @@ pub fn run(config: Config) -> Result<(), ServiceError> {
             None => Ok(()),
         }
     })
+}
+
+/// On each SIGHUP, read the config file again and take its tokens, so a
+/// token is revoked without a restart, and read the HTTPS certificate and
+/// key again. A file that does not load or validate changes nothing, and
+/// says why. Other settings need a restart.
+async fn reload_on_sighup(
+    state: Arc<AppState>,
+    cert: Option<Arc<ServerCert>>,
+    mut hup: tokio::signal::unix::Signal,
+    source: ConfigSource,
+) {
+    while hup.recv().await.is_some() {
+        let (path, role) = (source.path.clone(), source.role);
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load_as(&path, role))
+            .await
+            .expect("loading the config does not panic");
+        match loaded {
+            Ok(config) => {
+                reload_cert(cert.as_deref(), &config);
+                let tokens = Arc::new(api::auth::Tokens::new(&config.server));
+                let n = tokens.len();
+                *state.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens;
+                info!(tokens = n, path = %source.path.display(), "SIGHUP: tokens reloaded.");
+            }
+            Err(error) => {
+                error!(%error, path = %source.path.display(),
+                    "SIGHUP: the config does not load; the tokens in use stay.");
+            }
+        }
+    }
+}
+
+/// Take the certificate and key at the paths the config names now; if they
+/// do not load, the pair in use stays.
+fn reload_cert(cert: Option<&ServerCert>, config: &Config) {
+    match (cert, &config.server.tls) {
+        (Some(cert), Some(t)) => match cert.reload(&t.cert, &t.key) {
+            Ok(()) => info!(cert = %t.cert.display(), "SIGHUP: TLS certificate reloaded."),
+            Err(error) => error!(%error,
+                "SIGHUP: the TLS certificate does not load; the one in use stays."),
+        },
+        (None, None) => {}
+        (Some(_), None) | (None, Some(_)) => {
+            warn!("SIGHUP: [server.tls] was added or removed; that takes a restart.")
+        }
+    }
 }
 
 async fn wait_for_signal() {

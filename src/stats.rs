@@ -1,6 +1,9 @@
 //! Counters and gauges shared by the log, the actors and the API.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// A monotonic counter.
 #[derive(Debug, Default)]
@@ -31,6 +34,40 @@ impl Gauge {
     }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A rate over a recent window, from a running total sampled now and then.
+#[derive(Debug)]
+pub struct RateMeter {
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    window: Duration,
+}
+
+impl RateMeter {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            samples: Mutex::default(),
+            window,
+        }
+    }
+
+    /// Record the total as of now.
+    pub fn observe(&self, total: u64) {
+        let now = Instant::now();
+        let mut samples = self.samples.lock().unwrap();
+        samples.push_back((now, total));
+        while samples.len() > 2 && samples[1].0 + self.window <= now {
+            samples.pop_front();
+        }
+    }
+
+    /// Per second over the window; `None` until it spans a second.
+    pub fn per_s(&self) -> Option<f64> {
+        let samples = self.samples.lock().unwrap();
+        let (first, last) = (samples.front()?, samples.back()?);
+        let span = last.0.duration_since(first.0).as_secs_f64();
+        (span >= 1.0).then(|| last.1.saturating_sub(first.1) as f64 / span)
     }
 }
 

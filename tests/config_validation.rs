@@ -176,6 +176,12 @@ fn every_validation_error_names_its_namespace_and_field() {
             "backend.partitions",
         ),
         (
+            "kafka sets retention shorter than the wait for a marker",
+            kafka("", "sets_retention_ms = 1000", http),
+            Some("orders"),
+            "backend.sets_retention_ms",
+        ),
+        (
             "kafka bad topic",
             kafka("", "topic = \"a b\"", http),
             Some("orders"),
@@ -196,6 +202,16 @@ fn every_validation_error_names_its_namespace_and_field() {
             ),
             Some("orders"),
             "target.topic",
+        ),
+        (
+            "kafka target naming its own transactional id",
+            ns(
+                "",
+                "",
+                "type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"t\"\ntransactions = true\nlibrdkafka = { \"transactional.id\" = \"mine\" }",
+            ),
+            Some("orders"),
+            "target.librdkafka",
         ),
         (
             "embedded with a split role",
@@ -348,6 +364,28 @@ fn every_validation_error_names_its_namespace_and_field() {
             ),
             Some("orders"),
             "limits.max_batch_entries",
+        ),
+        (
+            "zero replay rate",
+            ns("[namespaces.orders.replay]\nmax_per_s = 0", "", http),
+            Some("orders"),
+            "replay.max_per_s",
+        ),
+        (
+            "only replay-only targets",
+            with_namespace(&format!(
+                "[namespaces.orders.backend]\ntype = \"embedded\"\n[namespaces.orders.targets.scratch]\n{http}\nlive = false\n"
+            )),
+            Some("orders"),
+            "targets",
+        ),
+        (
+            "a replay-only target on SQS",
+            with_namespace(&format!(
+                "[namespaces.orders]\nshards = 1\n[namespaces.orders.backend]\ntype = \"sqs\"\nregion = \"us-east-1\"\nqueues = [\"a.fifo\"]\n[namespaces.orders.targets.db]\n{http}\n[namespaces.orders.targets.scratch]\n{http}\nlive = false\n"
+            )),
+            Some("orders"),
+            "targets",
         ),
     ];
     for (name, text, namespace, field) in cases {
@@ -768,4 +806,45 @@ fn several_targets_are_checked_each_with_its_name() {
         !ok && out.contains("an SQS namespace has one target"),
         "{out}"
     );
+}
+
+#[test]
+fn a_secret_can_come_from_the_environment() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:7070"
+[namespaces.orders.backend]
+type = "embedded"
+[namespaces.orders.target]
+type = "http"
+url_env = "WALDEN_TEST_TARGET_URL_FROM_ENV"
+"#;
+    // Unset here: a clear error naming the field and the variable.
+    let err = walden::config::from_toml(text).unwrap_err().to_string();
+    assert!(
+        err.contains("url_env") && err.contains("WALDEN_TEST_TARGET_URL_FROM_ENV"),
+        "{err}"
+    );
+    // Set: the value comes from it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walden.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_walden"))
+        .arg("validate")
+        .arg(&path)
+        .env(
+            "WALDEN_TEST_TARGET_URL_FROM_ENV",
+            "http://127.0.0.1:9000/apply",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both is ambiguous.
+    let both = text.replace("url_env", "url = \"http://x\"\nurl_env");
+    let err = walden::config::from_toml(&both).unwrap_err().to_string();
+    assert!(err.contains("not both"), "{err}");
 }

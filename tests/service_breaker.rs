@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{Proxy, addr_of, through};
 use common::target::HttpTarget;
-use common::{get_json, test_server};
+use common::{eventually, get_json, test_server};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -46,21 +46,6 @@ timeout_ms = 1000
 
 async fn stats(base: &str) -> Value {
     get_json(&format!("{base}/v1/namespaces/ns")).await
-}
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// Write `writes` entries over `KEYS` keys, spread over the outage, which

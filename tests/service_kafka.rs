@@ -184,22 +184,6 @@ async fn writes_go_through_kafka_to_an_http_target_and_a_kafka_topic() {
         400,
         "listing delays on kafka is not built yet, and says so"
     );
-    // Sets of mutations are not built on Kafka yet: a 400 that says why,
-    // naming the set, and nothing is written.
-    let (status, body) = post(
-        &format!("{base}/v1/namespaces/orders/mutations"),
-        json!({"id": "set-1", "mutations": [{"key": "a", "payload": 1}, {"key": "b", "payload": 2}]}),
-    )
-    .await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["id"], "set-1", "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("not supported on Kafka"),
-        "{body}"
-    );
     let stats: Value = get_json(&format!("{base}/v1/namespaces/orders")).await;
     assert_eq!(stats["backend"], "kafka");
     svc.stop();

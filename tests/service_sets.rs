@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::target::HttpTarget;
-use common::{get_json, post, test_server, unique};
+use common::{eventually, get_json, post, test_server};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
@@ -51,20 +51,6 @@ fn http_service(dir: &Path, extra: &str) -> (HttpTarget, Spawned) {
     (target, svc)
 }
 
-/// A fresh table, with `check` as an extra constraint when given.
-async fn create_table(url: &str, check: &str) -> String {
-    let table = unique("walden_sets");
-    common::pg(url)
-        .await
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, \
-             deleted BOOLEAN NOT NULL DEFAULT false {check})"
-        ))
-        .await
-        .unwrap();
-    table
-}
-
 /// key → (value, deleted)
 async fn rows(url: &str, table: &str) -> std::collections::HashMap<String, (Option<Value>, bool)> {
     common::pg(url)
@@ -75,21 +61,6 @@ async fn rows(url: &str, table: &str) -> std::collections::HashMap<String, (Opti
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect()
-}
-
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 fn the_issue_s_set(id: &str) -> Value {
@@ -105,7 +76,7 @@ fn the_issue_s_set(id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_is_applied_whole_to_postgres_and_counted() {
     let Some(url) = test_server(PG) else { return };
-    let table = create_table(&url, "").await;
+    let table = common::postgres_table_checked(&url, "walden_sets", "").await;
     let dir = tempfile::tempdir().unwrap();
     let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
     let svc = Spawned::start(config(dir.path(), &target, "")).unwrap();
@@ -296,7 +267,12 @@ async fn an_http_target_gets_one_request_per_set_in_order() {
 async fn a_set_a_target_rejects_goes_to_the_dlq_whole_and_its_redrive_applies_it_whole() {
     let Some(url) = test_server(PG) else { return };
     // The third mutation breaks this constraint: a permanent error.
-    let table = create_table(&url, ", CHECK (value IS NULL OR value->>'bad' IS NULL)").await;
+    let table = common::postgres_table_checked(
+        &url,
+        "walden_sets",
+        ", CHECK (value IS NULL OR value->>'bad' IS NULL)",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let target = format!("type = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"");
     let svc = Spawned::start(config(dir.path(), &target, "max_attempts = 3")).unwrap();

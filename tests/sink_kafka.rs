@@ -58,6 +58,7 @@ async fn entries_arrive_with_key_payload_and_headers() {
         &topic,
         &BTreeMap::new(),
         Duration::from_secs(10),
+        None,
     )
     .unwrap();
     sink.healthcheck().await.unwrap();
@@ -132,7 +133,7 @@ async fn entries_arrive_with_key_payload_and_headers() {
 async fn an_unreachable_broker_is_a_transient_error_within_the_timeout() {
     let brokers = format!("127.0.0.1:{}", common::free_port());
     let timeout = Duration::from_secs(2);
-    let sink = KafkaSink::new("replica", &brokers, "t", &BTreeMap::new(), timeout).unwrap();
+    let sink = KafkaSink::new("replica", &brokers, "t", &BTreeMap::new(), timeout, None).unwrap();
     let started = std::time::Instant::now();
     let err = sink
         .apply(&[delivered(0, "a")])

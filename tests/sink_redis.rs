@@ -24,7 +24,7 @@ async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
 async fn applies_never_move_a_key_backwards() {
     let Some(url) = test_server(VAR) else { return };
     let prefix = format!("{}:", unique("walden"));
-    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5)).unwrap();
+    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5), None).unwrap();
     s.healthcheck().await.unwrap();
     let mut c = conn(&url).await;
     let key = format!("{prefix}a");
@@ -73,7 +73,7 @@ async fn applies_never_move_a_key_backwards() {
 async fn malformed_mutations_and_wrong_types_are_permanent() {
     let Some(url) = test_server(VAR) else { return };
     let prefix = format!("{}:", unique("walden"));
-    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5)).unwrap();
+    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5), None).unwrap();
     let mut c = conn(&url).await;
     // Someone else's hash where the version belongs.
     let _: () = c
@@ -104,6 +104,7 @@ async fn an_unreachable_server_is_transient() {
         "redis://127.0.0.1:1",
         "",
         Duration::from_millis(500),
+        None,
     )
     .unwrap();
     let e = s
@@ -119,7 +120,7 @@ async fn an_unreachable_server_is_transient() {
 async fn a_set_is_one_script_all_of_it_or_none() {
     let Some(url) = test_server(VAR) else { return };
     let prefix = format!("{}:", unique("walden"));
-    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5)).unwrap();
+    let s = RedisSink::new("redis", &url, &prefix, Duration::from_secs(5), None).unwrap();
     let mut c = conn(&url).await;
     let value = |c: &mut redis::aio::MultiplexedConnection, k: &str| {
         let (mut c, key) = (c.clone(), format!("{prefix}{k}"));

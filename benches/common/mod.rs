@@ -1,18 +1,26 @@
-//! What the benchmarks share: an HTTP load driver and percentiles.
+//! What the benchmarks share: an HTTP load driver, percentiles, and an HTTP
+//! target that records when each entry arrived.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actix_web::{App, HttpResponse, HttpServer, web};
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{Value, json};
 
+#[derive(Default)]
 pub struct Run {
+    /// Entries answered 200.
     pub writes: u64,
     pub elapsed: Duration,
+    /// Per request answered 200.
     pub latencies_us: Vec<u32>,
+    /// Entries refused 429 (shed), alone or within a batch.
+    pub shed: u64,
 }
 
 impl Run {
@@ -22,13 +30,10 @@ impl Run {
 
     /// Several runs as one: writes and time summed, latencies pooled.
     pub fn merge(runs: &[Run]) -> Run {
-        let mut all = Run {
-            writes: 0,
-            elapsed: Duration::ZERO,
-            latencies_us: Vec::new(),
-        };
+        let mut all = Run::default();
         for r in runs {
             all.writes += r.writes;
+            all.shed += r.shed;
             all.elapsed += r.elapsed;
             all.latencies_us.extend_from_slice(&r.latencies_us);
         }
@@ -57,7 +62,9 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 /// `conns` keep-alive connections write to namespace `ns` at `addr` for
 /// `secs`: single writes when `batch` is 1, else batches of `batch`. Every
-/// answer must be 200. Latencies are per request.
+/// answer must be 200 or 429 (shed: counted, and sent again at once, as a
+/// client that ignores `Retry-After` would). Latencies are per request
+/// answered 200.
 pub fn http_load(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
@@ -74,10 +81,12 @@ pub fn http_load(
     };
     let payload = "p".repeat(payload_bytes);
     let stop = Arc::new(AtomicBool::new(false));
+    let shed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..conns)
         .map(|c| {
-            let (path, payload, stop) = (path.clone(), payload.clone(), stop.clone());
+            let (path, payload, stop, shed) =
+                (path.clone(), payload.clone(), stop.clone(), shed.clone());
             rt.spawn(async move {
                 let mut conn = Conn::open(addr).await;
                 // Requests are encoded up front, so the client's own work
@@ -108,16 +117,24 @@ pub fn http_load(
                 while !stop.load(Ordering::Relaxed) {
                     let t0 = Instant::now();
                     let status = conn.round_trip(&requests[i % BODIES]).await;
+                    i += 1;
+                    if status == 429 {
+                        shed.fetch_add(batch as u64, Ordering::Relaxed);
+                        continue;
+                    }
                     assert_eq!(status, 200);
                     lat.push(t0.elapsed().as_micros() as u32);
-                    writes += batch as u64;
-                    i += 1;
+                    let refused = if batch > 1 { conn.shed_in_batch() as u64 } else { 0 };
+                    shed.fetch_add(refused, Ordering::Relaxed);
+                    writes += batch as u64 - refused;
                 }
                 (writes, lat)
             })
         })
         .collect();
-    finish(rt, tasks, &stop, start, secs)
+    let mut run = finish(rt, tasks, &stop, start, secs);
+    run.shed = shed.load(Ordering::Relaxed);
+    run
 }
 
 /// One write to namespace `ns` at `addr`, answered 200, before a timed run:
@@ -182,6 +199,14 @@ impl Conn {
         }
     }
 
+    /// Entries of the last answer (a batch's) refused 429.
+    fn shed_in_batch(&self) -> usize {
+        self.buf
+            .windows(12)
+            .filter(|w| w == b"\"status\":429")
+            .count()
+    }
+
     /// Read into `buf`'s spare capacity: a zeroed 16 KiB chunk per read
     /// was a tenth of the client's CPU at 64 connections.
     async fn read_more(&mut self) {
@@ -203,11 +228,7 @@ pub fn finish(
 ) -> Run {
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
-    let mut run = Run {
-        writes: 0,
-        elapsed: Duration::ZERO,
-        latencies_us: Vec::new(),
-    };
+    let mut run = Run::default();
     for t in tasks {
         let (w, l) = rt.block_on(t).unwrap();
         run.writes += w;
@@ -288,4 +309,84 @@ impl Ceiling {
             let _ = t.join();
         }
     }
+}
+
+/// An HTTP target that records when each entry arrived.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub arrived: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+pub fn receiver() -> Receiver {
+    let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let seen = arrived.clone();
+    std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                let seen = seen.clone();
+                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
+                    let seen = seen.clone();
+                    async move {
+                        if let Some(id) = body["id"].as_str() {
+                            seen.lock().unwrap().insert(id.to_string(), Instant::now());
+                        }
+                        HttpResponse::Ok().finish()
+                    }
+                }))
+            })
+            .workers(1)
+            .disable_signals()
+            .bind("127.0.0.1:0")
+            .unwrap();
+            tx.send(server.addrs()[0]).unwrap();
+            let _ = server.run().await;
+        })
+    });
+    Receiver {
+        addr: rx.recv().unwrap(),
+        arrived,
+    }
+}
+
+/// Paced single writes (one every 2 ms) to namespace `ns` at `addr` for
+/// `secs`, ids `{tag}{i}`; then `settle`, and each entry's delivery latency
+/// to `probe` (the write's answer to its arrival, µs), sorted.
+pub fn paced_latencies(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    ns: &str,
+    probe: &Receiver,
+    tag: &str,
+    secs: u64,
+    settle: Duration,
+) -> Vec<u32> {
+    let url = format!("http://{addr}/v1/namespaces/{ns}/log");
+    let acked: Vec<(String, Instant)> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut acked = Vec::new();
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let id = format!("{tag}{i}");
+            let body = json!({"id": id, "key": format!("k{}", i % 64), "payload": {"i": i}});
+            let r = client.post(&url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            acked.push((id, Instant::now()));
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(settle).await;
+        acked
+    });
+    let arrived = probe.arrived.lock().unwrap();
+    let mut lat: Vec<u32> = acked
+        .iter()
+        .map(|(id, at)| {
+            let got = arrived.get(id).copied().expect("the probe got every entry");
+            got.saturating_duration_since(*at).as_micros() as u32
+        })
+        .collect();
+    lat.sort_unstable();
+    lat
 }

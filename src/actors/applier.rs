@@ -54,7 +54,7 @@ use super::sets::{SET_LETTER_HEADER, SetJoin, Settled};
 use super::{ShardStats, Stores, Work, ack, backoff, guarded, panic_message, transient};
 use crate::backends::{DelayStore, Delivery, KeyHolds, Limit};
 use crate::config::{Ordering, RetryConfig};
-use crate::entry::{Delivered, Entry, ShardRef, now_ms};
+use crate::entry::{Delivered, Entry, SET_HEADER, ShardRef, now_ms};
 use crate::sinks::{ApplyResult, Outcome, Sink, SinkError};
 use crate::state::park::{ParkStore, Parked};
 use crate::telemetry;
@@ -70,6 +70,9 @@ const PARK_PAGE: Limit = Limit {
 /// A target that panics on an entry applied alone this many times has met a
 /// poison entry: it goes to the DLQ with the panic's message.
 const POISON_AFTER: u32 = 3;
+/// Where sets are staged (Kafka), how long a set's mutation waits behind
+/// others of its key before it joins its set anyway (see `join_sets`).
+const STAGED_WAIT: Duration = Duration::from_secs(5);
 
 /// Entries applied and waiting for the sink's flush, at most: past this, it
 /// flushes at once.
@@ -103,12 +106,22 @@ struct Item {
     /// A mutation of a set, or a dead letter holding a whole set: it goes
     /// through the target's [`SetJoin`], never into a sink batch.
     in_set: bool,
+    /// When it was queued.
+    queued_at: Instant,
 }
 
 impl Item {
     fn marked(mut self) -> Self {
         let e = self.entry();
-        self.in_set = e.set_place().is_some() || e.header(SET_LETTER_HEADER).is_some();
+        // One pass over the headers for the many entries that are no part
+        // of a set: every set header starts so.
+        let maybe = e.headers.iter().any(|(k, _)| k.starts_with(SET_HEADER));
+        self.in_set = maybe
+            && (e.set_place().is_some()
+                || e.header(SET_LETTER_HEADER).is_some()
+                // Only where sets are staged (Kafka) do these reach an applier.
+                || e.is_set_marker()
+                || e.is_set_abandon());
         self
     }
 
@@ -219,6 +232,8 @@ pub struct Applier {
     joined: HashMap<u64, Item>,
     /// The keys they hold meanwhile, and how many hold each.
     set_held: HashMap<String, usize>,
+    /// A wakeup is armed for a staged mutation's [`STAGED_WAIT`].
+    staged_wake: bool,
     blocked: HashMap<String, Block>,
     /// Holds on the broker this applier released (its holder applied) whose
     /// letter the DLQ view may still show: key → the holder's id.
@@ -271,6 +286,7 @@ impl Applier {
             queue: VecDeque::new(),
             joined: HashMap::new(),
             set_held: HashMap::new(),
+            staged_wake: false,
             blocked: HashMap::new(),
             released: HashMap::new(),
             next_uid: 0,
@@ -301,6 +317,7 @@ impl Applier {
             alone: false,
             panics: 0,
             in_set: false,
+            queued_at: Instant::now(),
         }
         .marked()
     }
@@ -706,7 +723,8 @@ impl Applier {
             return;
         }
         self.join_sets(ctx);
-        if self.busy {
+        // Joining sets may have emptied the queue.
+        if self.busy || self.queue.is_empty() {
             return;
         }
         let now = Instant::now();
@@ -764,15 +782,52 @@ impl Applier {
             return;
         }
         let (now, ordering) = (Instant::now(), self.policy.ordering);
+        let staged = self.policy.sets.is_staged();
         let mut seen: HashSet<&str> = HashSet::new();
+        // Keys with something ahead that is not a set's mutation.
+        let mut not_sets: HashSet<&str> = HashSet::new();
         let mut joins = Vec::new();
+        let mut wake: Option<Instant> = None;
         for (i, item) in self.queue.iter().enumerate() {
             let key = item.order_key(ordering);
             let first = seen.insert(key) && !self.set_held.contains_key(key);
-            let ready = item.not_before.is_none_or(|t| t <= now);
-            if first && ready && item.in_set {
-                joins.push(i);
+            let member = item.in_set && item.entry().set_place().is_some();
+            // Staged sets are not written as units, so two sets' mutations
+            // can sit in two keys in opposite orders: a staged mutation does
+            // not wait for other sets' mutations ahead of it (the target's
+            // SetJoin applies sets that share a key one at a time), only
+            // for single writes.
+            let after_sets = staged && member && !not_sets.contains(key);
+            if !member {
+                not_sets.insert(key);
             }
+            let ready = item.not_before.is_none_or(|t| t <= now);
+            if !(ready && item.in_set) {
+                continue;
+            }
+            if first || after_sets {
+                joins.push(i);
+            } else if staged && member {
+                // Single writes between two sets' mutations, in two keys in
+                // opposite orders, still make a cycle: a mutation that
+                // waited this long joins anyway, and the version guard
+                // ranks what it overtook.
+                let at = item.queued_at + STAGED_WAIT;
+                if at <= now {
+                    joins.push(i);
+                } else {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                }
+            }
+        }
+        if let Some(at) = wake
+            && !self.staged_wake
+        {
+            self.staged_wake = true;
+            ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                act.staged_wake = false;
+                act.pump(ctx);
+            });
         }
         if joins.is_empty() {
             return;
@@ -797,14 +852,14 @@ impl Applier {
             let (uid, delivered) = (item.uid, item.delivered());
             self.joined.insert(uid, item);
             let sets = self.policy.sets.clone();
-            match delivered.entry.set_place() {
-                Some(place) => {
-                    let joined = sets.join(delivered, place);
-                    ctx.spawn(joined.into_actor(self).map(move |answer, act, ctx| {
-                        let answer = answer.unwrap_or_else(|_| Err("the set was dropped".into()));
-                        guarded(act, ctx, |act, ctx| act.set_settled(uid, answer, ctx));
-                    }));
-                }
+            let (marker, abandon) = (
+                delivered.entry.is_set_marker(),
+                delivered.entry.is_set_abandon(),
+            );
+            let joined = match delivered.entry.set_place() {
+                Some(place) => sets.join(delivered, place),
+                None if marker => sets.join_marker(delivered),
+                None if abandon => sets.abandon(delivered),
                 None => {
                     let apply =
                         async move { sets.apply_letter(&delivered.shard, &delivered.entry).await };
@@ -819,8 +874,13 @@ impl Applier {
                             act.pump(ctx);
                         });
                     }));
+                    continue;
                 }
-            }
+            };
+            ctx.spawn(joined.into_actor(self).map(move |answer, act, ctx| {
+                let answer = answer.unwrap_or_else(|_| Err("the set was dropped".into()));
+                guarded(act, ctx, |act, ctx| act.set_settled(uid, answer, ctx));
+            }));
         }
     }
 
@@ -846,10 +906,12 @@ impl Applier {
             return;
         };
         match answer {
+            // A marker (Kafka) is not an entry of the target's.
+            Ok(Settled::Applied(_)) if item.entry().is_set_marker() => self.finish(item, ctx),
             Ok(Settled::Applied(outcome)) => self.succeeded(item, outcome, ctx),
             // One letter holds the whole set; the target's set counters
-            // count it.
-            Ok(Settled::DeadLettered) => self.finish(item, ctx),
+            // count it. A set given up was never acknowledged.
+            Ok(Settled::DeadLettered | Settled::Abandoned) => self.finish(item, ctx),
             Err(why) => {
                 warn!(set = ?item.entry().set_place().map(|p| p.set), error = %why,
                     "A set could not be settled; its mutation joins again.");
@@ -1577,6 +1639,20 @@ impl Handler<Reset> for Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_set_header_starts_with_the_prefix_items_are_screened_by() {
+        use crate::entry::*;
+        for h in [
+            SET_INDEX_HEADER,
+            SET_SIZE_HEADER,
+            SET_MARKER_HEADER,
+            SET_ABANDON_HEADER,
+            SET_LETTER_HEADER,
+        ] {
+            assert!(h.starts_with(SET_HEADER), "{h}");
+        }
+    }
 
     fn asked(ra: Duration) -> SinkError {
         let mut e = SinkError::transient("default", "503");

@@ -6,7 +6,7 @@
 //! in entries and in payload bytes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFuture, Supervised,
@@ -21,13 +21,27 @@ use super::{ShardStats, Work, guarded};
 use crate::backends::shard::{AnyCheckpointer, AnyConsumer, AnyDelivery, NamespaceBackend};
 use crate::backends::{Consumer, Delivery};
 use crate::entry::{ShardRef, now_ms};
+use crate::state::{ParkStore, ReplayStore};
 
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// How often the committed position is recorded for replays, at most: a
+/// replay then starts up to this much earlier than it needs to.
+const POSITION_EVERY: Duration = Duration::from_secs(2);
 /// Payload bytes a shard holds unacked, at most: with the count bound
 /// (`max_outstanding`), its read-ahead bound. Reading pauses past either.
 pub const MAX_OUTSTANDING_BYTES: usize = 16 << 20;
 const READ_BATCH: usize = 256;
 const READ_WAIT: Duration = Duration::from_millis(500);
+
+/// Where the committed positions go, and what lowers them.
+struct Positions {
+    store: Arc<ReplayStore>,
+    /// The target's park store: a parked entry is past the committed
+    /// offset, yet not applied.
+    park: ParkStore,
+    /// When a position was last recorded, and which committed offset.
+    last: Option<(Instant, u64)>,
+}
 
 pub struct ShardConsumer {
     backend: NamespaceBackend,
@@ -52,6 +66,11 @@ pub struct ShardConsumer {
     /// This consumer's target, in a namespace of several: entries whose
     /// write named other targets are acked at once.
     target: Option<Arc<str>>,
+    /// The backend stages sets of mutations ([`NamespaceBackend::set_staging`]).
+    stages_sets: bool,
+    /// Where the committed position is recorded over time (for replays),
+    /// and when it last was.
+    positions: Option<Positions>,
 }
 
 impl ShardConsumer {
@@ -65,6 +84,7 @@ impl ShardConsumer {
     ) -> Self {
         Self {
             target,
+            stages_sets: backend.set_staging().is_some(),
             backend,
             group,
             shard,
@@ -79,7 +99,57 @@ impl ShardConsumer {
             committing: false,
             last_committed: None,
             stopped: false,
+            positions: None,
         }
+    }
+
+    /// Record the committed position in `store`, at most every
+    /// [`POSITION_EVERY`], whenever it moved: the committed offset, or the
+    /// lowest parked entry's sequence if that is lower (a parked entry is
+    /// not applied yet, though the offset passed it).
+    pub fn recording_positions(mut self, store: Arc<ReplayStore>, park: ParkStore) -> Self {
+        self.positions = Some(Positions {
+            store,
+            park,
+            last: None,
+        });
+        self
+    }
+
+    /// Note the committed offset with the time, if it moved since the last
+    /// note and that was [`POSITION_EVERY`] ago.
+    fn record_position(&mut self) {
+        let (Some(p), Some(offset)) = (&mut self.positions, self.last_committed) else {
+            return;
+        };
+        if p.last
+            .is_some_and(|(t, o)| o == offset || t.elapsed() < POSITION_EVERY)
+        {
+            return;
+        }
+        p.last = Some((Instant::now(), offset));
+        let (store, park) = (p.store.clone(), p.park.clone());
+        let (group, shard) = (self.group.clone(), self.shard.clone());
+        let at = now_ms();
+        tokio::spawn(async move {
+            // A missing position makes a replay start earlier, no more; an
+            // unreadable park store records nothing this time.
+            let floor = match park.parked_floor(shard.clone()).await {
+                Ok(floor) => floor,
+                Err(error) => {
+                    warn!(%shard, %error, "Cannot read the parked entries' floor.");
+                    return;
+                }
+            };
+            let position = floor.map_or(offset, |f| f.min(offset));
+            let recorded = tokio::task::spawn_blocking(move || {
+                store.record_position(&group, &shard, at, position)
+            })
+            .await;
+            if let Ok(Err(error)) = recorded {
+                warn!(%error, "Cannot record the committed position.");
+            }
+        });
     }
 
     /// (Re)open the consumer at the committed offset, under a new generation,
@@ -204,10 +274,11 @@ impl ShardConsumer {
         let now = now_ms();
         let (mut due, mut later) = (Vec::new(), Vec::new());
         for d in deliveries {
-            // A set's marker only completes its set in the log: nothing to
-            // apply.
+            // A set's marker only completes its set in a log that writes
+            // the set as one unit: nothing to apply. Where the set is
+            // staged instead, the marker is where the set is applied.
             let elsewhere = self.target.as_ref().is_some_and(|t| !d.entry().is_for(t));
-            if elsewhere || d.entry().is_set_marker() {
+            if elsewhere || (d.entry().is_set_marker() && !self.stages_sets) {
                 super::ack(d);
                 continue;
             }
@@ -259,7 +330,10 @@ impl Actor for ShardConsumer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(COMMIT_EVERY, |act, ctx| act.commit(ctx));
+        ctx.run_interval(COMMIT_EVERY, |act, ctx| {
+            act.commit(ctx);
+            act.record_position();
+        });
         if self.peers.is_some() {
             self.reopen(ctx);
         }

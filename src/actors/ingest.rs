@@ -12,9 +12,10 @@
 //! `"unknown"`, and its id stays claimed until the backend answers, so a retry
 //! with it is safe.
 //!
-//! Load is shed (429) by `server.max_in_flight` across the server, by
-//! `server.mailbox_capacity` hand-offs waiting on one shard, and by the
-//! backend's own queue.
+//! Load is shed (429) by the namespace's adaptive concurrency limit
+//! ([`crate::shedding`], by the write's priority), by `server.max_in_flight`
+//! across the server, by `server.mailbox_capacity` hand-offs waiting on one
+//! shard, and by the backend's own queue.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -31,13 +32,14 @@ use tokio::sync::{Semaphore, oneshot};
 use tracing::error;
 
 use crate::backends::{Appended, BackendError, EntryRejected, Producer};
-use crate::config::NamespaceConfig;
+use crate::config::{NamespaceConfig, Priority};
 use crate::entry::{
     Durable, Entry, HOPS_HEADER, ORIGIN_NAMESPACE_HEADER, ORIGIN_SEQUENCE_HEADER,
     PAYLOAD_ENCODING_HEADER, SET_FINGERPRINT_HEADER, SET_HEADER, SET_INDEX_HEADER,
     SET_MARKER_HEADER, SET_MARKER_SHARD, SET_SIZE_HEADER, ShardRef, TARGETS_HEADER, now_ms,
 };
 use crate::routing::shard_of;
+use crate::shedding::{Limiter, Shed};
 use crate::sinks::mutation;
 use crate::state::DedupIndex;
 use crate::state::dedup::{self, Check};
@@ -68,6 +70,9 @@ pub struct WriteRequest<'a> {
     #[serde(default, deserialize_with = "target_names")]
     pub target: Option<Vec<String>>,
     pub headers: Option<BTreeMap<String, String>>,
+    /// Under load `batch` is refused first, `critical` last; absent, the
+    /// namespace's `shedding.priority`.
+    pub priority: Option<Priority>,
 }
 
 /// The body of a set of mutations (`POST /v1/namespaces/{ns}/mutations`).
@@ -79,6 +84,7 @@ pub struct SetRequest<'a> {
     #[serde(borrow)]
     pub mutations: Vec<MutationRequest<'a>>,
     pub lifecycle: Option<Lifecycle>,
+    pub priority: Option<Priority>,
 }
 
 /// One mutation of a set: a write with a required key and no id, lifecycle
@@ -101,6 +107,7 @@ pub struct PreparedSet {
     members: Vec<(u32, Entry)>,
     marker: Entry,
     fingerprint: u64,
+    priority: Priority,
 }
 
 impl PreparedSet {
@@ -225,6 +232,8 @@ pub struct IngestError {
     /// The entry's id (given or generated): a client that got `"unknown"`
     /// retries with it safely.
     pub id: Option<String>,
+    /// When to try again, if the refusal says (a shed write).
+    pub retry_after: Option<Duration>,
 }
 
 impl IngestError {
@@ -234,6 +243,20 @@ impl IngestError {
             durable,
             message: message.into(),
             id: None,
+            retry_after: None,
+        }
+    }
+
+    /// Refused by the namespace's concurrency limit.
+    fn limited(name: &str, priority: Priority, shed: Shed) -> Self {
+        Self {
+            retry_after: Some(shed.retry_after),
+            ..Self::shed(format!(
+                "namespace {name:?} is at its concurrency limit for {} writes ({} requests in flight, limit {}; shedding); retry later",
+                priority.as_str(),
+                shed.in_flight,
+                shed.limit
+            ))
         }
     }
 
@@ -261,6 +284,12 @@ impl IngestError {
         Self::new(Refusal::Timeout, Durable::Unknown, message)
     }
 
+    /// A sign of overload for the concurrency limit: the backend did not
+    /// answer in time, or could not take the write.
+    fn overload(&self) -> bool {
+        matches!(self.refusal, Refusal::Timeout | Refusal::Unavailable)
+    }
+
     /// The same error, answering the write of entry `id`.
     pub fn with_id(self, id: &str) -> Self {
         Self {
@@ -276,6 +305,7 @@ pub struct Prepared {
     pub entry: Entry,
     /// The client chose the id, so it is an idempotency key.
     client_id: bool,
+    priority: Priority,
 }
 
 /// What every namespace's Ingest shares.
@@ -305,6 +335,8 @@ pub struct Ingest {
     waiting: Vec<AtomicUsize>,
     dedup: Arc<DedupIndex>,
     in_flight: Arc<Semaphore>,
+    /// The namespace's adaptive concurrency limit (`[shedding]`).
+    pub limiter: Arc<Limiter>,
     ack_timeout: Duration,
     per_shard: usize,
 }
@@ -336,6 +368,7 @@ impl Ingest {
             sets_written: Counter::default(),
             dedup: writes.dedup.clone(),
             in_flight: writes.in_flight.clone(),
+            limiter: Arc::new(Limiter::new(&config.shedding)),
             ack_timeout: writes.ack_timeout,
             per_shard: writes.per_shard,
         }
@@ -362,6 +395,7 @@ impl Ingest {
         relayed: Option<Relayed<'_>>,
     ) -> Result<Prepared, IngestError> {
         let client_id = req.id.is_some();
+        let priority = req.priority.unwrap_or(self.config.shedding.priority);
         let id = req
             .id
             .take()
@@ -398,6 +432,7 @@ impl Ingest {
             shard,
             client_id,
             entry,
+            priority,
         })
     }
 
@@ -446,6 +481,7 @@ impl Ingest {
                 limits.max_set_mutations
             )));
         }
+        let priority = req.priority.unwrap_or(self.config.shedding.priority);
         let mut lifecycle = req.lifecycle;
         let mut members = Vec::with_capacity(n);
         let mut bytes = 0usize;
@@ -468,6 +504,7 @@ impl Ingest {
                 // The set's delay is drawn once, with the first mutation.
                 lifecycle: lifecycle.take(),
                 target: None,
+                priority: None,
                 headers: m.headers,
             };
             let parts = self.check(write, id, body, traceparent).map_err(at)?;
@@ -532,6 +569,7 @@ impl Ingest {
             members,
             marker,
             fingerprint,
+            priority,
         })
     }
 
@@ -843,8 +881,28 @@ impl Ingest {
             members,
             marker,
             fingerprint,
+            priority,
             ..
         } = set;
+        let permit = self
+            .limiter
+            .acquire(priority)
+            .map_err(|shed| IngestError::limited(&self.name, priority, shed).with_id(&id))?;
+        let outcome = self
+            .append_set_admitted(id, members, marker, fingerprint, claim)
+            .await;
+        permit.done(outcome.as_ref().is_err_and(IngestError::overload));
+        outcome
+    }
+
+    async fn append_set_admitted(
+        &self,
+        id: String,
+        members: Vec<(u32, Entry)>,
+        marker: Entry,
+        fingerprint: u64,
+        claim: Claimed,
+    ) -> Result<SetAccepted, IngestError> {
         let n = members.len();
         let Ok(_permits) = self.in_flight.clone().try_acquire_many_owned(n as u32 + 1) else {
             return Err(IngestError::shed(
@@ -954,6 +1012,45 @@ impl Ingest {
     /// Hand entries to the backend, shard by shard, and wait for its
     /// answers. A claimed id is recorded once its entry is durable.
     async fn append(
+        &self,
+        items: Vec<(usize, Prepared, Claimed)>,
+    ) -> Vec<(usize, Result<Accepted, IngestError>)> {
+        // The concurrency limit first: a slot for each priority present
+        // (one for a single write; a batch may mix priorities).
+        let mut refused = Vec::new();
+        let mut permits = Vec::new();
+        let mut admitted = Vec::with_capacity(items.len());
+        for priority in Priority::ALL {
+            if !items.iter().any(|(_, p, _)| p.priority == priority) {
+                continue;
+            }
+            match self.limiter.acquire(priority) {
+                Ok(permit) => permits.push(permit),
+                Err(shed) => refused.push((priority, shed)),
+            }
+        }
+        let mut out = Vec::new();
+        for (i, p, claim) in items {
+            match refused.iter().find(|(priority, _)| *priority == p.priority) {
+                Some((priority, shed)) => out.push((
+                    i,
+                    Err(IngestError::limited(&self.name, *priority, *shed).with_id(&p.entry.id)),
+                )),
+                None => admitted.push((i, p, claim)),
+            }
+        }
+        let answers = self.append_admitted(admitted).await;
+        let overload = answers
+            .iter()
+            .any(|(_, a)| a.as_ref().is_err_and(IngestError::overload));
+        for permit in permits {
+            permit.done(overload);
+        }
+        out.extend(answers);
+        out
+    }
+
+    async fn append_admitted(
         &self,
         items: Vec<(usize, Prepared, Claimed)>,
     ) -> Vec<(usize, Result<Accepted, IngestError>)> {

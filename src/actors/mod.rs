@@ -32,6 +32,7 @@ pub mod dead_letter;
 pub mod delay;
 pub mod ingest;
 pub mod messages;
+pub mod replay;
 pub mod sets;
 pub mod supervisor;
 
@@ -48,7 +49,7 @@ use crate::backends::DelayStore;
 use crate::backends::shard::AnyDelivery;
 use crate::config::RetryConfig;
 use crate::sinks::SinkError;
-use crate::state::ParkStore;
+use crate::state::{ParkStore, ReplayStore};
 use crate::stats::{Counter, Gauge, Histogram};
 
 /// Counters of one shard's delivery to one target, shared with the API.
@@ -141,6 +142,9 @@ impl RestartBackoff {
 pub struct Stores {
     pub park: ParkStore,
     pub delays: Arc<dyn DelayStore>,
+    /// Where each target's committed position over time is recorded, for
+    /// replays.
+    pub replays: Arc<ReplayStore>,
 }
 
 /// A delivery, tagged with the consumer generation that read it.

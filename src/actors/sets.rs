@@ -36,7 +36,7 @@ use tracing::{error, warn};
 use super::breaker::Breaker;
 use super::panic_message;
 use crate::backends::shard::AnyDlq;
-use crate::backends::{DeadLetter, DeadLetters, Origin};
+use crate::backends::{DeadLetter, DeadLetters, Gathered, Origin, SetFate, SetStaging};
 use crate::config::RetryConfig;
 use crate::entry::{Delivered, Entry, PAYLOAD_ENCODING_HEADER, SetPlace, ShardRef, now_ms};
 use crate::sinks::{Outcome, Sink, SinkError};
@@ -67,6 +67,18 @@ pub enum Settled {
     Applied(Outcome),
     /// Stored in the DLQ as one letter.
     DeadLettered,
+    /// Given up, none of it applied: its marker never came (Kafka).
+    Abandoned,
+}
+
+impl From<SetFate> for Settled {
+    fn from(fate: SetFate) -> Self {
+        match fate {
+            SetFate::Applied => Settled::Applied(Outcome::Applied),
+            SetFate::DeadLettered => Settled::DeadLettered,
+            SetFate::Abandoned => Settled::Abandoned,
+        }
+    }
 }
 
 /// The answer a joined mutation waits for; an error means "join again
@@ -90,6 +102,9 @@ pub struct SetJoin {
     breaker: Arc<Breaker>,
     /// The target's lane of the park store, where done sets are recorded.
     done: ParkStore,
+    /// Where the backend stages sets that its log cannot write as one unit
+    /// (Kafka): sets gather and are recorded done there instead.
+    staging: Option<Arc<dyn SetStaging>>,
     state: Mutex<State>,
     /// Where sets go to be recorded done ([`SetJoin::record_done`]);
     /// started on first use, on an arbiter.
@@ -108,6 +123,42 @@ struct State {
     gathering: HashMap<String, Gathering>,
     recent: HashSet<String>,
     recent_order: VecDeque<String>,
+    /// The keys of the sets being applied. Where sets are staged (Kafka),
+    /// two sets that share a key can be ready at once; the later one waits,
+    /// so their transactions neither deadlock nor reorder.
+    busy: HashSet<String>,
+    /// Ready sets waiting for a busy key, in the order they became ready.
+    parked: VecDeque<String>,
+}
+
+impl State {
+    /// The distinct keys of a gathered set.
+    fn keys(&self, set: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .gathering
+            .get(set)
+            .into_iter()
+            .flat_map(|g| g.members.values())
+            .map(|d| d.entry.key.clone().unwrap_or_default())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Take the keys of `set` if none is busy, nor wanted by a set parked
+    /// before it (`ahead`).
+    fn claim(&mut self, set: &str, ahead: &HashSet<String>) -> bool {
+        let keys = self.keys(set);
+        if keys
+            .iter()
+            .any(|k| self.busy.contains(k) || ahead.contains(k))
+        {
+            return false;
+        }
+        self.busy.extend(keys);
+        true
+    }
 }
 
 struct Gathering {
@@ -130,6 +181,7 @@ impl SetJoin {
         done: ParkStore,
     ) -> Self {
         Self {
+            staging: None,
             namespace: namespace.into(),
             target: target.into(),
             sink,
@@ -144,11 +196,26 @@ impl SetJoin {
         }
     }
 
+    /// Gather and record sets where the backend stages them, if it does.
+    pub fn staged(mut self, staging: Option<Arc<dyn SetStaging>>) -> Self {
+        self.staging = staging;
+        self
+    }
+
     /// A mutation, first of its key in its shard, joins its set. Runs on an
     /// actix arbiter: the set is applied on a task of the one whose
     /// mutation completes it.
     pub fn join(self: &Arc<Self>, delivered: Delivered, place: SetPlace) -> Joined {
         let (tx, rx) = oneshot::channel();
+        if let Some(staging) = &self.staging {
+            // Its set is gathered and applied at its marker, maybe by
+            // another process.
+            let fate = staging.member(&self.target, delivered);
+            actix::spawn(async move {
+                let _ = tx.send(fate.await.map(Settled::from));
+            });
+            return rx;
+        }
         let mut st = self.state.lock().unwrap();
         if st.recent.contains(&place.set) {
             let _ = tx.send(Ok(Settled::Applied(Outcome::Superseded)));
@@ -179,10 +246,83 @@ impl SetJoin {
         rx
     }
 
+    /// A set's marker, where sets are staged (Kafka): gather the set's
+    /// mutations there, apply it whole, and record it settled.
+    pub fn join_marker(self: &Arc<Self>, marker: Delivered) -> Joined {
+        let (tx, rx) = oneshot::channel();
+        let (Some(staging), Some(attempt)) = (self.staging.clone(), marker.entry.set_attempt())
+        else {
+            // A log that writes sets as units has nothing to do at a marker.
+            let _ = tx.send(Ok(Settled::Applied(Outcome::Superseded)));
+            return rx;
+        };
+        let this = self.clone();
+        actix::spawn(async move {
+            let members = match staging.gather(&this.target, &marker).await {
+                Ok(Gathered::Members(members)) => members,
+                Ok(Gathered::Settled(fate)) => {
+                    let _ = tx.send(Ok(fate.into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut st = this.state.lock().unwrap();
+            if let Some(g) = st.gathering.get_mut(&attempt) {
+                g.waiting.push(tx);
+                return;
+            }
+            st.gathering.insert(
+                attempt.clone(),
+                Gathering {
+                    size: members.len() as u32,
+                    since_ms: now_ms(),
+                    members: members
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, m)| (i as u32, m))
+                        .collect(),
+                    waiting: vec![tx],
+                    applying: true,
+                },
+            );
+            drop(st);
+            this.ready(attempt);
+        });
+        rx
+    }
+
+    /// A request to give a set up (Kafka), reached after everything before
+    /// it in its shard: it is ignored if the set's marker came first.
+    pub fn abandon(self: &Arc<Self>, request: Delivered) -> Joined {
+        let (tx, rx) = oneshot::channel();
+        let Some(staging) = &self.staging else {
+            let _ = tx.send(Ok(Settled::Abandoned));
+            return rx;
+        };
+        let asked = staging.abandon(&self.target, &request);
+        actix::spawn(async move {
+            let _ = tx.send(asked.await.map(|()| Settled::Abandoned));
+        });
+        rx
+    }
+
     /// When the oldest set still gathering or applying began to.
     pub fn oldest_waiting_ms(&self) -> Option<u64> {
         let st = self.state.lock().unwrap();
-        st.gathering.values().map(|g| g.since_ms).min()
+        let here = st.gathering.values().map(|g| g.since_ms).min();
+        let staged = self
+            .staging
+            .as_ref()
+            .and_then(|s| s.oldest_waiting_ms(&self.target));
+        here.into_iter().chain(staged).min()
+    }
+
+    /// The backend stages sets (Kafka): they gather and are recorded there.
+    pub fn is_staged(&self) -> bool {
+        self.staging.is_some()
     }
 
     /// Apply a dead letter that holds a whole set (a redrive), once; the
@@ -202,9 +342,25 @@ impl SetJoin {
         })
     }
 
-    /// A set has all its mutations: apply it, alone or, where the target
-    /// can, together with the other sets ready now.
+    /// A set has all its mutations: apply it once no set being applied
+    /// shares a key with it.
     fn ready(self: &Arc<Self>, set: String) {
+        let mut st = self.state.lock().unwrap();
+        let ahead: HashSet<String> = match st.parked.is_empty() {
+            true => HashSet::new(),
+            false => st.parked.iter().flat_map(|p| st.keys(p)).collect(),
+        };
+        if !st.claim(&set, &ahead) {
+            st.parked.push_back(set);
+            return;
+        }
+        drop(st);
+        self.dispatch(set);
+    }
+
+    /// Apply a ready set, alone or, where the target can, together with
+    /// the other sets ready now.
+    fn dispatch(self: &Arc<Self>, set: String) {
         if !self.sink.applies_sets_together() {
             actix::spawn(self.clone().apply(set));
             return;
@@ -240,7 +396,9 @@ impl SetJoin {
     }
 
     /// Apply `sets` in one call. If that fails, each is applied on its own,
-    /// with its own retries (and, if it fails for good, its own letter).
+    /// one after another, with its own retries (and, if it fails for good,
+    /// its own letter): not all at once, which would take every connection
+    /// of the target's pool.
     async fn apply_together(self: Arc<Self>, sets: Vec<String>) {
         if sets.len() == 1 {
             let set = sets.into_iter().next().expect("one set");
@@ -258,12 +416,14 @@ impl SetJoin {
             .await;
         let Ok(Ok(outcome)) = result else {
             for set in sets {
-                actix::spawn(self.clone().apply(set));
+                self.clone().apply(set).await;
             }
             return;
         };
         self.breaker.delivered(all.len(), &[], None);
-        let recorded = sets.iter().map(|set| self.record_done(set.clone()));
+        let recorded = sets
+            .iter()
+            .map(|set| self.record_done(set.clone(), SetFate::Applied));
         let recorded = futures_util::future::join_all(recorded).await;
         for (set, record) in sets.iter().zip(recorded) {
             self.stats.applied.inc();
@@ -304,6 +464,12 @@ impl SetJoin {
                 None => return,
             }
         };
+        // `set` names the attempt where sets are staged; the letter and
+        // the logs name the set.
+        let id = members
+            .first()
+            .and_then(|m| m.entry.set_place())
+            .map_or_else(|| set.clone(), |p| p.set);
         let keys: Vec<String> = members
             .iter()
             .map(|d| d.entry.key.clone().unwrap_or_default())
@@ -335,7 +501,7 @@ impl SetJoin {
             if give_up && let Some(dlq) = &self.dlq {
                 let letter = DeadLetter {
                     dlq_sequence: 0,
-                    entry: letter_entry(&set, &members),
+                    entry: letter_entry(&id, &members),
                     origin: Origin {
                         shard: members[0].shard.clone(),
                         sequence: members[0].sequence,
@@ -358,11 +524,17 @@ impl SetJoin {
                 "A set failed; will retry it whole.");
             tokio::time::sleep(wait).await;
         };
-        match settled {
-            Settled::Applied(_) => self.stats.applied.inc(),
-            Settled::DeadLettered => self.stats.dead_lettered.inc(),
-        }
-        let answer = match self.record_done(set.clone()).await {
+        let fate = match settled {
+            Settled::DeadLettered => {
+                self.stats.dead_lettered.inc();
+                SetFate::DeadLettered
+            }
+            _ => {
+                self.stats.applied.inc();
+                SetFate::Applied
+            }
+        };
+        let answer = match self.record_done(set.clone(), fate).await {
             Ok(()) => Ok(settled),
             Err(e) => Err(format!("could not record set {set} as done: {e}")),
         };
@@ -371,7 +543,10 @@ impl SetJoin {
 
     /// Record `set` done, durably. Sets finishing together share one
     /// fsync: while one write is in flight, the next ones gather.
-    async fn record_done(&self, set: String) -> Result<(), String> {
+    async fn record_done(&self, set: String, fate: SetFate) -> Result<(), String> {
+        if let Some(staging) = &self.staging {
+            return staging.settle(&self.target, &set, fate).await;
+        }
         let tx = self.recorder.get_or_init(|| {
             let (tx, mut rx) = mpsc::unbounded_channel::<(String, Recorded)>();
             let (done, namespace) = (self.done.clone(), self.namespace.clone());
@@ -407,11 +582,28 @@ impl SetJoin {
     }
 
     /// Tell every mutation of `set` that has joined, and forget it.
-    fn settle(&self, set: &str, answer: Result<Settled, String>) {
+    fn settle(self: &Arc<Self>, set: &str, answer: Result<Settled, String>) {
         let mut st = self.state.lock().unwrap();
+        let keys = st.keys(set);
         let Some(g) = st.gathering.remove(set) else {
             return;
         };
+        // Its keys go to the sets parked for them, in order.
+        let mut go = Vec::new();
+        if g.applying {
+            for k in &keys {
+                st.busy.remove(k);
+            }
+            let mut ahead = HashSet::new();
+            for p in std::mem::take(&mut st.parked) {
+                if st.claim(&p, &ahead) {
+                    go.push(p);
+                } else {
+                    ahead.extend(st.keys(&p));
+                    st.parked.push_back(p);
+                }
+            }
+        }
         if answer.is_ok() {
             st.recent.insert(set.to_string());
             st.recent_order.push_back(set.to_string());
@@ -424,6 +616,9 @@ impl SetJoin {
         drop(st);
         for tx in g.waiting {
             let _ = tx.send(answer.clone());
+        }
+        for p in go {
+            self.dispatch(p);
         }
     }
 

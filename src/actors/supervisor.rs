@@ -23,11 +23,14 @@ use crate::backends::shard::{AnyDlq, NamespaceBackend};
 use crate::config::{NamespaceConfig, OnDeadLetter, ServerConfig, TargetSpec};
 use crate::entry::{ShardRef, relay};
 use crate::sinks::{self, Sink, SinkError};
-use crate::stats::Counter;
+use crate::stats::{Counter, RateMeter};
 
 /// Deliveries a shard holds unacked, at most (its read-ahead bound).
 const MAX_OUTSTANDING: usize = 4096;
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// The apply rate (for `/scale`): sampled every second over ten.
+const RATE_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The target's last known health.
 #[derive(Debug, Default)]
@@ -75,6 +78,10 @@ pub struct TargetRuntime {
     pub delays: Arc<dyn DelayStore>,
     /// Its sets of mutations, gathering and applying.
     pub sets: Arc<SetJoin>,
+    /// Where its entries go (a replay applies through it too).
+    pub sink: Arc<dyn Sink>,
+    /// Entries this process applies per second, lately.
+    pub apply_rate: Arc<RateMeter>,
     _watch: Addr<TargetWatch>,
 }
 
@@ -92,6 +99,8 @@ pub struct NamespaceRuntime {
     pub backend: NamespaceBackend,
     /// This namespace's dead letters (every target's, each marked with it).
     pub dlq: AnyDlq,
+    /// Its replay-only targets (`live = false`): a sink each, no actors.
+    pub replay_targets: Vec<(String, Arc<dyn Sink>)>,
 }
 
 /// What a namespace runs on: its backend and DLQ as opened, and the stores
@@ -118,6 +127,15 @@ impl NamespaceRuntime {
             .iter()
             .map(|spec| TargetRuntime::start(name, config, spec, server, &parts, arbiters))
             .collect::<Result<Vec<_>, _>>()?;
+        let replay_targets = config
+            .replay_targets
+            .iter()
+            .map(|spec| {
+                let hop = relay::hop_id(&server.instance_id, name);
+                let sink: Arc<dyn Sink> = Arc::from(sinks::build(&spec.config, &hop)?);
+                Ok((spec.name().to_string(), sink))
+            })
+            .collect::<Result<Vec<_>, SinkError>>()?;
         let written: Arc<[Counter]> = (0..config.shards).map(|_| Counter::default()).collect();
         let ingest = Ingest::new(
             name,
@@ -140,6 +158,7 @@ impl NamespaceRuntime {
             written,
             backend: parts.backend.clone(),
             dlq: parts.dlq.clone(),
+            replay_targets,
         })
     }
 
@@ -191,16 +210,20 @@ impl TargetRuntime {
                 .delays
                 .for_target(lane)
                 .unwrap_or_else(|| stores.delays.clone()),
+            replays: stores.replays.clone(),
         };
-        let sets = Arc::new(SetJoin::new(
-            name,
-            spec.name(),
-            sink.clone(),
-            config.retry.clone(),
-            config.dlq.enabled.then(|| (*dlq).clone()),
-            breaker.clone(),
-            stores.park.clone(),
-        ));
+        let sets = Arc::new(
+            SetJoin::new(
+                name,
+                spec.name(),
+                sink.clone(),
+                config.retry.clone(),
+                config.dlq.enabled.then(|| (*dlq).clone()),
+                breaker.clone(),
+                stores.park.clone(),
+            )
+            .staged(backend.set_staging()),
+        );
         // With one target there is nothing to tell apart.
         let only: Option<Arc<str>> = (config.targets.len() > 1).then(|| spec.name().into());
         let mut shards = Vec::with_capacity(config.shards as usize);
@@ -211,8 +234,10 @@ impl TargetRuntime {
             let consumer = {
                 let (backend, shard, stats) = ((*backend).clone(), shard.clone(), stats.clone());
                 let (group, only) = (group.clone(), only.clone());
+                let (positions, park) = (stores.replays.clone(), stores.park.clone());
                 Supervisor::start_in_arbiter(arbiter, move |_| {
                     ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING, only)
+                        .recording_positions(positions, park)
                 })
             };
             let dead_letter = {
@@ -278,12 +303,16 @@ impl TargetRuntime {
             });
         }
         let sink_health = Arc::new(SinkHealth::default());
+        let watch_sink = sink.clone();
+        let apply_rate = Arc::new(RateMeter::new(RATE_WINDOW));
         let watch = TargetWatch {
             namespace: name.into(),
             target: spec.name().into(),
             sink,
             health: sink_health.clone(),
             breaker: breaker.clone(),
+            shard_stats: shards.iter().map(|h| h.stats.clone()).collect(),
+            apply_rate: apply_rate.clone(),
         }
         .start();
         Ok(Self {
@@ -295,18 +324,22 @@ impl TargetRuntime {
             breaker,
             delays: stores.delays.clone(),
             sets,
+            sink: watch_sink,
+            apply_rate,
             _watch: watch,
         })
     }
 }
 
-/// Watches one target's health.
+/// Watches one target's health, and samples its apply rate.
 struct TargetWatch {
     namespace: String,
     target: String,
     sink: Arc<dyn Sink>,
     health: Arc<SinkHealth>,
     breaker: Arc<Breaker>,
+    shard_stats: Vec<Arc<ShardStats>>,
+    apply_rate: Arc<RateMeter>,
 }
 
 impl TargetWatch {
@@ -334,5 +367,9 @@ impl Actor for TargetWatch {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.check(ctx);
         ctx.run_interval(HEALTH_EVERY, |act, ctx| act.check(ctx));
+        ctx.run_interval(RATE_SAMPLE_EVERY, |act, _| {
+            let applied = act.shard_stats.iter().map(|s| s.applied.get()).sum();
+            act.apply_rate.observe(applied);
+        });
     }
 }

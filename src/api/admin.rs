@@ -104,6 +104,10 @@ pub struct NamespaceView {
     /// Sets of mutations answered `durable: "true"` since start (their
     /// mutations count in `written`).
     pub sets_written: u64,
+    /// The write path's adaptive concurrency limit: the limit and the write
+    /// requests in flight, the smoothed append latency, requests shed by
+    /// priority since start.
+    pub shedding: crate::shedding::LimiterStats,
     // With several targets, the figures below add up the targets' (the
     // counts) or take the slowest's (`pending`, `consumer_lag`,
     // `oldest_pending_age_ms`).
@@ -127,6 +131,41 @@ pub struct NamespaceView {
     pub lost_to_retention: u64,
     /// The first target's shards.
     pub per_shard: Vec<ShardView>,
+    /// The earliest write time a replay can reach back to: the oldest entry
+    /// the log holds (`None`: the log is empty, or the backend keeps none).
+    pub replayable_from_ms: Option<u64>,
+    /// The replays running now, with their progress.
+    pub replays: Vec<ReplayProgress>,
+}
+
+/// A running replay, as the stats show it.
+#[derive(Serialize)]
+pub struct ReplayProgress {
+    pub replay: String,
+    pub matched: u64,
+    pub replayed: u64,
+    pub excluded: u64,
+    pub failed: u64,
+    pub position_ms: u64,
+    pub to_ms: u64,
+}
+
+/// The oldest write time the namespace's log holds, over its shards.
+async fn replayable_from(ns: &NamespaceRuntime) -> Option<u64> {
+    let log = ns.backend.replay_log().ok()?;
+    let (name, shards) = (ns.name.clone(), ns.config.shards);
+    tokio::task::spawn_blocking(move || {
+        (0..shards)
+            .filter_map(|i| {
+                log.earliest(&crate::entry::ShardRef::new(name.as_str(), i))
+                    .ok()
+            })
+            .filter_map(|(_, at)| at)
+            .min()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
@@ -211,7 +250,7 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
     }
 }
 
-async fn view(ns: &NamespaceRuntime) -> NamespaceView {
+async fn view(state: &AppState, ns: &NamespaceRuntime) -> NamespaceView {
     // A DLQ that cannot be counted right now shows 0, not a failed view.
     let dead_lettered = tokio::time::timeout(STATE_TIMEOUT, ns.dlq.count(&ns.name))
         .await
@@ -238,6 +277,7 @@ async fn view(ns: &NamespaceRuntime) -> NamespaceView {
         },
         written: ns.written.iter().map(Counter::get).sum(),
         sets_written: ns.ingest.sets_written.get(),
+        shedding: ns.ingest.limiter.stats(),
         applied: sum(|t| t.applied),
         pending: max(|t| t.pending),
         in_retry: targets.iter().map(|t| t.in_retry).sum(),
@@ -251,14 +291,34 @@ async fn view(ns: &NamespaceRuntime) -> NamespaceView {
         lost_to_retention: first.per_shard.iter().map(|s| s.lost_to_retention).sum(),
         per_shard: first.per_shard.clone(),
         targets,
+        replayable_from_ms: replayable_from(ns).await,
+        replays: state
+            .replays
+            .running(&ns.name)
+            .iter()
+            .map(|r| ReplayProgress {
+                replay: r.replay.clone(),
+                matched: r.counts.matched,
+                replayed: r.counts.replayed,
+                excluded: r.counts.excluded,
+                failed: r.counts.failed,
+                position_ms: r.position_ms(),
+                to_ms: r.spec.to_ms,
+            })
+            .collect(),
     }
 }
 
 /// `GET /v1/namespaces`
-pub async fn list_namespaces(state: web::Data<AppState>) -> HttpResponse {
+pub async fn list_namespaces(
+    state: web::Data<AppState>,
+    caller: Option<web::ReqData<super::Caller>>,
+) -> HttpResponse {
     let mut out = Vec::new();
-    for ns in state.namespaces.values() {
-        out.push(view(ns).await);
+    // A token answers for its own namespaces.
+    let shown = |ns: &str| caller.as_ref().is_none_or(|c| c.0.covers(Some(ns)));
+    for ns in state.namespaces.values().filter(|ns| shown(&ns.name)) {
+        out.push(view(&state, ns).await);
     }
     HttpResponse::Ok().json(serde_json::json!({ "namespaces": out }))
 }
@@ -269,7 +329,95 @@ pub async fn namespace_stats(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?;
-    Ok(HttpResponse::Ok().json(view(ns).await))
+    Ok(HttpResponse::Ok().json(view(&state, ns).await))
+}
+
+/// One target's consumer sizing, for `GET .../scale` and `/metrics`.
+#[derive(Serialize)]
+pub struct TargetScale {
+    pub target: String,
+    /// Entries written and not yet applied.
+    pub lag_entries: u64,
+    /// The age of the oldest entry read and not yet applied (0: none).
+    pub lag_s: f64,
+    /// Entries this process applied per second over the last 10 s.
+    pub apply_per_s: Option<f64>,
+    /// Consumer processes that would clear the backlog within
+    /// `scale.target_lag_s` at this process's rate, from 1 to the partition
+    /// count; `null` when no answer would help (see `reason`).
+    pub consumers: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+/// `GET /v1/namespaces/{ns}/scale`.
+#[derive(Serialize)]
+pub struct ScaleView {
+    pub namespace: String,
+    pub target_lag_s: u64,
+    /// The most consumers that can share the work: one per partition.
+    pub partitions: u32,
+    /// The most any target asks for.
+    pub consumers: Option<u32>,
+    pub targets: Vec<TargetScale>,
+}
+
+fn scale_of(ns: &NamespaceRuntime, t: &TargetRuntime, stats: &TargetStats) -> TargetScale {
+    let partitions = ns.config.shards;
+    let target_lag = ns.config.scale.target_lag_s as f64;
+    let lag = stats.pending;
+    let rate = t.apply_rate.per_s();
+    let (consumers, reason) = if lag == 0 {
+        (Some(1), None)
+    } else if t.breaker.is_open() {
+        (
+            None,
+            Some("the target's breaker is open: more consumers would not help"),
+        )
+    } else {
+        match rate {
+            None => (None, Some("no apply rate measured yet")),
+            // Backlogged and applying nothing: as many as can share it.
+            Some(r) if r <= 0.0 => (Some(partitions), None),
+            Some(r) => {
+                let n = (lag as f64 / (r * target_lag)).ceil() as u32;
+                (Some(n.clamp(1, partitions)), None)
+            }
+        }
+    };
+    TargetScale {
+        target: t.name.clone(),
+        lag_entries: lag,
+        lag_s: stats.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0,
+        apply_per_s: rate,
+        consumers,
+        reason,
+    }
+}
+
+async fn scale_view(ns: &NamespaceRuntime) -> ScaleView {
+    let mut targets = Vec::with_capacity(ns.targets.len());
+    for t in &ns.targets {
+        let stats = target_view(ns, t).await;
+        targets.push(scale_of(ns, t, &stats));
+    }
+    ScaleView {
+        namespace: ns.name.clone(),
+        target_lag_s: ns.config.scale.target_lag_s,
+        partitions: ns.config.shards,
+        consumers: targets.iter().filter_map(|t| t.consumers).max(),
+        targets,
+    }
+}
+
+/// `GET /v1/namespaces/{ns}/scale`: how many consumer processes would clear
+/// the backlog within `scale.target_lag_s`.
+pub async fn scale(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let ns = state.namespace(&path)?;
+    Ok(HttpResponse::Ok().json(scale_view(ns).await))
 }
 
 /// `GET /healthz`: the process is up.
@@ -338,6 +486,41 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         }
         v
     };
+    let archive_failed = state
+        .namespaces
+        .values()
+        .filter_map(|ns| {
+            let n = ns.backend.archive_failed()?;
+            Some((format!("{{namespace=\"{}\"}}", ns.name), n as f64))
+        })
+        .collect();
+    metric(
+        "walden_archive_failed_total",
+        "counter",
+        "Entries an SQS namespace's archive could not keep (a replay misses them).",
+        archive_failed,
+    );
+    let mut replayed = Vec::new();
+    let mut replay_position = Vec::new();
+    for ns in state.namespaces.values() {
+        for r in state.replays.running(&ns.name) {
+            let labels = format!("{{namespace=\"{}\",replay=\"{}\"}}", ns.name, r.replay);
+            replayed.push((labels.clone(), r.counts.replayed as f64));
+            replay_position.push((labels, r.position_ms() as f64));
+        }
+    }
+    metric(
+        "walden_replay_replayed",
+        "gauge",
+        "Entries a running replay has applied so far.",
+        replayed,
+    );
+    metric(
+        "walden_replay_position_ms",
+        "gauge",
+        "The write time a running replay has reached (ms since epoch).",
+        replay_position,
+    );
     let written = state
         .namespaces
         .values()
@@ -396,6 +579,87 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         }
         v
     };
+    let per_ns = |f: &dyn Fn(&crate::shedding::LimiterStats) -> f64| {
+        state
+            .namespaces
+            .values()
+            .map(|ns| {
+                let labels = format!("{{namespace=\"{}\"}}", ns.name);
+                (labels, f(&ns.ingest.limiter.stats()))
+            })
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "walden_shedding_limit",
+        "gauge",
+        "The write path's adaptive concurrency limit, in requests in flight.",
+        per_ns(&|s| s.limit as f64),
+    );
+    metric(
+        "walden_shedding_in_flight",
+        "gauge",
+        "Write requests in flight, against the limit.",
+        per_ns(&|s| s.in_flight as f64),
+    );
+    metric(
+        "walden_shedding_latency_seconds",
+        "gauge",
+        "The smoothed latency of the durable append the limit adapts to.",
+        per_ns(&|s| s.latency_us as f64 / 1e6),
+    );
+    let mut shed = Vec::new();
+    for ns in state.namespaces.values() {
+        let s = ns.ingest.limiter.stats();
+        for (priority, n) in [
+            ("critical", s.shed_critical),
+            ("normal", s.shed_normal),
+            ("batch", s.shed_batch),
+        ] {
+            let labels = format!("{{namespace=\"{}\",priority=\"{priority}\"}}", ns.name);
+            shed.push((labels, n as f64));
+        }
+    }
+    metric(
+        "walden_shedding_utilization",
+        "gauge",
+        "Write requests in flight as a share of the limit: the producers' scaling signal.",
+        per_ns(&|s| s.in_flight as f64 / s.limit.max(1) as f64),
+    );
+    let (mut desired, mut age, mut rate) = (Vec::new(), Vec::new(), Vec::new());
+    for ns in state.namespaces.values() {
+        for t in scale_view(ns).await.targets {
+            let labels = format!("{{namespace=\"{}\",target=\"{}\"}}", ns.name, t.target);
+            if let Some(n) = t.consumers {
+                desired.push((labels.clone(), n as f64));
+            }
+            age.push((labels.clone(), t.lag_s));
+            rate.push((labels, t.apply_per_s.unwrap_or(0.0)));
+        }
+    }
+    metric(
+        "walden_scale_consumers",
+        "gauge",
+        "Consumer processes that would clear the backlog within scale.target_lag_s (GET .../scale).",
+        desired,
+    );
+    metric(
+        "walden_oldest_pending_age_seconds",
+        "gauge",
+        "The age of the oldest entry read and not yet applied: the lag in seconds.",
+        age,
+    );
+    metric(
+        "walden_apply_per_second",
+        "gauge",
+        "Entries this process applied per second over the last 10 s.",
+        rate,
+    );
+    metric(
+        "walden_shed_total",
+        "counter",
+        "Write requests refused 429 by the concurrency limit, by priority.",
+        shed,
+    );
     metric(
         "walden_sets_written_total",
         "counter",

@@ -181,7 +181,7 @@ async fn selection(
     body: web::Payload,
 ) -> Result<Selection, ApiError> {
     super::targets_named(ns, query.target.as_deref())?;
-    let bytes = read_json_body(req, body, state.server.max_body_bytes).await?;
+    let bytes = read_json_body(req, body, &state.server).await?;
     let select: Select = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     let pick = match (select.ids, select.all) {
@@ -272,7 +272,7 @@ pub async fn redrive(
             .await
             .map_err(backend_error)?
     } else {
-        redrive_in_place(&ns, &selection).await?
+        redrive_in_place(&ns, &selection, state.replays.store()).await?
     };
     let failed: Vec<_> = report
         .failed
@@ -295,10 +295,15 @@ pub async fn redrive(
 /// The target (its index) that failed a letter. A letter of a target since
 /// renamed or removed belongs to a namespace's only target, or to none.
 fn letter_target(ns: &NamespaceRuntime, letter: &DeadLetter) -> Option<usize> {
+    // A replay-only target's letter has no live target to go back to.
+    let replay_only = ns
+        .replay_targets
+        .iter()
+        .any(|(name, _)| *name == letter.origin.target);
     ns.targets
         .iter()
         .position(|t| t.name == letter.origin.target)
-        .or((ns.targets.len() == 1).then_some(0))
+        .or((ns.targets.len() == 1 && !replay_only).then_some(0))
 }
 
 /// Redriven entries an applier may hold before the next page goes to it.
@@ -310,6 +315,7 @@ const REDRIVE_BACKLOG: usize = MAX_LIMIT;
 async fn redrive_in_place(
     ns: &NamespaceRuntime,
     selection: &Selection,
+    replays: &std::sync::Arc<crate::state::ReplayStore>,
 ) -> Result<RedriveReport, ApiError> {
     let mut report = RedriveReport::default();
     let mut pages = Pages::new(ns, selection);
@@ -342,6 +348,20 @@ async fn redrive_in_place(
                     },
                 });
         }
+        // A replay that picks what was not applied at a time before now
+        // picks these too: they were dead, not applied, until now.
+        let redriven: Vec<(crate::entry::ShardRef, u64)> = by_shard
+            .values()
+            .flatten()
+            .map(|r| (r.delivered.shard.clone(), r.delivered.sequence))
+            .collect();
+        let store = replays.clone();
+        tokio::task::spawn_blocking(move || {
+            store.record_redriven(&redriven, crate::entry::now_ms())
+        })
+        .await
+        .expect("recording redrives does not panic")
+        .map_err(backend_error)?;
         for ((target, shard), entries) in by_shard {
             report.redriven += entries.len();
             let applier = &ns.targets[target].shards[shard as usize].applier;
@@ -375,6 +395,7 @@ pub async fn purge(
     let mut purged = 0;
     let mut gone = Vec::new();
     while let Some(page) = pages.next().await? {
+        let mut purged_entries = Vec::new();
         let removals = page
             .iter()
             .map(|l| ns.dlq.remove(&ns.name, l.dlq_sequence, "purged"));
@@ -383,6 +404,7 @@ pub async fn purge(
             // by another).
             if result.map_err(backend_error)? {
                 purged += 1;
+                purged_entries.push((l.origin.shard.clone(), l.origin.sequence));
                 // Only named ids need looking for (all of a large DLQ would not).
                 if selection.names_ids() {
                     gone.push(l.entry.id.clone());
@@ -395,6 +417,12 @@ pub async fn purge(
                 }
             }
         }
+        // Replays leave purged entries out (unless asked not to).
+        let replays = state.replays.store().clone();
+        tokio::task::spawn_blocking(move || replays.record_purged(&purged_entries))
+            .await
+            .expect("recording purges does not panic")
+            .map_err(backend_error)?;
     }
     let not_found = selection.missing(gone.iter().map(String::as_str));
     Ok(HttpResponse::Ok().json(serde_json::json!({ "purged": purged, "not_found": not_found })))

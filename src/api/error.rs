@@ -2,6 +2,8 @@
 //! `{"durable": "false" | "unknown", "message": ...}` (with the entry's `id`
 //! on an answer to a write); never a panic or a bare 500.
 
+use std::time::Duration;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
@@ -13,11 +15,14 @@ pub struct ApiError {
     pub status: StatusCode,
     pub durable: Durable,
     pub message: String,
-    /// Seconds for a `Retry-After` header (429 and 503).
-    pub retry_after: Option<u64>,
+    /// When to try again (429 and 503): a `Retry-After` header in whole
+    /// seconds, and `retry_after_ms` in the body.
+    pub retry_after: Option<Duration>,
     /// The entry's id, on an answer to a write: a client that got
     /// `"unknown"` retries with it safely.
     pub id: Option<String>,
+    /// Close the connection after answering (the client was cut off).
+    pub close: bool,
 }
 
 #[derive(Serialize)]
@@ -26,6 +31,8 @@ struct Body<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -37,6 +44,15 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             id: None,
+            close: false,
+        }
+    }
+
+    /// The same error, and the connection closed after it.
+    pub fn closing(self) -> Self {
+        Self {
+            close: true,
+            ..self
         }
     }
 
@@ -63,7 +79,7 @@ impl ApiError {
     /// Shed: a mailbox or the in-flight limit is full.
     pub fn shed(message: impl Into<String>) -> Self {
         Self {
-            retry_after: Some(1),
+            retry_after: Some(Duration::from_secs(1)),
             ..Self::rejected(StatusCode::TOO_MANY_REQUESTS, message)
         }
     }
@@ -73,8 +89,9 @@ impl ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             durable,
             message: message.into(),
-            retry_after: Some(1),
+            retry_after: Some(Duration::from_secs(1)),
             id: None,
+            close: false,
         }
     }
 
@@ -86,6 +103,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             id: None,
+            close: false,
         }
     }
 
@@ -98,6 +116,7 @@ impl ApiError {
             durable: self.durable.as_str(),
             message: &self.message,
             id: self.id.as_deref(),
+            retry_after_ms: self.retry_after.map(|d| d.as_millis().max(1) as u64),
         }
     }
 }
@@ -115,8 +134,13 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status);
-        if let Some(secs) = self.retry_after {
+        if let Some(after) = self.retry_after {
+            // The header has whole seconds only: rounded up, at least one.
+            let secs = after.as_millis().div_ceil(1000).max(1);
             resp.insert_header(("Retry-After", secs.to_string()));
+        }
+        if self.close {
+            resp.force_close();
         }
         resp.json(self.body())
     }

@@ -6,11 +6,17 @@
 //!   `/metrics`: [`admin`]
 //! - `/v1/namespaces/{ns}/dlq…`: [`dlq`]
 //! - `/v1/namespaces/{ns}/delayed…`: [`delayed`]
+//! - `/v1/namespaces/{ns}/replays…` and `.../entries`: [`replay`]
+//!
+//! Every route is registered from [`auth::ENDPOINTS`], with the scope it
+//! needs; [`auth::admit`] checks it before the handler runs.
 
 pub mod admin;
+pub mod auth;
 pub mod delayed;
 pub mod dlq;
 pub mod error;
+pub mod replay;
 pub mod write;
 
 use std::collections::BTreeMap;
@@ -25,6 +31,11 @@ use crate::actors::supervisor::{NamespaceRuntime, TargetRuntime};
 use crate::backends::LogHealth;
 use crate::config::ServerConfig;
 
+/// Who called, once admitted with a token ([`auth::admit`]): handlers that
+/// answer per namespace (`GET /v1/namespaces`) read it.
+#[derive(Clone, Debug)]
+pub struct Caller(pub crate::config::TokenConfig);
+
 /// What every handler shares.
 pub struct AppState {
     pub namespaces: BTreeMap<String, Arc<NamespaceRuntime>>,
@@ -33,6 +44,10 @@ pub struct AppState {
     pub server: ServerConfig,
     /// Walden's own state (parked and delayed entries, idempotency keys).
     pub state: Arc<crate::state::StateStore>,
+    /// The process's replays.
+    pub replays: Arc<crate::actors::replay::Replays>,
+    /// Who may call the API; a SIGHUP swaps in the config file's tokens.
+    pub tokens: std::sync::RwLock<Arc<auth::Tokens>>,
 }
 
 impl AppState {
@@ -61,45 +76,23 @@ pub(crate) fn targets_named<'a>(
     }
 }
 
-/// Register every route.
+/// Register every route ([`auth::ENDPOINTS`], each with its rule).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/namespaces/{ns}/log", web::post().to(write::write_one))
-        .route(
-            "/v1/namespaces/{ns}/mutations",
-            web::post().to(write::write_set),
-        )
-        .route(
-            "/v1/namespaces/{ns}/log/batch",
-            web::post().to(write::write_batch),
-        )
-        .route("/v1/namespaces/{ns}/delayed", web::get().to(delayed::list))
-        .route(
-            "/v1/namespaces/{ns}/delayed/{id}",
-            web::delete().to(delayed::cancel),
-        )
-        .route("/v1/namespaces/{ns}/dlq", web::get().to(dlq::list))
-        .route(
-            "/v1/namespaces/{ns}/dlq/redrive",
-            web::post().to(dlq::redrive),
-        )
-        .route("/v1/namespaces/{ns}/dlq/purge", web::post().to(dlq::purge))
-        .route("/v1/namespaces/{ns}/dlq/{id}", web::get().to(dlq::show))
-        .route("/v1/namespaces", web::get().to(admin::list_namespaces))
-        .route("/v1/namespaces/{ns}", web::get().to(admin::namespace_stats))
-        .route("/healthz", web::get().to(admin::healthz))
-        .route("/readyz", web::get().to(admin::readyz))
-        .route("/metrics", web::get().to(admin::metrics))
-        .default_service(web::to(|| async {
-            Err::<actix_web::HttpResponse, _>(ApiError::not_found("no such route"))
-        }));
+    auth::register(cfg);
+    cfg.default_service(web::to(|| async {
+        Err::<actix_web::HttpResponse, _>(ApiError::not_found("no such route"))
+    }));
 }
 
 /// Read a JSON request body, refusing anything that is not JSON (415) or
-/// larger than `limit` (413) before buffering it.
+/// larger than `server.max_body_bytes` (413, before any of it is buffered
+/// when `Content-Length` says so), or that does not arrive whole within
+/// `server.body_timeout_ms` (408, and the connection is closed: a client
+/// that trickles its body holds nothing for long).
 pub(crate) async fn read_json_body(
     req: &actix_web::HttpRequest,
     mut body: web::Payload,
-    limit: usize,
+    server: &ServerConfig,
 ) -> Result<web::Bytes, ApiError> {
     let content_type = req
         .headers()
@@ -113,15 +106,42 @@ pub(crate) async fn read_json_body(
             format!("the body must be JSON (Content-Type: application/json), not {content_type:?}"),
         ));
     }
-    let mut buf = web::BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::too_large(format!(
-                "the body is larger than server.max_body_bytes ({limit})"
-            )));
-        }
-        buf.extend_from_slice(&chunk);
+    let limit = server.max_body_bytes;
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the body is larger than server.max_body_bytes ({limit})"
+        ))
+        .closing()
+    };
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
-    Ok(buf.freeze())
+    let read = async {
+        let mut buf = web::BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(server.body_timeout(), read).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::rejected(
+            actix_web::http::StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within server.body_timeout_ms ({} ms)",
+                server.body_timeout_ms
+            ),
+        )
+        .closing()),
+    }
 }

@@ -28,13 +28,15 @@ impl From<IngestError> for ApiError {
             Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
         };
-        let retry_after = matches!(e.refusal, Refusal::Shed | Refusal::Unavailable).then_some(1);
+        let retry_after = matches!(e.refusal, Refusal::Shed | Refusal::Unavailable)
+            .then(|| e.retry_after.unwrap_or(std::time::Duration::from_secs(1)));
         ApiError {
             status,
             durable: e.durable,
             message: e.message,
             retry_after,
             id: e.id,
+            close: false,
         }
     }
 }
@@ -92,7 +94,7 @@ impl<'a> Written<'a> {
 
 /// Parse JSON into `T`, naming the field of any error. `what` names the
 /// document in an error; it is only built on one.
-fn parse<'a, T: Deserialize<'a>>(
+pub fn parse<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     what: impl FnOnce() -> String,
 ) -> Result<T, ApiError> {
@@ -114,6 +116,22 @@ fn parse<'a, T: Deserialize<'a>>(
     de.end()
         .map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))?;
     Ok(value)
+}
+
+/// A batch body's entries, each parsed or refused on its own. The fast path
+/// parses every entry in one pass; if any entry is malformed, each is
+/// parsed alone, so the others still go in and the error names its entry.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Result<WriteRequest<'_>, ApiError>>, ApiError> {
+    if let Ok(batch) = serde_json::from_slice::<WellFormedBatch>(bytes) {
+        return Ok(batch.entries.into_iter().map(Ok).collect());
+    }
+    let batch: BatchRequest = parse(bytes, || "batch body".into())?;
+    Ok(batch
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| parse(raw.get().as_bytes(), || format!("entries[{i}]")))
+        .collect())
 }
 
 /// What a forwarding Walden's request headers say ([`relay`]), checked: a
@@ -219,7 +237,7 @@ pub async fn write_one(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
+    let bytes = read_json_body(&req, body, &state.server).await?;
     let parsed: WriteRequest = parse(&bytes, || "request body".into())?;
     let relay = Relay::of(&req, &state.server.instance_id, &ns.name, 1)?;
     let span =
@@ -254,23 +272,8 @@ pub async fn write_batch(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
-    // The fast path parses every entry in one pass; if any entry is
-    // malformed, each is parsed on its own, so the others still go in and
-    // the error names its entry.
-    let requests: Vec<Result<WriteRequest, ApiError>> =
-        match serde_json::from_slice::<WellFormedBatch>(&bytes) {
-            Ok(batch) => batch.entries.into_iter().map(Ok).collect(),
-            Err(_) => {
-                let batch: BatchRequest = parse(&bytes, || "batch body".into())?;
-                batch
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .map(|(i, raw)| parse(raw.get().as_bytes(), || format!("entries[{i}]")))
-                    .collect()
-            }
-        };
+    let bytes = read_json_body(&req, body, &state.server).await?;
+    let requests = decode_batch(&bytes)?;
     let max = ns.config.limits.max_batch_entries;
     if requests.len() > max {
         return Err(ApiError::too_large(format!(
@@ -336,7 +339,7 @@ pub async fn write_set(
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let ns = state.namespace(&path)?.clone();
-    let bytes = read_json_body(&req, body, state.server.max_body_bytes).await?;
+    let bytes = read_json_body(&req, body, &state.server).await?;
     let parsed: SetRequest = parse(&bytes, || "set body".into())?;
     let relay = Relay::of(
         &req,

@@ -11,6 +11,7 @@
 //! every backend.
 
 pub mod embedded;
+pub mod fuzz;
 pub mod kafka;
 pub mod open;
 pub mod shard;
@@ -319,6 +320,78 @@ pub trait KeyHolds: Send + Sync {
     fn holding_letter(&self, target: &str, id: &str) -> Option<u64>;
 }
 
+/// What became of a set of mutations staged on a backend that cannot write
+/// it as one unit ([`SetStaging`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetFate {
+    Applied,
+    /// Stored in the DLQ as one letter.
+    DeadLettered,
+    /// Its marker never came (its producer died half-way): nothing of it is
+    /// applied.
+    Abandoned,
+}
+
+impl SetFate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetFate::Applied => "applied",
+            SetFate::DeadLettered => "dead_lettered",
+            SetFate::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "applied" => Some(SetFate::Applied),
+            "dead_lettered" => Some(SetFate::DeadLettered),
+            "abandoned" => Some(SetFate::Abandoned),
+            _ => None,
+        }
+    }
+}
+
+/// A staged set at its marker: its mutations, or its fate if it is settled
+/// already.
+pub enum Gathered {
+    Members(Vec<Delivered>),
+    Settled(SetFate),
+}
+
+/// Where a backend whose log cannot write a set as one unit (Kafka: its
+/// mutations sit in several partitions, maybe owned by several processes)
+/// stages the set for its targets. Each mutation is published once it is
+/// the first of its key for a target; the owner of the marker's shard
+/// gathers them, applies the set whole, and settles it for every mutation.
+/// Sets are named by attempt ([`Entry::set_attempt`]).
+pub trait SetStaging: Send + Sync {
+    /// `member` is ready for `target`: resolves with its set's fate.
+    fn member(
+        &self,
+        target: &str,
+        member: Delivered,
+    ) -> BoxFuture<'static, Result<SetFate, String>>;
+    /// The set of `marker`, once every mutation of it is ready for `target`.
+    fn gather(
+        &self,
+        target: &str,
+        marker: &Delivered,
+    ) -> BoxFuture<'static, Result<Gathered, String>>;
+    /// Record the set `attempt` settled for `target`, durably.
+    fn settle(
+        &self,
+        target: &str,
+        attempt: &str,
+        fate: SetFate,
+    ) -> BoxFuture<'static, Result<(), String>>;
+    /// A request to give a set up, reached in shard 0 for `target` after
+    /// anything before it there: the set is given up unless its marker came
+    /// first (and has settled it for `target`).
+    fn abandon(&self, target: &str, request: &Delivered) -> BoxFuture<'static, Result<(), String>>;
+    /// When the oldest set `target` still gathers began to.
+    fn oldest_waiting_ms(&self, target: &str) -> Option<u64>;
+}
+
 /// Appends entries to a backend: the one write path. Ingest calls it for
 /// every client write, and the conformance suite calls it too.
 pub trait Producer: Send + Sync {
@@ -452,6 +525,22 @@ pub trait Topic: Send + Sync {
         extra: &'a [(&'a str, String)],
     ) -> BoxFuture<'a, Result<(), BackendError>>;
 
+    /// Publish `entries` (each with its `extra` headers) as one unit where
+    /// the topic was opened with a transactional id: one transaction, which
+    /// readers with `isolation.level = read_committed` see whole or not at
+    /// all. Otherwise one after another, in order.
+    fn publish_all<'a>(
+        &'a self,
+        entries: &'a [(&'a Entry, Vec<(&'a str, String)>)],
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            for (entry, extra) in entries {
+                self.publish(entry, extra).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Ok when the topic exists and the broker answers.
     fn check(&self) -> BoxFuture<'_, Result<(), BackendError>>;
 }
@@ -463,6 +552,9 @@ pub struct TopicAddress<'a> {
     pub topic: &'a str,
     pub options: &'a std::collections::BTreeMap<String, String>,
     pub timeout: Duration,
+    /// Publish [`Topic::publish_all`] in transactions under this id; one
+    /// producer may use an id at a time (a second fences the first out).
+    pub transactional_id: Option<String>,
 }
 
 /// A producer for `address` (idempotent, acks=all). Checks the options;
@@ -501,6 +593,50 @@ impl Limit {
         }
         out
     }
+}
+
+/// An entry read back from a log, with its position there (an offset: on
+/// Kafka a redriven copy's position differs from its sequence).
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub position: u64,
+    pub delivered: Delivered,
+}
+
+/// A log that can be read again from a point in time: what a replay reads.
+/// Positions are a shard's offsets. Blocking calls (a read of the log, a
+/// broker round trip); run them off the async workers.
+pub trait ReplayLog: Send + Sync {
+    /// The first position of `shard` written at or after `at_ms` (the end,
+    /// if there is none).
+    fn position_at(&self, shard: &ShardRef, at_ms: u64) -> Result<u64, BackendError>;
+
+    /// The position the next entry of `shard` will get.
+    fn end(&self, shard: &ShardRef) -> Result<u64, BackendError>;
+
+    /// The earliest position of `shard` the log still holds, and its write
+    /// time (`None`: the shard holds nothing).
+    fn earliest(&self, shard: &ShardRef) -> Result<(u64, Option<u64>), BackendError>;
+
+    /// Whether retention has deleted entries of `shard`: the log no longer
+    /// reaches back to its first one.
+    fn trimmed(&self, shard: &ShardRef) -> Result<bool, BackendError>;
+
+    /// Entries of `shard` from position `from`, oldest first, within
+    /// `limit`; empty at the end.
+    fn read(&self, shard: &ShardRef, from: u64, limit: Limit) -> Result<Vec<Logged>, BackendError>;
+
+    /// Keep the entries of these shards from these positions on against
+    /// retention, under `holder`, as a consumer group's progress does (a
+    /// log whose retention is not its own, a broker's, cannot).
+    fn hold(
+        &self,
+        holder: &str,
+        from: &std::collections::BTreeMap<ShardRef, u64>,
+    ) -> Result<(), BackendError>;
+
+    /// Stop holding for `holder`.
+    fn release(&self, holder: &str, shards: &[ShardRef]) -> Result<(), BackendError>;
 }
 
 /// Where delayed entries wait until they are due, so that a shard's

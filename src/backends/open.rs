@@ -9,11 +9,12 @@ use tracing::info;
 
 use super::embedded::{EmbeddedDlq, EmbeddedLog};
 use super::kafka::{
-    KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaSettings, Membership,
+    KafkaDelayTiers, KafkaDlq, KafkaGroup, KafkaProducer, KafkaReplayLog, KafkaSets, KafkaSettings,
+    Membership,
 };
 use super::shard::{AnyDlq, NamespaceBackend};
 use super::sqs::{
-    Hlc, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
+    Hlc, SqsArchive, SqsDelays, SqsDlq, SqsError, SqsNamespace, SqsProducer, SqsSettings, SqsShards,
 };
 use super::{BackendError, DelayStore};
 use crate::config::{
@@ -103,6 +104,15 @@ async fn kafka(
         }
         false => (Vec::new(), Vec::new()),
     };
+    // Sets of mutations meet there, for the processes that apply them.
+    let sets = match server.role.applies() {
+        true => {
+            let abandon_after = Duration::from_millis(k.set_abandon_after_ms);
+            let retention = Duration::from_millis(k.sets_retention_ms);
+            Some(KafkaSets::open(&settings, name, abandon_after, retention).await?)
+        }
+        false => None,
+    };
     let dlq_settings = KafkaSettings {
         topic: k.dlq_topic(name),
         ..settings.clone()
@@ -116,12 +126,16 @@ async fn kafka(
             group.follow_holds(dlq.clone());
         }
     }
+    // Replays read the topic with readers of their own, outside the groups.
+    let replay = Arc::new(KafkaReplayLog::new(&settings)?);
     info!(namespace = name, topic = %settings.topic, brokers = %settings.brokers, "Kafka topic ready.");
     Ok(Opened {
         backend: NamespaceBackend::Kafka {
             producer,
             groups,
             delay_groups,
+            sets,
+            replay,
         },
         dlq: AnyDlq::Kafka(dlq),
         delays: tiers.map(|t| t as Arc<dyn DelayStore>),
@@ -216,12 +230,37 @@ async fn sqs(
         delays.start_worker(Duration::from_secs(q.wait_time_s.into()));
     }
     info!(namespace = name, queues = ?q.queues, dlq = %q.dlq_queue(), delays = %q.delay_queue(), shards = ns.shards, "SQS queues ready.");
+    // A copy of each entry this process sends, for replays.
+    let archive = match q.archive {
+        true => {
+            let dir = server.data_dir.join("archive").join(name);
+            let nonzero = |v: u64| (v > 0).then_some(v);
+            let (max_age, max_bytes) = (
+                nonzero(q.archive_max_age_ms).map(Duration::from_millis),
+                nonzero(q.archive_max_bytes),
+            );
+            let (ns_name, shards) = (name.to_string(), ns.shards);
+            let archive = tokio::task::spawn_blocking(move || {
+                SqsArchive::open(&dir, &ns_name, shards, max_age, max_bytes)
+            })
+            .await
+            .expect("opening the archive does not panic")
+            .map_err(|e| SqsError::Queue {
+                queue: q.queues[0].clone(),
+                message: format!("cannot open the archive: {e}"),
+            })?;
+            archive.start_retention();
+            Some(archive)
+        }
+        false => None,
+    };
     let backend = SqsNamespace {
         client,
         fifo: q.is_fifo(),
         max_message_bytes: q.max_message_bytes as usize,
         queues,
         producers: server.role.writes().then_some(shards),
+        archive,
     };
     Ok(Opened {
         backend: NamespaceBackend::Sqs(Arc::new(backend)),

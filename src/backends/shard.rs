@@ -11,11 +11,12 @@ use super::embedded::{
 };
 use super::kafka::{
     KafkaCheckpointer, KafkaConsumer, KafkaDelivery, KafkaDlq, KafkaGroup, KafkaProducer,
+    KafkaReplayLog, KafkaSets,
 };
 use super::sqs::{SqsCheckpointer, SqsConsumer, SqsDelivery, SqsDlq, SqsNamespace};
 use super::{
     BackendError, Consumer, DeadLetter, DeadLetters, Delivery, NoWrites, Producer, RedriveReport,
-    Selection,
+    Selection, SetStaging,
 };
 use crate::entry::{Entry, ShardRef};
 
@@ -31,6 +32,10 @@ pub enum NamespaceBackend {
         groups: Vec<(String, Arc<KafkaGroup>)>,
         /// Memberships in the delay tiers' groups (consumer processes).
         delay_groups: Vec<Arc<KafkaGroup>>,
+        /// Where sets of mutations meet (consumer processes).
+        sets: Option<KafkaSets>,
+        /// What replays read the topic with.
+        replay: Arc<KafkaReplayLog>,
     },
     Sqs(Arc<SqsNamespace>),
 }
@@ -41,6 +46,50 @@ impl NamespaceBackend {
             NamespaceBackend::Embedded(_) => "embedded",
             NamespaceBackend::Kafka { .. } => "kafka",
             NamespaceBackend::Sqs(_) => "sqs",
+        }
+    }
+
+    /// Where this backend stages sets of mutations for the targets, if its
+    /// log cannot write a set as one unit (Kafka).
+    pub fn set_staging(&self) -> Option<Arc<dyn SetStaging>> {
+        match self {
+            NamespaceBackend::Kafka { sets, .. } => {
+                sets.clone().map(|s| Arc::new(s) as Arc<dyn SetStaging>)
+            }
+            _ => None,
+        }
+    }
+
+    /// The log a replay reads, or why this backend has none to read.
+    pub fn replay_log(&self) -> Result<Arc<dyn super::ReplayLog>, &'static str> {
+        match self {
+            NamespaceBackend::Embedded(log) => Ok(log.clone()),
+            NamespaceBackend::Kafka { replay, .. } => Ok(replay.clone()),
+            NamespaceBackend::Sqs(ns) => match &ns.archive {
+                Some(archive) => Ok(archive.clone()),
+                None => Err(
+                    "SQS keeps no log to replay (a message is deleted once applied): set backend.archive = true to keep a copy of each entry for replays",
+                ),
+            },
+        }
+    }
+
+    /// Entries an SQS namespace's archive could not keep since start
+    /// (`None`: the namespace keeps no archive).
+    pub fn archive_failed(&self) -> Option<u64> {
+        match self {
+            NamespaceBackend::Sqs(ns) => ns.archive.as_ref().map(|a| a.failed.get()),
+            _ => None,
+        }
+    }
+
+    /// Close what the namespace keeps on local disk besides the shared log
+    /// (an SQS namespace's archive). Blocking.
+    pub fn close(&self) {
+        if let NamespaceBackend::Sqs(ns) = self
+            && let Some(archive) = &ns.archive
+        {
+            archive.close();
         }
     }
 

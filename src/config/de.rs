@@ -30,6 +30,7 @@ where
         }
         None => return Err(de::Error::missing_field("type")),
     };
+    from_env(&mut table).map_err(de::Error::custom)?;
     let external = Value::Object(Map::from_iter([(kind, Value::Object(table))]));
     serde_path_to_error::deserialize(external).map_err(|e| {
         // The first segment is the variant, which the user wrote as `type`.
@@ -46,6 +47,33 @@ where
         };
         de::Error::custom(format!("{at}{inner}"))
     })
+}
+
+/// A field written as `<field>_env = "VAR"` takes its value from the
+/// environment variable `VAR`, so a secret (a URL with a password, a token)
+/// stays out of the config file.
+fn from_env(table: &mut Map<String, Value>) -> Result<(), String> {
+    let named: Vec<String> = table
+        .keys()
+        .filter(|k| k.ends_with("_env"))
+        .cloned()
+        .collect();
+    for key in named {
+        let field = key.trim_end_matches("_env").to_string();
+        let Some(Value::String(var)) = table.remove(&key) else {
+            return Err(format!(
+                "`{key}`: expected the name of an environment variable"
+            ));
+        };
+        if table.contains_key(&field) {
+            return Err(format!("give `{field}` or `{key}`, not both"));
+        }
+        let value = std::env::var(&var).map_err(|_| {
+            format!("`{key}`: the environment has no variable {var:?} (or it is not UTF-8)")
+        })?;
+        table.insert(field, Value::String(value));
+    }
+    Ok(())
 }
 
 /// A map of client options (`librdkafka`), whose values are strings to the
@@ -123,6 +151,11 @@ where
                 ))
             })?,
         };
+        let live = match table.remove("live") {
+            None => true,
+            Some(Value::Bool(b)) => b,
+            Some(other) => return Err(at(&format!("`live`: expected true or false, got {other}"))),
+        };
         let group = match table.remove("group") {
             None => None,
             Some(Value::String(g)) => Some(g),
@@ -145,6 +178,7 @@ where
             start,
             group,
             sole: false,
+            live,
         });
     }
     Ok(out)

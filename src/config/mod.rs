@@ -6,14 +6,16 @@
 //! reference for `config/walden.toml`.
 
 mod de;
+mod postgres;
 mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+pub use postgres::{PostgresUrl, SslMode, parse_postgres_url};
 pub use validate::{ConfigError, ConfigErrors, validate};
 
 pub use crate::routing::RouteHash;
@@ -72,6 +74,90 @@ pub struct ServerConfig {
     /// Off: a dynamic member, whose partitions move to the others as soon
     /// as the broker notices it is gone, and which a restart must wait out.
     pub static_membership: bool,
+    /// `[[server.tokens]]`: who may call the API. None: no authentication,
+    /// and then Walden listens only on a loopback address.
+    pub tokens: Vec<TokenConfig>,
+    /// `/metrics` needs no token.
+    pub metrics_public: bool,
+    /// Listen beyond loopback with no tokens, on purpose.
+    pub allow_unauthenticated: bool,
+    /// How long a client has to send a request's head (its line and
+    /// headers); past it, 408 and the connection closes.
+    pub request_head_timeout_ms: u64,
+    /// How long a client has to send a whole request body; past it, 408 and
+    /// the connection closes.
+    pub body_timeout_ms: u64,
+    /// Open connections each HTTP worker serves at most (actix counts per
+    /// worker: the process takes `http_workers` times this); past it, new
+    /// connections wait to be accepted.
+    pub max_connections: usize,
+    /// `[server.tls]`: serve HTTPS instead of HTTP.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: the API over HTTPS (rustls). A SIGHUP reads `cert` and
+/// `key` again; if they do not load, the pair in use stays.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM: the server's certificate, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM: the CA that signs client certificates. Set, only clients that
+    /// present one it signed may connect (mutual TLS). Read at start only.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[[server.tokens]]`: one bearer token, kept as its SHA-256 only.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it: named in audit lines.
+    pub name: String,
+    /// The hex SHA-256 of the token's bytes (`walden token new` prints it).
+    pub sha256: String,
+    /// The namespaces it may act on, or `["*"]` for all.
+    pub namespaces: Vec<String>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// WriteToLog, batches and sets of mutations.
+    Write,
+    /// Stats, and the DLQ, delayed-entry, replay and log listings.
+    Read,
+    /// Redrive, purge, cancel and replay (and what `read` may).
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Write => "write",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl TokenConfig {
+    /// Whether the token may act on `namespace` (`None`: on every one).
+    pub fn covers(&self, namespace: Option<&str>) -> bool {
+        self.namespaces.iter().any(|n| n == "*")
+            || namespace.is_some_and(|ns| self.namespaces.iter().any(|n| n == ns))
+    }
+
+    /// Whether the token has `scope` (admin includes read).
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+            || (scope == Scope::Read && self.scopes.contains(&Scope::Admin))
+    }
 }
 
 /// What a process does with its namespaces.
@@ -119,11 +205,30 @@ impl Default for ServerConfig {
             role: Role::All,
             instance_id: String::new(),
             static_membership: true,
+            tokens: Vec::new(),
+            metrics_public: false,
+            allow_unauthenticated: false,
+            request_head_timeout_ms: 5_000,
+            body_timeout_ms: 30_000,
+            max_connections: 25_000,
+            tls: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// Whether `listen` is a loopback address (`127.0.0.0/8` or `::1`),
+    /// reachable from this host only.
+    pub fn listens_on_loopback(&self) -> bool {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback())
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
     pub fn ack_timeout(&self) -> Duration {
         Duration::from_millis(self.ack_timeout_ms)
     }
@@ -180,6 +285,11 @@ pub struct NamespaceConfig {
     /// keeps its own progress, retries, breaker and dead letters.
     #[serde(default, deserialize_with = "de::targets")]
     pub targets: Vec<TargetSpec>,
+    /// Targets with `live = false`: never fed by the log, only by a replay
+    /// that names them. [`Config::resolve_targets`] moves them here from
+    /// `targets`, so everything that delivers live reads `targets` alone.
+    #[serde(skip)]
+    pub replay_targets: Vec<TargetSpec>,
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
@@ -190,6 +300,12 @@ pub struct NamespaceConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub delay: DelayConfig,
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    #[serde(default)]
+    pub shedding: SheddingConfig,
+    #[serde(default)]
+    pub scale: ScaleConfig,
     /// A write whose client `id` was accepted within this window gets the
     /// original answer and is not appended again; 0 turns it off.
     #[serde(default = "default_dedup_window_ms")]
@@ -330,6 +446,21 @@ pub struct SqsConfig {
     /// to 1048576 (1 MiB).
     #[serde(default = "default_sqs_max_message_bytes")]
     pub max_message_bytes: u32,
+    /// Keep a copy of each entry sent in a local embedded log
+    /// (`data_dir/archive/<namespace>`), so a replay can read it: SQS
+    /// deletes a message once applied.
+    #[serde(default)]
+    pub archive: bool,
+    /// How long the archive keeps an entry (0: until `archive_max_bytes`).
+    #[serde(default = "default_archive_max_age_ms")]
+    pub archive_max_age_ms: u64,
+    /// The archive's size cap, oldest segments first (0: none).
+    #[serde(default)]
+    pub archive_max_bytes: u64,
+}
+
+fn default_archive_max_age_ms() -> u64 {
+    7 * 24 * 3600 * 1000
 }
 
 fn default_sqs_max_message_bytes() -> u32 {
@@ -412,6 +543,25 @@ pub struct KafkaConfig {
     /// flight before it commits what is done and lets go.
     #[serde(default = "default_rebalance_drain_ms")]
     pub rebalance_drain_ms: u64,
+    /// How long past its deadline a set's mutation waits for the set's
+    /// marker before it asks for the set to be given up (its producer died
+    /// half-way). Room for the clocks of two machines to differ.
+    #[serde(default = "default_set_abandon_after_ms")]
+    pub set_abandon_after_ms: u64,
+    /// How long `<topic>.sets` keeps its records (its `retention.ms` when
+    /// Walden creates it), and how long a process remembers a settled set.
+    /// At least as long as a set's mutation may wait in the topic unapplied.
+    #[serde(default = "default_sets_retention_ms")]
+    pub sets_retention_ms: u64,
+}
+
+fn default_set_abandon_after_ms() -> u64 {
+    60_000
+}
+
+/// Kafka's own default `retention.ms`: seven days.
+fn default_sets_retention_ms() -> u64 {
+    7 * 24 * 3600 * 1000
 }
 
 fn default_rebalance_drain_ms() -> u64 {
@@ -593,6 +743,10 @@ pub enum TargetConfig {
         /// Per-request timeout.
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
+        /// PEM: a private CA to trust for an `https` URL, beside the
+        /// system's roots.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
     },
     /// Apply mutation payloads (`{"op": "put"|"delete", "key", "value"}`) to a
     /// table with columns `key TEXT PRIMARY KEY, value JSONB, version BIGINT,
@@ -600,7 +754,11 @@ pub enum TargetConfig {
     Postgres {
         #[serde(default = "default_target_name")]
         name: String,
-        /// e.g. `postgres://user@127.0.0.1:5432/db`.
+        /// e.g. `postgres://user@127.0.0.1:5432/db`. TLS as libpq's
+        /// `sslmode` (`disable`, `prefer`, the default, `require`,
+        /// `verify-ca`, `verify-full`) and `sslrootcert` (a CA file; the
+        /// system's roots without one) say, in the URL's query or as
+        /// `key=value` pairs.
         url: String,
         /// `table` or `schema.table`.
         table: String,
@@ -616,7 +774,8 @@ pub enum TargetConfig {
     Redis {
         #[serde(default = "default_target_name")]
         name: String,
-        /// e.g. `redis://127.0.0.1:6379/0`.
+        /// e.g. `redis://127.0.0.1:6379/0`; `rediss://` for TLS, which
+        /// verifies the server against the system's roots and `ca_file`.
         url: String,
         /// Prepended to every mutation key.
         #[serde(default)]
@@ -624,6 +783,9 @@ pub enum TargetConfig {
         /// Per-command and connect timeout.
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
+        /// PEM: a private CA to trust for a `rediss://` URL.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
     },
     /// Apply mutation payloads to Memcached (the EVCache persona), each
     /// item guarded by its version: `gets`, compare, then `cas` (or `add`
@@ -666,6 +828,10 @@ pub enum TargetConfig {
         /// Per-request timeout.
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
+        /// PEM: a private CA to trust for an `https` URL, beside the
+        /// system's roots.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
     },
     /// Produce each entry to a Kafka topic (which must exist), keeping its
     /// key and headers: cross-region replication.
@@ -681,6 +847,12 @@ pub enum TargetConfig {
         /// The most one delivery waits for its report.
         #[serde(default = "default_http_timeout_ms")]
         timeout_ms: u64,
+        /// Produce each set of mutations in one Kafka transaction, which
+        /// `read_committed` readers see whole or not at all. The brokers
+        /// must support transactions (noida-db and tansu do not). Off: a
+        /// set's mutations are produced one after another, in order.
+        #[serde(default)]
+        transactions: bool,
     },
 }
 
@@ -695,6 +867,9 @@ pub struct TargetSpec {
     pub group: Option<String>,
     /// It came from the single `[namespaces.N.target]` table.
     pub sole: bool,
+    /// `live = false`: a replay-only target, which only a replay naming it
+    /// delivers to (for example a scratch table to compare with).
+    pub live: bool,
 }
 
 /// `start`: where a new target begins.
@@ -932,6 +1107,38 @@ impl Default for DelayConfig {
     }
 }
 
+/// `[namespaces.NAME.replay]`: how replays of the namespace's log run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Entries a replay applies per second, at most, over all its shards,
+    /// so it runs beside live delivery without crowding it out.
+    pub max_per_s: u64,
+    /// The `Idempotency-Key` an HTTP target gets for a replayed entry:
+    /// `"original"` (the entry's id: a target that deduplicates drops the
+    /// replay) or `"replay"` (`{id}.replay.{replay id}`: the target applies
+    /// it again). A replay request may choose for itself.
+    pub idempotency_key: ReplayIdempotency,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            max_per_s: 10_000,
+            idempotency_key: ReplayIdempotency::Original,
+        }
+    }
+}
+
+/// `replay.idempotency_key`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayIdempotency {
+    #[default]
+    Original,
+    Replay,
+}
+
 /// The largest `limits.max_payload_bytes`: half the embedded log's largest
 /// record body, so the entry's id, key and headers fit beside it.
 pub const MAX_PAYLOAD_LIMIT: usize = 32 << 20;
@@ -975,6 +1182,93 @@ impl Default for LimitsConfig {
     }
 }
 
+/// How urgent a write is: under load `batch` is refused first and
+/// `critical` last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Critical,
+    #[default]
+    Normal,
+    Batch,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Normal, Priority::Batch];
+
+    /// 0, 1, 2 from `critical` to `batch`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Normal => "normal",
+            Priority::Batch => "batch",
+        }
+    }
+}
+
+/// How a namespace's concurrency limit moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShedAlgorithm {
+    /// From the ratio of the long-term latency to the latest.
+    #[default]
+    Gradient2,
+    /// From the queue estimated against the least latency seen.
+    Vegas,
+    /// `initial_limit`, for ever.
+    Fixed,
+}
+
+/// `[namespaces.NAME.shedding]`: the adaptive limit on write requests in
+/// flight (see `shedding`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SheddingConfig {
+    pub algorithm: ShedAlgorithm,
+    /// Requests in flight, at start (and for ever with `fixed`).
+    pub initial_limit: usize,
+    pub min_limit: usize,
+    pub max_limit: usize,
+    /// The priority of a write that names none.
+    pub priority: Priority,
+    /// The share of the limit `normal` writes may fill (`critical`: all).
+    pub normal_share: f64,
+    /// The share of the limit `batch` writes may fill.
+    pub batch_share: f64,
+}
+
+impl Default for SheddingConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: ShedAlgorithm::Gradient2,
+            initial_limit: 100,
+            min_limit: 10,
+            max_limit: 5000,
+            priority: Priority::Normal,
+            normal_share: 0.9,
+            batch_share: 0.8,
+        }
+    }
+}
+
+/// `[namespaces.NAME.scale]`: what `GET .../scale` sizes consumers for.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleConfig {
+    /// The backlog should clear within this many seconds.
+    pub target_lag_s: u64,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        Self { target_lag_s: 60 }
+    }
+}
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -1013,8 +1307,14 @@ impl Config {
                     start: TargetStart::Earliest,
                     group: None,
                     sole: true,
+                    live: true,
                 });
             }
+            let (live, replay_only) = std::mem::take(&mut ns.targets)
+                .into_iter()
+                .partition(|t| t.live);
+            ns.targets = live;
+            ns.replay_targets = replay_only;
         }
     }
 }

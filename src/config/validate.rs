@@ -87,6 +87,55 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
             format!("{:?} is not an address like 127.0.0.1:7070", s.listen),
         );
     }
+    if s.tokens.is_empty() && !s.allow_unauthenticated && !s.listens_on_loopback() {
+        e.server(
+            "server.listen",
+            format!(
+                "{:?} is reachable beyond this host, and no [[server.tokens]] are configured: anyone who reaches the port could write, read dead letters and purge them. Add tokens (`walden token new`), listen on 127.0.0.1, or set server.allow_unauthenticated = true on purpose",
+                s.listen
+            ),
+        );
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, t) in s.tokens.iter().enumerate() {
+        let at = |f: &str| format!("server.tokens[{i}].{f}");
+        if t.name.is_empty() {
+            e.server(&at("name"), "must not be empty");
+        } else if !names.insert(t.name.as_str()) {
+            e.server(&at("name"), format!("{:?} names two tokens", t.name));
+        }
+        if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            e.server(
+                &at("sha256"),
+                "must be 64 hex digits: the SHA-256 of the token, never the token itself (`walden token new` prints it)",
+            );
+        }
+        if t.namespaces.is_empty() {
+            e.server(&at("namespaces"), "must name a namespace, or \"*\" for all");
+        }
+        for ns in t.namespaces.iter().filter(|n| *n != "*") {
+            if !config.namespaces.contains_key(ns) {
+                e.server(
+                    &at("namespaces"),
+                    format!("no namespace {ns:?} is configured"),
+                );
+            }
+        }
+        if t.scopes.is_empty() {
+            e.server(&at("scopes"), "must give \"write\", \"read\" or \"admin\"");
+        }
+    }
+    if let Some(tls) = &s.tls {
+        for (field, path) in [
+            ("server.tls.cert", Some(&tls.cert)),
+            ("server.tls.key", Some(&tls.key)),
+            ("server.tls.client_ca", tls.client_ca.as_ref()),
+        ] {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                e.server(field, "must name a PEM file");
+            }
+        }
+    }
     if s.data_dir.as_os_str().is_empty() {
         e.server("server.data_dir", "must not be empty");
     }
@@ -95,6 +144,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         ("server.max_in_flight", s.max_in_flight),
         ("server.mailbox_capacity", s.mailbox_capacity),
         ("server.max_body_bytes", s.max_body_bytes),
+        (
+            "server.request_head_timeout_ms",
+            s.request_head_timeout_ms as usize,
+        ),
+        ("server.body_timeout_ms", s.body_timeout_ms as usize),
+        ("server.max_connections", s.max_connections),
     ] {
         if value == 0 {
             e.server(field, "must be greater than 0");
@@ -258,6 +313,52 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
                 "must not exceed delay.max_delay_ms",
             );
         }
+        if ns.scale.target_lag_s == 0 {
+            e.ns(name, "scale.target_lag_s", "must be greater than 0");
+        }
+        let sh = &ns.shedding;
+        if sh.min_limit == 0 || sh.min_limit > sh.max_limit {
+            e.ns(
+                name,
+                "shedding.min_limit",
+                format!(
+                    "must be at least 1 and at most shedding.max_limit ({}) (got {})",
+                    sh.max_limit, sh.min_limit
+                ),
+            );
+        }
+        if !(sh.min_limit..=sh.max_limit).contains(&sh.initial_limit) {
+            e.ns(
+                name,
+                "shedding.initial_limit",
+                format!(
+                    "must be between shedding.min_limit ({}) and shedding.max_limit ({}) (got {})",
+                    sh.min_limit, sh.max_limit, sh.initial_limit
+                ),
+            );
+        }
+        for (field, share) in [
+            ("shedding.normal_share", sh.normal_share),
+            ("shedding.batch_share", sh.batch_share),
+        ] {
+            if !(share > 0.0 && share <= 1.0) {
+                e.ns(
+                    name,
+                    field,
+                    format!("must be more than 0 and at most 1 (got {share})"),
+                );
+            }
+        }
+        if sh.batch_share > sh.normal_share {
+            e.ns(
+                name,
+                "shedding.batch_share",
+                format!(
+                    "must not exceed shedding.normal_share ({}): batch writes are refused first (got {})",
+                    sh.normal_share, sh.batch_share
+                ),
+            );
+        }
         let l = &ns.limits;
         if l.max_batch_entries > s.max_in_flight {
             // A batch takes one in-flight slot per entry: a larger one could
@@ -368,7 +469,7 @@ impl RowSpace {
     fn of(target: &TargetConfig) -> Option<Self> {
         match target {
             TargetConfig::Postgres { url, table, .. } => {
-                let pg: tokio_postgres::Config = url.parse().ok()?;
+                let pg = super::parse_postgres_url(url).ok()?.config;
                 let hosts: Vec<String> = pg
                     .get_hosts()
                     .iter()
@@ -500,6 +601,18 @@ fn validate_kafka(e: &mut Errors, name: &str, ns: &NamespaceConfig, k: &KafkaCon
             format!(
                 "must equal shards ({}): each shard is one partition (got {p})",
                 ns.shards
+            ),
+        );
+    }
+    // A set's records must outlive the wait for its marker, or a late
+    // mutation would find its set forgotten.
+    if k.sets_retention_ms < 60_000 || k.sets_retention_ms <= k.set_abandon_after_ms {
+        e.ns(
+            name,
+            &format!("{prefix}.sets_retention_ms"),
+            format!(
+                "must be at least 60000 and more than set_abandon_after_ms ({}) (got {})",
+                k.set_abandon_after_ms, k.sets_retention_ms
             ),
         );
     }
@@ -723,6 +836,37 @@ fn validate_targets(e: &mut Errors, name: &str, ns: &NamespaceConfig) {
             "an SQS namespace has one target: SQS deletes a message once it is applied, so a second target could neither read it again nor hold it without holding the first; use one namespace per target, or the embedded or Kafka backend",
         );
     }
+    if ns.targets.is_empty() && !ns.replay_targets.is_empty() {
+        e.ns(
+            name,
+            "targets",
+            "every target has `live = false`: a namespace needs at least one live target to deliver its entries to",
+        );
+    }
+    if !ns.replay_targets.is_empty() && matches!(&ns.backend, BackendConfig::Sqs(q) if !q.archive) {
+        e.ns(
+            name,
+            "targets",
+            "a replay-only target (`live = false`) needs a log to replay, and SQS keeps none (a message is deleted once applied): set backend.archive = true",
+        );
+    }
+    for t in &ns.replay_targets {
+        let field = format!("targets.{}", t.name());
+        if !super::valid_target_name(t.name()) {
+            e.ns(
+                name,
+                &field,
+                "a target's name must be 1-64 letters, digits, '-' or '_'",
+            );
+        }
+        if ns.targets.iter().any(|l| l.name() == t.name()) {
+            e.ns(name, &field, "a live target has this name too");
+        }
+        validate_target(e, name, &field, &t.config);
+    }
+    if ns.replay.max_per_s == 0 {
+        e.ns(name, "replay.max_per_s", "must be greater than 0");
+    }
     let mut groups: Vec<(String, &str)> = Vec::new();
     for t in &ns.targets {
         let field = match t.sole {
@@ -766,6 +910,13 @@ fn validate_targets(e: &mut Errors, name: &str, ns: &NamespaceConfig) {
 
 fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig) {
     let at = |f: &str| format!("{field}.{f}");
+    if let TargetConfig::Http { ca_file, .. }
+    | TargetConfig::Walden { ca_file, .. }
+    | TargetConfig::Redis { ca_file, .. } = target
+        && ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty())
+    {
+        e.ns(ns, &at("ca_file"), "must name a PEM file");
+    }
     match target {
         TargetConfig::Stdout { .. } => {}
         TargetConfig::File { path, .. } => {
@@ -788,7 +939,7 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
             timeout_ms,
             ..
         } => {
-            if let Err(err) = url.parse::<tokio_postgres::Config>() {
+            if let Err(err) = super::parse_postgres_url(url) {
                 e.ns(ns, &at("url"), format!("not a postgres URL: {err}"));
             }
             if !super::valid_table_name(table) {
@@ -890,10 +1041,22 @@ fn validate_target(e: &mut Errors, ns: &str, field: &str, target: &TargetConfig)
             brokers,
             topic,
             timeout_ms,
+            librdkafka,
+            transactions,
             ..
         } => {
             if brokers.trim().is_empty() {
                 e.ns(ns, &at("brokers"), "must name at least one host:port");
+            }
+            if librdkafka.contains_key("transactional.id") {
+                e.ns(
+                    ns,
+                    &at("librdkafka"),
+                    match transactions {
+                        true => "transactional.id is Walden's to set (one per process, namespace and target); leave it out",
+                        false => "transactional.id is set with transactions = true; leave it out",
+                    },
+                );
             }
             if !valid_topic_name(topic) {
                 e.ns(

@@ -37,6 +37,11 @@ pub const PAYLOAD_ENCODING_HEADER: &str = "walden.payload";
 /// The entry header that names the targets an entry is for (`a,b`), when
 /// its write named some; absent: every target of its namespace.
 pub const TARGETS_HEADER: &str = "walden.targets";
+/// On an entry a replay applies (and on its dead letter): the replay's id.
+pub const REPLAY_HEADER: &str = "walden.replay";
+/// The `Idempotency-Key` an HTTP target gets for an entry, when it is not
+/// the entry's id (a replay that asks targets to apply it again).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "walden.idempotency_key";
 
 /// Entry headers that a Walden receiving a forwarded entry records: the
 /// namespace and sequence it had where it was first written, and the
@@ -63,6 +68,15 @@ pub const SET_FINGERPRINT_HEADER: &str = "walden.set_fingerprint";
 /// The shard a namespace's set markers go to: their sequences there order
 /// the sets among themselves.
 pub const SET_MARKER_SHARD: u32 = 0;
+/// On Kafka, where a set's records are not written as one unit, every
+/// record of one attempt to write a set carries the attempt's id (a retry
+/// of the same set is another attempt), and its mutations carry the time
+/// by which the marker is written or never will be. A mutation whose
+/// marker does not come asks for its set to be given up with an entry in
+/// shard 0 carrying [`SET_ABANDON_HEADER`] (see `backends::kafka::sets`).
+pub const SET_ATTEMPT_HEADER: &str = "walden.set_attempt";
+pub const SET_DEADLINE_HEADER: &str = "walden.set_deadline_ms";
+pub const SET_ABANDON_HEADER: &str = "walden.set_abandon";
 
 /// Where a mutation sits in its set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +142,22 @@ impl Entry {
     /// The entry is a set's completion marker: it is never applied.
     pub fn is_set_marker(&self) -> bool {
         self.header(SET_MARKER_HEADER).is_some()
+    }
+
+    /// The entry asks for an attempt at a set to be given up (Kafka).
+    pub fn is_set_abandon(&self) -> bool {
+        self.header(SET_ABANDON_HEADER).is_some()
+    }
+
+    /// The attempt at a set that this mutation, marker or request to give
+    /// up belongs to, as `set#attempt` (Kafka); `None` elsewhere.
+    pub fn set_attempt(&self) -> Option<String> {
+        let attempt = self.header(SET_ATTEMPT_HEADER)?;
+        let set = self
+            .header(SET_HEADER)
+            .or_else(|| self.header(SET_MARKER_HEADER))
+            .or_else(|| self.header(SET_ABANDON_HEADER))?;
+        Some(format!("{set}#{attempt}"))
     }
 
     /// Make the entry go to `target` alone (a copy that one target put back

@@ -6,6 +6,7 @@
 //! Errors name the URL without its user info and query, where credentials
 //! and tokens ride: they reach logs and the DLQ's `last_error`.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, join_all};
@@ -39,11 +40,26 @@ pub(super) fn redacted(url: &reqwest::Url) -> String {
     shown
 }
 
-/// The client of an HTTP-speaking sink: `timeout` per request, no Nagle.
-pub(super) fn client(name: &str, timeout: Duration) -> Result<reqwest::Client, SinkError> {
-    reqwest::Client::builder()
+/// The client of an HTTP-speaking sink: `timeout` per request, no Nagle,
+/// and `ca_file`'s certificates trusted beside the system's roots.
+pub(super) fn client(
+    name: &str,
+    timeout: Duration,
+    ca_file: Option<&Path>,
+) -> Result<reqwest::Client, SinkError> {
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    if let Some(path) = ca_file {
+        for cert in crate::tls::certificates("ca_file", path)
+            .map_err(|e| SinkError::permanent(name, e.to_string()))?
+        {
+            let cert = reqwest::Certificate::from_der(&cert)
+                .map_err(|e| SinkError::permanent(name, format!("ca_file: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
         .build()
         .map_err(|e| SinkError::permanent(name, format!("http client: {e}")))
 }
@@ -58,11 +74,16 @@ pub(super) fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
 }
 
 impl HttpSink {
-    pub fn new(name: &str, url: &str, timeout: Duration) -> Result<Self, SinkError> {
+    pub fn new(
+        name: &str,
+        url: &str,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, SinkError> {
         // The parse error alone: the text may hold credentials.
         let url = reqwest::Url::parse(url)
             .map_err(|e| SinkError::permanent(name, format!("bad url: {e}")))?;
-        let client = client(name, timeout)?;
+        let client = client(name, timeout, ca_file)?;
         Ok(Self {
             name: name.into(),
             shown: redacted(&url),
@@ -75,8 +96,13 @@ impl HttpSink {
     async fn post(&self, d: &Delivered) -> ApplyResult {
         crate::failpoint!("sink.http.key", d.entry.key.as_deref().unwrap_or_default());
         let body = serde_json::to_vec(&DeliveredJson::new(d)).expect("JSON of owned data");
-        self.send(body, &d.entry.id, d.entry.header("traceparent"))
-            .await
+        // A replay may ask for a key of its own, so a deduplicating target
+        // applies the entry again.
+        let key = d
+            .entry
+            .header(crate::entry::IDEMPOTENCY_KEY_HEADER)
+            .unwrap_or(&d.entry.id);
+        self.send(body, key, d.entry.header("traceparent")).await
     }
 
     /// POST `body` with its idempotency key, and classify the answer.
@@ -97,7 +123,10 @@ impl HttpSink {
         }
         let resp = req.send().await.map_err(|e| {
             let e = e.without_url();
-            SinkError::transient(&self.name, format!("POST {}: {e}", self.shown))
+            SinkError::transient(
+                &self.name,
+                format!("POST {}: {}", self.shown, super::with_causes(&e)),
+            )
         })?;
         let status = resp.status();
         if status.is_success() {

@@ -10,6 +10,12 @@
 //! (`acks=all`, idempotent producer). Walden does not create the target
 //! topic: until it exists, deliveries fail and are retried.
 //!
+//! With `transactions = true`, a set of mutations is produced in one
+//! transaction (committed whole or aborted), so `read_committed` readers
+//! see all of it or none; the transactional id is
+//! `walden-<process and namespace>-<target>`. Without, a set's mutations go
+//! one after another, in order.
+//!
 //! Errors: an answer that retrying cannot change (the message is too large,
 //! the topic is not authorized, the message is invalid) is permanent; the
 //! rest (broker down, timeouts, unknown topic) are transient.
@@ -35,12 +41,14 @@ impl KafkaSink {
         topic: &str,
         librdkafka: &BTreeMap<String, String>,
         timeout: Duration,
+        transactional_id: Option<String>,
     ) -> Result<Self, SinkError> {
         let topic = backends::open_topic(TopicAddress {
             brokers,
             topic,
             options: librdkafka,
             timeout,
+            transactional_id,
         })
         .map_err(|e| SinkError::permanent(name, format!("kafka producer: {e}")))?;
         Ok(Self {
@@ -58,15 +66,19 @@ impl KafkaSink {
     }
 
     async fn deliver(&self, d: &Delivered) -> ApplyResult {
-        let extra = [
-            ("walden.namespace", d.shard.namespace.to_string()),
-            ("walden.sequence", d.sequence.to_string()),
-        ];
-        match self.topic.publish(&d.entry, &extra).await {
+        match self.topic.publish(&d.entry, &extra(d)).await {
             Ok(()) => Ok(Outcome::Applied),
             Err(e) => Err(self.classify(&e)),
         }
     }
+}
+
+/// The headers a delivered entry carries to the topic beside its own.
+fn extra(d: &Delivered) -> Vec<(&'static str, String)> {
+    vec![
+        ("walden.namespace", d.shard.namespace.to_string()),
+        ("walden.sequence", d.sequence.to_string()),
+    ]
 }
 
 impl Sink for KafkaSink {
@@ -77,6 +89,17 @@ impl Sink for KafkaSink {
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         // One entry per key in a batch: they may be in flight together.
         Box::pin(join_all(batch.iter().map(|d| self.deliver(d))))
+    }
+
+    /// In one transaction with `transactions = true`; else in order.
+    fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
+        Box::pin(async move {
+            let entries: Vec<_> = set.iter().map(|d| (&d.entry, extra(d))).collect();
+            match self.topic.publish_all(&entries).await {
+                Ok(()) => Ok(Outcome::Applied),
+                Err(e) => Err(self.classify(&e)),
+            }
+        })
     }
 
     fn healthcheck(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -33,8 +33,8 @@ pub use stdout::StdoutSink;
 
 use crate::config::TargetConfig;
 use crate::entry::{
-    Delivered, PAYLOAD_ENCODING_HEADER, SET_HEADER, SET_INDEX_HEADER, SET_SIZE_HEADER,
-    TARGETS_HEADER,
+    Delivered, IDEMPOTENCY_KEY_HEADER, PAYLOAD_ENCODING_HEADER, SET_HEADER, SET_INDEX_HEADER,
+    SET_SIZE_HEADER, TARGETS_HEADER,
 };
 
 /// Whether retrying can help.
@@ -202,12 +202,14 @@ pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkErro
             namespace,
             token,
             timeout_ms,
+            ca_file,
         } => Box::new(WaldenSink::new(
             name,
             url,
             namespace,
             token.as_deref(),
             Duration::from_millis(*timeout_ms),
+            ca_file.as_deref(),
             hop.to_string(),
         )?),
         TargetConfig::Stdout { name } => Box::new(StdoutSink::new(name)),
@@ -216,10 +218,12 @@ pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkErro
             name,
             url,
             timeout_ms,
+            ca_file,
         } => Box::new(HttpSink::new(
             name,
             url,
             Duration::from_millis(*timeout_ms),
+            ca_file.as_deref(),
         )?),
         TargetConfig::Postgres {
             name,
@@ -239,11 +243,13 @@ pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkErro
             url,
             key_prefix,
             timeout_ms,
+            ca_file,
         } => Box::new(RedisSink::new(
             name,
             url,
             key_prefix,
             Duration::from_millis(*timeout_ms),
+            ca_file.as_deref(),
         )?),
         TargetConfig::Kafka {
             name,
@@ -251,14 +257,33 @@ pub fn build(target: &TargetConfig, hop: &str) -> Result<Box<dyn Sink>, SinkErro
             topic,
             librdkafka,
             timeout_ms,
+            transactions,
         } => Box::new(KafkaSink::new(
             name,
             brokers,
             topic,
             librdkafka,
             Duration::from_millis(*timeout_ms),
+            // One per process, namespace and target: a second producer with
+            // the id (a restart) fences the first out.
+            transactions.then(|| format!("walden-{hop}-{name}")),
         )?),
     })
+}
+
+/// An error and the causes under it (a certificate not trusted, a refused
+/// connection), each said once. Client errors here carry no credentials.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The JSON form of a delivered entry, shared by every JSON-speaking sink.
@@ -340,6 +365,7 @@ impl Serialize for Headers<'_> {
                 k.as_str(),
                 PAYLOAD_ENCODING_HEADER
                     | TARGETS_HEADER
+                    | IDEMPOTENCY_KEY_HEADER
                     | SET_HEADER
                     | SET_INDEX_HEADER
                     | SET_SIZE_HEADER

@@ -25,6 +25,12 @@
 //!                 deleted BOOLEAN NOT NULL DEFAULT false);
 //! ```
 //!
+//! TLS follows libpq's `sslmode` and `sslrootcert` in the URL
+//! ([`crate::config::parse_postgres_url`]): `verify-full` checks the
+//! server's certificate and name, `verify-ca` (or `require` with a
+//! `sslrootcert`) its chain only, `require` and `prefer` encrypt without
+//! checking.
+//!
 //! Errors: connection errors, serialization failures, deadlocks and resource
 //! shortages are transient; constraint and data errors are permanent. A
 //! missing table fails the healthcheck and is retried (transient), so a
@@ -36,13 +42,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::collections::HashSet;
 
 use futures_util::future::{BoxFuture, join_all};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::mutation::{Mutation, Op, version};
 use super::{ApplyResult, Outcome, Sink, SinkError};
+use crate::config::SslMode;
 use crate::entry::Delivered;
+use crate::tls::Verify;
 
 pub struct PostgresSink {
     name: String,
@@ -64,14 +71,22 @@ impl PostgresSink {
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let pg: tokio_postgres::Config = url
-            .parse()
+        let pg = crate::config::parse_postgres_url(url)
             .map_err(|e| SinkError::permanent(name, format!("bad postgres url: {e}")))?;
+        let verify = match (pg.ssl_mode, &pg.root_cert) {
+            (SslMode::VerifyFull, _) => Verify::Full,
+            // libpq: `require` with a root certificate is `verify-ca`.
+            (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => Verify::Chain,
+            // Encrypted when the server offers it, unauthenticated, as libpq.
+            _ => Verify::Nothing,
+        };
+        let tls = crate::tls::client_config(verify, pg.root_cert.as_deref())
+            .map_err(|e| SinkError::permanent(name, e.to_string()))?;
         let quoted = quote_table(table)
             .ok_or_else(|| SinkError::permanent(name, format!("bad table name {table:?}")))?;
         let manager = Manager::from_config(
-            pg,
-            NoTls,
+            pg.config,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -116,7 +131,10 @@ impl PostgresSink {
         let client = match tokio::time::timeout(self.timeout, self.pool.get()).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                let e = SinkError::transient(&self.name, format!("postgres connection: {e}"));
+                let e = SinkError::transient(
+                    &self.name,
+                    format!("postgres connection: {}", super::with_causes(&e)),
+                );
                 return vec![Err(e); batch.len()];
             }
             Err(_) => {
@@ -226,7 +244,7 @@ impl PostgresSink {
             Ok(Err(e)) => {
                 return Err(SinkError::transient(
                     &self.name,
-                    format!("postgres connection: {e}"),
+                    format!("postgres connection: {}", super::with_causes(&e)),
                 ));
             }
             Err(_) => {
@@ -403,7 +421,10 @@ impl Sink for PostgresSink {
                 .await
                 .map_err(|_| SinkError::transient(&self.name, "postgres connection: timed out"))?
                 .map_err(|e| {
-                    SinkError::transient(&self.name, format!("postgres connection: {e}"))
+                    SinkError::transient(
+                        &self.name,
+                        format!("postgres connection: {}", super::with_causes(&e)),
+                    )
                 })?;
             let quoted = quote_table(&self.table).expect("checked in new");
             // The columns the upsert needs, without reading any rows.

@@ -18,6 +18,7 @@
 //! Errors: I/O, timeouts, dropped connections and `BUSY`/`LOADING`/`TRYAGAIN`
 //! style answers are transient; other server answers are permanent.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, join_all};
@@ -95,9 +96,32 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    pub fn new(name: &str, url: &str, prefix: &str, timeout: Duration) -> Result<Self, SinkError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| SinkError::permanent(name, format!("bad redis url: {e}")))?;
+    pub fn new(
+        name: &str,
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, SinkError> {
+        // The Redis client builds its rustls config from the process's
+        // provider.
+        crate::tls::install_default_provider();
+        let client = match ca_file {
+            None => redis::Client::open(url),
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    SinkError::permanent(name, format!("ca_file {}: {e}", path.display()))
+                })?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| SinkError::permanent(name, format!("bad redis url: {e}")))?;
         Ok(Self {
             name: name.into(),
             client,

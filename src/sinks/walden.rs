@@ -18,6 +18,7 @@
 //! and other 4xx, 409 among them, are permanent for the entry.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
@@ -86,6 +87,7 @@ impl WaldenSink {
         namespace: &str,
         token: Option<&str>,
         timeout: Duration,
+        ca_file: Option<&Path>,
         hop: String,
     ) -> Result<Self, SinkError> {
         let base = reqwest::Url::parse(url)
@@ -99,7 +101,7 @@ impl WaldenSink {
         let sets_url = at(format!("v1/namespaces/{namespace}/mutations"))?;
         Ok(Self {
             name: name.into(),
-            client: http::client(name, timeout)?,
+            client: http::client(name, timeout, ca_file)?,
             shown: http::redacted(&stats_url),
             batch_url,
             sets_url,
@@ -193,7 +195,7 @@ impl WaldenSink {
                 let e = e.without_url();
                 return all(SinkError::transient(
                     &self.name,
-                    format!("POST {}: {e}", self.shown),
+                    format!("POST {}: {}", self.shown, super::with_causes(&e)),
                 ));
             }
         };
@@ -302,7 +304,10 @@ impl WaldenSink {
         let req = self.relayed_post(&self.sets_url, request, &sequences, &body);
         let resp = req.send().await.map_err(|e| {
             let e = e.without_url();
-            SinkError::transient(&self.name, format!("POST {}: {e}", self.shown))
+            SinkError::transient(
+                &self.name,
+                format!("POST {}: {}", self.shown, super::with_causes(&e)),
+            )
         })?;
         let (status, retry_after) = (resp.status(), http::retry_after(&resp));
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
@@ -405,7 +410,11 @@ impl Sink for WaldenSink {
                 )),
                 Err(e) => Err(SinkError::transient(
                     &self.name,
-                    format!("GET {}: {}", self.shown, e.without_url()),
+                    format!(
+                        "GET {}: {}",
+                        self.shown,
+                        super::with_causes(&e.without_url())
+                    ),
                 )),
             }
         })

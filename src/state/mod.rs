@@ -3,11 +3,13 @@
 
 pub mod dedup;
 pub mod park;
+pub mod replays;
 
 use std::path::{Path, PathBuf};
 
 pub use dedup::DedupIndex;
 pub use park::ParkStore;
+pub use replays::ReplayStore;
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store {path}: {source}")]

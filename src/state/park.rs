@@ -388,6 +388,44 @@ impl ParkStore {
         .await
     }
 
+    /// The lowest sequence of `shard` parked now (`None`: nothing is).
+    /// Only each key's head is read, as [`ParkStore::blocked`] does.
+    pub async fn parked_floor(&self, shard: ShardRef) -> Result<Option<u64>, StateError> {
+        let shard = self.at(&shard);
+        self.run(move |s| {
+            let prefix = shard_prefix(&shard);
+            let mut floor: Option<u64> = None;
+            let mut from = prefix.clone();
+            loop {
+                let Some(item) = s.parked.range(from.clone()..).next() else {
+                    break;
+                };
+                let k = item.key().map_err(|e| s.err(e))?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let Some(key) = order_key_of(&k, prefix.len()) else {
+                    from = k.to_vec();
+                    from.push(0);
+                    continue;
+                };
+                // A head: the key's first entry, its lowest sequence.
+                let at = prefix.len() + 4 + key.len();
+                if let Some(seq) = k
+                    .get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                {
+                    floor = Some(floor.map_or(seq, |f| f.min(seq)));
+                }
+                from = entry_key(&shard, &key, u64::MAX);
+                from.push(0);
+            }
+            Ok(floor)
+        })
+        .await
+    }
+
     /// The keys of a shard that cannot deliver now: parked heads and holds.
     /// Only each key's head is read: the scan seeks past the rest of its
     /// backlog, however long.
@@ -638,6 +676,43 @@ mod tests {
         assert_eq!(own.forget_sets(later).await.unwrap(), 2, "every lane");
         assert!(!own.is_set_done("ns", "s1").await.unwrap());
         assert!(!other.is_set_done("ns", "s1").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_parked_floor_is_the_lowest_head_of_the_shard_and_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = ParkStore::open(Arc::new(StateStore::open(dir.path()).unwrap())).unwrap();
+        let other = own.lane(Some("walden.ns.search"));
+        let parked = |shard: u32, key: &str, sequence: u64| Parked {
+            delivered: Delivered {
+                shard: ShardRef::new("ns", shard),
+                sequence,
+                entry: Entry::default(),
+            },
+            order_key: key.into(),
+            attempts: 1,
+            first_failure_ms: 0,
+            due_ms: 0,
+        };
+        let (s0, s1) = (ShardRef::new("ns", 0), ShardRef::new("ns", 1));
+        assert_eq!(own.parked_floor(s0.clone()).await.unwrap(), None);
+        own.park(vec![
+            parked(0, "b", 30),
+            parked(0, "b", 31),
+            parked(0, "a", 40),
+        ])
+        .await
+        .unwrap();
+        own.park(vec![parked(1, "a", 5)]).await.unwrap();
+        other.park(vec![parked(0, "c", 2)]).await.unwrap();
+        own.hold(s0.clone(), "h".into(), "letter".into())
+            .await
+            .unwrap();
+        assert_eq!(own.parked_floor(s0.clone()).await.unwrap(), Some(30));
+        assert_eq!(own.parked_floor(s1.clone()).await.unwrap(), Some(5));
+        assert_eq!(other.parked_floor(s0.clone()).await.unwrap(), Some(2));
+        own.remove(s0.clone(), "b".into(), 30).await.unwrap();
+        assert_eq!(own.parked_floor(s0.clone()).await.unwrap(), Some(31));
     }
 
     #[test]

@@ -98,16 +98,23 @@ pub struct Tansu {
 impl Tansu {
     /// Start one, or `None` (said loudly) when the binary is not known.
     pub fn start() -> Option<Self> {
+        Self::start_advertising(None)
+    }
+
+    /// Start one that tells clients to reach it at `advertised` (a proxy in
+    /// front of it) rather than at its own port.
+    pub fn start_advertising(advertised: Option<u16>) -> Option<Self> {
         let bin = super::test_server("WALDEN_TEST_TANSU_BIN")?;
         let port = super::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let shown = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         let child = Command::new(bin)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &shown,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())

@@ -202,6 +202,7 @@ pub fn unique(prefix: &str) -> String {
 
 pub mod broker;
 pub mod proxy;
+pub mod tls;
 
 /// A free loopback port (for a `walden serve` child to listen on).
 pub fn free_port() -> u16 {
@@ -294,6 +295,23 @@ pub async fn wait_healthy_within(port: u16, limit: std::time::Duration) {
     panic!("walden did not come up on port {port}");
 }
 
+/// Wait until `check` passes, polling every 100 ms; past `limit`, fail
+/// with `what` and the check's last complaint.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Walden's logs on stderr (the service's own subscriber, without OTLP),
 /// which the test runner keeps and shows when the test fails. `RUST_LOG`
 /// picks what; `info` by default.
@@ -313,15 +331,23 @@ pub async fn pg(url: &str) -> tokio_postgres::Client {
 /// A fresh table for a Postgres target (named from `prefix`), with a client
 /// of the test's own that reads it.
 pub async fn postgres_table(url: &str, prefix: &str) -> (tokio_postgres::Client, String) {
+    let table = postgres_table_checked(url, prefix, "").await;
+    (pg(url).await, table)
+}
+
+/// A fresh table for a Postgres target, with `check` (", CHECK (...)") as
+/// an extra constraint when given.
+pub async fn postgres_table_checked(url: &str, prefix: &str, check: &str) -> String {
     let table = unique(prefix);
-    let client = pg(url).await;
-    client
+    pg(url)
+        .await
         .batch_execute(&format!(
-            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, deleted BOOLEAN NOT NULL DEFAULT false)"
+            "CREATE TABLE {table} (key TEXT PRIMARY KEY, value JSONB, version BIGINT NOT NULL, \
+             deleted BOOLEAN NOT NULL DEFAULT false {check})"
         ))
         .await
         .unwrap();
-    (client, table)
+    table
 }
 
 /// Each row of a Postgres target's table whose value is an integer: key →

@@ -158,6 +158,8 @@ impl Committer {
                 Err(_) => break,
             }
         }
+        // Tests stall the committer here, to hold writes in flight.
+        crate::failpoint!("log.commit");
         self.write_batch(batch);
         match self.shared.config.fsync {
             FsyncMode::Always => self.sync_point(),

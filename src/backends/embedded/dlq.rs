@@ -331,7 +331,7 @@ fn encode(letter: DeadLetter) -> Entry {
     }
 }
 
-fn decode(dlq_sequence: u64, stored: Entry) -> Option<DeadLetter> {
+pub(crate) fn decode(dlq_sequence: u64, stored: Entry) -> Option<DeadLetter> {
     let mut meta = HashMap::new();
     let mut headers = Vec::new();
     for (k, v) in stored.headers {

@@ -95,10 +95,12 @@ use std::time::Duration;
 use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::{oneshot, watch};
 
+use crate::backends::BackendError;
 use crate::config::{CorruptionSetting, EmbeddedConfig, FsyncSetting, HardMaxPolicy};
 use crate::entry::{Durable, Entry, ShardRef};
 pub use crate::stats::Counter;
 pub use dlq::EmbeddedDlq;
+pub(crate) use dlq::decode as decode_letter;
 pub use format::Record;
 use fs::{Fs, StdFs};
 use index::{DurableMark, Index};
@@ -837,5 +839,60 @@ impl crate::backends::LogHealth for EmbeddedLog {
                 value,
             })
             .collect()
+    }
+}
+
+/// A replay reads the log through a reader of its own, and holds what it has
+/// not read yet against retention as a consumer group's checkpoint does.
+impl crate::backends::ReplayLog for EmbeddedLog {
+    fn position_at(&self, shard: &ShardRef, at_ms: u64) -> Result<u64, BackendError> {
+        Ok(self.offset_for_time(shard, at_ms)?)
+    }
+
+    fn end(&self, shard: &ShardRef) -> Result<u64, BackendError> {
+        Ok(self.next_offset(shard))
+    }
+
+    fn earliest(&self, shard: &ShardRef) -> Result<(u64, Option<u64>), BackendError> {
+        let first = self.earliest_offset(shard);
+        let mut reader = self.reader(shard, first)?;
+        let at = reader
+            .read_within(crate::backends::Limit::entries(1))?
+            .first()
+            .map(|r| r.entry.timestamp_ms);
+        Ok((first, at))
+    }
+
+    fn trimmed(&self, shard: &ShardRef) -> Result<bool, BackendError> {
+        Ok(self.earliest_offset(shard) > 0)
+    }
+
+    fn read(
+        &self,
+        shard: &ShardRef,
+        from: u64,
+        limit: crate::backends::Limit,
+    ) -> Result<Vec<crate::backends::Logged>, BackendError> {
+        let mut reader = self.reader(shard, from)?;
+        Ok(reader
+            .read_within(limit)?
+            .into_iter()
+            .map(|r| crate::backends::Logged {
+                position: r.offset,
+                delivered: crate::entry::Delivered {
+                    shard: shard.clone(),
+                    sequence: r.offset,
+                    entry: r.entry,
+                },
+            })
+            .collect())
+    }
+
+    fn hold(&self, holder: &str, from: &BTreeMap<ShardRef, u64>) -> Result<(), BackendError> {
+        Ok(self.commit(holder, from)?)
+    }
+
+    fn release(&self, holder: &str, shards: &[ShardRef]) -> Result<(), BackendError> {
+        Ok(self.unsubscribe(holder, shards)?)
     }
 }

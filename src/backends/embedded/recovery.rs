@@ -363,9 +363,34 @@ fn scan(
         };
         index.add(segment, &shard, point);
     };
+    // Each shard's next offset as the frames read so far leave it: a valid
+    // frame below it (a copy, or bytes moved by damage) is not indexed.
+    let mut next: HashMap<ShardRef, u64> = HashMap::new();
     while pos < buf.len() {
         match format::decode_frame(&buf[pos..]) {
             Frame::Valid { record, len } => {
+                let shard = ShardRef {
+                    namespace: record.namespace.clone(),
+                    shard: record.shard,
+                };
+                let expected = next
+                    .get(&shard)
+                    .copied()
+                    .unwrap_or_else(|| index.shards.get(&shard).map_or(0, |s| s.next_offset));
+                if record.offset < expected {
+                    corrupt.push(CorruptFrame {
+                        segment,
+                        position: pos as u64,
+                        claimed: None,
+                        reason: format!(
+                            "a valid record at offset {} of {shard}, which is already at {expected}",
+                            record.offset
+                        ),
+                    });
+                    pos += len;
+                    continue;
+                }
+                next.insert(shard, record.offset + 1);
                 let place = record.entry.set_place();
                 let continues = open
                     .as_ref()

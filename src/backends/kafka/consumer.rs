@@ -17,7 +17,7 @@ use tracing::warn;
 use super::group::{
     KafkaGroup, Received, Slot, WaldenContext, commit, committed_offset, worth_committing,
 };
-use super::{KafkaDlq, KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of};
+use super::{KafkaDlq, KafkaError, KafkaSettings, REDRIVEN_SEQUENCE, entry_of, pairs};
 use crate::backends::Throttle;
 use crate::backends::tracker::Tracker;
 use crate::backends::{BackendError, Consumer, Delivery};
@@ -253,7 +253,7 @@ impl KafkaConsumer {
             offset,
             msg.key(),
             msg.payload(),
-            msg.headers(),
+            pairs(msg.headers()),
             msg.timestamp().to_millis(),
         );
         let mut sequence = offset as u64;

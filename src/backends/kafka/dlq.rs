@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::group::WaldenContext;
-use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of, serve};
+use super::{KafkaError, KafkaProducer, KafkaSettings, entry_of, pairs, serve};
 use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin, RedriveReport, Selection};
 use crate::entry::ShardRef;
 
@@ -729,14 +729,34 @@ fn apply(view: &Mutex<View>, topic: &str, msg: &BorrowedMessage<'_>) {
 /// for a tombstone or a record without a key.
 fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Option<String>)> {
     msg.key()?;
-    let mut entry = entry_of(
+    Some(letter_from(
         topic,
         msg.partition(),
         msg.offset(),
-        None,
-        Some(msg.payload()?),
-        msg.headers(),
+        msg.payload()?,
+        pairs(msg.headers()),
         msg.timestamp().to_millis(),
+    ))
+}
+
+/// The letter a DLQ record holds, from the record's parts, and the key it
+/// holds.
+pub(crate) fn letter_from<'h>(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    payload: &[u8],
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
+    timestamp_ms: Option<i64>,
+) -> (DeadLetter, Option<String>) {
+    let mut entry = entry_of(
+        topic,
+        partition,
+        offset,
+        None,
+        Some(payload),
+        headers,
+        timestamp_ms,
     );
     let mut fields: HashMap<String, String> = HashMap::new();
     entry.headers.retain(|(k, v)| {
@@ -757,7 +777,7 @@ fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Opti
     let namespace = fields.get(H_NAMESPACE).cloned().unwrap_or_default();
     let holds = fields.get(H_HOLDS).cloned();
     let letter = DeadLetter {
-        dlq_sequence: msg.offset().max(0) as u64,
+        dlq_sequence: offset.max(0) as u64,
         origin: Origin {
             shard: ShardRef::new(namespace, num(H_SHARD) as u32),
             sequence: num(H_SEQUENCE),
@@ -769,7 +789,7 @@ fn letter_of(topic: &str, msg: &BorrowedMessage<'_>) -> Option<(DeadLetter, Opti
         last_error: fields.get(H_ERROR).cloned().unwrap_or_default(),
         entry,
     };
-    Some((letter, holds))
+    (letter, holds)
 }
 
 impl crate::backends::KeyHolds for KafkaDlq {

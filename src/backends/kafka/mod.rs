@@ -28,6 +28,8 @@ mod delays;
 mod dlq;
 mod group;
 mod producer;
+mod replay;
+mod sets;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -44,8 +46,11 @@ use rdkafka::{ClientConfig, ClientContext};
 pub use consumer::{KafkaCheckpointer, KafkaConsumer, KafkaDelivery};
 pub use delays::{KafkaDelayTiers, TIERS};
 pub use dlq::KafkaDlq;
+pub(crate) use dlq::letter_from;
 pub use group::{KafkaGroup, Membership, WaldenContext};
 pub use producer::{KafkaProducer, KafkaTopic};
+pub use replay::KafkaReplayLog;
+pub use sets::KafkaSets;
 
 use tracing::warn;
 
@@ -179,7 +184,11 @@ impl KafkaError {
         }
     }
 
-    fn client(what: &'static str, topic: &str, source: rdkafka::error::KafkaError) -> Self {
+    pub(crate) fn client(
+        what: &'static str,
+        topic: &str,
+        source: rdkafka::error::KafkaError,
+    ) -> Self {
         KafkaError::Client {
             what,
             topic: topic.to_string(),
@@ -212,11 +221,20 @@ impl KafkaSettings {
     /// Create the topic with `partitions` partitions if it does not exist;
     /// if it does, check that it has that many.
     pub async fn ensure_topic(&self) -> Result<(), KafkaError> {
+        self.ensure_topic_with(&[]).await
+    }
+
+    /// [`Self::ensure_topic`], creating the topic with the topic configs
+    /// `configs` (an existing topic keeps its own).
+    pub async fn ensure_topic_with(&self, configs: &[(&str, &str)]) -> Result<(), KafkaError> {
         let admin = self.admin()?;
-        let topic = NewTopic::new(
-            &self.topic,
-            self.partitions as i32,
-            TopicReplication::Fixed(1),
+        let topic = configs.iter().fold(
+            NewTopic::new(
+                &self.topic,
+                self.partitions as i32,
+                TopicReplication::Fixed(1),
+            ),
+            |topic, (name, value)| topic.set(name, value),
         );
         let options = AdminOptions::new().operation_timeout(Some(self.ack_timeout));
         let results = admin
@@ -368,15 +386,25 @@ fn headers(entry: &Entry, extra: &[(&str, String)]) -> OwnedHeaders {
     h
 }
 
+/// A record's headers, as (name, value) pairs.
+fn pairs(
+    headers: Option<&rdkafka::message::BorrowedHeaders>,
+) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+    headers
+        .into_iter()
+        .flat_map(|hs| hs.iter())
+        .map(|h| (h.key, h.value))
+}
+
 /// The entry inside a Kafka message. A message that Walden did not write
 /// (no `walden.id`) gets an id from its position.
-fn entry_of(
+fn entry_of<'h>(
     topic: &str,
     partition: i32,
     offset: i64,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-    headers: Option<&rdkafka::message::BorrowedHeaders>,
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
     timestamp_ms: Option<i64>,
 ) -> Entry {
     let mut entry = Entry {
@@ -387,9 +415,9 @@ fn entry_of(
         timestamp_ms: timestamp_ms.unwrap_or(0).max(0) as u64,
         due_ms: 0,
     };
-    for h in headers.into_iter().flat_map(|hs| hs.iter()) {
-        let value = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
-        match h.key {
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.unwrap_or_default()).into_owned();
+        match name {
             ID => entry.id = value,
             DUE => entry.due_ms = value.parse().unwrap_or(0),
             k => entry.headers.push((k.to_string(), value)),

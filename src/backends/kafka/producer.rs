@@ -3,12 +3,17 @@
 use rdkafka::ClientContext;
 use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use tokio::sync::oneshot;
 
 use super::{KafkaError, KafkaSettings, headers};
 use crate::backends::{Appended, BackendError, Producer, WriteReply};
-use crate::entry::{Durable, Entry, ShardRef, TARGETS_HEADER, now_ms};
+use crate::entry::{
+    Durable, Entry, SET_ATTEMPT_HEADER, SET_DEADLINE_HEADER, SET_MARKER_SHARD, ShardRef,
+    TARGETS_HEADER, now_ms,
+};
 
 type Report = Result<i64, (rdkafka::error::KafkaError, Durable)>;
 
@@ -108,6 +113,29 @@ impl KafkaProducer {
         })
     }
 
+    /// Run one of librdkafka's blocking transaction calls off the async
+    /// threads, bounded by the ack timeout.
+    async fn blocking(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(
+            &ThreadedProducer<Reports>,
+            std::time::Duration,
+        ) -> rdkafka::error::KafkaResult<()>
+        + Send
+        + 'static,
+    ) -> Result<(), KafkaError> {
+        let (producer, timeout, topic) =
+            (self.producer.clone(), self.ack_timeout, self.topic.clone());
+        tokio::task::spawn_blocking(move || call(&producer, timeout))
+            .await
+            .map_err(|e| KafkaError::Topic {
+                topic: topic.clone(),
+                message: format!("{what}: {e}"),
+            })?
+            .map_err(|e| KafkaError::client(what, &topic, e))
+    }
+
     /// A producer to `topic` on the same client: one librdkafka instance (its
     /// threads and connections) serves every topic of a namespace.
     pub(crate) fn to_topic(&self, topic: &str) -> Self {
@@ -152,14 +180,7 @@ impl KafkaProducer {
         // message may still be written: the answer is "unknown".
         match tokio::time::timeout(self.ack_timeout, pending.wait()).await {
             Ok(answer) => answer,
-            Err(_) => Err(pending_error(
-                &self.topic,
-                partition,
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-                ),
-                Durable::Unknown,
-            )),
+            Err(_) => Err(self.timed_out(partition)),
         }
     }
 
@@ -269,8 +290,121 @@ impl Producer for KafkaProducer {
         }
     }
 
+    /// The set's mutations first, then (once all are acked, and before the
+    /// deadline) its marker: see `super::sets`.
+    fn append_set(&self, writes: Vec<(ShardRef, Entry, WriteReply)>) {
+        let this = self.clone();
+        tokio::spawn(async move { this.write_set(writes).await });
+    }
+
     fn check_set(&self) -> Result<(), String> {
-        Err("sets of mutations are not supported on Kafka yet: a set spans several partitions, and Walden does not yet stage it so that it is applied whole; use the embedded backend for this namespace".into())
+        Ok(())
+    }
+}
+
+impl KafkaProducer {
+    /// Write a set in two phases; every reply gets the set's outcome.
+    async fn write_set(&self, mut writes: Vec<(ShardRef, Entry, WriteReply)>) {
+        let Some((_, marker, marker_reply)) = writes.pop() else {
+            return;
+        };
+        let attempt = format!("{:016x}", rand::random::<u64>());
+        // The marker is written by then, or never: past it (plus the
+        // clocks' skew), the mutations may ask for the set to be given up.
+        let deadline = now_ms() + 2 * self.ack_timeout.as_millis() as u64;
+        let extra = [
+            (SET_ATTEMPT_HEADER, attempt),
+            (SET_DEADLINE_HEADER, deadline.to_string()),
+        ];
+        let sends: Vec<_> = writes
+            .iter()
+            .map(|(shard, entry, _)| {
+                let key = entry.key.as_deref().unwrap_or(&entry.id);
+                let payload = Some(entry.payload.as_ref());
+                self.enqueue(Some(shard.shard), key, payload, headers(entry, &extra))
+            })
+            .collect();
+        let mut written = Vec::with_capacity(sends.len());
+        let mut failed: Option<KafkaError> = None;
+        for send in sends {
+            let answer = match send {
+                Ok(pending) => tokio::time::timeout(self.ack_timeout, pending.wait())
+                    .await
+                    .unwrap_or_else(|_| Err(self.timed_out(None))),
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(at) => written.push(at),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        // Without its marker the set is never applied: "false" whatever
+        // became of its mutations.
+        let why = match failed {
+            Some(e) => Some(format!("a mutation of the set was not written ({e})")),
+            None if now_ms() >= deadline => {
+                Some("the set's mutations were not all written before its deadline".into())
+            }
+            None => None,
+        };
+        let not_written = |why: &str| KafkaError::Topic {
+            topic: self.topic.clone(),
+            message: format!("{why}; the set was not written, and none of it will be applied"),
+        };
+        if let Some(why) = why {
+            for (_, _, reply) in writes {
+                let _ = reply.send(Err(not_written(&why).into()));
+            }
+            let _ = marker_reply.send(Err(not_written(&why).into()));
+            return;
+        }
+        let answer = match self.produce(Some(SET_MARKER_SHARD), &marker, &extra).await {
+            Ok(at) if now_ms() < deadline => Ok(at),
+            // It may be given up yet: a mutation may have asked first.
+            Ok(_) => Err(self.timed_out(Some(SET_MARKER_SHARD))),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((sequence, timestamp_ms)) => {
+                let appended = |(sequence, timestamp_ms)| Appended {
+                    sequence,
+                    timestamp_ms,
+                    durable: Durable::True,
+                };
+                for ((_, _, reply), at) in writes.into_iter().zip(written) {
+                    let _ = reply.send(Ok(appended(at)));
+                }
+                let _ = marker_reply.send(Ok(appended((sequence, timestamp_ms))));
+            }
+            Err(e) => {
+                let durable = e.durable();
+                let again = |e: &KafkaError| KafkaError::Produce {
+                    topic: self.topic.clone(),
+                    partition: Some(SET_MARKER_SHARD),
+                    durable,
+                    source: Box::new(match e {
+                        KafkaError::Produce { source, .. } => (**source).clone(),
+                        _ => rdkafka::error::KafkaError::Canceled,
+                    }),
+                };
+                for (_, _, reply) in writes {
+                    let _ = reply.send(Err(again(&e).into()));
+                }
+                let _ = marker_reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// A send whose report did not come in time: it may yet be written.
+    fn timed_out(&self, partition: Option<u32>) -> KafkaError {
+        pending_error(
+            &self.topic,
+            partition,
+            rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+            ),
+            Durable::Unknown,
+        )
     }
 }
 
@@ -296,6 +430,16 @@ impl crate::backends::PutBack for KafkaProducer {
 pub struct KafkaTopic {
     settings: KafkaSettings,
     producer: KafkaProducer,
+    /// For [`Topic::publish_all`](crate::backends::Topic::publish_all) when
+    /// a transactional id is set: one transaction at a time.
+    transactions: Option<Transactions>,
+}
+
+/// A transactional producer, made and initialised on first use, and made
+/// again after a transaction fails.
+struct Transactions {
+    settings: KafkaSettings,
+    producer: tokio::sync::Mutex<Option<KafkaProducer>>,
 }
 
 impl KafkaTopic {
@@ -309,7 +453,82 @@ impl KafkaTopic {
             ack_timeout: address.timeout,
         };
         let producer = KafkaProducer::new(&settings)?;
-        Ok(Self { settings, producer })
+        let transactions = address.transactional_id.map(|id| {
+            let mut settings = settings.clone();
+            settings.librdkafka.insert("transactional.id".into(), id);
+            Transactions {
+                settings,
+                producer: tokio::sync::Mutex::new(None),
+            }
+        });
+        Ok(Self {
+            settings,
+            producer,
+            transactions,
+        })
+    }
+
+    /// Produce `entries` in one transaction: committed whole, or aborted.
+    async fn transact(
+        &self,
+        txn: &Transactions,
+        entries: &[(&Entry, Vec<(&str, String)>)],
+    ) -> Result<(), KafkaError> {
+        let mut slot = txn.producer.lock().await;
+        let producer = match slot.as_ref() {
+            Some(p) => p.clone(),
+            None => {
+                let p = KafkaProducer::new(&txn.settings)?;
+                p.blocking("init transactions", |p, t| p.init_transactions(t))
+                    .await?;
+                slot.insert(p).clone()
+            }
+        };
+        producer
+            .blocking("begin transaction", |p, _| p.begin_transaction())
+            .await?;
+        let stripped: Vec<_> = entries.iter().map(|(e, _)| strip_targets(e)).collect();
+        // Queued in order (join_all polls each once, in turn, before waiting).
+        let produced = futures_util::future::join_all(
+            stripped
+                .iter()
+                .zip(entries)
+                .map(|(entry, (_, extra))| producer.produce(None, entry.as_ref(), extra)),
+        )
+        .await;
+        let outcome = match produced.into_iter().find_map(Result::err) {
+            Some(e) => Err(e),
+            None => {
+                producer
+                    .blocking("commit transaction", |p, t| p.commit_transaction(t))
+                    .await
+            }
+        };
+        if outcome.is_err() {
+            // Nothing of an aborted transaction is seen by read_committed
+            // readers. The producer is then made again: after an abort,
+            // librdkafka purged the next transaction's messages (seen on
+            // its mock cluster), and a new one starts clean.
+            let _ = producer
+                .blocking("abort transaction", |p, t| p.abort_transaction(t))
+                .await;
+            *slot = None;
+        }
+        outcome
+    }
+}
+
+/// The targets an entry was for are its namespace's routing, not the topic's
+/// readers' (another Walden reading it as its backend would take them for
+/// its own targets).
+fn strip_targets(entry: &Entry) -> std::borrow::Cow<'_, Entry> {
+    match entry.header(TARGETS_HEADER) {
+        None => std::borrow::Cow::Borrowed(entry),
+        Some(_) => {
+            let mut e = entry.clone();
+            e.headers.retain(|(k, _)| k != TARGETS_HEADER);
+            std::borrow::Cow::Owned(e)
+        }
     }
 }
 
@@ -320,21 +539,27 @@ impl crate::backends::Topic for KafkaTopic {
         extra: &'a [(&'a str, String)],
     ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            // The targets an entry was for are this namespace's routing, not
-            // the topic's readers' (another Walden reading it as its backend
-            // would take them for its own targets).
-            let stripped;
-            let entry = match entry.header(TARGETS_HEADER) {
-                None => entry,
-                Some(_) => {
-                    let mut e = entry.clone();
-                    e.headers.retain(|(k, _)| k != TARGETS_HEADER);
-                    stripped = e;
-                    &stripped
-                }
-            };
-            self.producer.produce(None, entry, extra).await?;
+            self.producer
+                .produce(None, strip_targets(entry).as_ref(), extra)
+                .await?;
             Ok(())
+        })
+    }
+
+    fn publish_all<'a>(
+        &'a self,
+        entries: &'a [(&'a Entry, Vec<(&'a str, String)>)],
+    ) -> futures_util::future::BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            match &self.transactions {
+                Some(txn) => Ok(self.transact(txn, entries).await?),
+                None => {
+                    for (entry, extra) in entries {
+                        crate::backends::Topic::publish(self, entry, extra).await?;
+                    }
+                    Ok(())
+                }
+            }
         })
     }
 

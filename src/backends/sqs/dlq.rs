@@ -34,7 +34,7 @@ use super::{Hlc, Outgoing, SqsError, SqsProducer, SqsQueue, decode, encode, late
 use futures_util::StreamExt;
 
 use crate::backends::{BackendError, DeadLetter, DeadLetters, Origin, RedriveReport, Selection};
-use crate::entry::ShardRef;
+use crate::entry::{Entry, ShardRef};
 use crate::routing::RouteHash;
 
 const LETTER: &str = "walden.dlq";
@@ -216,40 +216,7 @@ impl SqsDlq {
     }
 
     fn letter_of(&self, msg: &aws_sdk_sqs::types::Message) -> DeadLetter {
-        let (entry, sequence) = decode(msg);
-        let meta: Option<LetterMeta> =
-            text(msg, LETTER).and_then(|j| serde_json::from_str(&j).ok());
-        let sent_ms = Self::sent_ms(msg);
-        match meta {
-            Some(m) => DeadLetter {
-                dlq_sequence: m.dlq_sequence,
-                entry,
-                origin: Origin {
-                    shard: ShardRef::new(m.namespace.as_str(), m.shard),
-                    sequence,
-                    target: m.target,
-                },
-                attempts: m.attempts,
-                first_failure_ms: m.first_failure_ms,
-                last_failure_ms: m.last_failure_ms,
-                last_error: m.last_error,
-            },
-            // Moved here by a RedrivePolicy: no letter attribute. Its shard
-            // is the one its key routes to, as at ingest.
-            None => DeadLetter {
-                dlq_sequence: sent_ms << 20,
-                origin: Origin {
-                    shard: ShardRef::new(self.namespace.as_str(), self.route(&entry)),
-                    sequence,
-                    target: String::new(),
-                },
-                attempts: 0,
-                first_failure_ms: sent_ms,
-                last_failure_ms: sent_ms,
-                last_error: "moved by the queue's RedrivePolicy".into(),
-                entry,
-            },
-        }
+        letter_from(msg, &self.namespace, |entry| self.route(entry))
     }
 
     /// Receive every letter that can be had (up to [`PEEK_MAX`]), hidden for
@@ -440,5 +407,48 @@ impl DeadLetters for SqsDlq {
             })
             .await?;
         Ok(removed > 0)
+    }
+}
+
+/// The letter an SQS message of the DLQ holds. A message moved here by a
+/// queue's RedrivePolicy carries no letter attribute: its shard is the one
+/// `route` gives its entry, as at ingest.
+pub(crate) fn letter_from(
+    msg: &aws_sdk_sqs::types::Message,
+    namespace: &str,
+    route: impl Fn(&Entry) -> u32,
+) -> DeadLetter {
+    let (entry, sequence) = decode(msg);
+    let meta: Option<LetterMeta> = text(msg, LETTER).and_then(|j| serde_json::from_str(&j).ok());
+    let sent_ms = SqsDlq::sent_ms(msg);
+    match meta {
+        Some(m) => DeadLetter {
+            dlq_sequence: m.dlq_sequence,
+            entry,
+            origin: Origin {
+                shard: ShardRef::new(m.namespace.as_str(), m.shard),
+                sequence,
+                target: m.target,
+            },
+            attempts: m.attempts,
+            first_failure_ms: m.first_failure_ms,
+            last_failure_ms: m.last_failure_ms,
+            last_error: m.last_error,
+        },
+        // Moved here by a RedrivePolicy: no letter attribute. Its shard
+        // is the one its key routes to, as at ingest.
+        None => DeadLetter {
+            dlq_sequence: sent_ms << 20,
+            origin: Origin {
+                shard: ShardRef::new(namespace, route(&entry)),
+                sequence,
+                target: String::new(),
+            },
+            attempts: 0,
+            first_failure_ms: sent_ms,
+            last_failure_ms: sent_ms,
+            last_error: "moved by the queue's RedrivePolicy".into(),
+            entry,
+        },
     }
 }

@@ -63,11 +63,14 @@ use super::{
 };
 use crate::entry::{Durable, Entry, ShardRef, now_ms};
 
-pub mod delays;
+mod archive;
+mod delays;
 pub mod dlq;
 
+pub use archive::SqsArchive;
 pub use delays::SqsDelays;
 pub use dlq::SqsDlq;
+pub(crate) use dlq::letter_from;
 
 const ID: &str = "walden.id";
 const KEY: &str = "walden.key";
@@ -669,14 +672,50 @@ pub struct SqsNamespace {
     pub max_message_bytes: usize,
     /// `None` in a consumer-only process.
     pub producers: Option<Arc<SqsShards>>,
+    /// Where a copy of each entry sent is kept for replays
+    /// (`backend.archive`).
+    pub archive: Option<Arc<SqsArchive>>,
 }
 
 impl Producer for SqsNamespace {
     fn append(&self, shard: &ShardRef, writes: Vec<(Entry, WriteReply)>) {
-        match &self.producers {
-            Some(shards) => shards.append(shard, writes),
-            None => super::NoWrites.append(shard, writes),
+        let Some(shards) = &self.producers else {
+            return super::NoWrites.append(shard, writes);
+        };
+        let Some(archive) = self.archive.clone() else {
+            return shards.append(shard, writes);
+        };
+        // Each answer waits for the entry's copy in the archive.
+        let mut sent = Vec::with_capacity(writes.len());
+        let mut waiting = Vec::with_capacity(writes.len());
+        for (entry, reply) in writes {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waiting.push((entry.clone(), reply, rx));
+            sent.push((entry, tx));
         }
+        shards.append(shard, sent);
+        let n = shard.shard;
+        tokio::spawn(async move {
+            let mut answers = Vec::with_capacity(waiting.len());
+            let mut copies = Vec::new();
+            for (entry, reply, rx) in waiting {
+                let answer = rx.await.unwrap_or(Err(BackendError::Lost(
+                    "the SQS send ended without an answer",
+                )));
+                if let Ok(a) = &answer {
+                    let entry = Entry {
+                        timestamp_ms: a.timestamp_ms,
+                        ..entry
+                    };
+                    copies.push((n, entry, a.sequence));
+                }
+                answers.push((reply, answer));
+            }
+            archive.keep(copies).await;
+            for (reply, answer) in answers {
+                let _ = reply.send(answer);
+            }
+        });
     }
 
     fn check_entry(&self, entry: &Entry) -> Result<(), EntryRejected> {
