@@ -32,8 +32,39 @@ mod armed {
         }
     }
 
-    /// Panic if `name` is armed for `subject`.
+    /// The subjects that stall their thread at a failpoint, and how long.
+    type Stalls = HashMap<String, (Vec<String>, Duration)>;
+    static SLEEP_ON: Mutex<Option<Stalls>> = Mutex::new(None);
+
+    /// Make every hit of `name` for one of `subjects` block its thread for
+    /// `ms`, until [`disarm_sleep_on`].
+    pub fn arm_sleep_on(name: &str, subjects: &[&str], ms: u64) {
+        let mut on = SLEEP_ON.lock().unwrap_or_else(|p| p.into_inner());
+        let subjects = subjects.iter().map(|s| s.to_string()).collect();
+        on.get_or_insert_with(HashMap::new)
+            .insert(name.into(), (subjects, Duration::from_millis(ms)));
+    }
+
+    pub fn disarm_sleep_on(name: &str) {
+        let mut on = SLEEP_ON.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = on.as_mut() {
+            m.remove(name);
+        }
+    }
+
+    /// Panic if `name` is armed for `subject`; stall if it is armed to
+    /// sleep for it.
     pub fn hit_on(name: &str, subject: &str) {
+        let sleep = {
+            let on = SLEEP_ON.lock().unwrap_or_else(|p| p.into_inner());
+            on.as_ref()
+                .and_then(|m| m.get(name))
+                .filter(|(subjects, _)| subjects.iter().any(|s| s == subject))
+                .map(|(_, d)| *d)
+        };
+        if let Some(d) = sleep {
+            std::thread::sleep(d);
+        }
         let armed = {
             let on = ON.lock().unwrap_or_else(|p| p.into_inner());
             on.as_ref()
@@ -83,10 +114,10 @@ mod armed {
 }
 
 #[cfg(feature = "failpoints")]
-pub use armed::{arm, arm_on, arm_sleep, disarm_on, hit, hit_on};
+pub use armed::{arm, arm_on, arm_sleep, arm_sleep_on, disarm_on, disarm_sleep_on, hit, hit_on};
 
 /// Panic or stall here while the named failpoint is armed (tests only); with
-/// a subject, panic while it is armed for that subject.
+/// a subject, panic or stall while it is armed for that subject.
 #[macro_export]
 macro_rules! failpoint {
     ($name:literal) => {

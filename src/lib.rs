@@ -16,8 +16,11 @@
 //!   [`actors::messages`]; the target's circuit breaker
 //!   ([`actors::breaker`]); [`actors::sets`], which gathers a target's sets
 //!   of mutations and applies each whole; [`actors::replay`], which reads a
-//!   namespace's log again from a time through the targets' sinks; and the
-//!   per-namespace supervisor.
+//!   namespace's log again from a time through the targets' sinks;
+//!   [`actors::concurrency`], each target's adaptive limit on the requests
+//!   in flight to it; the per-namespace supervisor; and
+//!   [`actors::rebalance`], its part that moves a shard's actors off a busy
+//!   arbiter.
 //! - [`backends`]: queue backends behind capability traits;
 //!   [`backends::embedded`] is the durable log on local disk, the default;
 //!   [`backends::kafka`] puts a namespace on a Kafka topic (with its consumer

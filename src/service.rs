@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::actors::Stores;
 use crate::actors::ingest::Writes;
+use crate::actors::rebalance::{RebalanceStats, Rebalancer};
 use crate::actors::replay::Replays;
 use crate::actors::supervisor::{NamespaceRuntime, Parts};
 use crate::api::{self, AppState};
@@ -87,6 +88,11 @@ pub struct Service {
     log: Arc<EmbeddedLog>,
     dlq: Arc<EmbeddedDlq>,
     arbiters: Vec<Arbiter>,
+    /// Stops the rebalancer, and waits for a move under way.
+    rebalancer: Option<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
     /// Why a backend can no longer work (fenced out of a group).
     fatal: tokio::sync::mpsc::UnboundedReceiver<String>,
     /// The HTTPS certificate, which a SIGHUP reloads.
@@ -145,9 +151,12 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
     let state_store =
         Arc::new(StateStore::open(&data_dir.join("state")).map_err(ServiceError::State)?);
     let park = ParkStore::open(state_store.clone()).map_err(ServiceError::State)?;
-    let n = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .max(2);
+    let n = match config.server.arbiters {
+        0 => std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2),
+        n => n,
+    };
     let arbiters: Vec<Arbiter> = (0..n).map(|_| Arbiter::new()).collect();
     let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
     // Embedded namespaces keep their delayed entries in the same store.
@@ -246,6 +255,18 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         state: state_store,
         replays,
         tokens: std::sync::RwLock::new(Arc::new(api::auth::Tokens::new(&config.server))),
+        rebalance: Arc::new(RebalanceStats::default()),
+    });
+    // A producer-only process runs no shard actors worth moving.
+    let rebalancer = (config.server.rebalance.enabled && config.server.role.applies()).then(|| {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let rebalancer = Rebalancer::new(
+            config.server.rebalance.clone(),
+            handles.clone(),
+            state.namespaces.values().cloned().collect(),
+            state.rebalance.clone(),
+        );
+        (stop, actix::spawn(rebalancer.run(stopped)))
     });
 
     let app_state = web::Data::from(state.clone());
@@ -305,6 +326,7 @@ pub async fn start(mut config: Config) -> Result<Service, ServiceError> {
         log,
         dlq,
         arbiters,
+        rebalancer,
         fatal: fatal_rx,
         cert,
     })
@@ -367,6 +389,10 @@ impl Service {
     pub async fn shutdown(self) {
         info!("Shutting down: no new requests; finishing the writes in flight.");
         self.server.stop(true).await;
+        if let Some((stop, running)) = self.rebalancer {
+            let _ = stop.send(true);
+            let _ = running.await;
+        }
         // Replays stop where they are (they resume at the next start),
         // before the log they read closes.
         self.state.replays.pause_all(Duration::from_secs(5)).await;

@@ -244,6 +244,24 @@ fn every_validation_error_names_its_namespace_and_field() {
             "server.http_workers",
         ),
         (
+            "absurd arbiters",
+            GOOD.replace("[server]", "[server]\narbiters = 100000"),
+            None,
+            "server.arbiters",
+        ),
+        (
+            "rebalance hot above 1",
+            format!("{GOOD}\n[server.rebalance]\nhot = 1.5\n"),
+            None,
+            "server.rebalance.hot",
+        ),
+        (
+            "rebalance sustain 0",
+            format!("{GOOD}\n[server.rebalance]\nsustain = 0\n"),
+            None,
+            "server.rebalance.sustain",
+        ),
+        (
             "bad otel endpoint",
             format!("{GOOD}\n[otel]\nendpoint = \"collector:4318\"\n"),
             None,

@@ -46,9 +46,10 @@ use futures_util::FutureExt;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::breaker::{Admit, Breaker};
+use super::concurrency::{Concurrency, Signal};
 use super::messages::{
     Apply, ApplyDelayed, Bury, Done, Doomed, Purged, Quiesce, Redrive, RedriveBacklog, Redriven,
-    RedrivenLetter, Reset, Rewind,
+    RedrivenLetter, Reset, Retire, Rewind,
 };
 use super::sets::{SET_LETTER_HEADER, SetJoin, Settled};
 use super::{ShardStats, Stores, Work, ack, backoff, guarded, panic_message, transient};
@@ -178,6 +179,8 @@ pub struct Policy {
     pub breaker: Arc<Breaker>,
     /// Where the target's sets of mutations gather and are applied.
     pub sets: Arc<SetJoin>,
+    /// The target's concurrency limit, shared by the namespace's shards.
+    pub concurrency: Arc<Concurrency>,
 }
 
 /// Where `hold_key` keeps its holds, and what waits behind them.
@@ -221,7 +224,8 @@ pub struct ApplierPeers {
 pub struct Applier {
     sink: Arc<dyn Sink>,
     shard: ShardRef,
-    peers: ApplierPeers,
+    /// `None` once retired ([`Retire`]).
+    peers: Option<ApplierPeers>,
     park: ParkStore,
     delays: Arc<dyn DelayStore>,
     policy: Policy,
@@ -264,6 +268,14 @@ pub struct Applier {
     timer: Option<SpawnHandle>,
     /// How long a restart waits before working ([`super::RestartBackoff`]).
     pause: Duration,
+    /// The shard moved to another arbiter: this applier is done for good.
+    retired: bool,
+    /// Slots of the target's concurrency limit the call in flight holds,
+    /// and when it started.
+    slots: usize,
+    call_started: Instant,
+    /// Waiting for a slot to come free.
+    awaiting_slot: bool,
 }
 
 impl Applier {
@@ -278,7 +290,7 @@ impl Applier {
         Self {
             sink,
             shard,
-            peers,
+            peers: Some(peers),
             park: stores.park,
             delays: stores.delays,
             policy,
@@ -303,6 +315,68 @@ impl Applier {
             quiesced: Vec::new(),
             timer: None,
             pause: Duration::ZERO,
+            retired: false,
+            slots: 0,
+            call_started: Instant::now(),
+            awaiting_slot: false,
+        }
+    }
+
+    /// Take slots of the target's concurrency limit for `batch`: one per
+    /// entry for a sink that sends each on its own (the batch is cut to
+    /// what was granted), else one. False: none free; the pump runs again
+    /// once one is.
+    fn take_slots(&mut self, batch: &mut Vec<usize>, ctx: &mut Context<Self>) -> bool {
+        let per_entry = self.sink.concurrent_entries();
+        let want = if per_entry { batch.len() } else { 1 };
+        let granted = self.policy.concurrency.acquire(want);
+        if granted == 0 {
+            if !self.awaiting_slot {
+                self.awaiting_slot = true;
+                let concurrency = self.policy.concurrency.clone();
+                ctx.spawn(
+                    async move { concurrency.released().await }
+                        .into_actor(self)
+                        .map(|_, act, ctx| {
+                            act.awaiting_slot = false;
+                            act.pump(ctx);
+                        }),
+                );
+            }
+            return false;
+        }
+        if per_entry {
+            batch.truncate(granted);
+        }
+        self.slots = granted;
+        self.call_started = Instant::now();
+        true
+    }
+
+    /// The call in flight ended: give its slots back, with how it went.
+    fn give_slots(&mut self, signal: Option<Signal>) {
+        let slots = std::mem::take(&mut self.slots);
+        if slots == 0 {
+            return;
+        }
+        match signal {
+            Some(s) => self
+                .policy
+                .concurrency
+                .release(slots, self.call_started.elapsed(), s),
+            None => self.policy.concurrency.forget(slots),
+        }
+    }
+
+    fn bury(&self, bury: Bury) {
+        if let Some(p) = &self.peers {
+            p.bury.do_send(bury);
+        }
+    }
+
+    fn redriven(&self, redriven: Redriven) {
+        if let Some(p) = &self.peers {
+            p.redriven.do_send(redriven);
         }
     }
 
@@ -326,6 +400,9 @@ impl Applier {
     /// if the key is blocked (one park per key for the lot). Then apply what
     /// is ready.
     fn take_in(&mut self, sources: Vec<Source>, ctx: &mut Context<Self>) {
+        if self.retired {
+            return; // Read again by the shard's new actors.
+        }
         guarded(self, ctx, |act, ctx| {
             let mut behind: Vec<(String, Vec<Item>)> = Vec::new();
             for source in sources {
@@ -569,7 +646,7 @@ impl Applier {
                 holds: None,
             });
         }
-        self.peers.bury.do_send(Bury(doomed));
+        self.bury(Bury(doomed));
     }
 
     /// Load the store's blocked keys for this shard, then start applying.
@@ -754,6 +831,15 @@ impl Applier {
             self.arm(ctx);
             return;
         }
+        let mut batch = batch;
+        if !self.take_slots(&mut batch, ctx) {
+            if self.probing.take().is_some() {
+                breaker.abandon_probe();
+            }
+            return;
+        }
+        // Tests make chosen shards' arbiter busy here.
+        crate::failpoint!("applier.busy", &self.shard.to_string());
         self.busy = true;
         let delivered: Vec<Delivered> = batch.iter().map(|&i| self.queue[i].delivered()).collect();
         let uids: Vec<u64> = batch.iter().map(|&i| self.queue[i].uid).collect();
@@ -994,6 +1080,13 @@ impl Applier {
         ctx: &mut Context<Self>,
     ) {
         self.busy = false;
+        let pushed_back =
+            |r: &ApplyResult| matches!(r, Err(e) if e.class == crate::sinks::ErrorClass::Transient);
+        self.give_slots(Some(match &result {
+            Ok(results) if results.iter().any(pushed_back) => Signal::Backpressure,
+            Ok(_) => Signal::Answered,
+            Err(_) => Signal::Backpressure,
+        }));
         let probe = self.probing.take();
         match result {
             Ok(results) => self.settle(uids, results, probe, ctx),
@@ -1301,7 +1394,7 @@ impl Applier {
                     // The holder is back from a redrive, and applied: its
                     // holding letter goes, which ends the hold everywhere.
                     if let Some(dlq_sequence) = dlq.holding_letter(&self.policy.target, &id) {
-                        self.peers.redriven.do_send(Redriven {
+                        self.redriven(Redriven {
                             namespace: self.shard.namespace.to_string(),
                             dlq_sequence,
                         });
@@ -1311,7 +1404,7 @@ impl Applier {
                 }
             }
             Source::Redrive(r) => {
-                self.peers.redriven.do_send(Redriven {
+                self.redriven(Redriven {
                     namespace: r.delivered.shard.namespace.to_string(),
                     dlq_sequence: r.dlq_sequence,
                 });
@@ -1425,7 +1518,7 @@ impl Applier {
         };
         if !self.policy.hold_key {
             let was_parked = matches!(doomed.done, Done::Unpark { .. });
-            self.peers.bury.do_send(Bury(vec![doomed]));
+            self.bury(Bury(vec![doomed]));
             if was_parked {
                 self.drained(key, ctx);
             }
@@ -1444,7 +1537,7 @@ impl Applier {
                 holds: Some(key),
                 ..doomed
             };
-            self.peers.bury.do_send(Bury(vec![doomed]));
+            self.bury(Bury(vec![doomed]));
             self.park_queued_behind_blocks(ctx);
             return;
         }
@@ -1460,7 +1553,7 @@ impl Applier {
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(()) => {
-                        act.peers.bury.do_send(Bury(vec![doomed]));
+                        act.bury(Bury(vec![doomed]));
                         act.park_queued_behind_blocks(ctx);
                     }
                     Err(e) => {
@@ -1506,6 +1599,9 @@ impl Actor for Applier {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.retired {
+            return; // Restarted by its supervisor after retiring: stays idle.
+        }
         match std::mem::take(&mut self.pause) {
             pause if pause.is_zero() => self.load_blocked(ctx),
             pause => {
@@ -1517,9 +1613,26 @@ impl Actor for Applier {
 
 impl Supervised for Applier {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
         warn!("Restarting an applier; its shard rewinds.");
         self.stats.restarts.inc();
         self.pause = self.stats.restart_backoff.restarted();
+        self.forget();
+        if let Some(p) = &self.peers {
+            p.rewind.do_send(Rewind);
+        }
+    }
+}
+
+impl Applier {
+    /// Drop every piece of work held in memory: the shard's rewind reads
+    /// it again from the log.
+    fn forget(&mut self) {
+        // A call in flight is dropped with the context: its slots come back.
+        self.give_slots(None);
+        self.awaiting_slot = false;
         self.queue.clear();
         self.joined.clear();
         self.set_held.clear();
@@ -1540,7 +1653,18 @@ impl Supervised for Applier {
         self.quiesced.clear();
         self.timer = None;
         self.stats.in_retry.set(0);
-        self.peers.rewind.do_send(Rewind);
+    }
+}
+
+impl Handler<Retire> for Applier {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        self.retired = true;
+        self.quiescing = true;
+        self.forget();
+        self.peers = None;
+        ctx.stop();
     }
 }
 

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFuture, Supervised,
-    WrapFuture,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, ResponseActFuture,
+    ResponseFuture, SpawnHandle, Supervised, WrapFuture,
 };
 use tracing::{error, info, warn};
 
 use super::messages::{
-    Apply, ConsumerState, Delay, Drain, GetState, Peers, Quiesce, Reset, Rewind, Wire,
+    Apply, ConsumerState, Delay, Drain, GetState, Peers, Quiesce, Reset, Retire, Rewind, Wire,
 };
 use super::{ShardStats, Work, guarded};
 use crate::backends::shard::{AnyCheckpointer, AnyConsumer, AnyDelivery, NamespaceBackend};
@@ -71,6 +71,12 @@ pub struct ShardConsumer {
     /// Where the committed position is recorded over time (for replays),
     /// and when it last was.
     positions: Option<Positions>,
+    /// The commit timer.
+    ticker: Option<SpawnHandle>,
+    /// The shard moved to another arbiter: this consumer is done for good.
+    retired: bool,
+    /// [`Retire`]s waiting for the read in flight to end.
+    retiring: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl ShardConsumer {
@@ -100,6 +106,9 @@ impl ShardConsumer {
             last_committed: None,
             stopped: false,
             positions: None,
+            ticker: None,
+            retired: false,
+            retiring: Vec::new(),
         }
     }
 
@@ -156,6 +165,9 @@ impl ShardConsumer {
     /// and tell the peers to drop older work. Reading starts once it is open,
     /// after the pause of a restart in a storm ([`super::RestartBackoff`]).
     fn reopen(&mut self, ctx: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
         self.generation += 1;
         self.consumer = None;
         self.checkpointer = None;
@@ -192,6 +204,9 @@ impl ShardConsumer {
                         return; // A newer reopen is under way.
                     }
                     act.opening = false;
+                    if act.retired {
+                        return;
+                    }
                     match result {
                         Ok(c) => {
                             act.checkpointer = Some(c.checkpointer());
@@ -248,6 +263,11 @@ impl ShardConsumer {
         ctx: &mut Context<Self>,
     ) {
         self.reading = false;
+        if self.retired {
+            // Its batch is read again by the shard's new consumer.
+            drop((consumer, result));
+            return self.finish_retiring(ctx);
+        }
         if self.generation != generation {
             // Rewound while reading: this consumer and its batch are stale.
             self.schedule_read(ctx);
@@ -326,14 +346,27 @@ impl ShardConsumer {
     }
 }
 
+impl ShardConsumer {
+    /// No read is in flight: answer the [`Retire`]s and stop.
+    fn finish_retiring(&mut self, ctx: &mut Context<Self>) {
+        for tx in self.retiring.drain(..) {
+            let _ = tx.send(());
+        }
+        ctx.stop();
+    }
+}
+
 impl Actor for ShardConsumer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(COMMIT_EVERY, |act, ctx| {
+        if self.retired {
+            return; // Restarted by its supervisor after retiring: stays idle.
+        }
+        self.ticker = Some(ctx.run_interval(COMMIT_EVERY, |act, ctx| {
             act.commit(ctx);
             act.record_position();
-        });
+        }));
         if self.peers.is_some() {
             self.reopen(ctx);
         }
@@ -342,6 +375,9 @@ impl Actor for ShardConsumer {
 
 impl Supervised for ShardConsumer {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
         warn!(shard = %self.shard, "Restarting the shard consumer.");
         self.stats.restarts.inc();
         // Its reopen waits out the pause.
@@ -357,6 +393,9 @@ impl Handler<Wire> for ShardConsumer {
     type Result = ();
 
     fn handle(&mut self, msg: Wire, ctx: &mut Context<Self>) {
+        if self.retired {
+            return;
+        }
         self.peers = Some(msg.0);
         self.reopen(ctx);
     }
@@ -396,6 +435,33 @@ impl Handler<Drain> for ShardConsumer {
             }
             .into_actor(self),
         )
+    }
+}
+
+impl Handler<Retire> for ShardConsumer {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) -> Self::Result {
+        self.retired = true;
+        self.stopped = true;
+        // Dropping the peers breaks the cycle of addresses between the
+        // shard's actors, so each stops for good once the handle lets go.
+        self.peers = None;
+        self.consumer = None;
+        self.checkpointer = None;
+        self.positions = None;
+        if let Some(t) = self.ticker.take() {
+            ctx.cancel_future(t);
+        }
+        if !self.reading {
+            self.finish_retiring(ctx);
+            return Box::pin(async {});
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.retiring.push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 

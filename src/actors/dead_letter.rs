@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Recipient, Supervised, WrapFuture,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Recipient, Supervised,
+    WrapFuture,
 };
 use tracing::{error, info, warn};
 
-use super::messages::{Bury, Done, Doomed, Redriven, Reset, Rewind};
+use super::messages::{Bury, Done, Doomed, Redriven, Reset, Retire, Rewind};
 use super::{ShardStats, ack, guarded};
 use crate::backends::shard::AnyDlq;
 use crate::backends::{DeadLetter, DeadLetters, Origin};
@@ -21,8 +22,9 @@ use crate::entry::Delivered;
 
 pub struct DeadLetterActor {
     dlq: AnyDlq,
-    /// Its shard's consumer, told to rewind when this actor restarts.
-    rewind: Recipient<Rewind>,
+    /// Its shard's consumer, told to rewind when this actor restarts;
+    /// `None` once retired ([`Retire`]).
+    rewind: Option<Recipient<Rewind>>,
     stats: Arc<ShardStats>,
     generation: u64,
     /// Keys with a letter being stored, and their letters waiting behind it.
@@ -36,7 +38,7 @@ impl DeadLetterActor {
     pub fn new(dlq: AnyDlq, rewind: Recipient<Rewind>, stats: Arc<ShardStats>) -> Self {
         Self {
             dlq,
-            rewind,
+            rewind: Some(rewind),
             stats,
             generation: 0,
             storing: HashMap::new(),
@@ -163,13 +165,28 @@ impl Actor for DeadLetterActor {
 
 impl Supervised for DeadLetterActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        let Some(rewind) = &self.rewind else {
+            return; // Retired.
+        };
         warn!("Restarting a dead-letter actor; its shard rewinds.");
         self.stats.restarts.inc();
         // What it was storing is read again after the rewind.
         self.storing.clear();
         // It has nothing to start: the shard's rewind waits out the pause.
         self.stats.restart_backoff.restarted();
-        self.rewind.do_send(Rewind);
+        rewind.do_send(Rewind);
+    }
+}
+
+/// A letter still being stored is not acked: the shard's new actors read
+/// its entry again (and may store a second letter for it).
+impl Handler<Retire> for DeadLetterActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        self.rewind = None;
+        self.storing.clear();
+        ctx.stop();
     }
 }
 

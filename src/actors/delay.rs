@@ -28,7 +28,7 @@ use actix::{
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::messages::{ApplyDelayed, Cancel, CancelOutcome, Delay, Reset, Rewind};
+use super::messages::{ApplyDelayed, Cancel, CancelOutcome, Delay, Reset, Retire, Rewind};
 use super::{ShardStats, Work, ack, guarded};
 use crate::backends::{BackendError, DelayStore, Delivery, Limit};
 use crate::entry::{Delivered, ShardRef, now_ms};
@@ -55,8 +55,9 @@ const WINDOW_MAX_BYTES: usize = 8 << 20;
 const OVERDUE_MS: u64 = 1_000;
 
 pub struct DelayScheduler {
-    applier: Recipient<ApplyDelayed>,
-    rewind: Recipient<Rewind>,
+    /// `None` once retired ([`Retire`]).
+    applier: Option<Recipient<ApplyDelayed>>,
+    rewind: Option<Recipient<Rewind>>,
     stats: Arc<ShardStats>,
     store: Arc<dyn DelayStore>,
     shard: ShardRef,
@@ -99,8 +100,8 @@ impl DelayScheduler {
     ) -> Self {
         Self {
             target,
-            applier,
-            rewind,
+            applier: Some(applier),
+            rewind: Some(rewind),
             stats,
             store,
             shard,
@@ -221,7 +222,9 @@ impl DelayScheduler {
         }
         if !due.is_empty() {
             self.stored -= due.len() as i64;
-            self.applier.do_send(ApplyDelayed(due));
+            if let Some(applier) = &self.applier {
+                applier.do_send(ApplyDelayed(due));
+            }
         }
         // An overdue backlog beyond the window comes in as soon as half of
         // it has fired, not only at the next tick.
@@ -287,6 +290,9 @@ impl Actor for DelayScheduler {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.applier.is_none() {
+            return; // Restarted by its supervisor after retiring: stays idle.
+        }
         match std::mem::take(&mut self.pause) {
             pause if pause.is_zero() => self.start(ctx),
             pause => {
@@ -298,16 +304,39 @@ impl Actor for DelayScheduler {
 
 impl Supervised for DelayScheduler {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        let Some(rewind) = &self.rewind else {
+            return; // Retired.
+        };
         warn!("Restarting a delay scheduler; its window reloads from the store.");
         self.stats.restarts.inc();
         self.pause = self.stats.restart_backoff.restarted();
+        // Entries handed over but not yet stored were not acked: read again.
+        rewind.do_send(Rewind);
+        self.forget();
+    }
+}
+
+impl DelayScheduler {
+    /// Drop the window: it reloads from the store.
+    fn forget(&mut self) {
         self.window.clear();
         self.window_bytes = 0;
         self.refilling = false;
         self.loaded_until = 0;
         self.timer = None;
-        // Entries handed over but not yet stored were not acked: read again.
-        self.rewind.do_send(Rewind);
+    }
+}
+
+/// Its entries wait in the store, where the shard's new scheduler finds
+/// them. A cancel still reaches the store through a retired scheduler.
+impl Handler<Retire> for DelayScheduler {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Context<Self>) {
+        self.applier = None;
+        self.rewind = None;
+        self.forget();
+        ctx.stop();
     }
 }
 
@@ -315,6 +344,9 @@ impl Handler<Delay> for DelayScheduler {
     type Result = ();
 
     fn handle(&mut self, msg: Delay, ctx: &mut Context<Self>) {
+        if self.applier.is_none() {
+            return; // Retired: read again by the shard's new actors.
+        }
         let works: Vec<Work> = msg
             .0
             .into_iter()

@@ -89,6 +89,15 @@ pub struct Rewind;
 #[rtype(result = "Option<u64>")]
 pub struct Drain(pub Option<Duration>);
 
+/// The shard moves to another arbiter (after a [`Drain`]): drop its work
+/// and its peers, and stop for good. What it held is read again from the
+/// committed offset by the shard's new actors, exactly as after a restart.
+/// The consumer answers once no read of its own is in flight, so the new
+/// consumer is the only reader of the shard.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 /// Stats the API reads: the committed offset and the oldest unacked entry.
 #[derive(Message)]
 #[rtype(result = "ConsumerState")]

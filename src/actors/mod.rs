@@ -24,14 +24,20 @@
 //! The consumer's committed offset is a low watermark: every entry before it
 //! has been applied, parked or delayed durably in the state store, or
 //! dead-lettered.
+//!
+//! A shard's four actors may move to another arbiter ([`rebalance`]), as a
+//! restart would: the old ones drain, commit and retire, and new ones read
+//! on from the committed offset.
 
 pub mod applier;
 pub mod breaker;
+pub mod concurrency;
 pub mod consumer;
 pub mod dead_letter;
 pub mod delay;
 pub mod ingest;
 pub mod messages;
+pub mod rebalance;
 pub mod replay;
 pub mod sets;
 pub mod supervisor;

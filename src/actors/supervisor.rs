@@ -3,6 +3,8 @@
 //! together, and watches each target's health. A target that is down never takes Walden
 //! out of service: it shows in stats and metrics.
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,11 +13,12 @@ use tracing::{info, warn};
 
 use super::applier::{Applier, ApplierPeers, Holds, Policy};
 use super::breaker::Breaker;
+use super::concurrency::Concurrency;
 use super::consumer::ShardConsumer;
 use super::dead_letter::DeadLetterActor;
 use super::delay::DelayScheduler;
 use super::ingest::{Ingest, Writes};
-use super::messages::{Drain, Peers, Wire};
+use super::messages::{Drain, Peers, Retire, Wire};
 use super::sets::SetJoin;
 use super::{ShardStats, Stores};
 use crate::backends::DelayStore;
@@ -51,15 +54,125 @@ impl SinkHealth {
     }
 }
 
-/// One shard's actors for one target, as the API sees them.
-pub struct ShardHandle {
-    pub shard: ShardRef,
+/// One shard's actors for one target.
+#[derive(Clone)]
+pub struct ShardActors {
     pub consumer: Addr<ShardConsumer>,
     /// Takes redriven dead letters.
     pub applier: Addr<Applier>,
     /// Told when a delayed entry is cancelled.
     pub delay: Addr<DelayScheduler>,
+    dead_letter: Addr<DeadLetterActor>,
+}
+
+/// One shard of one target, as the API and the rebalancer see it. Its
+/// actors change when the shard moves to another arbiter; the API reads
+/// them through [`ShardHandle::actors`], which waits out a move.
+pub struct ShardHandle {
+    pub shard: ShardRef,
     pub stats: Arc<ShardStats>,
+    actors: tokio::sync::RwLock<ShardActors>,
+    /// The arbiter its actors run on (an index into the service's).
+    arbiter: AtomicUsize,
+    /// Times it moved since start.
+    moves: AtomicU64,
+}
+
+impl ShardHandle {
+    /// Its actors now (after any move under way).
+    pub async fn actors(&self) -> ShardActors {
+        self.actors.read().await.clone()
+    }
+
+    /// The arbiter its actors run on.
+    pub fn arbiter(&self) -> usize {
+        self.arbiter.load(Relaxed)
+    }
+
+    /// Times it moved to another arbiter since start.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Relaxed)
+    }
+}
+
+/// Everything a target's shard needs to start its actors: kept, so that a
+/// shard can start again on another arbiter.
+struct ShardKit {
+    backend: NamespaceBackend,
+    dlq: AnyDlq,
+    group: String,
+    /// This target's name, in a namespace of several.
+    only: Option<Arc<str>>,
+    stores: Stores,
+    sink: Arc<dyn Sink>,
+    policy: Policy,
+    catch_up_per_s: u64,
+    /// The process applies (a producer-only process never reads).
+    applies: bool,
+}
+
+impl ShardKit {
+    /// Start `shard`'s actors on `arbiter`, wired and reading.
+    fn start(
+        &self,
+        shard: &ShardRef,
+        stats: &Arc<ShardStats>,
+        arbiter: &ArbiterHandle,
+    ) -> ShardActors {
+        let consumer = {
+            let (backend, shard, stats) = (self.backend.clone(), shard.clone(), stats.clone());
+            let (group, only) = (self.group.clone(), self.only.clone());
+            let (positions, park) = (self.stores.replays.clone(), self.stores.park.clone());
+            Supervisor::start_in_arbiter(arbiter, move |_| {
+                ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING, only)
+                    .recording_positions(positions, park)
+            })
+        };
+        let dead_letter = {
+            let (dlq, consumer, stats) = (self.dlq.clone(), consumer.clone(), stats.clone());
+            let rewind = consumer.recipient();
+            Supervisor::start_in_arbiter(arbiter, move |_| DeadLetterActor::new(dlq, rewind, stats))
+        };
+        let applier = {
+            let (sink, stats) = (self.sink.clone(), stats.clone());
+            let peers = ApplierPeers {
+                rewind: consumer.clone().recipient(),
+                bury: dead_letter.clone().recipient(),
+                redriven: dead_letter.clone().recipient(),
+            };
+            let (stores, shard, policy) = (self.stores.clone(), shard.clone(), self.policy.clone());
+            Supervisor::start_in_arbiter(arbiter, move |_| {
+                Applier::new(sink, shard, peers, stores, policy, stats)
+            })
+        };
+        let delay = {
+            let applier = applier.clone().recipient();
+            let rewind = consumer.clone().recipient();
+            let (store, shard, stats) = (self.stores.delays.clone(), shard.clone(), stats.clone());
+            let (catch_up, only) = (self.catch_up_per_s, self.only.clone());
+            Supervisor::start_in_arbiter(arbiter, move |_| {
+                DelayScheduler::new(applier, rewind, stats, store, shard, catch_up, only)
+            })
+        };
+        if self.applies {
+            consumer.do_send(Wire(Peers {
+                apply: applier.clone().recipient(),
+                quiesce: applier.clone().recipient(),
+                delay: delay.clone().recipient(),
+                resets: vec![
+                    delay.clone().recipient(),
+                    applier.clone().recipient(),
+                    dead_letter.clone().recipient(),
+                ],
+            }));
+        }
+        ShardActors {
+            consumer,
+            applier,
+            delay,
+            dead_letter,
+        }
+    }
 }
 
 /// One of a namespace's targets: every shard's actors delivering to it, with
@@ -70,7 +183,7 @@ pub struct TargetRuntime {
     pub kind: &'static str,
     /// The consumer group that keeps its progress.
     pub group: String,
-    pub shards: Vec<ShardHandle>,
+    pub shards: Vec<Arc<ShardHandle>>,
     pub sink_health: Arc<SinkHealth>,
     /// The target's circuit breaker.
     pub breaker: Arc<Breaker>,
@@ -82,6 +195,9 @@ pub struct TargetRuntime {
     pub sink: Arc<dyn Sink>,
     /// Entries this process applies per second, lately.
     pub apply_rate: Arc<RateMeter>,
+    /// Its requests in flight, and their adaptive limit.
+    pub concurrency: Arc<Concurrency>,
+    kit: Arc<ShardKit>,
     _watch: Addr<TargetWatch>,
 }
 
@@ -176,7 +292,7 @@ impl NamespaceRuntime {
             .iter()
             .flat_map(|t| &t.shards)
             .map(|s| async move {
-                if let Err(error) = s.consumer.send(Drain(settle)).await {
+                if let Err(error) = s.actors().await.consumer.send(Drain(settle)).await {
                     warn!(shard = %s.shard, %error, "Could not drain a shard.");
                 }
             });
@@ -224,84 +340,51 @@ impl TargetRuntime {
             )
             .staged(backend.set_staging()),
         );
+        let concurrency = Arc::new(Concurrency::new(
+            config.concurrency.clone(),
+            sink.concurrent_entries(),
+        ));
         // With one target there is nothing to tell apart.
         let only: Option<Arc<str>> = (config.targets.len() > 1).then(|| spec.name().into());
-        let mut shards = Vec::with_capacity(config.shards as usize);
-        for i in 0..config.shards {
-            let arbiter = &arbiters[i as usize % arbiters.len()];
-            let shard = ShardRef::new(name, i);
-            let stats = Arc::new(ShardStats::default());
-            let consumer = {
-                let (backend, shard, stats) = ((*backend).clone(), shard.clone(), stats.clone());
-                let (group, only) = (group.clone(), only.clone());
-                let (positions, park) = (stores.replays.clone(), stores.park.clone());
-                Supervisor::start_in_arbiter(arbiter, move |_| {
-                    ShardConsumer::new(backend, group, shard, stats, MAX_OUTSTANDING, only)
-                        .recording_positions(positions, park)
+        let kit = Arc::new(ShardKit {
+            backend: (*backend).clone(),
+            dlq: (*dlq).clone(),
+            group: group.clone(),
+            only,
+            stores: stores.clone(),
+            sink: sink.clone(),
+            policy: Policy {
+                retry: config.retry.clone(),
+                ordering: config.ordering,
+                dlq: config.dlq.enabled,
+                hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
+                // A broker namespace never parks on this machine's disk: a
+                // long backoff waits in memory, holding the watermark.
+                may_park: backend.parks_locally(),
+                holds: dlq.key_holds().map_or(Holds::Park, Holds::Broker),
+                target: spec.name().to_string(),
+                breaker: breaker.clone(),
+                sets: sets.clone(),
+                concurrency: concurrency.clone(),
+            },
+            catch_up_per_s: config.delay.catch_up_per_s,
+            applies: server.role.applies(),
+        });
+        let shards: Vec<Arc<ShardHandle>> = (0..config.shards)
+            .map(|i| {
+                let at = i as usize % arbiters.len();
+                let shard = ShardRef::new(name, i);
+                let stats = Arc::new(ShardStats::default());
+                let actors = kit.start(&shard, &stats, &arbiters[at]);
+                Arc::new(ShardHandle {
+                    shard,
+                    stats,
+                    actors: tokio::sync::RwLock::new(actors),
+                    arbiter: AtomicUsize::new(at),
+                    moves: AtomicU64::new(0),
                 })
-            };
-            let dead_letter = {
-                let (dlq, consumer, stats) = ((*dlq).clone(), consumer.clone(), stats.clone());
-                let rewind = consumer.recipient();
-                Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DeadLetterActor::new(dlq, rewind, stats)
-                })
-            };
-            let applier = {
-                let (sink, stats) = (sink.clone(), stats.clone());
-                let peers = ApplierPeers {
-                    rewind: consumer.clone().recipient(),
-                    bury: dead_letter.clone().recipient(),
-                    redriven: dead_letter.clone().recipient(),
-                };
-                let policy = Policy {
-                    retry: config.retry.clone(),
-                    ordering: config.ordering,
-                    dlq: config.dlq.enabled,
-                    hold_key: config.dlq.on_dead_letter == OnDeadLetter::HoldKey,
-                    // A broker namespace never parks on this machine's disk:
-                    // a long backoff waits in memory, holding the watermark.
-                    may_park: backend.parks_locally(),
-                    holds: dlq.key_holds().map_or(Holds::Park, Holds::Broker),
-                    target: spec.name().to_string(),
-                    breaker: breaker.clone(),
-                    sets: sets.clone(),
-                };
-                let (stores, shard) = (stores.clone(), shard.clone());
-                Supervisor::start_in_arbiter(arbiter, move |_| {
-                    Applier::new(sink, shard, peers, stores, policy, stats)
-                })
-            };
-            let delay = {
-                let applier = applier.clone().recipient();
-                let rewind = consumer.clone().recipient();
-                let (store, shard, stats) = (stores.delays.clone(), shard.clone(), stats.clone());
-                let (catch_up, only) = (config.delay.catch_up_per_s, only.clone());
-                Supervisor::start_in_arbiter(arbiter, move |_| {
-                    DelayScheduler::new(applier, rewind, stats, store, shard, catch_up, only)
-                })
-            };
-            // A producer-only process never reads: its consumers stay unwired.
-            if server.role.applies() {
-                consumer.do_send(Wire(Peers {
-                    apply: applier.clone().recipient(),
-                    quiesce: applier.clone().recipient(),
-                    delay: delay.clone().recipient(),
-                    resets: vec![
-                        delay.clone().recipient(),
-                        applier.clone().recipient(),
-                        dead_letter.recipient(),
-                    ],
-                }));
-            }
-            shards.push(ShardHandle {
-                shard,
-                consumer,
-                applier,
-                delay,
-                stats,
-            });
-        }
+            })
+            .collect();
         let sink_health = Arc::new(SinkHealth::default());
         let watch_sink = sink.clone();
         let apply_rate = Arc::new(RateMeter::new(RATE_WINDOW));
@@ -326,8 +409,43 @@ impl TargetRuntime {
             sets,
             sink: watch_sink,
             apply_rate,
+            concurrency,
+            kit,
             _watch: watch,
         })
+    }
+
+    /// Move shard `index`'s actors to `arbiter` (number `to`), as a restart
+    /// would: stop reading, let the sink call in flight settle (up to
+    /// `settle`), commit, retire the old actors, and start new ones that
+    /// read on from the committed offset. API calls to the shard wait for
+    /// the move. Returns false if the shard was already there.
+    pub async fn move_shard(
+        &self,
+        index: usize,
+        to: usize,
+        arbiter: &ArbiterHandle,
+        settle: Duration,
+    ) -> bool {
+        let handle = &self.shards[index];
+        let mut actors = handle.actors.write().await;
+        if handle.arbiter() == to {
+            return false;
+        }
+        let old = actors.clone();
+        if let Err(error) = old.consumer.send(Drain(Some(settle))).await {
+            warn!(shard = %handle.shard, %error, "Could not drain a shard before moving it.");
+        }
+        // The consumer first: it answers once its last read is over.
+        let _ = old.consumer.send(Retire).await;
+        let _ = old.applier.send(Retire).await;
+        let _ = old.delay.send(Retire).await;
+        let _ = old.dead_letter.send(Retire).await;
+        *actors = self.kit.start(&handle.shard, &handle.stats, arbiter);
+        let from = handle.arbiter.swap(to, Relaxed);
+        handle.moves.fetch_add(1, Relaxed);
+        info!(shard = %handle.shard, target = %self.name, from, to, "Moved a shard to another arbiter.");
+        true
     }
 }
 

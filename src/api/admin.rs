@@ -40,6 +40,10 @@ pub struct ShardView {
     /// Entries skipped because the hard retention cap (`drop_oldest`)
     /// deleted them before they were applied, since start.
     pub lost_to_retention: u64,
+    /// The arbiter (thread) its actors run on.
+    pub arbiter: usize,
+    /// Times it moved to another arbiter since start.
+    pub moves: u64,
 }
 
 #[derive(Serialize)]
@@ -75,6 +79,8 @@ pub struct TargetStats {
     pub dead_lettered_since_start: u64,
     /// Its sets of mutations.
     pub sets: SetsView,
+    /// Requests in flight to it, under their (adaptive) limit.
+    pub concurrency: crate::actors::concurrency::ConcurrencyStats,
     pub per_shard: Vec<ShardView>,
 }
 
@@ -136,6 +142,19 @@ pub struct NamespaceView {
     pub replayable_from_ms: Option<u64>,
     /// The replays running now, with their progress.
     pub replays: Vec<ReplayProgress>,
+    /// The arbiters' busy time, and this namespace's shards that moved
+    /// between them (per target, `per_shard` shows where each is now).
+    pub rebalance: RebalanceView,
+}
+
+#[derive(Serialize)]
+pub struct RebalanceView {
+    /// Each arbiter's busy share over the last sample (0 to 1).
+    pub arbiter_busy: Vec<f64>,
+    /// Moves of any namespace's shards since start.
+    pub moves_total: u64,
+    /// This namespace's latest moves, oldest first.
+    pub moves: Vec<crate::actors::rebalance::MoveRecord>,
 }
 
 /// A running replay, as the stats show it.
@@ -174,11 +193,13 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
     let mut failed = 0;
     let mut next_due: Option<i64> = None;
     for h in &t.shards {
-        let state = tokio::time::timeout(STATE_TIMEOUT, h.consumer.send(GetState))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(ConsumerState::default());
+        let state = tokio::time::timeout(STATE_TIMEOUT, async {
+            h.actors().await.consumer.send(GetState).await
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(ConsumerState::default());
         // Before the consumer has read anything, the committed offset is the
         // best lower bound.
         let applied_through = state.low_watermark.max(state.committed);
@@ -212,6 +233,8 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
             parked: h.stats.parked.get(),
             caught_up: h.stats.caught_up.get(),
             lost_to_retention: ns.backend.lost_to_retention(&h.shard),
+            arbiter: h.arbiter(),
+            moves: h.moves(),
         });
     }
     let (healthy, last_error) = t.sink_health.healthy();
@@ -246,6 +269,7 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
                 .oldest_waiting_ms()
                 .map(|ts| now_ms().saturating_sub(ts)),
         },
+        concurrency: t.concurrency.stats(),
         per_shard,
     }
 }
@@ -292,6 +316,16 @@ async fn view(state: &AppState, ns: &NamespaceRuntime) -> NamespaceView {
         per_shard: first.per_shard.clone(),
         targets,
         replayable_from_ms: replayable_from(ns).await,
+        rebalance: RebalanceView {
+            arbiter_busy: state.rebalance.busy(),
+            moves_total: state.rebalance.total_moves(),
+            moves: state
+                .rebalance
+                .moves()
+                .into_iter()
+                .filter(|m| m.namespace == ns.name)
+                .collect(),
+        },
         replays: state
             .replays
             .running(&ns.name)
@@ -702,6 +736,43 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "Actor restarts.",
         shard_metric(&|s| s.restarts.get() as f64),
     );
+    let (mut placed, mut moved) = (Vec::new(), Vec::new());
+    for ns in state.namespaces.values() {
+        for t in &ns.targets {
+            for h in &t.shards {
+                let labels = format!(
+                    "{{namespace=\"{}\",target=\"{}\",shard=\"{}\"}}",
+                    ns.name, t.name, h.shard.shard
+                );
+                placed.push((labels.clone(), h.arbiter() as f64));
+                moved.push((labels, h.moves() as f64));
+            }
+        }
+    }
+    metric(
+        "walden_shard_arbiter",
+        "gauge",
+        "The arbiter (thread) a target's shard runs on.",
+        placed,
+    );
+    metric(
+        "walden_shard_moves_total",
+        "counter",
+        "Times the shard moved to another arbiter.",
+        moved,
+    );
+    metric(
+        "walden_arbiter_busy_ratio",
+        "gauge",
+        "The share of the last rebalance sample the arbiter's thread was busy.",
+        state
+            .rebalance
+            .busy()
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| (format!("{{arbiter=\"{i}\"}}"), b))
+            .collect(),
+    );
     let mut lag = Vec::new();
     let mut health = Vec::new();
     for ns in state.namespaces.values() {
@@ -741,6 +812,28 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         }
         v
     };
+    let mut limits = Vec::new();
+    let mut in_flight = Vec::new();
+    for ns in state.namespaces.values() {
+        for t in &ns.targets {
+            let labels = format!("{{namespace=\"{}\",target=\"{}\"}}", ns.name, t.name);
+            let c = t.concurrency.stats();
+            limits.push((labels.clone(), c.limit as f64));
+            in_flight.push((labels, c.in_flight as f64));
+        }
+    }
+    metric(
+        "walden_target_concurrency_limit",
+        "gauge",
+        "Requests (or calls) the target may have in flight at once: its adaptive limit.",
+        limits,
+    );
+    metric(
+        "walden_target_in_flight",
+        "gauge",
+        "Requests (or calls) in flight to the target.",
+        in_flight,
+    );
     metric(
         "walden_breaker_open",
         "gauge",

@@ -119,6 +119,8 @@ pub async fn cancel(
             continue;
         };
         let outcome = shard
+            .actors()
+            .await
             .delay
             .send(Cancel(d))
             .await

@@ -364,7 +364,10 @@ async fn redrive_in_place(
         .map_err(backend_error)?;
         for ((target, shard), entries) in by_shard {
             report.redriven += entries.len();
-            let applier = &ns.targets[target].shards[shard as usize].applier;
+            let applier = ns.targets[target].shards[shard as usize]
+                .actors()
+                .await
+                .applier;
             applier.do_send(Redrive(entries));
             // Backpressure: the applier holds what it was sent until applied.
             while applier
@@ -413,7 +416,7 @@ pub async fn purge(
                 if let Some(h) = letter_target(&ns, l)
                     .and_then(|t| ns.targets[t].shards.get(l.origin.shard.shard as usize))
                 {
-                    h.applier.do_send(Purged(l.entry.clone()));
+                    h.actors().await.applier.do_send(Purged(l.entry.clone()));
                 }
             }
         }

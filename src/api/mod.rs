@@ -48,6 +48,8 @@ pub struct AppState {
     pub replays: Arc<crate::actors::replay::Replays>,
     /// Who may call the API; a SIGHUP swaps in the config file's tokens.
     pub tokens: std::sync::RwLock<Arc<auth::Tokens>>,
+    /// The arbiters' busy time and the shards moved between them.
+    pub rebalance: Arc<crate::actors::rebalance::RebalanceStats>,
 }
 
 impl AppState {

@@ -93,6 +93,48 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// `[server.tls]`: serve HTTPS instead of HTTP.
     pub tls: Option<ServerTlsConfig>,
+    /// Threads (actix arbiters) that shards' actors run on; 0: one per
+    /// CPU core (at least 2).
+    pub arbiters: usize,
+    /// `[server.rebalance]`: moving shards off a busy arbiter.
+    pub rebalance: RebalanceConfig,
+}
+
+/// `[server.rebalance]`: the supervisor moves a shard's actors from an
+/// arbiter that stays busy to one that is not. Each sample compares the
+/// arbiters' busy time over the last `every_ms`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebalanceConfig {
+    pub enabled: bool,
+    /// How often the arbiters' busy time is sampled.
+    pub every_ms: u64,
+    /// An arbiter busy more than this share of a sample is hot (0 to 1).
+    pub hot: f64,
+    /// ...and a move needs another arbiter less busy by at least this.
+    pub gap: f64,
+    /// Samples in a row that must find the same imbalance before a move.
+    pub sustain: u32,
+    /// A shard that moved stays where it is for at least this long.
+    pub cooldown_ms: u64,
+    /// How long a move lets the shard's sink call in flight settle before
+    /// the shard's new actors read again (what was not acknowledged by
+    /// then is delivered again).
+    pub settle_ms: u64,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            every_ms: 1_000,
+            hot: 0.75,
+            gap: 0.3,
+            sustain: 10,
+            cooldown_ms: 60_000,
+            settle_ms: 5_000,
+        }
+    }
 }
 
 /// `[server.tls]`: the API over HTTPS (rustls). A SIGHUP reads `cert` and
@@ -212,6 +254,8 @@ impl Default for ServerConfig {
             body_timeout_ms: 30_000,
             max_connections: 25_000,
             tls: None,
+            arbiters: 0,
+            rebalance: RebalanceConfig::default(),
         }
     }
 }
@@ -306,6 +350,9 @@ pub struct NamespaceConfig {
     pub shedding: SheddingConfig,
     #[serde(default)]
     pub scale: ScaleConfig,
+    /// `[namespaces.N.concurrency]`: requests in flight to each target.
+    #[serde(default)]
+    pub concurrency: ConcurrencyConfig,
     /// A write whose client `id` was accepted within this window gets the
     /// original answer and is not appended again; 0 turns it off.
     #[serde(default = "default_dedup_window_ms")]
@@ -1251,6 +1298,33 @@ impl Default for SheddingConfig {
             priority: Priority::Normal,
             normal_share: 0.9,
             batch_share: 0.8,
+        }
+    }
+}
+
+/// `[namespaces.NAME.concurrency]`: how many requests each of the
+/// namespace's targets has in flight at once (entries, for a target that
+/// takes each entry as a request; calls, for one that takes a batch in one
+/// go), over all shards. Adaptive by default (see `actors::concurrency`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConcurrencyConfig {
+    /// Move the limit with the target's round trip and push back; `false`
+    /// holds it at `max`.
+    pub adaptive: bool,
+    /// The limit at start.
+    pub initial: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+impl Default for ConcurrencyConfig {
+    fn default() -> Self {
+        Self {
+            adaptive: true,
+            initial: 16,
+            min: 1,
+            max: 256,
         }
     }
 }

@@ -10,6 +10,8 @@ use super::{
 
 /// More HTTP worker threads than this is a typo, not a tuning.
 const MAX_HTTP_WORKERS: usize = 1024;
+/// More arbiters than this is a typo, not a machine.
+const MAX_ARBITERS: usize = 1024;
 
 /// One problem in a configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +156,32 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         if value == 0 {
             e.server(field, "must be greater than 0");
         }
+    }
+    let r = &s.rebalance;
+    for (field, value) in [
+        ("server.rebalance.hot", r.hot),
+        ("server.rebalance.gap", r.gap),
+    ] {
+        if !(value > 0.0 && value <= 1.0) {
+            e.server(field, format!("{value} must be more than 0 and at most 1"));
+        }
+    }
+    for (field, value) in [
+        ("server.rebalance.every_ms", r.every_ms),
+        ("server.rebalance.sustain", u64::from(r.sustain)),
+    ] {
+        if value == 0 {
+            e.server(field, "must be greater than 0");
+        }
+    }
+    if s.arbiters > MAX_ARBITERS {
+        e.server(
+            "server.arbiters",
+            format!(
+                "{} is more than {MAX_ARBITERS}; 0 means one per CPU core",
+                s.arbiters
+            ),
+        );
     }
     let id = &s.instance_id;
     if id.len() > 200 || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -315,6 +343,27 @@ pub fn validate(config: &Config) -> Result<(), ConfigErrors> {
         }
         if ns.scale.target_lag_s == 0 {
             e.ns(name, "scale.target_lag_s", "must be greater than 0");
+        }
+        let c = &ns.concurrency;
+        if c.min == 0 || c.min > c.max {
+            e.ns(
+                name,
+                "concurrency.min",
+                format!(
+                    "must be at least 1 and at most concurrency.max ({}) (got {})",
+                    c.max, c.min
+                ),
+            );
+        }
+        if c.adaptive && !(c.min..=c.max).contains(&c.initial) {
+            e.ns(
+                name,
+                "concurrency.initial",
+                format!(
+                    "must be between concurrency.min ({}) and concurrency.max ({}) (got {})",
+                    c.min, c.max, c.initial
+                ),
+            );
         }
         let sh = &ns.shedding;
         if sh.min_limit == 0 || sh.min_limit > sh.max_limit {

@@ -199,6 +199,10 @@ impl Sink for HttpSink {
         &self.name
     }
 
+    fn concurrent_entries(&self) -> bool {
+        true
+    }
+
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         // At most one entry per key in a batch, so these may run at once.
         Box::pin(join_all(batch.iter().map(|d| self.post(d))))

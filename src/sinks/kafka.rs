@@ -86,6 +86,10 @@ impl Sink for KafkaSink {
         &self.name
     }
 
+    fn concurrent_entries(&self) -> bool {
+        true
+    }
+
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         // One entry per key in a batch: they may be in flight together.
         Box::pin(join_all(batch.iter().map(|d| self.deliver(d))))

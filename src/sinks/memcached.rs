@@ -201,6 +201,10 @@ impl Sink for MemcachedSink {
         &self.0.name
     }
 
+    fn concurrent_entries(&self) -> bool {
+        true
+    }
+
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             // One entry per key in a batch: they may go at once, each on a

@@ -150,6 +150,13 @@ pub trait Sink: Send + Sync {
         false
     }
 
+    /// Each entry of a batch goes out as a request of its own, all at once
+    /// (an HTTP POST, a Redis script): the target's concurrency limit
+    /// counts entries. Otherwise it counts calls.
+    fn concurrent_entries(&self) -> bool {
+        false
+    }
+
     /// The most entries one call takes. A sink whose entries go out
     /// concurrently keeps this small; one that writes a batch in one go
     /// takes more, so a call's fixed cost (an fsync) is shared.

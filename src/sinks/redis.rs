@@ -210,6 +210,10 @@ impl Sink for RedisSink {
         &self.name
     }
 
+    fn concurrent_entries(&self) -> bool {
+        true
+    }
+
     fn apply<'a>(&'a self, batch: &'a [Delivered]) -> BoxFuture<'a, Vec<ApplyResult>> {
         Box::pin(async move {
             let conn = match self.conn().await {

@@ -41,6 +41,22 @@ struct Shared {
     reject: Mutex<std::collections::HashMap<String, (u16, Option<u64>)>>,
     /// How long an accepted delivery waits, recorded, before its 200.
     answer_after_ms: AtomicU64,
+    /// A target of limited capacity: it serves this many requests at once,
+    /// each for the given time, and queues the rest.
+    capacity: Mutex<Option<(Arc<tokio::sync::Semaphore>, Duration)>>,
+    /// Requests arriving while this many are in hand get a 429 at once
+    /// (0: none); and the requests in hand.
+    shed_beyond: AtomicU64,
+    in_hand: AtomicU64,
+}
+
+/// Counts a request in hand until dropped.
+struct InHand<'a>(&'a AtomicU64);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct HttpTarget {
@@ -52,6 +68,21 @@ pub struct HttpTarget {
 
 async fn receive(req: HttpRequest, body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
     shared.requests.fetch_add(1, Ordering::SeqCst);
+    let held = shared.in_hand.fetch_add(1, Ordering::SeqCst);
+    let _in_hand = InHand(&shared.in_hand);
+    let shed_beyond = shared.shed_beyond.load(Ordering::SeqCst);
+    if shed_beyond > 0 && held >= shed_beyond {
+        return HttpResponse::TooManyRequests().body("over capacity");
+    }
+    let capacity = shared.capacity.lock().unwrap().clone();
+    let _serving = match capacity {
+        Some((slots, service)) => {
+            let permit = slots.acquire_owned().await.unwrap();
+            tokio::time::sleep(service).await;
+            Some(permit)
+        }
+        None => None,
+    };
     let status = shared.fail_status.load(Ordering::SeqCst);
     if status != 0 {
         return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
@@ -134,6 +165,19 @@ impl HttpTarget {
         self.shared
             .answer_after_ms
             .store(wait.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Serve `n` requests at once, each taking `service`, and queue the
+    /// rest (a target of limited capacity).
+    pub fn serve_at_once(&self, n: usize, service: Duration) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(n));
+        *self.shared.capacity.lock().unwrap() = Some((slots, service));
+    }
+
+    /// Answer 429 at once to a request that arrives while `n` are in hand
+    /// (0: never), as a target shedding load does.
+    pub fn shed_beyond(&self, n: u64) {
+        self.shared.shed_beyond.store(n, Ordering::SeqCst);
     }
 
     /// Answer entries with `key` with `status` (0: accept them again).
