@@ -2,7 +2,7 @@
 //! HTTP target that serves N requests at once (each for `WALDEN_BENCH_SERVICE_MS`,
 //! default 10) and queues the rest gets a backlog of distinct keys, first
 //! from a namespace with a fixed concurrency of N, then from one with the
-//! adaptive default (starting at 16, between 1 and 256). Applied/s is from
+//! adaptive default (starting at 1, between 1 and 256). Applied/s is from
 //! the first entry written to the last applied. `ratio=` is adaptive ÷ fixed
 //! (goal ≥ 0.9).
 //!
@@ -120,7 +120,15 @@ fn main() {
     let (fixed_rate, _) = drain(&rt, fixed_dir.path(), target, &fixed, entries);
     let adaptive_dir = tempfile::tempdir_in(&base).unwrap();
     let (adaptive_rate, limits) = drain(&rt, adaptive_dir.path(), target, "", entries);
+    if std::env::var("WALDEN_BENCH_TRACE").is_ok() {
+        let again = tempfile::tempdir_in(&base).unwrap();
+        let (fixed_again, _) = drain(&rt, again.path(), target, &fixed, entries);
+        println!("fixed again: {fixed_again:.0}/s");
+    }
 
+    if std::env::var("WALDEN_BENCH_TRACE").is_ok() {
+        println!("limit every 50 ms: {limits:?}");
+    }
     let settled = &limits[limits.len() / 2..];
     let mean = settled.iter().sum::<u64>() as f64 / settled.len().max(1) as f64;
     println!(

@@ -322,14 +322,15 @@ impl Applier {
         }
     }
 
-    /// Take slots of the target's concurrency limit for `batch`: one per
-    /// entry for a sink that sends each on its own (the batch is cut to
-    /// what was granted), else one. False: none free; the pump runs again
-    /// once one is.
-    fn take_slots(&mut self, batch: &mut Vec<usize>, ctx: &mut Context<Self>) -> bool {
-        let per_entry = self.sink.concurrent_entries();
-        let want = if per_entry { batch.len() } else { 1 };
-        let granted = self.policy.concurrency.acquire(want);
+    /// Take a slot of the target's concurrency limit for a call, for a sink
+    /// that writes a batch in one go. (A sink that sends each entry on its
+    /// own takes a slot per request, inside the call: [`apply_gated`].)
+    /// False: none free; the pump runs again once one is.
+    fn take_slot(&mut self, ctx: &mut Context<Self>) -> bool {
+        if self.sink.concurrent_entries() {
+            return true;
+        }
+        let granted = self.policy.concurrency.acquire(1);
         if granted == 0 {
             if !self.awaiting_slot {
                 self.awaiting_slot = true;
@@ -344,9 +345,6 @@ impl Applier {
                 );
             }
             return false;
-        }
-        if per_entry {
-            batch.truncate(granted);
         }
         self.slots = granted;
         self.call_started = Instant::now();
@@ -831,8 +829,7 @@ impl Applier {
             self.arm(ctx);
             return;
         }
-        let mut batch = batch;
-        if !self.take_slots(&mut batch, ctx) {
+        if !self.take_slot(ctx) {
             if self.probing.take().is_some() {
                 breaker.abandon_probe();
             }
@@ -844,12 +841,13 @@ impl Applier {
         let delivered: Vec<Delivered> = batch.iter().map(|&i| self.queue[i].delivered()).collect();
         let uids: Vec<u64> = batch.iter().map(|&i| self.queue[i].uid).collect();
         let sink = self.sink.clone();
+        let concurrency = self.policy.concurrency.clone();
         let span = info_span!("apply", namespace = %delivered[0].shard.namespace,
             shard = delivered[0].shard.shard, entries = delivered.len(),
             first_id = %delivered[0].entry.id);
         telemetry::set_parent_from(&span, &delivered[0].entry);
         let apply = async move {
-            AssertUnwindSafe(sink.apply(&delivered))
+            AssertUnwindSafe(apply_gated(&*sink, &delivered, &concurrency))
                 .catch_unwind()
                 .await
         }
@@ -1080,10 +1078,10 @@ impl Applier {
         ctx: &mut Context<Self>,
     ) {
         self.busy = false;
-        let pushed_back =
-            |r: &ApplyResult| matches!(r, Err(e) if e.class == crate::sinks::ErrorClass::Transient);
         self.give_slots(Some(match &result {
-            Ok(results) if results.iter().any(pushed_back) => Signal::Backpressure,
+            Ok(results) if results.iter().any(|r| signal(r) == Signal::Backpressure) => {
+                Signal::Backpressure
+            }
             Ok(_) => Signal::Answered,
             Err(_) => Signal::Backpressure,
         }));
@@ -1601,6 +1599,49 @@ impl Applier {
             }),
         );
     }
+}
+
+/// How a delivery went, for the target's concurrency limit: a transient
+/// error is the target pushing back.
+fn signal(result: &ApplyResult) -> Signal {
+    match result {
+        Err(e) if e.class == crate::sinks::ErrorClass::Transient => Signal::Backpressure,
+        _ => Signal::Answered,
+    }
+}
+
+/// Apply `batch`. A sink that sends each entry as its own request gets them
+/// one at a time, all at once, each holding a slot of the target's limit
+/// for as long as its request takes: a slot comes back the moment its
+/// request ends, not when the batch's slowest does, and each request is a
+/// round-trip sample. (A batch holds one entry per key, so this keeps
+/// per-key order.) Other sinks get the batch whole; the call holds one
+/// slot, taken by the applier.
+async fn apply_gated(
+    sink: &dyn Sink,
+    batch: &[Delivered],
+    concurrency: &Concurrency,
+) -> Vec<ApplyResult> {
+    if !sink.concurrent_entries() {
+        return sink.apply(batch).await;
+    }
+    let requests = batch.iter().map(|d| async move {
+        let slot = concurrency.slot().await;
+        let started = Instant::now();
+        let result = sink
+            .apply(std::slice::from_ref(d))
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(SinkError::transient(
+                    sink.name(),
+                    "the target answered nothing",
+                ))
+            });
+        slot.done(started.elapsed(), signal(&result));
+        result
+    });
+    futures_util::future::join_all(requests).await
 }
 
 impl Actor for Applier {

@@ -1322,7 +1322,9 @@ impl Default for ConcurrencyConfig {
     fn default() -> Self {
         Self {
             adaptive: true,
-            initial: 16,
+            // Low, so the first round trips are the target's pace without
+            // a queue: the floor the latency test compares with.
+            initial: 1,
             min: 1,
             max: 256,
         }
