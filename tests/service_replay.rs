@@ -604,8 +604,10 @@ async fn live_writes_flow_beside_a_replay() {
         fresh.extend(write_entries(&base, &format!("live{round}-"), 100, 20).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = get_json(&format!("{base}/replays/{id}")).await;
+    // Stats first: a replay they do not show as running must read as done
+    // afterwards (the other order races the replay's end).
     let stats = get_json(&base).await;
+    let status = get_json(&format!("{base}/replays/{id}")).await;
     let done = finished(&base, &id, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "done", "{done}");
     assert!(

@@ -1105,6 +1105,9 @@ impl Applier {
     /// is being applied: a [`Quiesce`] waiting may go on. (A set still
     /// gathering is not waited for: its other mutations may never come.)
     fn answer_quiesced(&mut self) {
+        if self.quiesced.is_empty() {
+            return; // Nobody waits: skip the look at the sets (a hot path).
+        }
         let sets = &self.policy.sets;
         let set_applying = || {
             self.joined
