@@ -11,43 +11,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 use walden::service::Spawned;
 
 mod common;
-use common::env_u64;
-
-/// A target that serves `n` requests at once, each for `service`.
-fn capped_target(n: usize, service: Duration) -> SocketAddr {
-    let slots = Arc::new(tokio::sync::Semaphore::new(n));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                let slots = slots.clone();
-                App::new().default_service(web::post().to(move || {
-                    let slots = slots.clone();
-                    async move {
-                        let _serving = slots.acquire_owned().await.unwrap();
-                        tokio::time::sleep(service).await;
-                        HttpResponse::Ok().finish()
-                    }
-                }))
-            })
-            .workers(1)
-            .disable_signals()
-            .bind("127.0.0.1:0")
-            .unwrap();
-            tx.send(server.addrs()[0]).unwrap();
-            let _ = server.run().await;
-        })
-    });
-    rx.recv().unwrap()
-}
+use common::{env_u64, slow_target};
 
 async fn target_stats(addr: SocketAddr) -> Value {
     let url = format!("http://{addr}/v1/namespaces/bench");
@@ -112,7 +82,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let target = capped_target(n, service);
+    let (target, _) = slow_target(service, Some(n));
     let bound = n as f64 / service.as_secs_f64();
 
     let fixed_dir = tempfile::tempdir_in(&base).unwrap();

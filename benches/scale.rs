@@ -13,53 +13,19 @@
 //! (default 4000), `WALDEN_BENCH_KAFKA` (a broker to use instead of a fresh
 //! tansu per run), `WALDEN_BENCH_TANSU_BIN`, `WALDEN_BENCH_DIR`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
 use walden::backends::kafka::KafkaSettings;
 use walden::service::Spawned;
 
 mod common;
-use common::{Broker, env_u64};
+use common::{Broker, env_u64, slow_target};
 
 const PARTITIONS: u32 = 4;
-
-/// A target that takes `service` per request, any number at once, and
-/// records each id it was sent.
-fn slow_target(service: Duration) -> (SocketAddr, Arc<Mutex<HashSet<String>>>) {
-    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ids = seen.clone();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                let ids = ids.clone();
-                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
-                    let ids = ids.clone();
-                    async move {
-                        tokio::time::sleep(service).await;
-                        if let Some(id) = body["id"].as_str() {
-                            ids.lock().unwrap().insert(id.to_string());
-                        }
-                        HttpResponse::Ok().finish()
-                    }
-                }))
-            })
-            .workers(1)
-            .disable_signals()
-            .bind("127.0.0.1:0")
-            .unwrap();
-            tx.send(server.addrs()[0]).unwrap();
-            let _ = server.run().await;
-        })
-    });
-    (rx.recv().unwrap(), seen)
-}
 
 fn walden(dir: &Path, role: &str, brokers: &str, topic: &str, target: SocketAddr) -> Spawned {
     let text = format!(
@@ -108,7 +74,7 @@ fn drain(
     };
     rt.block_on(settings.ensure_topic())
         .expect("create the topic");
-    let (target, seen) = slow_target(service);
+    let (target, seen) = slow_target(service, None);
 
     let dir = tempfile::tempdir_in(base).unwrap();
     let producer = walden(dir.path(), "producer", broker.addr(), &topic, target);

@@ -446,3 +446,43 @@ impl Drop for Broker {
         }
     }
 }
+
+/// An HTTP target that takes `service` per request and serves `at_once`
+/// requests at a time (`None`: any number), queueing the rest; it records
+/// each entry id it accepted.
+pub fn slow_target(
+    service: Duration,
+    at_once: Option<usize>,
+) -> (SocketAddr, Arc<Mutex<std::collections::HashSet<String>>>) {
+    let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        at_once.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ids = seen.clone();
+    std::thread::spawn(move || {
+        actix::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                let (ids, slots) = (ids.clone(), slots.clone());
+                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
+                    let (ids, slots) = (ids.clone(), slots.clone());
+                    async move {
+                        let _serving = slots.acquire_owned().await.unwrap();
+                        tokio::time::sleep(service).await;
+                        if let Some(id) = body["id"].as_str() {
+                            ids.lock().unwrap().insert(id.to_string());
+                        }
+                        HttpResponse::Ok().finish()
+                    }
+                }))
+            })
+            .workers(1)
+            .disable_signals()
+            .bind("127.0.0.1:0")
+            .unwrap();
+            tx.send(server.addrs()[0]).unwrap();
+            let _ = server.run().await;
+        })
+    });
+    (rx.recv().unwrap(), seen)
+}
