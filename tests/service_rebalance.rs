@@ -141,6 +141,22 @@ async fn a_busy_arbiter_hands_a_shard_to_an_idle_one_losing_and_reordering_nothi
             "{key}: sequence {seq} applied after {before}"
         );
     }
+    // The mailbox counts come back to nought: what the retired applier's
+    // mailbox held was counted out when it was dropped.
+    eventually("empty mailboxes", Duration::from_secs(10), || async {
+        let stats = get_json(&base).await;
+        let held: Vec<i64> = stats["per_shard"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["mailbox"].as_i64().unwrap())
+            .collect();
+        match held.iter().all(|&n| n == 0) {
+            true => Ok(()),
+            false => Err(format!("mailboxes {held:?}")),
+        }
+    })
+    .await;
     let lines = applied(&out).len();
     println!(
         "{} writes, {lines} applied lines ({} delivered again), moves: {moves:?}",

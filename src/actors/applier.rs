@@ -1723,10 +1723,9 @@ impl Handler<Retire> for Applier {
 impl Handler<Apply> for Applier {
     type Result = ();
 
-    fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) {
+    fn handle(&mut self, Apply(work, _taken_in): Apply, ctx: &mut Context<Self>) {
         let generation = self.generation;
-        let sources = msg
-            .0
+        let sources = work
             .into_iter()
             .filter(|w| w.generation >= generation)
             .map(Source::Log);

@@ -313,7 +313,8 @@ impl ShardConsumer {
             }
         }
         if !due.is_empty() {
-            peers.apply.do_send(Apply(due));
+            let queued = super::InMailbox::new(&self.stats, due.len());
+            peers.apply.do_send(Apply(due, queued));
         }
         if !later.is_empty() {
             peers.delay.do_send(Delay(later));

@@ -7,15 +7,16 @@ use std::time::Duration;
 
 use actix::{Message, Recipient};
 
-use super::Work;
+use super::{InMailbox, Work};
 use crate::backends::{BackendError, DelayStore};
 use crate::entry::{Delivered, Entry};
 use crate::state::ParkStore;
 
-/// Deliver these entries (in order).
+/// Deliver these entries (in order); counted in the shard's mailbox until
+/// handled.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Apply(pub Vec<Work>);
+pub struct Apply(pub Vec<Work>, pub InMailbox);
 
 /// Deliver these entries, fired from the delay store (in due order).
 #[derive(Message)]

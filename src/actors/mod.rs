@@ -67,6 +67,8 @@ pub struct ShardStats {
     pub apply_errors: Counter,
     /// Entries waiting to be retried now.
     pub in_retry: Gauge,
+    /// Entries read and sent to the applier, not yet taken in: its mailbox.
+    pub mailbox: Gauge,
     /// Entries waiting for their due time.
     pub delayed: Gauge,
     /// When the next delayed entry is due (ms since epoch; 0: none).
@@ -151,6 +153,30 @@ pub struct Stores {
     /// Where each target's committed position over time is recorded, for
     /// replays.
     pub replays: Arc<ReplayStore>,
+}
+
+/// Entries in a shard's applier mailbox, counted in [`ShardStats::mailbox`]
+/// from the send until the message is handled, or dropped with its actor.
+pub struct InMailbox {
+    stats: Arc<ShardStats>,
+    entries: i64,
+}
+
+impl InMailbox {
+    pub fn new(stats: &Arc<ShardStats>, entries: usize) -> Self {
+        let entries = entries as i64;
+        stats.mailbox.add(entries);
+        Self {
+            stats: stats.clone(),
+            entries,
+        }
+    }
+}
+
+impl Drop for InMailbox {
+    fn drop(&mut self) {
+        self.stats.mailbox.add(-self.entries);
+    }
 }
 
 /// A delivery, tagged with the consumer generation that read it.

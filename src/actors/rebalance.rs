@@ -5,13 +5,13 @@
 //! on one thread while another idles. Every `rebalance.every_ms` the
 //! rebalancer reads each arbiter's busy time (tokio's
 //! `worker_total_busy_duration` of the arbiter's one thread) and each
-//! shard's work over the sample: entries applied, plus the backlog it holds
-//! unread or unapplied. When the busiest arbiter is over `hot`, another is
-//! less busy by `gap`, and moving one of the busy arbiter's shards would
-//! lower the busier of the two, for `sustain` samples in a row, it moves
-//! that shard ([`TargetRuntime::move_shard`]): the shard drains and
-//! commits, and its new actors read on from the committed offset, as after
-//! a restart. Hysteresis: a move must leave the two arbiters closer than
+//! shard's work over the sample: entries applied, plus its backlog (entries
+//! in its applier's mailbox, and waiting for a retry). When the busiest
+//! arbiter is over `hot`, another is less busy by `gap`, and moving one of
+//! the busy arbiter's shards would lower the busier of the two, for
+//! `sustain` samples in a row, it moves that shard
+//! ([`TargetRuntime::move_shard`]): the shard drains and commits, and its
+//! new actors read on from the committed offset, as after a restart. Hysteresis: a move must leave the two arbiters closer than
 //! they were by half the gap, every move starts the count again, and a
 //! moved shard stays put for `cooldown_ms`. So shards don't bounce.
 
@@ -69,6 +69,12 @@ pub fn choose(busy: &[f64], units: &[Unit], cfg: &RebalanceConfig) -> Option<(us
         .filter(|&(_, after)| after <= hot_busy - cfg.gap / 2.0)
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(i, _)| (i, cold))
+}
+
+/// Entries a shard holds and has yet to apply: in its applier's mailbox,
+/// and waiting for a retry.
+fn backlog(stats: &super::ShardStats) -> f64 {
+    (stats.mailbox.get().max(0) + stats.in_retry.get().max(0)) as f64
 }
 
 /// A move the rebalancer made.
@@ -207,7 +213,7 @@ impl Rebalancer {
                     let done = applied.saturating_sub(std::mem::replace(&mut u.applied, applied));
                     Unit {
                         arbiter: h.arbiter(),
-                        weight: done as f64 + h.stats.in_retry.get().max(0) as f64,
+                        weight: done as f64 + backlog(&h.stats),
                         movable: u.moved_at.is_none_or(|t| t.elapsed() >= cooldown),
                     }
                 })

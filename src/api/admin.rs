@@ -31,6 +31,8 @@ pub struct ShardView {
     pub written: u64,
     pub applied: u64,
     pub in_retry: i64,
+    /// Entries sent to the applier and not yet taken in.
+    pub mailbox: i64,
     pub delayed: i64,
     pub restarts: u64,
     /// Entries written to the park store since start.
@@ -228,6 +230,7 @@ async fn target_view(ns: &NamespaceRuntime, t: &TargetRuntime) -> TargetStats {
             written: ns.written[h.shard.shard as usize].get(),
             applied: h.stats.applied.get(),
             in_retry: h.stats.in_retry.get(),
+            mailbox: h.stats.mailbox.get(),
             delayed: h.stats.delayed.get(),
             restarts: h.stats.restarts.get(),
             parked: h.stats.parked.get(),
@@ -590,6 +593,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "gauge",
         "Entries waiting to be retried.",
         shard_metric(&|s| s.in_retry.get() as f64),
+    );
+    metric(
+        "walden_shard_mailbox",
+        "gauge",
+        "Entries sent to a shard's applier and not yet taken in.",
+        shard_metric(&|s| s.mailbox.get() as f64),
     );
     metric(
         "walden_delayed",
