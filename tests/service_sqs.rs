@@ -529,12 +529,18 @@ async fn a_redrive_puts_a_key_s_letters_back_in_the_order_they_were_written() {
     let mut cfg = config(dir.path(), &url, &queues, &target, "");
     // moto is slow under a full test run; a late answer is not the point,
     // nor is a message shown again (and dead-lettered twice) because an
-    // extension of its 4 s visibility came late.
+    // extension of its 4 s visibility came late. Nor is moto's own race: two
+    // DeleteMessage calls at once each rebuild the queue's list from the
+    // same copy, so one delete can be undone. A dead-lettered entry's message
+    // then shows again when its visibility runs out and, once the target is
+    // fixed, is applied ahead of the redrive (a CI run saw e527 arrive
+    // before e147). SQS itself keeps a delete; 120 s puts such a message
+    // past the end of the test.
     cfg.server.ack_timeout_ms = 60_000;
     if let walden::config::BackendConfig::Sqs(q) =
         &mut cfg.namespaces.get_mut("ns").unwrap().backend
     {
-        q.visibility_timeout_s = 30;
+        q.visibility_timeout_s = 120;
     }
     let svc = Spawned::start(cfg).unwrap();
     let base = format!("http://{}/v1/namespaces/ns", svc.addr);
