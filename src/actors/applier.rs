@@ -252,6 +252,9 @@ pub struct Applier {
     /// Applied by a sink that defers durability ([`Sink::flush_within`]),
     /// and waiting for its flush: only then do they count as applied.
     unflushed: Vec<(Item, Outcome)>,
+    /// The last flush's buffer, emptied, for the next one: a buffer grown
+    /// afresh every flush was a steady cost of reallocations and page faults.
+    spare_unflushed: Vec<(Item, Outcome)>,
     /// A flush is in flight, or armed to start.
     flushing: bool,
     flush_timer: Option<SpawnHandle>,
@@ -306,6 +309,7 @@ impl Applier {
             ready: false,
             busy: false,
             unflushed: Vec::new(),
+            spare_unflushed: Vec::new(),
             flushing: false,
             flush_timer: None,
             probing: None,
@@ -1152,7 +1156,8 @@ impl Applier {
             return;
         }
         self.flushing = true;
-        let covered = std::mem::take(&mut self.unflushed);
+        let spare = std::mem::take(&mut self.spare_unflushed);
+        let covered = std::mem::replace(&mut self.unflushed, spare);
         let sink = self.sink.clone();
         let flush = async move {
             AssertUnwindSafe(async {
@@ -1169,7 +1174,7 @@ impl Applier {
 
     fn flushed(
         &mut self,
-        covered: Vec<(Item, Outcome)>,
+        mut covered: Vec<(Item, Outcome)>,
         result: std::thread::Result<Result<(), SinkError>>,
         ctx: &mut Context<Self>,
     ) {
@@ -1181,13 +1186,14 @@ impl Applier {
         };
         match error {
             None => {
-                for (item, outcome) in covered {
+                for (item, outcome) in covered.drain(..) {
                     // Dropped by a rewind meanwhile: its delivery is gone.
                     if matches!(&item.source, Source::Log(w) if w.generation < self.generation) {
                         continue;
                     }
                     self.succeeded(item, outcome, ctx);
                 }
+                self.spare_unflushed = covered;
             }
             Some(error) => {
                 // What the target holds of them is unknown, and later entries
