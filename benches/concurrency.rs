@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use walden::service::Spawned;
 
 mod common;
-use common::{env_u64, slow_target};
+use common::{env_u64, slow_target, write_backlog};
 
 async fn target_stats(addr: SocketAddr) -> Value {
     let url = format!("http://{addr}/v1/namespaces/bench");
@@ -43,20 +43,8 @@ fn drain(
     let svc = Spawned::start(config).expect("service starts");
     let url = format!("http://{}/v1/namespaces/bench/log/batch", svc.addr);
     let out = rt.block_on(async {
-        let client = reqwest::Client::new();
         let start = Instant::now();
-        for chunk in 0..entries.div_ceil(100) {
-            let batch: Vec<Value> = (chunk * 100..((chunk + 1) * 100).min(entries))
-                .map(|i| json!({"id": format!("e{i}"), "key": format!("k{i}"), "payload": i}))
-                .collect();
-            let resp = client
-                .post(&url)
-                .json(&json!({ "entries": batch }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 200);
-        }
+        write_backlog(&url, entries).await;
         let mut limits = Vec::new();
         loop {
             let t = target_stats(svc.addr).await;

@@ -21,12 +21,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use walden::backends::kafka::KafkaSettings;
 use walden::service::Spawned;
 
 mod common;
-use common::{Broker, env_u64, slow_target};
+use common::{Broker, env_u64, slow_target, write_backlog};
 
 const PARTITIONS: u32 = 4;
 
@@ -61,7 +61,8 @@ max = 4
 }
 
 /// Write a backlog of `entries`, then drain it with `consumers` processes:
-/// (seconds to drain, what `/scale` asked for once they started).
+/// (seconds from the first arrival to the last, what `/scale` asked for 3 s
+/// into the drain).
 fn drain(
     rt: &tokio::runtime::Runtime,
     base: &Path,
@@ -84,21 +85,8 @@ fn drain(
 
     let dir = tempfile::tempdir_in(base).unwrap();
     let producer = walden(dir.path(), "producer", broker.addr(), &topic, target);
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        let url = format!("http://{}/v1/namespaces/bench/log/batch", producer.addr);
-        for chunk in 0..entries.div_ceil(100) {
-            let batch: Vec<Value> = (chunk * 100..((chunk + 1) * 100).min(entries))
-                .map(|i| json!({"id": format!("e{i}"), "key": format!("k{i}"), "payload": i}))
-                .collect();
-            let resp = client
-                .post(&url)
-                .json(&json!({ "entries": batch }))
-                .send()
-                .await;
-            assert_eq!(resp.unwrap().status(), 200);
-        }
-    });
+    let url = format!("http://{}/v1/namespaces/bench/log/batch", producer.addr);
+    rt.block_on(write_backlog(&url, entries));
     producer.stop();
 
     let dirs: Vec<_> = (0..consumers)

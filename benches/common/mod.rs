@@ -320,34 +320,17 @@ pub struct Receiver {
 
 pub fn receiver() -> Receiver {
     let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
     let seen = arrived.clone();
-    std::thread::spawn(move || {
-        actix::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                let seen = seen.clone();
-                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
-                    let seen = seen.clone();
-                    async move {
-                        if let Some(id) = body["id"].as_str() {
-                            seen.lock().unwrap().insert(id.to_string(), Instant::now());
-                        }
-                        HttpResponse::Ok().finish()
-                    }
-                }))
-            })
-            .workers(1)
-            .disable_signals()
-            .bind("127.0.0.1:0")
-            .unwrap();
-            tx.send(server.addrs()[0]).unwrap();
-            let _ = server.run().await;
-        })
+    let addr = serve_posts(move |body| {
+        let seen = seen.clone();
+        async move {
+            if let Some(id) = body["id"].as_str() {
+                seen.lock().unwrap().insert(id.to_string(), Instant::now());
+            }
+            HttpResponse::Ok().finish()
+        }
     });
-    Receiver {
-        addr: rx.recv().unwrap(),
-        arrived,
-    }
+    Receiver { addr, arrived }
 }
 
 /// Paced single writes (one every 2 ms) to namespace `ns` at `addr` for
@@ -458,31 +441,58 @@ pub fn slow_target(
     let slots = Arc::new(tokio::sync::Semaphore::new(
         at_once.unwrap_or(tokio::sync::Semaphore::MAX_PERMITS),
     ));
-    let (tx, rx) = std::sync::mpsc::channel();
     let ids = seen.clone();
+    let addr = serve_posts(move |body| {
+        let (ids, slots) = (ids.clone(), slots.clone());
+        async move {
+            let _serving = slots.acquire_owned().await.unwrap();
+            tokio::time::sleep(service).await;
+            if let Some(id) = body["id"].as_str() {
+                ids.lock().unwrap().insert(id.to_string());
+            }
+            HttpResponse::Ok().finish()
+        }
+    });
+    (addr, seen)
+}
+
+/// An HTTP server on a thread of its own (one worker, 127.0.0.1:0) that
+/// answers every JSON POST with `handle`; its address.
+fn serve_posts<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(web::Json<Value>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = HttpResponse> + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix::System::new().block_on(async move {
-            let server = HttpServer::new(move || {
-                let (ids, slots) = (ids.clone(), slots.clone());
-                App::new().default_service(web::post().to(move |body: web::Json<Value>| {
-                    let (ids, slots) = (ids.clone(), slots.clone());
-                    async move {
-                        let _serving = slots.acquire_owned().await.unwrap();
-                        tokio::time::sleep(service).await;
-                        if let Some(id) = body["id"].as_str() {
-                            ids.lock().unwrap().insert(id.to_string());
-                        }
-                        HttpResponse::Ok().finish()
-                    }
-                }))
-            })
-            .workers(1)
-            .disable_signals()
-            .bind("127.0.0.1:0")
-            .unwrap();
+            let server =
+                HttpServer::new(move || App::new().default_service(web::post().to(handle.clone())))
+                    .workers(1)
+                    .disable_signals()
+                    .bind("127.0.0.1:0")
+                    .unwrap();
             tx.send(server.addrs()[0]).unwrap();
             let _ = server.run().await;
         })
     });
-    (rx.recv().unwrap(), seen)
+    rx.recv().unwrap()
+}
+
+/// Write `entries` (ids `e<i>`, keys `k<i>`) to the batch endpoint `url`,
+/// 100 a request, each answered 200.
+pub async fn write_backlog(url: &str, entries: usize) {
+    let client = reqwest::Client::new();
+    for chunk in 0..entries.div_ceil(100) {
+        let batch: Vec<Value> = (chunk * 100..((chunk + 1) * 100).min(entries))
+            .map(|i| json!({"id": format!("e{i}"), "key": format!("k{i}"), "payload": i}))
+            .collect();
+        let resp = client
+            .post(url)
+            .json(&json!({ "entries": batch }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
 }

@@ -19,11 +19,11 @@
 //! follows a queue as it builds one step at a time (against a target that
 //! serves 8 at once, the limit climbed past 20). With 1.25×, a period's mean
 //! rises past the line once about a fifth of the requests wait at the
-//! target: against that target the limit hovers at 8 to 13. The least recent round
-//! trip is the target's pace without a queue, as TCP Vegas and Netflix's
-//! concurrency-limits take it. A sink that writes a batch in one go takes
-//! longer for a bigger batch with no queue anywhere, so for it only a push
-//! back cuts the limit.
+//! target: against that target the limit hovers at 8 to 13. The least of
+//! the recent round trips is the target's pace without a queue, as TCP
+//! Vegas and Netflix's concurrency-limits take it. A sink that writes a
+//! batch in one go takes longer for a bigger batch with no queue anywhere,
+//! so for it only a push back cuts the limit.
 //!
 //! So it climbs while the target keeps up and stops where requests start to
 //! queue there. The breaker handles a target that is down; this handles one

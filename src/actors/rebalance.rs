@@ -11,9 +11,10 @@
 //! the busy arbiter's shards would lower the busier of the two, for
 //! `sustain` samples in a row, it moves that shard
 //! ([`TargetRuntime::move_shard`]): the shard drains and commits, and its
-//! new actors read on from the committed offset, as after a restart. Hysteresis: a move must leave the two arbiters closer than
-//! they were by half the gap, every move starts the count again, and a
-//! moved shard stays put for `cooldown_ms`. So shards don't bounce.
+//! new actors read on from the committed offset, as after a restart.
+//! Hysteresis: a move must leave the two arbiters closer than they were by
+//! half the gap, every move starts the count again, and a moved shard stays
+//! put for `cooldown_ms`. So shards don't bounce.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
