@@ -48,13 +48,13 @@ fn delivered(i: usize, due_ms: u64) -> Delivered {
     Delivered {
         shard: ShardRef::new("bench", (i % 4) as u32),
         sequence: i as u64,
-        entry: Entry {
+        entry: std::sync::Arc::new(Entry {
             id: format!("delayed-{i}"),
             key: Some(format!("key-{i}")),
             payload: Bytes::from(vec![b'p'; 100]),
             due_ms,
             ..Entry::default()
-        },
+        }),
     }
 }
 

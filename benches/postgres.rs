@@ -43,13 +43,13 @@ fn mutation(i: usize) -> Delivered {
     Delivered {
         shard: ShardRef::new("bench", 0),
         sequence: i as u64,
-        entry: Entry {
+        entry: std::sync::Arc::new(Entry {
             id: i.to_string(),
             payload: Bytes::from(
                 json!({"op": "put", "key": format!("k{i}"), "value": {"n": i}}).to_string(),
             ),
             ..Entry::default()
-        },
+        }),
     }
 }
 

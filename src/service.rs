@@ -470,7 +470,7 @@ async fn open_dedup(
                 let since = now_ms().saturating_sub(window.as_millis() as u64);
                 for shard in shards {
                     log.scan_since(shard, since, |records| {
-                        ids += dedup.remember(shard, records.iter().map(|r| (r.offset, &r.entry)));
+                        ids += dedup.remember(shard, records.iter().map(|r| (r.offset, &*r.entry)));
                     })?;
                 }
             }

@@ -126,13 +126,13 @@ fn entry(sequence: u64, due_ms: u64) -> Delivered {
     Delivered {
         shard: ShardRef::new("timers", 0),
         sequence,
-        entry: Entry {
+        entry: Arc::new(Entry {
             id: format!("e{sequence}"),
             key: Some(format!("k{}", sequence % 7)),
             payload: Bytes::from_static(b"{}"),
             due_ms,
             ..Entry::default()
-        },
+        }),
     }
 }
 
@@ -328,7 +328,7 @@ fn an_overdue_backlog_stays_in_the_store_and_comes_in_as_it_fires() {
         let items: Vec<Delivered> = (0..100_000u64)
             .map(|i| {
                 let mut d = entry(i, t0 - 60_000 + i / 100);
-                d.entry.payload = Bytes::from(vec![b'x'; 1024]);
+                Arc::make_mut(&mut d.entry).payload = Bytes::from(vec![b'x'; 1024]);
                 d
             })
             .collect();

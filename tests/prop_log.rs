@@ -44,7 +44,7 @@ proptest! {
                 prop_assert_eq!(&*record.namespace, ns.as_str());
                 prop_assert_eq!(record.shard, shard);
                 prop_assert_eq!(record.offset, offset);
-                prop_assert_eq!(record.entry, e);
+                prop_assert_eq!(&*record.entry, &e);
             }
             other => prop_assert!(false, "did not decode: {:?}", other),
         }

@@ -460,7 +460,7 @@ async fn a_receiver_killed_mid_run_ends_with_every_entry_once_and_the_rows_in_ke
     let mut count: HashMap<String, usize> = HashMap::new();
     for shard in 0..4 {
         for r in common::read_all(&log, &ShardRef::new("ns", shard), 0) {
-            *count.entry(r.entry.id).or_default() += 1;
+            *count.entry(r.entry.id.clone()).or_default() += 1;
         }
     }
     log.close();

@@ -22,7 +22,7 @@ fn delivered(i: u64, key: &str) -> Delivered {
     Delivered {
         shard: ShardRef::new("orders", 2),
         sequence: 100 + i,
-        entry: Entry {
+        entry: std::sync::Arc::new(Entry {
             id: format!("e{i}"),
             key: Some(key.into()),
             headers: vec![
@@ -34,7 +34,7 @@ fn delivered(i: u64, key: &str) -> Delivered {
             payload: Bytes::from(format!("{{\"n\":{i}}}")),
             timestamp_ms: 1,
             due_ms: 0,
-        },
+        }),
     }
 }
 

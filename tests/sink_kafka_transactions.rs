@@ -32,8 +32,9 @@ fn set(name: &str, first: u64, n: u64) -> Vec<Delivered> {
                 i,
                 json!({"op": "put", "key": format!("k{i}"), "value": name}),
             );
-            d.entry.key = Some(format!("k{i}"));
-            d.entry.id = format!("{name}-{i}");
+            let e = std::sync::Arc::make_mut(&mut d.entry);
+            e.key = Some(format!("k{i}"));
+            e.id = format!("{name}-{i}");
             d
         })
         .collect()

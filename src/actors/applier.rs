@@ -1397,6 +1397,13 @@ impl Applier {
     /// The item is done with (applied, or its set dead-lettered): ack it,
     /// remove its letter, or take it out of its store.
     fn finish(&mut self, item: Item, ctx: &mut Context<Self>) {
+        // No key is held (the common case): an ack, with no key or id copied
+        // to look one up.
+        if self.blocked.is_empty()
+            && let Source::Log(work) = item.source
+        {
+            return ack(work.delivery);
+        }
         let key = item.order_key(self.policy.ordering).to_string();
         match item.source {
             Source::Log(work) => {

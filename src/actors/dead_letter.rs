@@ -87,7 +87,7 @@ impl DeadLetterActor {
         let d = &doomed.delivered;
         let letter = DeadLetter {
             dlq_sequence: 0,
-            entry: d.entry.clone(),
+            entry: (*d.entry).clone(),
             origin: Origin {
                 shard: d.shard.clone(),
                 sequence: d.sequence,

@@ -361,7 +361,7 @@ impl Handler<Delay> for DelayScheduler {
             .map(|w| {
                 let mut entry = w.delivery.entry().clone();
                 if let Some(target) = narrow {
-                    entry.narrow_to(target);
+                    Arc::make_mut(&mut entry).narrow_to(target);
                 }
                 Delivered {
                     shard: w.delivery.shard().clone(),

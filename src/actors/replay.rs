@@ -683,7 +683,7 @@ impl Replays {
             first_failure_ms,
             last_failure_ms: now_ms(),
             last_error: error.to_string(),
-            entry: d.entry,
+            entry: Arc::unwrap_or_clone(d.entry),
         };
         let id = letter.entry.id.clone();
         // A letter that cannot be written counts as failed all the same; the
@@ -914,12 +914,13 @@ fn pick(
 /// Mark a replayed entry with its replay, and give it the idempotency key
 /// the replay asked for.
 fn mark(mut d: Delivered, replay: &str, idempotency: ReplayIdempotency) -> Delivered {
-    d.entry
+    let entry = Arc::make_mut(&mut d.entry);
+    entry
         .headers
         .push((REPLAY_HEADER.to_string(), replay.to_string()));
     if idempotency == ReplayIdempotency::Replay {
-        let key = format!("{}.replay.{replay}", d.entry.id);
-        d.entry
+        let key = format!("{}.replay.{replay}", entry.id);
+        entry
             .headers
             .push((IDEMPOTENCY_KEY_HEADER.to_string(), key));
     }
@@ -997,11 +998,11 @@ mod tests {
         Delivered {
             shard: ShardRef::new("ns", 0),
             sequence: seq,
-            entry: Entry {
+            entry: Arc::new(Entry {
                 id: format!("e{seq}"),
                 key: Some(key.into()),
                 ..Entry::default()
-            },
+            }),
         }
     }
 

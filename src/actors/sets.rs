@@ -699,14 +699,14 @@ pub fn letter_members(namespace: &Arc<str>, letter: &Entry) -> Result<Vec<Delive
             Ok(Delivered {
                 shard: ShardRef::new(namespace.clone(), m.shard),
                 sequence: m.sequence,
-                entry: Entry {
+                entry: Arc::new(Entry {
                     id: m.id,
                     key: m.key,
                     headers: m.headers,
                     payload: payload.into(),
                     timestamp_ms: m.timestamp_ms,
                     due_ms: 0,
-                },
+                }),
             })
         })
         .collect()

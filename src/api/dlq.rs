@@ -22,6 +22,7 @@
 //!   best-effort peek (see `backends::sqs::dlq`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::future::join_all;
@@ -73,7 +74,7 @@ fn letter_json(dlq: &AnyDlq, letter: &DeadLetter) -> serde_json::Value {
     let delivered = Delivered {
         shard: letter.origin.shard.clone(),
         sequence: letter.origin.sequence,
-        entry: letter.entry.clone(),
+        entry: Arc::new(letter.entry.clone()),
     };
     let mut v = serde_json::to_value(DeliveredJson::new(&delivered)).expect("plain struct");
     v["dlq_sequence"] = letter.dlq_sequence.into();
@@ -344,7 +345,7 @@ async fn redrive_in_place(
                     delivered: Delivered {
                         shard: l.origin.shard,
                         sequence: l.origin.sequence,
-                        entry: l.entry,
+                        entry: Arc::new(l.entry),
                     },
                 });
         }

@@ -472,7 +472,7 @@ pub trait Consumer: Send {
 
 /// One delivered entry and its ack handle.
 pub trait Delivery: Send + Sized {
-    fn entry(&self) -> &Entry;
+    fn entry(&self) -> &Arc<Entry>;
     fn shard(&self) -> &ShardRef;
     fn sequence(&self) -> u64;
     /// The entry is done with (applied, parked or dead-lettered).

@@ -338,7 +338,7 @@ impl AnyDelivery {
 }
 
 impl Delivery for AnyDelivery {
-    fn entry(&self) -> &Entry {
+    fn entry(&self) -> &Arc<Entry> {
         match self {
             AnyDelivery::Embedded(d) => d.entry(),
             AnyDelivery::Kafka(d) => d.entry(),

@@ -28,7 +28,7 @@ pub struct Record {
     pub namespace: Arc<str>,
     pub shard: u32,
     pub offset: u64,
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
 }
 
 /// Why bytes did not decode.
@@ -248,14 +248,14 @@ fn decode_body(body: &[u8]) -> Result<Record, FormatError> {
         namespace,
         shard,
         offset,
-        entry: Entry {
+        entry: Arc::new(Entry {
             id,
             key,
             headers,
             payload,
             timestamp_ms,
             due_ms,
-        },
+        }),
     })
 }
 

@@ -174,7 +174,9 @@ pub struct Delivered {
     pub shard: ShardRef,
     /// The entry's position in its shard: its version at the target.
     pub sequence: u64,
-    pub entry: Entry,
+    /// Shared, not copied: the applier hands it to its sink, and a shard's
+    /// targets may share one read.
+    pub entry: Arc<Entry>,
 }
 
 /// Where an entry lives: a namespace and one of its shards.

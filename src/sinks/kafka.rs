@@ -98,7 +98,7 @@ impl Sink for KafkaSink {
     /// In one transaction with `transactions = true`; else in order.
     fn apply_set<'a>(&'a self, set: &'a [Delivered]) -> BoxFuture<'a, Result<Outcome, SinkError>> {
         Box::pin(async move {
-            let entries: Vec<_> = set.iter().map(|d| (&d.entry, extra(d))).collect();
+            let entries: Vec<_> = set.iter().map(|d| (&*d.entry, extra(d))).collect();
             match self.topic.publish_all(&entries).await {
                 Ok(()) => Ok(Outcome::Applied),
                 Err(e) => Err(self.classify(&e)),

@@ -687,7 +687,7 @@ mod tests {
             delivered: Delivered {
                 shard: ShardRef::new("ns", shard),
                 sequence,
-                entry: Entry::default(),
+                entry: Entry::default().into(),
             },
             order_key: key.into(),
             attempts: 1,
@@ -721,12 +721,12 @@ mod tests {
             delivered: Delivered {
                 shard: ShardRef::new("ns", 3),
                 sequence: 42,
-                entry: Entry {
+                entry: Arc::new(Entry {
                     id: "e".into(),
                     key: Some("k".into()),
                     payload: Bytes::from_static(b"{}"),
                     ..Entry::default()
-                },
+                }),
             },
             order_key: "k".into(),
             attempts: 4,

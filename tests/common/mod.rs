@@ -149,11 +149,11 @@ pub fn mutation(sequence: u64, payload: serde_json::Value) -> walden::entry::Del
     walden::entry::Delivered {
         shard: ShardRef::new("ns", 0),
         sequence,
-        entry: Entry {
+        entry: Arc::new(Entry {
             id: format!("m{sequence}"),
             payload: Bytes::from(payload.to_string()),
             ..Entry::default()
-        },
+        }),
     }
 }
 

@@ -287,11 +287,11 @@ pub async fn delays_come_back_when_due<H: Harness>() {
         .map(|(i, &due_ms)| Delivered {
             shard: shard.clone(),
             sequence: 100 + i as u64,
-            entry: Entry {
+            entry: Arc::new(Entry {
                 id: format!("delayed-{i}"),
                 due_ms,
                 ..entry(i, &format!("dk-{i}"))
-            },
+            }),
         })
         .collect();
     let Some(store) = h.open_delays().await else {

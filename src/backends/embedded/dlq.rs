@@ -171,7 +171,7 @@ impl EmbeddedDlq {
             }
             for r in batch {
                 if r.offset <= last && seqs.binary_search(&r.offset).is_ok() {
-                    out.extend(decode(r.offset, r.entry));
+                    out.extend(decode(r.offset, Arc::unwrap_or_clone(r.entry)));
                 }
             }
         }

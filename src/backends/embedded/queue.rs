@@ -273,7 +273,7 @@ impl EmbeddedDelivery {
 }
 
 impl Delivery for EmbeddedDelivery {
-    fn entry(&self) -> &Entry {
+    fn entry(&self) -> &Arc<Entry> {
         &self.record.entry
     }
 

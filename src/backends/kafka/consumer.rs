@@ -268,7 +268,7 @@ impl KafkaConsumer {
         Received {
             offset: offset as u64,
             sequence,
-            entry,
+            entry: entry.into(),
         }
     }
 
@@ -447,7 +447,7 @@ impl KafkaDelivery {
 }
 
 impl Delivery for KafkaDelivery {
-    fn entry(&self) -> &Entry {
+    fn entry(&self) -> &Arc<Entry> {
         &self.received.entry
     }
 

@@ -41,7 +41,7 @@ use crate::entry::{Entry, ShardRef};
 pub(super) struct Received {
     pub offset: u64,
     pub sequence: u64,
-    pub entry: Entry,
+    pub entry: Arc<Entry>,
 }
 
 /// One partition, as this process sees it.

@@ -257,7 +257,7 @@ impl ReplayLog for KafkaReplayLog {
                 delivered: Delivered {
                     shard: shard.clone(),
                     sequence,
-                    entry,
+                    entry: entry.into(),
                 },
             });
         }

@@ -668,6 +668,6 @@ fn member_of(topic: &str, namespace: &Arc<str>, msg: &BorrowedMessage<'_>) -> Op
     Some(Delivered {
         shard: ShardRef::new(namespace.clone(), u32::try_from(num(PARTITION)?).ok()?),
         sequence: num(OFFSET)?,
-        entry,
+        entry: entry.into(),
     })
 }

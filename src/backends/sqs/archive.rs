@@ -118,7 +118,7 @@ impl SqsArchive {
 /// An archived copy as SQS delivered it: its sequence and write time back,
 /// the archive's headers gone.
 fn restore(mut l: Logged) -> Logged {
-    let e = &mut l.delivered.entry;
+    let e = Arc::make_mut(&mut l.delivered.entry);
     let mut take = |name: &str| {
         let i = e.headers.iter().position(|(k, _)| k == name)?;
         e.headers.remove(i).1.parse::<u64>().ok()
@@ -128,7 +128,7 @@ fn restore(mut l: Logged) -> Logged {
         l.delivered.sequence = s;
     }
     if let Some(t) = written {
-        l.delivered.entry.timestamp_ms = t;
+        e.timestamp_ms = t;
     }
     l
 }

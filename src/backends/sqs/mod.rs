@@ -882,7 +882,7 @@ impl Consumer for SqsConsumer {
                 )),
                 shard: self.shard.clone(),
                 sequence,
-                entry,
+                entry: entry.into(),
             });
         }
         if deliveries.is_empty() {
@@ -1001,13 +1001,13 @@ impl Drop for Hold {
 pub struct SqsDelivery {
     shard: ShardRef,
     sequence: u64,
-    entry: Entry,
+    entry: Arc<Entry>,
     /// Boxed: it keeps every delivery enum small.
     hold: Box<Hold>,
 }
 
 impl Delivery for SqsDelivery {
-    fn entry(&self) -> &Entry {
+    fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }
 
