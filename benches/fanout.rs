@@ -4,14 +4,18 @@
 //!   namespace with one file target, then to one with two, each until every
 //!   target has applied everything: applied/s per target, and the whole
 //!   process's CPU per entry (user + system, client included). `ratio=` is
-//!   two targets' CPU per entry ÷ one target's (goal ≤ 1.3);
+//!   two targets' CPU per entry ÷ one target's (goal ≤ 1.3). One round is
+//!   a phase of each; rounds alternate the two, and the line gives the
+//!   median round's ratio beside the lowest and highest, because one round
+//!   on a shared 2-core host varies by ±15%;
 //! - **isolation**: paced single writes to two HTTP targets; a healthy
 //!   target's p99 delivery latency (from the write's answer to its arrival)
 //!   with the other target up, then with it down. `ratio=` is down ÷ up
-//!   (goal ≤ 1.5).
+//!   (goal ≤ 1.5), the median of up to three rounds.
 //!
 //! `cargo bench --bench fanout`. Environment: `WALDEN_BENCH_SECS` (per
-//! phase, default 5), `WALDEN_BENCH_DIR`.
+//! phase, default 5), `WALDEN_BENCH_ROUNDS` (cost rounds, default 5),
+//! `WALDEN_BENCH_DIR`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -128,32 +132,53 @@ fn main() {
         )
     };
 
-    let one_dir = tempfile::tempdir_in(&base).unwrap();
-    let (n1, s1, t1) = cost(&rt, one_dir.path(), &file(one_dir.path(), "a"), secs);
-    let two_dir = tempfile::tempdir_in(&base).unwrap();
-    let two = file(two_dir.path(), "a") + &file(two_dir.path(), "b");
-    let (n2, s2, t2) = cost(&rt, two_dir.path(), &two, secs);
-    let (cpu1, cpu2) = (
-        t1 as f64 * 10_000.0 / n1 as f64,
-        t2 as f64 * 10_000.0 / n2 as f64,
-    );
+    let rounds = env_u64("WALDEN_BENCH_ROUNDS", 5).max(1);
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        let one_dir = tempfile::tempdir_in(&base).unwrap();
+        let (n1, s1, t1) = cost(&rt, one_dir.path(), &file(one_dir.path(), "a"), secs);
+        let two_dir = tempfile::tempdir_in(&base).unwrap();
+        let two = file(two_dir.path(), "a") + &file(two_dir.path(), "b");
+        let (n2, s2, t2) = cost(&rt, two_dir.path(), &two, secs);
+        let (cpu1, cpu2) = (
+            t1 as f64 * 10_000.0 / n1 as f64,
+            t2 as f64 * 10_000.0 / n2 as f64,
+        );
+        runs.push((cpu2 / cpu1, cpu1, cpu2, n1 as f64 / s1, n2 as f64 / s2));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ratio, cpu1, cpu2, per_s1, per_s2) = runs[runs.len() / 2];
     println!(
-        "fanout cost one_target_applied_per_s={:.0} two_targets_applied_per_s_each={:.0} cpu_us_per_entry_one={cpu1:.1} cpu_us_per_entry_two={cpu2:.1} ratio={:.2} (goal <= 1.3)",
-        n1 as f64 / s1,
-        n2 as f64 / s2,
-        cpu2 / cpu1
+        "fanout cost one_target_applied_per_s={per_s1:.0} two_targets_applied_per_s_each={per_s2:.0} cpu_us_per_entry_one={cpu1:.1} cpu_us_per_entry_two={cpu2:.1} rounds={rounds} lowest={:.2} highest={:.2} ratio={ratio:.2} (goal <= 1.3)",
+        runs[0].0,
+        runs[runs.len() - 1].0,
     );
 
-    let up_dir = tempfile::tempdir_in(&base).unwrap();
-    let up = isolation(&rt, up_dir.path(), true, secs);
-    let down_dir = tempfile::tempdir_in(&base).unwrap();
-    let down = isolation(&rt, down_dir.path(), false, secs);
-    let (p_up, p_down) = (percentile(&up, 0.99), percentile(&down, 0.99));
+    // Rounds of (up, down), as for the cost: one p99 of a few thousand
+    // arrivals moves with a single stall of the host.
+    let mut rounds_iso = Vec::new();
+    for _ in 0..rounds.min(3) {
+        let up_dir = tempfile::tempdir_in(&base).unwrap();
+        let up = isolation(&rt, up_dir.path(), true, secs);
+        let down_dir = tempfile::tempdir_in(&base).unwrap();
+        let down = isolation(&rt, down_dir.path(), false, secs);
+        let (p_up, p_down) = (percentile(&up, 0.99), percentile(&down, 0.99));
+        let ratio = p_down as f64 / p_up.max(1) as f64;
+        rounds_iso.push((
+            ratio,
+            p_up,
+            p_down,
+            percentile(&up, 0.5),
+            percentile(&down, 0.5),
+            down.len(),
+        ));
+    }
+    rounds_iso.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ratio, p_up, p_down, p50_up, p50_down, entries) = rounds_iso[rounds_iso.len() / 2];
     println!(
-        "fanout isolation healthy_p99_us_other_up={p_up} healthy_p99_us_other_down={p_down} p50_up={} p50_down={} entries={} ratio={:.2} (goal <= 1.5)",
-        percentile(&up, 0.5),
-        percentile(&down, 0.5),
-        down.len(),
-        p_down as f64 / p_up.max(1) as f64
+        "fanout isolation healthy_p99_us_other_up={p_up} healthy_p99_us_other_down={p_down} p50_up={p50_up} p50_down={p50_down} entries={entries} rounds={} lowest={:.2} highest={:.2} ratio={ratio:.2} (goal <= 1.5)",
+        rounds_iso.len(),
+        rounds_iso[0].0,
+        rounds_iso[rounds_iso.len() - 1].0,
     );
 }

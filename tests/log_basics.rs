@@ -49,6 +49,59 @@ fn appends_are_durable_dense_and_read_back_in_order() {
     assert!(log.stats().fsyncs.get() >= 1);
 }
 
+/// A shard's readers (one per target) share what the first reads; each
+/// still gets every record once, in order, across segment rolls and other
+/// shards' records, and goes on reading the journal after what it took.
+#[test]
+fn readers_of_one_shard_share_reads_and_each_gets_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), small_segments()).unwrap();
+    let (a, b) = (ShardRef::new("ns", 0), ShardRef::new("ns", 1));
+    let mut first = log.reader(&a, 0).unwrap();
+    let mut second = log.reader(&a, 0).unwrap();
+    let (mut got_first, mut got_second) = (Vec::new(), Vec::new());
+    for round in 0..5u64 {
+        for i in 0..40 {
+            let n = round * 40 + i;
+            log.append(&a, entry(format!("a{n}"), format!("a{n}")))
+                .wait()
+                .unwrap();
+            log.append(&b, entry(format!("b{n}"), [b'x'; 50]))
+                .wait()
+                .unwrap();
+        }
+        // The first reads in small steps, the second in larger ones: it
+        // takes what the first read, then overtakes it.
+        for _ in 0..3 {
+            got_first.extend(first.read_batch(7).unwrap());
+        }
+        got_second.extend(second.read_batch(30).unwrap());
+    }
+    for (reader, got) in [(&mut first, &mut got_first), (&mut second, &mut got_second)] {
+        loop {
+            let batch = reader.read_batch(11).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch);
+        }
+    }
+    let want: Vec<String> = (0..200).map(|n| format!("a{n}")).collect();
+    assert_eq!(payloads(&got_first), want);
+    assert_eq!(payloads(&got_second), want);
+    assert!(
+        got_second
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == i as u64)
+    );
+    // Whichever reader is ahead reads each record from the journal; the
+    // other takes it.
+    assert_eq!(log.stats().shared_reads.get(), 200);
+    // A reader opened later, behind both, reads the journal itself.
+    assert_eq!(payloads(&read_all(&log, &a, 150)), want[150..]);
+}
+
 #[test]
 fn offsets_continue_after_reopen_and_across_segment_rolls() {
     let dir = tempfile::tempdir().unwrap();

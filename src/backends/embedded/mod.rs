@@ -79,6 +79,7 @@ pub use crate::fs;
 mod index;
 mod queue;
 mod reader;
+mod recent;
 mod recovery;
 mod retention;
 
@@ -333,6 +334,9 @@ pub struct LogStats {
     pub refused_full: Counter,
     /// Records consumers skipped because the hard cap deleted them first.
     pub retention_lost: Counter,
+    /// Records a reader took from another reader of its shard (another
+    /// target's) instead of reading the journal again.
+    pub shared_reads: Counter,
 }
 
 /// State shared by the committer, readers and the handle.
@@ -353,6 +357,8 @@ pub(crate) struct Shared {
     /// Records each shard's consumers skipped because retention deleted them
     /// first, since the log was opened.
     pub lost: Mutex<BTreeMap<ShardRef, u64>>,
+    /// What each shard's readers read last, for its other readers.
+    pub recent: recent::Recent,
 }
 
 impl Shared {
@@ -474,6 +480,7 @@ impl EmbeddedLog {
             checkpoints: Mutex::new(checkpoints),
             checkpoint_write: Mutex::new(()),
             lost: Mutex::new(BTreeMap::new()),
+            recent: recent::Recent::default(),
         });
         let (tx, rx) = crossbeam_channel::bounded(shared.config.queue_capacity);
         let committer = committer::Committer::new(shared.clone(), rx, recovered.writer);
@@ -813,6 +820,7 @@ impl crate::backends::LogHealth for EmbeddedLog {
             ("walden_log_retention_forced_total", "Uncommitted segments deleted by the hard size cap.", &s.retention_forced),
             ("walden_log_refused_full_total", "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").", &s.refused_full),
             ("walden_log_retention_lost_total", "Entries consumers skipped because the hard size cap deleted them first.", &s.retention_lost),
+            ("walden_log_shared_reads_total", "Records a target's reader took from another target's read of the shard.", &s.shared_reads),
         ]
         .map(|(name, help, c)| (name, "counter", help, c.get()));
         let gauges = [

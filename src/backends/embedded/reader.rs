@@ -40,6 +40,12 @@ pub struct ShardReader {
     last_damage: Option<(u64, u64, String)>,
 }
 
+impl Drop for ShardReader {
+    fn drop(&mut self) {
+        self.shared.recent.closed(&self.shard);
+    }
+}
+
 /// The readable extent of the reader's current segment.
 struct Bounds {
     end: u64,
@@ -80,6 +86,7 @@ impl ShardReader {
             // after the durable mark.
             found.unwrap_or((idx.mark.segment, idx.mark.end))
         };
+        shared.recent.opened(&shard);
         Ok(Self {
             shared,
             shard,
@@ -111,7 +118,24 @@ impl ShardReader {
     /// Records that are durable now, within `limit`; empty when caught up.
     pub fn read_within(&mut self, limit: Limit) -> Result<Vec<Record>, LogError> {
         self.durable_rx.borrow_and_update();
+        if let Some(taken) = self.shared.recent.take(&self.shard, self.next, limit) {
+            // Another reader of the shard just read them: go on after them.
+            if taken.segment != self.segment {
+                self.segment = taken.segment;
+                self.file = None;
+                self.buf.clear();
+            }
+            self.pos = taken.end;
+            self.next += taken.records.len() as u64;
+            self.shared
+                .stats
+                .shared_reads
+                .add(taken.records.len() as u64);
+            return Ok(taken.records);
+        }
         let mut out: Vec<Record> = Vec::new();
+        // Where each record's frame ends, for the shard's other readers.
+        let mut ends = Vec::new();
         let mut bytes = 0;
         while out.len() < limit.entries && (out.is_empty() || bytes < limit.bytes) {
             let before = out.len();
@@ -124,7 +148,7 @@ impl ShardReader {
                 continue;
             }
             match self.step(bounds.end, &mut out) {
-                Ok(()) => {}
+                Ok(()) => ends.resize(out.len(), (self.segment, self.pos)),
                 Err(e) if out.is_empty() => return Err(e),
                 // Deliver what came before the damage; the error repeats on
                 // the next call because the cursor did not move.
@@ -135,6 +159,7 @@ impl ShardReader {
                 .map(|r| r.entry.payload.len())
                 .sum::<usize>();
         }
+        self.shared.recent.keep(&self.shard, &out, &ends);
         Ok(out)
     }
 
