@@ -57,6 +57,7 @@ pub(crate) struct Taken {
 
 #[derive(Default)]
 pub(crate) struct Recent {
+    /// Each shard's run, and the payload bytes kept in all of them.
     runs: Mutex<(HashMap<ShardRef, Run>, usize)>,
 }
 
