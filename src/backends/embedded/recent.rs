@@ -177,75 +177,61 @@ mod tests {
         recent.keep(shard, &records, &ends);
     }
 
+    /// A shard with `readers` readers open.
+    fn opened(readers: usize) -> (Recent, ShardRef) {
+        let (recent, shard) = (Recent::default(), ShardRef::new("ns", 0));
+        (0..readers).for_each(|_| recent.opened(&shard));
+        (recent, shard)
+    }
+
+    /// How many records a reader at `next` takes, up to `max`.
+    fn taken(recent: &Recent, shard: &ShardRef, next: u64, max: usize) -> usize {
+        recent
+            .take(shard, next, Limit::entries(max))
+            .map_or(0, |t| t.records.len())
+    }
+
     #[test]
     fn one_reader_keeps_nothing() {
-        let (recent, shard) = (Recent::default(), ShardRef::new("ns", 0));
-        recent.opened(&shard);
+        let (recent, shard) = opened(1);
         keep(&recent, &shard, 0..10);
-        assert!(recent.take(&shard, 0, Limit::entries(10)).is_none());
+        assert_eq!(taken(&recent, &shard, 0, 10), 0);
     }
 
     #[test]
     fn a_second_reader_takes_what_the_first_read_and_goes_on_after_it() {
-        let (recent, shard) = (Recent::default(), ShardRef::new("ns", 0));
-        recent.opened(&shard);
-        recent.opened(&shard);
+        let (recent, shard) = opened(2);
         keep(&recent, &shard, 0..10);
-        let taken = recent.take(&shard, 3, Limit::entries(4)).unwrap();
-        let offsets: Vec<u64> = taken.records.iter().map(|r| r.offset).collect();
+        let some = recent.take(&shard, 3, Limit::entries(4)).unwrap();
+        let offsets: Vec<u64> = some.records.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, [3, 4, 5, 6]);
-        assert_eq!((taken.segment, taken.end), (1, 70));
+        assert_eq!((some.segment, some.end), (1, 70));
         // Past the run, or behind it: the journal.
-        assert!(recent.take(&shard, 10, Limit::entries(4)).is_none());
+        assert_eq!(taken(&recent, &shard, 10, 4), 0);
         keep(&recent, &shard, 10..12);
-        assert_eq!(
-            recent
-                .take(&shard, 10, Limit::entries(9))
-                .unwrap()
-                .records
-                .len(),
-            2
-        );
+        assert_eq!(taken(&recent, &shard, 10, 9), 2);
         // An old read (a replay) does not disturb the run.
         keep(&recent, &shard, 0..5);
-        assert_eq!(
-            recent
-                .take(&shard, 0, Limit::entries(99))
-                .unwrap()
-                .records
-                .len(),
-            12
-        );
+        assert_eq!(taken(&recent, &shard, 0, 99), 12);
     }
 
     #[test]
     fn a_gap_starts_the_run_afresh_and_a_closed_reader_ends_sharing() {
-        let (recent, shard) = (Recent::default(), ShardRef::new("ns", 0));
-        recent.opened(&shard);
-        recent.opened(&shard);
+        let (recent, shard) = opened(2);
         keep(&recent, &shard, 0..5);
         // Records 5..7 were lost to damage: nobody takes across the gap.
         keep(&recent, &shard, 7..9);
-        assert!(recent.take(&shard, 4, Limit::entries(9)).is_none());
-        assert_eq!(
-            recent
-                .take(&shard, 7, Limit::entries(9))
-                .unwrap()
-                .records
-                .len(),
-            2
-        );
+        assert_eq!(taken(&recent, &shard, 4, 9), 0);
+        assert_eq!(taken(&recent, &shard, 7, 9), 2);
         recent.closed(&shard);
-        assert!(recent.take(&shard, 7, Limit::entries(9)).is_none());
+        assert_eq!(taken(&recent, &shard, 7, 9), 0);
     }
 
     #[test]
     fn the_run_is_bounded() {
-        let (recent, shard) = (Recent::default(), ShardRef::new("ns", 0));
-        recent.opened(&shard);
-        recent.opened(&shard);
+        let (recent, shard) = opened(2);
         keep(&recent, &shard, 0..(KEEP_RECORDS as u64 + 100));
-        assert!(recent.take(&shard, 99, Limit::entries(1)).is_none());
-        assert!(recent.take(&shard, 100, Limit::entries(1)).is_some());
+        assert_eq!(taken(&recent, &shard, 99, 1), 0);
+        assert_eq!(taken(&recent, &shard, 100, 1), 1);
     }
 }
