@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{entry, payloads, read_all};
-use walden::backends::embedded::{EmbeddedLog, FsyncMode, HardMax, LogConfig, LogError, Retention};
+use walden::backends::embedded::{
+    EmbeddedLog, FsyncMode, HardMax, LogConfig, LogError, Record, Retention, ShardReader,
+};
 use walden::entry::{Durable, ShardRef};
 
 fn small_segments() -> LogConfig {
@@ -49,27 +51,21 @@ fn appends_are_durable_dense_and_read_back_in_order() {
     assert!(log.stats().fsyncs.get() >= 1);
 }
 
-/// A shard's readers (one per target) share what the first reads; each
-/// still gets every record once, in order, across segment rolls and other
-/// shards' records, and goes on reading the journal after what it took.
+/// A shard's readers (one per target) reading a backlog share what the
+/// first reads; each still gets every record once, in order, across segment
+/// rolls and other shards' records, and goes on reading the journal after
+/// what it took.
 #[test]
 fn readers_of_one_shard_share_reads_and_each_gets_every_record() {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), small_segments()).unwrap();
     let (a, b) = (ShardRef::new("ns", 0), ShardRef::new("ns", 1));
+    append_both(&log, &a, &b, 0..200);
+    // Opened after the writes: nothing is in the committer's tail for them.
     let mut first = log.reader(&a, 0).unwrap();
     let mut second = log.reader(&a, 0).unwrap();
     let (mut got_first, mut got_second) = (Vec::new(), Vec::new());
-    for round in 0..5u64 {
-        for i in 0..40 {
-            let n = round * 40 + i;
-            log.append(&a, entry(format!("a{n}"), format!("a{n}")))
-                .wait()
-                .unwrap();
-            log.append(&b, entry(format!("b{n}"), [b'x'; 50]))
-                .wait()
-                .unwrap();
-        }
+    for _ in 0..5 {
         // The first reads in small steps, the second in larger ones: it
         // takes what the first read, then overtakes it.
         for _ in 0..3 {
@@ -77,15 +73,8 @@ fn readers_of_one_shard_share_reads_and_each_gets_every_record() {
         }
         got_second.extend(second.read_batch(30).unwrap());
     }
-    for (reader, got) in [(&mut first, &mut got_first), (&mut second, &mut got_second)] {
-        loop {
-            let batch = reader.read_batch(11).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            got.extend(batch);
-        }
-    }
+    drain(&mut first, &mut got_first);
+    drain(&mut second, &mut got_second);
     let want: Vec<String> = (0..200).map(|n| format!("a{n}")).collect();
     assert_eq!(payloads(&got_first), want);
     assert_eq!(payloads(&got_second), want);
@@ -98,8 +87,64 @@ fn readers_of_one_shard_share_reads_and_each_gets_every_record() {
     // Whichever reader is ahead reads each record from the journal; the
     // other takes it.
     assert_eq!(log.stats().shared_reads.get(), 200);
+    assert_eq!(log.stats().tail_reads.get(), 0);
     // A reader opened later, behind both, reads the journal itself.
     assert_eq!(payloads(&read_all(&log, &a, 150)), want[150..]);
+}
+
+/// Readers that keep up take what the committer just made durable, with no
+/// read of the journal: the same records the journal holds, across segment
+/// rolls, each reader all of them in order.
+#[test]
+fn readers_that_keep_up_take_the_committers_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), small_segments()).unwrap();
+    let (a, b) = (ShardRef::new("ns", 0), ShardRef::new("ns", 1));
+    let mut first = log.reader(&a, 0).unwrap();
+    let mut second = log.reader(&a, 0).unwrap();
+    let (mut got_first, mut got_second) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        append_both(&log, &a, &b, round * 40..(round + 1) * 40);
+        drain(&mut first, &mut got_first);
+        for _ in 0..2 {
+            got_second.extend(second.read_batch(15).unwrap());
+        }
+    }
+    drain(&mut second, &mut got_second);
+    assert!(log.stats().segments_rolled.get() > 2);
+    assert_eq!(log.stats().tail_reads.get(), 400);
+    assert_eq!(log.stats().shared_reads.get(), 0);
+    // Exactly what a reader of the journal decodes. With the shard's
+    // readers closed, nothing is kept: the next reader reads the journal.
+    drop((first, second));
+    let journal = read_all(&log, &a, 0);
+    assert_eq!(log.stats().tail_reads.get(), 400);
+    assert_eq!(journal.len(), 200);
+    assert_eq!(got_first, journal);
+    assert_eq!(got_second, journal);
+}
+
+/// Records `range` of shard `a` (payload `a<n>`), each beside one of `b`.
+fn append_both(log: &EmbeddedLog, a: &ShardRef, b: &ShardRef, range: std::ops::Range<u64>) {
+    for n in range {
+        log.append(a, entry(format!("a{n}"), format!("a{n}")))
+            .wait()
+            .unwrap();
+        log.append(b, entry(format!("b{n}"), [b'x'; 50]))
+            .wait()
+            .unwrap();
+    }
+}
+
+/// Read what `reader` has left into `got`.
+fn drain(reader: &mut ShardReader, got: &mut Vec<Record>) {
+    loop {
+        let batch = reader.read_batch(11).unwrap();
+        if batch.is_empty() {
+            return;
+        }
+        got.extend(batch);
+    }
 }
 
 #[test]

@@ -14,12 +14,13 @@ use tracing::{error, warn};
 
 use super::format;
 use super::index::{self, DurableMark, SegmentInfo, SparsePoint};
+use super::recent::Committed;
 use super::recovery::{self, WriterState};
 use super::{
     AppendReply, AppendRequest, Appended, Command, FsyncMode, HardMax, LogError, RetentionReport,
     Shared, retention, write_atomic,
 };
-use crate::entry::{Durable, ShardRef, now_ms};
+use crate::entry::{Durable, Entry, ShardRef, now_ms};
 use crate::fs::FsFile;
 
 /// How far ahead of the writes the active segment is zero-filled. An
@@ -39,6 +40,10 @@ struct Pending {
     offset: u64,
     pos: u64,
     ts: u64,
+    /// Handed to the shard's readers once durable ([`super::recent`]).
+    entry: Entry,
+    /// Where its frame ends.
+    end: u64,
 }
 
 pub(crate) struct Committer {
@@ -263,6 +268,8 @@ impl Committer {
                 offset,
                 pos,
                 ts,
+                entry,
+                end: self.w.pos + self.buf.len() as u64,
             });
         }
         self.w.last_ts = ts;
@@ -454,13 +461,21 @@ impl Committer {
         }
         // Appenders first, readers after: the index already shows the batch,
         // and a client waiting on its answer is the latency that counts.
+        let mut kept = Vec::with_capacity(self.pending.len());
         for p in self.pending.drain(..) {
             let _ = p.reply.send(Ok(Appended {
                 sequence: p.offset,
                 timestamp_ms: p.ts,
                 durable,
             }));
+            kept.push(Committed {
+                shard: p.shard,
+                offset: p.offset,
+                entry: p.entry,
+                end: p.end,
+            });
         }
+        self.shared.recent.publish(segment, kept);
         self.shared.durable_tx.send_replace(mark);
     }
 

@@ -337,6 +337,9 @@ pub struct LogStats {
     /// Records a reader took from another reader of its shard (another
     /// target's) instead of reading the journal again.
     pub shared_reads: Counter,
+    /// Records a reader took from what the committer had just made durable,
+    /// with no read of the journal.
+    pub tail_reads: Counter,
 }
 
 /// State shared by the committer, readers and the handle.
@@ -594,11 +597,6 @@ impl EmbeddedLog {
         reader::offset_for_time(&self.shared, shard, timestamp_ms)
     }
 
-    /// A receiver that changes whenever new records become readable.
-    pub(crate) fn durable_marks(&self) -> watch::Receiver<DurableMark> {
-        self.shared.durable_tx.subscribe()
-    }
-
     /// The offset the next durable record of `shard` will have.
     pub fn next_offset(&self, shard: &ShardRef) -> u64 {
         self.shared.index.read().unwrap().next_offset(shard)
@@ -821,6 +819,7 @@ impl crate::backends::LogHealth for EmbeddedLog {
             ("walden_log_refused_full_total", "Appends refused at the hard size cap (retention_hard_max_policy = \"refuse_writes\").", &s.refused_full),
             ("walden_log_retention_lost_total", "Entries consumers skipped because the hard size cap deleted them first.", &s.retention_lost),
             ("walden_log_shared_reads_total", "Records a target's reader took from another target's read of the shard.", &s.shared_reads),
+            ("walden_log_tail_reads_total", "Records a reader took from what the committer had just made durable, with no read of the journal.", &s.tail_reads),
         ]
         .map(|(name, help, c)| (name, "counter", help, c.get()));
         let gauges = [

@@ -109,8 +109,8 @@ pub struct EmbeddedConsumer {
     /// `None` only while a read runs on the blocking pool.
     reader: Option<ShardReader>,
     shard: ShardRef,
-    /// Wakes a waiting receive when new records become durable.
-    durable_rx: tokio::sync::watch::Receiver<super::index::DurableMark>,
+    /// Wakes a waiting receive when its shard's next records are durable.
+    shard_next: tokio::sync::watch::Receiver<u64>,
     tracker: Arc<Mutex<Tracker>>,
 }
 
@@ -122,14 +122,14 @@ impl EmbeddedConsumer {
         let from = committed.unwrap_or_else(|| log.earliest_offset(shard));
         let from = skip_lost(&log, shard, from);
         let reader = log.reader(shard, from)?;
-        let durable_rx = log.durable_marks();
+        let shard_next = reader.shard_next();
         let tracker = Tracker::starting_at(from);
         Ok(Self {
             log,
             group: group.to_string(),
             reader: Some(reader),
             shard: shard.clone(),
-            durable_rx,
+            shard_next,
             tracker: Arc::new(Mutex::new(tracker)),
         })
     }
@@ -159,54 +159,92 @@ impl EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// Wait up to `timeout` for records and read up to `max`. The reads
-    /// (`pread`) run on the blocking pool, never on the caller's thread; only
-    /// the wait is bounded, so a read is never abandoned with the reader in it.
+    /// Wait up to `timeout` for records and read up to `max`. Records kept
+    /// in memory (the committer's last, or another target's read) are taken
+    /// on this task; a read of the journal (`pread`) runs on the blocking
+    /// pool, never on the caller's thread, and only when the shard has
+    /// records past this reader. Only the wait is bounded, so a read is never
+    /// abandoned with the reader in it.
     async fn read(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, LogError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let limit = Limit {
+            entries: max,
+            bytes: READ_MAX_BYTES,
+        };
+        let mut timed_out = false;
         loop {
-            // Mark the current durable end as seen before reading, so a
-            // change after the read wakes the wait below.
-            self.durable_rx.borrow_and_update();
-            let mut reader = self.reader.take().ok_or(LogError::Closed)?;
-            let limit = Limit {
-                entries: max,
-                bytes: READ_MAX_BYTES,
+            // Seen before looking, so a commit after the look wakes the wait.
+            let durable_next = *self.shard_next.borrow_and_update();
+            let reader = self.reader.as_mut().ok_or(LogError::Closed)?;
+            let behind = match timed_out {
+                // A last look at the index itself, should a wake be missed.
+                true => self.log.next_offset(&self.shard) > reader.next_offset(),
+                false => durable_next > reader.next_offset(),
             };
-            let (reader, result) = tokio::task::spawn_blocking(move || {
-                let result = reader.read_within(limit);
-                (reader, result)
-            })
-            .await
-            .map_err(|_| LogError::Closed)?;
-            let next = reader.next_offset();
-            self.reader = Some(reader);
-            let records = match result {
-                // Deleted under the reader by the hard cap (`drop_oldest`):
-                // go on from what is left rather than stop for good.
-                Err(LogError::OffsetOutOfRange { .. } | LogError::MissingSegment { .. })
-                    if self.log.earliest_offset(&self.shard) > next =>
-                {
-                    let from = skip_lost(&self.log, &self.shard, next);
-                    self.reader = Some(self.log.reader(&self.shard, from)?);
-                    self.tracker.lock().unwrap().delivered([], from);
-                    continue;
-                }
-                other => other?,
+            let records = match reader.take_recent(limit) {
+                Some(records) => records,
+                None if behind => match self.read_journal(limit).await? {
+                    Some(records) => records,
+                    // Skipped past what retention deleted: look again.
+                    None => continue,
+                },
+                None => Vec::new(),
             };
-            if !records.is_empty() {
-                let delivered = records
-                    .iter()
-                    .map(|r| (r.offset, r.entry.timestamp_ms, r.entry.payload.len()));
-                self.tracker.lock().unwrap().delivered(delivered, next);
-                return Ok(records);
+            if !records.is_empty() || timed_out {
+                return Ok(self.delivered(records));
             }
-            match tokio::time::timeout_at(deadline, self.durable_rx.changed()).await {
+            match tokio::time::timeout_at(deadline, self.shard_next.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(LogError::Closed),
-                Err(_) => return Ok(Vec::new()),
+                Err(_) => timed_out = true,
             }
         }
+    }
+
+    /// Read the journal on the blocking pool. `None`: the reader's next
+    /// record was deleted by the hard cap (`drop_oldest`), and the reader
+    /// now starts at what is left.
+    async fn read_journal(&mut self, limit: Limit) -> Result<Option<Vec<Record>>, LogError> {
+        let mut reader = self.reader.take().ok_or(LogError::Closed)?;
+        let (reader, result) = tokio::task::spawn_blocking(move || {
+            let result = reader.read_within(limit);
+            (reader, result)
+        })
+        .await
+        .map_err(|_| LogError::Closed)?;
+        let next = reader.next_offset();
+        self.reader = Some(reader);
+        match result {
+            // Deleted under the reader by the hard cap (`drop_oldest`): go on
+            // from what is left rather than stop for good.
+            Err(LogError::OffsetOutOfRange { .. } | LogError::MissingSegment { .. })
+                if self.log.earliest_offset(&self.shard) > next =>
+            {
+                let from = skip_lost(&self.log, &self.shard, next);
+                let reader = self.log.reader(&self.shard, from)?;
+                self.shard_next = reader.shard_next();
+                self.reader = Some(reader);
+                self.tracker.lock().unwrap().delivered([], from);
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+
+    /// Note `records` as delivered, up to the reader's position.
+    fn delivered(&self, records: Vec<Record>) -> Vec<Record> {
+        if let Some(reader) = &self.reader
+            && !records.is_empty()
+        {
+            let delivered = records
+                .iter()
+                .map(|r| (r.offset, r.entry.timestamp_ms, r.entry.payload.len()));
+            self.tracker
+                .lock()
+                .unwrap()
+                .delivered(delivered, reader.next_offset());
+        }
+        records
     }
 }
 

@@ -35,6 +35,8 @@ pub struct ShardReader {
     /// File position of `buf[0]`.
     buf_pos: u64,
     durable_rx: watch::Receiver<DurableMark>,
+    /// The shard's next offset once its last commit is durable.
+    next_rx: watch::Receiver<u64>,
     /// The last damaged frame this reader stepped over, to name it if its
     /// shard then turns out to be missing a record.
     last_damage: Option<(u64, u64, String)>,
@@ -56,7 +58,7 @@ struct Bounds {
 impl ShardReader {
     pub(crate) fn open(shared: Arc<Shared>, shard: ShardRef, from: u64) -> Result<Self, LogError> {
         let durable_rx = shared.durable_tx.subscribe();
-        let (segment, pos) = {
+        let (segment, pos, next_rx) = {
             let idx = shared.index.read().unwrap();
             let next = idx.next_offset(&shard);
             let earliest = idx.earliest_offset(&shard);
@@ -84,9 +86,11 @@ impl ShardReader {
             });
             // Nothing readable at or after `from` yet: it can only appear
             // after the durable mark.
-            found.unwrap_or((idx.mark.segment, idx.mark.end))
+            let (segment, pos) = found.unwrap_or((idx.mark.segment, idx.mark.end));
+            // Under the index's lock, so no commit falls between `next` and
+            // the watch.
+            (segment, pos, shared.recent.opened(&shard, next))
         };
-        shared.recent.opened(&shard);
         Ok(Self {
             shared,
             shard,
@@ -97,6 +101,7 @@ impl ShardReader {
             buf: Vec::new(),
             buf_pos: 0,
             durable_rx,
+            next_rx,
             last_damage: None,
         })
     }
@@ -115,23 +120,37 @@ impl ShardReader {
         self.read_within(Limit::entries(max))
     }
 
+    /// A watch of the shard's next offset once its last commit is durable:
+    /// it moves on each commit that writes to this shard, and no other.
+    pub fn shard_next(&self) -> watch::Receiver<u64> {
+        self.next_rx.clone()
+    }
+
+    /// The records from this reader's position that are kept in memory
+    /// (the committer's last, or another reader's), within `limit`; `None`
+    /// if they are not, and the journal must be read. Never blocks.
+    pub fn take_recent(&mut self, limit: Limit) -> Option<Vec<Record>> {
+        let taken = self.shared.recent.take(&self.shard, self.next, limit)?;
+        if taken.segment != self.segment {
+            self.segment = taken.segment;
+            self.file = None;
+            self.buf.clear();
+        }
+        self.pos = taken.end;
+        self.next += taken.records.len() as u64;
+        let counter = match taken.from_tail {
+            true => &self.shared.stats.tail_reads,
+            false => &self.shared.stats.shared_reads,
+        };
+        counter.add(taken.records.len() as u64);
+        Some(taken.records)
+    }
+
     /// Records that are durable now, within `limit`; empty when caught up.
     pub fn read_within(&mut self, limit: Limit) -> Result<Vec<Record>, LogError> {
         self.durable_rx.borrow_and_update();
-        if let Some(taken) = self.shared.recent.take(&self.shard, self.next, limit) {
-            // Another reader of the shard just read them: go on after them.
-            if taken.segment != self.segment {
-                self.segment = taken.segment;
-                self.file = None;
-                self.buf.clear();
-            }
-            self.pos = taken.end;
-            self.next += taken.records.len() as u64;
-            self.shared
-                .stats
-                .shared_reads
-                .add(taken.records.len() as u64);
-            return Ok(taken.records);
+        if let Some(records) = self.take_recent(limit) {
+            return Ok(records);
         }
         let mut out: Vec<Record> = Vec::new();
         // Where each record's frame ends, for the shard's other readers.
