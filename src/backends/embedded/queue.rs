@@ -52,6 +52,10 @@ type Tracker = crate::backends::tracker::Tracker<Record>;
 
 /// Payload bytes one read brings into memory, at most (one record always).
 const READ_MAX_BYTES: usize = 4 << 20;
+/// A consumer woken by a commit reads no sooner than this after its last
+/// read: under load, each read takes several commits' records, and a
+/// write's answer does not share the cores with its own delivery.
+const READ_LINGER: Duration = Duration::from_millis(1);
 
 /// Commits a consumer's progress without holding the consumer, so a commit
 /// can run while a read is waiting for new records.
@@ -112,6 +116,8 @@ pub struct EmbeddedConsumer {
     /// Wakes a waiting receive when its shard's next records are durable.
     shard_next: tokio::sync::watch::Receiver<u64>,
     tracker: Arc<Mutex<Tracker>>,
+    /// When the last read that found records was.
+    last_read: Option<tokio::time::Instant>,
 }
 
 impl EmbeddedConsumer {
@@ -131,6 +137,7 @@ impl EmbeddedConsumer {
             shard: shard.clone(),
             shard_next,
             tracker: Arc::new(Mutex::new(tracker)),
+            last_read: None,
         })
     }
 
@@ -194,7 +201,11 @@ impl EmbeddedConsumer {
                 return Ok(self.delivered(records));
             }
             match tokio::time::timeout_at(deadline, self.shard_next.changed()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    if let Some(at) = self.last_read.map(|t| t + READ_LINGER) {
+                        tokio::time::sleep_until(at.min(deadline)).await;
+                    }
+                }
                 Ok(Err(_)) => return Err(LogError::Closed),
                 Err(_) => timed_out = true,
             }
@@ -232,10 +243,11 @@ impl EmbeddedConsumer {
     }
 
     /// Note `records` as delivered, up to the reader's position.
-    fn delivered(&self, records: Vec<Record>) -> Vec<Record> {
+    fn delivered(&mut self, records: Vec<Record>) -> Vec<Record> {
         if let Some(reader) = &self.reader
             && !records.is_empty()
         {
+            self.last_read = Some(tokio::time::Instant::now());
             let delivered = records
                 .iter()
                 .map(|r| (r.offset, r.entry.timestamp_ms, r.entry.payload.len()));
