@@ -35,12 +35,21 @@ use crate::entry::{Entry, ShardRef};
 /// Records kept per run, at most: a reader may lag by this many and still
 /// take them from memory.
 const KEEP_RECORDS: usize = 4096;
-/// Payload bytes kept per run, and in all, at most.
+/// Bytes kept per run, and in all, at most, counted by [`weight`]: many
+/// shards' runs of small records are bounded by memory, not only by count.
 const KEEP_BYTES: usize = 4 << 20;
 const KEEP_BYTES_ALL: usize = 64 << 20;
 /// A larger payload is not kept in the tail: copying it on the committer's
 /// thread would hold up the writers behind it. Its reader reads the journal.
 const KEEP_PAYLOAD_MAX: usize = 64 << 10;
+
+/// What a kept record holds in memory, about: its payload, id, key and
+/// headers, and the record's own structures.
+fn weight(record: &Record) -> usize {
+    let e = &record.entry;
+    let headers: usize = e.headers.iter().map(|(n, v)| n.len() + v.len() + 48).sum();
+    e.payload.len() + e.id.len() + e.key.as_ref().map_or(0, String::len) + headers + 160
+}
 
 /// A record and where its frame ends in the journal.
 struct Kept {
@@ -49,7 +58,7 @@ struct Kept {
     end: u64,
 }
 
-/// Consecutive records of one shard, with their payload bytes.
+/// Consecutive records of one shard, with their [`weight`].
 #[derive(Default)]
 struct Span {
     kept: VecDeque<Kept>,
@@ -70,7 +79,7 @@ impl Span {
                 self.clear(all);
             }
         }
-        let n = k.record.entry.payload.len();
+        let n = weight(&k.record);
         self.bytes += n;
         *all += n;
         self.kept.push_back(k);
@@ -83,7 +92,7 @@ impl Span {
 
     fn pop_front(&mut self, all: &mut usize) {
         if let Some(k) = self.kept.pop_front() {
-            let n = k.record.entry.payload.len();
+            let n = weight(&k.record);
             self.bytes -= n;
             *all -= n;
         }
@@ -151,7 +160,7 @@ pub(crate) struct Committed {
 
 #[derive(Default)]
 pub(crate) struct Recent {
-    /// Each shard's runs, and the payload bytes kept in all of them.
+    /// Each shard's runs, and the bytes kept in all of them.
     runs: Mutex<(HashMap<ShardRef, Run>, usize)>,
 }
 
@@ -378,6 +387,16 @@ mod tests {
         keep(&recent, &shard, 0..(KEEP_RECORDS as u64 + 100));
         assert_eq!(taken(&recent, &shard, 99, 1), 0);
         assert_eq!(taken(&recent, &shard, 100, 1), 1);
+    }
+
+    #[test]
+    fn the_tail_is_bounded_in_bytes() {
+        let (recent, shard) = opened(1);
+        let payload = Bytes::from(vec![0; KEEP_PAYLOAD_MAX]);
+        publish(&recent, &shard, 0..200, &payload);
+        // 63 records of 64 KiB and their entries fit in 4 MiB.
+        assert_eq!(taken(&recent, &shard, 136, 999), 0);
+        assert_eq!(taken(&recent, &shard, 137, 999), 63);
     }
 
     #[test]
