@@ -34,8 +34,9 @@
 //!    `interval` modes). The committer writes a batch, calls `fdatasync`, and
 //!    only then publishes the batch to readers and answers its appenders.
 //! 2. **Readers see only durable records.** They read up to the published
-//!    durable mark, never up to the end of the file. (In `never` mode the mark
-//!    follows the writes; that mode promises nothing.)
+//!    durable mark, never up to the end of the file, or take what the
+//!    committer hands them after the fsync (`recent.rs`). (In `never` mode the
+//!    mark follows the writes; that mode promises nothing.)
 //! 3. **Offsets are dense and strictly increasing per shard**, assigned by the
 //!    single committer, and never reused for a record that a reader could have
 //!    seen: only a torn tail, which no fsync covered, is ever truncated. A
